@@ -1,0 +1,168 @@
+"""Exported checkpoints: what users load, as opposed to Lightning's ``.ckpt`` for resuming.
+
+A checkpoint is a plain dict saved with ``torch.save``::
+
+    {"format": "learnopt-checkpoint", "format_version": 1,
+     "kind": "learned_optimizer", "class": "CoordinatewiseLSTM",
+     "config": {...constructor kwargs...}, "state_dict": {...tensors...},
+     "metadata": {...meta-training config, meta-steps, task family, evaluation...},
+     "learnopt_version": "0.1.0"}
+
+It is read with ``torch.load(weights_only=True)`` and the class is looked up in a fixed
+registry by name, so loading never runs code from the file. Every failure raises
+``CheckpointError`` (or ``FileNotFoundError``) naming the file and what is wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from torch import Tensor, nn
+
+from learnopt.learned import REGISTRY as LEARNED_OPTIMIZERS
+from learnopt.learned.base import LearnedOptimizer
+
+FORMAT = "learnopt-checkpoint"
+FORMAT_VERSION = 1
+
+# kind -> {class name -> class}. Later kinds (black-box proposers, VSML learners) add theirs.
+REGISTRIES: dict[str, dict[str, type[nn.Module]]] = {"learned_optimizer": LEARNED_OPTIMIZERS}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used; the message names the file and the problem."""
+
+
+def _plain(value: Any) -> Any:
+    """Metadata as JSON-like data (what ``weights_only`` loading accepts)."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def export_checkpoint(obj: nn.Module, path: str | os.PathLike, metadata: dict[str, Any] | None = None) -> Path:
+    """Write ``obj`` (a registered learned object with ``config()``) to ``path`` atomically:
+    the file is written beside the target and renamed, so an interrupted export never leaves
+    a truncated checkpoint where a good one was."""
+    from learnopt import __version__
+
+    kind = getattr(obj, "kind", None)
+    name = type(obj).__name__
+    if kind not in REGISTRIES or REGISTRIES[kind].get(name) is not type(obj):
+        raise CheckpointError(f"cannot export {name}: not a registered {kind or 'learnopt'} class")
+    payload = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "kind": kind,
+        "class": name,
+        "config": _plain(obj.config()),
+        "state_dict": {k: v.detach().cpu().clone() for k, v in obj.state_dict().items()},
+        "metadata": _plain(metadata or {}),
+        "learnopt_version": __version__,
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Read and validate a checkpoint's dict without building anything."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"learnopt checkpoint {path}: no such file")
+    if path.is_dir():
+        raise CheckpointError(f"learnopt checkpoint {path}: is a directory, not a checkpoint file")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"learnopt checkpoint {path}: refused, it holds objects other than tensors and plain data "
+            f"(checkpoints are loaded with weights_only=True and never run code): {str(e).splitlines()[0]}"
+        ) from e
+    except Exception as e:  # truncated zip, random bytes, ...
+        raise CheckpointError(f"learnopt checkpoint {path}: corrupt or not a torch file ({type(e).__name__}: {e})") from e
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        what = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
+        raise CheckpointError(f"learnopt checkpoint {path}: not a learnopt checkpoint (format {what!r})")
+    version = payload.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION or version < 1:
+        raise CheckpointError(
+            f"learnopt checkpoint {path}: format version {version!r} is not supported "
+            f"(this learnopt reads versions 1..{FORMAT_VERSION}; upgrade learnopt for newer files)"
+        )
+    for key, kind in (("kind", str), ("class", str), ("config", dict), ("state_dict", dict), ("metadata", dict)):
+        if not isinstance(payload.get(key), kind):
+            raise CheckpointError(f"learnopt checkpoint {path}: field {key!r} is missing or not a {kind.__name__}")
+    return payload
+
+
+def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild whatever the checkpoint holds (a learned optimizer, ...), in eval mode.
+    ``obj.checkpoint_metadata`` holds the file's metadata."""
+    payload = read_checkpoint(path)
+    kind, name = payload["kind"], payload["class"]
+    if kind not in REGISTRIES:
+        raise CheckpointError(f"learnopt checkpoint {path}: unknown kind {kind!r} (known: {sorted(REGISTRIES)})")
+    cls = REGISTRIES[kind].get(name)
+    if cls is None:
+        raise CheckpointError(
+            f"learnopt checkpoint {path}: unknown {kind} class {name!r} (known: {sorted(REGISTRIES[kind])})"
+        )
+    try:
+        obj = cls(**payload["config"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"learnopt checkpoint {path}: config does not fit {name}: {e}") from e
+    state = payload["state_dict"]
+    expected = obj.state_dict()
+    missing, unexpected = expected.keys() - state.keys(), state.keys() - expected.keys()
+    if missing or unexpected:
+        raise CheckpointError(
+            f"learnopt checkpoint {path}: weights do not match {name}{payload['config']}: "
+            f"missing {sorted(missing)}, unexpected {sorted(unexpected)}"
+        )
+    for k, v in state.items():
+        if not isinstance(v, Tensor) or v.shape != expected[k].shape:
+            got = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
+            raise CheckpointError(
+                f"learnopt checkpoint {path}: weight {k!r} has shape {got}, {name} expects {tuple(expected[k].shape)}"
+            )
+        if not torch.isfinite(v).all():
+            raise CheckpointError(f"learnopt checkpoint {path}: weight {k!r} contains NaN or inf")
+    obj.load_state_dict(state)
+    obj.checkpoint_metadata = payload["metadata"]
+    return obj.to(map_location).eval()
+
+
+def load_optimizer(
+    path: str | os.PathLike, params: Iterable[Tensor] | Iterable[tuple[str, Tensor]], **options: Any
+) -> torch.optim.Optimizer:
+    """Load a learned-optimizer checkpoint as a drop-in ``torch.optim.Optimizer`` over ``params``.
+
+    ``options`` go to ``learnopt.optim.TransformOptimizer`` (e.g. ``check_finite=False``). The
+    learned optimizer is moved to the device of the first parameter.
+    """
+    params = list(params)
+    obj = load(path)
+    if not isinstance(obj, LearnedOptimizer):
+        raise CheckpointError(f"learnopt checkpoint {path}: holds a {payload_kind(obj)}, not a learned optimizer")
+    if params:
+        first = params[0][1] if isinstance(params[0], tuple) else params[0]
+        obj = obj.to(first.device)
+    return obj.as_torch_optimizer(params, **options)
+
+
+def payload_kind(obj: nn.Module) -> str:
+    return f"{getattr(obj, 'kind', 'object')} ({type(obj).__name__})"

@@ -1,0 +1,36 @@
+"""The ``learnopt`` console command."""
+
+from __future__ import annotations
+
+import sys
+
+USAGE = """usage: learnopt <command> [options]
+
+commands:
+  meta-train   meta-train a learned optimizer (LightningCLI; --config configs/<file>.yaml, --help)
+  evaluate     evaluate a learned optimizer against tuned baselines (--help)
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command == "meta-train":
+        from learnopt.train.cli import meta_train
+
+        meta_train(rest)
+        return 0
+    if command == "evaluate":
+        from learnopt.evaluate import evaluate_cli
+
+        evaluate_cli(rest)
+        return 0
+    print(f"learnopt: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,344 @@
+"""``learnopt evaluate``: a learned optimizer against tuned baselines, by the project's protocol.
+
+Protocol (``shared/DESIGN.md``): held-out task instances and seeds (split ``"test"``), never
+those of meta-training (``"train"``/``"val"``) or tuning (``"tune"``); each baseline's learning
+rate chosen on a half-decade log grid by mean log10 final loss on separate ``"tune"``
+instances; a baseline that diverges at a rate scores as diverged (log10 loss +30), not as
+missing; mean and 95% t-interval of log10 final loss over instances; the raw per-instance
+numbers saved beside the table; speedup against tuned Adam as the number of Adam steps
+needed to reach each optimizer's final mean log10 loss.
+
+Every optimizer runs as a plain ``torch.optim.Optimizer`` (the baselines are torch.optim's own
+classes; the learned optimizer comes from ``learnopt.load_optimizer``) on the task's batched
+parameters. Instances are independent and these optimizers act per coordinate, so one
+batched run follows each instance's own trajectory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from learnopt.task import TaskFamily, seeded_generator
+
+MakeOptimizer = Callable[[list[Tensor], float], torch.optim.Optimizer]
+
+# torch.optim's own implementations, the independent references the learned optimizer is
+# measured against (Andrychowicz et al. 2016 compare with SGD, NAG, RMSprop and Adam).
+BASELINES: dict[str, MakeOptimizer] = {
+    "sgd": lambda ps, lr: torch.optim.SGD(ps, lr=lr),
+    "nag": lambda ps, lr: torch.optim.SGD(ps, lr=lr, momentum=0.9, nesterov=True),
+    "rmsprop": lambda ps, lr: torch.optim.RMSprop(ps, lr=lr),
+    "adam": lambda ps, lr: torch.optim.Adam(ps, lr=lr),
+}
+
+DEFAULT_LR_GRID = tuple(10 ** (k / 2) for k in range(-8, 3))  # 1e-4 ... 10 in half decades
+DIVERGED_LOG10 = 30.0
+
+
+def log10_losses(losses: Tensor) -> Tensor:
+    """log10 of losses with non-finite or huge values scored as diverged (+30)."""
+    finite = torch.isfinite(losses) & (losses < 10**DIVERGED_LOG10)
+    safe = torch.where(finite, losses, torch.ones_like(losses)).clamp_min(1e-30)
+    return torch.where(finite, torch.log10(safe), torch.full_like(losses, DIVERGED_LOG10))
+
+
+def train_with_optimizer(
+    make: Callable[[list[Tensor]], torch.optim.Optimizer], task: Any, steps: int, generator: torch.Generator
+) -> Tensor:
+    """Train ``task`` with an ordinary torch optimizer loop; per-instance losses ``[steps + 1, n]``.
+    A step that raises ``FloatingPointError`` (a non-finite gradient) ends the run as diverged."""
+    params = {k: p.detach().clone().requires_grad_(True) for k, p in task.init(generator).items()}
+    opt = make(list(params.values()))
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = task.loss(params, task.sample_batch(generator))
+        losses.append(loss.detach().clone())
+        if not bool(torch.isfinite(loss).all()):
+            break
+        loss.sum().backward()
+        try:
+            opt.step()
+        except FloatingPointError:
+            break
+    else:
+        with torch.no_grad():
+            losses.append(task.loss(params, task.sample_batch(generator)).detach().clone())
+    while len(losses) < steps + 1:
+        losses.append(torch.full_like(losses[0], math.inf))
+    return torch.stack(losses)
+
+
+def t_interval(x: Tensor, confidence: float = 0.95) -> tuple[float, float]:
+    """Mean and half-width of the two-sided t confidence interval."""
+    from scipy.stats import t as student_t
+
+    n = x.numel()
+    mean = float(x.mean())
+    if n < 2:
+        return mean, float("nan")
+    half = float(student_t.ppf(0.5 + confidence / 2, n - 1)) * float(x.std(unbiased=True)) / math.sqrt(n)
+    return mean, half
+
+
+def score(losses: Tensor) -> float:
+    """Mean log10 final loss (diverged instances count +30): the tuning and ranking criterion."""
+    return float(log10_losses(losses[-1]).mean())
+
+
+def tune_learning_rate(
+    make: MakeOptimizer,
+    family: TaskFamily,
+    steps: int,
+    num_instances: int,
+    lr_grid: Sequence[float] = DEFAULT_LR_GRID,
+    seed: int = 0,
+) -> tuple[float, dict[float, float]]:
+    """Choose the rate with the lowest mean log10 final loss on ``"tune"`` instances."""
+    scores = {}
+    for lr in lr_grid:
+        generator = seeded_generator("tune", seed)
+        task = family.sample(num_instances, generator)
+        scores[lr] = score(train_with_optimizer(lambda ps: make(ps, lr), task, steps, generator))
+    best = min(scores, key=scores.get)
+    return best, scores
+
+
+@dataclass
+class OptimizerResult:
+    name: str
+    lr: float | None
+    final_losses: list[float]  # per instance, all test seeds
+    seed_means: list[float]  # mean log10 final loss per test seed
+    curve: list[float]  # mean log10 loss per step over all instances
+    tuning: dict[str, float] = field(default_factory=dict)
+    lr_at_grid_edge: bool = False
+
+    @property
+    def log10_final(self) -> Tensor:
+        return log10_losses(torch.tensor(self.final_losses, dtype=torch.float64))
+
+    def summary(self) -> dict[str, float]:
+        mean, half = t_interval(self.log10_final)
+        diverged = int((self.log10_final >= DIVERGED_LOG10).sum())
+        return {"mean_log10_final_loss": mean, "ci95": half, "diverged": diverged}
+
+
+@dataclass
+class Evaluation:
+    task: str
+    steps: int
+    num_instances: int
+    seeds: list[int]
+    results: list[OptimizerResult]
+    checkpoint: str | None = None
+
+    def result(self, name: str) -> OptimizerResult:
+        return next(r for r in self.results if r.name == name)
+
+    def adam_steps_to_match(self, r: OptimizerResult) -> int | None:
+        """Steps tuned Adam needs to reach ``r``'s final mean log10 loss (None: never within the run)."""
+        if not any(x.name == "adam" for x in self.results):
+            return None
+        adam = self.result("adam").curve
+        target = r.curve[-1]
+        return next((t for t, v in enumerate(adam) if v <= target), None)
+
+    def table(self) -> str:
+        lines = [
+            f"Task `{self.task}`, {self.steps} steps, {self.num_instances} instances × seeds {self.seeds} "
+            "(held-out). Mean log10 final loss with 95% t-interval over instances; lower is better.",
+            "",
+            "| optimizer | tuned lr | mean log10 final loss | 95% CI | diverged | Adam steps to match |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in sorted(self.results, key=lambda r: r.summary()["mean_log10_final_loss"]):
+            s = r.summary()
+            lr = "—" if r.lr is None else f"{r.lr:.3g}" + (" (grid edge)" if r.lr_at_grid_edge else "")
+            match = self.adam_steps_to_match(r)
+            match_s = f">{self.steps}" if match is None else str(match)
+            lines.append(
+                f"| {r.name} | {lr} | {s['mean_log10_final_loss']:.3f} | ±{s['ci95']:.3f} | {s['diverged']} | {match_s} |"
+            )
+        return "\n".join(lines)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "task": self.task, "steps": self.steps, "num_instances": self.num_instances, "seeds": self.seeds,
+            "checkpoint": self.checkpoint,
+            "results": {
+                r.name: {**r.summary(), "lr": r.lr, "tuning": r.tuning, "seed_means": r.seed_means,
+                         "curve_mean_log10_loss": r.curve, "final_losses": r.final_losses}
+                for r in self.results
+            },
+        }
+
+
+def evaluate_optimizers(
+    optimizers: dict[str, MakeOptimizer | Callable[[list[Tensor]], torch.optim.Optimizer]],
+    family: TaskFamily,
+    steps: int = 100,
+    num_instances: int = 128,
+    seeds: Sequence[int] = (0, 1, 2, 3, 4),
+    tune: Sequence[str] = ("sgd", "nag", "rmsprop", "adam"),
+    lr_grid: Sequence[float] = DEFAULT_LR_GRID,
+    tune_instances: int = 128,
+    progress: bool = True,
+) -> Evaluation:
+    """Run every optimizer on the held-out instances; those named in ``tune`` take ``(params, lr)``
+    and get their rate tuned first, the others take ``(params)``."""
+    from tqdm.auto import tqdm
+
+    results = []
+    bar = tqdm(total=len(optimizers), desc="evaluate", disable=not progress)
+    for name, make in optimizers.items():
+        lr, tuning, edge = None, {}, False
+        if name in tune:
+            bar.set_postfix_str(f"tuning {name}")
+            lr, scores = tune_learning_rate(make, family, steps, tune_instances, lr_grid)
+            tuning = {f"{k:.4g}": v for k, v in scores.items()}
+            edge = lr in (min(lr_grid), max(lr_grid))
+            run = lambda ps, make=make, lr=lr: make(ps, lr)  # noqa: E731
+        else:
+            run = make
+        bar.set_postfix_str(f"testing {name}")
+        finals, seed_means, curves = [], [], []
+        for seed in seeds:
+            generator = seeded_generator("test", seed)
+            task = family.sample(num_instances, generator)
+            losses = train_with_optimizer(run, task, steps, generator)
+            finals.append(losses[-1])
+            seed_means.append(score(losses))
+            curves.append(log10_losses(losses))
+        curve = torch.cat(curves, dim=1).mean(dim=1)
+        results.append(OptimizerResult(name, lr, torch.cat(finals).tolist(), seed_means, curve.tolist(), tuning, edge))
+        bar.update()
+    bar.close()
+    return Evaluation(getattr(family, "name", type(family).__name__), steps, num_instances, list(seeds), results)
+
+
+def plot_curves(evaluation: Evaluation, path: str | os.PathLike, title: str | None = None) -> Path:
+    """Mean log10 loss against inner step, one line per optimizer (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for r in evaluation.results:
+        label = r.name + ("" if r.lr is None else f" (lr {r.lr:.3g})")
+        ax.plot(range(len(r.curve)), r.curve, label=label, lw=2 if r.lr is None else 1.2)
+    ax.set_xlabel("inner step")
+    ax.set_ylabel("mean log10 loss (held-out instances)")
+    ax.set_title(title or f"{evaluation.task}: learned vs tuned baselines")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def log_to_wandb(evaluation: Evaluation, group: str, project: str = "learnopt", save_dir: str = "runs",
+                 config: dict[str, Any] | None = None) -> list[str]:
+    """One W&B run per optimizer in ``group`` (job type ``evaluate``): the loss curve keyed by
+    inner step, the summary metrics, the tuned rate. Offline unless W&B is set up."""
+    import wandb
+
+    from learnopt.train.wandb_logging import wandb_init_kwargs
+
+    os.makedirs(save_dir, exist_ok=True)
+    run_dirs = []
+    for r in evaluation.results:
+        s = r.summary()
+        run = wandb.init(**wandb_init_kwargs(
+            project=project, group=group, job_type="evaluate", name=f"{group}/{r.name}", dir=save_dir,
+            config={**(config or {}), "optimizer": r.name, "lr": r.lr, "task": evaluation.task,
+                    "steps": evaluation.steps, "seeds": evaluation.seeds},
+            reinit="finish_previous",
+        ))
+        for step, value in enumerate(r.curve):
+            run.log({"inner/mean_log10_loss": value, "inner/step": step}, step=step)
+        match = evaluation.adam_steps_to_match(r)
+        run.summary.update({
+            "final/mean_log10_loss": s["mean_log10_final_loss"], "final/ci95": s["ci95"],
+            "final/diverged": s["diverged"], "lr": r.lr, "adam_steps_to_match": match,
+        })
+        run_dirs.append(run.dir)
+        run.finish()
+    return run_dirs
+
+
+def learned_optimizer_factory(checkpoint: str, **options: Any) -> Callable[[list[Tensor]], torch.optim.Optimizer]:
+    """The drop-in path users take: ``learnopt.load_optimizer`` on each fresh set of parameters.
+    ``check_finite`` is off so one diverging instance scores as diverged without stopping the others."""
+    from learnopt.checkpoint import load_optimizer
+
+    options.setdefault("check_finite", False)
+    return lambda ps: load_optimizer(checkpoint, ps, **options)
+
+
+def evaluate(
+    checkpoint: str,
+    task_family: TaskFamily,
+    steps: int = 100,
+    num_instances: int = 128,
+    seeds: list[int] = [0, 1, 2, 3, 4],  # noqa: B006 (jsonargparse reads the default)
+    baselines: list[str] = ["sgd", "nag", "rmsprop", "adam"],  # noqa: B006
+    lr_grid: list[float] | None = None,
+    tune_instances: int = 128,
+    name: str | None = None,
+    out_dir: str = "runs/evaluate",
+    wandb: bool = True,
+    group: str | None = None,
+) -> Evaluation:
+    """Evaluate the learned optimizer in ``checkpoint`` against tuned torch.optim baselines on
+    held-out instances of ``task_family``; write ``table.md``, ``results.json`` (raw
+    per-instance numbers) and ``curves.png`` to ``out_dir``; log one W&B run per optimizer."""
+    unknown = set(baselines) - BASELINES.keys()
+    if unknown:
+        raise ValueError(f"unknown baseline(s) {sorted(unknown)}; known: {sorted(BASELINES)}")
+    from learnopt.checkpoint import read_checkpoint
+
+    read_checkpoint(checkpoint)  # fail early, with the file named, on a bad checkpoint
+    name = name or Path(checkpoint).stem
+    optimizers: dict[str, Any] = {name: learned_optimizer_factory(checkpoint)}
+    optimizers.update({b: BASELINES[b] for b in baselines})
+    evaluation = evaluate_optimizers(
+        optimizers, task_family, steps, num_instances, seeds, tune=baselines,
+        lr_grid=tuple(lr_grid) if lr_grid else DEFAULT_LR_GRID, tune_instances=tune_instances,
+    )
+    evaluation.checkpoint = str(checkpoint)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "table.md").write_text(evaluation.table() + "\n")
+    (out / "results.json").write_text(json.dumps(evaluation.to_json(), indent=1))
+    plot_curves(evaluation, out / "curves.png")
+    if wandb:
+        log_to_wandb(evaluation, group or f"evaluate-{name}", config={"checkpoint": str(checkpoint)})
+    print(evaluation.table())
+    print(f"\nwrote {out / 'table.md'}, {out / 'results.json'}, {out / 'curves.png'}")
+    return evaluation
+
+
+def evaluate_cli(args: list[str] | None = None) -> Evaluation:
+    """``learnopt evaluate --checkpoint FILE [--config YAML] [--task_family CLASS_PATH] ...``"""
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    parser = ArgumentParser(prog="learnopt evaluate", description=evaluate.__doc__)
+    parser.add_argument("--config", action=ActionConfigFile)
+    parser.add_function_arguments(evaluate)
+    parser.set_defaults({"task_family": {"class_path": "tasks.quadratic.QuadraticFamily"}})
+    cfg = parser.instantiate_classes(parser.parse_args(args))
+    cfg.pop("config", None)
+    return evaluate(**{k: v for k, v in vars(cfg).items() if k != "__path__"})

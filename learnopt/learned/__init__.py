@@ -1,0 +1,13 @@
+"""Learned optimizers (``nn.Module``s with the ``init`` / ``update`` protocol)."""
+
+from learnopt.learned.base import LearnedOptimizer
+from learnopt.learned.lstm import CoordinatewiseLSTM, LSTMOptimizerState
+from learnopt.learned.preprocess import log_and_sign
+
+# Classes a checkpoint may name. Loading looks the name up here and never imports
+# anything the file names, so a checkpoint cannot run code.
+REGISTRY: dict[str, type[LearnedOptimizer]] = {
+    "CoordinatewiseLSTM": CoordinatewiseLSTM,
+}
+
+__all__ = ["REGISTRY", "CoordinatewiseLSTM", "LSTMOptimizerState", "LearnedOptimizer", "log_and_sign"]

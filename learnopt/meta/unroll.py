@@ -1,0 +1,62 @@
+"""Inner training loops: one differentiable step, and plain rollouts for evaluation."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from learnopt.optim.base import GradientTransformation, Params, apply_updates, detach_state
+from learnopt.task import Task
+
+
+def inner_step(
+    tx: GradientTransformation,
+    task: Task,
+    params: Params,
+    opt_state: Any,
+    batch: Any = None,
+    second_order: bool = False,
+) -> tuple[Tensor, Params, Any]:
+    """Evaluate the per-instance loss at ``params`` and take one optimizer step.
+
+    Returns ``(loss [num_instances], new_params, new_opt_state)``. With ``second_order=False``
+    the gradient fed to the optimizer is a constant (Andrychowicz et al. 2016 drop the second
+    derivatives ∇²f); with ``True`` the step is differentiated through the gradient as well.
+    The loss keeps its graph, so it can enter a meta-loss.
+    """
+    loss = task.loss(params, batch)
+    names = list(params)
+    grads = torch.autograd.grad(
+        loss.sum(), [params[k] for k in names], create_graph=second_order, retain_graph=True
+    )
+    updates, opt_state = tx.update(dict(zip(names, grads)), opt_state, params)
+    return loss, apply_updates(params, updates), opt_state
+
+
+def rollout(
+    tx: GradientTransformation,
+    task: Task,
+    steps: int,
+    params: Params | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Train ``task`` for ``steps`` steps with ``tx`` without keeping any graph between steps.
+
+    Returns the per-instance losses ``[steps + 1, num_instances]`` (before each step and after
+    the last). Non-finite losses are kept as they are: a divergent optimizer shows as inf/NaN.
+    """
+    if params is None:
+        params = task.init(generator)
+    losses = []
+    with torch.enable_grad():
+        params = {k: p.detach().requires_grad_(True) for k, p in params.items()}
+        state = tx.init(params)
+        for _ in range(steps):
+            loss, new_params, state = inner_step(tx, task, params, state, task.sample_batch(generator))
+            losses.append(loss.detach())
+            params = {k: p.detach().requires_grad_(True) for k, p in new_params.items()}
+            state = detach_state(state)
+        losses.append(task.loss(params, task.sample_batch(generator)).detach())
+    return torch.stack(losses)

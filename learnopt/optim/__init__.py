@@ -1,0 +1,48 @@
+"""Hand-designed optimizers as pure, differentiable, batched gradient transformations."""
+
+from learnopt.optim.alias import adam, momentum, nesterov, rmsprop, sgd
+from learnopt.optim.base import (
+    EmptyState,
+    GradientTransformation,
+    Params,
+    apply_updates,
+    chain,
+    detach_state,
+    tree_leaves,
+    tree_map,
+)
+from learnopt.optim.torch_optimizer import TransformOptimizer, as_torch_optimizer
+from learnopt.optim.transforms import (
+    add_decayed_weights,
+    safe_sqrt,
+    scale,
+    scale_by_adam,
+    scale_by_learning_rate,
+    scale_by_rms,
+    trace,
+)
+
+__all__ = [
+    "EmptyState",
+    "GradientTransformation",
+    "Params",
+    "TransformOptimizer",
+    "adam",
+    "add_decayed_weights",
+    "apply_updates",
+    "as_torch_optimizer",
+    "chain",
+    "detach_state",
+    "momentum",
+    "nesterov",
+    "rmsprop",
+    "safe_sqrt",
+    "scale",
+    "scale_by_adam",
+    "scale_by_learning_rate",
+    "scale_by_rms",
+    "sgd",
+    "trace",
+    "tree_leaves",
+    "tree_map",
+]

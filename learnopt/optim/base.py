@@ -1,0 +1,93 @@
+"""The core type of learnopt.optim: a gradient transformation, in the style of optax.
+
+A ``GradientTransformation`` is a pair of pure functions::
+
+    state = tx.init(params)
+    updates, state = tx.update(grads, state, params, **extra)
+    params = apply_updates(params, updates)
+
+``params``, ``grads`` and ``updates`` are ``dict[str, Tensor]`` (the names of
+``named_parameters()``, what ``torch.func.functional_call`` takes); ``state`` is a
+``NamedTuple`` whose leaves are tensors. Updates are *added* to the parameters
+(``sgd`` returns ``-lr * g``). Nothing is modified in place, so autograd flows
+through any number of steps, which is what unrolled meta-training needs.
+
+Tensors may carry a leading task dimension: every transform here is elementwise or
+reduces only over what it documents, so a batch of task instances is optimised by
+one call. Extra keyword arguments (``**extra``) are the single channel for anything a
+method needs beyond the gradient (a loss closure, Hessian-vector products, ...);
+``chain`` passes them to every member.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Union
+
+import torch
+from torch import Tensor
+from torch.utils import _pytree as pytree
+
+Params = dict[str, Tensor]
+Updates = dict[str, Tensor]
+State = Any
+Hyper = Union[float, Tensor]
+
+InitFn = Callable[[Params], State]
+UpdateFn = Callable[..., "tuple[Updates, State]"]
+
+
+class GradientTransformation(NamedTuple):
+    """``init(params) -> state``; ``update(grads, state, params=None, **extra) -> (updates, state)``."""
+
+    init: InitFn
+    update: UpdateFn
+
+
+class EmptyState(NamedTuple):
+    """State of a stateless transform."""
+
+
+class ChainState(NamedTuple):
+    states: tuple
+
+
+def apply_updates(params: Params, updates: Updates) -> Params:
+    """Return ``params + updates`` key by key, out of place and keeping each parameter's dtype."""
+    missing = params.keys() ^ updates.keys()
+    if missing:
+        raise KeyError(f"apply_updates: params and updates differ in keys {sorted(missing)}")
+    return {k: p + updates[k].to(p.dtype) for k, p in params.items()}
+
+
+def chain(*transforms: GradientTransformation) -> GradientTransformation:
+    """Apply ``transforms`` one after another; the state is the tuple of their states."""
+
+    def init(params: Params) -> ChainState:
+        return ChainState(tuple(t.init(params) for t in transforms))
+
+    def update(updates: Updates, state: ChainState, params: Params | None = None, **extra):
+        new_states = []
+        for t, s in zip(transforms, state.states):
+            updates, s = t.update(updates, s, params, **extra)
+            new_states.append(s)
+        return updates, ChainState(tuple(new_states))
+
+    return GradientTransformation(init, update)
+
+
+def tree_map(fn: Callable, tree: Any, *rest: Any) -> Any:
+    """Map ``fn`` over the tensor leaves of a pytree (dicts, tuples, NamedTuples)."""
+    return pytree.tree_map(fn, tree, *rest)
+
+
+def tree_leaves(tree: Any) -> list:
+    return pytree.tree_leaves(tree)
+
+
+def zeros_like(params: Params) -> Params:
+    return {k: torch.zeros_like(p) for k, p in params.items()}
+
+
+def detach_state(tree: Any) -> Any:
+    """Cut the autograd history of every tensor leaf (truncation boundaries)."""
+    return tree_map(lambda x: x.detach() if isinstance(x, Tensor) else x, tree)

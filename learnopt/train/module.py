@@ -1,0 +1,171 @@
+"""Meta-training as a LightningModule: each training step is one meta-gradient estimate."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterator, Literal
+
+import lightning.pytorch as pl
+import torch
+from torch.utils import _pytree as pytree
+from torch.utils.data import DataLoader, IterableDataset
+
+from learnopt.learned.base import LearnedOptimizer
+from learnopt.meta.truncated_bptt import TruncatedBPTT, UnrollState
+from learnopt.meta.unroll import rollout
+from learnopt.optim.base import tree_leaves
+from learnopt.task import TaskFamily, seeded_generator
+
+
+class _Once(IterableDataset):
+    def __iter__(self) -> Iterator[int]:
+        yield 0
+
+
+def family_spec(family: Any) -> dict[str, Any]:
+    """Import path and attributes of a task family, for checkpoint metadata."""
+    cls = type(family)
+    attrs = {k: v for k, v in vars(family).items() if isinstance(v, (int, float, str, bool))}
+    return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": attrs}
+
+
+class MetaTrainModule(pl.LightningModule):
+    """Meta-trains ``learned_optimizer`` on ``task_family`` by truncated BPTT.
+
+    Manual optimization: the estimator returns the meta-gradient (the same record any
+    estimator returns), which is clipped by global norm ``grad_clip`` and applied with Adam
+    (``meta_lr``; ``meta_lr_schedule="cosine"`` decays it to ``meta_lr * meta_lr_final_ratio``
+    over ``trainer.max_steps``). Truncations whose meta-gradient is not finite are skipped and counted in
+    ``train/nonfinite``. Validation runs the full horizon on fixed held-out instances
+    (split ``"val"``) and reports the mean log10 final loss, which the export callback uses
+    to keep the best learned optimizer (as the paper keeps the best validation checkpoint).
+    """
+
+    def __init__(
+        self,
+        learned_optimizer: LearnedOptimizer,
+        task_family: TaskFamily,
+        num_tasks: int = 128,
+        unroll_length: int = 20,
+        horizon: int = 100,
+        second_order: bool = False,
+        loss_transform: Literal["identity", "log"] = "identity",
+        meta_lr: float = 1e-3,
+        meta_lr_schedule: Literal["constant", "cosine"] = "constant",
+        meta_lr_final_ratio: float = 0.1,
+        grad_clip: float = 1.0,
+        seed: int = 0,
+        val_tasks: int = 256,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["learned_optimizer", "task_family"])
+        self.learned_optimizer = learned_optimizer
+        self.task_family = task_family
+        self.estimator = TruncatedBPTT(
+            task_family, num_tasks, unroll_length, horizon, second_order, loss_transform, seed
+        )
+        self.automatic_optimization = False
+        self._unroll: UnrollState | None = None
+        self._pending_unroll: dict[str, Any] | None = None
+
+    # -- data: the estimator samples tasks itself ---------------------------------------------
+    def train_dataloader(self) -> DataLoader:
+        # One "batch" per meta-step (an index; the estimator samples the tasks), sized so the
+        # progress bar knows the total.
+        steps = self.trainer.max_steps if self.trainer is not None and self.trainer.max_steps > 0 else 1000
+        return DataLoader(range(steps), batch_size=None)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(_Once(), batch_size=None)
+
+    def configure_optimizers(self) -> Any:
+        hp = self.hparams
+        opt = torch.optim.Adam(self.learned_optimizer.parameters(), lr=hp.meta_lr)
+        if hp.meta_lr_schedule == "constant":
+            return opt
+        total = max(1, self.trainer.max_steps if self.trainer.max_steps > 0 else 1)
+        final = hp.meta_lr_final_ratio
+
+        def factor(step: int) -> float:
+            progress = min(step, total) / total
+            return final + (1 - final) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.LambdaLR(opt, factor)}
+
+    # -- meta-training ---------------------------------------------------------------------------
+    def _current_unroll(self) -> UnrollState:
+        if self._unroll is None:
+            pending, self._pending_unroll = self._pending_unroll, None
+            if pending is None:
+                self._unroll = self.estimator.init_unroll(self.learned_optimizer, episode=0)
+            else:
+                self._unroll = self._restore_unroll(pending)
+        return self._unroll
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        est = self.estimator.estimate(self.learned_optimizer, self._current_unroll())
+        self._unroll = est.unroll_state
+        opt = self.optimizers()
+        opt.zero_grad()
+        if est.finite:
+            for name, p in self.learned_optimizer.named_parameters():
+                p.grad = est.meta_grads[name]
+            self.clip_gradients(opt, gradient_clip_val=self.hparams.grad_clip, gradient_clip_algorithm="norm")
+            opt.step()
+            scheduler = self.lr_schedulers()
+            if scheduler is not None:
+                scheduler.step()
+        self.log("train/meta_loss", est.meta_loss, prog_bar=True, batch_size=1)
+        for key, value in est.metrics.items():
+            self.log(f"train/{key}", value, reduce_fx="sum" if key == "nonfinite" else "mean", batch_size=1)
+        self.log("train/episode", float(self._unroll.episode), batch_size=1)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        log10_final = self.validation_log10_final_loss()
+        self.log("val/log10_final_loss", log10_final, prog_bar=True, batch_size=1)
+
+    def validation_log10_final_loss(self) -> float:
+        """Mean log10 final loss of the current learned optimizer on the fixed validation tasks
+        (a diverged instance counts as 1e30)."""
+        hp = self.hparams
+        generator = seeded_generator("val", hp.seed)
+        task = self.task_family.sample(hp.val_tasks, generator)
+        if hasattr(task, "to"):
+            task = task.to(self.device)
+        with torch.inference_mode(False), torch.enable_grad():
+            losses = rollout(self.learned_optimizer.transform(), task, hp.horizon, generator=generator)
+        final = torch.nan_to_num(losses[-1], nan=1e30, posinf=1e30).clamp_min(1e-30)
+        return float(torch.log10(final).mean())
+
+    # -- resuming: the carried unroll is part of the Lightning checkpoint -----------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        u = self._unroll
+        if u is None:
+            return
+        checkpoint["learnopt_unroll"] = {
+            "episode": u.episode,
+            "step": u.step,
+            "params": {k: v.detach().cpu() for k, v in u.params.items()},
+            "opt_state": [x.detach().cpu() for x in tree_leaves(u.opt_state)],
+            "generator": u.generator.get_state(),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._pending_unroll = checkpoint.get("learnopt_unroll")
+        self._unroll = None
+
+    def _restore_unroll(self, saved: dict[str, Any]) -> UnrollState:
+        fresh = self.estimator.init_unroll(self.learned_optimizer, episode=saved["episode"])
+        _, spec = pytree.tree_flatten(fresh.opt_state)
+        opt_state = pytree.tree_unflatten([x.to(self.device) for x in saved["opt_state"]], spec)
+        fresh.generator.set_state(saved["generator"])
+        params = {k: v.to(self.device) for k, v in saved["params"].items()}
+        return UnrollState(fresh.task, params, opt_state, saved["step"], saved["episode"], fresh.generator)
+
+    def export_metadata(self) -> dict[str, Any]:
+        return {
+            "meta_training": dict(self.hparams),
+            "meta_steps": int(self.global_step),
+            "task_family": family_spec(self.task_family),
+            "estimator": "truncated_bptt",
+        }

@@ -1,0 +1,1 @@
+"""Task families, one module per family. They depend only on ``learnopt.task``."""

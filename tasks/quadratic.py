@@ -1,0 +1,80 @@
+"""Random quadratics f(θ) = ||Wθ − y||², the first task of Andrychowicz et al. 2016 (arXiv 1606.04474)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from learnopt.task import Params, Task
+
+
+@dataclass
+class QuadraticTask:
+    """``num_instances`` quadratics; ``W``: [n, d, d], ``y``: [n, d]; parameter ``theta``: [n, d]."""
+
+    W: Tensor
+    y: Tensor
+    init_scale: float = 0.01
+
+    @property
+    def num_instances(self) -> int:
+        return self.W.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self.W.shape[-1]
+
+    def init(self, generator: torch.Generator | None = None) -> Params:
+        theta = torch.randn(self.y.shape, generator=generator, dtype=self.y.dtype, device=self.y.device)
+        return {"theta": self.init_scale * theta}
+
+    def loss(self, params: Params, batch: Any = None) -> Tensor:
+        residual = torch.einsum("nij,nj->ni", self.W, params["theta"]) - self.y
+        return (residual * residual).sum(-1)
+
+    def sample_batch(self, generator: torch.Generator | None = None) -> None:
+        return None
+
+    def to(self, device: torch.device | str) -> "QuadraticTask":
+        return QuadraticTask(self.W.to(device), self.y.to(device), self.init_scale)
+
+    def optimum(self) -> Tensor:
+        """Closed-form minimiser (least squares), for tests and reporting."""
+        return torch.linalg.lstsq(self.W, self.y.unsqueeze(-1)).solution.squeeze(-1)
+
+
+class QuadraticFamily:
+    """Quadratics with ``dim`` × ``dim`` ``W`` and ``dim``-vector ``y``.
+
+    ``distribution="gaussian"``: W, y i.i.d. N(0, 1), as written in the paper;
+    ``distribution="uniform"``: W, y i.i.d. U[0, 1), as in the authors' code (learning-to-learn
+    ``problems.quadratic``). θ₀ ~ N(0, ``init_scale``²).
+    """
+
+    def __init__(
+        self,
+        dim: int = 10,
+        distribution: Literal["gaussian", "uniform"] = "gaussian",
+        init_scale: float = 0.01,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        if dim < 1:
+            raise ValueError(f"QuadraticFamily: dim must be >= 1, got {dim}")
+        if distribution not in ("gaussian", "uniform"):
+            raise ValueError(f"QuadraticFamily: distribution must be 'gaussian' or 'uniform', got {distribution!r}")
+        self.dim = dim
+        self.distribution = distribution
+        self.init_scale = init_scale
+        self.dtype = dtype
+        self.name = f"quadratic{dim}_{distribution}"
+
+    def sample(self, num_instances: int, generator: torch.Generator | None = None) -> Task:
+        """A ``QuadraticTask`` of ``num_instances`` instances."""
+        draw = torch.randn if self.distribution == "gaussian" else torch.rand
+        d = self.dim
+        W = draw((num_instances, d, d), generator=generator, dtype=self.dtype)
+        y = draw((num_instances, d), generator=generator, dtype=self.dtype)
+        return QuadraticTask(W, y, self.init_scale)

@@ -1,0 +1,101 @@
+"""The Lightning shell: `learnopt meta-train` end to end, resuming, export, config errors."""
+
+from __future__ import annotations
+
+import glob
+import json
+
+import pytest
+import torch
+
+import learnopt
+from learnopt.cli import main
+from learnopt.train.cli import meta_train
+
+TINY = [
+    "--model.num_tasks", "8", "--model.horizon", "10", "--model.unroll_length", "5", "--model.val_tasks", "8",
+    "--model.learned_optimizer.init_args.hidden_size", "4",
+    "--model.task_family.init_args.dim", "3",
+    "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+]
+
+
+def _callbacks(export: str, every: int) -> list[str]:
+    callbacks = [
+        {"class_path": "learnopt.train.callbacks.ExportLearnedOptimizer", "init_args": {"path": export}},
+        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+         "init_args": {"dirpath": "ckpts", "every_n_train_steps": every, "save_last": True}},
+    ]
+    return ["--trainer.callbacks", json.dumps(callbacks)]
+
+
+def test_meta_train_exports_a_loadable_checkpoint_and_logs_offline_to_wandb(in_tmp, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cli = meta_train(TINY + ["--trainer.max_steps", "6", "--trainer.val_check_interval", "3"])
+    assert cli.trainer.global_step == 6
+    export = in_tmp / "runs/meta-train/learned_optimizer.pt"
+    assert export.exists()
+    lopt = learnopt.load(export)
+    meta = lopt.checkpoint_metadata
+    assert meta["meta_steps"] in (3, 6)
+    assert meta["task_family"]["class_path"] == "tasks.quadratic.QuadraticFamily"
+    assert meta["meta_training"]["unroll_length"] == 5
+    assert "val/log10_final_loss" in meta["validation"]
+    # the exported weights are the validated ones: loading them gives the recorded score
+    assert lopt.config()["hidden_size"] == 4
+    runs = glob.glob(str(in_tmp / "runs/wandb/offline-run-*"))
+    assert len(runs) == 1
+
+
+def test_meta_training_lowers_validation_loss(in_tmp):
+    cli = meta_train(
+        TINY + ["--trainer.max_steps", "60", "--trainer.val_check_interval", "60", "--trainer.logger", "false",
+                "--model.meta_lr", "0.01"]
+    )
+    module = cli.model
+    after = module.validation_log10_final_loss()
+    fresh = type(module.learned_optimizer)(**module.learned_optimizer.config())
+    torch.manual_seed(0)
+    module.learned_optimizer.load_state_dict(fresh.state_dict())
+    before = module.validation_log10_final_loss()
+    assert after < before - 0.5, (before, after)
+
+
+def test_resume_from_lightning_checkpoint_matches_uninterrupted_run(in_tmp):
+    common = TINY + ["--trainer.val_check_interval", "4", "--trainer.logger", "false"]
+    full = meta_train(common + ["--trainer.max_steps", "8"] + _callbacks("full.pt", 4))
+    w_full = {k: v.clone() for k, v in full.model.learned_optimizer.state_dict().items()}
+
+    import shutil
+
+    shutil.rmtree("ckpts")
+    meta_train(common + ["--trainer.max_steps", "4"] + _callbacks("part.pt", 4))
+    assert (in_tmp / "ckpts/last.ckpt").exists()
+    resumed = meta_train(common + ["--trainer.max_steps", "8", "--ckpt_path", "ckpts/last.ckpt"] + _callbacks("part.pt", 4))
+    assert resumed.trainer.global_step == 8
+    assert resumed.model._unroll.step == full.model._unroll.step
+    assert resumed.model._unroll.episode == full.model._unroll.episode
+    for k, v in resumed.model.learned_optimizer.state_dict().items():
+        torch.testing.assert_close(v, w_full[k], rtol=0, atol=0, msg=f"weight {k} differs after resuming")
+
+
+def test_cosine_meta_lr_schedule_decays_to_final_ratio(in_tmp):
+    cli = meta_train(TINY + ["--trainer.max_steps", "4", "--trainer.val_check_interval", "4",
+                             "--trainer.logger", "false", "--model.meta_lr_schedule", "cosine",
+                             "--model.meta_lr", "0.01", "--model.meta_lr_final_ratio", "0.1"])
+    lr = cli.model.optimizers().param_groups[0]["lr"]
+    assert lr == pytest.approx(0.001)
+
+
+def test_unknown_config_key_is_an_error_naming_it(in_tmp, capsys):
+    with pytest.raises(SystemExit) as e:
+        meta_train(TINY + ["--model.unroll_lenght", "5"])
+    assert e.value.code != 0
+    assert "unroll_lenght" in capsys.readouterr().err
+
+
+def test_cli_help_and_unknown_command(capsys):
+    assert main(["--help"]) == 0
+    assert "meta-train" in capsys.readouterr().out
+    assert main(["fly"]) == 2
+    assert "unknown command" in capsys.readouterr().err
