@@ -19,6 +19,7 @@ import json
 import os
 import pickle
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -85,12 +86,23 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise FileNotFoundError(f"learnopt checkpoint {path}: no such file")
     if path.is_dir():
         raise CheckpointError(f"learnopt checkpoint {path}: is a directory, not a checkpoint file")
+    if not zipfile.is_zipfile(path):
+        # torch.save writes a zip archive; anything else (random bytes, a truncated file, a bare
+        # pickle) would otherwise reach the weights_only unpickler and be misreported as refused.
+        raise CheckpointError(
+            f"learnopt checkpoint {path}: corrupt or not a torch file (not a zip archive as written by "
+            "torch.save; the file may be truncated)"
+        )
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        # torch's message starts with advice to retry with weights_only=False; the line that
+        # says what was found (e.g. "unsupported GLOBAL posix.system") is the useful one.
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        detail = next((ln for ln in lines if "GLOBAL" in ln or "Unsupported" in ln), lines[-1] if lines else "")
         raise CheckpointError(
             f"learnopt checkpoint {path}: refused, it holds objects other than tensors and plain data "
-            f"(checkpoints are loaded with weights_only=True and never run code): {str(e).splitlines()[0]}"
+            f"(checkpoints are loaded with weights_only=True and never run code): {detail}"
         ) from e
     except Exception as e:  # truncated zip, random bytes, ...
         raise CheckpointError(f"learnopt checkpoint {path}: corrupt or not a torch file ({type(e).__name__}: {e})") from e

@@ -390,14 +390,19 @@ def test_code_executing_pickle_is_refused(exported, tmp_path):
 
     # The payload is live: an unsafe load runs its code (on a second flag, so the test stays clean).
     probe = tmp_path / "probe"
-    with open(path, "rb"):
-        pass
     torch.save({"x": _Evil(str(probe))}, tmp_path / "probe.pt")
     torch.load(tmp_path / "probe.pt", weights_only=False)
     assert probe.exists()
 
-    msg = _expect_error(path, "refused", "weights_only")
+    error = None
+    try:
+        learnopt.load(path)
+    except Exception as e:  # checked below, after the flag
+        error = e
     assert not flag.exists(), "loading the checkpoint ran code from the file"
+    assert isinstance(error, learnopt.CheckpointError), error
+    msg = _expect_error(path, "refused", "weights_only")
+    assert not flag.exists()
 
     # A bare pickle (not a torch zip) holding the same object is refused as well and runs nothing.
     raw = tmp_path / "evil.pkl"

@@ -84,15 +84,16 @@ def test_log_and_sign_keeps_shape(p):
 @pytest.mark.parametrize("p", [10.0, 5.0])
 def test_log_and_sign_derivatives(p):
     t = math.exp(-p)
-    vals = [0.0, t / 4, -t / 2, 0.3, -2.0]
+    vals = [0.0, t / 4, -t / 2, 0.3, -2.0, t, -t]
     g = torch.tensor(vals, dtype=DT, requires_grad=True)
     out = log_and_sign(g, p)
     d_first = torch.autograd.grad(out[:, 0].sum(), g, retain_graph=True)[0]
     d_second = torch.autograd.grad(out[:, 1].sum(), g)[0]
     assert torch.isfinite(d_first).all() and torch.isfinite(d_second).all()
-    # Hand derivatives: linear branch (-1, e^p g) -> (0, e^p); log branch -> (1/(p g), 0).
-    exp_first = [0.0, 0.0, 0.0, 1 / (p * 0.3), 1 / (p * -2.0)]
-    exp_second = [math.exp(p)] * 3 + [0.0, 0.0]
+    # Hand derivatives: linear branch (-1, e^p g) -> (0, e^p); log branch (|g| >= e^-p, the
+    # threshold included) -> (1/(p g), 0).
+    exp_first = [0.0, 0.0, 0.0, 1 / (p * 0.3), 1 / (p * -2.0), 1 / (p * t), -1 / (p * t)]
+    exp_second = [math.exp(p)] * 3 + [0.0] * 4
     torch.testing.assert_close(d_first, torch.tensor(exp_first, dtype=DT), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(d_second, torch.tensor(exp_second, dtype=DT), rtol=1e-12, atol=1e-12)
 
