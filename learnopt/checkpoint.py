@@ -65,18 +65,32 @@ def export_checkpoint(obj: nn.Module, path: str | os.PathLike, metadata: dict[st
         "metadata": _plain(metadata or {}),
         "learnopt_version": __version__,
     }
-    path = Path(path)
+    return _atomic_save(payload, Path(path))
+
+
+def _atomic_save(payload: dict[str, Any], path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(payload, f)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a checkpoint is an ordinary file
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
     return path
+
+
+def update_metadata(path: str | os.PathLike, **fields: Any) -> Path:
+    """Add or replace metadata fields of an existing checkpoint (e.g. its evaluation summary),
+    rewriting it atomically; weights and config are untouched."""
+    payload = read_checkpoint(path)
+    payload["metadata"] = {**payload["metadata"], **_plain(fields)}
+    return _atomic_save(payload, Path(path))
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:

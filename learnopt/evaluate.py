@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -26,6 +27,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 
+from learnopt.meta.unroll import DIVERGED_LOG10, log10_losses
 from learnopt.task import TaskFamily, seeded_generator
 
 MakeOptimizer = Callable[[list[Tensor], float], torch.optim.Optimizer]
@@ -40,14 +42,6 @@ BASELINES: dict[str, MakeOptimizer] = {
 }
 
 DEFAULT_LR_GRID = tuple(10 ** (k / 2) for k in range(-8, 3))  # 1e-4 ... 10 in half decades
-DIVERGED_LOG10 = 30.0
-
-
-def log10_losses(losses: Tensor) -> Tensor:
-    """log10 of losses with non-finite or huge values scored as diverged (+30)."""
-    finite = torch.isfinite(losses) & (losses < 10**DIVERGED_LOG10)
-    safe = torch.where(finite, losses, torch.ones_like(losses)).clamp_min(1e-30)
-    return torch.where(finite, torch.log10(safe), torch.full_like(losses, DIVERGED_LOG10))
 
 
 def train_with_optimizer(
@@ -225,8 +219,11 @@ def evaluate_optimizers(
     return Evaluation(getattr(family, "name", type(family).__name__), steps, num_instances, list(seeds), results)
 
 
-def plot_curves(evaluation: Evaluation, path: str | os.PathLike, title: str | None = None) -> Path:
-    """Mean log10 loss against inner step, one line per optimizer (PNG)."""
+def plot_curves(
+    evaluation: Evaluation, path: str | os.PathLike, title: str | None = None, command: str | None = None
+) -> Path:
+    """Mean log10 loss against inner step, one line per optimizer (PNG); ``command``, the
+    command that produced it, is printed under the plot."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -241,7 +238,9 @@ def plot_curves(evaluation: Evaluation, path: str | os.PathLike, title: str | No
     ax.set_title(title or f"{evaluation.task}: learned vs tuned baselines")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
+    if command:
+        fig.text(0.01, 0.005, command, fontsize=6, color="0.4", ha="left", va="bottom", wrap=True)
+    fig.tight_layout(rect=(0, 0.04 if command else 0, 1, 1))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -301,10 +300,14 @@ def evaluate(
     out_dir: str = "runs/evaluate",
     wandb: bool = True,
     group: str | None = None,
+    command: str | None = None,
+    record_in_checkpoint: bool = False,
 ) -> Evaluation:
     """Evaluate the learned optimizer in ``checkpoint`` against tuned torch.optim baselines on
     held-out instances of ``task_family``; write ``table.md``, ``results.json`` (raw
-    per-instance numbers) and ``curves.png`` to ``out_dir``; log one W&B run per optimizer."""
+    per-instance numbers) and ``curves.png`` to ``out_dir``; log one W&B run per optimizer.
+    ``command`` is printed under the plot (default: the command line);
+    ``record_in_checkpoint`` stores the summary in the checkpoint's metadata."""
     unknown = set(baselines) - BASELINES.keys()
     if unknown:
         raise ValueError(f"unknown baseline(s) {sorted(unknown)}; known: {sorted(BASELINES)}")
@@ -323,7 +326,15 @@ def evaluate(
     out.mkdir(parents=True, exist_ok=True)
     (out / "table.md").write_text(evaluation.table() + "\n")
     (out / "results.json").write_text(json.dumps(evaluation.to_json(), indent=1))
-    plot_curves(evaluation, out / "curves.png")
+    plot_curves(evaluation, out / "curves.png", command=command or f"learnopt evaluate --checkpoint {checkpoint}")
+    if record_in_checkpoint:
+        from learnopt.checkpoint import update_metadata
+
+        update_metadata(checkpoint, evaluation={
+            "command": command, "task": evaluation.task, "steps": steps, "seeds": list(seeds),
+            "num_instances": num_instances,
+            "results": {r.name: {**r.summary(), "lr": r.lr} for r in evaluation.results},
+        })
     if wandb:
         log_to_wandb(evaluation, group or f"evaluate-{name}", config={"checkpoint": str(checkpoint)})
     print(evaluation.table())
@@ -339,6 +350,9 @@ def evaluate_cli(args: list[str] | None = None) -> Evaluation:
     parser.add_argument("--config", action=ActionConfigFile)
     parser.add_function_arguments(evaluate)
     parser.set_defaults({"task_family": {"class_path": "tasks.quadratic.QuadraticFamily"}})
+    args = list(sys.argv[1:] if args is None else args)
     cfg = parser.instantiate_classes(parser.parse_args(args))
     cfg.pop("config", None)
-    return evaluate(**{k: v for k, v in vars(cfg).items() if k != "__path__"})
+    kwargs = {k: v for k, v in vars(cfg).items() if k != "__path__"}
+    kwargs["command"] = kwargs.get("command") or " ".join(["learnopt evaluate", *args])
+    return evaluate(**kwargs)

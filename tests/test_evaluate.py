@@ -80,6 +80,7 @@ def test_evaluate_writes_table_raw_numbers_plot_and_one_wandb_run_per_optimizer(
     ev = evaluate(
         small_checkpoint, QuadraticFamily(dim=4), steps=10, num_instances=6, seeds=[0, 1],
         baselines=["sgd", "adam"], lr_grid=[1e-3, 1e-2, 1e-1], tune_instances=6, out_dir="out", group="g",
+        record_in_checkpoint=True,
     )
     out = in_tmp / "out"
     assert (out / "curves.png").stat().st_size > 1000
@@ -102,6 +103,12 @@ def test_evaluate_writes_table_raw_numbers_plot_and_one_wandb_run_per_optimizer(
     assert ev.result("tiny").final_losses[:6] == pytest.approx(direct[-1].tolist())
     runs = glob.glob(str(in_tmp / "runs/wandb/offline-run-*"))
     assert len(runs) == 3
+    # the summary went into the checkpoint's metadata; weights and old metadata kept
+    reloaded = learnopt.load(small_checkpoint)
+    meta = reloaded.checkpoint_metadata
+    assert meta["note"] == "untrained"
+    assert meta["evaluation"]["results"]["adam"]["mean_log10_final_loss"] == pytest.approx(
+        raw["results"]["adam"]["mean_log10_final_loss"])
 
 
 def test_evaluate_rejects_a_bad_checkpoint_before_any_work(in_tmp):

@@ -41,6 +41,8 @@ def test_meta_train_exports_a_loadable_checkpoint_and_logs_offline_to_wandb(in_t
     assert meta["task_family"]["class_path"] == "tasks.quadratic.QuadraticFamily"
     assert meta["meta_training"]["unroll_length"] == 5
     assert "val/log10_final_loss" in meta["validation"]
+    assert meta["config"]["model"]["unroll_length"] == 5  # the full resolved config travels along
+    assert (in_tmp / "runs/meta-train/config.yaml").exists()
     # the exported weights are the validated ones: loading them gives the recorded score
     assert lopt.config()["hidden_size"] == 4
     runs = glob.glob(str(in_tmp / "runs/wandb/offline-run-*"))

@@ -11,6 +11,17 @@ from learnopt.optim.base import GradientTransformation, Params, apply_updates, d
 from learnopt.task import Task
 
 
+DIVERGED_LOG10 = 30.0
+
+
+def log10_losses(losses: Tensor) -> Tensor:
+    """log10 of losses, with non-finite or huge values scored as diverged (+30) rather than
+    dropped, and losses below 1e-30 floored there."""
+    finite = torch.isfinite(losses) & (losses < 10**DIVERGED_LOG10)
+    safe = torch.where(finite, losses, torch.ones_like(losses)).clamp_min(1e-30)
+    return torch.where(finite, torch.log10(safe), torch.full_like(losses, DIVERGED_LOG10))
+
+
 def inner_step(
     tx: GradientTransformation,
     task: Task,

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from lightning.pytorch.cli import LightningCLI
+import sys
+import warnings
+from pathlib import Path
+
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from learnopt.train.module import MetaTrainModule
 
@@ -39,6 +43,29 @@ PARSER_DEFAULTS: dict[str, Any] = {
 }
 
 
+class SaveConfigToRunDir(SaveConfigCallback):
+    """Save the resolved config as ``<default_root_dir>/config.yaml`` (beside the run's
+    checkpoints, not in the shared W&B folder), record it in the W&B run, and hand it to the
+    module so the exported checkpoint's metadata carries it."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["save_to_log_dir"] = False
+        super().__init__(*args, **kwargs)
+
+    def save_config(self, trainer, pl_module, stage: str) -> None:
+        path = Path(trainer.default_root_dir) / self.config_filename
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.parser.save(self.config, str(path), skip_none=False, overwrite=True, multifile=self.multifile)
+        resolved = self.config.clone()
+        resolved.pop("config", None)
+        plain = resolved.as_dict()
+        pl_module.resolved_config = plain
+        for logger in trainer.loggers:
+            experiment = getattr(logger, "experiment", None)
+            if experiment is not None and hasattr(experiment, "config"):
+                experiment.config.update({"cli": plain}, allow_val_change=True)
+
+
 class MetaTrainCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument(
@@ -51,14 +78,25 @@ class MetaTrainCLI(LightningCLI):
 
 
 def meta_train(args: list[str] | None = None) -> MetaTrainCLI:
-    cli = MetaTrainCLI(
-        MetaTrainModule,
-        run=False,
-        args=args,
-        trainer_defaults=TRAINER_DEFAULTS,
-        seed_everything_default=0,
-        save_config_kwargs={"overwrite": True},
-        auto_configure_optimizers=False,
-    )
+    """Parse ``args`` (default: the command line after ``meta-train``), build the module and
+    trainer, and fit."""
+    if args is None:
+        args = sys.argv[1:]
+    # The state after each meta-update is exactly what a resumed run needs.
+    warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
+    argv, sys.argv = sys.argv, [sys.argv[0]]  # LightningCLI must read only ``args``
+    try:
+        cli = MetaTrainCLI(
+            MetaTrainModule,
+            run=False,
+            args=args,
+            trainer_defaults=TRAINER_DEFAULTS,
+            seed_everything_default=0,
+            save_config_callback=SaveConfigToRunDir,
+            save_config_kwargs={"overwrite": True},
+            auto_configure_optimizers=False,
+        )
+    finally:
+        sys.argv = argv
     cli.trainer.fit(cli.model, ckpt_path=cli.config.get("ckpt_path"))
     return cli

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from learnopt.learned.base import LearnedOptimizer
 from learnopt.meta.truncated_bptt import TruncatedBPTT, UnrollState
-from learnopt.meta.unroll import rollout
+from learnopt.meta.unroll import log10_losses, rollout
 from learnopt.optim.base import tree_leaves
 from learnopt.task import TaskFamily, seeded_generator
 
@@ -67,6 +67,7 @@ class MetaTrainModule(pl.LightningModule):
         self.automatic_optimization = False
         self._unroll: UnrollState | None = None
         self._pending_unroll: dict[str, Any] | None = None
+        self.resolved_config: dict[str, Any] | None = None  # set by the CLI: the full resolved config
 
     # -- data: the estimator samples tasks itself ---------------------------------------------
     def train_dataloader(self) -> DataLoader:
@@ -126,7 +127,7 @@ class MetaTrainModule(pl.LightningModule):
 
     def validation_log10_final_loss(self) -> float:
         """Mean log10 final loss of the current learned optimizer on the fixed validation tasks
-        (a diverged instance counts as 1e30)."""
+        (a diverged instance counts as +30)."""
         hp = self.hparams
         generator = seeded_generator("val", hp.seed)
         task = self.task_family.sample(hp.val_tasks, generator)
@@ -134,8 +135,7 @@ class MetaTrainModule(pl.LightningModule):
             task = task.to(self.device)
         with torch.inference_mode(False), torch.enable_grad():
             losses = rollout(self.learned_optimizer.transform(), task, hp.horizon, generator=generator)
-        final = torch.nan_to_num(losses[-1], nan=1e30, posinf=1e30).clamp_min(1e-30)
-        return float(torch.log10(final).mean())
+        return float(log10_losses(losses[-1]).mean())
 
     # -- resuming: the carried unroll is part of the Lightning checkpoint -----------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -168,4 +168,5 @@ class MetaTrainModule(pl.LightningModule):
             "meta_steps": int(self.global_step),
             "task_family": family_spec(self.task_family),
             "estimator": "truncated_bptt",
+            "config": self.resolved_config,
         }
