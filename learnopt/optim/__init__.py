@@ -11,6 +11,19 @@ from learnopt.optim.base import (
     tree_leaves,
     tree_map,
 )
+from learnopt.optim.combinators import (
+    clip,
+    clip_by_global_norm,
+    constant_schedule,
+    cosine_decay_schedule,
+    exponential_decay_schedule,
+    instance_norm,
+    instance_sum,
+    linear_warmup_schedule,
+    partition,
+    scale_by_schedule,
+)
+from learnopt.optim.extra import MissingExtraArgument, hessian_vector_product
 from learnopt.optim.torch_optimizer import TransformOptimizer, as_torch_optimizer
 from learnopt.optim.transforms import (
     add_decayed_weights,
@@ -23,6 +36,18 @@ from learnopt.optim.transforms import (
 )
 
 __all__ = [
+    "MissingExtraArgument",
+    "clip",
+    "clip_by_global_norm",
+    "constant_schedule",
+    "cosine_decay_schedule",
+    "exponential_decay_schedule",
+    "hessian_vector_product",
+    "instance_norm",
+    "instance_sum",
+    "linear_warmup_schedule",
+    "partition",
+    "scale_by_schedule",
     "EmptyState",
     "GradientTransformation",
     "Params",

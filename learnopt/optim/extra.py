@@ -1,0 +1,107 @@
+"""The one channel for what an optimizer needs beyond the gradient: ``update(..., **extra)``.
+
+Every ``GradientTransformation.update`` accepts keyword arguments after ``params``;
+``chain`` and every combinator pass them on to all members, and a transform ignores
+the ones it does not use. The names are fixed here:
+
+=====================  =====================================================================
+``loss_fn``            ``loss_fn(params) -> Tensor``: the (summed) objective at any
+                       parameters, differentiable. Line searches (``lbfgs``) and
+                       Hessian-vector products (``adahessian``, ``sophia``,
+                       ``stochastic_lbfgs``) use it.
+``value_and_grad_fn``  ``value_and_grad_fn(params) -> (loss, grads)``: loss and gradient at any
+                       parameters (line searches). Derived from ``loss_fn`` when absent;
+                       ``as_torch_optimizer`` builds it from the ``step(closure)`` closure.
+``hvp_fn``             ``hvp_fn(v: Params) -> Params``: the Hessian-vector product at the
+                       current parameters. Given directly (``as_torch_optimizer`` builds it
+                       from gradients computed with ``create_graph=True``) or derived from
+                       ``loss_fn`` by ``hessian_vector_product``.
+``indices``            ``LongTensor`` of the example indices in this step's minibatch
+                       (finite-sum methods: ``svrg``, ``saga``, ``jacsketch``,
+                       ``stochastic_lbfgs``).
+``example_grads_fn``   ``example_grads_fn(params, indices) -> Params`` with a leading
+                       ``len(indices)`` dimension: per-example gradients (``saga``,
+                       ``jacsketch``).
+``batch_grad_fn``      ``batch_grad_fn(params, indices) -> Params``: the mean gradient over
+                       ``indices`` at any parameters (``svrg``: the same minibatch at the
+                       snapshot; ``stochastic_lbfgs``).
+``full_grad_fn``       ``full_grad_fn(params) -> Params``: the full-data gradient (``svrg``'s
+                       snapshot gradient).
+``num_examples``       ``int``: the number of examples of a finite-sum task.
+=====================  =====================================================================
+
+Missing what a method needs raises ``MissingExtraArgument`` naming the method and the key.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from learnopt.optim.base import Params
+
+EXTRA_KEYS = (
+    "loss_fn", "value_and_grad_fn", "hvp_fn", "indices", "example_grads_fn", "batch_grad_fn", "full_grad_fn", "num_examples",
+)
+
+
+class MissingExtraArgument(TypeError):
+    """An optimizer needs an extra argument the caller did not pass."""
+
+
+def require(extra: dict[str, Any], key: str, who: str) -> Any:
+    """``extra[key]``, or a ``MissingExtraArgument`` that says who needs it and what it is."""
+    if key not in EXTRA_KEYS:
+        raise KeyError(f"{key!r} is not a documented extra argument ({', '.join(EXTRA_KEYS)})")
+    value = extra.get(key)
+    if value is None:
+        raise MissingExtraArgument(
+            f"{who} needs the extra argument {key!r} in update(..., {key}=...); see learnopt.optim.extra"
+        )
+    return value
+
+
+def hessian_vector_product(loss_fn: Callable[[Params], Tensor], params: Params, v: Params,
+                           create_graph: bool = False) -> Params:
+    """H(params) · v by double backward through ``loss_fn`` (Pearlmutter 1994). With
+    ``create_graph`` the product stays differentiable (meta-training through it)."""
+    with torch.enable_grad():
+        p = {k: x if x.requires_grad else x.detach().requires_grad_(True) for k, x in params.items()}
+        loss = loss_fn(p)
+        names = list(p)
+        grads = torch.autograd.grad(loss, [p[k] for k in names], create_graph=True)
+        dot = sum((g * v[k]).sum() for g, k in zip(grads, names))
+        hv = torch.autograd.grad(dot, [p[k] for k in names], create_graph=create_graph, allow_unused=True)
+    return {k: torch.zeros_like(p[k]) if h is None else h for k, h in zip(names, hv)}
+
+
+def hvp_fn_from(extra: dict[str, Any], params: Params, who: str) -> Callable[[Params], Params]:
+    """The Hessian-vector product function: ``extra["hvp_fn"]`` or one built from ``loss_fn``."""
+    if extra.get("hvp_fn") is not None:
+        return extra["hvp_fn"]
+    if extra.get("loss_fn") is None:
+        raise MissingExtraArgument(f"{who} needs 'hvp_fn' or 'loss_fn' in update(...); see learnopt.optim.extra")
+    loss_fn = extra["loss_fn"]
+    return lambda v: hessian_vector_product(loss_fn, params, v)
+
+
+def value_and_grad_fn_from(extra: dict[str, Any], who: str) -> Callable[[Params], tuple[Tensor, Params]]:
+    """``extra["value_and_grad_fn"]``, or one built from ``extra["loss_fn"]``."""
+    if extra.get("value_and_grad_fn") is not None:
+        return extra["value_and_grad_fn"]
+    if extra.get("loss_fn") is None:
+        raise MissingExtraArgument(
+            f"{who} needs 'value_and_grad_fn' or 'loss_fn' in update(...); see learnopt.optim.extra"
+        )
+    loss_fn = extra["loss_fn"]
+
+    def value_and_grad(params: Params) -> tuple[Tensor, Params]:
+        with torch.enable_grad():
+            p = {k: x.detach().requires_grad_(True) for k, x in params.items()}
+            loss = loss_fn(p)
+            grads = torch.autograd.grad(loss, list(p.values()), allow_unused=True)
+        return loss.detach(), {k: torch.zeros_like(p[k]) if g is None else g for k, g in zip(p, grads)}
+
+    return value_and_grad
