@@ -8,10 +8,27 @@ missing; mean and 95% t-interval of log10 final loss over instances; the raw per
 numbers saved beside the table; speedup against tuned Adam as the number of Adam steps
 needed to reach each optimizer's final mean log10 loss.
 
-Every optimizer runs as a plain ``torch.optim.Optimizer`` (the baselines are torch.optim's own
-classes; the learned optimizer comes from ``learnopt.load_optimizer``) on the task's batched
-parameters. Instances are independent and these optimizers act per coordinate, so one
-batched run follows each instance's own trajectory.
+Every optimizer runs as a plain ``torch.optim.Optimizer`` (the learned optimizer comes from
+``learnopt.load_optimizer``) on the task's batched parameters. Instances are independent, so
+one batched run follows each instance's own trajectory: elementwise optimizers need nothing,
+and learnopt optimizers that reduce over tensors get ``batch_dims=1`` (the task's instance
+dimension) so their norms, trust ratios and line searches stay per instance.
+
+Baseline names (``--baselines '[sgd, adam, lion, lo:adam]'``):
+
+* ``sgd``, ``nag``, ``rmsprop``, ``adam``: ``torch.optim``'s own classes (``BASELINES``), the
+  independent references of the headline tables. These four names always mean torch.optim.
+* ``lo:<name>``: the learnopt optimizer ``<name>`` of ``learnopt.optim.registry.OPTIMIZERS``
+  (``lo:adam`` is learnopt's Adam), run through ``as_torch_optimizer``.
+* a plain ``<name>`` that is not one of the four above: the same as ``lo:<name>``
+  (``lion``, ``adabelief``, ``momentum``, ``nesterov``, ``lbfgs``, ...).
+
+Optimizers whose ``update`` needs a loss closure or Hessian-vector products (``lbfgs``,
+``adahessian``, ``sophia``) are stepped with ``opt.step(closure)`` (one ``lbfgs`` step is one
+``torch.optim.LBFGS.step``, up to ``max_iter`` loss evaluations, so its steps cost more than the
+others' and the table compares it per step, not per evaluation); the finite-sum methods
+(``svrg``, ``saga``, ``jacsketch``, ``stochastic_lbfgs``) need example indices and per-example
+gradients that a task family does not provide, and are refused with that reason.
 """
 
 from __future__ import annotations
@@ -43,24 +60,84 @@ BASELINES: dict[str, MakeOptimizer] = {
 
 DEFAULT_LR_GRID = tuple(10 ** (k / 2) for k in range(-8, 3))  # 1e-4 ... 10 in half decades
 
+LEARNOPT_PREFIX = "lo:"
+# Extras that ``TransformOptimizer.step(closure)`` can supply from a loss closure.
+_CLOSURE_EXTRAS = {"loss_fn", "value_and_grad_fn", "hvp_fn"}
+
+
+class LearnoptBaseline:
+    """``(params, lr) -> torch.optim.Optimizer`` for the learnopt optimizer ``name``: the registry's
+    factory with ``lr`` (and ``batch_dims=1`` where the factory reduces over tensors) wrapped by
+    ``as_torch_optimizer``. ``needs_closure``: step it with ``opt.step(closure)``."""
+
+    def __init__(self, name: str, label: str | None = None, **kwargs: Any) -> None:
+        from learnopt.optim.registry import OptimizerNotAvailable, get_info
+
+        label = label or name
+        try:
+            self.info = get_info(name)
+            self.info.factory  # noqa: B018 (fails early if the implementation is missing)
+        except OptimizerNotAvailable as e:
+            raise ValueError(f"unknown baseline {label!r}: {e}") from e
+        unsupported = [x for x in self.info.extras if not set(x.split("|")) & _CLOSURE_EXTRAS]
+        if unsupported:
+            raise ValueError(
+                f"baseline {label!r} needs the extra update argument(s) {', '.join(unsupported)} "
+                "(example indices / per-example gradients of a finite-sum task), which learnopt evaluate "
+                "cannot supply from a task family; run it through the functional API instead"
+            )
+        self.name = name
+        self.kwargs = kwargs
+        self.needs_closure = bool(self.info.extras)
+        self.needs_hessian = any("hvp_fn" in x.split("|") for x in self.info.extras)
+
+    def __call__(self, params: list[Tensor], lr: float) -> torch.optim.Optimizer:
+        from learnopt.optim.torch_optimizer import as_torch_optimizer
+
+        kwargs = dict(self.kwargs)
+        if self.info.takes_batch_dims:
+            kwargs.setdefault("batch_dims", 1)  # tasks carry one leading instance dimension
+        # check_finite off: one diverging instance scores as diverged without stopping the others
+        return as_torch_optimizer(self.info.make(lr, **kwargs), params, check_finite=False)
+
+    def __repr__(self) -> str:
+        return f"LearnoptBaseline({self.name!r})"
+
+
+def baseline_factory(name: str) -> MakeOptimizer:
+    """The ``(params, lr)`` factory for a baseline name (naming rule in the module docstring)."""
+    if name.startswith(LEARNOPT_PREFIX):
+        return LearnoptBaseline(name[len(LEARNOPT_PREFIX):], label=name)
+    if name in BASELINES:
+        return BASELINES[name]
+    return LearnoptBaseline(name)
+
 
 def train_with_optimizer(
-    make: Callable[[list[Tensor]], torch.optim.Optimizer], task: Any, steps: int, generator: torch.Generator
+    make: Callable[[list[Tensor]], torch.optim.Optimizer], task: Any, steps: int, generator: torch.Generator,
+    closure: bool = False, create_graph: bool = False,
 ) -> Tensor:
     """Train ``task`` with an ordinary torch optimizer loop; per-instance losses ``[steps + 1, n]``.
-    A step that raises ``FloatingPointError`` (a non-finite gradient) ends the run as diverged."""
+    A step that raises ``FloatingPointError`` (a non-finite gradient) ends the run as diverged.
+    ``closure``: call ``opt.step(closure)`` with a closure that recomputes the loss and its
+    gradients on this step's batch (line searches need it); ``create_graph``: those gradients
+    carry a graph (Hessian-vector products need it)."""
     params = {k: p.detach().clone().requires_grad_(True) for k, p in task.init(generator).items()}
     opt = make(list(params.values()))
     losses = []
     for _ in range(steps):
         opt.zero_grad()
-        loss = task.loss(params, task.sample_batch(generator))
+        batch = task.sample_batch(generator)
+        loss = task.loss(params, batch)
         losses.append(loss.detach().clone())
         if not bool(torch.isfinite(loss).all()):
             break
-        loss.sum().backward()
         try:
-            opt.step()
+            if closure:
+                opt.step(_loss_closure(opt, task, params, batch, create_graph))
+            else:
+                loss.sum().backward()
+                opt.step()
         except FloatingPointError:
             break
     else:
@@ -69,6 +146,32 @@ def train_with_optimizer(
     while len(losses) < steps + 1:
         losses.append(torch.full_like(losses[0], math.inf))
     return torch.stack(losses)
+
+
+def _loss_closure(opt: torch.optim.Optimizer, task: Any, params: dict[str, Tensor], batch: Any,
+                  create_graph: bool = False) -> Callable[[], Tensor]:
+    """torch.optim's closure protocol: recompute the loss and its gradients at the current
+    parameters. It returns the per-instance losses (what batched line searches compare); the
+    gradient is that of their sum, i.e. each instance's own. ``create_graph`` keeps the
+    gradients differentiable, from which ``TransformOptimizer`` builds Hessian-vector products."""
+
+    def closure() -> Tensor:
+        opt.zero_grad()
+        losses = task.loss(params, batch)
+        leaves = list(params.values())
+        # autograd.grad rather than backward(create_graph=True), which would tie each parameter
+        # and its .grad in a reference cycle
+        grads = torch.autograd.grad(losses.sum(), leaves, create_graph=create_graph)
+        for p, g in zip(leaves, grads):
+            p.grad = g
+        return losses.detach()
+
+    return closure
+
+
+def _step_mode(make: Any) -> dict[str, bool]:
+    """How ``train_with_optimizer`` must step what ``make`` builds (``LearnoptBaseline`` flags)."""
+    return {"closure": getattr(make, "needs_closure", False), "create_graph": getattr(make, "needs_hessian", False)}
 
 
 def t_interval(x: Tensor, confidence: float = 0.95) -> tuple[float, float]:
@@ -101,7 +204,7 @@ def tune_learning_rate(
     for lr in lr_grid:
         generator = seeded_generator("tune", seed)
         task = family.sample(num_instances, generator)
-        scores[lr] = score(train_with_optimizer(lambda ps: make(ps, lr), task, steps, generator))
+        scores[lr] = score(train_with_optimizer(lambda ps: make(ps, lr), task, steps, generator, **_step_mode(make)))
     best = min(scores, key=scores.get)
     return best, scores
 
@@ -208,7 +311,7 @@ def evaluate_optimizers(
         for seed in seeds:
             generator = seeded_generator("test", seed)
             task = family.sample(num_instances, generator)
-            losses = train_with_optimizer(run, task, steps, generator)
+            losses = train_with_optimizer(run, task, steps, generator, **_step_mode(make))
             finals.append(losses[-1])
             seed_means.append(score(losses))
             curves.append(log10_losses(losses))
@@ -303,20 +406,31 @@ def evaluate(
     command: str | None = None,
     record_in_checkpoint: bool = False,
 ) -> Evaluation:
-    """Evaluate the learned optimizer in ``checkpoint`` against tuned torch.optim baselines on
-    held-out instances of ``task_family``; write ``table.md``, ``results.json`` (raw
-    per-instance numbers) and ``curves.png`` to ``out_dir``; log one W&B run per optimizer.
-    ``command`` is printed under the plot (default: the command line);
+    """Evaluate the learned optimizer in ``checkpoint`` against tuned baselines on held-out
+    instances of ``task_family``; write ``table.md``, ``results.json`` (raw per-instance numbers)
+    and ``curves.png`` to ``out_dir``; log one W&B run per optimizer. ``baselines``: torch.optim's
+    sgd, nag, rmsprop, adam, or any learnopt optimizer by name (``lion``, ``lo:adam``; see the
+    module docstring). ``command`` is printed under the plot (default: the command line);
     ``record_in_checkpoint`` stores the summary in the checkpoint's metadata."""
-    unknown = set(baselines) - BASELINES.keys()
-    if unknown:
-        raise ValueError(f"unknown baseline(s) {sorted(unknown)}; known: {sorted(BASELINES)}")
+    factories, problems = {}, []
+    for b in baselines:
+        try:
+            factories[b] = baseline_factory(b)
+        except ValueError as e:
+            problems.append(str(e))
+    if problems:
+        raise ValueError(
+            "; ".join(problems)
+            + f" (torch.optim baselines: {sorted(BASELINES)}; learnopt ones: any registered name or lo:<name>)"
+        )
+    if len(set(baselines)) != len(baselines):
+        raise ValueError(f"baselines {baselines} name one optimizer twice")
     from learnopt.checkpoint import read_checkpoint
 
     read_checkpoint(checkpoint)  # fail early, with the file named, on a bad checkpoint
     name = name or Path(checkpoint).stem
     optimizers: dict[str, Any] = {name: learned_optimizer_factory(checkpoint)}
-    optimizers.update({b: BASELINES[b] for b in baselines})
+    optimizers.update(factories)
     evaluation = evaluate_optimizers(
         optimizers, task_family, steps, num_instances, seeds, tune=baselines,
         lr_grid=tuple(lr_grid) if lr_grid else DEFAULT_LR_GRID, tune_instances=tune_instances,

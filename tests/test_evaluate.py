@@ -130,3 +130,148 @@ def test_evaluate_cli_reads_yaml_and_rejects_unknown_keys(small_checkpoint, in_t
     with pytest.raises(SystemExit):
         evaluate_cli(["--config", "ev.yaml", "--checkpoint", small_checkpoint, "--stepz", "3"])
     assert "stepz" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- learnopt baselines
+
+
+def test_baseline_names_torch_four_plain_learnopt_names_and_the_lo_prefix():
+    from learnopt.evaluate import LearnoptBaseline, baseline_factory
+
+    ps = [torch.zeros(3, 2, requires_grad=True)]
+    assert type(baseline_factory("adam")(ps, 0.1)) is torch.optim.Adam  # the four keep torch.optim
+    assert type(baseline_factory("nag")(ps, 0.1)) is torch.optim.SGD
+    for name in ("lo:adam", "lion", "lo:lion", "adabelief", "momentum"):
+        make = baseline_factory(name)
+        assert isinstance(make, LearnoptBaseline) and not make.needs_closure
+        opt = make(ps, 0.1)
+        assert isinstance(opt, learnopt.optim.TransformOptimizer) and opt.check_finite is False
+    with pytest.raises(ValueError, match="unknown baseline 'lo:adamw2'.*did you mean 'adamw'"):
+        baseline_factory("lo:adamw2")
+
+
+def test_learnopt_baseline_gets_its_lr_and_follows_torch_adam():
+    from learnopt.evaluate import baseline_factory
+
+    family = QuadraticFamily(dim=4, dtype=torch.float64)
+    task = family.sample(3, seeded_generator("t", 0))
+    ours = train_with_optimizer(lambda ps: baseline_factory("lo:adam")(ps, 0.03), task, 15, seeded_generator("i", 0))
+    ref = train_with_optimizer(lambda ps: BASELINES["adam"](ps, 0.03), task, 15, seeded_generator("i", 0))
+    torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-12)
+    assert (ours[-1] < ours[0]).all()
+
+
+class _FixedStartTask:
+    """A quadratic task whose start is given (so one instance can be run alone with the same start)."""
+
+    def __init__(self, task, theta0):
+        self.task, self.theta0 = task, theta0
+
+    def init(self, generator=None):
+        return {"theta": self.theta0.clone()}
+
+    def loss(self, params, batch=None):
+        return self.task.loss(params, batch)
+
+    def sample_batch(self, generator=None):
+        return None
+
+
+@pytest.mark.parametrize("name", ["lamb", "adagrad_norm"])
+def test_reducing_learnopt_baselines_get_batch_dims_so_instances_stay_independent(name):
+    from learnopt.evaluate import baseline_factory
+    from tasks.quadratic import QuadraticTask
+
+    task = QuadraticFamily(dim=4, dtype=torch.float64).sample(3, seeded_generator("t", 1))
+    theta0 = task.init(seeded_generator("i", 1))["theta"]
+    make = baseline_factory(name)
+    together = train_with_optimizer(lambda ps: make(ps, 0.05), _FixedStartTask(task, theta0), 10, None)
+    for i in range(3):
+        one = QuadraticTask(task.W[i:i + 1], task.y[i:i + 1])
+        alone = train_with_optimizer(lambda ps: make(ps, 0.05), _FixedStartTask(one, theta0[i:i + 1]), 10, None)
+        torch.testing.assert_close(together[:, i], alone[:, 0], rtol=1e-10, atol=1e-12)
+    assert (together[-1] < together[0]).all()
+
+
+def test_closure_step_trains_with_an_optimizer_that_needs_one():
+    """torch.optim.LBFGS reads its loss only through the closure; one instance, so the summed loss
+    the closure returns is that instance's loss, and L-BFGS solves the quadratic."""
+    family = QuadraticFamily(dim=4, dtype=torch.float64)
+    task = family.sample(1, seeded_generator("t", 2))
+    losses = train_with_optimizer(lambda ps: torch.optim.LBFGS(ps, lr=1.0, line_search_fn="strong_wolfe"),
+                                  task, 5, seeded_generator("i", 2), closure=True)
+    optimum = task.loss({"theta": task.optimum()})
+    assert float(losses[-1, 0] - optimum[0]) < 1e-8 < float(losses[0, 0] - optimum[0])
+    with pytest.raises(TypeError, match="closure"):  # without the closure the same optimizer cannot step
+        train_with_optimizer(lambda ps: torch.optim.LBFGS(ps), task, 2, seeded_generator("i", 2))
+
+
+def test_evaluate_tunes_learnopt_baselines_by_name(small_checkpoint, in_tmp):
+    ev = evaluate(
+        small_checkpoint, QuadraticFamily(dim=4), steps=10, num_instances=4, seeds=[0],
+        baselines=["adam", "lo:adam", "lion", "lamb"], lr_grid=[1e-3, 1e-2, 1e-1], tune_instances=4,
+        out_dir="out", wandb=False,
+    )
+    raw = json.loads((in_tmp / "out/results.json").read_text())
+    assert set(raw["results"]) == {"tiny", "adam", "lo:adam", "lion", "lamb"}
+    for name in ("lo:adam", "lion", "lamb"):
+        assert raw["results"][name]["lr"] in (1e-3, 1e-2, 1e-1)
+        assert set(raw["results"][name]["tuning"]) == {"0.001", "0.01", "0.1"}
+    # learnopt's Adam and torch's Adam are the same algorithm: same tuned rate, same losses (float32)
+    assert raw["results"]["lo:adam"]["lr"] == raw["results"]["adam"]["lr"]
+    assert ev.result("lo:adam").final_losses == pytest.approx(ev.result("adam").final_losses, rel=1e-3)
+    with pytest.raises(ValueError, match="unknown baseline.*'lo:nope'"):
+        evaluate(small_checkpoint, QuadraticFamily(dim=3), baselines=["lo:nope"], wandb=False)
+    with pytest.raises(ValueError, match="twice"):
+        evaluate(small_checkpoint, QuadraticFamily(dim=3), baselines=["lion", "lion"], wandb=False)
+
+
+def test_lbfgs_baseline_steps_through_the_closure_per_instance_like_torch_lbfgs():
+    """learnopt's L-BFGS (batch_dims=1, per-instance losses from the closure) against
+    torch.optim.LBFGS run on each instance alone."""
+    from learnopt.evaluate import LearnoptBaseline
+    from tasks.quadratic import QuadraticTask
+
+    task = QuadraticFamily(dim=4, dtype=torch.float64).sample(3, seeded_generator("t", 3))
+    theta0 = task.init(seeded_generator("i", 3))["theta"]
+    make = LearnoptBaseline("lbfgs", history_size=100, max_iter=3)
+    assert make.needs_closure and not make.needs_hessian
+    together = train_with_optimizer(lambda ps: make(ps, 0.1), _FixedStartTask(task, theta0), 4, None, closure=True)
+    for i in range(3):
+        one = QuadraticTask(task.W[i:i + 1], task.y[i:i + 1])
+        alone = train_with_optimizer(lambda ps: torch.optim.LBFGS(ps, lr=0.1, max_iter=3),
+                                     _FixedStartTask(one, theta0[i:i + 1]), 4, None, closure=True)
+        torch.testing.assert_close(together[:, i], alone[:, 0], rtol=1e-9, atol=1e-12)
+    assert (together[-1] < together[0]).all()
+
+
+def test_hessian_baselines_get_hessian_vector_products_through_the_closure():
+    """AdaHessian stepped by ``train_with_optimizer`` (closure gradients with a graph) follows the
+    functional AdaHessian given ``loss_fn`` directly (same seeded probes)."""
+    from learnopt import optim as lo
+    from learnopt.evaluate import baseline_factory
+
+    task = QuadraticFamily(dim=3, dtype=torch.float64).sample(2, seeded_generator("t", 4))
+    make = baseline_factory("adahessian")
+    assert make.needs_closure and make.needs_hessian
+    losses = train_with_optimizer(lambda ps: make(ps, 0.05), task, 6, seeded_generator("i", 4), closure=True,
+                                  create_graph=True)
+    tx = lo.adahessian(lr=0.05)
+    params = task.init(seeded_generator("i", 4))
+    state = tx.init(params)
+    for t in range(6):
+        p = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+        loss = task.loss(p)
+        torch.testing.assert_close(losses[t], loss.detach(), rtol=1e-10, atol=1e-12)
+        grads = dict(zip(p, torch.autograd.grad(loss.sum(), list(p.values()))))
+        updates, state = tx.update(grads, state, params, loss_fn=lambda q: task.loss(q).sum())
+        params = lo.apply_updates(params, updates)
+    assert losses[-1].sum() < losses[0].sum()
+
+
+def test_finite_sum_baselines_are_refused_with_the_reason():
+    from learnopt.evaluate import baseline_factory
+
+    for name in ("svrg", "saga", "jacsketch", "stochastic_lbfgs"):
+        with pytest.raises(ValueError, match=f"baseline '{name}' needs the extra update argument.*indices"):
+            baseline_factory(name)

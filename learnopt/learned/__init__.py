@@ -1,6 +1,7 @@
 """Learned optimizers (``nn.Module``s with the ``init`` / ``update`` protocol)."""
 
 from learnopt.learned.base import LearnedOptimizer
+from learnopt.learned.hyperparams import LearnedHyperparameters
 from learnopt.learned.lstm import CoordinatewiseLSTM, LSTMOptimizerState
 from learnopt.learned.preprocess import log_and_sign
 
@@ -8,6 +9,10 @@ from learnopt.learned.preprocess import log_and_sign
 # anything the file names, so a checkpoint cannot run code.
 REGISTRY: dict[str, type[LearnedOptimizer]] = {
     "CoordinatewiseLSTM": CoordinatewiseLSTM,
+    "LearnedHyperparameters": LearnedHyperparameters,
 }
 
-__all__ = ["REGISTRY", "CoordinatewiseLSTM", "LSTMOptimizerState", "LearnedOptimizer", "log_and_sign"]
+__all__ = [
+    "REGISTRY", "CoordinatewiseLSTM", "LearnedHyperparameters", "LSTMOptimizerState", "LearnedOptimizer",
+    "log_and_sign",
+]

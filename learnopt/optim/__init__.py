@@ -24,6 +24,7 @@ from learnopt.optim.combinators import (
     scale_by_schedule,
 )
 from learnopt.optim.extra import MissingExtraArgument, hessian_vector_product
+from learnopt.optim.hyperparams import InjectHyperparamsState, inject_hyperparams, set_hyperparams
 from learnopt.optim.torch_optimizer import TransformOptimizer, as_torch_optimizer
 from learnopt.optim.transforms import (
     add_decayed_weights,
@@ -34,8 +35,89 @@ from learnopt.optim.transforms import (
     scale_by_rms,
     trace,
 )
+from learnopt.optim.alias import (  # first-order optimizers
+    adabelief,
+    adadelta,
+    adagrad,
+    adagrad_norm,
+    adamw,
+    amsgrad,
+    eadam,
+    lamb,
+    lion,
+    lookahead,
+    nadam,
+    quickprop,
+    radam,
+    rprop,
+    sign_sgd,
+)
+from learnopt.optim.transforms import (  # their building blocks
+    scale_by_adadelta,
+    scale_by_adagrad,
+    scale_by_adagrad_norm,
+    scale_by_amsgrad,
+    scale_by_belief,
+    scale_by_eadam,
+    scale_by_generalized_sign,
+    scale_by_lion,
+    scale_by_lr_decay,
+    scale_by_nadam,
+    scale_by_quickprop,
+    scale_by_radam,
+    scale_by_rprop,
+    scale_by_trust_ratio,
+)
+from learnopt.optim.hessian import adahessian, apollo, hutchinson_diagonal, sophia  # second-order
+from learnopt.optim.muon import muon, scale_by_muon, zeropower_via_newtonschulz5
+from learnopt.optim.quasi_newton import lbfgs, stochastic_lbfgs
+from learnopt.optim.variance_reduced import jacsketch, saga, svrg
 
 __all__ = [
+    "adahessian",
+    "apollo",
+    "hutchinson_diagonal",
+    "sophia",
+    "muon",
+    "scale_by_muon",
+    "zeropower_via_newtonschulz5",
+    "lbfgs",
+    "stochastic_lbfgs",
+    "jacsketch",
+    "saga",
+    "svrg",
+    "adabelief",
+    "adadelta",
+    "adagrad",
+    "adagrad_norm",
+    "adamw",
+    "amsgrad",
+    "eadam",
+    "lamb",
+    "lion",
+    "lookahead",
+    "nadam",
+    "quickprop",
+    "radam",
+    "rprop",
+    "sign_sgd",
+    "scale_by_adadelta",
+    "scale_by_adagrad",
+    "scale_by_adagrad_norm",
+    "scale_by_amsgrad",
+    "scale_by_belief",
+    "scale_by_eadam",
+    "scale_by_generalized_sign",
+    "scale_by_lion",
+    "scale_by_lr_decay",
+    "scale_by_nadam",
+    "scale_by_quickprop",
+    "scale_by_radam",
+    "scale_by_rprop",
+    "scale_by_trust_ratio",
+    "InjectHyperparamsState",
+    "inject_hyperparams",
+    "set_hyperparams",
     "MissingExtraArgument",
     "clip",
     "clip_by_global_norm",
@@ -71,3 +153,18 @@ __all__ = [
     "tree_leaves",
     "tree_map",
 ]
+
+# The catalogue of all optimizers by name (helper FEATURES).
+from learnopt.optim.registry import (  # noqa: E402
+    OPTIMIZERS,
+    OptimizerNotAvailable,
+    get_optimizer,
+    make_torch_optimizer,
+)
+
+__all__ += ["OPTIMIZERS", "OptimizerNotAvailable", "get_optimizer", "make_torch_optimizer"]
+
+try:  # with `higher` installed, its innerloop_ctx accepts learnopt's torch optimizers
+    import learnopt.optim.higher_support  # noqa: E402,F401
+except ImportError:
+    pass

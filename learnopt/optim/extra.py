@@ -28,6 +28,8 @@ the ones it does not use. The names are fixed here:
 ``full_grad_fn``       ``full_grad_fn(params) -> Params``: the full-data gradient (``svrg``'s
                        snapshot gradient).
 ``num_examples``       ``int``: the number of examples of a finite-sum task.
+``probes``             ``Params``: fixed random probe vectors for one step of a Hutchinson
+                       estimate (``adahessian``, ``sophia``), instead of the seeded draws.
 =====================  =====================================================================
 
 Missing what a method needs raises ``MissingExtraArgument`` naming the method and the key.
@@ -43,7 +45,8 @@ from torch import Tensor
 from learnopt.optim.base import Params
 
 EXTRA_KEYS = (
-    "loss_fn", "value_and_grad_fn", "hvp_fn", "indices", "example_grads_fn", "batch_grad_fn", "full_grad_fn", "num_examples",
+    "loss_fn", "value_and_grad_fn", "hvp_fn", "indices", "example_grads_fn", "batch_grad_fn", "full_grad_fn",
+    "num_examples", "probes",
 )
 
 
@@ -72,19 +75,26 @@ def hessian_vector_product(loss_fn: Callable[[Params], Tensor], params: Params, 
         loss = loss_fn(p)
         names = list(p)
         grads = torch.autograd.grad(loss, [p[k] for k in names], create_graph=True)
-        dot = sum((g * v[k]).sum() for g, k in zip(grads, names))
-        hv = torch.autograd.grad(dot, [p[k] for k in names], create_graph=create_graph, allow_unused=True)
+        # grad_outputs (not d<g, v>/dθ): v may itself depend on θ inside an unrolled graph, and
+        # its derivative must not leak into the product.
+        hv = torch.autograd.grad(grads, [p[k] for k in names], grad_outputs=[v[k] for k in names],
+                                 create_graph=create_graph, allow_unused=True)
     return {k: torch.zeros_like(p[k]) if h is None else h for k, h in zip(names, hv)}
 
 
-def hvp_fn_from(extra: dict[str, Any], params: Params, who: str) -> Callable[[Params], Params]:
-    """The Hessian-vector product function: ``extra["hvp_fn"]`` or one built from ``loss_fn``."""
+def hvp_fn_from(extra: dict[str, Any], params: Params, who: str, create_graph: bool | None = None
+                ) -> Callable[[Params], Params]:
+    """The Hessian-vector product function: ``extra["hvp_fn"]`` or one built from ``loss_fn``.
+    A product built from ``loss_fn`` stays differentiable (for meta-training through it) when
+    ``create_graph`` is true, by default whenever a parameter is part of an autograd graph."""
     if extra.get("hvp_fn") is not None:
         return extra["hvp_fn"]
     if extra.get("loss_fn") is None:
         raise MissingExtraArgument(f"{who} needs 'hvp_fn' or 'loss_fn' in update(...); see learnopt.optim.extra")
     loss_fn = extra["loss_fn"]
-    return lambda v: hessian_vector_product(loss_fn, params, v)
+    if create_graph is None:
+        create_graph = torch.is_grad_enabled() and any(p.requires_grad for p in params.values())
+    return lambda v: hessian_vector_product(loss_fn, params, v, create_graph=create_graph)
 
 
 def value_and_grad_fn_from(extra: dict[str, Any], who: str) -> Callable[[Params], tuple[Tensor, Params]]:

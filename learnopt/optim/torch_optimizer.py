@@ -1,4 +1,19 @@
-"""``as_torch_optimizer``: any ``GradientTransformation`` as a drop-in ``torch.optim.Optimizer``."""
+"""``as_torch_optimizer``: any ``GradientTransformation`` as a drop-in ``torch.optim.Optimizer``.
+
+``step(closure=None, **extra)`` supplies the extra ``update`` arguments that a torch training loop
+can provide (``learnopt.optim.extra``):
+
+* ``value_and_grad_fn`` when a ``closure`` is given: evaluating at trial parameters copies them
+  into the parameters, calls the closure (which, as in torch.optim, zeroes the gradients,
+  computes the loss and calls ``backward``), reads ``.grad`` and restores the parameters, the way
+  ``torch.optim.LBFGS`` evaluates its line search. The first evaluation, at the current
+  parameters, is the closure call that ``step`` makes anyway, so ``lbfgs`` costs the closure
+  calls ``torch.optim.LBFGS`` makes. ``step`` returns the loss of that first call, as torch does.
+* ``hvp_fn`` when the gradients carry a graph, i.e. ``loss.backward(create_graph=True)`` was used
+  (as ``pytorch_optimizer.AdaHessian`` requires): ``H v`` by differentiating ``<grad, v>``.
+* any other keyword (``indices``, ``example_grads_fn``, ``probes``, ...) is passed through, and
+  passing ``value_and_grad_fn`` / ``hvp_fn`` / ``loss_fn`` explicitly overrides the built ones.
+"""
 
 from __future__ import annotations
 
@@ -26,6 +41,10 @@ class TransformOptimizer(torch.optim.Optimizer):
       parameters and the optimizer state.
     * ``state_dict()`` / ``load_state_dict()`` round-trip the transform state; a state of
       another shape (another model or optimizer) is refused with a message saying what differs.
+    * ``step(closure=None, **extra)``: the closure also serves transforms that evaluate the
+      objective elsewhere (``lbfgs``), gradients from ``backward(create_graph=True)`` give
+      Hessian-vector products (``adahessian``, ``sophia``), and keywords reach ``update`` (e.g.
+      ``indices=...`` for the finite-sum methods); see the module docstring.
     """
 
     def __init__(
@@ -50,19 +69,22 @@ class TransformOptimizer(torch.optim.Optimizer):
         self.tx = tx
         self.check_finite = check_finite
         with torch.no_grad():
-            self.tx_state = tx.init(self._param_dict())
+            self.tx_state = _unaliased(tx.init(self._param_dict()), self._param_dict())
 
     def _param_dict(self) -> dict[str, Tensor]:
         return dict(zip(self._names, self.param_groups[0]["params"]))
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+    def step(self, closure: Callable[[], Any] | None = None, **extra: Any) -> Any:
+        """One update. ``closure`` re-evaluates the model and returns the loss (torch.optim's
+        protocol); ``extra`` keywords reach the transform's ``update`` (module docstring)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         params = self._param_dict()
-        grads = {n: (p.grad if p.grad is not None else torch.zeros_like(p)) for n, p in params.items()}
+        raw = {n: p.grad for n, p in params.items()}
+        grads = {n: (g.detach().clone() if g is not None else torch.zeros_like(params[n])) for n, g in raw.items()}
         if self.check_finite:
             for n, g in grads.items():
                 if not bool(torch.isfinite(g).all()):
@@ -70,10 +92,39 @@ class TransformOptimizer(torch.optim.Optimizer):
                         f"non-finite gradient in parameter '{n}' (shape {tuple(g.shape)}); "
                         "the parameters and optimizer state were left unchanged"
                     )
-        updates, self.tx_state = self.tx.update(grads, self.tx_state, params)
+        if closure is not None and "value_and_grad_fn" not in extra:
+            extra["value_and_grad_fn"] = self._value_and_grad_fn(closure, params, loss, grads)
+        if "hvp_fn" not in extra and any(g is not None and g.requires_grad for g in raw.values()):
+            extra["hvp_fn"] = _hvp_from_graph(raw, params)
+        updates, state = self.tx.update(grads, self.tx_state, params, **extra)
+        self.tx_state = _unaliased(state, params)
         for n, p in params.items():
             p.add_(updates[n].to(p.dtype))
         return loss
+
+    def _value_and_grad_fn(self, closure: Callable[[], Any], params: dict[str, Tensor], first_loss: Any,
+                           first_grads: dict[str, Tensor]) -> Callable:
+        """``value_and_grad_fn`` from the closure (see the module docstring)."""
+
+        def value_and_grad(trial: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+            if all(trial[n] is p for n, p in params.items()):
+                return _detached(first_loss), dict(first_grads)
+            saved = {n: p.detach().clone() for n, p in params.items()}
+            try:
+                with torch.no_grad():
+                    for n, p in params.items():
+                        p.copy_(trial[n])
+                with torch.enable_grad():
+                    loss = closure()
+                grads = {n: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p))
+                         for n, p in params.items()}
+            finally:
+                with torch.no_grad():
+                    for n, p in params.items():
+                        p.copy_(saved[n])
+            return _detached(loss), grads
+
+        return value_and_grad
 
     def state_dict(self) -> dict[str, Any]:
         leaves = pytree.tree_leaves(self.tx_state)
@@ -108,6 +159,38 @@ class TransformOptimizer(torch.optim.Optimizer):
                 val = val.to(device=old.device, dtype=old.dtype)
             out.append(val)
         self.tx_state = pytree.tree_unflatten(out, spec)
+
+
+def _unaliased(state: Any, params: dict[str, Tensor]) -> Any:
+    """``state`` with copies of the tensors that share memory with a parameter. Transforms may keep
+    the parameters they were given (an SVRG snapshot, Lookahead's slow weights): functionally that
+    is safe, but this optimizer then changes the parameters in place."""
+    storages = {p.untyped_storage().data_ptr() for p in params.values()}
+
+    def copy_if_aliased(x: Any) -> Any:
+        if isinstance(x, Tensor) and x.numel() and x.untyped_storage().data_ptr() in storages:
+            return x.clone()
+        return x
+
+    return pytree.tree_map(copy_if_aliased, state)
+
+
+def _detached(loss: Any) -> Tensor:
+    return loss.detach() if isinstance(loss, Tensor) else torch.as_tensor(loss)
+
+
+def _hvp_from_graph(grads: dict[str, Tensor | None], params: dict[str, Tensor]) -> Callable:
+    """``H v`` as the vector-Jacobian product of the ``backward(create_graph=True)`` gradients with
+    ``v``; gradients without a graph contribute nothing, parameters they miss get zeros."""
+    names = [n for n, g in grads.items() if g is not None and g.requires_grad]
+
+    def hvp(v: dict[str, Tensor]) -> dict[str, Tensor]:
+        with torch.enable_grad():
+            hv = torch.autograd.grad([grads[n] for n in names], [params[n] for n in params],
+                                     grad_outputs=[v[n] for n in names], retain_graph=True, allow_unused=True)
+        return {n: torch.zeros_like(p) if h is None else h.detach() for (n, p), h in zip(params.items(), hv)}
+
+    return hvp
 
 
 def as_torch_optimizer(

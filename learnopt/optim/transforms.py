@@ -118,11 +118,15 @@ class ScaleByAdamState(NamedTuple):
     nu: Params
 
 
-def scale_by_adam(b1: Hyper = 0.9, b2: Hyper = 0.999, eps: Hyper = 1e-8) -> GradientTransformation:
+def scale_by_adam(
+    b1: Hyper = 0.9, b2: Hyper = 0.999, eps: Hyper = 1e-8, bias_correction: bool = True
+) -> GradientTransformation:
     """Adam's preconditioner (Kingma & Ba 2014, arXiv 1412.6980), as computed by ``torch.optim.Adam``::
 
         m_t = b1 m + (1 - b1) g;   v_t = b2 v + (1 - b2) g^2
         u_t = (m_t / (1 - b1^t)) / (sqrt(v_t / (1 - b2^t)) + eps)
+
+    ``bias_correction=False`` drops both ``1 - b^t`` factors: ``u_t = m_t / (sqrt(v_t) + eps)``.
     """
 
     def init(params):
@@ -137,10 +141,500 @@ def scale_by_adam(b1: Hyper = 0.9, b2: Hyper = 0.999, eps: Hyper = 1e-8) -> Grad
             # Bias corrections in the parameters' precision (at least float32): ``b ** count`` with
             # the int64 count alone would be computed in the default dtype (float32) even for
             # float64 parameters, making float64 trajectories drift from torch.optim.Adam by ~1e-6.
+            if not bias_correction:
+                out[k] = mu[k] / (safe_sqrt(nu[k]) + eps)
+                continue
             t = count.to(torch.promote_types(mu[k].dtype, torch.float32))
             bc1 = 1 - b1**t
             bc2 = 1 - b2**t
             out[k] = (mu[k] / bc1) / (safe_sqrt(nu[k]) / torch.sqrt(bc2) + eps)
         return out, ScaleByAdamState(count, mu, nu)
+
+    return GradientTransformation(init, update)
+
+
+# -- shared numerics ------------------------------------------------------------------------------
+def _float_count(count: Tensor, like: Tensor) -> Tensor:
+    # The step count in the parameters' precision (at least float32), see scale_by_adam.
+    return count.to(torch.promote_types(like.dtype, torch.float32))
+
+
+def _div_or_zero(num: Tensor, den: Tensor) -> Tensor:
+    """``num / den`` where ``den != 0``, else 0, with finite derivatives everywhere (the divisor
+    of the unused branch is replaced, so backward never forms 0 * inf)."""
+    nonzero = den != 0
+    return torch.where(nonzero, num / torch.where(nonzero, den, torch.ones_like(den)), torch.zeros_like(num))
+
+
+def _widest_float(params: Params) -> torch.dtype:
+    dtype = torch.float32
+    for p in params.values():
+        dtype = torch.promote_types(dtype, p.dtype)
+    return dtype
+
+
+def _ones_hyper(like: Tensor, value: Hyper) -> Tensor:
+    # A hyperparameter as a tensor of ``like``'s shape and dtype: ``torch.where`` on two Python
+    # floats would build a float32 tensor (1.2 -> 1.2000000477) and lose float64 exactness.
+    return torch.ones_like(like) * value
+
+
+# -- sign-based and secant methods ---------------------------------------------------------------
+class ScaleByRpropState(NamedTuple):
+    prev: Params
+    step_size: Params
+
+
+def scale_by_rprop(
+    lr: Hyper = 1e-2,
+    etas: tuple[Hyper, Hyper] = (0.5, 1.2),
+    step_sizes: tuple[Hyper, Hyper] = (1e-6, 50.0),
+) -> GradientTransformation:
+    """Rprop's per-coordinate step sizes (Riedmiller & Braun 1992), as ``torch.optim.Rprop``
+    computes them (the variant without weight backtracking, often called Rprop-)::
+
+        s = sign(g_t * g'_{t-1});  eta = etaplus if s > 0, etaminus if s < 0, else 1
+        d_t = clip(d_{t-1} * eta, step_min, step_max)          (d_0 = lr)
+        g'_t = 0 if s < 0 else g_t   (after a sign change the next step adapts nothing)
+        u_t = sign(g'_t) * d_t
+
+    ``lr`` is only the initial step size. ``sign`` has zero derivative, so hypergradients flow
+    through ``d_t`` (the product of the etas times ``lr``) and not through the gradients.
+    """
+    etaminus, etaplus = etas
+    step_min, step_max = step_sizes
+
+    def init(params):
+        return ScaleByRpropState(zeros_like(params), {k: torch.ones_like(p) * lr for k, p in params.items()})
+
+    def update(updates, state, params=None, **extra):
+        prev, steps, out = {}, {}, {}
+        for k, g in updates.items():
+            prod = g * state.prev[k]
+            one = torch.ones_like(g)
+            eta = torch.where(prod > 0, one * etaplus, torch.where(prod < 0, one * etaminus, one))
+            steps[k] = torch.clamp(state.step_size[k] * eta, step_min, step_max)
+            prev[k] = torch.where(prod < 0, torch.zeros_like(g), g)
+            out[k] = torch.sign(prev[k]) * steps[k]
+        return out, ScaleByRpropState(prev, steps)
+
+    return GradientTransformation(init, update)
+
+
+class ScaleByQuickpropState(NamedTuple):
+    prev_step: Params
+    prev_slope: Params
+
+
+def scale_by_quickprop(lr: Hyper = 1e-2, mu: Hyper = 1.75) -> GradientTransformation:
+    """Quickprop (Fahlman 1988, "An empirical study of learning speed in back-propagation
+    networks", CMU-CS-88-162), the hybrid rule of the paper and of Fahlman's reference code.
+
+    Per coordinate, with the slope ``s_t = -g_t`` (the descent direction) and the previous
+    step ``D_{t-1}`` (what was added to the parameter)::
+
+        if D_{t-1} == 0:  D_t = lr * s_t                        (first step; restarts)
+        else:
+            D_t = lr * s_t  if s_t * D_{t-1} > 0  else 0          (gradient term, same direction)
+            if s_t * sign(D_{t-1}) > mu / (1 + mu) * s_{t-1} * sign(D_{t-1}):
+                D_t += mu * D_{t-1}                               (secant step would grow > mu)
+            elif s_{t-1} != s_t:
+                D_t += s_t / (s_{t-1} - s_t) * D_{t-1}            (secant: jump to the parabola's min)
+            else:
+                D_t += lr * s_t                                   (secant undefined: gradient step)
+        u_t = -D_t
+
+    The last case (equal consecutive slopes that oppose the previous step, where the paper's
+    formula divides by zero) is this implementation's choice. ``u_t`` follows the sign
+    convention of the other ``scale_by_*`` blocks (a descent step is ``-u``), so the optimizer
+    is ``chain(scale_by_quickprop(...), scale(-1))``.
+    """
+
+    def init(params):
+        return ScaleByQuickpropState(zeros_like(params), zeros_like(params))
+
+    def update(updates, state, params=None, **extra):
+        shrink = mu / (1 + mu)
+        steps, slopes, out = {}, {}, {}
+        for k, g in updates.items():
+            s, d_prev, s_prev = -g, state.prev_step[k], state.prev_slope[k]
+            moving = d_prev != 0
+            direction = torch.where(d_prev > 0, torch.ones_like(s), -torch.ones_like(s))
+            gradient_step = lr * s
+            gradient_term = torch.where(s * d_prev > 0, gradient_step, torch.zeros_like(s))
+            capped = s * direction > shrink * s_prev * direction
+            secant_ok = moving & ~capped & (s_prev != s)
+            secant = _div_or_zero(s, torch.where(secant_ok, s_prev - s, torch.zeros_like(s))) * d_prev
+            quadratic = torch.where(capped, mu * d_prev, torch.where(secant_ok, secant, gradient_step))
+            steps[k] = torch.where(moving, gradient_term + quadratic, gradient_step)
+            slopes[k] = s
+            out[k] = -steps[k]
+        return out, ScaleByQuickpropState(steps, slopes)
+
+    return GradientTransformation(init, update)
+
+
+class ScaleBySignState(NamedTuple):
+    count: Tensor
+    mu: Params
+    nu: Params
+
+
+def scale_by_generalized_sign(
+    b1: Hyper = 0.9, b2: Hyper = 0.999, eps: Hyper = 1e-8, use_bias_correction: bool = False
+) -> GradientTransformation:
+    """Generalized SignSGD (Crawshaw et al. 2022, arXiv 2208.11195, Algorithm 1; as in the
+    authors' ``GeneralizedSignSGD``): Adam with the second moment taken of the *momentum*::
+
+        m_t = b1 m + (1 - b1) g;   v_t = b2 v + (1 - b2) m_t^2
+        u_t = m_t / (sqrt(v_t) + eps)          (bias-corrected m, v if use_bias_correction)
+
+    ``b2 = 0, eps = 0`` is SignSGD with momentum (signum, ``sign(m_t)``); ``b1 = b2 = 0`` too is
+    SignSGD; ``b2 -> 1`` is close to Adam. Where ``sqrt(v) + eps == 0`` (no gradient yet) the
+    update is 0, like ``sign(0)``.
+    """
+
+    def init(params):
+        return ScaleBySignState(_count_like(params), zeros_like(params), zeros_like(params))
+
+    def update(updates, state, params=None, **extra):
+        count = state.count + 1
+        mu = {k: b1 * state.mu[k] + (1 - b1) * g for k, g in updates.items()}
+        nu = {k: b2 * state.nu[k] + (1 - b2) * mu[k] * mu[k] for k in updates}
+        out = {}
+        for k in updates:
+            m, v = mu[k], nu[k]
+            if use_bias_correction:
+                t = _float_count(count, m)
+                m, v = m / (1 - b1**t), v / (1 - b2**t)
+            out[k] = _div_or_zero(m, safe_sqrt(v) + eps)
+        return out, ScaleBySignState(count, mu, nu)
+
+    return GradientTransformation(init, update)
+
+
+class ScaleByLionState(NamedTuple):
+    mu: Params
+
+
+def scale_by_lion(b1: Hyper = 0.9, b2: Hyper = 0.99) -> GradientTransformation:
+    """Lion's update direction (Chen et al. 2023, arXiv 2302.06675, "Symbolic discovery of
+    optimization algorithms")::
+
+        u_t = sign(b1 m + (1 - b1) g);   m_t = b2 m + (1 - b2) g
+    """
+
+    def init(params):
+        return ScaleByLionState(zeros_like(params))
+
+    def update(updates, state, params=None, **extra):
+        out = {k: torch.sign(b1 * state.mu[k] + (1 - b1) * g) for k, g in updates.items()}
+        mu = {k: b2 * state.mu[k] + (1 - b2) * g for k, g in updates.items()}
+        return out, ScaleByLionState(mu)
+
+    return GradientTransformation(init, update)
+
+
+# -- accumulating preconditioners ----------------------------------------------------------------
+class ScaleByAdagradState(NamedTuple):
+    sum: Params
+
+
+def scale_by_adagrad(initial_accumulator_value: Hyper = 0.0, eps: Hyper = 1e-10) -> GradientTransformation:
+    """Adagrad's preconditioner (Duchi et al. 2011, JMLR), as ``torch.optim.Adagrad``::
+
+        s_t = s_{t-1} + g_t^2   (s_0 = initial_accumulator_value);   u_t = g_t / (sqrt(s_t) + eps)
+    """
+
+    def init(params):
+        return ScaleByAdagradState({k: torch.zeros_like(p) + initial_accumulator_value for k, p in params.items()})
+
+    def update(updates, state, params=None, **extra):
+        acc = {k: state.sum[k] + g * g for k, g in updates.items()}
+        return {k: g / (safe_sqrt(acc[k]) + eps) for k, g in updates.items()}, ScaleByAdagradState(acc)
+
+    return GradientTransformation(init, update)
+
+
+class ScaleByLrDecayState(NamedTuple):
+    count: Tensor
+
+
+def scale_by_lr_decay(lr_decay: Hyper) -> GradientTransformation:
+    """``u <- u / (1 + (t - 1) * lr_decay)`` at step ``t``: ``torch.optim.Adagrad``'s ``lr_decay``."""
+
+    def init(params):
+        return ScaleByLrDecayState(_count_like(params))
+
+    def update(updates, state, params=None, **extra):
+        out = {k: u / (1 + _float_count(state.count, u) * lr_decay) for k, u in updates.items()}
+        return out, ScaleByLrDecayState(state.count + 1)
+
+    return GradientTransformation(init, update)
+
+
+class ScaleByAdagradNormState(NamedTuple):
+    b_sq: Tensor
+
+
+def scale_by_adagrad_norm(b0: Hyper = 1e-2, batch_dims: int = 0) -> GradientTransformation:
+    """AdaGrad-Norm's scalar step size (Ward, Wu & Bottou 2018, arXiv 1806.01811, Algorithm 1)::
+
+        b_t^2 = b_{t-1}^2 + ||g_t||^2   (norm over all parameters together);   u_t = g_t / b_t
+
+    One ``b`` per task instance: the norm runs over all but the first ``batch_dims``
+    dimensions, which all parameters must share. ``b_t = 0`` (``b0 = 0`` and no gradient yet)
+    gives ``u = 0``.
+    """
+    from learnopt.optim.combinators import instance_sum  # combinators imports this module
+
+    def init(params):
+        first = next(iter(params.values()))
+        return ScaleByAdagradNormState(
+            torch.zeros(first.shape[:batch_dims], dtype=_widest_float(params), device=first.device) + b0 * b0
+        )
+
+    def update(updates, state, params=None, **extra):
+        b_sq = state.b_sq
+        for g in updates.values():
+            b_sq = b_sq + instance_sum(g * g, batch_dims).reshape(g.shape[:batch_dims])
+        b = safe_sqrt(b_sq)
+        out = {}
+        for k, g in updates.items():
+            out[k] = _div_or_zero(g, b.reshape(b.shape + (1,) * (g.dim() - batch_dims)).to(g.dtype))
+        return out, ScaleByAdagradNormState(b_sq)
+
+    return GradientTransformation(init, update)
+
+
+class ScaleByAdadeltaState(NamedTuple):
+    square_avg: Params
+    acc_delta: Params
+
+
+def scale_by_adadelta(rho: Hyper = 0.9, eps: Hyper = 1e-6) -> GradientTransformation:
+    """Adadelta (Zeiler 2012, arXiv 1212.5701), as ``torch.optim.Adadelta``::
+
+        v_t = rho v + (1 - rho) g^2
+        u_t = sqrt(a_{t-1} + eps) / sqrt(v_t + eps) * g
+        a_t = rho a + (1 - rho) u_t^2
+    """
+
+    def init(params):
+        return ScaleByAdadeltaState(zeros_like(params), zeros_like(params))
+
+    def update(updates, state, params=None, **extra):
+        sq, acc, out = {}, {}, {}
+        for k, g in updates.items():
+            sq[k] = rho * state.square_avg[k] + (1 - rho) * g * g
+            out[k] = _div_or_zero(safe_sqrt(state.acc_delta[k] + eps), safe_sqrt(sq[k] + eps)) * g
+            acc[k] = rho * state.acc_delta[k] + (1 - rho) * out[k] * out[k]
+        return out, ScaleByAdadeltaState(sq, acc)
+
+    return GradientTransformation(init, update)
+
+
+# -- Adam family ---------------------------------------------------------------------------------
+class ScaleByAmsgradState(NamedTuple):
+    count: Tensor
+    mu: Params
+    nu: Params
+    nu_max: Params
+
+
+def scale_by_amsgrad(b1: Hyper = 0.9, b2: Hyper = 0.999, eps: Hyper = 1e-8) -> GradientTransformation:
+    """AMSGrad (Reddi et al. 2018, ICLR, "On the convergence of Adam and beyond"), as
+    ``torch.optim.Adam(amsgrad=True)`` (the maximum is of the raw second moment)::
+
+        m_t, v_t as in Adam;  vmax_t = max(vmax_{t-1}, v_t)
+        u_t = (m_t / (1 - b1^t)) / (sqrt(vmax_t / (1 - b2^t)) + eps)
+    """
+
+    def init(params):
+        return ScaleByAmsgradState(_count_like(params), zeros_like(params), zeros_like(params), zeros_like(params))
+
+    def update(updates, state, params=None, **extra):
+        count = state.count + 1
+        mu = {k: b1 * state.mu[k] + (1 - b1) * g for k, g in updates.items()}
+        nu = {k: b2 * state.nu[k] + (1 - b2) * g * g for k, g in updates.items()}
+        nu_max = {k: torch.maximum(state.nu_max[k], nu[k]) for k in updates}
+        out = {}
+        for k in updates:
+            t = _float_count(count, mu[k])
+            out[k] = (mu[k] / (1 - b1**t)) / (safe_sqrt(nu_max[k]) / torch.sqrt(1 - b2**t) + eps)
+        return out, ScaleByAmsgradState(count, mu, nu, nu_max)
+
+    return GradientTransformation(init, update)
+
+
+class ScaleByNadamState(NamedTuple):
+    count: Tensor
+    mu_product: Tensor
+    mu: Params
+    nu: Params
+
+
+def scale_by_nadam(
+    b1: Hyper = 0.9, b2: Hyper = 0.999, eps: Hyper = 1e-8, momentum_decay: Hyper = 4e-3
+) -> GradientTransformation:
+    """Nadam (Dozat 2016, "Incorporating Nesterov momentum into Adam", ICLR workshop), with the
+    momentum schedule of ``torch.optim.NAdam``::
+
+        mu_t = b1 (1 - 0.5 * 0.96^(t * momentum_decay));   P_t = mu_1 ... mu_t
+        m_t = b1 m + (1 - b1) g;   v_t = b2 v + (1 - b2) g^2;   d = sqrt(v_t / (1 - b2^t)) + eps
+        u_t = (1 - mu_t) / (1 - P_t) * g / d + mu_{t+1} / (1 - P_t mu_{t+1}) * m_t / d
+    """
+
+    def init(params):
+        first = next(iter(params.values()))
+        return ScaleByNadamState(
+            _count_like(params), torch.ones((), dtype=_widest_float(params), device=first.device),
+            zeros_like(params), zeros_like(params),
+        )
+
+    def update(updates, state, params=None, **extra):
+        count = state.count + 1
+        t = _float_count(count, state.mu_product)
+        mu_t = b1 * (1 - 0.5 * 0.96 ** (t * momentum_decay))
+        mu_next = b1 * (1 - 0.5 * 0.96 ** ((t + 1) * momentum_decay))
+        mu_product = state.mu_product * mu_t
+        bc2 = 1 - b2**t
+        mu = {k: b1 * state.mu[k] + (1 - b1) * g for k, g in updates.items()}
+        nu = {k: b2 * state.nu[k] + (1 - b2) * g * g for k, g in updates.items()}
+        coef_g = (1 - mu_t) / (1 - mu_product)
+        coef_m = mu_next / (1 - mu_product * mu_next)
+        out = {}
+        for k, g in updates.items():
+            denom = safe_sqrt(nu[k] / bc2.to(g.dtype)) + eps
+            out[k] = coef_g.to(g.dtype) * g / denom + coef_m.to(g.dtype) * mu[k] / denom
+        return out, ScaleByNadamState(count, mu_product, mu, nu)
+
+    return GradientTransformation(init, update)
+
+
+def scale_by_radam(b1: Hyper = 0.9, b2: Hyper = 0.999, eps: Hyper = 1e-8) -> GradientTransformation:
+    """RAdam (Liu et al. 2020, arXiv 1908.03265), as ``torch.optim.RAdam``::
+
+        m_t, v_t as in Adam;  rho_inf = 2 / (1 - b2) - 1;  rho_t = rho_inf - 2 t b2^t / (1 - b2^t)
+        r_t = sqrt((rho_t - 4)(rho_t - 2) rho_inf / ((rho_inf - 4)(rho_inf - 2) rho_t))
+        u_t = m_t / (1 - b1^t) * (r_t * sqrt(1 - b2^t) / (sqrt(v_t) + eps)  if rho_t > 5  else  1)
+
+    (eps is added to the uncorrected ``sqrt(v_t)``, as torch does). The state is Adam's.
+    """
+
+    def init(params):
+        return ScaleByAdamState(_count_like(params), zeros_like(params), zeros_like(params))
+
+    def update(updates, state, params=None, **extra):
+        count = state.count + 1
+        mu = {k: b1 * state.mu[k] + (1 - b1) * g for k, g in updates.items()}
+        nu = {k: b2 * state.nu[k] + (1 - b2) * g * g for k, g in updates.items()}
+        out = {}
+        for k in updates:
+            t = _float_count(count, mu[k])
+            bc1, bc2 = 1 - b1**t, 1 - b2**t
+            rho_inf = 2 / (1 - b2) - 1
+            rho_t = rho_inf - 2 * t * b2**t / bc2
+            rectify = rho_t > 5
+            # The rectifier's argument is negative for rho_t < 4; keep it out of the graph there.
+            arg = torch.where(
+                rectify, (rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t),
+                torch.ones_like(rho_t),
+            )
+            adaptive = safe_sqrt(arg) * torch.sqrt(bc2) / (safe_sqrt(nu[k]) + eps)
+            out[k] = mu[k] / bc1 * torch.where(rectify, adaptive, torch.ones_like(adaptive))
+        return out, ScaleByAdamState(count, mu, nu)
+
+    return GradientTransformation(init, update)
+
+
+def scale_by_eadam(b1: Hyper = 0.9, b2: Hyper = 0.999, eps: Hyper = 1e-8) -> GradientTransformation:
+    """EAdam (Yuan & Gao 2020, arXiv 2011.02150; the authors' ``EAdam.py``): Adam with eps added
+    to the second moment at every step, inside the accumulation, and none outside::
+
+        m_t = b1 m + (1 - b1) g;   v_t = b2 v + (1 - b2) g^2 + eps
+        u_t = (m_t / (1 - b1^t)) / sqrt(v_t / (1 - b2^t))
+
+    The state is Adam's.
+    """
+
+    def init(params):
+        return ScaleByAdamState(_count_like(params), zeros_like(params), zeros_like(params))
+
+    def update(updates, state, params=None, **extra):
+        count = state.count + 1
+        mu = {k: b1 * state.mu[k] + (1 - b1) * g for k, g in updates.items()}
+        nu = {k: b2 * state.nu[k] + (1 - b2) * g * g + eps for k, g in updates.items()}
+        out = {}
+        for k in updates:
+            t = _float_count(count, mu[k])
+            out[k] = _div_or_zero(mu[k] / (1 - b1**t), safe_sqrt(nu[k]) / torch.sqrt(1 - b2**t))
+        return out, ScaleByAdamState(count, mu, nu)
+
+    return GradientTransformation(init, update)
+
+
+class ScaleByBeliefState(NamedTuple):
+    count: Tensor
+    mu: Params
+    nu: Params
+
+
+def scale_by_belief(b1: Hyper = 0.9, b2: Hyper = 0.999, eps: Hyper = 1e-16) -> GradientTransformation:
+    """AdaBelief (Zhuang et al. 2020, arXiv 2010.07468): the second moment is of the gradient's
+    deviation from its running mean, with eps inside and outside (as ``pytorch_optimizer``)::
+
+        m_t = b1 m + (1 - b1) g;   s_t = b2 s + (1 - b2) (g - m_t)^2 + eps
+        u_t = (m_t / (1 - b1^t)) / (sqrt(s_t / (1 - b2^t)) + eps)
+    """
+
+    def init(params):
+        return ScaleByBeliefState(_count_like(params), zeros_like(params), zeros_like(params))
+
+    def update(updates, state, params=None, **extra):
+        count = state.count + 1
+        mu = {k: b1 * state.mu[k] + (1 - b1) * g for k, g in updates.items()}
+        nu = {k: b2 * state.nu[k] + (1 - b2) * (g - mu[k]) ** 2 + eps for k, g in updates.items()}
+        out = {}
+        for k in updates:
+            t = _float_count(count, mu[k])
+            out[k] = (mu[k] / (1 - b1**t)) / (safe_sqrt(nu[k]) / torch.sqrt(1 - b2**t) + eps)
+        return out, ScaleByBeliefState(count, mu, nu)
+
+    return GradientTransformation(init, update)
+
+
+# -- layer-wise ----------------------------------------------------------------------------------
+def scale_by_trust_ratio(
+    eps: Hyper = 0.0, clamp_value: Hyper | None = None, batch_dims: int = 0
+) -> GradientTransformation:
+    """LAMB's layer-wise trust ratio (You et al. 2020, arXiv 1904.00962), per parameter tensor
+    and per task instance (norms over all but the first ``batch_dims`` dimensions)::
+
+        w = min(||p||, clamp_value);  n = ||u||
+        u <- u * (w / (n + eps)  if w > 0 and n > 0  else 1)
+    """
+    from learnopt.optim.combinators import instance_sum  # combinators imports this module
+
+    def norm(x: Tensor) -> Tensor:
+        # safe_sqrt: the norm of an all-zero tensor has derivative 0, not NaN.
+        return safe_sqrt(instance_sum(x * x, batch_dims))
+
+    def init(params):
+        return EmptyState()
+
+    def update(updates, state, params=None, **extra):
+        if params is None:
+            raise ValueError("scale_by_trust_ratio needs params")
+        out = {}
+        for k, u in updates.items():
+            w = norm(params[k].to(u.dtype))
+            if clamp_value is not None:
+                w = torch.clamp(w, max=clamp_value)
+            n = norm(u)
+            ok = (w > 0) & (n > 0)
+            ratio = torch.where(ok, w / torch.where(ok, n + eps, torch.ones_like(n)), torch.ones_like(n))
+            out[k] = u * ratio
+        return out, state
 
     return GradientTransformation(init, update)

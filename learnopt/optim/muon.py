@@ -1,0 +1,133 @@
+"""Muon (Jordan et al. 2024): momentum orthogonalised by a Newton–Schulz iteration, for the
+2-d hidden weight matrices of a network; AdamW for everything else.
+
+Reference: Keller Jordan, "Muon: An optimizer for hidden layers in neural networks" (2024),
+https://kellerjordan.github.io/posts/muon/ and https://github.com/KellerJordan/Muon
+(``zeropower_via_newtonschulz5``, ``muon_update``, ``MuonWithAuxAdam``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, NamedTuple
+
+from torch import Tensor
+
+from learnopt.optim.base import GradientTransformation, Hyper, Params, chain, zeros_like
+from learnopt.optim.combinators import partition
+from learnopt.optim.transforms import add_decayed_weights, safe_sqrt, scale_by_adam, scale_by_learning_rate
+
+# Keller Jordan's quintic coefficients: chosen to maximise the slope at 0 (fast growth of small
+# singular values) while keeping the iteration's fixed-point band around 1 ("original" preset of
+# pytorch_optimizer). Not an exact polar factor: singular values end up in roughly [0.7, 1.2].
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+
+
+def zeropower_via_newtonschulz5(G: Tensor, steps: int = 5, eps: float = 1e-7) -> Tensor:
+    """Approximately orthogonalise ``G`` (``U V^T`` of its SVD) with ``steps`` quintic Newton–Schulz
+    iterations, batched over leading dimensions (each trailing matrix on its own)::
+
+        X = G / (||G||_F + eps)              (transposed first when rows > cols, so X X^T is small)
+        repeat steps:  A = X X^T;  B = b A + c A A;  X = a X + B X      (a, b, c) = NS_COEFFICIENTS
+
+    Keller Jordan's reference casts to bfloat16 for speed; here the input's dtype is kept (so
+    float64 results are exact); cast before calling for speed. The Frobenius norm uses
+    ``safe_sqrt`` so differentiating through a zero matrix gives 0, not NaN.
+    """
+    if G.dim() < 2:
+        raise ValueError(f"zeropower_via_newtonschulz5 needs a matrix (or a batch of them), got shape {tuple(G.shape)}")
+    a, b, c = NS_COEFFICIENTS
+    transpose = G.size(-2) > G.size(-1)
+    X = G.mT if transpose else G
+    X = X / (safe_sqrt((X * X).sum(dim=(-2, -1), keepdim=True)) + eps)
+    for _ in range(steps):
+        A = X @ X.mT
+        B = b * A + c * A @ A
+        X = a * X + B @ X
+    return X.mT if transpose else X
+
+
+class ScaleByMuonState(NamedTuple):
+    momentum_buffer: Params
+
+
+def _as_matrix(x: Tensor, batch_dims: int) -> Tensor:
+    """``[*batch, rows, ...] -> [*batch, rows, prod(...)]`` (conv filters are flattened, as in the reference)."""
+    if x.dim() - batch_dims < 2:
+        raise ValueError(
+            f"scale_by_muon orthogonalises matrices; got a tensor of shape {tuple(x.shape)} with batch_dims={batch_dims}"
+            " (route vectors to another transform, e.g. with learnopt.optim.muon's partition)"
+        )
+    return x.reshape(*x.shape[: batch_dims + 1], -1)
+
+
+def scale_by_muon(momentum: Hyper = 0.95, nesterov: bool = True, ns_steps: int = 5,
+                  batch_dims: int = 0) -> GradientTransformation:
+    """Muon's direction for matrix parameters (``muon_update`` of Keller Jordan's reference)::
+
+        b <- lerp(b, g, 1 - momentum)                         (b = momentum b + (1 - momentum) g)
+        u = lerp(g, b, momentum) if nesterov else b
+        u <- zeropower_via_newtonschulz5(u as [rows, cols]) * max(1, rows / cols) ** 0.5
+
+    The factor ``sqrt(max(1, rows/cols))`` is Keller Jordan's: an orthogonal ``rows x cols`` matrix
+    with rows > cols has per-entry RMS ``1/sqrt(rows)`` instead of ``1/sqrt(cols)``; the factor
+    restores the update RMS of tall matrices (it is pytorch_optimizer's ``use_adjusted_lr=False``;
+    Moonlight's ``0.2 * sqrt(max(rows, cols))`` is not used). ``rows`` is the first dimension after
+    the ``batch_dims`` instance dimensions, ``cols`` the product of the rest. Each instance is
+    orthogonalised on its own.
+    """
+
+    def init(params):
+        return ScaleByMuonState(zeros_like(params))
+
+    def update(updates, state, params=None, **extra):
+        buf = {k: state.momentum_buffer[k] + (1 - momentum) * (g - state.momentum_buffer[k]) for k, g in updates.items()}
+        out = {}
+        for k, g in updates.items():
+            u = g + momentum * (buf[k] - g) if nesterov else buf[k]
+            m = _as_matrix(u, batch_dims)
+            rows, cols = m.shape[-2], m.shape[-1]
+            o = zeropower_via_newtonschulz5(m, ns_steps) * math.sqrt(max(1.0, rows / cols))
+            out[k] = o.reshape(g.shape)
+        return out, ScaleByMuonState(buf)
+
+    return GradientTransformation(init, update)
+
+
+def muon(
+    lr: Hyper = 0.02,
+    momentum: Hyper = 0.95,
+    nesterov: bool = True,
+    ns_steps: int = 5,
+    weight_decay: Hyper = 0.0,
+    adamw_lr: Hyper = 3e-4,
+    adamw_betas: tuple[Hyper, Hyper] = (0.9, 0.95),
+    adamw_eps: Hyper = 1e-8,
+    adamw_weight_decay: Hyper = 0.0,
+    batch_dims: int = 0,
+    is_matrix: Callable[[str, Tensor], bool] | None = None,
+) -> GradientTransformation:
+    """Muon for hidden weight matrices, AdamW for the rest (Keller Jordan's ``MuonWithAuxAdam``)::
+
+        matrices:  p <- p - lr * (scale_by_muon(g) + weight_decay * p)
+        the rest:  p <- p - adamw_lr * (adam(g; adamw_betas, adamw_eps) + adamw_weight_decay * p)
+
+    Weight decay is decoupled in both groups (``p *= 1 - lr * wd``), as in the reference and
+    ``torch.optim.AdamW``. ``is_matrix(name, tensor)`` chooses the Muon parameters; the default
+    takes every tensor with exactly 2 dimensions after ``batch_dims``. Embeddings and output heads
+    are 2-d but should go to AdamW (Jordan 2024): pass ``is_matrix`` to exclude them by name. A
+    custom ``is_matrix`` may also select conv filters (flattened to ``[out, in * k * k]``).
+    """
+    if is_matrix is None:
+        def is_matrix(name: str, x: Tensor) -> bool:
+            return x.dim() - batch_dims == 2
+
+    def decay(wd: Hyper) -> list[GradientTransformation]:
+        return [] if isinstance(wd, (int, float)) and wd == 0 else [add_decayed_weights(wd)]
+
+    matrices = chain(scale_by_muon(momentum, nesterov, ns_steps, batch_dims), *decay(weight_decay),
+                     scale_by_learning_rate(lr))
+    rest = chain(scale_by_adam(adamw_betas[0], adamw_betas[1], adamw_eps), *decay(adamw_weight_decay),
+                 scale_by_learning_rate(adamw_lr))
+    return partition({"muon": matrices, "adamw": rest},
+                     lambda name, x: "muon" if is_matrix(name, x) else "adamw")
