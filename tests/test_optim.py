@@ -652,3 +652,23 @@ def test_apply_updates():
         lo.apply_updates(p, {"a": torch.ones(2), "b": torch.ones(3), "c": torch.ones(1)})  # extra key
     with pytest.raises(KeyError, match="'c'"):
         lo.apply_updates(p, {"a": torch.ones(2), "c": torch.ones(3)})
+
+
+@pytest.mark.parametrize("name", ["quickprop", "rprop", "adam", "momentum", "lookahead", "apollo"])
+def test_drop_in_state_never_aliases_grads_zeroed_in_place(name):
+    """A training loop that zeroes .grad in place (zero_grad(set_to_none=False)) must see the same
+    trajectory as one that drops it: the optimizer state may not share memory with .grad."""
+    from learnopt.optim.registry import make_torch_optimizer
+
+    finals = []
+    for set_to_none in (True, False):
+        torch.manual_seed(0)
+        model = nn.Linear(3, 2).double()
+        opt = make_torch_optimizer(name, model.parameters(), lr=0.01)
+        x = torch.randn(8, 3, dtype=torch.float64)
+        for _ in range(10):
+            opt.zero_grad(set_to_none=set_to_none)
+            torch.tanh(model(x)).pow(2).sum().backward()
+            opt.step()
+        finals.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+    torch.testing.assert_close(finals[0], finals[1], rtol=0, atol=0)

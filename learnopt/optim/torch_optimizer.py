@@ -69,7 +69,7 @@ class TransformOptimizer(torch.optim.Optimizer):
         self.tx = tx
         self.check_finite = check_finite
         with torch.no_grad():
-            self.tx_state = _unaliased(tx.init(self._param_dict()), self._param_dict())
+            self.tx_state = _unaliased(tx.init(self._param_dict()), self._param_dict().values())
 
     def _param_dict(self) -> dict[str, Tensor]:
         return dict(zip(self._names, self.param_groups[0]["params"]))
@@ -84,7 +84,7 @@ class TransformOptimizer(torch.optim.Optimizer):
                 loss = closure()
         params = self._param_dict()
         raw = {n: p.grad for n, p in params.items()}
-        grads = {n: (g.detach().clone() if g is not None else torch.zeros_like(params[n])) for n, g in raw.items()}
+        grads = {n: (g.detach() if g is not None else torch.zeros_like(params[n])) for n, g in raw.items()}
         if self.check_finite:
             for n, g in grads.items():
                 if not bool(torch.isfinite(g).all()):
@@ -97,7 +97,8 @@ class TransformOptimizer(torch.optim.Optimizer):
         if "hvp_fn" not in extra and any(g is not None and g.requires_grad for g in raw.values()):
             extra["hvp_fn"] = _hvp_from_graph(raw, params)
         updates, state = self.tx.update(grads, self.tx_state, params, **extra)
-        self.tx_state = _unaliased(state, params)
+        # .grad and the parameters change in place after this step; the state must not share them.
+        self.tx_state = _unaliased(state, [*params.values(), *grads.values()])
         for n, p in params.items():
             p.add_(updates[n].to(p.dtype))
         return loss
@@ -161,11 +162,12 @@ class TransformOptimizer(torch.optim.Optimizer):
         self.tx_state = pytree.tree_unflatten(out, spec)
 
 
-def _unaliased(state: Any, params: dict[str, Tensor]) -> Any:
-    """``state`` with copies of the tensors that share memory with a parameter. Transforms may keep
-    the parameters they were given (an SVRG snapshot, Lookahead's slow weights): functionally that
-    is safe, but this optimizer then changes the parameters in place."""
-    storages = {p.untyped_storage().data_ptr() for p in params.values()}
+def _unaliased(state: Any, tensors: Iterable[Tensor]) -> Any:
+    """``state`` with copies of its tensors that share memory with ``tensors`` (the parameters and
+    their gradients). Transforms may keep what they were given (an SVRG snapshot, Lookahead's slow
+    weights, a previous gradient): functionally that is safe, but this optimizer then changes the
+    parameters, and the training loop the gradients, in place. Only aliased tensors are copied."""
+    storages = {t.untyped_storage().data_ptr() for t in tensors}
 
     def copy_if_aliased(x: Any) -> Any:
         if isinstance(x, Tensor) and x.numel() and x.untyped_storage().data_ptr() in storages:
