@@ -16,6 +16,7 @@ from torch import nn
 
 from learnopt import optim as lo
 from learnopt.optim import transforms as lo_transforms
+from optim_helpers import grads as _grads, model_loss as _model_loss, problem as _problem, run_functional as _run_functional, tiny_model as _tiny_model
 
 DT = torch.float64
 RTOL, ATOL = 1e-10, 1e-12
@@ -105,41 +106,6 @@ CASE_IDS = [c[0] for c in CASES]
 # --------------------------------------------------------------------------- problems
 
 
-def _problem(seed: int = 0):
-    """A small smooth non-quadratic float64 problem on two tensors of different shapes."""
-    g = torch.Generator().manual_seed(seed)
-    A = torch.randn(6, 4, generator=g, dtype=DT) / 2
-    b = torch.randn(6, 3, generator=g, dtype=DT)
-    c = torch.randn(4, generator=g, dtype=DT)
-
-    def loss_fn(params):
-        W, v = params["W"], params["v"]  # W: [3, 4], v: [4]
-        z = torch.tanh(A.to(W.dtype) @ (W.T + v[:, None]) - b.to(W.dtype))
-        return (z**2).sum() + 0.1 * (W**4).sum() + 0.1 * ((v - c.to(v.dtype)) ** 4).sum()
-
-    start = {"W": torch.randn(3, 4, generator=g, dtype=DT), "v": torch.randn(4, generator=g, dtype=DT)}
-    return loss_fn, start
-
-
-def _grads(loss_fn, params, create_graph=False):
-    if not create_graph:
-        params = {k: p.detach().requires_grad_(True) for k, p in params.items()}
-    loss = loss_fn(params)
-    gs = torch.autograd.grad(loss, list(params.values()), create_graph=create_graph)
-    return dict(zip(params.keys(), gs))
-
-
-def _run_functional(tx, loss_fn, start, steps):
-    params = {k: v.clone() for k, v in start.items()}
-    state = tx.init(params)
-    traj = []
-    for _ in range(steps):
-        updates, state = tx.update(_grads(loss_fn, params), state, params)
-        params = lo.apply_updates(params, updates)
-        traj.append({k: v.detach().clone() for k, v in params.items()})
-    return traj
-
-
 def _run_torch(opt_cls, opt_kwargs, loss_fn, start, steps):
     params = {k: v.clone().requires_grad_(True) for k, v in start.items()}
     opt = opt_cls(list(params.values()), **opt_kwargs)
@@ -157,15 +123,6 @@ def _tiny_data(seed: int = 1):
     X = torch.randn(8, 4, generator=g, dtype=DT)
     Y = torch.randn(8, 3, generator=g, dtype=DT)
     return X, Y
-
-
-def _tiny_model(seed: int = 2):
-    torch.manual_seed(seed)
-    return nn.Linear(4, 3).to(DT)
-
-
-def _model_loss(model, X, Y):
-    return ((torch.tanh(model(X)) - Y) ** 2).mean() + 0.05 * (model.weight**4).sum()
 
 
 # --------------------------------------------------------------------------- 1. vs torch.optim

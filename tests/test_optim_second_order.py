@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from learnopt import optim as lo
+from optim_helpers import grads as _grads
 
 lo_hessian = importlib.import_module("learnopt.optim.hessian")
 lo_muon = importlib.import_module("learnopt.optim.muon")  # the package attribute `muon` is the factory
@@ -48,14 +49,6 @@ def _problem(seed: int = 0, scale: float = 1.0):
     start = {"W": torch.randn(3, 4, generator=g, dtype=DT), "T": torch.randn(5, 3, generator=g, dtype=DT),
              "v": torch.randn(4, generator=g, dtype=DT)}
     return loss_fn, start
-
-
-def _grads(loss_fn, params, create_graph=False):
-    if not create_graph:
-        params = {k: p.detach().requires_grad_(True) for k, p in params.items()}
-    loss = loss_fn(params)
-    gs = torch.autograd.grad(loss, list(params.values()), create_graph=create_graph)
-    return dict(zip(params.keys(), gs))
 
 
 def _run(tx, loss_fn, start, steps, extra_fn=lambda params, t: {}, create_graph=False):
