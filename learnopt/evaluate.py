@@ -117,19 +117,26 @@ def train_with_optimizer(
     make: Callable[[list[Tensor]], torch.optim.Optimizer], task: Any, steps: int, generator: torch.Generator,
     closure: bool = False, create_graph: bool = False,
 ) -> Tensor:
-    """Train ``task`` with an ordinary torch optimizer loop; per-instance losses ``[steps + 1, n]``.
+    """Train ``task`` with an ordinary torch optimizer loop; per-instance losses ``[steps + 1, n]``,
+    on the whole training set when the task has ``full_loss`` (what "training loss" means in the
+    tables), else on each step's minibatch.
     A step that raises ``FloatingPointError`` (a non-finite gradient) ends the run as diverged.
     ``closure``: call ``opt.step(closure)`` with a closure that recomputes the loss and its
     gradients on this step's batch (line searches need it); ``create_graph``: those gradients
     carry a graph (Hessian-vector products need it)."""
     params = {k: p.detach().clone().requires_grad_(True) for k, p in task.init(generator).items()}
     opt = make(list(params.values()))
+    full_loss = getattr(task, "full_loss", None)
     losses = []
     for _ in range(steps):
         opt.zero_grad()
         batch = task.sample_batch(generator)
         loss = task.loss(params, batch)
-        losses.append(loss.detach().clone())
+        if full_loss is None:
+            losses.append(loss.detach().clone())
+        else:
+            with torch.no_grad():
+                losses.append(full_loss(params).detach().clone())
         if not bool(torch.isfinite(loss).all()):
             break
         try:
@@ -142,7 +149,8 @@ def train_with_optimizer(
             break
     else:
         with torch.no_grad():
-            losses.append(task.loss(params, task.sample_batch(generator)).detach().clone())
+            last = full_loss(params) if full_loss is not None else task.loss(params, task.sample_batch(generator))
+            losses.append(last.detach().clone())
     while len(losses) < steps + 1:
         losses.append(torch.full_like(losses[0], math.inf))
     return torch.stack(losses)
@@ -226,7 +234,9 @@ class OptimizerResult:
     def summary(self) -> dict[str, float]:
         mean, half = t_interval(self.log10_final)
         diverged = int((self.log10_final >= DIVERGED_LOG10).sum())
-        return {"mean_log10_final_loss": mean, "ci95": half, "diverged": diverged}
+        finals = torch.tensor(self.final_losses, dtype=torch.float64)
+        mean_loss = float(finals.mean()) if bool(torch.isfinite(finals).all()) else math.inf
+        return {"mean_log10_final_loss": mean, "ci95": half, "diverged": diverged, "mean_final_loss": mean_loss}
 
 
 @dataclass
@@ -254,8 +264,8 @@ class Evaluation:
             f"Task `{self.task}`, {self.steps} steps, {self.num_instances} instances × seeds {self.seeds} "
             "(held-out). Mean log10 final loss with 95% t-interval over instances; lower is better.",
             "",
-            "| optimizer | tuned lr | mean log10 final loss | 95% CI | diverged | Adam steps to match |",
-            "|---|---|---|---|---|---|",
+            "| optimizer | tuned lr | mean log10 final loss | 95% CI | mean final loss | diverged | Adam steps to match |",
+            "|---|---|---|---|---|---|---|",
         ]
         for r in sorted(self.results, key=lambda r: r.summary()["mean_log10_final_loss"]):
             s = r.summary()
@@ -263,7 +273,8 @@ class Evaluation:
             match = self.adam_steps_to_match(r)
             match_s = f">{self.steps}" if match is None else str(match)
             lines.append(
-                f"| {r.name} | {lr} | {s['mean_log10_final_loss']:.3f} | ±{s['ci95']:.3f} | {s['diverged']} | {match_s} |"
+                f"| {r.name} | {lr} | {s['mean_log10_final_loss']:.3f} | ±{s['ci95']:.3f} | {s['mean_final_loss']:.4g} "
+                f"| {s['diverged']} | {match_s} |"
             )
         return "\n".join(lines)
 
@@ -405,13 +416,15 @@ def evaluate(
     group: str | None = None,
     command: str | None = None,
     record_in_checkpoint: bool = False,
+    compare_checkpoints: list[str] = [],  # noqa: B006
 ) -> Evaluation:
     """Evaluate the learned optimizer in ``checkpoint`` against tuned baselines on held-out
     instances of ``task_family``; write ``table.md``, ``results.json`` (raw per-instance numbers)
     and ``curves.png`` to ``out_dir``; log one W&B run per optimizer. ``baselines``: torch.optim's
     sgd, nag, rmsprop, adam, or any learnopt optimizer by name (``lion``, ``lo:adam``; see the
     module docstring). ``command`` is printed under the plot (default: the command line);
-    ``record_in_checkpoint`` stores the summary in the checkpoint's metadata."""
+    ``record_in_checkpoint`` stores the summary in the checkpoint's metadata.
+    ``compare_checkpoints``: more learned optimizers run side by side (named by file stem)."""
     factories, problems = {}, []
     for b in baselines:
         try:
@@ -427,9 +440,14 @@ def evaluate(
         raise ValueError(f"baselines {baselines} name one optimizer twice")
     from learnopt.checkpoint import read_checkpoint
 
-    read_checkpoint(checkpoint)  # fail early, with the file named, on a bad checkpoint
+    for path in [checkpoint, *compare_checkpoints]:
+        read_checkpoint(path)  # fail early, with the file named, on a bad checkpoint
     name = name or Path(checkpoint).stem
     optimizers: dict[str, Any] = {name: learned_optimizer_factory(checkpoint)}
+    for path in compare_checkpoints:
+        if Path(path).stem in optimizers or Path(path).stem in factories:
+            raise ValueError(f"compare_checkpoints: the name {Path(path).stem!r} ({path}) is taken")
+        optimizers[Path(path).stem] = learned_optimizer_factory(path)
     optimizers.update(factories)
     evaluation = evaluate_optimizers(
         optimizers, task_family, steps, num_instances, seeds, tune=baselines,

@@ -6,6 +6,29 @@ train in one call (and a coordinate-wise learned optimizer sees all their coordi
 rows of one matmul). Because instances never interact, the gradient of ``loss(...).sum()``
 is each instance's own gradient: any elementwise optimizer applied to the batch follows
 exactly the trajectories it would follow on each instance alone.
+
+Required of a ``Task``: ``init``, ``loss``, ``sample_batch`` (the protocol below) and a
+``num_instances`` attribute. Optional members, which consumers look up with ``getattr``:
+
+``to(device=None, dtype=None) -> Task``
+    The same instances with their data on ``device`` (and floating data in ``dtype``);
+    ``init`` then returns parameters there.
+``full_loss(params) -> Tensor``
+    Per-instance loss on the whole training set (evaluation), ``[num_instances]``.
+``normalize(loss) -> Tensor``
+    The loss divided by the family's *typical initial loss* (a constant per family and
+    architecture, e.g. ``log C`` for a ``C``-class classifier, ``log 2`` for logistic
+    regression started at zero, a seeded Monte-Carlo median for Rosenbrock), so a
+    normalised loss near 1 means "where training starts" and curves of different tasks
+    share one axis; ``log10(normalize(loss))`` is the log-ratio to that starting loss.
+    Families expose the same ``normalize`` and the constant as ``loss_scale``; a task
+    without them is left as it is by ``normalize_loss``.
+``extra_args(batch) -> dict``
+    The extra update arguments (``learnopt.optim.extra``) for a step on ``batch``, for
+    methods that need more than the gradient: a finite-sum task returns ``indices``,
+    ``example_grads_fn``, ``batch_grad_fn``, ``full_grad_fn``, ``num_examples`` and
+    ``loss_fn``; a caller passes them on as ``tx.update(grads, state, params,
+    **task.extra_args(batch))``.
 """
 
 from __future__ import annotations
@@ -50,3 +73,10 @@ def seeded_generator(*keys: int | str, device: str | torch.device = "cpu") -> to
     g = torch.Generator(device=device)
     g.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
     return g
+
+
+def normalize_loss(task_or_family: Any, loss: Tensor) -> Tensor:
+    """``task_or_family.normalize(loss)`` where it has one (see the module docstring), else
+    ``loss`` unchanged, so reports can normalise whatever task they are given."""
+    normalize = getattr(task_or_family, "normalize", None)
+    return loss if normalize is None else normalize(loss)

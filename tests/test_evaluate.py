@@ -275,3 +275,15 @@ def test_finite_sum_baselines_are_refused_with_the_reason():
     for name in ("svrg", "saga", "jacsketch", "stochastic_lbfgs"):
         with pytest.raises(ValueError, match=f"baseline '{name}' needs the extra update argument.*indices"):
             baseline_factory(name)
+
+
+def test_compare_checkpoints_run_side_by_side(small_checkpoint, in_tmp):
+    torch.manual_seed(1)
+    other = str(learnopt.export_checkpoint(CoordinatewiseLSTM(hidden_size=3, output_scale=0.02), in_tmp / "other.pt"))
+    ev = evaluate(small_checkpoint, QuadraticFamily(dim=3), steps=5, num_instances=4, seeds=[0], baselines=["sgd"],
+                  lr_grid=[0.01, 0.1], tune_instances=4, out_dir="cmp", wandb=False, compare_checkpoints=[other])
+    assert {r.name for r in ev.results} == {"tiny", "other", "sgd"}
+    assert ev.result("tiny").final_losses != ev.result("other").final_losses
+    with pytest.raises(ValueError, match="taken"):
+        evaluate(small_checkpoint, QuadraticFamily(dim=3), baselines=["sgd"], wandb=False,
+                 compare_checkpoints=[small_checkpoint])

@@ -3,16 +3,18 @@
 from learnopt.learned.base import LearnedOptimizer
 from learnopt.learned.hyperparams import LearnedHyperparameters
 from learnopt.learned.lstm import CoordinatewiseLSTM, LSTMOptimizerState
+from learnopt.learned.mlp_lopt import FeatureMLPOptimizer
 from learnopt.learned.preprocess import log_and_sign
 
 # Classes a checkpoint may name. Loading looks the name up here and never imports
 # anything the file names, so a checkpoint cannot run code.
 REGISTRY: dict[str, type[LearnedOptimizer]] = {
     "CoordinatewiseLSTM": CoordinatewiseLSTM,
+    "FeatureMLPOptimizer": FeatureMLPOptimizer,
     "LearnedHyperparameters": LearnedHyperparameters,
 }
 
 __all__ = [
-    "REGISTRY", "CoordinatewiseLSTM", "LearnedHyperparameters", "LSTMOptimizerState", "LearnedOptimizer",
+    "REGISTRY", "CoordinatewiseLSTM", "FeatureMLPOptimizer", "LearnedHyperparameters", "LSTMOptimizerState", "LearnedOptimizer",
     "log_and_sign",
 ]

@@ -1,43 +1,23 @@
-"""Meta-gradients by truncated backpropagation through time (Andrychowicz et al. 2016, §2)."""
+"""Meta-gradients by backpropagation through time: truncated (Andrychowicz et al. 2016, §2)
+and over the whole horizon."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
+from learnopt.meta.base import GradientEstimate, GradientEstimator, UnrollState, meta_weights, start_unroll
+from learnopt.meta.schedules import ConstantSchedule, TruncationSchedule, truncation_length
 from learnopt.meta.unroll import inner_step
-from learnopt.optim.base import Params, detach_state
-from learnopt.task import Task, TaskFamily, seeded_generator
+from learnopt.optim.base import detach_state
+from learnopt.task import TaskFamily
+
+__all__ = ["FullBPTT", "GradientEstimate", "TruncatedBPTT", "UnrollState"]
 
 
-@dataclass
-class UnrollState:
-    """What is carried from one truncation to the next: the tasks being trained, their
-    parameters, the learned optimizer's state, and the position in the inner run."""
-
-    task: Task
-    params: Params
-    opt_state: Any
-    step: int
-    episode: int
-    generator: torch.Generator
-
-
-@dataclass
-class GradientEstimate:
-    """The record every gradient estimator returns."""
-
-    meta_loss: Tensor
-    meta_grads: dict[str, Tensor]
-    unroll_state: UnrollState
-    metrics: dict[str, float] = field(default_factory=dict)
-    finite: bool = True
-
-
-class TruncatedBPTT:
+class TruncatedBPTT(GradientEstimator):
     """Unroll ``unroll_length`` (K) inner steps inside a horizon of ``horizon`` (T) steps.
 
     Each call to ``estimate`` continues the carried inner runs by K steps and returns the
@@ -52,6 +32,13 @@ class TruncatedBPTT:
     much as early ones. A truncation whose meta-loss or meta-gradient is not finite is
     reported with ``finite=False`` and zero gradients, and its tasks are replaced, so one
     divergent inner run never reaches the meta-parameters.
+
+    ``schedule`` (a ``learnopt.meta.schedules`` schedule; default ``ConstantSchedule(K)``)
+    draws each truncation's length instead; a truncation never crosses the horizon. The
+    estimate is biased with respect to the whole-horizon meta-loss: the influence of φ on the
+    carried state (θ_{t0}, optimizer state) is cut at every boundary ("truncation bias", Wu et
+    al. 2018, arXiv 1803.02021; Vicol et al. 2021, arXiv 2112.13835). ``FullBPTT`` and ``PES``
+    do not have it.
     """
 
     def __init__(
@@ -64,6 +51,7 @@ class TruncatedBPTT:
         loss_transform: Literal["identity", "log"] = "identity",
         seed: int = 0,
         split: str = "train",
+        schedule: TruncationSchedule | None = None,
     ) -> None:
         if unroll_length < 1 or horizon < 1:
             raise ValueError("TruncatedBPTT: unroll_length and horizon must be >= 1")
@@ -77,16 +65,14 @@ class TruncatedBPTT:
         self.loss_transform = loss_transform
         self.seed = seed
         self.split = split
+        self.schedule = ConstantSchedule(unroll_length) if schedule is None else schedule
+
+    def truncation_length(self, state: UnrollState) -> int:
+        """Length of the truncation that starts at ``state.step`` (clipped to the horizon)."""
+        return truncation_length(self.schedule, state.step, self.horizon, self.split, self.seed, state.episode)
 
     def init_unroll(self, lopt: nn.Module, episode: int = 0) -> UnrollState:
-        generator = seeded_generator(self.split, self.seed, episode)
-        task = self.task_family.sample(self.num_tasks, generator)
-        if hasattr(task, "to"):
-            task = task.to(lopt.device)
-        params = {k: p.to(lopt.device) for k, p in task.init(generator).items()}
-        with torch.no_grad():
-            opt_state = lopt.init(params)
-        return UnrollState(task, params, opt_state, 0, episode, generator)
+        return start_unroll(lopt, self.task_family, self.num_tasks, self.split, self.seed, episode)
 
     def _transform(self, loss: Tensor) -> Tensor:
         if self.loss_transform == "log":
@@ -98,7 +84,7 @@ class TruncatedBPTT:
         (detached) and metrics."""
         if state.step >= self.horizon:
             state = self.init_unroll(lopt, state.episode + 1)
-        k = min(self.unroll_length, self.horizon - state.step)
+        k = self.truncation_length(state)
         params = {name: p.detach().requires_grad_(True) for name, p in state.params.items()}
         opt_state = detach_state(state.opt_state)
         terms = []
@@ -132,8 +118,7 @@ class TruncatedBPTT:
         """Gradient of one truncation's meta-loss with respect to ``lopt``'s parameters."""
         if state is None:
             state = self.init_unroll(lopt)
-        names = [n for n, p in lopt.named_parameters() if p.requires_grad]
-        weights = [p for n, p in lopt.named_parameters() if p.requires_grad]
+        names, weights = meta_weights(lopt)
         meta_loss, new_state, metrics = self.unroll(lopt, state)
         finite = bool(torch.isfinite(meta_loss))
         grads = None
@@ -146,3 +131,28 @@ class TruncatedBPTT:
             new_state = self.init_unroll(lopt, new_state.episode + 1)
         metrics["nonfinite"] = float(not finite)
         return GradientEstimate(meta_loss.detach(), dict(zip(names, grads)), new_state, metrics, finite)
+
+
+class FullBPTT(TruncatedBPTT):
+    """Exact meta-gradients: backpropagation through the whole inner run of ``horizon`` (T) steps.
+
+    One ``estimate`` unrolls all T steps in a single truncation and differentiates::
+
+        L = (1/T) Σ_{t=1}^{T} mean_instances loss_transform(f(θ_t))
+
+    so nothing is cut and there is no truncation bias; each call starts a new episode. This is
+    ``TruncatedBPTT`` with ``unroll_length = horizon`` (Andrychowicz et al. 2016 before
+    truncation; learned_optimization's ``FullGrad``). Memory grows linearly in T.
+    """
+
+    def __init__(
+        self,
+        task_family: TaskFamily,
+        num_tasks: int = 128,
+        horizon: int = 100,
+        second_order: bool = False,
+        loss_transform: Literal["identity", "log"] = "identity",
+        seed: int = 0,
+        split: str = "train",
+    ) -> None:
+        super().__init__(task_family, num_tasks, horizon, horizon, second_order, loss_transform, seed, split)

@@ -7,14 +7,18 @@ from typing import Any, Iterator, Literal
 
 import lightning.pytorch as pl
 import torch
-from torch.utils import _pytree as pytree
 from torch.utils.data import DataLoader, IterableDataset
 
 from learnopt.learned.base import LearnedOptimizer
-from learnopt.meta.truncated_bptt import TruncatedBPTT, UnrollState
+from learnopt.meta.base import GradientEstimator, UnrollState
+from learnopt.meta.es import ES
+from learnopt.meta.pes import PES
+from learnopt.meta.schedules import make_schedule
+from learnopt.meta.truncated_bptt import FullBPTT, TruncatedBPTT
 from learnopt.meta.unroll import log10_losses, rollout
-from learnopt.optim.base import tree_leaves
 from learnopt.task import TaskFamily, seeded_generator
+
+ESTIMATORS = ("truncated_bptt", "full_bptt", "es", "pes")
 
 
 class _Once(IterableDataset):
@@ -29,8 +33,57 @@ def family_spec(family: Any) -> dict[str, Any]:
     return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": attrs}
 
 
+def build_estimator(
+    estimator: str,
+    task_family: TaskFamily,
+    num_tasks: int,
+    unroll_length: int,
+    horizon: int,
+    second_order: bool,
+    loss_transform: str,
+    seed: int,
+    es_sigma: float = 0.01,
+    num_pairs: int = 8,
+    truncation_schedule: str = "constant",
+    min_unroll_length: int = 1,
+    max_unroll_length: int | None = None,
+) -> GradientEstimator:
+    """The ``learnopt.meta`` estimator named by ``estimator``, from ``MetaTrainModule``'s flat options."""
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"estimator must be one of {', '.join(ESTIMATORS)}, got {estimator!r}")
+    if estimator == "full_bptt":
+        return FullBPTT(task_family, num_tasks, horizon, second_order, loss_transform, seed)
+    schedule = make_schedule(truncation_schedule, unroll_length, min_unroll_length, max_unroll_length)
+    if estimator == "truncated_bptt":
+        return TruncatedBPTT(task_family, num_tasks, unroll_length, horizon, second_order, loss_transform, seed,
+                             schedule=schedule)
+    cls = ES if estimator == "es" else PES
+    return cls(task_family, num_tasks, unroll_length, horizon, loss_transform, seed, sigma=es_sigma,
+               num_pairs=num_pairs, schedule=schedule)
+
+
 class MetaTrainModule(pl.LightningModule):
-    """Meta-trains ``learned_optimizer`` on ``task_family`` by truncated BPTT.
+    """Meta-trains ``learned_optimizer`` on ``task_family`` with a meta-gradient estimator of
+    ``learnopt.meta`` (default: truncated BPTT).
+
+    ``estimator``:
+
+    * ``"truncated_bptt"`` (``TruncatedBPTT``): backpropagation through truncations of
+      ``unroll_length`` steps inside inner runs of ``horizon`` steps (Andrychowicz et al. 2016);
+    * ``"full_bptt"`` (``FullBPTT``): backpropagation through the whole horizon in one step
+      (``unroll_length`` and the schedule options are ignored);
+    * ``"es"`` (``ES``): antithetic evolution strategies on each truncation, ``num_pairs``
+      pairs of perturbations of scale ``es_sigma`` (``second_order`` is ignored: ES needs no
+      derivatives through the unroll, it sees the true loss);
+    * ``"pes"`` (``PES``): persistent evolution strategies (Vicol et al. 2021), unbiased with
+      respect to the whole horizon; each of its 2 × ``num_pairs`` particles carries its own
+      inner run, saved in the Lightning checkpoint for resuming.
+
+    ``truncation_schedule``: ``"constant"`` (every truncation ``unroll_length`` steps),
+    ``"uniform"`` (uniform on ``min_unroll_length`` … ``max_unroll_length``, default upper
+    bound ``2 * unroll_length - min_unroll_length``) or ``"geometric"`` (mean
+    ``unroll_length``, at least ``min_unroll_length``, at most ``max_unroll_length``); see
+    ``learnopt.meta.schedules``. A truncation never crosses the horizon.
 
     Manual optimization: the estimator returns the meta-gradient (the same record any
     estimator returns), which is clipped by global norm ``grad_clip`` and applied with Adam
@@ -56,13 +109,21 @@ class MetaTrainModule(pl.LightningModule):
         grad_clip: float = 1.0,
         seed: int = 0,
         val_tasks: int = 256,
+        estimator: Literal["truncated_bptt", "full_bptt", "es", "pes"] = "truncated_bptt",
+        es_sigma: float = 0.01,
+        num_pairs: int = 8,
+        truncation_schedule: Literal["constant", "uniform", "geometric"] = "constant",
+        min_unroll_length: int = 1,
+        max_unroll_length: int | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["learned_optimizer", "task_family"])
         self.learned_optimizer = learned_optimizer
         self.task_family = task_family
-        self.estimator = TruncatedBPTT(
-            task_family, num_tasks, unroll_length, horizon, second_order, loss_transform, seed
+        # ``self.estimator`` is the estimator object; ``self.hparams.estimator`` its name.
+        self.estimator = build_estimator(
+            estimator, task_family, num_tasks, unroll_length, horizon, second_order, loss_transform, seed,
+            es_sigma, num_pairs, truncation_schedule, min_unroll_length, max_unroll_length,
         )
         self.automatic_optimization = False
         self._unroll: UnrollState | None = None
@@ -139,34 +200,24 @@ class MetaTrainModule(pl.LightningModule):
 
     # -- resuming: the carried unroll is part of the Lightning checkpoint -----------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        u = self._unroll
-        if u is None:
-            return
-        checkpoint["learnopt_unroll"] = {
-            "episode": u.episode,
-            "step": u.step,
-            "params": {k: v.detach().cpu() for k, v in u.params.items()},
-            "opt_state": [x.detach().cpu() for x in tree_leaves(u.opt_state)],
-            "generator": u.generator.get_state(),
-        }
+        # The estimator's whole carried state: the inner run's parameters, optimizer state and
+        # data generator (and for ES/PES the perturbation generator; for PES every particle's
+        # inner run and accumulated perturbation), so a resumed run continues bit for bit.
+        if self._unroll is not None:
+            checkpoint["learnopt_unroll"] = self.estimator.save_unroll(self._unroll)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._pending_unroll = checkpoint.get("learnopt_unroll")
         self._unroll = None
 
     def _restore_unroll(self, saved: dict[str, Any]) -> UnrollState:
-        fresh = self.estimator.init_unroll(self.learned_optimizer, episode=saved["episode"])
-        _, spec = pytree.tree_flatten(fresh.opt_state)
-        opt_state = pytree.tree_unflatten([x.to(self.device) for x in saved["opt_state"]], spec)
-        fresh.generator.set_state(saved["generator"])
-        params = {k: v.to(self.device) for k, v in saved["params"].items()}
-        return UnrollState(fresh.task, params, opt_state, saved["step"], saved["episode"], fresh.generator)
+        return self.estimator.restore_unroll(self.learned_optimizer, saved)
 
     def export_metadata(self) -> dict[str, Any]:
         return {
             "meta_training": dict(self.hparams),
             "meta_steps": int(self.global_step),
             "task_family": family_spec(self.task_family),
-            "estimator": "truncated_bptt",
+            "estimator": self.hparams.estimator,
             "config": self.resolved_config,
         }

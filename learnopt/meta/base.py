@@ -1,0 +1,121 @@
+"""The interface every meta-gradient estimator implements, and the record it returns.
+
+An estimator turns a learned optimizer ``lopt`` (an ``nn.Module`` whose parameters are the
+meta-parameters φ) and a carried inner run into one estimate of ∂(meta-loss)/∂φ::
+
+    state = estimator.init_unroll(lopt, episode=0)     # tasks, θ_0, optimizer state
+    est = estimator.estimate(lopt, state)              # GradientEstimate
+    est.meta_loss, est.meta_grads, est.finite, est.metrics
+    state = est.unroll_state                           # carried to the next call
+
+This is the shape of ``learned_optimization``'s gradient estimators (Metz et al. 2022,
+arXiv 2203.11860, ``outer_trainers/``): truncated BPTT, full BPTT, ES and PES all return the
+same record, so the training shell does not care which one runs. ``save_unroll`` /
+``restore_unroll`` turn the carried state into plain tensors and back, for resuming.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils import _pytree as pytree
+
+from learnopt.optim.base import Params, tree_leaves
+from learnopt.task import Task, TaskFamily, seeded_generator
+
+
+@dataclass
+class UnrollState:
+    """What is carried from one truncation to the next: the tasks being trained, their
+    parameters, the learned optimizer's state, and the position in the inner run."""
+
+    task: Task
+    params: Params
+    opt_state: Any
+    step: int
+    episode: int
+    generator: torch.Generator
+
+
+@dataclass
+class GradientEstimate:
+    """The record every gradient estimator returns."""
+
+    meta_loss: Tensor
+    meta_grads: dict[str, Tensor]
+    unroll_state: UnrollState
+    metrics: dict[str, float] = field(default_factory=dict)
+    finite: bool = True
+
+
+def start_unroll(
+    lopt: nn.Module, task_family: TaskFamily, num_tasks: int, split: str, seed: int, episode: int
+) -> UnrollState:
+    """Sample episode ``episode``'s tasks from the seed stream ``(split, seed, episode)`` and
+    their initial parameters and optimizer state, on ``lopt``'s device."""
+    generator = seeded_generator(split, seed, episode)
+    task = task_family.sample(num_tasks, generator)
+    if hasattr(task, "to"):
+        task = task.to(lopt.device)
+    params = {k: p.to(lopt.device) for k, p in task.init(generator).items()}
+    with torch.no_grad():
+        opt_state = lopt.init(params)
+    return UnrollState(task, params, opt_state, 0, episode, generator)
+
+
+def meta_weights(lopt: nn.Module) -> tuple[list[str], list[Tensor]]:
+    """Names and tensors of the meta-parameters (those that require grad)."""
+    named = [(n, p) for n, p in lopt.named_parameters() if p.requires_grad]
+    return [n for n, _ in named], [p for _, p in named]
+
+
+def cpu_leaves(tree: Any) -> list[Tensor]:
+    return [x.detach().cpu() for x in tree_leaves(tree)]
+
+
+def restore_leaves(like: Any, leaves: list[Tensor], device: torch.device) -> Any:
+    """The pytree ``like`` with its leaves replaced by ``leaves`` (moved to ``device``)."""
+    _, spec = pytree.tree_flatten(like)
+    return pytree.tree_unflatten([x.to(device) for x in leaves], spec)
+
+
+class GradientEstimator:
+    """Base of the meta-gradient estimators (``TruncatedBPTT``, ``FullBPTT``, ``ES``, ``PES``).
+
+    Subclasses implement ``init_unroll(lopt, episode)`` and ``estimate(lopt, state)``; a
+    subclass whose carried state holds more than ``UnrollState`` extends ``save_unroll`` and
+    ``restore_unroll``. ``horizon`` is the length T of an inner run.
+    """
+
+    horizon: int
+
+    def init_unroll(self, lopt: nn.Module, episode: int = 0) -> UnrollState:
+        raise NotImplementedError
+
+    def estimate(self, lopt: nn.Module, state: UnrollState | None = None) -> GradientEstimate:
+        raise NotImplementedError
+
+    def save_unroll(self, state: UnrollState) -> dict[str, Any]:
+        """The carried state as CPU tensors and plain values (the tasks are not saved: they are
+        re-drawn from their seed stream)."""
+        return {
+            "episode": state.episode,
+            "step": state.step,
+            "params": {k: v.detach().cpu() for k, v in state.params.items()},
+            "opt_state": cpu_leaves(state.opt_state),
+            "generator": state.generator.get_state(),
+        }
+
+    def restore_unroll(self, lopt: nn.Module, saved: dict[str, Any]) -> UnrollState:
+        """Inverse of ``save_unroll``: re-draws the episode's tasks, then puts back the saved
+        parameters, optimizer state and data-generator state."""
+        fresh = self.init_unroll(lopt, episode=saved["episode"])
+        device = lopt.device
+        fresh.generator.set_state(saved["generator"])
+        fresh.params = {k: v.to(device) for k, v in saved["params"].items()}
+        fresh.opt_state = restore_leaves(fresh.opt_state, saved["opt_state"], device)
+        fresh.step = saved["step"]
+        return fresh

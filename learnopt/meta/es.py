@@ -1,0 +1,271 @@
+"""Antithetic evolution strategies on truncated unrolls (Salimans et al. 2017, arXiv 1703.03864;
+as an estimator of meta-gradients: Metz et al. 2019, arXiv 1810.10180; Vicol et al. 2021,
+arXiv 2112.13835, §2), and the machinery ES and PES share.
+
+The learned optimizer is run with perturbed weights through ``torch.func.functional_call``,
+so the module itself is never modified, and without any graph with respect to its weights:
+evolution strategies need only meta-loss values, so memory does not grow with the unroll
+and non-differentiable inner steps are fine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Literal, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from learnopt.meta.base import (
+    GradientEstimate,
+    GradientEstimator,
+    UnrollState,
+    meta_weights,
+    start_unroll,
+)
+from learnopt.meta.schedules import ConstantSchedule, TruncationSchedule, truncation_length
+from learnopt.meta.unroll import inner_step
+from learnopt.optim.base import Params, detach_state
+from learnopt.task import Task, TaskFamily, seeded_generator
+
+
+class _BoundOptimizer(nn.Module):
+    """Lets ``functional_call`` run an arbitrary function of the learned optimizer: its
+    ``forward(fn, *args)`` is ``fn(lopt, *args)``."""
+
+    def __init__(self, lopt: nn.Module) -> None:
+        super().__init__()
+        self.lopt = lopt
+
+    def forward(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return fn(self.lopt, *args)
+
+
+def call_with_weights(lopt: nn.Module, weights: dict[str, Tensor], fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(lopt, *args)`` with ``lopt``'s parameters replaced by ``weights`` for the duration
+    of the call (``torch.func.functional_call``; ``lopt`` itself is not modified)."""
+    return torch.func.functional_call(
+        _BoundOptimizer(lopt), {f"lopt.{n}": w for n, w in weights.items()}, (fn, *args)
+    )
+
+
+def copy_generator(generator: torch.Generator) -> torch.Generator:
+    g = torch.Generator(device=generator.device)
+    g.set_state(generator.get_state())
+    return g
+
+
+class Truncation(NamedTuple):
+    """The outcome of one forward-only truncation."""
+
+    meta_loss: Tensor
+    params: Params
+    opt_state: Any
+    first_loss: Tensor
+    last_loss: Tensor
+
+
+def forward_truncation(
+    lopt: nn.Module,
+    task: Task,
+    params: Params,
+    opt_state: Any,
+    generator: torch.Generator,
+    k: int,
+    transform: Callable[[Tensor], Tensor],
+) -> Truncation:
+    """K inner steps from ``(params, opt_state)`` and the truncation meta-loss of
+    ``TruncatedBPTT``: (1/K) Σ_{t=t0+1}^{t0+K} mean_instances transform(f(θ_t)), with the same
+    draws from ``generator`` (one batch per step and one for the last loss). No graph is kept
+    between steps: this is for estimators that need only the value."""
+    first = None
+    terms = []
+    for i in range(k):
+        batch = task.sample_batch(generator)
+        with torch.enable_grad():
+            p = {n: v.detach().requires_grad_(True) for n, v in params.items()}
+            loss, params, opt_state = inner_step(lopt, task, p, opt_state, batch)
+        params = {n: v.detach() for n, v in params.items()}
+        opt_state = detach_state(opt_state)
+        loss = loss.detach()
+        if i == 0:
+            first = loss
+        else:
+            terms.append(transform(loss).mean())
+    with torch.no_grad():
+        last = task.loss(params, task.sample_batch(generator))
+    terms.append(transform(last).mean())
+    return Truncation(torch.stack(terms).mean(), params, opt_state, first, last)
+
+
+@dataclass
+class ESState(UnrollState):
+    """``UnrollState`` plus the generator of the perturbations."""
+
+    noise: torch.Generator
+
+
+class PerturbationEstimator(GradientEstimator):
+    """What ES and PES share: the reference (unperturbed) run that carries the inner state and
+    reports the meta-loss, perturbation draws, perturbed truncations, the non-finite guard.
+
+    Perturbations are ε = σ z with z ~ N(0, I) drawn on the CPU from a generator carried in
+    the state (seeded by ``(split, seed, "noise", noise_seed, episode)``), so estimates are
+    reproducible on any device and resume exactly. ``noise_seed`` changes only the
+    perturbations, not the tasks. All members of all pairs, and the reference run, start each
+    truncation from the same data-generator state, so they see the same task batches (common
+    random numbers: differences between them come from the perturbation alone).
+    """
+
+    kind = "perturbation"
+
+    def __init__(
+        self,
+        task_family: TaskFamily,
+        num_tasks: int = 128,
+        unroll_length: int = 20,
+        horizon: int = 100,
+        loss_transform: Literal["identity", "log"] = "identity",
+        seed: int = 0,
+        split: str = "train",
+        sigma: float = 0.01,
+        num_pairs: int = 8,
+        schedule: TruncationSchedule | None = None,
+        noise_seed: int = 0,
+    ) -> None:
+        name = type(self).__name__
+        if unroll_length < 1 or horizon < 1:
+            raise ValueError(f"{name}: unroll_length and horizon must be >= 1")
+        if loss_transform not in ("identity", "log"):
+            raise ValueError(f"{name}: loss_transform must be 'identity' or 'log', got {loss_transform!r}")
+        if not sigma > 0:
+            raise ValueError(f"{name}: sigma must be > 0, got {sigma}")
+        if num_pairs < 1:
+            raise ValueError(f"{name}: num_pairs must be >= 1, got {num_pairs}")
+        self.task_family = task_family
+        self.num_tasks = num_tasks
+        self.unroll_length = unroll_length
+        self.horizon = horizon
+        self.loss_transform = loss_transform
+        self.seed = seed
+        self.split = split
+        self.sigma = float(sigma)
+        self.num_pairs = num_pairs
+        self.schedule = ConstantSchedule(unroll_length) if schedule is None else schedule
+        self.noise_seed = noise_seed
+
+    # -- shared pieces ---------------------------------------------------------------------------
+    def _start(self, lopt: nn.Module, episode: int) -> tuple[UnrollState, torch.Generator]:
+        base = start_unroll(lopt, self.task_family, self.num_tasks, self.split, self.seed, episode)
+        return base, seeded_generator(self.split, self.seed, "noise", self.noise_seed, episode)
+
+    def truncation_length(self, state: UnrollState) -> int:
+        return truncation_length(self.schedule, state.step, self.horizon, self.split, self.seed, state.episode)
+
+    def _transform(self, loss: Tensor) -> Tensor:
+        if self.loss_transform == "log":
+            return torch.log(loss + 1e-12)
+        return loss
+
+    def _perturbation(self, weights: dict[str, Tensor], noise: torch.Generator) -> dict[str, Tensor]:
+        """ε = σ z, z ~ N(0, I), drawn on the CPU in each weight's dtype."""
+        return {
+            n: (self.sigma * torch.randn(w.shape, generator=noise, dtype=w.dtype)).to(w.device)
+            for n, w in weights.items()
+        }
+
+    def _run(self, lopt: nn.Module, weights: dict[str, Tensor], task: Task, params: Params, opt_state: Any,
+             generator: torch.Generator, k: int) -> Truncation:
+        return call_with_weights(lopt, weights, forward_truncation, task, params, opt_state, generator, k,
+                                 self._transform)
+
+    def _finish(self, lopt: nn.Module, names: list[str], grads: list[Tensor], losses: list[Tensor],
+                ref: Truncation, new_state: UnrollState, metrics: dict[str, float]) -> GradientEstimate:
+        step = new_state.step
+        """The non-finite guard of ``TruncatedBPTT``: if the reference meta-loss, any perturbed
+        meta-loss or the estimate is not finite, report ``finite=False`` with zero gradients
+        and start the next episode."""
+        finite = bool(torch.isfinite(torch.stack([ref.meta_loss, *losses])).all())
+        finite = finite and all(bool(torch.isfinite(g).all()) for g in grads)
+        if not finite:
+            grads = [torch.zeros_like(g) for g in grads]
+            new_state = self.init_unroll(lopt, new_state.episode + 1)
+        last = ref.last_loss
+        metrics.update({
+            "inner_step": float(step),
+            "inner_loss_first": float(ref.first_loss.mean()),
+            "inner_loss_last": float(last.mean()),
+            "inner_log10_loss_last": float(torch.log10(last.clamp_min(1e-30)).mean()),
+            "perturbed_meta_loss": float(torch.stack(losses).mean()),
+            "nonfinite": float(not finite),
+        })
+        return GradientEstimate(ref.meta_loss, dict(zip(names, grads)), new_state, metrics, finite)
+
+    def save_unroll(self, state: UnrollState) -> dict[str, Any]:
+        saved = super().save_unroll(state)
+        saved["noise"] = state.noise.get_state()
+        return saved
+
+    def restore_unroll(self, lopt: nn.Module, saved: dict[str, Any]) -> UnrollState:
+        state = super().restore_unroll(lopt, saved)
+        state.noise.set_state(saved["noise"])
+        return state
+
+
+class ES(PerturbationEstimator):
+    """Antithetic evolution strategies on one truncation's meta-loss.
+
+    With L(φ) the truncation meta-loss of ``TruncatedBPTT`` (same K, same carried state, same
+    batches) and the Gaussian smoothing L_σ(φ) = E_z[L(φ + σz)], N = ``num_pairs``::
+
+        z_1 … z_N ~ N(0, I)
+        ĝ = (1/N) Σ_i z_i (L(φ + σ z_i) − L(φ − σ z_i)) / (2σ)
+
+    is an unbiased estimate of ∇L_σ(φ), which tends to ∇L(φ) as σ → 0 (the error is
+    O(σ²) for smooth L); the antithetic pairs cancel the even terms of L, so the variance
+    stays bounded as σ → 0 (Salimans et al. 2017, arXiv 1703.03864). Unlike BPTT it needs no
+    derivatives through the unroll, is unaffected by exploding gradients of a chaotic unroll
+    (Metz et al. 2019, arXiv 1810.10180) and smooths the meta-loss at scale σ, but like
+    truncated BPTT it ignores how φ changed the carried state, so it shares the truncation
+    bias (see ``PES``).
+
+    Both members of a pair start from the same carried inner state and see the same task
+    batches. The carried state advances with the unperturbed weights φ (a reference run,
+    whose meta-loss is reported as ``meta_loss``), so one estimate costs 2N + 1 forward
+    truncations. ``sigma`` perturbs the raw parameters (a ``LearnedHyperparameters`` lr is
+    perturbed in log space). A non-finite meta-loss of any member, or of the reference run,
+    drops the estimate (``finite=False``, zero gradients) and starts a new episode.
+    """
+
+    def init_unroll(self, lopt: nn.Module, episode: int = 0) -> ESState:
+        base, noise = self._start(lopt, episode)
+        return ESState(base.task, base.params, base.opt_state, base.step, base.episode, base.generator, noise)
+
+    def estimate(self, lopt: nn.Module, state: ESState | None = None) -> GradientEstimate:
+        if state is None:
+            state = self.init_unroll(lopt)
+        if state.step >= self.horizon:
+            state = self.init_unroll(lopt, state.episode + 1)
+        k = self.truncation_length(state)
+        names, weights = meta_weights(lopt)
+        phi = {n: w.detach() for n, w in zip(names, weights)}
+        noise = copy_generator(state.noise)
+        data = copy_generator(state.generator)  # advanced by the reference run: the carried stream
+
+        ref = self._run(lopt, phi, state.task, state.params, state.opt_state, data, k)
+        grads = {n: torch.zeros_like(w) for n, w in phi.items()}
+        losses = []
+        for _ in range(self.num_pairs):
+            eps = self._perturbation(phi, noise)
+            pair = []
+            for sign in (1.0, -1.0):
+                member = {n: phi[n] + sign * eps[n] for n in phi}
+                pair.append(self._run(lopt, member, state.task, state.params, state.opt_state,
+                                      copy_generator(state.generator), k).meta_loss)
+            losses.extend(pair)
+            # z (L+ − L−)/(2σ) = ε (L+ − L−)/(2σ²)
+            scale = (pair[0] - pair[1]) / (2 * self.sigma**2 * self.num_pairs)
+            for n in phi:
+                grads[n] = grads[n] + scale.to(eps[n].dtype) * eps[n]
+        new_state = ESState(state.task, ref.params, ref.opt_state, state.step + k, state.episode, data, noise)
+        return self._finish(lopt, names, list(grads.values()), losses, ref, new_state, {})

@@ -1,0 +1,124 @@
+"""Truncation schedules: how many inner steps the next truncation unrolls.
+
+A schedule draws a length K ≥ 1; ``truncation_length`` then clips it to the steps left in
+the inner run, so a truncation never crosses the horizon T. Sampled lengths make the
+truncation boundaries fall at different steps of the inner run from episode to episode (as
+``learned_optimization``'s ``truncation_schedule`` does, Metz et al. 2022, arXiv
+2203.11860), instead of always at multiples of K.
+
+Draws come from a generator seeded by ``(split, seed, "truncation", episode, step)``: they
+are reproducible, identical for every estimator with the same seed, independent of the task
+data stream, and need no state of their own to be saved for resuming.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal, Protocol, runtime_checkable
+
+import torch
+
+from learnopt.task import seeded_generator
+
+
+@runtime_checkable
+class TruncationSchedule(Protocol):
+    def sample(self, generator: torch.Generator) -> int:
+        """A truncation length ≥ 1 (before clipping to the horizon)."""
+
+
+@dataclass(frozen=True)
+class ConstantSchedule:
+    """Always ``length`` steps."""
+
+    length: int
+
+    def __post_init__(self) -> None:
+        if self.length < 1:
+            raise ValueError(f"ConstantSchedule: length must be >= 1, got {self.length}")
+
+    def sample(self, generator: torch.Generator) -> int:
+        return self.length
+
+
+@dataclass(frozen=True)
+class UniformSchedule:
+    """A length drawn uniformly from the integers ``low`` … ``high`` (both included)."""
+
+    low: int
+    high: int
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.low <= self.high:
+            raise ValueError(f"UniformSchedule: need 1 <= low <= high, got low={self.low}, high={self.high}")
+
+    def sample(self, generator: torch.Generator) -> int:
+        return int(torch.randint(self.low, self.high + 1, (), generator=generator))
+
+
+@dataclass(frozen=True)
+class GeometricSchedule:
+    """``low + G − 1`` with ``G`` geometric on {1, 2, …} with success probability
+    ``p = 1 / (mean − low + 1)``, so the length has mean ``mean`` before it is clipped to
+    ``high`` (``None``: no upper bound but the horizon). Short truncations are frequent and
+    long ones rare, with a memoryless chance of stopping at every step."""
+
+    mean: float
+    low: int = 1
+    high: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.low < 1 or self.mean < self.low or (self.high is not None and self.high < self.low):
+            raise ValueError(
+                f"GeometricSchedule: need 1 <= low <= mean and low <= high, got "
+                f"low={self.low}, mean={self.mean}, high={self.high}"
+            )
+
+    def sample(self, generator: torch.Generator) -> int:
+        p = 1.0 / (self.mean - self.low + 1.0)
+        if p >= 1.0:
+            k = self.low
+        else:
+            # Inverse CDF: P(G > g) = (1 − p)^g, so G = ceil(log U / log(1 − p)) for U ~ U(0, 1].
+            u = 1.0 - float(torch.rand((), generator=generator, dtype=torch.float64))
+            k = self.low + max(1, math.ceil(math.log(u) / math.log1p(-p))) - 1
+        return k if self.high is None else min(k, self.high)
+
+
+def make_schedule(
+    kind: Literal["constant", "uniform", "geometric"],
+    unroll_length: int,
+    min_unroll_length: int = 1,
+    max_unroll_length: int | None = None,
+) -> TruncationSchedule:
+    """A schedule from flat options (what the training shell and configs pass):
+
+    * ``"constant"``: ``unroll_length`` every time;
+    * ``"uniform"``: uniform on ``min_unroll_length`` … ``max_unroll_length`` (default
+      ``2 * unroll_length - min_unroll_length``, which makes the mean ``unroll_length``);
+    * ``"geometric"``: mean ``unroll_length``, at least ``min_unroll_length``, at most
+      ``max_unroll_length`` (default: no bound but the horizon).
+    """
+    if kind == "constant":
+        return ConstantSchedule(unroll_length)
+    if kind == "uniform":
+        high = max_unroll_length if max_unroll_length is not None else 2 * unroll_length - min_unroll_length
+        return UniformSchedule(min_unroll_length, high)
+    if kind == "geometric":
+        return GeometricSchedule(float(unroll_length), min_unroll_length, max_unroll_length)
+    raise ValueError(f"truncation schedule must be 'constant', 'uniform' or 'geometric', got {kind!r}")
+
+
+def truncation_length(
+    schedule: TruncationSchedule, step: int, horizon: int, split: str, seed: int, episode: int
+) -> int:
+    """The length of the truncation starting at inner step ``step``: the schedule's draw,
+    clipped to ``horizon - step`` so it never crosses the horizon."""
+    left = horizon - step
+    if left < 1:
+        raise ValueError(f"truncation_length: step {step} is not before the horizon {horizon}")
+    k = schedule.sample(seeded_generator(split, seed, "truncation", episode, step))
+    if k < 1:
+        raise ValueError(f"truncation schedule {schedule!r} drew a length {k} < 1")
+    return min(k, left)
