@@ -12,9 +12,13 @@ Required of a ``Task``: ``init``, ``loss``, ``sample_batch`` (the protocol below
 
 ``to(device=None, dtype=None) -> Task``
     The same instances with their data on ``device`` (and floating data in ``dtype``);
-    ``init`` then returns parameters there.
+    ``init`` then returns parameters there. Random draws happen on the generator's device
+    (``generator_device``) and move to the data, so a CPU generator drives a GPU task and
+    gives it the CPU copy's numbers.
 ``full_loss(params) -> Tensor``
-    Per-instance loss on the whole training set (evaluation), ``[num_instances]``.
+    Per-instance loss on the whole training set (evaluation), ``[num_instances]``; a task
+    whose training set is too large to score at every step documents the fixed subset it
+    uses instead (``tasks.char_lm``).
 ``normalize(loss) -> Tensor``
     The loss divided by the family's *typical initial loss* (a constant per family and
     architecture, e.g. ``log C`` for a ``C``-class classifier, ``log 2`` for logistic
@@ -80,3 +84,10 @@ def normalize_loss(task_or_family: Any, loss: Tensor) -> Tensor:
     ``loss`` unchanged, so reports can normalise whatever task they are given."""
     normalize = getattr(task_or_family, "normalize", None)
     return loss if normalize is None else normalize(loss)
+
+
+def generator_device(generator: torch.Generator | None) -> torch.device:
+    """Where to draw random numbers from ``generator`` (its device; the CPU for the global one).
+    Tasks draw there and move the result to their data's device, so a CPU generator serves a
+    task on a GPU and gives it the same numbers it gives the CPU copy."""
+    return generator.device if generator is not None else torch.device("cpu")

@@ -10,14 +10,15 @@ only its own channels, exactly as ``n`` separate ``Conv1d`` layers would.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from learnopt.task import Params, Task
+from learnopt.task import Params, Task, generator_device
 from tasks.datasets import load_dataset
 
 ACTIVATIONS = {"relu": torch.relu, "tanh": torch.tanh, "sigmoid": torch.sigmoid}
@@ -74,7 +75,7 @@ class CNNTask:
         params = {}
         for name, (shape, fan_in) in self._shapes().items():
             bound = 1.0 / math.sqrt(fan_in)  # torch.nn.Conv1d's and Linear's default range
-            u = torch.rand((self.n, *shape), generator=generator, dtype=torch.float32)
+            u = torch.rand((self.n, *shape), generator=generator, device=generator_device(generator), dtype=torch.float32)
             params[name] = ((u * 2 - 1) * bound).to(self.x)
         return params
 
@@ -99,7 +100,7 @@ class CNNTask:
         return F.cross_entropy(logits.reshape(n * B, c), y.reshape(-1), reduction="none").view(n, B).mean(-1)
 
     def sample_batch(self, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-        idx = torch.randint(len(self.y), (self.n, self.batch_size), generator=generator).to(self.x.device)
+        idx = torch.randint(len(self.y), (self.n, self.batch_size), generator=generator, device=generator_device(generator)).to(self.x.device)
         return self.x[idx], self.y[idx]
 
     def loss(self, params: Params, batch: Any = None) -> Tensor:
@@ -110,7 +111,7 @@ class CNNTask:
         """Mean cross-entropy of each instance over the whole training set."""
         return self.loss(params, None)
 
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "CNNTask":
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> CNNTask:
         x = self.x.to(device=device, dtype=dtype)
         return CNNTask(self.channels, self.kernel_size, self.stride, self.activation, self.num_classes, x,
                        self.y.to(x.device), self.batch_size, self.n)

@@ -133,7 +133,7 @@ def _existing_dir(data_dir: str | Path | None, name: str) -> Path:
     return root
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_dataset(name: str, seed: int = 0, data_dir: str | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(x_train, y_train, x_test, y_test)`` as float32 ``[N, features]`` / int64 ``[N]``
     tensors, features scaled to about unit range.
@@ -163,6 +163,6 @@ def load_dataset(name: str, seed: int = 0, data_dir: str | None = None) -> tuple
                 torch.tensor(d["x_test"], dtype=torch.float32), torch.tensor(d["y_test"], dtype=torch.int64))
     if name in FILE_DATASETS:
         x_tr, y_tr, x_te, y_te = load_cifar10(data_dir) if name == "cifar10" else load_mnist(data_dir, name)
-        flat = lambda x: x.reshape(len(x), -1).to(torch.float32) / 255.0  # noqa: E731
+        flat = lambda x: x.reshape(len(x), -1).to(torch.float32) / 255.0
         return flat(x_tr), y_tr, flat(x_te), y_te
     raise ValueError(f"unknown dataset {name!r} (known: {', '.join(DATASETS)})")

@@ -22,14 +22,15 @@ the parameters, and batched: per-example gradients have shape ``[len(indices), n
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from learnopt.task import Params, Task
+from learnopt.task import Params, Task, generator_device
 
 SOURCES = ("synthetic", "digits")
 
@@ -64,12 +65,12 @@ class LogisticRegressionTask:
 
     def init(self, generator: torch.Generator | None = None) -> Params:
         n, _, d = self.x.shape
-        w = self.init_scale * torch.randn(n, d, generator=generator, dtype=torch.float32)
+        w = self.init_scale * torch.randn(n, d, generator=generator, device=generator_device(generator), dtype=torch.float32)
         return {"w": w.to(self.x), "b": torch.zeros(n, dtype=self.x.dtype, device=self.x.device)}
 
     def sample_batch(self, generator: torch.Generator | None = None) -> Tensor:
         """``batch_size`` distinct example indices, shared by all instances."""
-        return torch.randperm(self.num_examples, generator=generator)[: self.batch_size].to(self.x.device)
+        return torch.randperm(self.num_examples, generator=generator, device=generator_device(generator))[: self.batch_size].to(self.x.device)
 
     def _logits(self, params: Params, indices: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
         x = self.x if indices is None else self.x[:, indices]
@@ -102,12 +103,12 @@ class LogisticRegressionTask:
 
     def extra_args(self, batch: Tensor) -> dict[str, Any]:
         """The extra update arguments (``learnopt.optim.extra``) for a step on ``batch``."""
-        loss_fn: Callable[[Params], Tensor] = lambda p: self.loss(p, batch).sum()  # noqa: E731
-        return dict(indices=batch, example_grads_fn=self.example_grads, batch_grad_fn=self.batch_grad,
-                    full_grad_fn=self.full_grad, num_examples=self.num_examples, loss_fn=loss_fn)
+        loss_fn: Callable[[Params], Tensor] = lambda p: self.loss(p, batch).sum()
+        return {"indices": batch, "example_grads_fn": self.example_grads, "batch_grad_fn": self.batch_grad,
+                "full_grad_fn": self.full_grad, "num_examples": self.num_examples, "loss_fn": loss_fn}
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
-           ) -> "LogisticRegressionTask":
+           ) -> LogisticRegressionTask:
         return LogisticRegressionTask(self.x.to(device=device, dtype=dtype), self.y.to(device=device, dtype=dtype),
                                       self.l2, self.batch_size, self.init_scale)
 
@@ -173,18 +174,18 @@ class LogisticRegressionFamily:
 
     def _synthetic(self, n: int, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
         m, d = self.num_examples, self.dim
-        x = torch.randn(n, m, d, generator=generator)
-        w = torch.randn(n, d, generator=generator) * (self.signal / math.sqrt(d))
-        b = 0.5 * torch.randn(n, generator=generator)
+        x = torch.randn(n, m, d, generator=generator, device=generator_device(generator))
+        w = torch.randn(n, d, generator=generator, device=generator_device(generator)) * (self.signal / math.sqrt(d))
+        b = 0.5 * torch.randn(n, generator=generator, device=generator_device(generator))
         p = torch.sigmoid(torch.einsum("nmd,nd->nm", x, w) + b[:, None])
-        return x, (torch.rand(n, m, generator=generator) < p).float()
+        return x, (torch.rand(n, m, generator=generator, device=generator_device(generator)) < p).float()
 
     def _digits(self, n: int, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
         xs, ys = [], []
         for _ in range(n):
-            neg, pos = torch.randperm(10, generator=generator)[:2].tolist()
+            neg, pos = torch.randperm(10, generator=generator, device=generator_device(generator))[:2].tolist()
             pool = torch.nonzero((self._labels == neg) | (self._labels == pos)).squeeze(-1)
-            pick = pool[torch.randperm(len(pool), generator=generator)[: self.num_examples]]
+            pick = pool[torch.randperm(len(pool), generator=generator, device=generator_device(generator))[: self.num_examples]]
             xs.append(self._images[pick])
             ys.append((self._labels[pick] == pos).float())
         return torch.stack(xs), torch.stack(ys)

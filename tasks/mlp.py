@@ -15,14 +15,15 @@ is not a family but an evaluation setting: evaluate the same family for more ste
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from learnopt.task import Params, Task
+from learnopt.task import Params, Task, generator_device
 from tasks.datasets import load_dataset
 
 __all__ = ["ACTIVATIONS", "MLPFamily", "MLPTask", "load_dataset"]
@@ -58,8 +59,8 @@ class MLPTask:
         params = {}
         for i, (fan_in, fan_out) in enumerate(zip(self.sizes[:-1], self.sizes[1:])):
             bound = 1.0 / math.sqrt(fan_in)  # torch.nn.Linear's default range
-            params[f"w{i}"] = (torch.rand(self.n, fan_in, fan_out, generator=generator) * 2 - 1) * bound
-            params[f"b{i}"] = (torch.rand(self.n, fan_out, generator=generator) * 2 - 1) * bound
+            params[f"w{i}"] = (torch.rand(self.n, fan_in, fan_out, generator=generator, device=generator_device(generator)) * 2 - 1) * bound
+            params[f"b{i}"] = (torch.rand(self.n, fan_out, generator=generator, device=generator_device(generator)) * 2 - 1) * bound
         # drawn in float32 on the CPU whatever the data's dtype, so a float64 copy starts from
         # the same weights
         return {k: v.to(device=self.x.device, dtype=self.x.dtype) for k, v in params.items()}
@@ -82,7 +83,7 @@ class MLPTask:
         return F.cross_entropy(logits.reshape(n * B, c), y.reshape(-1), reduction="none").view(n, B).mean(-1)
 
     def sample_batch(self, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-        idx = torch.randint(len(self.y), (self.n, self.batch_size), generator=generator).to(self.x.device)
+        idx = torch.randint(len(self.y), (self.n, self.batch_size), generator=generator, device=generator_device(generator)).to(self.x.device)
         return self.x[idx], self.y[idx]
 
     def loss(self, params: Params, batch: Any = None) -> Tensor:
@@ -93,12 +94,26 @@ class MLPTask:
         """Mean cross-entropy of each instance over the whole training set."""
         return self._ce(self.logits(params, self.x), self.y)
 
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "MLPTask":
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> MLPTask:
         x = self.x.to(device=device, dtype=dtype)
         return MLPTask(self.sizes, self.activation, x, self.y.to(x.device), self.batch_size, self.n)
 
 
-def _choices(values: Sequence | None, what: str, check) -> tuple | None:
+def _check_activation(name: str) -> None:
+    if name not in ACTIVATIONS:
+        raise ValueError(f"MLPFamily: activation must be one of {sorted(ACTIVATIONS)}, got {name!r}")
+
+
+def _check_count(what: str, minimum: int) -> Callable[[int], None]:
+    def check(v: int) -> None:
+        if int(v) != v or v < minimum:
+            raise ValueError(f"MLPFamily: every {what} must be an integer >= {minimum}, got {v!r}")
+
+    return check
+
+
+def _choices(values: Sequence | None, what: str, check: Callable[[Any], None]) -> tuple | None:
+    """``values`` as a validated tuple; ``None`` (nothing sampled) stays ``None``."""
     if values is None:
         return None
     values = tuple(values)
@@ -110,7 +125,7 @@ def _choices(values: Sequence | None, what: str, check) -> tuple | None:
 
 
 def _draw(choices: tuple, generator: torch.Generator | None):
-    return choices[int(torch.randint(len(choices), (1,), generator=generator))]
+    return choices[int(torch.randint(len(choices), (1,), generator=generator, device=generator_device(generator)))]
 
 
 class MLPFamily:
@@ -145,26 +160,15 @@ class MLPFamily:
         activation_choices: Sequence[str] | None = None,
         data_dir: str | None = None,
     ) -> None:
-        def check_activation(a: str) -> None:
-            if a not in ACTIVATIONS:
-                raise ValueError(f"MLPFamily: activation must be one of {sorted(ACTIVATIONS)}, got {a!r}")
-
-        def check_positive(what: str):
-            def check(v: int) -> None:
-                if int(v) != v or v < (0 if what == "depth" else 1):
-                    raise ValueError(f"MLPFamily: every {what} must be an integer >= {0 if what == 'depth' else 1}, "
-                                     f"got {v!r}")
-            return check
-
-        check_activation(activation)
+        _check_activation(activation)
         self.hidden_sizes = tuple(int(h) for h in hidden_sizes)
         for h in self.hidden_sizes:
-            check_positive("hidden size")(h)
+            _check_count("hidden size", 1)(h)
         if batch_size < 1:
             raise ValueError(f"MLPFamily: batch_size must be >= 1, got {batch_size}")
-        self.width_choices = _choices(width_choices, "width_choices", check_positive("width"))
-        self.depth_choices = _choices(depth_choices, "depth_choices", check_positive("depth"))
-        self.activation_choices = _choices(activation_choices, "activation_choices", check_activation)
+        self.width_choices = _choices(width_choices, "width_choices", _check_count("width", 1))
+        self.depth_choices = _choices(depth_choices, "depth_choices", _check_count("depth", 0))
+        self.activation_choices = _choices(activation_choices, "activation_choices", _check_activation)
         if self.sampled and self.width_choices is None and not self.hidden_sizes and any(self.depth_choices or ()):
             raise ValueError("MLPFamily: depth_choices without width_choices needs hidden_sizes to fix the width")
         self.dataset = dataset
@@ -208,15 +212,14 @@ class MLPFamily:
         sizes = (self._x.shape[1], *hidden, self.num_classes)
         return MLPTask(sizes, activation, self._x, self._y, self.batch_size, num_instances)
 
-    def _variant(self, **changes: Any) -> "MLPFamily":
-        kwargs = dict(dataset=self.dataset, hidden_sizes=self.hidden_sizes, activation=self.activation,
-                      batch_size=self.batch_size, data_seed=self.data_seed, width_choices=self.width_choices,
-                      depth_choices=self.depth_choices, activation_choices=self.activation_choices,
-                      data_dir=self.data_dir)
-        kwargs.update(changes)
+    def _variant(self, **changes: Any) -> MLPFamily:
+        kwargs = {"dataset": self.dataset, "hidden_sizes": self.hidden_sizes, "activation": self.activation,
+                  "batch_size": self.batch_size, "data_seed": self.data_seed, "width_choices": self.width_choices,
+                  "depth_choices": self.depth_choices, "activation_choices": self.activation_choices,
+                  "data_dir": self.data_dir, **changes}
         return MLPFamily(**kwargs)
 
-    def out_of_distribution(self) -> dict[str, "MLPFamily"]:
+    def out_of_distribution(self) -> dict[str, MLPFamily]:
         """Families outside this one's architectures, for generalisation tests (Andrychowicz et
         al. 2016, §3.2): ``"wider"`` (twice the widest width: 20 → 40 units), ``"deeper"`` (one
         more hidden layer: 20 → 20-20) and ``"activation"`` (activations this family never uses;

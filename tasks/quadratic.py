@@ -8,7 +8,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from learnopt.task import Params, Task
+from learnopt.task import Params, Task, generator_device
 
 
 @dataclass
@@ -18,6 +18,7 @@ class QuadraticTask:
     W: Tensor
     y: Tensor
     init_scale: float = 0.01
+    loss_scale: float = 1.0
 
     @property
     def num_instances(self) -> int:
@@ -28,8 +29,8 @@ class QuadraticTask:
         return self.W.shape[-1]
 
     def init(self, generator: torch.Generator | None = None) -> Params:
-        theta = torch.randn(self.y.shape, generator=generator, dtype=self.y.dtype, device=self.y.device)
-        return {"theta": self.init_scale * theta}
+        theta = torch.randn(self.y.shape, generator=generator, dtype=self.y.dtype, device=generator_device(generator))
+        return {"theta": self.init_scale * theta.to(self.y.device)}
 
     def loss(self, params: Params, batch: Any = None) -> Tensor:
         residual = torch.einsum("nij,nj->ni", self.W, params["theta"]) - self.y
@@ -38,8 +39,12 @@ class QuadraticTask:
     def sample_batch(self, generator: torch.Generator | None = None) -> None:
         return None
 
-    def to(self, device: torch.device | str) -> "QuadraticTask":
-        return QuadraticTask(self.W.to(device), self.y.to(device), self.init_scale)
+    def normalize(self, loss: Tensor) -> Tensor:
+        return loss / self.loss_scale
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> QuadraticTask:
+        return QuadraticTask(self.W.to(device=device, dtype=dtype), self.y.to(device=device, dtype=dtype),
+                             self.init_scale, self.loss_scale)
 
     def optimum(self) -> Tensor:
         """Closed-form minimiser (least squares), for tests and reporting."""
@@ -52,6 +57,11 @@ class QuadraticFamily:
     ``distribution="gaussian"``: W, y i.i.d. N(0, 1), as written in the paper;
     ``distribution="uniform"``: W, y i.i.d. U[0, 1), as in the authors' code (learning-to-learn
     ``problems.quadratic``). θ₀ ~ N(0, ``init_scale``²).
+
+    ``normalize`` divides by ``loss_scale``, the expected initial loss E||Wθ₀ − y||² in closed
+    form: with θ₀ independent of zero mean, E(Wθ₀ − y)_i² = E(Wθ₀)_i² + E y_i² =
+    d E[W²] s² + E[y²], so ``d (1 + d s²)`` for Gaussian and ``(d / 3)(1 + d s²)`` for uniform
+    entries (E[u²] = 1/3), s = ``init_scale``.
     """
 
     def __init__(
@@ -70,11 +80,16 @@ class QuadraticFamily:
         self.init_scale = init_scale
         self.dtype = dtype
         self.name = f"quadratic{dim}_{distribution}"
+        second_moment = 1.0 if distribution == "gaussian" else 1.0 / 3.0
+        self.loss_scale = dim * second_moment * (1.0 + dim * init_scale**2)
+
+    def normalize(self, loss: Tensor) -> Tensor:
+        return loss / self.loss_scale
 
     def sample(self, num_instances: int, generator: torch.Generator | None = None) -> Task:
         """A ``QuadraticTask`` of ``num_instances`` instances."""
         draw = torch.randn if self.distribution == "gaussian" else torch.rand
         d = self.dim
-        W = draw((num_instances, d, d), generator=generator, dtype=self.dtype)
-        y = draw((num_instances, d), generator=generator, dtype=self.dtype)
-        return QuadraticTask(W, y, self.init_scale)
+        W = draw((num_instances, d, d), generator=generator, device=generator_device(generator), dtype=self.dtype)
+        y = draw((num_instances, d), generator=generator, device=generator_device(generator), dtype=self.dtype)
+        return QuadraticTask(W, y, self.init_scale, self.loss_scale)

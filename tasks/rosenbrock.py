@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from learnopt.task import Params, Task, seeded_generator
+from learnopt.task import Params, Task, generator_device, seeded_generator
 
 _NORMALISER_DRAWS = 4096
 
@@ -47,14 +47,11 @@ class RosenbrockTask:
         return self.shift.shape[-1]
 
     def init(self, generator: torch.Generator | None = None) -> Params:
-        theta = torch.randn(self.shift.shape, generator=generator, dtype=torch.float32)
+        theta = torch.randn(self.shift.shape, generator=generator, device=generator_device(generator), dtype=torch.float32)
         return {"theta": (self.init_std * theta).to(self.shift)}
 
     def loss(self, params: Params, batch: Any = None) -> Tensor:
         return self.scale * rosenbrock(params["theta"] - self.shift + 1, self.b)
-
-    def full_loss(self, params: Params) -> Tensor:
-        return self.loss(params)
 
     def sample_batch(self, generator: torch.Generator | None = None) -> None:
         return None
@@ -66,7 +63,7 @@ class RosenbrockTask:
     def normalize(self, loss: Tensor) -> Tensor:
         return loss / self.loss_scale
 
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "RosenbrockTask":
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> RosenbrockTask:
         return RosenbrockTask(self.shift.to(device=device, dtype=dtype), self.scale.to(device=device, dtype=dtype),
                               self.b, self.init_std, self.loss_scale)
 
@@ -104,9 +101,9 @@ class RosenbrockFamily:
         self.loss_scale = self._median_initial_loss()
 
     def _draw(self, num_instances: int, generator: torch.Generator | None, dtype: torch.dtype) -> RosenbrockTask:
-        shift = self.shift_std * torch.randn(num_instances, self.dim, generator=generator, dtype=torch.float32)
+        shift = self.shift_std * torch.randn(num_instances, self.dim, generator=generator, device=generator_device(generator), dtype=torch.float32)
         lo, hi = torch.log(torch.tensor(self.scale_range))
-        scale = torch.exp(lo + (hi - lo) * torch.rand(num_instances, generator=generator, dtype=torch.float32))
+        scale = torch.exp(lo + (hi - lo) * torch.rand(num_instances, generator=generator, device=generator_device(generator), dtype=torch.float32))
         return RosenbrockTask(shift.to(dtype), scale.to(dtype), self.b, self.init_std)
 
     def _median_initial_loss(self) -> float:

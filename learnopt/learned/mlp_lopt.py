@@ -98,6 +98,8 @@ class FeatureMLPOptimizer(LearnedOptimizer):
         decays = [float(b) for b in momentum_decays]
         if not all(0.0 <= b < 1.0 for b in [*decays, second_moment_decay]):
             raise ValueError("FeatureMLPOptimizer: momentum and second-moment decays must lie in [0, 1)")
+        if len(set(decays)) != len(decays):
+            raise ValueError(f"FeatureMLPOptimizer: a momentum decay is given twice in {decays}")
         if int(batch_dims) < 0:
             raise ValueError(f"FeatureMLPOptimizer: batch_dims must be >= 0, got {batch_dims}")
         self.hidden_sizes = hidden_sizes

@@ -10,8 +10,9 @@ and non-differentiable inner steps are fine.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -110,7 +111,8 @@ class PerturbationEstimator(GradientEstimator):
     reports the meta-loss, perturbation draws, perturbed truncations, the non-finite guard.
 
     Perturbations are ε = σ z with z ~ N(0, I) drawn on the CPU from a generator carried in
-    the state (seeded by ``(split, seed, "noise", noise_seed, episode)``), so estimates are
+    the state (seeded by ``(split, seed, "noise", noise_seed, episode)``; pair by pair, each
+    pair's z tensor by tensor in ``named_parameters`` order), so estimates are
     reproducible on any device and resume exactly. ``noise_seed`` changes only the
     perturbations, not the tasks. All members of all pairs, and the reference run, start each
     truncation from the same data-generator state, so they see the same task batches (common
@@ -181,10 +183,10 @@ class PerturbationEstimator(GradientEstimator):
 
     def _finish(self, lopt: nn.Module, names: list[str], grads: list[Tensor], losses: list[Tensor],
                 ref: Truncation, new_state: UnrollState, metrics: dict[str, float]) -> GradientEstimate:
-        step = new_state.step
         """The non-finite guard of ``TruncatedBPTT``: if the reference meta-loss, any perturbed
         meta-loss or the estimate is not finite, report ``finite=False`` with zero gradients
         and start the next episode."""
+        step = new_state.step
         finite = bool(torch.isfinite(torch.stack([ref.meta_loss, *losses])).all())
         finite = finite and all(bool(torch.isfinite(g).all()) for g in grads)
         if not finite:

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from learnopt.meta.base import GradientEstimate, UnrollState, cpu_leaves, meta_weights, restore_leaves
+from learnopt.meta.base import GradientEstimate, cpu_leaves, meta_weights, restore_leaves
 from learnopt.meta.es import ESState, PerturbationEstimator, copy_generator
 from learnopt.optim.base import Params
 
@@ -44,11 +44,12 @@ class PES(PerturbationEstimator):
         L_i^± = L_j(run of particle i^± from its own state, weights φ ± ε_i)
         ĝ_j = (1/(2N σ²)) Σ_i ξ_i (L_i^+ − L_i^−)
 
-    (Vicol et al. 2021, Algorithm 2 with antithetic sampling: mean over the 2N particles of
+    (the paper's PES update with antithetic sampling: the mean over the 2N particles of
     ξ L / σ², with ξ of the negative member = −ξ_i). For a fixed φ,
-    E[Σ_j ĝ_j] = ∇_φ E[Σ_j L_j(φ + ε_1, …, φ + ε_j)], the gradient of the Gaussian-smoothed
-    whole-episode meta-loss — unbiased with respect to the whole horizon, whatever the
-    truncation lengths (Vicol et al. 2021, Theorem 1). Its variance grows with the number of
+    E[Σ_j ĝ_j] = ∇_φ E_ε[Σ_j L_j(φ + ε_1, …, φ + ε_j)], where L_j depends on the weights
+    used in truncations 1 … j: the gradient of the Gaussian-smoothed whole-episode meta-loss,
+    unbiased with respect to the whole horizon whatever the truncation lengths (the
+    unbiasedness result of Vicol et al. 2021). Its variance grows with the number of
     truncations in an episode (ξ accumulates) and shrinks as 1/N.
 
     In meta-training φ changes between truncations and the particles continue with the new

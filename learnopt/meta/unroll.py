@@ -10,7 +10,6 @@ from torch import Tensor
 from learnopt.optim.base import GradientTransformation, Params, apply_updates, detach_state
 from learnopt.task import Task
 
-
 DIVERGED_LOG10 = 30.0
 
 

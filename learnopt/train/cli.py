@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import sys
 import warnings
 from pathlib import Path
+from typing import Any
 
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-
 from pydoc_data.topics import topics
 
 # Sections that do not contain one another (pydoc repeats sub-sections as topics of their own).
