@@ -41,7 +41,9 @@ def inner_step(
     grads = torch.autograd.grad(
         loss.sum(), [params[k] for k in names], create_graph=second_order, retain_graph=True
     )
-    updates, opt_state = tx.update(dict(zip(names, grads)), opt_state, params)
+    # Finite-sum tasks hand their optimizers indices and per-example gradients this way.
+    extra = task.extra_args(batch) if hasattr(task, "extra_args") else {}
+    updates, opt_state = tx.update(dict(zip(names, grads)), opt_state, params, **extra)
     return loss, apply_updates(params, updates), opt_state
 
 

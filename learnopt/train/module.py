@@ -28,9 +28,14 @@ class _Once(IterableDataset):
 
 
 def family_spec(family: Any) -> dict[str, Any]:
-    """Import path and attributes of a task family, for checkpoint metadata."""
+    """Import path and constructor arguments of a task family (those stored under their own
+    name as plain values or tuples), for checkpoint metadata; derived attributes are left out."""
+    import inspect
+
     cls = type(family)
-    attrs = {k: v for k, v in vars(family).items() if isinstance(v, (int, float, str, bool))}
+    names = [n for n in inspect.signature(cls.__init__).parameters if n != "self"]
+    plain = (int, float, str, bool, tuple, list, type(None))
+    attrs = {n: getattr(family, n) for n in names if isinstance(getattr(family, n, object()), plain)}
     return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": attrs}
 
 
