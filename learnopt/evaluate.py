@@ -394,10 +394,14 @@ def log_to_wandb(evaluation: Evaluation, group: str, project: str = "learnopt", 
 
 def learned_optimizer_factory(checkpoint: str, **options: Any) -> Callable[[list[Tensor]], torch.optim.Optimizer]:
     """The drop-in path users take: ``learnopt.load_optimizer`` on each fresh set of parameters.
-    ``check_finite`` is off so one diverging instance scores as diverged without stopping the others."""
-    from learnopt.checkpoint import load_optimizer
+    ``check_finite`` is off so one diverging instance scores as diverged without stopping the others.
+    The task's parameters carry one leading instance dimension, which learned optimizers that
+    reduce over tensors (``takes_batch_dims``) are told, as in meta-training."""
+    from learnopt.checkpoint import load, load_optimizer
 
     options.setdefault("check_finite", False)
+    if getattr(load(checkpoint), "takes_batch_dims", False):
+        options.setdefault("batch_dims", 1)
     return lambda ps: load_optimizer(checkpoint, ps, **options)
 
 

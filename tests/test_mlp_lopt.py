@@ -69,8 +69,9 @@ def test_invalid_constructor_arguments():
 
 
 def test_config_round_trips_constructor_arguments():
-    kw = dict(hidden_sizes=[5, 3, 2], momentum_decays=[0.1, 0.95], second_moment_decay=0.9, param_feature=False,
-              step_timescales=[1.0, 7.0], exp_mult=0.5, step_mult=0.02, output_init_scale=0.3, batch_dims=1)
+    kw = {"hidden_sizes": [5, 3, 2], "momentum_decays": [0.1, 0.95], "second_moment_decay": 0.9, "param_feature": False,
+              "step_timescales": [1.0, 7.0], "exp_mult": 0.5, "step_mult": 0.02, "output_init_scale": 0.3,
+              "batch_dims": 1}
     lopt = FeatureMLPOptimizer(**kw)
     assert lopt.config() == kw
     clone = FeatureMLPOptimizer(**lopt.config())
@@ -91,8 +92,8 @@ def test_update_shapes_dtypes_and_state():
         grads = {k: torch.randn(p.shape, generator=g, dtype=DT) for k, p in params.items()}
         updates, state = lopt.update(grads, state, params)
         assert list(updates) == list(params)
-        for k in params:
-            assert updates[k].shape == params[k].shape and updates[k].dtype == DT
+        for k, p in params.items():
+            assert updates[k].shape == p.shape and updates[k].dtype == DT
             assert torch.isfinite(updates[k]).all()
         assert int(state.count) == t + 1
     # the untrained optimizer takes small steps: about step_mult * output_init_scale
@@ -161,11 +162,11 @@ class _HandFeatureMLP:
 
 
 _HAND_CASES = [
-    dict(hidden_sizes=(5, 4), momentum_decays=(0.5, 0.9), second_moment_decay=0.99, step_timescales=(1, 10),
-         exp_mult=0.7, step_mult=0.05, output_init_scale=1.0),
-    dict(hidden_sizes=(6,), momentum_decays=(0.3,), second_moment_decay=0.9, param_feature=False,
-         step_timescales=(2,), exp_mult=2.0, step_mult=0.3, output_init_scale=1.0),
-    dict(),  # the defaults
+    {"hidden_sizes": (5, 4), "momentum_decays": (0.5, 0.9), "second_moment_decay": 0.99, "step_timescales": (1, 10),
+     "exp_mult": 0.7, "step_mult": 0.05, "output_init_scale": 1.0},
+    {"hidden_sizes": (6,), "momentum_decays": (0.3,), "second_moment_decay": 0.9, "param_feature": False,
+     "step_timescales": (2,), "exp_mult": 2.0, "step_mult": 0.3, "output_init_scale": 1.0},
+    {},  # the defaults
 ]
 
 
@@ -180,7 +181,8 @@ def test_update_equals_hand_computation(kw, batch_dims):
     state = lopt.init(params)
     for step in range(4):
         # gradients over several magnitudes, with an exact zero
-        grads = {k: torch.randn(s, generator=g, dtype=DT) * 10.0 ** float(i - 1) for i, (k, s) in enumerate(shapes.items())}
+        grads = {k: torch.randn(s, generator=g, dtype=DT) * 10.0 ** float(i - 1)
+                 for i, (k, s) in enumerate(shapes.items())}
         grads["a"].view(-1)[step] = 0.0
         with torch.no_grad():
             updates, state = lopt.update(grads, state, params)
@@ -218,7 +220,7 @@ def test_normalisation_is_per_tensor_and_scale_free():
 
 def test_batched_instances_equal_individual_runs():
     B = 3
-    kw = dict(hidden_sizes=(8, 8), step_mult=0.05, exp_mult=0.5, output_init_scale=1.0)
+    kw = {"hidden_sizes": (8, 8), "step_mult": 0.05, "exp_mult": 0.5, "output_init_scale": 1.0}
     batched_lopt, single_lopt = _lopt(seed=6, batch_dims=1, **kw), _lopt(seed=6, batch_dims=0, **kw)
     g = torch.Generator().manual_seed(7)
     params = {"w": torch.randn(B, 4, 3, generator=g, dtype=DT), "b": torch.randn(B, 3, generator=g, dtype=DT),

@@ -15,6 +15,11 @@ REGISTRY: dict[str, type[LearnedOptimizer]] = {
 }
 
 __all__ = [
-    "REGISTRY", "CoordinatewiseLSTM", "FeatureMLPOptimizer", "LearnedHyperparameters", "LSTMOptimizerState", "LearnedOptimizer",
+    "REGISTRY",
+    "CoordinatewiseLSTM",
+    "FeatureMLPOptimizer",
+    "LSTMOptimizerState",
+    "LearnedHyperparameters",
+    "LearnedOptimizer",
     "log_and_sign",
 ]

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from functools import partial
+from itertools import pairwise
 from typing import Any
 
 import torch
@@ -129,7 +130,7 @@ class FeatureMLPOptimizer(LearnedOptimizer):
         self.feature_names = base + [f"{n}*{self._rsqrt_name}" for n in self._momentum_names] + step_names
 
         sizes = [len(self.feature_names), *hidden_sizes, 2]
-        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:]))
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in pairwise(sizes))
         with torch.no_grad():
             self.layers[-1].weight.mul_(self.output_init_scale)
             self.layers[-1].bias.zero_()
@@ -169,7 +170,9 @@ class FeatureMLPOptimizer(LearnedOptimizer):
         ``TransformFeatures``) and the new feature state."""
         batch_dims = self.batch_dims if batch_dims is None else batch_dims
         if self.param_feature and params is None:
-            raise ValueError("FeatureMLPOptimizer: the parameter-value feature needs params: update(grads, state, params)")
+            raise ValueError(
+                "FeatureMLPOptimizer: the parameter-value feature needs params: update(grads, state, params)"
+            )
         grads = {k: g.to(self.dtype) for k, g in grads.items()}
         if params is not None:
             params = {k: params[k].to(self.dtype) for k in grads}
