@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from learnopt.task import Params, Task, generator_device
-from tasks.datasets import load_dataset
+from tasks.datasets import cross_entropy_per_instance, load_dataset, sample_minibatches
 
 ACTIVATIONS = {"relu": torch.relu, "tanh": torch.tanh, "sigmoid": torch.sigmoid}
 
@@ -94,18 +94,12 @@ class CNNTask:
         features = h.reshape(B, n, -1).transpose(0, 1)  # [n, B, c_last * L_last]
         return torch.bmm(features, params["fc_w"]) + params["fc_b"][:, None, :]
 
-    def _ce(self, logits: Tensor, y: Tensor) -> Tensor:
-        n, B, c = logits.shape
-        y = y.expand(n, B) if y.dim() == 1 else y
-        return F.cross_entropy(logits.reshape(n * B, c), y.reshape(-1), reduction="none").view(n, B).mean(-1)
-
     def sample_batch(self, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-        idx = torch.randint(len(self.y), (self.n, self.batch_size), generator=generator, device=generator_device(generator)).to(self.x.device)
-        return self.x[idx], self.y[idx]
+        return sample_minibatches(self.x, self.y, self.n, self.batch_size, generator)
 
     def loss(self, params: Params, batch: Any = None) -> Tensor:
         x, y = batch if batch is not None else (self.x, self.y)
-        return self._ce(self.logits(params, x), y)
+        return cross_entropy_per_instance(self.logits(params, x), y)
 
     def full_loss(self, params: Params) -> Tensor:
         """Mean cross-entropy of each instance over the whole training set."""

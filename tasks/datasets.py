@@ -166,3 +166,22 @@ def load_dataset(name: str, seed: int = 0, data_dir: str | None = None) -> tuple
         flat = lambda x: x.reshape(len(x), -1).to(torch.float32) / 255.0
         return flat(x_tr), y_tr, flat(x_te), y_te
     raise ValueError(f"unknown dataset {name!r} (known: {', '.join(DATASETS)})")
+
+
+def cross_entropy_per_instance(logits: Tensor, y: Tensor) -> Tensor:
+    """Mean cross-entropy of each instance: ``logits`` [n, B, C]; ``y`` [n, B] or shared [B]."""
+    import torch.nn.functional as F
+
+    n, B, c = logits.shape
+    y = y.expand(n, B) if y.dim() == 1 else y
+    return F.cross_entropy(logits.reshape(n * B, c), y.reshape(-1), reduction="none").view(n, B).mean(-1)
+
+
+def sample_minibatches(x: Tensor, y: Tensor, n: int, batch_size: int,
+                       generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """Independent minibatches (with replacement) for ``n`` instances: ``x`` [n, B, ...], ``y`` [n, B]."""
+    from learnopt.task import generator_device
+
+    idx = torch.randint(len(y), (n, batch_size), generator=generator, device=generator_device(generator))
+    idx = idx.to(x.device)
+    return x[idx], y[idx]

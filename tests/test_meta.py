@@ -271,11 +271,13 @@ def test_meta_loss_value_closed_form(transform):
     def f(theta):  # per instance, by hand
         return [float(((W[n] @ theta[n] - y[n]) ** 2).sum()) for n in range(W.shape[0])]
 
+    state = s0
     for trunc in range(2):
         t0 = trunc * K
         # θ_t = θ_0 + t·b for every coordinate; meta-loss = mean over t0+1..t0+K of mean over instances.
         expected = sum(sum(tf(v) for v in f(theta0 + t * b)) / 3 for t in range(t0 + 1, t0 + K + 1)) / K
-        res = est.estimate(lopt, s0 if trunc == 0 else res.unroll_state)
+        res = est.estimate(lopt, state)
+        state = res.unroll_state
         assert res.meta_loss.item() == pytest.approx(expected, rel=1e-12)
     first_loss = sum(f(theta0 + K * b)) / 3
     assert res.metrics["inner_loss_first"] == pytest.approx(first_loss, rel=1e-12)

@@ -19,7 +19,6 @@ import math
 import pytest
 import pytorch_optimizer
 import torch
-from torch import nn
 
 from learnopt import optim as lo
 from learnopt.optim import transforms as lo_transforms
