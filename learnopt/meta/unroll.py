@@ -57,7 +57,9 @@ def rollout(
     """Train ``task`` for ``steps`` steps with ``tx`` without keeping any graph between steps.
 
     Returns the per-instance losses ``[steps + 1, num_instances]`` (before each step and after
-    the last). Non-finite losses are kept as they are: a divergent optimizer shows as inf/NaN.
+    the last). The entry after the last step is the loss on the whole training set when the task
+    has ``full_loss`` (what validation and evaluation score), else on a minibatch. Non-finite
+    losses are kept as they are: a divergent optimizer shows as inf/NaN.
     """
     if params is None:
         params = task.init(generator)
@@ -70,5 +72,7 @@ def rollout(
             losses.append(loss.detach())
             params = {k: p.detach().requires_grad_(True) for k, p in new_params.items()}
             state = detach_state(state)
-        losses.append(task.loss(params, task.sample_batch(generator)).detach())
+        full_loss = getattr(task, "full_loss", None)
+        last = full_loss(params) if full_loss is not None else task.loss(params, task.sample_batch(generator))
+        losses.append(last.detach())
     return torch.stack(losses)
