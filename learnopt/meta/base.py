@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
+from learnopt.meta.schedules import ConstantSchedule, truncation_length
 from learnopt.optim.base import Params, tree_leaves
 from learnopt.task import Task, TaskFamily, seeded_generator
 
@@ -91,6 +92,33 @@ class GradientEstimator:
     """
 
     horizon: int
+
+    def _configure(self, task_family: TaskFamily, num_tasks: int, unroll_length: int, horizon: int,
+                   loss_transform: str, seed: int, split: str, schedule: Any) -> None:
+        """Validate and store the settings every estimator shares."""
+        name = type(self).__name__
+        if unroll_length < 1 or horizon < 1:
+            raise ValueError(f"{name}: unroll_length and horizon must be >= 1")
+        if loss_transform not in ("identity", "log"):
+            raise ValueError(f"{name}: loss_transform must be 'identity' or 'log', got {loss_transform!r}")
+        self.task_family = task_family
+        self.num_tasks = num_tasks
+        self.unroll_length = unroll_length
+        self.horizon = horizon
+        self.loss_transform = loss_transform
+        self.seed = seed
+        self.split = split
+        self.schedule = ConstantSchedule(unroll_length) if schedule is None else schedule
+
+    def truncation_length(self, state: UnrollState) -> int:
+        """Length of the truncation that starts at ``state.step`` (clipped to the horizon)."""
+        return truncation_length(self.schedule, state.step, self.horizon, self.split, self.seed, state.episode)
+
+    def _transform(self, loss: Tensor) -> Tensor:
+        """The meta-loss transform: ``log`` weighs late, small losses like early ones."""
+        if self.loss_transform == "log":
+            return torch.log(loss + 1e-12)
+        return loss
 
     def init_unroll(self, lopt: nn.Module, episode: int = 0) -> UnrollState:
         raise NotImplementedError

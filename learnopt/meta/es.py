@@ -24,7 +24,7 @@ from learnopt.meta.base import (
     meta_weights,
     start_unroll,
 )
-from learnopt.meta.schedules import ConstantSchedule, TruncationSchedule, truncation_length
+from learnopt.meta.schedules import TruncationSchedule
 from learnopt.meta.unroll import inner_step
 from learnopt.optim.base import Params, detach_state
 from learnopt.task import Task, TaskFamily, seeded_generator
@@ -136,38 +136,19 @@ class PerturbationEstimator(GradientEstimator):
         noise_seed: int = 0,
     ) -> None:
         name = type(self).__name__
-        if unroll_length < 1 or horizon < 1:
-            raise ValueError(f"{name}: unroll_length and horizon must be >= 1")
-        if loss_transform not in ("identity", "log"):
-            raise ValueError(f"{name}: loss_transform must be 'identity' or 'log', got {loss_transform!r}")
+        self._configure(task_family, num_tasks, unroll_length, horizon, loss_transform, seed, split, schedule)
         if not sigma > 0:
             raise ValueError(f"{name}: sigma must be > 0, got {sigma}")
         if num_pairs < 1:
             raise ValueError(f"{name}: num_pairs must be >= 1, got {num_pairs}")
-        self.task_family = task_family
-        self.num_tasks = num_tasks
-        self.unroll_length = unroll_length
-        self.horizon = horizon
-        self.loss_transform = loss_transform
-        self.seed = seed
-        self.split = split
         self.sigma = float(sigma)
         self.num_pairs = num_pairs
-        self.schedule = ConstantSchedule(unroll_length) if schedule is None else schedule
         self.noise_seed = noise_seed
 
     # -- shared pieces ---------------------------------------------------------------------------
     def _start(self, lopt: nn.Module, episode: int) -> tuple[UnrollState, torch.Generator]:
         base = start_unroll(lopt, self.task_family, self.num_tasks, self.split, self.seed, episode)
         return base, seeded_generator(self.split, self.seed, "noise", self.noise_seed, episode)
-
-    def truncation_length(self, state: UnrollState) -> int:
-        return truncation_length(self.schedule, state.step, self.horizon, self.split, self.seed, state.episode)
-
-    def _transform(self, loss: Tensor) -> Tensor:
-        if self.loss_transform == "log":
-            return torch.log(loss + 1e-12)
-        return loss
 
     def _perturbation(self, weights: dict[str, Tensor], noise: torch.Generator) -> dict[str, Tensor]:
         """ε = σ z, z ~ N(0, I), drawn on the CPU in each weight's dtype."""

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from learnopt.meta.base import GradientEstimate, GradientEstimator, UnrollState, meta_weights, start_unroll
-from learnopt.meta.schedules import ConstantSchedule, TruncationSchedule, truncation_length
+from learnopt.meta.schedules import TruncationSchedule
 from learnopt.meta.unroll import inner_step
 from learnopt.optim.base import detach_state
 from learnopt.task import TaskFamily
@@ -53,31 +53,11 @@ class TruncatedBPTT(GradientEstimator):
         split: str = "train",
         schedule: TruncationSchedule | None = None,
     ) -> None:
-        if unroll_length < 1 or horizon < 1:
-            raise ValueError("TruncatedBPTT: unroll_length and horizon must be >= 1")
-        if loss_transform not in ("identity", "log"):
-            raise ValueError(f"TruncatedBPTT: loss_transform must be 'identity' or 'log', got {loss_transform!r}")
-        self.task_family = task_family
-        self.num_tasks = num_tasks
-        self.unroll_length = unroll_length
-        self.horizon = horizon
+        self._configure(task_family, num_tasks, unroll_length, horizon, loss_transform, seed, split, schedule)
         self.second_order = second_order
-        self.loss_transform = loss_transform
-        self.seed = seed
-        self.split = split
-        self.schedule = ConstantSchedule(unroll_length) if schedule is None else schedule
-
-    def truncation_length(self, state: UnrollState) -> int:
-        """Length of the truncation that starts at ``state.step`` (clipped to the horizon)."""
-        return truncation_length(self.schedule, state.step, self.horizon, self.split, self.seed, state.episode)
 
     def init_unroll(self, lopt: nn.Module, episode: int = 0) -> UnrollState:
         return start_unroll(lopt, self.task_family, self.num_tasks, self.split, self.seed, episode)
-
-    def _transform(self, loss: Tensor) -> Tensor:
-        if self.loss_transform == "log":
-            return torch.log(loss + 1e-12)
-        return loss
 
     def unroll(self, lopt: nn.Module, state: UnrollState) -> tuple[Tensor, UnrollState, dict[str, float]]:
         """Run one truncation; returns the meta-loss (with its graph), the next carried state
