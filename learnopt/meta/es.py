@@ -157,6 +157,22 @@ class PerturbationEstimator(GradientEstimator):
             for n, w in weights.items()
         }
 
+    def _begin(self, lopt: nn.Module, state: ESState | None) -> tuple:
+        """Start an estimate: the state (a new episode past the horizon), the truncation length,
+        the unperturbed weights φ, copies of the noise and data generators, and the reference
+        run with φ, which advances the carried data stream and supplies the reported metrics."""
+        if state is None:
+            state = self.init_unroll(lopt)
+        if state.step >= self.horizon:
+            state = self.init_unroll(lopt, state.episode + 1)
+        k = self.truncation_length(state)
+        names, weights = meta_weights(lopt)
+        phi = {n: w.detach() for n, w in zip(names, weights)}
+        noise = copy_generator(state.noise)
+        data = copy_generator(state.generator)
+        ref = self._run(lopt, phi, state.task, state.params, state.opt_state, data, k)
+        return state, k, names, phi, noise, data, ref
+
     def _run(self, lopt: nn.Module, weights: dict[str, Tensor], task: Task, params: Params, opt_state: Any,
              generator: torch.Generator, k: int) -> Truncation:
         return call_with_weights(lopt, weights, forward_truncation, task, params, opt_state, generator, k,
@@ -225,17 +241,7 @@ class ES(PerturbationEstimator):
         return ESState(base.task, base.params, base.opt_state, base.step, base.episode, base.generator, noise)
 
     def estimate(self, lopt: nn.Module, state: ESState | None = None) -> GradientEstimate:
-        if state is None:
-            state = self.init_unroll(lopt)
-        if state.step >= self.horizon:
-            state = self.init_unroll(lopt, state.episode + 1)
-        k = self.truncation_length(state)
-        names, weights = meta_weights(lopt)
-        phi = {n: w.detach() for n, w in zip(names, weights)}
-        noise = copy_generator(state.noise)
-        data = copy_generator(state.generator)  # advanced by the reference run: the carried stream
-
-        ref = self._run(lopt, phi, state.task, state.params, state.opt_state, data, k)
+        state, k, names, phi, noise, data, ref = self._begin(lopt, state)
         grads = {n: torch.zeros_like(w) for n, w in phi.items()}
         losses = []
         for _ in range(self.num_pairs):

@@ -74,17 +74,7 @@ class PES(PerturbationEstimator):
                         particles, accum)
 
     def estimate(self, lopt: nn.Module, state: PESState | None = None) -> GradientEstimate:
-        if state is None:
-            state = self.init_unroll(lopt)
-        if state.step >= self.horizon:
-            state = self.init_unroll(lopt, state.episode + 1)
-        k = self.truncation_length(state)
-        names, weights = meta_weights(lopt)
-        phi = {n: w.detach() for n, w in zip(names, weights)}
-        noise = copy_generator(state.noise)
-        data = copy_generator(state.generator)
-
-        ref = self._run(lopt, phi, state.task, state.params, state.opt_state, data, k)
+        state, k, names, phi, noise, data, ref = self._begin(lopt, state)
         grads = {n: torch.zeros_like(w) for n, w in phi.items()}
         losses, particles, accum = [], [], []
         for i in range(self.num_pairs):
