@@ -20,9 +20,9 @@ class ExportLearnedOptimizer(pl.Callback):
     meta-training config, the meta-step and the validation score.
     """
 
-    def __init__(self, path: str = "runs/meta-train/learned_optimizer.pt", monitor: str = "val/log10_final_loss"):
+    def __init__(self, path: str = "runs/meta-train/learned_optimizer.pt", monitor: str | None = None):
         self.path = path
-        self.monitor = monitor
+        self.monitor = monitor  # None: the module's own ``monitor_key``
         self.best: float | None = None
         self.best_step: int | None = None
 
@@ -43,6 +43,10 @@ class ExportLearnedOptimizer(pl.Callback):
         metadata["meta_steps"] = self.best_step
         export_checkpoint(module.learned_optimizer, self.path, metadata)
 
+    def setup(self, trainer: pl.Trainer, module: Any, stage: str) -> None:
+        if self.monitor is None:
+            self.monitor = getattr(module, "monitor_key", "val/log10_final_loss")
+
     def on_validation_end(self, trainer: pl.Trainer, module: Any) -> None:
         if trainer.sanity_checking or self.monitor not in trainer.callback_metrics:
             return
@@ -50,7 +54,7 @@ class ExportLearnedOptimizer(pl.Callback):
 
     def on_train_end(self, trainer: pl.Trainer, module: Any) -> None:
         if self.best_step != trainer.global_step:
-            self._consider(trainer, module, module.validation_log10_final_loss())
+            self._consider(trainer, module, module.validation_score())
         if self.best is not None:
             module.print(f"learned optimizer exported to {self.path} (best {self.monitor} {self.best:.3f} "
                          f"at meta-step {self.best_step})")

@@ -10,8 +10,10 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from learnopt.learned.base import LearnedOptimizer
+from torch import nn
+
 from learnopt.meta.base import GradientEstimator, UnrollState
+from learnopt.meta.episodic import EpisodeFamily, EpisodicBPTT, EpisodicES, is_episodic
 from learnopt.meta.es import ES
 from learnopt.meta.pes import PES
 from learnopt.meta.schedules import make_schedule
@@ -57,6 +59,14 @@ def build_estimator(
     """The ``learnopt.meta`` estimator named by ``estimator``, from ``MetaTrainModule``'s flat options."""
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {', '.join(ESTIMATORS)}, got {estimator!r}")
+    if is_episodic(task_family):
+        # No inner optimizer run to truncate: an episode is scored as a whole.
+        if estimator == "full_bptt":
+            return EpisodicBPTT(task_family, num_tasks, seed)
+        if estimator == "es":
+            return EpisodicES(task_family, num_tasks, seed, sigma=es_sigma, num_pairs=num_pairs)
+        raise ValueError(f"{type(task_family).__name__} is an episode family: its estimator must be "
+                         f"'full_bptt' (backpropagation through whole episodes) or 'es', got {estimator!r}")
     if estimator == "full_bptt":
         return FullBPTT(task_family, num_tasks, horizon, second_order, loss_transform, seed)
     schedule = make_schedule(truncation_schedule, unroll_length, min_unroll_length, max_unroll_length)
@@ -102,8 +112,8 @@ class MetaTrainModule(pl.LightningModule):
 
     def __init__(
         self,
-        learned_optimizer: LearnedOptimizer,
-        task_family: TaskFamily,
+        learned_optimizer: nn.Module,
+        task_family: TaskFamily | EpisodeFamily,
         num_tasks: int = 128,
         unroll_length: int = 20,
         horizon: int = 100,
@@ -189,8 +199,24 @@ class MetaTrainModule(pl.LightningModule):
         self.log("train/episode", float(self._unroll.episode), batch_size=1)
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
-        log10_final = self.validation_log10_final_loss()
-        self.log("val/log10_final_loss", log10_final, prog_bar=True, batch_size=1)
+        self.log(self.monitor_key, self.validation_score(), prog_bar=True, batch_size=1)
+
+    @property
+    def monitor_key(self) -> str:
+        """The validation metric (lower is better) that model selection watches: the mean log10
+        final loss for inner-training families, ``val/<family.validation_name>`` for episode
+        families (default ``val/score``)."""
+        if is_episodic(self.task_family):
+            return f"val/{getattr(self.task_family, 'validation_name', 'score')}"
+        return "val/log10_final_loss"
+
+    def validation_score(self) -> float:
+        """The current model's score on the fixed validation split (see ``monitor_key``)."""
+        if is_episodic(self.task_family):
+            generator = seeded_generator("val", self.hparams.seed)
+            with torch.inference_mode(False), torch.enable_grad():
+                return float(self.task_family.validation_score(self.learned_optimizer, generator))
+        return self.validation_log10_final_loss()
 
     def validation_log10_final_loss(self) -> float:
         """Mean log10 final loss of the current learned optimizer on the fixed validation tasks
