@@ -52,12 +52,22 @@ class GradientEstimate:
     finite: bool = True
 
 
+def task_stream(split: str, seed: int, episode: int, rank: int = 0) -> torch.Generator:
+    """The seed stream of episode ``episode``'s tasks: ``(split, seed, episode)`` for rank 0 (and
+    a single process, so single-process runs and their checkpoints stay reproducible), and
+    ``(split, seed, "rank", rank, episode)`` for the other ranks of a distributed run, so every
+    rank trains its own task instances."""
+    if rank == 0:
+        return seeded_generator(split, seed, episode)
+    return seeded_generator(split, seed, "rank", rank, episode)
+
+
 def start_unroll(
-    lopt: nn.Module, task_family: TaskFamily, num_tasks: int, split: str, seed: int, episode: int
+    lopt: nn.Module, task_family: TaskFamily, num_tasks: int, split: str, seed: int, episode: int, rank: int = 0
 ) -> UnrollState:
-    """Sample episode ``episode``'s tasks from the seed stream ``(split, seed, episode)`` and
-    their initial parameters and optimizer state, on ``lopt``'s device."""
-    generator = seeded_generator(split, seed, episode)
+    """Sample episode ``episode``'s tasks from the seed stream ``task_stream(split, seed,
+    episode, rank)`` and their initial parameters and optimizer state, on ``lopt``'s device."""
+    generator = task_stream(split, seed, episode, rank)
     task = task_family.sample(num_tasks, generator)
     if hasattr(task, "to"):
         task = task.to(lopt.device)
@@ -92,6 +102,24 @@ class GradientEstimator:
     """
 
     horizon: int
+    # Distributed meta-training (``distribute``): this process's rank among ``world_size``.
+    rank: int = 0
+    world_size: int = 1
+
+    def distribute(self, rank: int, world_size: int) -> None:
+        """Make this estimator one of ``world_size`` data-parallel replicas, the ``rank``-th.
+
+        What each replica computes is chosen so that the mean of the replicas' meta-gradients
+        (the all-reduce of ``MetaTrainModule``) is the estimate a single process would make on
+        the union of their work: BPTT estimators draw their tasks from a per-rank seed stream
+        (``task_stream``), so W ranks of ``num_tasks`` instances estimate what one process with
+        all W · ``num_tasks`` instances would; ES and PES share the tasks and split their
+        antithetic pairs across ranks (see ``PerturbationEstimator``). Call before
+        ``init_unroll``; rank 0 of any world draws what a single process draws.
+        """
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"{type(self).__name__}.distribute: need 0 <= rank < world_size, got {rank}, {world_size}")
+        self.rank, self.world_size = int(rank), int(world_size)
 
     def _configure(self, task_family: TaskFamily, num_tasks: int, unroll_length: int, horizon: int,
                    loss_transform: str, seed: int, split: str, schedule: Any) -> None:

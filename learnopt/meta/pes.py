@@ -61,15 +61,17 @@ class PES(PerturbationEstimator):
     run with the unperturbed φ is carried beside the particles: it gives ``meta_loss`` and
     the inner-loss metrics, comparable with the other estimators'. One estimate costs
     2N + 1 forward truncations; the particles' states take 2N times the memory of one run.
+    Distributed, each rank holds the particles of its own pairs only (``PerturbationEstimator``).
     A non-finite loss in any particle drops the estimate (``finite=False``, zero gradients)
     and restarts every particle in a new episode.
     """
 
     def init_unroll(self, lopt: nn.Module, episode: int = 0) -> PESState:
         base, noise = self._start(lopt, episode)
-        particles = [(base.params, base.opt_state)] * (2 * self.num_pairs)  # out-of-place updates: sharing is safe
+        pairs = len(self.local_pairs())
+        particles = [(base.params, base.opt_state)] * (2 * pairs)  # out-of-place updates: sharing is safe
         names, weights = meta_weights(lopt)
-        accum = [{n: torch.zeros_like(w.detach()) for n, w in zip(names, weights)} for _ in range(self.num_pairs)]
+        accum = [{n: torch.zeros_like(w.detach()) for n, w in zip(names, weights)} for _ in range(pairs)]
         return PESState(base.task, base.params, base.opt_state, base.step, base.episode, base.generator, noise,
                         particles, accum)
 
@@ -77,18 +79,22 @@ class PES(PerturbationEstimator):
         state, k, names, phi, noise, data, ref = self._begin(lopt, state)
         grads = {n: torch.zeros_like(w) for n, w in phi.items()}
         losses, particles, accum = [], [], []
+        local = {pair: j for j, pair in enumerate(self.local_pairs())}  # pair index -> slot in this rank's state
         for i in range(self.num_pairs):
-            eps = self._perturbation(phi, noise)
-            xi = {n: state.accum[i][n] + eps[n] for n in phi}
+            eps = self._perturbation(phi, noise)  # drawn for every pair, so all ranks share the stream
+            if i not in local:
+                continue
+            j = local[i]
+            xi = {n: state.accum[j][n] + eps[n] for n in phi}
             pair = []
-            for sign, (params, opt_state) in zip((1.0, -1.0), state.particles[2 * i: 2 * i + 2]):
+            for sign, (params, opt_state) in zip((1.0, -1.0), state.particles[2 * j: 2 * j + 2]):
                 member = {n: phi[n] + sign * eps[n] for n in phi}
                 run = self._run(lopt, member, state.task, params, opt_state, copy_generator(state.generator), k)
                 pair.append(run.meta_loss)
                 particles.append((run.params, run.opt_state))
             losses.extend(pair)
             accum.append(xi)
-            scale = (pair[0] - pair[1]) / (2 * self.sigma**2 * self.num_pairs)
+            scale = self._pair_scale(pair)
             for n in phi:
                 grads[n] = grads[n] + scale.to(xi[n].dtype) * xi[n]
         new_state = PESState(state.task, ref.params, ref.opt_state, state.step + k, state.episode, data, noise,
@@ -110,10 +116,11 @@ class PES(PerturbationEstimator):
     def restore_unroll(self, lopt: nn.Module, saved: dict[str, Any]) -> PESState:
         state = super().restore_unroll(lopt, saved)
         device = lopt.device
-        if len(saved["particles"]) != 2 * self.num_pairs:
+        pairs = len(self.local_pairs())
+        if len(saved["particles"]) != 2 * pairs:
             raise ValueError(
                 f"PES: the saved state has {len(saved['particles'])} particles, this estimator has "
-                f"{2 * self.num_pairs} (num_pairs={self.num_pairs})"
+                f"{2 * pairs} (num_pairs={self.num_pairs}, rank {self.rank} of {self.world_size})"
             )
         state.particles = [
             ({k: v.to(device) for k, v in p["params"].items()}, restore_leaves(state.opt_state, p["opt_state"], device))

@@ -57,7 +57,7 @@ class TruncatedBPTT(GradientEstimator):
         self.second_order = second_order
 
     def init_unroll(self, lopt: nn.Module, episode: int = 0) -> UnrollState:
-        return start_unroll(lopt, self.task_family, self.num_tasks, self.split, self.seed, episode)
+        return start_unroll(lopt, self.task_family, self.num_tasks, self.split, self.seed, episode, self.rank)
 
     def unroll(self, lopt: nn.Module, state: UnrollState) -> tuple[Tensor, UnrollState, dict[str, float]]:
         """Run one truncation; returns the meta-loss (with its graph), the next carried state

@@ -180,20 +180,54 @@ class MetaTrainModule(pl.LightningModule):
                 self._unroll = self._restore_unroll(pending)
         return self._unroll
 
+    # -- distributed meta-training (Lightning's DDP strategy) ------------------------------------
+    def on_fit_start(self) -> None:
+        # Each rank estimates on its own tasks (or, for ES/PES, its own share of the pairs); the
+        # meta-gradients are averaged by hand in ``_average_across_ranks`` (the estimator hands
+        # us gradients, there is no ``backward`` for DDP's hooks to reduce).
+        if self.trainer.world_size > 1:
+            self.estimator.distribute(self.global_rank, self.trainer.world_size)
+
+    def _average_across_ranks(self, est: Any) -> tuple[dict[str, torch.Tensor], torch.Tensor, bool]:
+        """The meta-gradient and meta-loss averaged over the ranks (one all-reduce), and whether
+        every rank's estimate was finite. A single process gets its own estimate back. If any
+        rank's estimate is not finite, no rank steps (so the replicas stay identical)."""
+        world = self.trainer.world_size
+        if world == 1 or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return est.meta_grads, est.meta_loss, est.finite
+        names = list(est.meta_grads)
+        like = est.meta_grads[names[0]]
+        flat = torch.cat([est.meta_grads[n].reshape(-1) for n in names] + [
+            est.meta_loss.detach().reshape(1).to(like),
+            torch.tensor([0.0 if est.finite else 1.0], dtype=like.dtype, device=like.device),
+        ])
+        torch.distributed.all_reduce(flat)  # sum
+        finite = bool(flat[-1] == 0)
+        flat = flat / world
+        grads, offset = {}, 0
+        for n in names:
+            g = est.meta_grads[n]
+            grads[n] = flat[offset: offset + g.numel()].view_as(g)
+            offset += g.numel()
+        return grads, flat[-2], finite
+
     def training_step(self, batch: Any, batch_idx: int) -> None:
         est = self.estimator.estimate(self.learned_optimizer, self._current_unroll())
         self._unroll = est.unroll_state
+        meta_grads, meta_loss, finite = self._average_across_ranks(est)
+        if est.finite and not finite:  # another rank diverged: every rank starts a new episode, as it did
+            self._unroll = self.estimator.init_unroll(self.learned_optimizer, self._unroll.episode + 1)
         opt = self.optimizers()
         opt.zero_grad()
-        if est.finite:
+        if finite:
             for name, p in self.learned_optimizer.named_parameters():
-                p.grad = est.meta_grads[name]
+                p.grad = meta_grads[name]
             self.clip_gradients(opt, gradient_clip_val=self.hparams.grad_clip, gradient_clip_algorithm="norm")
             opt.step()
             scheduler = self.lr_schedulers()
             if scheduler is not None:
                 scheduler.step()
-        self.log("train/meta_loss", est.meta_loss, prog_bar=True, batch_size=1)
+        self.log("train/meta_loss", meta_loss, prog_bar=True, batch_size=1)
         for key, value in est.metrics.items():
             self.log(f"train/{key}", value, reduce_fx="sum" if key == "nonfinite" else "mean", batch_size=1)
         self.log("train/episode", float(self._unroll.episode), batch_size=1)
@@ -237,12 +271,30 @@ class MetaTrainModule(pl.LightningModule):
         # inner run and accumulated perturbation), so a resumed run continues bit for bit.
         if self._unroll is not None:
             checkpoint["learnopt_unroll"] = self.estimator.save_unroll(self._unroll)
+        # Distributed: every rank's carried state (rank 0's is the one above), gathered on all
+        # ranks because Lightning builds the checkpoint on all of them and writes rank 0's.
+        if self._trainer is not None and self.trainer.world_size > 1 and torch.distributed.is_initialized():
+            ranks: list[Any] = [None] * self.trainer.world_size
+            mine = None if self._unroll is None else self.estimator.save_unroll(self._unroll)
+            torch.distributed.all_gather_object(ranks, mine)
+            checkpoint["learnopt_unroll_ranks"] = ranks
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._pending_unroll = checkpoint.get("learnopt_unroll")
+        self._pending_ranks = checkpoint.get("learnopt_unroll_ranks")
         self._unroll = None
 
     def _restore_unroll(self, saved: dict[str, Any]) -> UnrollState:
+        world = self.trainer.world_size if self._trainer is not None else 1
+        ranks = getattr(self, "_pending_ranks", None)
+        if world > 1 or ranks is not None:
+            saved_world = 1 if ranks is None else len(ranks)
+            if saved_world != world:
+                raise ValueError(
+                    f"MetaTrainModule: the checkpoint was written by {saved_world} process(es), this run has {world}; "
+                    "resume meta-training with the same number of processes (each carries its own inner runs)"
+                )
+            saved = ranks[self.global_rank] if ranks is not None else saved
         return self.estimator.restore_unroll(self.learned_optimizer, saved)
 
     def export_metadata(self) -> dict[str, Any]:
