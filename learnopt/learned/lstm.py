@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable
 from typing import Any, Literal, NamedTuple
 
 import torch
@@ -10,6 +12,11 @@ from torch import Tensor, nn
 from learnopt.learned.base import LearnedOptimizer
 from learnopt.learned.preprocess import log_and_sign
 from learnopt.optim.base import Params
+from learnopt.optim.torch_optimizer import TransformOptimizer
+
+# Rows per block of the in-place step: large enough that the ~35 tensor operations per block
+# cost little next to its arithmetic, small enough that a block's gates stay in cache.
+INPLACE_BLOCK_ROWS = 8192
 
 
 class LSTMOptimizerState(NamedTuple):
@@ -97,3 +104,96 @@ class CoordinatewiseLSTM(LearnedOptimizer):
             updates[k] = step[offset : offset + g.numel()].view(g.shape)
             offset += g.numel()
         return updates, LSTMOptimizerState(torch.stack(hs), torch.stack(cs))
+
+    # -- the fast drop-in path --------------------------------------------------------------------
+    @torch.no_grad()
+    def update_(self, grads: Params, state: LSTMOptimizerState, params: Params | None = None,
+                block_rows: int = INPLACE_BLOCK_ROWS) -> Params:
+        """``update`` for a caller that owns ``state`` and needs no graph (the drop-in
+        ``torch.optim`` step): overwrites ``state`` in place and returns the updates.
+
+        Same arithmetic as ``update`` (tested to match it), arranged for speed: the rows are
+        processed in blocks of ``block_rows`` so each block's gates stay in cache; each layer is
+        one ``addmm`` on ``[x, h]`` with the two weight matrices and biases fused, its gate
+        columns reordered to (i, f, o, g) with the g columns scaled by −2, so that one in-place
+        sigmoid over the whole block gives the three gates and, through
+        tanh(z) = 1 − 2 σ(−2z), the cell input (``torch.tanh`` is ~10× slower than
+        ``torch.sigmoid`` on this CPU); each remaining elementwise formula is one
+        ``addcmul``; no tensor of the size of the state is allocated.
+        """
+        flat = torch.cat([g.reshape(-1).to(self.dtype) for g in grads.values()])
+        n, hidden = flat.shape[0], self.hidden_size
+        if state.h.shape[1] != n:
+            raise ValueError(f"CoordinatewiseLSTM: state is for {state.h.shape[1]} coordinates, gradients have {n}")
+        fused = self._fused_weights()
+        out_w = self.output.weight.t().mul(self.output_scale)
+        out_b = self.output.bias.mul(self.output_scale)
+        step = torch.empty(n, 1, device=flat.device, dtype=self.dtype)
+        rows = min(block_rows, n)
+        width = max(w.shape[0] for w, _ in fused)
+        xh = torch.empty(rows, width, device=flat.device, dtype=self.dtype)
+        gates = torch.empty(rows, 4 * hidden, device=flat.device, dtype=self.dtype)
+        tanh_c = torch.empty(rows, hidden, device=flat.device, dtype=self.dtype)
+        for start in range(0, n, rows):
+            end = min(start + rows, n)
+            m = end - start
+            x = self._inputs_into(flat[start:end], xh[:m])
+            for layer, (w, b) in enumerate(fused):
+                h, c = state.h[layer, start:end], state.c[layer, start:end]
+                k = x.shape[1]
+                if layer > 0:
+                    xh[:m, :k].copy_(x)
+                xh[:m, k: k + hidden].copy_(h)
+                g = gates[:m]
+                torch.addmm(b, xh[:m, : k + hidden], w, out=g)
+                g.sigmoid_()
+                i, f, o, s = g[:, :hidden], g[:, hidden: 2 * hidden], g[:, 2 * hidden: 3 * hidden], g[:, 3 * hidden:]
+                torch.addcmul(i, i, s, value=-2.0, out=s)  # i tanh(z_g) = i (1 − 2 σ(−2 z_g))
+                torch.addcmul(s, f, c, out=c)  # c ← f c + i tanh(z_g)
+                t = tanh_c[:m]
+                torch.mul(c, -2.0, out=t).sigmoid_()
+                torch.addcmul(o, o, t, value=-2.0, out=h)  # o tanh(c) = o (1 − 2 σ(−2c))
+                x = h
+            torch.addmm(out_b, x, out_w, out=step[start:end])
+        step = step.view(-1)
+        updates, offset = {}, 0
+        for name, g in grads.items():
+            updates[name] = step[offset: offset + g.numel()].view(g.shape)
+            offset += g.numel()
+        return updates
+
+    def _inputs_into(self, g: Tensor, out: Tensor) -> Tensor:
+        """``_inputs(g)`` written into the first columns of ``out`` (the block's ``[x, h]``)."""
+        if self.preprocess == "none":
+            out[:, 0].copy_(g)
+            return out[:, :1]
+        p = self.preprocess_p
+        threshold = math.exp(-p)
+        big = g.abs() >= threshold
+        first, second = out[:, 0], out[:, 1]
+        minus_one = torch.tensor(-1.0, dtype=out.dtype, device=out.device)
+        torch.where(big, torch.log(g.abs().clamp_min(threshold)).div_(p), minus_one, out=first)
+        torch.where(big, torch.sign(g), g * math.exp(p), out=second)
+        return out[:, :2]
+
+    def _fused_weights(self) -> list[tuple[Tensor, Tensor]]:
+        """Per layer ``(W, b)`` with ``[x, h] @ W + b`` the gate pre-activations in the order
+        (i, f, o, g), the g columns scaled by −2 (see ``update_``)."""
+        hidden = self.hidden_size
+        order = torch.cat([torch.arange(0, 2 * hidden), torch.arange(3 * hidden, 4 * hidden),
+                           torch.arange(2 * hidden, 3 * hidden)]).to(self.device)
+        scale = torch.ones(4 * hidden, device=self.device, dtype=self.dtype)
+        scale[3 * hidden:] = -2.0
+        fused = []
+        for cell in self.cells:
+            w = torch.cat([cell.weight_ih, cell.weight_hh], dim=1)[order] * scale[:, None]
+            b = (cell.bias_ih + cell.bias_hh)[order] * scale
+            fused.append((w.t().contiguous(), b))
+        return fused
+
+    def as_torch_optimizer(self, params: Iterable[Tensor] | Iterable[tuple[str, Tensor]],
+                           **options: Any) -> TransformOptimizer:
+        """A drop-in ``torch.optim.Optimizer`` that steps with the in-place ``update_``
+        (``inplace_update=None`` selects the functional ``update``)."""
+        options.setdefault("inplace_update", self.update_)
+        return TransformOptimizer(self.transform(), params, **options)

@@ -3,18 +3,42 @@ and over the whole horizon."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
+from torch.utils import _pytree as pytree
+from torch.utils.checkpoint import checkpoint
 
 from learnopt.meta.base import GradientEstimate, GradientEstimator, UnrollState, meta_weights, start_unroll
 from learnopt.meta.schedules import TruncationSchedule
 from learnopt.meta.unroll import inner_step
 from learnopt.optim.base import detach_state
-from learnopt.task import TaskFamily
+from learnopt.optim.base import Params
+from learnopt.task import Task, TaskFamily
 
-__all__ = ["FullBPTT", "GradientEstimate", "TruncatedBPTT", "UnrollState"]
+__all__ = ["FullBPTT", "GradientEstimate", "TruncatedBPTT", "UnrollState", "checkpointed_inner_step"]
+
+
+def checkpointed_inner_step(lopt: nn.Module, task: Task, params: Params, opt_state: Any, batch: Any = None,
+                            second_order: bool = False) -> tuple[Tensor, Params, Any]:
+    """``inner_step`` under activation checkpointing (``torch.utils.checkpoint``, non-reentrant):
+    the step keeps only its inputs and outputs for the backward pass and recomputes its
+    intermediates (the task's forward pass, the learned optimizer's gates) when the
+    meta-gradient needs them. Same values and gradients; memory per unrolled step drops to
+    the carried state, at the price of running each step's forward twice."""
+    names = list(params)
+    leaves, spec = pytree.tree_flatten(opt_state)
+
+    def step(*tensors: Any) -> tuple:
+        p = dict(zip(names, tensors[: len(names)]))
+        s = pytree.tree_unflatten(list(tensors[len(names):]), spec)
+        loss, p, s = inner_step(lopt, task, p, s, batch, second_order=second_order)
+        return (loss, *(p[k] for k in names), *pytree.tree_leaves(s))
+
+    out = checkpoint(step, *(params[k] for k in names), *leaves, use_reentrant=False)
+    new_params = dict(zip(names, out[1: 1 + len(names)]))
+    return out[0], new_params, pytree.tree_unflatten(list(out[1 + len(names):]), spec)
 
 
 class TruncatedBPTT(GradientEstimator):
@@ -39,6 +63,10 @@ class TruncatedBPTT(GradientEstimator):
     carried state (θ_{t0}, optimizer state) is cut at every boundary ("truncation bias", Wu et
     al. 2018, arXiv 1803.02021; Vicol et al. 2021, arXiv 2112.13835). ``FullBPTT`` and ``PES``
     do not have it.
+
+    ``activation_checkpointing=True`` runs each inner step under ``torch.utils.checkpoint``
+    (``checkpointed_inner_step``): the same meta-gradient with memory per unrolled step cut to
+    the carried state, for about one more forward pass per step.
     """
 
     def __init__(
@@ -52,9 +80,11 @@ class TruncatedBPTT(GradientEstimator):
         seed: int = 0,
         split: str = "train",
         schedule: TruncationSchedule | None = None,
+        activation_checkpointing: bool = False,
     ) -> None:
         self._configure(task_family, num_tasks, unroll_length, horizon, loss_transform, seed, split, schedule)
         self.second_order = second_order
+        self.activation_checkpointing = activation_checkpointing
 
     def init_unroll(self, lopt: nn.Module, episode: int = 0) -> UnrollState:
         return start_unroll(lopt, self.task_family, self.num_tasks, self.split, self.seed, episode, self.rank)
@@ -72,9 +102,9 @@ class TruncatedBPTT(GradientEstimator):
             first_loss = None
             for i in range(k):
                 batch = state.task.sample_batch(state.generator)
-                loss, params, opt_state = inner_step(
-                    lopt, state.task, params, opt_state, batch, second_order=self.second_order
-                )
+                step = checkpointed_inner_step if self.activation_checkpointing else inner_step
+                loss, params, opt_state = step(lopt, state.task, params, opt_state, batch,
+                                               second_order=self.second_order)
                 if i == 0:
                     first_loss = loss.detach()
                 else:
@@ -134,5 +164,7 @@ class FullBPTT(TruncatedBPTT):
         loss_transform: Literal["identity", "log"] = "identity",
         seed: int = 0,
         split: str = "train",
+        activation_checkpointing: bool = False,
     ) -> None:
-        super().__init__(task_family, num_tasks, horizon, horizon, second_order, loss_transform, seed, split)
+        super().__init__(task_family, num_tasks, horizon, horizon, second_order, loss_transform, seed, split,
+                         activation_checkpointing=activation_checkpointing)

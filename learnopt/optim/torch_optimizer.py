@@ -45,6 +45,10 @@ class TransformOptimizer(torch.optim.Optimizer):
       objective elsewhere (``lbfgs``), gradients from ``backward(create_graph=True)`` give
       Hessian-vector products (``adahessian``, ``sophia``), and keywords reach ``update`` (e.g.
       ``indices=...`` for the finite-sum methods); see the module docstring.
+    * ``inplace_update`` (optional): ``f(grads, state, params) -> updates`` that overwrites
+      the state in place, for transforms that have such a fast path (the coordinate-wise LSTM);
+      used for steps with no extra ``update`` arguments. The optimizer owns its state, so
+      nothing else can observe the overwrite; the functional ``tx.update`` serves all other steps.
     """
 
     def __init__(
@@ -53,6 +57,7 @@ class TransformOptimizer(torch.optim.Optimizer):
         params: Iterable[Tensor] | Iterable[tuple[str, Tensor]],
         *,
         check_finite: bool = True,
+        inplace_update: Callable[..., dict[str, Tensor]] | None = None,
     ) -> None:
         items = list(params)
         if not items:
@@ -68,6 +73,7 @@ class TransformOptimizer(torch.optim.Optimizer):
         super().__init__([p for _, p in pairs], defaults={})
         self.tx = tx
         self.check_finite = check_finite
+        self.inplace_update = inplace_update
         with torch.no_grad():
             self.tx_state = _unaliased(tx.init(self._param_dict()), self._param_dict().values())
 
@@ -96,9 +102,12 @@ class TransformOptimizer(torch.optim.Optimizer):
             extra["value_and_grad_fn"] = self._value_and_grad_fn(closure, params, loss, grads)
         if "hvp_fn" not in extra and any(g is not None and g.requires_grad for g in raw.values()):
             extra["hvp_fn"] = _hvp_from_graph(raw, params)
-        updates, state = self.tx.update(grads, self.tx_state, params, **extra)
-        # .grad and the parameters change in place after this step; the state must not share them.
-        self.tx_state = _unaliased(state, [*params.values(), *grads.values()])
+        if self.inplace_update is not None and not extra:
+            updates = self.inplace_update(grads, self.tx_state, params)
+        else:
+            updates, state = self.tx.update(grads, self.tx_state, params, **extra)
+            # .grad and the parameters change in place after this step; the state must not share them.
+            self.tx_state = _unaliased(state, [*params.values(), *grads.values()])
         for n, p in params.items():
             p.add_(updates[n].to(p.dtype))
         return loss
@@ -157,7 +166,7 @@ class TransformOptimizer(torch.optim.Optimizer):
                 if not isinstance(val, Tensor) or val.shape != old.shape:
                     got = tuple(val.shape) if isinstance(val, Tensor) else type(val).__name__
                     raise ValueError(f"load_state_dict: state tensor {i} has shape {got}, expected {tuple(old.shape)}")
-                val = val.to(device=old.device, dtype=old.dtype)
+                val = val.to(device=old.device, dtype=old.dtype, copy=True)  # ours to update in place
             out.append(val)
         self.tx_state = pytree.tree_unflatten(out, spec)
 

@@ -55,6 +55,7 @@ def build_estimator(
     truncation_schedule: str = "constant",
     min_unroll_length: int = 1,
     max_unroll_length: int | None = None,
+    activation_checkpointing: bool = False,
 ) -> GradientEstimator:
     """The ``learnopt.meta`` estimator named by ``estimator``, from ``MetaTrainModule``'s flat options."""
     if estimator not in ESTIMATORS:
@@ -68,11 +69,12 @@ def build_estimator(
         raise ValueError(f"{type(task_family).__name__} is an episode family: its estimator must be "
                          f"'full_bptt' (backpropagation through whole episodes) or 'es', got {estimator!r}")
     if estimator == "full_bptt":
-        return FullBPTT(task_family, num_tasks, horizon, second_order, loss_transform, seed)
+        return FullBPTT(task_family, num_tasks, horizon, second_order, loss_transform, seed,
+                        activation_checkpointing=activation_checkpointing)
     schedule = make_schedule(truncation_schedule, unroll_length, min_unroll_length, max_unroll_length)
     if estimator == "truncated_bptt":
         return TruncatedBPTT(task_family, num_tasks, unroll_length, horizon, second_order, loss_transform, seed,
-                             schedule=schedule)
+                             schedule=schedule, activation_checkpointing=activation_checkpointing)
     cls = ES if estimator == "es" else PES
     return cls(task_family, num_tasks, unroll_length, horizon, loss_transform, seed, sigma=es_sigma,
                num_pairs=num_pairs, schedule=schedule)
@@ -100,6 +102,15 @@ class MetaTrainModule(pl.LightningModule):
     bound ``2 * unroll_length - min_unroll_length``) or ``"geometric"`` (mean
     ``unroll_length``, at least ``min_unroll_length``, at most ``max_unroll_length``); see
     ``learnopt.meta.schedules``. A truncation never crosses the horizon.
+
+    ``activation_checkpointing`` (BPTT estimators): recompute each inner step's intermediates
+    in the backward pass instead of storing them (``torch.utils.checkpoint``), trading about
+    one more forward pass per step for memory; the meta-gradient is the same.
+
+    Distributed (Lightning's ``ddp`` strategy, any number of processes and nodes): every rank
+    runs its own estimate (its own tasks for BPTT, its share of the antithetic pairs for
+    ES/PES; ``GradientEstimator.distribute``), the meta-gradients are averaged with one
+    all-reduce, and every rank takes the same Adam step, so the replicas stay identical.
 
     Manual optimization: the estimator returns the meta-gradient (the same record any
     estimator returns), which is clipped by global norm ``grad_clip`` and applied with Adam
@@ -131,6 +142,7 @@ class MetaTrainModule(pl.LightningModule):
         truncation_schedule: Literal["constant", "uniform", "geometric"] = "constant",
         min_unroll_length: int = 1,
         max_unroll_length: int | None = None,
+        activation_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["learned_optimizer", "task_family"])
@@ -140,6 +152,7 @@ class MetaTrainModule(pl.LightningModule):
         self.estimator = build_estimator(
             estimator, task_family, num_tasks, unroll_length, horizon, second_order, loss_transform, seed,
             es_sigma, num_pairs, truncation_schedule, min_unroll_length, max_unroll_length,
+            activation_checkpointing,
         )
         self.automatic_optimization = False
         self._unroll: UnrollState | None = None
