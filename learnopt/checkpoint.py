@@ -26,14 +26,20 @@ from typing import Any, Iterable
 import torch
 from torch import Tensor, nn
 
+from learnopt.blackbox import REGISTRY as BLACKBOX_PROPOSERS
 from learnopt.learned import REGISTRY as LEARNED_OPTIMIZERS
 from learnopt.learned.base import LearnedOptimizer
+from learnopt.vsml import REGISTRY as VSML_LEARNERS
 
 FORMAT = "learnopt-checkpoint"
 FORMAT_VERSION = 1
 
 # kind -> {class name -> class}. Later kinds (black-box proposers, VSML learners) add theirs.
-REGISTRIES: dict[str, dict[str, type[nn.Module]]] = {"learned_optimizer": LEARNED_OPTIMIZERS}
+REGISTRIES: dict[str, dict[str, type[nn.Module]]] = {
+    "learned_optimizer": LEARNED_OPTIMIZERS,
+    "blackbox_proposer": BLACKBOX_PROPOSERS,
+    "vsml_learner": VSML_LEARNERS,
+}
 
 
 class CheckpointError(ValueError):

@@ -1,0 +1,175 @@
+"""The RNN proposer of Chen et al. 2017, "Learning to Learn without Gradient Descent by Gradient
+Descent" (ICML, arXiv 1611.03824): a learned optimizer for black-box functions.
+
+At step t an LSTM reads the previous queries and their observations and emits the next
+queries::
+
+    h_t, x_t = RNN_θ(h_{t−1}, x_{t−1}, y_{t−1}),   y_t = f(x_t)
+
+The query is a deterministic function of the state, squashed into the unit box by a sigmoid.
+Meta-training differentiates the meta-loss through the queries on differentiable GP-prior
+samples (``tasks.blackbox_episodes``); at test time ``f`` is a black box.
+
+Two choices make one trained proposer usable on any box and any scale of ``f``:
+
+* **inputs mapped into the training box**: callers map their box ``[lo, hi]`` to ``[0, 1]^D``
+  (``learnopt.blackbox.session``), and the proposer only ever sees unit-box points;
+* **outputs standardised**: every observation is fed as ``(y_t − mean_t) / std_t``, where
+  ``mean_t`` and ``std_t`` are the mean and standard deviation of all observations up to and
+  including ``t`` (the first observation is fed as 0). The same running standardisation is
+  used in meta-training, so the proposer is invariant to ``f ↦ a·f + b`` (``a > 0``).
+
+Beside ``(x, y)`` the proposer reads the standardised best value so far, a summary the
+paper's RNN would otherwise have to carry in its state (our addition; the ablation is cheap).
+
+``num_queries`` (q) > 1 gives the parallel proposer: each step emits q queries, evaluated
+together, and reads the q results at the next step.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+Objective = Callable[[Tensor], Tensor]  # unit-box queries [n, q, D] -> observations [n, q]
+
+
+class RunningStandardizer:
+    """Running mean and standard deviation of the observations so far, per instance, used to
+    standardise observations before the proposer reads them (see the module docstring)."""
+
+    def __init__(self, num_instances: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.count = 0
+        self.total = torch.zeros(num_instances, dtype=dtype, device=device)
+        self.total_sq = torch.zeros(num_instances, dtype=dtype, device=device)
+        self.best: Tensor | None = None
+
+    def clone(self) -> RunningStandardizer:
+        new = RunningStandardizer.__new__(RunningStandardizer)
+        new.count, new.total, new.total_sq, new.best = self.count, self.total, self.total_sq, self.best
+        return new
+
+    def update(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        """Add observations ``y`` ``[n, q]``; return them and the best value so far, standardised."""
+        self.count += y.shape[1]
+        self.total = self.total + y.sum(1)
+        self.total_sq = self.total_sq + (y * y).sum(1)
+        best = y.min(1).values
+        self.best = best if self.best is None else torch.minimum(self.best, best)
+        mean = self.total / self.count
+        if self.count < 2:
+            zeros = torch.zeros_like(y)
+            return zeros, zeros[:, 0]
+        var = (self.total_sq / self.count - mean * mean).clamp_min(0.0)
+        # Floor relative to the magnitude so constant observations give 0, not 0/0.
+        std = torch.sqrt(var + 1e-12 * (1.0 + mean * mean))
+        return (y - mean[:, None]) / std[:, None], (self.best - mean) / std
+
+
+class RNNProposer(nn.Module):
+    """LSTM proposer for functions on ``[0, 1]^dim``.
+
+    ``hidden_size`` and ``num_layers`` size the LSTM (stacked ``nn.LSTMCell``s); ``num_queries``
+    is the number of queries per step (1: sequential). Its parameters are the meta-parameters.
+    """
+
+    kind = "blackbox_proposer"
+
+    def __init__(self, dim: int = 2, hidden_size: int = 64, num_layers: int = 2, num_queries: int = 1) -> None:
+        super().__init__()
+        if dim < 1 or hidden_size < 1 or num_layers < 1 or num_queries < 1:
+            raise ValueError(f"RNNProposer: dim, hidden_size, num_layers and num_queries must be >= 1, got "
+                             f"{dim}, {hidden_size}, {num_layers}, {num_queries}")
+        self.dim, self.hidden_size, self.num_layers, self.num_queries = dim, hidden_size, num_layers, num_queries
+        self.input_size = num_queries * (dim + 2) + 1  # per query: x, y, best; plus a start flag
+        sizes = [self.input_size] + [hidden_size] * num_layers
+        self.cells = nn.ModuleList(nn.LSTMCell(sizes[i], hidden_size) for i in range(num_layers))
+        self.head = nn.Linear(hidden_size, num_queries * dim)
+        with torch.no_grad():
+            # Start queries spread over the box rather than all at its centre.
+            self.head.weight.mul_(3.0)
+
+    def config(self) -> dict[str, Any]:
+        return {"dim": self.dim, "hidden_size": self.hidden_size, "num_layers": self.num_layers,
+                "num_queries": self.num_queries}
+
+    @property
+    def device(self) -> torch.device:
+        return self.head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.head.weight.dtype
+
+    # -- one step ------------------------------------------------------------------------------
+    def initial_state(self, num_instances: int) -> list[tuple[Tensor, Tensor]]:
+        zeros = torch.zeros(num_instances, self.hidden_size, dtype=self.dtype, device=self.device)
+        return [(zeros, zeros) for _ in range(self.num_layers)]
+
+    def start_input(self, num_instances: int) -> Tensor:
+        inp = torch.zeros(num_instances, self.input_size, dtype=self.dtype, device=self.device)
+        inp[:, -1] = 1.0
+        return inp
+
+    def observation_input(self, x: Tensor, y_std: Tensor, best_std: Tensor) -> Tensor:
+        """The input after observing ``y_std`` ``[n, q]`` (standardised) at ``x`` ``[n, q, D]``
+        (unit box); ``best_std`` ``[n]`` is the standardised best value so far."""
+        n, q, _ = x.shape
+        per_query = torch.cat([2 * x - 1, y_std[..., None], best_std[:, None, None].expand(n, q, 1)], dim=-1)
+        return torch.cat([per_query.reshape(n, -1), x.new_zeros(n, 1)], dim=-1).to(self.dtype)
+
+    def step(self, inp: Tensor, state: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
+        """The next queries ``[n, q, D]`` in the open unit box, and the new state."""
+        new_state, h = [], inp
+        for cell, (h_prev, c_prev) in zip(self.cells, state):
+            h, c = cell(h, (h_prev, c_prev))
+            new_state.append((h, c))
+        x = torch.sigmoid(self.head(h)).view(inp.shape[0], self.num_queries, self.dim)
+        return x, new_state
+
+    # -- a whole run ----------------------------------------------------------------------------
+    def rollout(self, objective: Objective, num_instances: int, budget: int) -> tuple[Tensor, Tensor]:
+        """Run the proposer for ``budget`` evaluations on ``num_instances`` functions at once.
+
+        ``objective(x)`` takes unit-box queries ``[n, q, D]`` and returns observations ``[n, q]``.
+        Returns every query ``[n, budget, D]`` and observation ``[n, budget]`` in order. The
+        run is differentiable in the proposer's parameters wherever ``objective`` is
+        differentiable in ``x`` (meta-training); under ``torch.no_grad`` it is a plain run.
+        """
+        if budget < 1:
+            raise ValueError(f"RNNProposer.rollout: budget must be >= 1, got {budget}")
+        state = self.initial_state(num_instances)
+        inp = self.start_input(num_instances)
+        stats: RunningStandardizer | None = None
+        xs, ys, done = [], [], 0
+        while done < budget:
+            x, state = self.step(inp, state)
+            take = min(self.num_queries, budget - done)
+            y = objective(x[:, :take])
+            if y.shape != (num_instances, take):
+                raise ValueError(f"objective returned shape {tuple(y.shape)}, expected {(num_instances, take)}")
+            if stats is None:
+                stats = RunningStandardizer(num_instances, y.dtype, y.device)
+            y_std, best_std = stats.update(y)
+            xs.append(x[:, :take])
+            ys.append(y)
+            done += take
+            if done < budget:  # (only the last step can be partial)
+                inp = self.observation_input(x, y_std.to(self.dtype), best_std.to(self.dtype))
+        return torch.cat(xs, 1), torch.cat(ys, 1)
+
+    # -- user-facing ----------------------------------------------------------------------------
+    def minimize(self, fun: Callable[[Any], float], bounds: Any, budget: int, **options: Any):
+        """Minimise the black-box ``fun`` over the box ``bounds`` with ``budget`` evaluations;
+        see ``learnopt.blackbox.minimize``."""
+        from learnopt.blackbox.session import minimize
+
+        return minimize(fun, bounds, budget, proposer=self, **options)
+
+    def ask_tell(self, bounds: Any, **options: Any):
+        """An ask/tell session over the box ``bounds``; see ``learnopt.blackbox.AskTellSession``."""
+        from learnopt.blackbox.session import AskTellSession
+
+        return AskTellSession(self, bounds, **options)

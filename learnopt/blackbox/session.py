@@ -1,0 +1,198 @@
+"""The user-facing black-box API of a trained proposer: ask/tell and ``minimize``.
+
+::
+
+    proposer = learnopt.load("checkpoints/rnn_proposer_d2.pt")
+    res = proposer.minimize(f, bounds=[(-5, 10), (0, 15)], budget=50)
+    res.x, res.fun, res.xs, res.ys                 # scipy.optimize.OptimizeResult
+
+    p = proposer.ask_tell(bounds)                  # or: several evaluations in flight
+    xa, xb = p.ask(), p.ask()
+    p.tell(xb, f(xb)); p.tell(xa, f(xa))
+
+The box is mapped onto the unit box the proposer was trained on, and observations are
+standardised by the proposer itself, so any box and any scale of ``f`` works.
+
+Several asks in flight: the proposer's state is a deterministic function of the sequence of
+(query, observation) pairs, so each ``ask`` replays that sequence from the longest prefix whose
+observations are all known, feeding a pending observation with the *constant liar* value (the
+best observation so far; Ginsbourger et al. 2010, the standard heuristic for parallel
+Bayesian optimisation). When the true value arrives the next ``ask`` replays with it. A
+proposer trained with ``num_queries = q`` emits q queries per step and hands them out one
+``ask`` at a time.
+
+Bad input is refused before anything changes, so a rejected call leaves the session as it was:
+a box with ``lower >= upper`` or the wrong dimension, a ``tell`` for a point never asked (or
+already told), and a NaN or infinite observation (``nonfinite="raise"``, the default) raise
+``ValueError``; with ``nonfinite="worst"`` a non-finite observation is recorded as the worst
+finite value seen so far (a failed evaluation counts as a bad one).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from scipy.optimize import OptimizeResult
+from torch import Tensor, nn
+
+from learnopt.blackbox.proposer import RunningStandardizer
+
+
+def as_bounds(bounds: Any, dim: int | None = None) -> Tensor:
+    """``bounds`` as a ``[2, D]`` float64 tensor (lower row, upper row). Accepts ``[(lo, hi), ...]``
+    per dimension (scipy's form) or ``[lower, upper]`` rows (a 2×D array with D != 2 is
+    unambiguous; a 2×2 input is read as scipy's per-dimension pairs)."""
+    b = torch.as_tensor(np.asarray(bounds, dtype=np.float64))
+    if b.dim() != 2 or 2 not in b.shape:
+        raise ValueError(f"bounds must be [(lower, upper), ...] per dimension or a [2, D] array, got shape "
+                         f"{tuple(b.shape)}")
+    if b.shape[1] == 2:
+        b = b.T.contiguous()  # per-dimension pairs -> rows
+    if dim is not None and b.shape[1] != dim:
+        raise ValueError(f"bounds have {b.shape[1]} dimensions, the proposer was trained for {dim}")
+    if not bool(torch.isfinite(b).all()):
+        raise ValueError("bounds must be finite")
+    bad = (b[0] >= b[1]).nonzero().flatten().tolist()
+    if bad:
+        raise ValueError(f"bounds: lower >= upper in dimension(s) {bad}: "
+                         + ", ".join(f"[{b[0, i]:g}, {b[1, i]:g}]" for i in bad))
+    return b
+
+
+class AskTellSession:
+    """Ask/tell over the box ``bounds`` with a trained ``RNNProposer`` (see the module docstring)."""
+
+    def __init__(self, proposer: nn.Module, bounds: Any, nonfinite: str = "raise") -> None:
+        if nonfinite not in ("raise", "worst"):
+            raise ValueError(f"nonfinite must be 'raise' or 'worst', got {nonfinite!r}")
+        self.proposer = proposer
+        self.bounds = as_bounds(bounds, proposer.dim)
+        self.nonfinite = nonfinite
+        self._units: list[Tensor] = []          # unit-box query of every record, in ask order
+        self._xs: list[np.ndarray] = []         # the same in the user's box
+        self._ys: list[float | None] = []       # observation, None while pending
+        self._groups: list[list[int]] = []      # records emitted by each proposer step
+        self._unasked: list[int] = []           # emitted, not yet handed out
+        self._pending: dict[tuple[float, ...], int] = {}
+        self._cache: tuple[int, Any, RunningStandardizer | None] | None = None  # (groups fed, state, stats)
+        self.proposal_seconds = 0.0
+
+    # -- asking ---------------------------------------------------------------------------------
+    def ask(self) -> np.ndarray:
+        """The next point to evaluate (float64 array in the user's box)."""
+        if not self._unasked:
+            start = time.perf_counter()
+            self._emit()
+            self.proposal_seconds += time.perf_counter() - start
+        i = self._unasked.pop(0)
+        self._pending[self._key(self._xs[i])] = i
+        return self._xs[i].copy()
+
+    def _observation(self, group: list[int], liar: float) -> Tensor:
+        return torch.tensor([[self._ys[i] if self._ys[i] is not None else liar for i in group]],
+                            dtype=torch.float64)
+
+    @torch.no_grad()
+    def _emit(self) -> None:
+        p = self.proposer
+        k = len(self._groups)
+        if self._cache is None:
+            state = p.initial_state(1)
+            x, state = p.step(p.start_input(1), state)
+            self._cache = (0, state, None)
+        else:
+            x = None
+        fed, state, stats = self._cache
+        told = [y for y in self._ys if y is not None]
+        liar = min(told) if told else 0.0
+        clean = True
+        for j in range(fed, k):
+            group = self._groups[j]
+            y = self._observation(group, liar)
+            stats = stats.clone() if stats is not None else RunningStandardizer(1, torch.float64, torch.device("cpu"))
+            y_std, best_std = stats.update(y)
+            xg = torch.stack([self._units[i] for i in group])[None]
+            x, state = p.step(p.observation_input(xg.to(p.device), y_std.to(p.device), best_std.to(p.device)), state)
+            clean = clean and all(self._ys[i] is not None for i in group)
+            if clean:
+                self._cache = (j + 1, state, stats)
+        assert x is not None
+        x = x[0].detach().cpu()
+        group = []
+        for unit in x:
+            self._units.append(unit)
+            user = (self.bounds[0] + unit.double() * (self.bounds[1] - self.bounds[0])).numpy()
+            self._xs.append(user)
+            self._ys.append(None)
+            group.append(len(self._ys) - 1)
+        self._groups.append(group)
+        self._unasked.extend(group)
+
+    # -- telling --------------------------------------------------------------------------------
+    @staticmethod
+    def _key(x: Any) -> tuple[float, ...]:
+        return tuple(float(v) for v in np.asarray(x, dtype=np.float64).ravel())
+
+    def tell(self, x: Any, y: Any) -> None:
+        """Report the observation ``y`` of a point ``x`` returned by ``ask`` (in any order)."""
+        key = self._key(x)
+        if key not in self._pending:
+            told = any(self._key(v) == key and self._ys[i] is not None for i, v in enumerate(self._xs))
+            raise ValueError(f"tell: the point {list(key)} was {'already told' if told else 'never asked'}; "
+                             "tell each asked point exactly once, with the array ask returned")
+        try:
+            value = float(y)
+        except (TypeError, ValueError):
+            raise ValueError(f"tell: the observation must be a real number, got {y!r}") from None
+        if not np.isfinite(value):
+            if self.nonfinite == "raise":
+                raise ValueError(f"tell: observation {value} at {list(key)} is not finite (use nonfinite='worst' "
+                                 "to record failed evaluations as the worst value seen)")
+            finite = [v for v in self._ys if v is not None]
+            if not finite:
+                raise ValueError(f"tell: observation {value} is not finite and no finite value is known yet "
+                                 "to stand in for it")
+            value = max(finite)
+        i = self._pending.pop(key)
+        self._ys[i] = value
+
+    # -- results --------------------------------------------------------------------------------
+    @property
+    def num_told(self) -> int:
+        return sum(y is not None for y in self._ys)
+
+    def result(self) -> OptimizeResult:
+        """The best point and value so far and the history of told evaluations."""
+        done = [i for i, y in enumerate(self._ys) if y is not None]
+        if not done:
+            raise ValueError("result: no observation has been told yet")
+        xs = np.stack([self._xs[i] for i in done])
+        ys = np.array([self._ys[i] for i in done])
+        best = int(np.argmin(ys))
+        return OptimizeResult(x=xs[best], fun=float(ys[best]), xs=xs, ys=ys, nfev=len(done), nit=len(self._groups),
+                              success=True, message="evaluation budget used",
+                              time_per_proposal=self.proposal_seconds / max(1, len(self._xs)))
+
+
+def minimize(fun: Callable[[np.ndarray], float], bounds: Any, budget: int, proposer: Any,
+             nonfinite: str = "raise") -> OptimizeResult:
+    """Minimise ``fun`` (a float64 array in the box → a number) over ``bounds`` with ``budget``
+    evaluations proposed by ``proposer`` (an ``RNNProposer`` or the path of its checkpoint).
+
+    Returns a ``scipy.optimize.OptimizeResult`` with ``x`` and ``fun`` (the best point and
+    value), the history ``xs`` ``[budget, D]`` and ``ys`` ``[budget]``, ``nfev`` and
+    ``time_per_proposal`` (seconds)."""
+    if isinstance(proposer, (str, bytes)) or hasattr(proposer, "__fspath__"):
+        from learnopt.checkpoint import load
+
+        proposer = load(proposer)
+    if budget < 1:
+        raise ValueError(f"minimize: budget must be >= 1, got {budget}")
+    session = AskTellSession(proposer, bounds, nonfinite=nonfinite)
+    for _ in range(budget):
+        x = session.ask()
+        session.tell(x, fun(x))
+    return session.result()

@@ -1,0 +1,151 @@
+"""Meta-training and held-out problems for the RNN proposer (Chen et al. 2017).
+
+``GPProposerEpisodes`` is an episode family (``learnopt.meta.episodic``): an episode is one
+run of ``horizon`` evaluations of the proposer on a function drawn from a GP prior on
+``[0, 1]^dim`` (``tasks.gp_functions``), scored by the meta-loss ``loss`` (``"sum"``, ``"oi"``
+or ``"ei"``, see ``learnopt.blackbox.losses``). Training functions are exact GP samples drawn
+lazily at the queried points (``sampler="lazy"``), so observations are differentiable in the
+queries; ``sampler="rff"`` uses the random-Fourier-feature approximation instead.
+
+Held-out scoring (validation here, the benchmark script for tests) uses RFF samples, which are
+ordinary deterministic functions whose minimum and median can be estimated: the *normalised
+regret* of a run is ``(best_t − f_min) / (f_median − f_min)``, with ``f_median`` the median of
+``f`` over the box (4,096 uniform points) — 0 at the minimum, 1 at a typical point.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from learnopt.blackbox.losses import (
+    META_LOSSES,
+    expected_improvement,
+    expected_improvement_loss,
+    observed_improvement_loss,
+    sum_loss,
+)
+from learnopt.task import seeded_generator
+from tasks.gp_functions import GPFunctionFamily, RFFSample
+
+
+@dataclass
+class HeldOutGP:
+    """``n`` deterministic GP-prior functions with their minimum and median estimates."""
+
+    functions: RFFSample
+    minimum: Tensor  # [n]
+    median: Tensor   # [n]
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return self.functions(x.to(self.functions.omega.dtype))
+
+    def normalized_regret(self, best: Tensor) -> Tensor:
+        """``best`` ``[n, ...]`` → ``(best − min) / (median − min)``."""
+        shape = (-1,) + (1,) * (best.dim() - 1)
+        return (best - self.minimum.view(shape)) / (self.median - self.minimum).view(shape)
+
+
+def held_out_gp(family: GPFunctionFamily, num_functions: int, split: str, seed: int = 0,
+                num_features: int | None = None) -> HeldOutGP:
+    """``num_functions`` RFF functions from the seed stream ``(split, seed)`` with their minimum
+    (``tasks.gp_functions.min_estimate``) and median over the box."""
+    generator = seeded_generator(split, seed, family.dim)
+    functions = family.rff(num_functions, generator, num_features=num_features)
+    minimum, _ = functions.min_estimate(generator=generator)
+    with torch.no_grad():
+        u = torch.rand((num_functions, 4096, family.dim), generator=generator, dtype=family.dtype)
+        median = functions(u).median(dim=1).values
+    return HeldOutGP(functions, minimum, median)
+
+
+class GPProposerEpisodes:
+    """Episodes of ``horizon`` evaluations on GP-prior functions on ``[0, 1]^dim``.
+
+    ``lengthscale_range``, ``signal_variance`` and ``noise`` define the GP prior
+    (``tasks.gp_functions.GPFunctionFamily``). ``val_functions`` held-out RFF functions from the
+    ``"val"`` stream give ``validation_score``: the median normalised regret at the horizon
+    (lower is better; logged as ``val/median_regret``).
+    """
+
+    validation_name = "median_regret"
+
+    def __init__(
+        self,
+        dim: int = 2,
+        horizon: int = 50,
+        loss: str = "oi",
+        lengthscale_range: tuple[float, float] = (0.1, 0.5),
+        signal_variance: float = 1.0,
+        noise: float = 0.0,
+        sampler: str = "lazy",
+        val_functions: int = 128,
+        seed: int = 0,
+    ) -> None:
+        if loss not in META_LOSSES:
+            raise ValueError(f"GPProposerEpisodes: loss must be one of {META_LOSSES}, got {loss!r}")
+        if sampler not in ("lazy", "rff"):
+            raise ValueError(f"GPProposerEpisodes: sampler must be 'lazy' or 'rff', got {sampler!r}")
+        if loss == "ei" and sampler != "lazy":
+            raise ValueError("GPProposerEpisodes: loss 'ei' needs the exact GP posterior (sampler='lazy')")
+        if horizon < 1:
+            raise ValueError(f"GPProposerEpisodes: horizon must be >= 1, got {horizon}")
+        self.dim, self.horizon, self.loss, self.sampler = dim, horizon, loss, sampler
+        self.lengthscale_range = tuple(lengthscale_range)
+        self.signal_variance, self.noise = signal_variance, noise
+        self.val_functions, self.seed = val_functions, seed
+        self.gp = GPFunctionFamily(dim, lengthscale_range, signal_variance, noise)
+        self.name = f"gp{dim}_proposer"
+        self._val: HeldOutGP | None = None
+
+    def _check(self, model: nn.Module) -> None:
+        if getattr(model, "dim", self.dim) != self.dim:
+            raise ValueError(f"GPProposerEpisodes: the proposer is for dimension {model.dim}, the episodes are "
+                             f"{self.dim}-dimensional")
+
+    def meta_loss(self, model: nn.Module, num_episodes: int,
+                  generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
+        self._check(model)
+        eis: list[Tensor] = []
+        if self.sampler == "rff":
+            functions = self.gp.rff(num_episodes, generator)
+
+            def objective(x: Tensor) -> Tensor:
+                return functions.observe(x.to(functions.omega.dtype), generator)
+        else:
+            functions = self.gp.lazy(num_episodes, generator)
+
+            def objective(x: Tensor) -> Tensor:
+                x = x.to(functions.lengthscales.dtype)
+                if self.loss == "ei":
+                    mean, cov = functions.predict(x)
+                    best = (functions.Y.min(1).values[:, None] if functions.Y is not None
+                            else mean.new_zeros(mean.shape[0], 1))
+                    eis.append(expected_improvement(mean, torch.diagonal(cov, dim1=-2, dim2=-1), best))
+                return functions.query(x)
+
+        _, ys = model.rollout(objective, num_episodes, self.horizon)
+        if self.loss == "sum":
+            loss = sum_loss(ys)
+        elif self.loss == "oi":
+            loss = observed_improvement_loss(ys)
+        else:
+            loss = expected_improvement_loss(torch.cat(eis, dim=1))
+        metrics = {"best_final": float(ys.detach().min(1).values.mean()), "mean_y": float(ys.detach().mean())}
+        return loss.to(model.dtype) if hasattr(model, "dtype") else loss, metrics
+
+    def validation_set(self) -> HeldOutGP:
+        if self._val is None:
+            self._val = held_out_gp(self.gp, self.val_functions, "val", self.seed)
+        return self._val
+
+    @torch.no_grad()
+    def validation_score(self, model: nn.Module, generator: Any = None) -> float:
+        """Median normalised regret at the horizon on the fixed validation functions."""
+        self._check(model)
+        val = self.validation_set()
+        _, ys = model.rollout(val, self.val_functions, self.horizon)
+        return float(val.normalized_regret(ys.min(1).values).median())

@@ -1,0 +1,305 @@
+"""The gradient-free RNN proposer (Chen et al. 2017): losses, proposer, ask/tell API, GP-EI
+baseline, meta-gradients, checkpoints and the meta-train config."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import learnopt
+from learnopt.blackbox import AskTellSession, RNNProposer, RunningStandardizer, minimize
+from learnopt.blackbox.baselines import gp_ei, optuna_minimize, random_search
+from learnopt.blackbox.gp import GPHyperparameters, GPPosterior, log_marginal_likelihood
+from learnopt.blackbox.losses import expected_improvement, observed_improvement_loss, sum_loss
+from learnopt.meta.episodic import EpisodicBPTT
+from learnopt.task import seeded_generator
+from tasks.blackbox_benchmarks import BENCHMARKS
+from tasks.blackbox_episodes import GPProposerEpisodes, held_out_gp
+from tasks.gp_functions import GPFunctionFamily
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def proposer(dim=2, q=1, seed=0, dtype=torch.float64):
+    torch.manual_seed(seed)
+    return RNNProposer(dim=dim, hidden_size=16, num_layers=2, num_queries=q).to(dtype)
+
+
+def rff(dim=2, n=3, seed=0):
+    return GPFunctionFamily(dim, (0.2, 0.4)).rff(n, seeded_generator("t", seed))
+
+
+# -- losses ----------------------------------------------------------------------------------------
+def test_expected_improvement_matches_monte_carlo_and_limits():
+    mean = torch.tensor([0.3, -0.2, 1.0], dtype=torch.float64)
+    var = torch.tensor([0.5, 2.0, 0.1], dtype=torch.float64)
+    best = torch.tensor([0.0, 0.0, 0.0], dtype=torch.float64)
+    g = torch.Generator().manual_seed(0)
+    draws = mean + var.sqrt() * torch.randn(400_000, 3, generator=g, dtype=torch.float64)
+    mc = (best - draws).clamp_min(0).mean(0)
+    torch.testing.assert_close(expected_improvement(mean, var, best), mc, atol=4e-3, rtol=0)
+    # zero variance: the plain improvement, and finite gradients
+    m = torch.tensor([-0.5, 0.5], dtype=torch.float64, requires_grad=True)
+    ei = expected_improvement(m, torch.zeros(2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64))
+    torch.testing.assert_close(ei.detach(), torch.tensor([0.5, 0.0], dtype=torch.float64))
+    (g,) = torch.autograd.grad(ei.sum(), m)
+    assert torch.isfinite(g).all()
+
+
+def test_observed_improvement_is_the_paper_sum_plus_first_term():
+    ys = torch.tensor([[0.5, 0.7, 0.1, 0.3, -0.2], [1.0, 2.0, 3.0, 0.9, 0.95]])
+    paper = [sum(min(y[t] - min(y[:t]), 0.0) for t in range(1, 5)) for y in ys.tolist()]
+    expected = torch.tensor([ys[0, 0] + paper[0], ys[1, 0] + paper[1]]).mean()
+    torch.testing.assert_close(observed_improvement_loss(ys), expected)
+    torch.testing.assert_close(observed_improvement_loss(ys), ys.min(1).values.mean())  # = best_T
+    torch.testing.assert_close(sum_loss(ys), ys.mean())
+
+
+def test_running_standardizer_matches_numpy():
+    ys = np.random.default_rng(0).normal(3.0, 5.0, size=(2, 7))
+    stats = RunningStandardizer(2, torch.float64, torch.device("cpu"))
+    for t in range(7):
+        y_std, best_std = stats.update(torch.tensor(ys[:, t:t + 1]))
+        if t == 0:
+            assert torch.equal(y_std, torch.zeros(2, 1, dtype=torch.float64))
+            continue
+        seen = ys[:, :t + 1]
+        mean, std = seen.mean(1), seen.std(1)
+        np.testing.assert_allclose(y_std[:, 0].numpy(), (ys[:, t] - mean) / std, rtol=1e-9)
+        np.testing.assert_allclose(best_std.numpy(), (seen.min(1) - mean) / std, rtol=1e-9)
+
+
+# -- the proposer -----------------------------------------------------------------------------------
+def test_rollout_is_invariant_to_affine_rescaling_of_f():
+    p, f = proposer(), rff()
+    with torch.no_grad():
+        xs1, ys1 = p.rollout(f, 3, 12)
+        xs2, ys2 = p.rollout(lambda x: 250.0 * f(x) - 40.0, 3, 12)
+    torch.testing.assert_close(xs1, xs2, rtol=0, atol=1e-9)
+    torch.testing.assert_close(ys2, 250.0 * ys1 - 40.0)
+    assert ((xs1 > 0) & (xs1 < 1)).all()
+
+
+@pytest.mark.parametrize("q", [1, 3])
+def test_parallel_proposer_budget_and_shapes(q):
+    p, f = proposer(q=q), rff()
+    calls = []
+
+    def objective(x):
+        calls.append(x.shape[1])
+        return f(x)
+
+    xs, ys = p.rollout(objective, 3, 10)
+    assert xs.shape == (3, 10, 2) and ys.shape == (3, 10)
+    assert sum(calls) == 10 and all(c <= q for c in calls) and len(calls) == math.ceil(10 / q)
+
+
+def test_meta_gradient_matches_finite_differences():
+    """Whole-episode BPTT through the lazy GP chain rule against central differences of the same
+    episodes (common random numbers), for the L_sum and L_EI losses and one proposer weight."""
+    p = proposer(dim=2)
+    for loss in ("sum", "ei"):
+        fam = GPProposerEpisodes(dim=2, horizon=6, loss=loss, lengthscale_range=(0.3, 0.5))
+        est = EpisodicBPTT(fam, num_episodes=4, seed=1)
+        grad = est.estimate(p).meta_grads["head.weight"]
+        idx = (0, 3)
+        w = p.head.weight
+        values = []
+        for sign in (1, -1):
+            with torch.no_grad():
+                w[idx] += sign * 1e-5
+            values.append(float(fam.meta_loss(p, 4, est.init_unroll(p, 0).generator)[0]))
+            with torch.no_grad():
+                w[idx] -= sign * 1e-5
+        fd = (values[0] - values[1]) / 2e-5
+        assert abs(fd - float(grad[idx])) < 1e-5 + 1e-4 * abs(fd), (loss, fd, float(grad[idx]))
+
+
+# -- the user-facing API ----------------------------------------------------------------------------
+def branin_fun(x):
+    return float(BENCHMARKS["branin"](torch.as_tensor(x)[None]))
+
+
+def test_minimize_maps_the_box_and_equals_the_batched_rollout():
+    p = proposer(dtype=torch.float32)
+    branin = BENCHMARKS["branin"]
+    res = minimize(branin_fun, [(-5, 10), (0, 15)], budget=15, proposer=p)
+    with torch.no_grad():
+        xs, ys = p.rollout(lambda u: branin(branin.from_unit(u.double())), 1, 15)
+    np.testing.assert_allclose(res.xs, branin.from_unit(xs.double())[0].numpy(), rtol=1e-6)
+    np.testing.assert_allclose(res.ys, ys[0].numpy(), rtol=1e-6)
+    assert res.fun == res.ys.min() and np.allclose(res.x, res.xs[res.ys.argmin()])
+    assert res.nfev == 15 and res.time_per_proposal > 0
+    assert all((-5 <= x[0] <= 10) and (0 <= x[1] <= 15) for x in res.xs)
+    # the same through the proposer's own method and a [lower, upper] array of bounds
+    res2 = p.minimize(branin_fun, np.array([[-5.0, 0.0], [10.0, 15.0]]).T, budget=15)
+    np.testing.assert_allclose(res2.ys, res.ys)
+
+
+def test_asks_in_flight_use_the_constant_liar_and_replay_true_values():
+    p = proposer(dtype=torch.float32)
+    f = branin_fun
+    bounds = [(-5, 10), (0, 15)]
+    s = p.ask_tell(bounds)
+    a = s.ask()
+    s.tell(a, f(a))
+    b, c = s.ask(), s.ask()  # two in flight
+    ref = p.ask_tell(bounds)  # c is what comes after b observed at the liar value (best so far = f(a))
+    ra = ref.ask()
+    ref.tell(ra, f(ra))
+    rb = ref.ask()
+    ref.tell(rb, f(a))
+    np.testing.assert_allclose(b, rb)
+    np.testing.assert_allclose(c, ref.ask())
+    s.tell(c, f(c))
+    s.tell(b, f(b))  # out of order
+    d = s.ask()
+    seq = _replayed(p, bounds, [(a, f(a)), (b, f(b)), (c, f(c))])
+    np.testing.assert_allclose(d, seq, rtol=1e-6)
+    assert s.result().nfev == 3
+
+
+def _replayed(p, bounds, history):
+    """Next query after ``history`` computed directly with the proposer's step function."""
+    from learnopt.blackbox.session import as_bounds
+
+    b = as_bounds(bounds)
+    stats = RunningStandardizer(1, torch.float64, torch.device("cpu"))
+    with torch.no_grad():
+        x, state = p.step(p.start_input(1), p.initial_state(1))
+        for xu, y in history:
+            unit = (torch.as_tensor(xu) - b[0]) / (b[1] - b[0])
+            y_std, best_std = stats.update(torch.tensor([[y]], dtype=torch.float64))
+            x, state = p.step(p.observation_input(unit.float()[None, None], y_std.float(), best_std.float()), state)
+    return (b[0] + x[0, 0].double() * (b[1] - b[0])).numpy()
+
+
+def test_bad_input_is_refused_and_leaves_the_session_unchanged():
+    p = proposer(dtype=torch.float32)
+    with pytest.raises(ValueError, match="lower >= upper in dimension"):
+        p.ask_tell([(0, 1), (2, 2)])
+    with pytest.raises(ValueError, match="trained for 2"):
+        p.ask_tell([(0, 1), (0, 1), (0, 1)])
+    with pytest.raises(ValueError, match="finite"):
+        p.ask_tell([(0, np.inf), (0, 1)])
+    s, ref = p.ask_tell([(0, 1), (0, 1)]), p.ask_tell([(0, 1), (0, 1)])
+    x, rx = s.ask(), ref.ask()
+    for bad in (float("nan"), float("inf"), "abc"):
+        with pytest.raises(ValueError, match="finite|real number"):
+            s.tell(x, bad)
+    with pytest.raises(ValueError, match="never asked"):
+        s.tell(x + 0.5, 1.0)
+    s.tell(x, 2.0)
+    ref.tell(rx, 2.0)
+    with pytest.raises(ValueError, match="already told"):
+        s.tell(x, 2.0)
+    np.testing.assert_array_equal(s.ask(), ref.ask())  # the refused calls changed nothing
+    with pytest.raises(ValueError, match="no observation"):
+        p.ask_tell([(0, 1), (0, 1)]).result()
+    # documented alternative: a failed evaluation counts as the worst value seen
+    w = p.ask_tell([(0, 1), (0, 1)], nonfinite="worst")
+    x1 = w.ask()
+    w.tell(x1, 3.0)
+    x2 = w.ask()
+    w.tell(x2, float("nan"))
+    assert list(w.result().ys) == [3.0, 3.0]
+
+
+# -- GP-EI baseline -------------------------------------------------------------------------------
+def test_gp_posterior_and_likelihood_match_scikit_learn():
+    from sklearn.gaussian_process import GaussianProcessRegressor
+    from sklearn.gaussian_process.kernels import RBF, ConstantKernel, WhiteKernel
+
+    rng = np.random.default_rng(0)
+    X, y, Xs = rng.uniform(size=(9, 2)), rng.normal(size=9), rng.uniform(size=(5, 2))
+    ls, sv, noise = np.array([0.3, 0.7]), 1.7, 1e-3
+    kernel = ConstantKernel(sv, "fixed") * RBF(ls, "fixed") + WhiteKernel(noise, "fixed")
+    sk = GaussianProcessRegressor(kernel, alpha=1e-6 * sv, optimizer=None, normalize_y=False).fit(X, y)
+    hp = GPHyperparameters(torch.tensor([ls]), torch.tensor([sv], dtype=torch.float64),
+                           torch.tensor([noise], dtype=torch.float64))
+    post = GPPosterior(torch.tensor(X[None]), torch.tensor(y[None]), hp)
+    mean, var = post.predict(torch.tensor(Xs[None]))
+    sk_mean, sk_std = sk.predict(Xs, return_std=True)
+    np.testing.assert_allclose(mean[0].numpy(), sk_mean, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(var[0].numpy() + noise, sk_std**2, rtol=1e-5, atol=1e-9)  # sklearn adds the white noise
+    lml = log_marginal_likelihood(torch.tensor(X[None]), torch.tensor(y[None]), hp)
+    np.testing.assert_allclose(float(lml[0]), sk.log_marginal_likelihood_value_, rtol=1e-6)
+
+
+def test_gp_ei_and_random_search_on_held_out_gp_functions():
+    fam = GPFunctionFamily(2, (0.3, 0.5))
+    ho = held_out_gp(fam, 4, "test-unit", 0)
+    g = torch.Generator().manual_seed(0)
+    hp = GPHyperparameters(ho.functions.lengthscales, torch.ones(4, dtype=torch.float64),
+                           torch.full((4,), 1e-6, dtype=torch.float64))
+    _, ys_ei, times = gp_ei(ho, 4, 2, 20, g, hyperparameters=hp, num_candidates=512, refine_steps=5)
+    _, ys_fit, _ = gp_ei(ho, 4, 2, 20, g, num_candidates=512, refine_steps=5, fit_steps=10)
+    _, ys_rs, _ = random_search(ho, 4, 2, 20, g)
+    assert ys_ei.shape == (4, 20) and times.shape == (20,)
+    r_ei = ho.normalized_regret(ys_ei.min(1).values)
+    r_rs = ho.normalized_regret(ys_rs.min(1).values)
+    r_fit = ho.normalized_regret(ys_fit.min(1).values)
+    assert r_ei.median() < 0.02 and r_fit.median() < 0.05 and r_ei.median() < r_rs.median()
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "cmaes", "gp"])
+def test_optuna_samplers_run_as_peers(sampler):
+    xs, ys, times = optuna_minimize(lambda x: float(((x - 0.3) ** 2).sum()), 2, 8, sampler, seed=0)
+    assert xs.shape == (8, 2) and ys.shape == (8,) and (times >= 0).all()
+    assert np.allclose(ys, ((xs - 0.3) ** 2).sum(1))
+    with pytest.raises(ValueError, match="sampler"):
+        optuna_minimize(lambda x: 0.0, 2, 1, "smac")
+
+
+# -- training, checkpoints ------------------------------------------------------------------------
+def test_episode_family_validation_and_errors():
+    fam = GPProposerEpisodes(dim=2, horizon=5, val_functions=8)
+    p = proposer(dtype=torch.float32)
+    score = fam.validation_score(p)
+    assert 0.0 <= score < 2.0 and fam.validation_score(p) == score
+    with pytest.raises(ValueError, match="dimension"):
+        fam.meta_loss(proposer(dim=3), 2, torch.Generator())
+    with pytest.raises(ValueError, match="loss"):
+        GPProposerEpisodes(loss="regret")
+    with pytest.raises(ValueError, match="lazy"):
+        GPProposerEpisodes(loss="ei", sampler="rff")
+
+
+def test_meta_train_config_exports_a_loadable_proposer(in_tmp):
+    from learnopt.train.cli import meta_train
+
+    out = Path("runs/p.pt")
+    meta_train([
+        "--config", str(ROOT / "configs/rnn_proposer_d2.yaml"), "--trainer.max_steps=4",
+        "--trainer.val_check_interval=2", "--trainer.logger=false", "--trainer.enable_progress_bar=false",
+        "--trainer.default_root_dir=runs", "--model.num_tasks=4", "--model.task_family.init_args.horizon=5",
+        "--model.task_family.init_args.val_functions=8",
+        '--trainer.callbacks=[{"class_path": "learnopt.train.callbacks.ExportLearnedOptimizer", '
+        f'"init_args": {{"path": "{out}"}}}}]',
+    ])
+    p = learnopt.load(out)
+    assert isinstance(p, RNNProposer) and p.dim == 2
+    meta = p.checkpoint_metadata
+    assert "val/median_regret" in meta["validation"] and meta["estimator"] == "full_bptt"
+    assert meta["task_family"]["class_path"] == "tasks.blackbox_episodes.GPProposerEpisodes"
+    res = p.minimize(branin_fun, [(-5, 10), (0, 15)], budget=5)
+    assert res.nfev == 5
+
+
+@pytest.mark.parametrize("dim", [2, 3, 6])
+def test_committed_proposers_load_and_beat_random_search(dim):
+    path = ROOT / f"checkpoints/rnn_proposer_d{dim}.pt"
+    p = learnopt.load(path)
+    assert isinstance(p, RNNProposer) and p.dim == dim
+    meta = p.checkpoint_metadata
+    horizon = meta["config"]["model"]["task_family"]["init_args"]["horizon"]
+    fam = GPFunctionFamily(dim, (0.1, 0.5))
+    ho = held_out_gp(fam, 32, "test-unit", 1)
+    with torch.no_grad():
+        _, ys = p.rollout(ho, 32, horizon)
+    _, ys_rs, _ = random_search(ho, 32, dim, horizon, torch.Generator().manual_seed(0))
+    assert ho.normalized_regret(ys.min(1).values).median() < ho.normalized_regret(ys_rs.min(1).values).median()
