@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import learnopt
-from learnopt.blackbox import AskTellSession, RNNProposer, RunningStandardizer, minimize
+from learnopt.blackbox import RNNProposer, RunningStandardizer, minimize
 from learnopt.blackbox.baselines import gp_ei, optuna_minimize, random_search
 from learnopt.blackbox.gp import GPHyperparameters, GPPosterior, log_marginal_likelihood
 from learnopt.blackbox.losses import expected_improvement, observed_improvement_loss, sum_loss
@@ -288,18 +288,3 @@ def test_meta_train_config_exports_a_loadable_proposer(in_tmp):
     assert meta["task_family"]["class_path"] == "tasks.blackbox_episodes.GPProposerEpisodes"
     res = p.minimize(branin_fun, [(-5, 10), (0, 15)], budget=5)
     assert res.nfev == 5
-
-
-@pytest.mark.parametrize("dim", [2, 3, 6])
-def test_committed_proposers_load_and_beat_random_search(dim):
-    path = ROOT / f"checkpoints/rnn_proposer_d{dim}.pt"
-    p = learnopt.load(path)
-    assert isinstance(p, RNNProposer) and p.dim == dim
-    meta = p.checkpoint_metadata
-    horizon = meta["config"]["model"]["task_family"]["init_args"]["horizon"]
-    fam = GPFunctionFamily(dim, (0.1, 0.5))
-    ho = held_out_gp(fam, 32, "test-unit", 1)
-    with torch.no_grad():
-        _, ys = p.rollout(ho, 32, horizon)
-    _, ys_rs, _ = random_search(ho, 32, dim, horizon, torch.Generator().manual_seed(0))
-    assert ho.normalized_regret(ys.min(1).values).median() < ho.normalized_regret(ys_rs.min(1).values).median()
