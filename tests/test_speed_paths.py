@@ -128,3 +128,16 @@ def test_activation_checkpointing_on_minibatched_mlps_with_full_bptt():
         grads.append(est.estimate(lopt).meta_grads)
     for k, g in grads[0].items():
         torch.testing.assert_close(grads[1][k], g, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.slow
+def test_compiled_update_gives_the_same_meta_gradient():
+    # torch.compile takes ~10 s even for this tiny optimizer, so one small case
+    family = QuadraticFamily(dim=3, dtype=torch.float64)
+    grads = []
+    for compiled in (False, True):
+        lopt = _lstm(torch.float64, hidden_size=4)
+        est = TruncatedBPTT(family, num_tasks=2, unroll_length=3, horizon=6, compile_update=compiled)
+        grads.append(est.estimate(lopt).meta_grads)
+    for k, g in grads[0].items():
+        torch.testing.assert_close(grads[1][k], g, rtol=1e-9, atol=1e-12)

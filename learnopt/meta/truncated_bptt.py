@@ -14,13 +14,13 @@ from learnopt.meta.base import GradientEstimate, GradientEstimator, UnrollState,
 from learnopt.meta.schedules import TruncationSchedule
 from learnopt.meta.unroll import inner_step
 from learnopt.optim.base import detach_state
-from learnopt.optim.base import Params
+from learnopt.optim.base import GradientTransformation, Params
 from learnopt.task import Task, TaskFamily
 
 __all__ = ["FullBPTT", "GradientEstimate", "TruncatedBPTT", "UnrollState", "checkpointed_inner_step"]
 
 
-def checkpointed_inner_step(lopt: nn.Module, task: Task, params: Params, opt_state: Any, batch: Any = None,
+def checkpointed_inner_step(tx: nn.Module | GradientTransformation, task: Task, params: Params, opt_state: Any, batch: Any = None,
                             second_order: bool = False) -> tuple[Tensor, Params, Any]:
     """``inner_step`` under activation checkpointing (``torch.utils.checkpoint``, non-reentrant):
     the step keeps only its inputs and outputs for the backward pass and recomputes its
@@ -33,7 +33,7 @@ def checkpointed_inner_step(lopt: nn.Module, task: Task, params: Params, opt_sta
     def step(*tensors: Any) -> tuple:
         p = dict(zip(names, tensors[: len(names)]))
         s = pytree.tree_unflatten(list(tensors[len(names):]), spec)
-        loss, p, s = inner_step(lopt, task, p, s, batch, second_order=second_order)
+        loss, p, s = inner_step(tx, task, p, s, batch, second_order=second_order)
         return (loss, *(p[k] for k in names), *pytree.tree_leaves(s))
 
     out = checkpoint(step, *(params[k] for k in names), *leaves, use_reentrant=False)
@@ -66,7 +66,10 @@ class TruncatedBPTT(GradientEstimator):
 
     ``activation_checkpointing=True`` runs each inner step under ``torch.utils.checkpoint``
     (``checkpointed_inner_step``): the same meta-gradient with memory per unrolled step cut to
-    the carried state, for about one more forward pass per step.
+    the carried state, for about one more forward pass per step. ``compile_update=True`` runs
+    the learned optimizer's ``update`` through ``torch.compile`` (compiled on first use, tens of
+    seconds; faster afterwards where the update is many small operations, see
+    ``docs/benchmarks``).
     """
 
     def __init__(
@@ -81,10 +84,22 @@ class TruncatedBPTT(GradientEstimator):
         split: str = "train",
         schedule: TruncationSchedule | None = None,
         activation_checkpointing: bool = False,
+        compile_update: bool = False,
     ) -> None:
         self._configure(task_family, num_tasks, unroll_length, horizon, loss_transform, seed, split, schedule)
         self.second_order = second_order
         self.activation_checkpointing = activation_checkpointing
+        self.compile_update = compile_update
+        self._compiled: tuple[nn.Module, GradientTransformation] | None = None
+
+    def _transform_of(self, lopt: nn.Module) -> nn.Module | GradientTransformation:
+        """What the inner steps call ``update`` on: ``lopt`` itself, or with ``compile_update``
+        its ``update`` compiled by ``torch.compile`` (built once per learned optimizer)."""
+        if not self.compile_update:
+            return lopt
+        if self._compiled is None or self._compiled[0] is not lopt:
+            self._compiled = (lopt, GradientTransformation(lopt.init, torch.compile(lopt.update)))
+        return self._compiled[1]
 
     def init_unroll(self, lopt: nn.Module, episode: int = 0) -> UnrollState:
         return start_unroll(lopt, self.task_family, self.num_tasks, self.split, self.seed, episode, self.rank)
@@ -98,12 +113,13 @@ class TruncatedBPTT(GradientEstimator):
         params = {name: p.detach().requires_grad_(True) for name, p in state.params.items()}
         opt_state = detach_state(state.opt_state)
         terms = []
+        tx = self._transform_of(lopt)
         with torch.enable_grad():
             first_loss = None
             for i in range(k):
                 batch = state.task.sample_batch(state.generator)
                 step = checkpointed_inner_step if self.activation_checkpointing else inner_step
-                loss, params, opt_state = step(lopt, state.task, params, opt_state, batch,
+                loss, params, opt_state = step(tx, state.task, params, opt_state, batch,
                                                second_order=self.second_order)
                 if i == 0:
                     first_loss = loss.detach()
@@ -165,6 +181,7 @@ class FullBPTT(TruncatedBPTT):
         seed: int = 0,
         split: str = "train",
         activation_checkpointing: bool = False,
+        compile_update: bool = False,
     ) -> None:
         super().__init__(task_family, num_tasks, horizon, horizon, second_order, loss_transform, seed, split,
-                         activation_checkpointing=activation_checkpointing)
+                         activation_checkpointing=activation_checkpointing, compile_update=compile_update)

@@ -56,6 +56,7 @@ def build_estimator(
     min_unroll_length: int = 1,
     max_unroll_length: int | None = None,
     activation_checkpointing: bool = False,
+    compile_update: bool = False,
 ) -> GradientEstimator:
     """The ``learnopt.meta`` estimator named by ``estimator``, from ``MetaTrainModule``'s flat options."""
     if estimator not in ESTIMATORS:
@@ -70,11 +71,12 @@ def build_estimator(
                          f"'full_bptt' (backpropagation through whole episodes) or 'es', got {estimator!r}")
     if estimator == "full_bptt":
         return FullBPTT(task_family, num_tasks, horizon, second_order, loss_transform, seed,
-                        activation_checkpointing=activation_checkpointing)
+                        activation_checkpointing=activation_checkpointing, compile_update=compile_update)
     schedule = make_schedule(truncation_schedule, unroll_length, min_unroll_length, max_unroll_length)
     if estimator == "truncated_bptt":
         return TruncatedBPTT(task_family, num_tasks, unroll_length, horizon, second_order, loss_transform, seed,
-                             schedule=schedule, activation_checkpointing=activation_checkpointing)
+                             schedule=schedule, activation_checkpointing=activation_checkpointing,
+                             compile_update=compile_update)
     cls = ES if estimator == "es" else PES
     return cls(task_family, num_tasks, unroll_length, horizon, loss_transform, seed, sigma=es_sigma,
                num_pairs=num_pairs, schedule=schedule)
@@ -106,6 +108,8 @@ class MetaTrainModule(pl.LightningModule):
     ``activation_checkpointing`` (BPTT estimators): recompute each inner step's intermediates
     in the backward pass instead of storing them (``torch.utils.checkpoint``), trading about
     one more forward pass per step for memory; the meta-gradient is the same.
+    ``compile_update`` (BPTT estimators): the learned optimizer's ``update`` through
+    ``torch.compile`` (see ``docs/benchmarks`` for where it pays).
 
     Distributed (Lightning's ``ddp`` strategy, any number of processes and nodes): every rank
     runs its own estimate (its own tasks for BPTT, its share of the antithetic pairs for
@@ -143,6 +147,7 @@ class MetaTrainModule(pl.LightningModule):
         min_unroll_length: int = 1,
         max_unroll_length: int | None = None,
         activation_checkpointing: bool = False,
+        compile_update: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["learned_optimizer", "task_family"])
@@ -152,7 +157,7 @@ class MetaTrainModule(pl.LightningModule):
         self.estimator = build_estimator(
             estimator, task_family, num_tasks, unroll_length, horizon, second_order, loss_transform, seed,
             es_sigma, num_pairs, truncation_schedule, min_unroll_length, max_unroll_length,
-            activation_checkpointing,
+            activation_checkpointing, compile_update,
         )
         self.automatic_optimization = False
         self._unroll: UnrollState | None = None
