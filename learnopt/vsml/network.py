@@ -1,0 +1,221 @@
+"""VSML: networks whose every weight is a small LSTM with shared parameters
+(Kirsch & Schmidhuber 2021, "Meta Learning Backpropagation And Improving It", arXiv 2012.14905).
+
+A dense layer from ``A`` inputs to ``B`` outputs holds ``A × B`` sub-LSTMs that all share one
+set of parameters ``V``. Sub-LSTM ``(a, b)`` reads the forward message of input ``a`` and the
+backward message of output ``b``; the forward message of output ``b`` is the mean over ``a``
+of what the sub-LSTMs emit forward, the backward message of input ``a`` the mean over ``b``
+of what they emit backward. Because ``V`` does not depend on ``A`` or ``B``, one learned
+``V`` runs on any input size and class count. The states play the role of the weights and
+of the learning state, so running the network forward *is* learning: nothing is trained by
+gradient descent at meta-test time.
+
+Per example (``reverse_pass=True``)::
+
+    forward:  m⁰ = [x, 0, …]; for each layer l: micro_ticks ticks with (mˡ, 0) → mˡ⁺¹
+              ŷ_b = bound · tanh(m^L_b[0] / bound)                       (prediction)
+    backward: e = softmax(ŷ) − onehot(y);  bᴸ = [e, onehot(y) if label_feedback, 0, …]
+              for each layer l from the top: micro_ticks ticks with (mˡ, bˡ) → bˡ⁻¹
+
+With ``reverse_pass=False`` there is one pass per example: every layer ticks once with the
+forward message of this example and the backward message left by the previous example (the
+error reaches the last layer one step late and lower layers one step later per layer).
+
+All sub-LSTMs of a layer are one batched op over ``[episodes, A, B]`` rows; the message
+inputs are projected before broadcasting (``[E, A, 4H] + [E, B, 4H]``) so only the recurrent
+matmul runs per row.
+
+Initialisation follows the paper's code: truncated-normal weights, forget-gate bias +5 and
+input-gate bias −5 (a fresh sub-LSTM keeps its state), hidden state zero, and the first half
+of each cell state drawn at random with std ``1/√A`` per episode (the random "initial
+weights" of the network).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class LayerState(NamedTuple):
+    """Hidden and cell state of one VSML layer, ``[E, A, B, H]`` each."""
+
+    h: Tensor
+    c: Tensor
+
+
+class VSMLState(NamedTuple):
+    """The whole network's carried state: per-layer LSTM states, the forward inputs of each
+    layer for the current example (read again by the backward pass), and the backward message
+    waiting for the next example (``reverse_pass=False``)."""
+
+    layers: tuple[LayerState, ...]
+    forward_inputs: tuple[Tensor, ...]
+    pending_backward: tuple[Tensor, ...]
+
+
+def _trunc_normal(*shape: int, std: float) -> Tensor:
+    return nn.init.trunc_normal_(torch.empty(*shape), std=std, a=-2 * std, b=2 * std)
+
+
+class VSMLLayer(nn.Module):
+    """One dense VSML layer: the shared sub-LSTM parameters ``V`` and the batched tick."""
+
+    def __init__(self, state_size: int = 16, message_size: int = 8) -> None:
+        super().__init__()
+        H, M = state_size, message_size
+        self.state_size, self.message_size = H, M
+        self.w_forward = nn.Parameter(_trunc_normal(M, 4 * H, std=1 / math.sqrt(2 * M + H)))
+        self.w_backward = nn.Parameter(_trunc_normal(M, 4 * H, std=1 / math.sqrt(2 * M + H)))
+        self.w_hidden = nn.Parameter(_trunc_normal(H, 4 * H, std=1 / math.sqrt(2 * M + H)))
+        bias = torch.zeros(4 * H)
+        bias[:H] = -5.0          # input gate: closed at first
+        bias[H:2 * H] = 5.0      # forget gate: open, the state persists
+        self.bias = nn.Parameter(bias)
+        self.out_forward = nn.Parameter(_trunc_normal(H, M, std=1 / math.sqrt(H)))
+        self.out_backward = nn.Parameter(_trunc_normal(H, M, std=1 / math.sqrt(H)))
+
+    def init_state(self, episodes: int, fan_in: int, fan_out: int, generator: torch.Generator | None = None,
+                   device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> LayerState:
+        H = self.state_size
+        h = torch.zeros(episodes, fan_in, fan_out, H, device=device, dtype=dtype)
+        half = H // 2
+        noise = torch.randn(episodes, fan_in, fan_out, half, generator=generator,
+                            device=generator.device if generator is not None else "cpu", dtype=dtype)
+        c = torch.cat([noise.to(device) / math.sqrt(fan_in), h[..., half:]], dim=-1)
+        return LayerState(h, c)
+
+    def cell(self, state: LayerState, forward_in: Tensor, backward_in: Tensor) -> LayerState:
+        """One LSTM tick of every sub-LSTM: ``forward_in`` [E, A, M], ``backward_in`` [E, B, M]."""
+        H = self.state_size
+        gates = ((forward_in @ self.w_forward).unsqueeze(2) + (backward_in @ self.w_backward).unsqueeze(1)
+                 + state.h @ self.w_hidden + self.bias)
+        i, f, g, o = gates.split(H, dim=-1)
+        c = torch.sigmoid(f) * state.c + torch.sigmoid(i) * torch.tanh(g)
+        h = torch.sigmoid(o) * torch.tanh(c)
+        return LayerState(h, c)
+
+    def tick(self, state: LayerState, forward_in: Tensor, backward_in: Tensor) -> tuple[LayerState, Tensor, Tensor]:
+        """A tick and the aggregated messages: forward [E, B, M] (mean over inputs) and
+        backward [E, A, M] (mean over outputs)."""
+        state = self.cell(state, forward_in, backward_in)
+        return state, (state.h.mean(1) @ self.out_forward), (state.h.mean(2) @ self.out_backward)
+
+
+class VSMLNetwork(nn.Module):
+    """A stack of VSML layers that learns online by message passing alone.
+
+    ``hidden_sizes``: widths of the hidden VSML layers (``[]``: a single layer from the inputs
+    straight to the class outputs). ``state_size`` / ``message_size``: the sub-LSTM's state
+    and message sizes (paper's code: 16 / 8). ``micro_ticks``: LSTM ticks per layer per pass
+    (paper: 2). ``reverse_pass``: a backward pass per example (else errors travel with the
+    next example's forward pass). ``label_feedback``: the label is part of the last layer's
+    backward message beside the error. ``output_bound``: ``ŷ = bound · tanh(m / bound)``.
+    """
+
+    kind = "vsml_learner"
+
+    def __init__(self, hidden_sizes: list[int] | tuple[int, ...] = (), state_size: int = 16, message_size: int = 8,
+                 micro_ticks: int = 2, reverse_pass: bool = True, label_feedback: bool = True,
+                 output_bound: float = 100.0) -> None:
+        super().__init__()
+        hidden_sizes = [int(s) for s in hidden_sizes]
+        if any(s < 1 for s in hidden_sizes):
+            raise ValueError(f"VSMLNetwork: hidden_sizes must be positive, got {hidden_sizes}")
+        if state_size < 2 or message_size < 2:
+            raise ValueError(f"VSMLNetwork: state_size and message_size must be >= 2 (the error and label "
+                             f"share the backward message), got {state_size}, {message_size}")
+        if micro_ticks < 1:
+            raise ValueError(f"VSMLNetwork: micro_ticks must be >= 1, got {micro_ticks}")
+        self.hidden_sizes = hidden_sizes
+        self.state_size, self.message_size = state_size, message_size
+        self.micro_ticks, self.reverse_pass, self.label_feedback = micro_ticks, reverse_pass, label_feedback
+        self.output_bound = output_bound
+        self.layers = nn.ModuleList(VSMLLayer(state_size, message_size) for _ in range(len(hidden_sizes) + 1))
+        # What weight a sub-LSTM currently implements, read linearly from its cell state. Only
+        # learning-algorithm cloning trains it (learnopt.vsml.clone); it is a diagnostic otherwise.
+        readout = torch.zeros(state_size)
+        readout[0] = 1.0
+        self.weight_readout = nn.Parameter(readout)
+
+    def config(self) -> dict[str, Any]:
+        return {"hidden_sizes": list(self.hidden_sizes), "state_size": self.state_size,
+                "message_size": self.message_size, "micro_ticks": self.micro_ticks,
+                "reverse_pass": self.reverse_pass, "label_feedback": self.label_feedback,
+                "output_bound": self.output_bound}
+
+    # -- the online-learner protocol --------------------------------------------------------------
+    def init_state(self, episodes: int, num_features: int, num_classes: int,
+                   generator: torch.Generator | None = None, device: torch.device | str | None = None) -> VSMLState:
+        """Fresh learners for ``episodes`` episodes: random initial "weights" (half cell states)."""
+        if num_features < 1 or num_classes < 2:
+            raise ValueError(f"VSMLNetwork: needs >= 1 feature and >= 2 classes, got {num_features}, {num_classes}")
+        device = device if device is not None else self.layers[0].bias.device
+        dtype = self.layers[0].bias.dtype
+        sizes = [num_features, *self.hidden_sizes, num_classes]
+        layers = tuple(layer.init_state(episodes, a, b, generator, device, dtype)
+                       for layer, a, b in zip(self.layers, sizes[:-1], sizes[1:]))
+        M = self.message_size
+        zeros_out = tuple(torch.zeros(episodes, b, M, device=device, dtype=dtype) for b in sizes[1:])
+        zeros_in = tuple(torch.zeros(episodes, a, M, device=device, dtype=dtype) for a in sizes[:-1])
+        return VSMLState(layers, zeros_in, zeros_out)
+
+    def _embed(self, values: Tensor, *extra: Tensor) -> Tensor:
+        """Scalars per unit [E, n] (and optional extra channels) into messages [E, n, M]."""
+        parts = [values.unsqueeze(-1), *(e.unsqueeze(-1) for e in extra)]
+        pad = self.message_size - len(parts)
+        return F.pad(torch.cat(parts, -1), (0, pad))
+
+    def predict(self, state: VSMLState, x: Tensor) -> tuple[VSMLState, Tensor]:
+        """Forward pass for one example per episode, ``x`` [E, A] → logits [E, C]."""
+        message = self._embed(x)
+        layers, inputs = list(state.layers), []
+        for l, layer in enumerate(self.layers):
+            inputs.append(message)
+            backward = state.pending_backward[l] if not self.reverse_pass else torch.zeros_like(state.pending_backward[l])
+            for _ in range(self.micro_ticks):
+                layers[l], out, below = layer.tick(layers[l], message, backward)
+            if not self.reverse_pass:  # the lower layer's next backward message
+                pending = list(state.pending_backward)
+                if l > 0:
+                    pending[l - 1] = below
+                state = state._replace(pending_backward=tuple(pending))
+            message = out
+        logits = self.output_bound * torch.tanh(message[..., 0] / self.output_bound)
+        return VSMLState(tuple(layers), tuple(inputs), state.pending_backward), logits
+
+    def feedback(self, state: VSMLState, logits: Tensor, y: Tensor) -> VSMLState:
+        """Tell the learner the labels ``y`` [E] of the example it just predicted."""
+        onehot = F.one_hot(y, logits.shape[-1]).to(logits.dtype)
+        error = torch.softmax(logits, -1) - onehot
+        backward = self._embed(error, onehot) if self.label_feedback else self._embed(error)
+        if not self.reverse_pass:
+            pending = list(state.pending_backward)
+            pending[-1] = backward
+            return state._replace(pending_backward=tuple(pending))
+        layers = list(state.layers)
+        for l in reversed(range(len(self.layers))):
+            for _ in range(self.micro_ticks):
+                layers[l], _, below = self.layers[l].tick(layers[l], state.forward_inputs[l], backward)
+            backward = below
+        return state._replace(layers=tuple(layers))
+
+    # -- user-facing ------------------------------------------------------------------------------
+    def forward(self, x: Tensor, y: Tensor, num_classes: int, generator: torch.Generator | None = None) -> Tensor:
+        """Online episodes: ``x`` [E, T, A], ``y`` [E, T] → logits [E, T, C], each predicted
+        before its label was fed back."""
+        from learnopt.vsml.online import online_episode
+
+        return online_episode(self, x, y, num_classes, generator)
+
+    @torch.no_grad()
+    def online(self, x: Any, y: Any, num_classes: int | None = None, seed: int = 0) -> Tensor:
+        """Learn online from one stream: ``x`` [N, features], ``y`` [N] class indices. Returns the
+        class predicted for each example before its label was seen ([N] int64)."""
+        from learnopt.vsml.online import online_predictions
+
+        return online_predictions(self, x, y, num_classes, seed)

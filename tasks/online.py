@@ -1,0 +1,167 @@
+"""Online classification episodes for meta-learned learners (VSML, black-box meta-learners).
+
+An episode is a stream of ``episode_length`` labelled examples from a random task: a random
+subset of ``min_classes … max_classes`` classes of a dataset (relabelled in random order), the
+inputs standardised with the dataset's statistics and then either randomly projected
+(``x P`` with ``P ~ N(0, 1/F)``, ``F`` the dataset's feature count), randomly permuted, or
+left as they are. All episodes of one call share the class count and input size (one batch).
+
+``OnlineClassificationFamily`` is an *episode family* for ``learnopt.meta.episodic``: its
+meta-loss is the mean online cross-entropy of the learner's predictions (each made before
+the label was seen), as in Kirsch & Schmidhuber 2021; ``validation_score`` is the same on
+fixed episodes of the ``val`` split.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from learnopt.task import seeded_generator
+from learnopt.vsml.online import online_episode, online_metrics
+
+PROJECTIONS = ("gaussian", "permutation", "none")
+SKLEARN_SETS = ("iris", "wine", "breast_cancer")
+
+
+@functools.cache
+def dataset_arrays(name: str, part: str, standardize: bool = True) -> tuple[Tensor, Tensor]:
+    """Features (standardised, or as ``load_dataset`` scales them) and labels of ``name``:
+    ``part`` ``"train"`` / ``"test"`` / ``"all"``. ``digits`` and ``mnist1d`` use ``tasks.datasets.load_dataset``'s split (seed 0);
+    sklearn's small sets (``iris``, ``wine``, ``breast_cancer``) are used whole."""
+    if name in SKLEARN_SETS:
+        import sklearn.datasets as skd
+
+        d = getattr(skd, f"load_{name}")()
+        x, y = torch.tensor(d.data, dtype=torch.float32), torch.tensor(d.target, dtype=torch.int64)
+        parts = {"all": (x, y), "train": (x, y), "test": (x, y)}
+    else:
+        from tasks.datasets import load_dataset
+
+        x_tr, y_tr, x_te, y_te = load_dataset(name)
+        parts = {"train": (x_tr, y_tr), "test": (x_te, y_te), "all": (torch.cat([x_tr, x_te]), torch.cat([y_tr, y_te]))}
+    if part not in parts:
+        raise ValueError(f"dataset part must be train, test or all, got {part!r}")
+    x, y = parts[part]
+    if not standardize:
+        return x, y
+    mean, std = x.mean(0), x.std(0)
+    return (x - mean) / torch.where(std > 1e-6, std, torch.ones_like(std)), y
+
+
+def _to_model(model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """Episodes on the model's device and in its floating-point type."""
+    p = next(iter(model.parameters()), None)
+    return (x, y) if p is None else (x.to(p.device, p.dtype), y.to(p.device))
+
+
+class OnlineClassificationFamily:
+    """Episodes of online classification (see the module docstring).
+
+    ``datasets``: names drawn uniformly per call; ``part``: which part of each dataset the
+    examples come from; ``num_features``: the projected input size (ignored with
+    ``projection="none"``); ``seed`` keys the validation episodes.
+    """
+
+    validation_name = "online_ce"
+
+    def __init__(self, datasets: list[str] | tuple[str, ...] = ("digits",), part: str = "train",
+                 episode_length: int = 100, num_features: int = 16, min_classes: int = 2, max_classes: int = 5,
+                 projection: str = "gaussian", standardize: bool = True, val_episodes: int = 32,
+                 seed: int = 0) -> None:
+        if projection not in PROJECTIONS:
+            raise ValueError(f"projection must be one of {PROJECTIONS}, got {projection!r}")
+        if not 2 <= min_classes <= max_classes:
+            raise ValueError(f"need 2 <= min_classes <= max_classes, got {min_classes}, {max_classes}")
+        if episode_length < 1 or num_features < 1:
+            raise ValueError(f"episode_length and num_features must be >= 1, got {episode_length}, {num_features}")
+        self.datasets, self.part = tuple(datasets), part
+        self.episode_length, self.num_features = episode_length, num_features
+        self.min_classes, self.max_classes = min_classes, max_classes
+        self.projection, self.standardize = projection, standardize
+        self.val_episodes, self.seed = val_episodes, seed
+        for name in self.datasets:
+            _, y = dataset_arrays(name, part, standardize)
+            if int(y.max()) + 1 < min_classes:
+                raise ValueError(f"dataset {name} has {int(y.max()) + 1} classes, fewer than min_classes={min_classes}")
+        self.name = f"online_{'_'.join(self.datasets)}"
+
+    def sample(self, num_episodes: int, generator: torch.Generator,
+               length: int | None = None) -> tuple[Tensor, Tensor, int]:
+        """``x`` [E, T, A], ``y`` [E, T] and the class count of one batch of episodes (``T`` is
+        ``episode_length`` unless ``length`` is given)."""
+        name = self.datasets[int(torch.randint(len(self.datasets), (1,), generator=generator))]
+        data_x, data_y = dataset_arrays(name, self.part, self.standardize)
+        available = int(data_y.max()) + 1
+        hi = min(self.max_classes, available)
+        C = int(torch.randint(min(self.min_classes, hi), hi + 1, (1,), generator=generator))
+        F_in = data_x.shape[1]
+        xs, ys = [], []
+        for _ in range(num_episodes):
+            classes = torch.randperm(available, generator=generator)[:C]
+            relabel = torch.full((available,), -1, dtype=torch.int64)
+            relabel[classes] = torch.arange(C)
+            pool = torch.nonzero(relabel[data_y] >= 0).squeeze(1)
+            T = self.episode_length if length is None else length
+            if len(pool) >= T:
+                idx = pool[torch.randperm(len(pool), generator=generator)[:T]]
+            else:
+                idx = pool[torch.randint(len(pool), (T,), generator=generator)]
+            x = data_x[idx]
+            if self.projection == "gaussian":
+                x = x @ (torch.randn(F_in, self.num_features, generator=generator) / np.sqrt(F_in))
+            elif self.projection == "permutation":
+                x = x[:, torch.randperm(F_in, generator=generator)]
+            xs.append(x)
+            ys.append(relabel[data_y[idx]])
+        return torch.stack(xs), torch.stack(ys), C
+
+    def meta_loss(self, model: nn.Module, num_episodes: int,
+                  generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
+        x, y, C = self.sample(num_episodes, generator)
+        x, y = _to_model(model, x, y)
+        logits = online_episode(model, x, y, C, generator)
+        ce, accuracy = online_metrics(logits, y)
+        return ce, {"online_accuracy": float(accuracy), "classes": float(C)}
+
+    def validation_score(self, model: Any, generator: torch.Generator | None = None) -> float:
+        """Mean online cross-entropy on fixed episodes (split ``val``, keyed by ``seed``), in
+        batches of 8 so every class count is represented."""
+        total, batches = 0.0, max(1, self.val_episodes // 8)
+        with torch.no_grad():
+            for k in range(batches):
+                g = seeded_generator("val", self.seed, k)
+                loss, _ = self.meta_loss(model, min(8, self.val_episodes), g)
+                total += float(loss)
+        return total / batches
+
+
+class SGDCloneFamily(OnlineClassificationFamily):
+    """Streams for learning-algorithm cloning (``learnopt.vsml.clone``): the meta-loss is the
+    cloning loss of a one-layer VSML network against online SGD (per-weight rate ``lr``,
+    logit gain ``gain``) on the stream. Each batch first runs a random ``0 … max_burn_in``
+    steps without gradient, so the clone is trained at late stream positions (grown weights)
+    too, then backpropagates through ``episode_length`` steps."""
+
+    validation_name = "clone_loss"
+
+    def __init__(self, lr: float = 0.1, gain: float = 32.0, max_burn_in: int = 0, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if lr <= 0 or gain <= 0 or max_burn_in < 0:
+            raise ValueError(f"SGDCloneFamily: need lr > 0, gain > 0, max_burn_in >= 0; got {lr}, {gain}, {max_burn_in}")
+        self.lr, self.gain, self.max_burn_in = lr, gain, max_burn_in
+        self.name = f"sgd_clone_{'_'.join(self.datasets)}"
+
+    def meta_loss(self, model: nn.Module, num_episodes: int,
+                  generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
+        from learnopt.vsml.clone import clone_loss
+
+        burn_in = int(torch.randint(self.max_burn_in + 1, (1,), generator=generator))
+        x, y, C = self.sample(num_episodes, generator, self.episode_length + burn_in)
+        x, y = _to_model(model, x, y)
+        loss, metrics = clone_loss(model, x, y, C, self.lr, self.gain, generator, burn_in)
+        return loss, {**metrics, "burn_in": float(burn_in), "classes": float(C)}

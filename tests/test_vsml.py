@@ -1,0 +1,232 @@
+"""VSML learners (learnopt.vsml), online episodes and their task families (tasks/online.py)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import learnopt
+from learnopt.meta.episodic import EpisodicBPTT, EpisodicES
+from learnopt.vsml import BlackBoxOnlineLSTM, OnlineLinear, VSMLNetwork, online_episode
+from learnopt.vsml.clone import clone_loss, start_streams, teacher_logits, teacher_learning_rate
+from tasks.online import OnlineClassificationFamily, SGDCloneFamily
+
+VARIANTS = [
+    dict(),
+    dict(reverse_pass=False),
+    dict(label_feedback=False),
+    dict(hidden_sizes=[3], micro_ticks=1),
+    dict(hidden_sizes=[4, 3], reverse_pass=False, micro_ticks=3),
+]
+
+
+def test_layer_tick_is_one_shared_lstm_cell_per_weight():
+    """Every sub-LSTM (e, a, b) is torch.nn.LSTMCell with the shared weights, reading
+    [forward message of a, backward message of b]; messages are means over the other side."""
+    torch.manual_seed(0)
+    layer = VSMLNetwork(state_size=6, message_size=4).layers[0]
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_()
+    E, A, B, H, M = 2, 3, 4, 6, 4
+    state = layer.init_state(E, A, B, torch.Generator().manual_seed(1))
+    state = state._replace(h=torch.randn(E, A, B, H))
+    fwd, bwd = torch.randn(E, A, M), torch.randn(E, B, M)
+    new, out_f, out_b = layer.tick(state, fwd, bwd)
+
+    cell = nn.LSTMCell(2 * M, H)
+    with torch.no_grad():
+        cell.weight_ih.copy_(torch.cat([layer.w_forward, layer.w_backward]).T)
+        cell.weight_hh.copy_(layer.w_hidden.T)
+        cell.bias_ih.copy_(layer.bias)
+        cell.bias_hh.zero_()
+    for e in range(E):
+        for a in range(A):
+            for b in range(B):
+                h, c = cell(torch.cat([fwd[e, a], bwd[e, b]])[None], (state.h[e, a, b][None], state.c[e, a, b][None]))
+                torch.testing.assert_close(new.h[e, a, b], h[0])
+                torch.testing.assert_close(new.c[e, a, b], c[0])
+    torch.testing.assert_close(out_f, (new.h @ layer.out_forward).mean(1))
+    torch.testing.assert_close(out_b, (new.h @ layer.out_backward).mean(2))
+
+
+def test_initialisation_follows_the_papers_code():
+    layer = VSMLNetwork(state_size=16).layers[0]
+    H = 16
+    assert torch.all(layer.bias[:H] == -5) and torch.all(layer.bias[H:2 * H] == 5)
+    assert torch.all(layer.bias[2 * H:] == 0)
+    A = 100
+    state = layer.init_state(4, A, 50, torch.Generator().manual_seed(0))
+    assert torch.all(state.h == 0) and torch.all(state.c[..., H // 2:] == 0)
+    std = float(state.c[..., : H // 2].std())
+    assert abs(std - 1 / math.sqrt(A)) < 0.02 / math.sqrt(A) * 5
+    bound = 2 / math.sqrt(16 + H)  # truncated normal at two standard deviations
+    assert float(layer.w_hidden.detach().abs().max()) <= bound + 1e-6
+
+
+@pytest.mark.parametrize("options", VARIANTS)
+def test_predictions_are_made_before_the_label_is_seen(options):
+    torch.manual_seed(0)
+    net = VSMLNetwork(state_size=8, message_size=4, **options)
+    with torch.no_grad():  # make every path carry signal
+        for p in net.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    x, y = torch.randn(2, 6, 5), torch.randint(0, 3, (2, 6))
+    base = online_episode(net, x, y, 3, torch.Generator().manual_seed(0))
+    y2 = y.clone()
+    y2[:, 2] = (y[:, 2] + 1) % 3
+    changed = online_episode(net, x, y2, 3, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(base[:, :3], changed[:, :3])  # steps 0..2 predicted before y[2]
+    later = 3 if options.get("reverse_pass", True) else 3 + len(options.get("hidden_sizes", []))
+    assert not torch.allclose(base[:, later:], changed[:, later:])  # the label did reach the learner
+
+
+def test_any_input_size_and_class_count_with_one_set_of_parameters():
+    net = VSMLNetwork(hidden_sizes=[4], micro_ticks=1)
+    n_params = sum(p.numel() for p in net.parameters())
+    for features, classes in [(3, 2), (17, 7), (64, 10)]:
+        preds = net.online(torch.randn(12, features), torch.randint(0, classes, (12,)), num_classes=classes)
+        assert preds.shape == (12,) and preds.dtype == torch.int64 and int(preds.max()) < classes
+    assert sum(p.numel() for p in net.parameters()) == n_params
+
+
+def test_online_rejects_bad_input_clearly():
+    net = VSMLNetwork()
+    with pytest.raises(ValueError, match="examples, features"):
+        net.online(torch.randn(5), torch.zeros(5, dtype=torch.long))
+    with pytest.raises(ValueError, match="labels must lie"):
+        net.online(torch.randn(5, 3), torch.tensor([0, 1, 2, 3, 4]), num_classes=3)
+    with pytest.raises(ValueError, match="class indices"):
+        net.online(torch.randn(3, 3), torch.tensor([0.5, 1.0, 0.0]))
+    with pytest.raises(ValueError, match="NaN"):
+        net.online(torch.full((3, 3), float("nan")), torch.tensor([0, 1, 0]))
+    with pytest.raises(ValueError, match="micro_ticks"):
+        VSMLNetwork(micro_ticks=0)
+
+
+@pytest.mark.parametrize("name,torch_opt,kwargs", [("sgd", torch.optim.SGD, dict(lr=0.3)),
+                                                   ("adam", torch.optim.Adam, dict(lr=0.05))])
+def test_online_linear_baseline_matches_torch_optim(name, torch_opt, kwargs):
+    torch.manual_seed(0)
+    x, y = torch.randn(1, 30, 6), torch.randint(0, 4, (1, 30))
+    logits = online_episode(OnlineLinear(name, **kwargs), x, y, 4)
+    model = nn.Linear(6, 4)
+    nn.init.zeros_(model.weight), nn.init.zeros_(model.bias)
+    opt = torch_opt(model.parameters(), **kwargs)
+    for t in range(30):
+        z = model(x[0, t])
+        torch.testing.assert_close(logits[0, t], z.detach(), atol=1e-5, rtol=1e-5)
+        opt.zero_grad()
+        nn.functional.cross_entropy(z[None], y[0, t][None]).backward()
+        opt.step()
+
+
+def test_clone_teacher_is_plain_sgd_at_the_stated_rate():
+    """gain·mean_a(w x) with w ← w − lr·x·δ is SGD on z = V x (V = gain·W/A) at gain·lr/A."""
+    torch.manual_seed(0)
+    A, B, lr, gain = 7, 3, 0.1, 8.0
+    w, x, y = torch.randn(1, A, B), torch.randn(1, A), torch.tensor([2])
+    delta = torch.softmax(teacher_logits(w, x, gain), -1) - nn.functional.one_hot(y, B)
+    new_w = w - lr * x.unsqueeze(-1) * delta.unsqueeze(1)
+    V = (gain * w[0] / A).T.clone().requires_grad_(True)
+    nn.functional.cross_entropy((V @ x[0])[None], y).backward()
+    with torch.no_grad():
+        V -= teacher_learning_rate(lr, gain, A) * V.grad
+    torch.testing.assert_close(gain * new_w[0] / A, V.T)
+
+
+def test_clone_loss_starts_from_the_encoded_weights_and_is_differentiable():
+    net = VSMLNetwork(state_size=8, message_size=4, micro_ticks=1)
+    stream = start_streams(net, 2, 5, 3, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(stream.teacher_w, stream.layer.c[..., 0])  # readout starts at e_0
+    x, y = torch.rand(2, 6, 5), torch.randint(0, 3, (2, 6))
+    loss, metrics = clone_loss(net, x, y, 3, 0.1, 4.0, torch.Generator().manual_seed(0), burn_in=2)
+    loss.backward()
+    assert set(metrics) == {"clone_forward", "clone_backward", "clone_weight"}
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.parameters())
+    with pytest.raises(ValueError, match="single VSML layer"):
+        start_streams(VSMLNetwork(hidden_sizes=[2]), 1, 2, 2)
+
+
+def test_episode_family_draws_class_subsets_and_projections():
+    fam = OnlineClassificationFamily(datasets=["digits"], episode_length=40, num_features=9, min_classes=3,
+                                     max_classes=4)
+    x, y, C = fam.sample(5, torch.Generator().manual_seed(0))
+    assert x.shape == (5, 40, 9) and y.shape == (5, 40) and C in (3, 4)
+    assert int(y.min()) >= 0 and int(y.max()) < C
+    assert not torch.allclose(x[0], x[1])  # each episode has its own projection and examples
+    perm = OnlineClassificationFamily(datasets=["iris"], projection="permutation", min_classes=2, max_classes=3)
+    x, y, C = perm.sample(2, torch.Generator().manual_seed(0))
+    assert x.shape[-1] == 4
+    with pytest.raises(ValueError, match="projection"):
+        OnlineClassificationFamily(projection="rotate")
+
+
+def test_bptt_meta_gradient_matches_finite_differences():
+    from learnopt.task import seeded_generator
+
+    net = VSMLNetwork(state_size=4, message_size=2, micro_ticks=1).double()
+    fam = OnlineClassificationFamily(datasets=["iris"], episode_length=6, num_features=3, max_classes=3)
+    # the estimator's first episode batch is drawn from the seed stream ("train", seed, 0)
+    fam_loss = lambda: fam.meta_loss(net, 2, seeded_generator("train", 0, 0))[0]
+    grad = EpisodicBPTT(fam, 2).estimate(net).meta_grads["layers.0.w_backward"][0, 3]
+    with torch.no_grad():
+        p = net.layers[0].w_backward
+        p[0, 3] += 1e-6
+        up = float(fam_loss())
+        p[0, 3] -= 2e-6
+        down = float(fam_loss())
+        p[0, 3] += 1e-6
+    assert abs(grad) > 1e-8
+    assert abs(float(grad) - (up - down) / 2e-6) < 1e-7 + 1e-4 * abs(float(grad))
+
+
+def test_shell_meta_trains_vsml_by_bptt_and_es(tmp_path):
+    import lightning.pytorch as pl
+
+    from learnopt.train.module import MetaTrainModule
+
+    fam = OnlineClassificationFamily(datasets=["iris"], episode_length=8, num_features=3, max_classes=3,
+                                     val_episodes=8)
+    for estimator in ("full_bptt", "es"):
+        net = VSMLNetwork(state_size=4, message_size=2, micro_ticks=1)
+        before = [p.detach().clone() for p in net.parameters()]
+        module = MetaTrainModule(net, fam, num_tasks=2, estimator=estimator, num_pairs=2, es_sigma=0.05,
+                                 meta_lr=0.01)
+        assert module.monitor_key == "val/online_ce"
+        trainer = pl.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                             enable_model_summary=False, inference_mode=False, num_sanity_val_steps=0,
+                             limit_val_batches=0, default_root_dir=tmp_path)
+        trainer.fit(module)
+        assert any(not torch.equal(a, b) for a, b in zip(before, net.parameters()))
+        assert math.isfinite(module.validation_score())
+
+
+def test_checkpoint_round_trip_and_user_api(tmp_path):
+    net = VSMLNetwork(hidden_sizes=[3], micro_ticks=1, reverse_pass=False)
+    path = learnopt.export_checkpoint(net, tmp_path / "vsml.pt", {"note": "test"})
+    loaded = learnopt.load(path)
+    assert isinstance(loaded, VSMLNetwork) and loaded.config() == net.config()
+    x, y = torch.randn(20, 11), torch.randint(0, 4, (20,))
+    assert torch.equal(loaded.online(x, y), net.online(x, y))
+    assert loaded.checkpoint_metadata["note"] == "test"
+    bb = BlackBoxOnlineLSTM(num_features=5, num_classes=3, hidden_size=8)
+    assert isinstance(learnopt.load(learnopt.export_checkpoint(bb, tmp_path / "bb.pt")), BlackBoxOnlineLSTM)
+
+
+def test_black_box_learner_cannot_change_its_sizes():
+    bb = BlackBoxOnlineLSTM(num_features=5, num_classes=3, hidden_size=8)
+    assert bb.online(torch.randn(7, 5), torch.randint(0, 2, (7,))).shape == (7,)
+    with pytest.raises(ValueError, match="cannot change its input or output size"):
+        bb.online(torch.randn(7, 6), torch.randint(0, 2, (7,)))
+
+
+def test_clone_family_runs_in_the_estimator():
+    fam = SGDCloneFamily(lr=0.1, gain=8.0, max_burn_in=3, datasets=["iris"], episode_length=4,
+                         projection="none", max_classes=3)
+    net = VSMLNetwork(state_size=4, message_size=2, micro_ticks=1)
+    out = EpisodicES(fam, 2, sigma=0.05, num_pairs=1).estimate(net)
+    assert out.finite and set(out.meta_grads) == {n for n, _ in net.named_parameters()}
