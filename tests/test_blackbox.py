@@ -61,9 +61,12 @@ def test_observed_improvement_is_the_paper_sum_plus_first_term():
 
 def test_running_standardizer_matches_numpy():
     ys = np.random.default_rng(0).normal(3.0, 5.0, size=(2, 7))
+    xs = np.random.default_rng(1).uniform(size=(2, 7, 3))
     stats = RunningStandardizer(2, torch.float64, torch.device("cpu"))
     for t in range(7):
-        y_std, best_std = stats.update(torch.tensor(ys[:, t:t + 1]))
+        y_std, best_std = stats.update(torch.tensor(ys[:, t:t + 1]), torch.tensor(xs[:, t:t + 1]))
+        best_at = ys[:, :t + 1].argmin(1)
+        np.testing.assert_array_equal(stats.best_x.numpy(), xs[[0, 1], best_at])
         if t == 0:
             assert torch.equal(y_std, torch.zeros(2, 1, dtype=torch.float64))
             continue
@@ -79,7 +82,7 @@ def test_rollout_is_invariant_to_affine_rescaling_of_f():
     with torch.no_grad():
         xs1, ys1 = p.rollout(f, 3, 12)
         xs2, ys2 = p.rollout(lambda x: 250.0 * f(x) - 40.0, 3, 12)
-    torch.testing.assert_close(xs1, xs2, rtol=0, atol=1e-9)
+    torch.testing.assert_close(xs1, xs2, rtol=0, atol=1e-9)  # float64
     torch.testing.assert_close(ys2, 250.0 * ys1 - 40.0)
     assert ((xs1 > 0) & (xs1 < 1)).all()
 
@@ -173,8 +176,9 @@ def _replayed(p, bounds, history):
         x, state = p.step(p.start_input(1), p.initial_state(1))
         for xu, y in history:
             unit = (torch.as_tensor(xu) - b[0]) / (b[1] - b[0])
-            y_std, best_std = stats.update(torch.tensor([[y]], dtype=torch.float64))
-            x, state = p.step(p.observation_input(unit.float()[None, None], y_std.float(), best_std.float()), state)
+            y_std, best_std = stats.update(torch.tensor([[y]], dtype=torch.float64), unit[None, None])
+            inp = p.observation_input(unit.float()[None, None], y_std.float(), best_std.float(), stats.best_x.float())
+            x, state = p.step(inp, state)
     return (b[0] + x[0, 0].double() * (b[1] - b[0])).numpy()
 
 

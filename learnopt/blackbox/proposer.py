@@ -19,8 +19,9 @@ Two choices make one trained proposer usable on any box and any scale of ``f``:
   including ``t`` (the first observation is fed as 0). The same running standardisation is
   used in meta-training, so the proposer is invariant to ``f ↦ a·f + b`` (``a > 0``).
 
-Beside ``(x, y)`` the proposer reads the standardised best value so far, a summary the
-paper's RNN would otherwise have to carry in its state (our addition; the ablation is cheap).
+Beside ``(x, y)`` the proposer reads the standardised best value so far and the query that
+found it, summaries the paper's RNN would otherwise have to carry in its state (our addition:
+with them, refining around the incumbent is a short step for the network).
 
 ``num_queries`` (q) > 1 gives the parallel proposer: each step emits q queries, evaluated
 together, and reads the q results at the next step.
@@ -45,26 +46,41 @@ class RunningStandardizer:
         self.total = torch.zeros(num_instances, dtype=dtype, device=device)
         self.total_sq = torch.zeros(num_instances, dtype=dtype, device=device)
         self.best: Tensor | None = None
+        self.best_x: Tensor | None = None  # [n, D], the query of the best observation (when given)
+        self.shift = torch.zeros(num_instances, dtype=dtype, device=device)
 
     def clone(self) -> RunningStandardizer:
         new = RunningStandardizer.__new__(RunningStandardizer)
         new.count, new.total, new.total_sq, new.best = self.count, self.total, self.total_sq, self.best
+        new.best_x, new.shift = self.best_x, self.shift
         return new
 
-    def update(self, y: Tensor) -> tuple[Tensor, Tensor]:
-        """Add observations ``y`` ``[n, q]``; return them and the best value so far, standardised."""
+    def update(self, y: Tensor, x: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Add observations ``y`` ``[n, q]`` (made at ``x`` ``[n, q, D]``, if given, to track
+        ``best_x``); return them and the best value so far, standardised."""
+        if self.count == 0:
+            self.shift = y[:, 0].detach()  # sums of y − shift: no cancellation for large offsets
         self.count += y.shape[1]
-        self.total = self.total + y.sum(1)
-        self.total_sq = self.total_sq + (y * y).sum(1)
-        best = y.min(1).values
+        d = y - self.shift[:, None]
+        self.total = self.total + d.sum(1)
+        self.total_sq = self.total_sq + (d * d).sum(1)
+        best, arg = y.min(1)
+        if x is not None:
+            x_of_best = x[torch.arange(x.shape[0], device=x.device), arg]
+            if self.best_x is None:
+                self.best_x = x_of_best
+            else:
+                self.best_x = torch.where((best < self.best)[:, None], x_of_best, self.best_x)
         self.best = best if self.best is None else torch.minimum(self.best, best)
-        mean = self.total / self.count
+        mean = self.total / self.count  # of y − shift
         if self.count < 2:
             zeros = torch.zeros_like(y)
             return zeros, zeros[:, 0]
         var = (self.total_sq / self.count - mean * mean).clamp_min(0.0)
-        # Floor relative to the magnitude so constant observations give 0, not 0/0.
-        std = torch.sqrt(var + 1e-12 * (1.0 + mean * mean))
+        # Constant observations have var exactly 0 (sums of y − shift): the floor makes them 0,
+        # not 0/0, without changing any other standardised value (exact scale invariance).
+        std = torch.sqrt(var.clamp_min(torch.finfo(var.dtype).tiny))
+        mean = mean + self.shift
         return (y - mean[:, None]) / std[:, None], (self.best - mean) / std
 
 
@@ -83,7 +99,7 @@ class RNNProposer(nn.Module):
             raise ValueError(f"RNNProposer: dim, hidden_size, num_layers and num_queries must be >= 1, got "
                              f"{dim}, {hidden_size}, {num_layers}, {num_queries}")
         self.dim, self.hidden_size, self.num_layers, self.num_queries = dim, hidden_size, num_layers, num_queries
-        self.input_size = num_queries * (dim + 2) + 1  # per query: x, y, best; plus a start flag
+        self.input_size = num_queries * (dim + 2) + dim + 1  # per query x, y, best y; best x; start flag
         sizes = [self.input_size] + [hidden_size] * num_layers
         self.cells = nn.ModuleList(nn.LSTMCell(sizes[i], hidden_size) for i in range(num_layers))
         self.head = nn.Linear(hidden_size, num_queries * dim)
@@ -113,12 +129,14 @@ class RNNProposer(nn.Module):
         inp[:, -1] = 1.0
         return inp
 
-    def observation_input(self, x: Tensor, y_std: Tensor, best_std: Tensor) -> Tensor:
+    def observation_input(self, x: Tensor, y_std: Tensor, best_std: Tensor, best_x: Tensor) -> Tensor:
         """The input after observing ``y_std`` ``[n, q]`` (standardised) at ``x`` ``[n, q, D]``
-        (unit box); ``best_std`` ``[n]`` is the standardised best value so far."""
+        (unit box); ``best_std`` ``[n]`` is the standardised best value so far, ``best_x``
+        ``[n, D]`` the query that found it."""
         n, q, _ = x.shape
         per_query = torch.cat([2 * x - 1, y_std[..., None], best_std[:, None, None].expand(n, q, 1)], dim=-1)
-        return torch.cat([per_query.reshape(n, -1), x.new_zeros(n, 1)], dim=-1).to(self.dtype)
+        parts = [per_query.reshape(n, -1), 2 * best_x.to(x.dtype) - 1, x.new_zeros(n, 1)]
+        return torch.cat(parts, dim=-1).to(self.dtype)
 
     def step(self, inp: Tensor, state: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
         """The next queries ``[n, q, D]`` in the open unit box, and the new state."""
@@ -152,12 +170,12 @@ class RNNProposer(nn.Module):
                 raise ValueError(f"objective returned shape {tuple(y.shape)}, expected {(num_instances, take)}")
             if stats is None:
                 stats = RunningStandardizer(num_instances, y.dtype, y.device)
-            y_std, best_std = stats.update(y)
+            y_std, best_std = stats.update(y, x[:, :take])
             xs.append(x[:, :take])
             ys.append(y)
             done += take
             if done < budget:  # (only the last step can be partial)
-                inp = self.observation_input(x, y_std.to(self.dtype), best_std.to(self.dtype))
+                inp = self.observation_input(x, y_std.to(self.dtype), best_std.to(self.dtype), stats.best_x)
         return torch.cat(xs, 1), torch.cat(ys, 1)
 
     # -- user-facing ----------------------------------------------------------------------------

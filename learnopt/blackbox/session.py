@@ -113,9 +113,11 @@ class AskTellSession:
             group = self._groups[j]
             y = self._observation(group, liar)
             stats = stats.clone() if stats is not None else RunningStandardizer(1, torch.float64, torch.device("cpu"))
-            y_std, best_std = stats.update(y)
             xg = torch.stack([self._units[i] for i in group])[None]
-            x, state = p.step(p.observation_input(xg.to(p.device), y_std.to(p.device), best_std.to(p.device)), state)
+            y_std, best_std = stats.update(y, xg)
+            inp = p.observation_input(xg.to(p.device), y_std.to(p.device), best_std.to(p.device),
+                                      stats.best_x.to(p.device))
+            x, state = p.step(inp, state)
             clean = clean and all(self._ys[i] is not None for i in group)
             if clean:
                 self._cache = (j + 1, state, stats)
