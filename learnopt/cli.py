@@ -9,6 +9,7 @@ USAGE = """usage: learnopt <command> [options]
 commands:
   meta-train   meta-train a learned optimizer (LightningCLI; --config configs/<file>.yaml, --help)
   evaluate     evaluate a learned optimizer against tuned baselines (--help)
+  compare      compare optimizers across W&B runs: table, plots, HTML (--help)
 """
 
 
@@ -27,6 +28,11 @@ def main(argv: list[str] | None = None) -> int:
         from learnopt.evaluate import evaluate_cli
 
         evaluate_cli(rest)
+        return 0
+    if command == "compare":
+        from learnopt.compare import compare_cli
+
+        compare_cli(rest)
         return 0
     print(f"learnopt: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2

@@ -5,8 +5,20 @@ those of meta-training (``"train"``/``"val"``) or tuning (``"tune"``); each base
 rate chosen on a half-decade log grid by mean log10 final loss on separate ``"tune"``
 instances; a baseline that diverges at a rate scores as diverged (log10 loss +30), not as
 missing; mean and 95% t-interval of log10 final loss over instances; the raw per-instance
-numbers saved beside the table; speedup against tuned Adam as the number of Adam steps
-needed to reach each optimizer's final mean log10 loss.
+numbers saved beside the table; speedup against tuned Adam from the mean log10 loss curves
+(``learnopt.compare.speedup``: steps Adam needs ÷ steps the optimizer needs to reach the worse of
+their two final losses), with the number of Adam steps needed to reach each optimizer's final
+loss beside it.
+
+W&B (``learnopt.logging_schema``): one run per optimizer in one group (job type ``evaluate``,
+the full resolved configuration, the inner-loss curve keyed by inner step, the summary metrics,
+the learned optimizer's checkpoint as an artifact), and one more run (config ``kind: summary``)
+holding the whole table as a W&B Table with the curves as a W&B line plot and the PNG.
+
+Learning-rate tuning as a W&B sweep (``configs/sweeps/tune_baseline_lr.yaml``): ``--lr`` runs
+the baselines at a fixed rate instead of tuning them, and ``--split tune`` reports on the
+tuning instances, so one sweep run per grid point scores exactly what ``tune_learning_rate``
+scores.
 
 Every optimizer runs as a plain ``torch.optim.Optimizer`` (the learned optimizer comes from
 ``learnopt.load_optimizer``) on the task's batched parameters. Instances are independent, so
@@ -37,15 +49,16 @@ import json
 import math
 import os
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import torch
 from torch import Tensor
 
 from learnopt.meta.unroll import DIVERGED_LOG10, log10_losses
-from learnopt.task import TaskFamily, seeded_generator
+from learnopt.task import TaskFamily, normalize_loss, seeded_generator
 
 MakeOptimizer = Callable[[list[Tensor], float], torch.optim.Optimizer]
 
@@ -226,6 +239,8 @@ class OptimizerResult:
     curve: list[float]  # mean log10 loss per step over all instances
     tuning: dict[str, float] = field(default_factory=dict)
     lr_at_grid_edge: bool = False
+    normalized_final_losses: list[float] = field(default_factory=list)  # task.normalize of final_losses
+    time_per_step: float | None = None  # seconds per inner step (all instances of a seed at once)
 
     @property
     def log10_final(self) -> Tensor:
@@ -236,7 +251,10 @@ class OptimizerResult:
         diverged = int((self.log10_final >= DIVERGED_LOG10).sum())
         finals = torch.tensor(self.final_losses, dtype=torch.float64)
         mean_loss = float(finals.mean()) if bool(torch.isfinite(finals).all()) else math.inf
-        return {"mean_log10_final_loss": mean, "ci95": half, "diverged": diverged, "mean_final_loss": mean_loss}
+        normalized = (float(log10_losses(torch.tensor(self.normalized_final_losses, dtype=torch.float64)).mean())
+                      if self.normalized_final_losses else None)
+        return {"mean_log10_final_loss": mean, "ci95": half, "diverged": diverged, "mean_final_loss": mean_loss,
+                "mean_log10_normalized_loss": normalized, "time_per_step_s": self.time_per_step}
 
 
 @dataclass
@@ -259,22 +277,33 @@ class Evaluation:
         target = r.curve[-1]
         return next((t for t, v in enumerate(adam) if v <= target), None)
 
+    def speedup(self, r: OptimizerResult) -> float | None:
+        """``learnopt.compare.speedup`` of ``r``'s curve over tuned Adam's (None without Adam)."""
+        from learnopt.compare import speedup
+
+        if not any(x.name == "adam" for x in self.results):
+            return None
+        return speedup(r.curve, self.result("adam").curve)
+
     def table(self) -> str:
         lines = [
             f"Task `{self.task}`, {self.steps} steps, {self.num_instances} instances × seeds {self.seeds} "
             "(held-out). Mean log10 final loss with 95% t-interval over instances; lower is better.",
             "",
-            "| optimizer | tuned lr | mean log10 final loss | 95% CI | mean final loss | diverged | Adam steps to match |",
-            "|---|---|---|---|---|---|---|",
+            "| optimizer | tuned lr | mean log10 final loss | 95% CI | mean final loss | diverged | Adam steps to match "
+            "| speedup vs Adam |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for r in sorted(self.results, key=lambda r: r.summary()["mean_log10_final_loss"]):
             s = r.summary()
             lr = "—" if r.lr is None else f"{r.lr:.3g}" + (" (grid edge)" if r.lr_at_grid_edge else "")
             match = self.adam_steps_to_match(r)
             match_s = f">{self.steps}" if match is None else str(match)
+            speedup = self.speedup(r)
+            speedup_s = "—" if speedup is None else f"{speedup:.2f}×"
             lines.append(
                 f"| {r.name} | {lr} | {s['mean_log10_final_loss']:.3f} | ±{s['ci95']:.3f} | {s['mean_final_loss']:.4g} "
-                f"| {s['diverged']} | {match_s} |"
+                f"| {s['diverged']} | {match_s} | {speedup_s} |"
             )
         return "\n".join(lines)
 
@@ -284,6 +313,7 @@ class Evaluation:
             "checkpoint": self.checkpoint,
             "results": {
                 r.name: {**r.summary(), "lr": r.lr, "tuning": r.tuning, "seed_means": r.seed_means,
+                         "speedup_vs_adam": self.speedup(r), "adam_steps_to_match": self.adam_steps_to_match(r),
                          "curve_mean_log10_loss": r.curve, "final_losses": r.final_losses}
                 for r in self.results
             },
@@ -300,9 +330,12 @@ def evaluate_optimizers(
     lr_grid: Sequence[float] = DEFAULT_LR_GRID,
     tune_instances: int = 128,
     progress: bool = True,
+    fixed_lr: float | None = None,
+    split: str = "test",
 ) -> Evaluation:
-    """Run every optimizer on the held-out instances; those named in ``tune`` take ``(params, lr)``
-    and get their rate tuned first, the others take ``(params)``."""
+    """Run every optimizer on the held-out instances (split ``split``); those named in ``tune``
+    take ``(params, lr)`` and get their rate tuned first (or run at ``fixed_lr`` when given), the
+    others take ``(params)``."""
     from tqdm.auto import tqdm
 
     results = []
@@ -310,24 +343,33 @@ def evaluate_optimizers(
     for name, make in optimizers.items():
         lr, tuning, edge = None, {}, False
         if name in tune:
-            bar.set_postfix_str(f"tuning {name}")
-            lr, scores = tune_learning_rate(make, family, steps, tune_instances, lr_grid)
-            tuning = {f"{k:.4g}": v for k, v in scores.items()}
-            edge = lr in (min(lr_grid), max(lr_grid))
+            if fixed_lr is None:
+                bar.set_postfix_str(f"tuning {name}")
+                lr, scores = tune_learning_rate(make, family, steps, tune_instances, lr_grid)
+                tuning = {f"{k:.4g}": v for k, v in scores.items()}
+                edge = lr in (min(lr_grid), max(lr_grid))
+            else:
+                lr = fixed_lr
             run = lambda ps, make=make, lr=lr: make(ps, lr)  # noqa: E731
         else:
             run = make
         bar.set_postfix_str(f"testing {name}")
-        finals, seed_means, curves = [], [], []
+        finals, normalized, seed_means, curves, seconds = [], [], [], [], 0.0
         for seed in seeds:
-            generator = seeded_generator("test", seed)
+            generator = seeded_generator(split, seed)
             task = family.sample(num_instances, generator)
+            start = time.perf_counter()
             losses = train_with_optimizer(run, task, steps, generator, **_step_mode(make))
+            seconds += time.perf_counter() - start
             finals.append(losses[-1])
+            normalized.append(normalize_loss(task, losses[-1]))
             seed_means.append(score(losses))
             curves.append(log10_losses(losses))
         curve = torch.cat(curves, dim=1).mean(dim=1)
-        results.append(OptimizerResult(name, lr, torch.cat(finals).tolist(), seed_means, curve.tolist(), tuning, edge))
+        results.append(OptimizerResult(
+            name, lr, torch.cat(finals).tolist(), seed_means, curve.tolist(), tuning, edge,
+            torch.cat(normalized).tolist(), seconds / max(1, steps * len(seeds)),
+        ))
         bar.update()
     bar.close()
     return Evaluation(getattr(family, "name", type(family).__name__), steps, num_instances, list(seeds), results)
@@ -363,33 +405,85 @@ def plot_curves(
 
 
 def log_to_wandb(evaluation: Evaluation, group: str, project: str = "learnopt", save_dir: str = "runs",
-                 config: dict[str, Any] | None = None) -> list[str]:
-    """One W&B run per optimizer in ``group`` (job type ``evaluate``): the loss curve keyed by
-    inner step, the summary metrics, the tuned rate. Offline unless W&B is set up."""
-    import wandb
+                 config: dict[str, Any] | None = None, tags: Sequence[str] = (),
+                 checkpoints: dict[str, str] | None = None, plot: str | os.PathLike | None = None) -> list[str]:
+    """Log ``evaluation`` in the schema of ``learnopt.logging_schema``: one W&B run per optimizer
+    in ``group`` (job type ``evaluate``; config: ``config`` under ``evaluate`` and the flat
+    ``optimizer``/``task``/``kind``/``lr``/``seeds`` keys; the inner-loss curve keyed by inner
+    step; the summary metrics; for the learned optimizers named in ``checkpoints`` their file as an
+    artifact), then, with more than one optimizer, a run ``<group>/summary`` holding the table as
+    a W&B Table, the curves as a W&B line plot and ``plot`` (the PNG). Offline unless W&B is set
+    up. Returns the run directories."""
+    from learnopt import logging_schema as ls
 
-    from learnopt.train.wandb_logging import wandb_init_kwargs
-
-    os.makedirs(save_dir, exist_ok=True)
-    run_dirs = []
+    checkpoints = checkpoints or {}
+    base = {"evaluate": config or {}, "task": evaluation.task, "steps": evaluation.steps,
+            "num_instances": evaluation.num_instances, "seeds": evaluation.seeds}
+    run_dirs, rows = [], []
     for r in evaluation.results:
         s = r.summary()
-        run = wandb.init(**wandb_init_kwargs(
-            project=project, group=group, job_type="evaluate", name=f"{group}/{r.name}", dir=save_dir,
-            config={**(config or {}), "optimizer": r.name, "lr": r.lr, "task": evaluation.task,
-                    "steps": evaluation.steps, "seeds": evaluation.seeds},
-            reinit="finish_previous",
-        ))
-        for step, value in enumerate(r.curve):
-            run.log({"inner/mean_log10_loss": value, "inner/step": step}, step=step)
-        match = evaluation.adam_steps_to_match(r)
-        run.summary.update({
-            "final/mean_log10_loss": s["mean_log10_final_loss"], "final/ci95": s["ci95"],
-            "final/diverged": s["diverged"], "lr": r.lr, "adam_steps_to_match": match,
-        })
+        kind = "learned" if r.name in checkpoints else "baseline"
+        run = ls.init_run("evaluate", group=group, tags=tags, name=f"{group}/{r.name}", project=project,
+                          save_dir=save_dir, config={**base, "optimizer": r.name, "kind": kind, "lr": r.lr})
+        ls.log_inner_curve(run, r.curve)
+        final = {
+            ls.FINAL_LOG10: s["mean_log10_final_loss"], ls.FINAL_CI95: s["ci95"], ls.SEED_LOG10: r.seed_means,
+            ls.FINAL_LOSS: s["mean_final_loss"], ls.FINAL_NORMALIZED_LOG10: s["mean_log10_normalized_loss"],
+            ls.DIVERGED: s["diverged"], ls.SPEEDUP: evaluation.speedup(r),
+            ls.ADAM_STEPS_TO_MATCH: evaluation.adam_steps_to_match(r), ls.TIME_PER_STEP: r.time_per_step, "lr": r.lr,
+        }
+        ls.log_final(run, final)
+        if r.name in checkpoints:
+            ls.log_checkpoint_artifact(run, checkpoints[r.name], metadata={"task": evaluation.task, **final})
+        rows.append([r.name, kind, r.lr, s["mean_log10_final_loss"], s["ci95"], s["mean_log10_normalized_loss"],
+                     evaluation.speedup(r), r.time_per_step])
         run_dirs.append(run.dir)
-        run.finish()
+        ls.finish_run(run)
+    if len(evaluation.results) > 1:
+        run_dirs.append(_log_summary_run(evaluation, rows, group, project, save_dir, base, tags, plot))
     return run_dirs
+
+
+def _log_summary_run(evaluation: Evaluation, rows: list[list[Any]], group: str, project: str, save_dir: str,
+                     base: dict[str, Any], tags: Sequence[str], plot: str | os.PathLike | None) -> str:
+    """The group's table run: the evaluation table (W&B Table), overlaid curves (W&B plot), the PNG."""
+    import wandb
+
+    from learnopt import logging_schema as ls
+
+    run = ls.init_run("evaluate", group=group, tags=tags, name=f"{group}/summary", project=project,
+                      save_dir=save_dir, config={**base, "kind": "summary"})
+    columns = ["optimizer", "kind", "lr", "mean_log10_final_loss", "ci95", "mean_log10_normalized_loss",
+               "speedup_vs_adam", "time_per_step_s"]
+    table = wandb.Table(columns=columns, data=[[_plain(x) for x in row] for row in rows])
+    steps = list(range(evaluation.steps + 1))
+    curves = wandb.plot.line_series(
+        xs=steps, ys=[r.curve for r in evaluation.results], keys=[r.name for r in evaluation.results],
+        title=f"{evaluation.task}: mean log10 loss", xname="inner step",
+    )
+    media: dict[str, Any] = {ls.TABLE_KEY: table, ls.CURVES_PLOT_KEY: curves}
+    if plot is not None and Path(plot).is_file():
+        media[ls.CURVES_IMAGE_KEY] = wandb.Image(str(plot))
+    run.log(media)
+    run_dir = run.dir
+    ls.finish_run(run)
+    return run_dir
+
+
+def _plain(x: Any) -> Any:
+    """A table cell W&B can store (non-finite floats as None)."""
+    return None if isinstance(x, float) and not math.isfinite(x) else x
+
+
+def check_sweep_run(num_optimizers: int, wandb_on: bool) -> None:
+    """Under ``wandb agent`` every ``wandb.init`` joins the agent's one run, so a sweep run must
+    evaluate exactly one optimizer."""
+    if wandb_on and os.environ.get("WANDB_SWEEP_ID") and num_optimizers != 1:
+        raise ValueError(
+            f"running under a W&B sweep agent, learnopt evaluate must evaluate one optimizer per run, got "
+            f"{num_optimizers}: give one baseline (--baselines '[adam]') and no --checkpoint, or a checkpoint and "
+            "--baselines '[]'"
+        )
 
 
 def learned_optimizer_factory(checkpoint: str, **options: Any) -> Callable[[list[Tensor]], torch.optim.Optimizer]:
@@ -406,29 +500,47 @@ def learned_optimizer_factory(checkpoint: str, **options: Any) -> Callable[[list
 
 
 def evaluate(
-    checkpoint: str,
-    task_family: TaskFamily,
+    checkpoint: str | None = None,
+    task_family: TaskFamily | None = None,
     steps: int = 100,
     num_instances: int = 128,
     seeds: list[int] = [0, 1, 2, 3, 4],  # noqa: B006 (jsonargparse reads the default)
     baselines: list[str] = ["sgd", "nag", "rmsprop", "adam"],  # noqa: B006
     lr_grid: list[float] | None = None,
     tune_instances: int = 128,
+    lr: float | None = None,
+    split: Literal["test", "tune"] = "test",
     name: str | None = None,
     out_dir: str = "runs/evaluate",
     wandb: bool = True,
     group: str | None = None,
+    tags: list[str] = [],  # noqa: B006
+    project: str = "learnopt",
     command: str | None = None,
     record_in_checkpoint: bool = False,
     compare_checkpoints: list[str] = [],  # noqa: B006
 ) -> Evaluation:
     """Evaluate the learned optimizer in ``checkpoint`` against tuned baselines on held-out
     instances of ``task_family``; write ``table.md``, ``results.json`` (raw per-instance numbers)
-    and ``curves.png`` to ``out_dir``; log one W&B run per optimizer. ``baselines``: torch.optim's
-    sgd, nag, rmsprop, adam, or any learnopt optimizer by name (``lion``, ``lo:adam``; see the
-    module docstring). ``command`` is printed under the plot (default: the command line);
+    and ``curves.png`` to ``out_dir``; log to W&B (``learnopt.logging_schema``: one run per
+    optimizer in ``group``, with ``tags``, in ``project``). ``baselines``: torch.optim's sgd, nag,
+    rmsprop, adam, or any learnopt optimizer by name (``lion``, ``lo:adam``; see the module
+    docstring); ``checkpoint`` may be left out to evaluate baselines only. ``lr``: run the
+    baselines at this rate instead of tuning them on ``lr_grid``; ``split``: ``"test"``
+    (held-out instances) or ``"tune"`` (the tuning instances, needs ``lr``: the sweep form of
+    tuning, one rate per run). ``command`` is printed under the plot (default: the command line);
     ``record_in_checkpoint`` stores the summary in the checkpoint's metadata.
     ``compare_checkpoints``: more learned optimizers run side by side (named by file stem)."""
+    config = {k: v for k, v in locals().items() if k not in ("task_family", "command")}
+    if task_family is None:
+        raise ValueError("evaluate needs a task_family (e.g. tasks.quadratic.QuadraticFamily())")
+    if split not in ("test", "tune"):
+        raise ValueError(f"split must be 'test' or 'tune', got {split!r}")
+    if split == "tune" and baselines and lr is None:
+        raise ValueError("split='tune' reports on the instances the learning rate is tuned on; give a fixed lr "
+                         "(one rate per run, as a sweep does) or evaluate on split='test'")
+    if lr is not None and not (lr > 0 and math.isfinite(lr)):
+        raise ValueError(f"lr must be a positive finite number, got {lr}")
     factories, problems = {}, []
     for b in baselines:
         try:
@@ -442,28 +554,41 @@ def evaluate(
         )
     if len(set(baselines)) != len(baselines):
         raise ValueError(f"baselines {baselines} name one optimizer twice")
+    if checkpoint is None and compare_checkpoints:
+        raise ValueError("compare_checkpoints needs a checkpoint to compare with")
+    if checkpoint is None and not baselines:
+        raise ValueError("nothing to evaluate: give a checkpoint, baselines, or both")
     from learnopt.checkpoint import read_checkpoint
 
-    for path in [checkpoint, *compare_checkpoints]:
+    learned = [checkpoint, *compare_checkpoints] if checkpoint is not None else []
+    for path in learned:
         read_checkpoint(path)  # fail early, with the file named, on a bad checkpoint
-    name = name or Path(checkpoint).stem
-    optimizers: dict[str, Any] = {name: learned_optimizer_factory(checkpoint)}
+    check_sweep_run(len(learned) + len(baselines), wandb)
+    optimizers: dict[str, Any] = {}
+    checkpoints: dict[str, str] = {}
+    if checkpoint is not None:
+        name = name or Path(checkpoint).stem
+        optimizers[name] = learned_optimizer_factory(checkpoint)
+        checkpoints[name] = str(checkpoint)
     for path in compare_checkpoints:
         if Path(path).stem in optimizers or Path(path).stem in factories:
             raise ValueError(f"compare_checkpoints: the name {Path(path).stem!r} ({path}) is taken")
         optimizers[Path(path).stem] = learned_optimizer_factory(path)
+        checkpoints[Path(path).stem] = str(path)
     optimizers.update(factories)
     evaluation = evaluate_optimizers(
         optimizers, task_family, steps, num_instances, seeds, tune=baselines,
         lr_grid=tuple(lr_grid) if lr_grid else DEFAULT_LR_GRID, tune_instances=tune_instances,
+        fixed_lr=lr, split=split,
     )
-    evaluation.checkpoint = str(checkpoint)
+    evaluation.checkpoint = None if checkpoint is None else str(checkpoint)
+    command = command or "learnopt evaluate" + (f" --checkpoint {checkpoint}" if checkpoint else "")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "table.md").write_text(evaluation.table() + "\n")
     (out / "results.json").write_text(json.dumps(evaluation.to_json(), indent=1))
-    plot_curves(evaluation, out / "curves.png", command=command or f"learnopt evaluate --checkpoint {checkpoint}")
-    if record_in_checkpoint:
+    plot_curves(evaluation, out / "curves.png", command=command)
+    if record_in_checkpoint and checkpoint is not None:
         from learnopt.checkpoint import update_metadata
 
         update_metadata(checkpoint, evaluation={
@@ -472,7 +597,11 @@ def evaluate(
             "results": {r.name: {**r.summary(), "lr": r.lr} for r in evaluation.results},
         })
     if wandb:
-        log_to_wandb(evaluation, group or f"evaluate-{name}", config={"checkpoint": str(checkpoint)})
+        from learnopt.train.module import family_spec
+
+        config = {**config, "task_family": family_spec(task_family), "command": command}
+        log_to_wandb(evaluation, group or f"evaluate-{name or 'baselines'}", project=project, config=config,
+                     tags=tags, checkpoints=checkpoints, plot=out / "curves.png")
     print(evaluation.table())
     print(f"\nwrote {out / 'table.md'}, {out / 'results.json'}, {out / 'curves.png'}")
     return evaluation

@@ -102,7 +102,7 @@ def test_evaluate_writes_table_raw_numbers_plot_and_one_wandb_run_per_optimizer(
     direct = train_with_optimizer(lambda ps: learnopt.load_optimizer(small_checkpoint, ps), task, 10, gen)
     assert ev.result("tiny").final_losses[:6] == pytest.approx(direct[-1].tolist())
     runs = glob.glob(str(in_tmp / "runs/wandb/offline-run-*"))
-    assert len(runs) == 3
+    assert len(runs) == 4  # one per optimizer and the group's summary run (the W&B table and plot)
     # the summary went into the checkpoint's metadata; weights and old metadata kept
     reloaded = learnopt.load(small_checkpoint)
     meta = reloaded.checkpoint_metadata
@@ -287,3 +287,53 @@ def test_compare_checkpoints_run_side_by_side(small_checkpoint, in_tmp):
     with pytest.raises(ValueError, match="taken"):
         evaluate(small_checkpoint, QuadraticFamily(dim=3), baselines=["sgd"], wandb=False,
                  compare_checkpoints=[small_checkpoint])
+
+
+def test_fixed_lr_skips_tuning_and_baselines_run_without_a_checkpoint(in_tmp):
+    family = QuadraticFamily(dim=4)
+    ev = evaluate(task_family=family, steps=8, num_instances=5, seeds=[0], baselines=["adam"], lr=0.05,
+                  out_dir="fixed", wandb=False)
+    (adam,) = ev.results
+    assert adam.lr == 0.05 and adam.tuning == {}
+    gen = seeded_generator("test", 0)
+    task = family.sample(5, gen)
+    direct = train_with_optimizer(lambda ps: torch.optim.Adam(ps, lr=0.05), task, 8, gen)
+    assert adam.final_losses == pytest.approx(direct[-1].tolist())
+    # the normalised loss divides by the family's closed-form expected initial loss d (1 + d s²)
+    scale = 4 * (1 + 4 * 0.01 ** 2)
+    assert adam.summary()["mean_log10_normalized_loss"] == pytest.approx(
+        float(torch.log10(direct[-1].double() / scale).mean()), rel=1e-5)
+    assert adam.time_per_step > 0
+
+
+def test_tune_split_with_a_fixed_rate_scores_what_grid_tuning_scores(in_tmp):
+    family = QuadraticFamily(dim=4)
+    _, scores = tune_learning_rate(BASELINES["sgd"], family, steps=6, num_instances=5, lr_grid=(0.01, 0.1))
+    for lr in (0.01, 0.1):
+        ev = evaluate(task_family=family, steps=6, num_instances=5, seeds=[0], baselines=["sgd"], lr=lr,
+                      split="tune", out_dir=f"t{lr}", wandb=False)
+        assert ev.results[0].summary()["mean_log10_final_loss"] == pytest.approx(scores[lr])
+
+
+def test_evaluate_argument_errors_name_the_problem(in_tmp):
+    family = QuadraticFamily(dim=3)
+    with pytest.raises(ValueError, match="give a fixed lr"):
+        evaluate(task_family=family, baselines=["sgd"], split="tune", wandb=False)
+    with pytest.raises(ValueError, match="nothing to evaluate"):
+        evaluate(task_family=family, baselines=[], wandb=False)
+    with pytest.raises(ValueError, match="lr must be a positive"):
+        evaluate(task_family=family, baselines=["sgd"], lr=-1.0, wandb=False)
+    with pytest.raises(ValueError, match="task_family"):
+        evaluate(baselines=["sgd"], wandb=False)
+
+
+def test_speedup_column_uses_the_compare_definition(small_checkpoint, in_tmp):
+    from learnopt.compare import speedup
+
+    ev = evaluate(small_checkpoint, QuadraticFamily(dim=4), steps=8, num_instances=4, seeds=[0],
+                  baselines=["sgd", "adam"], lr_grid=[0.01, 0.1], tune_instances=4, out_dir="sp", wandb=False)
+    adam = ev.result("adam").curve
+    for r in ev.results:
+        assert ev.speedup(r) == speedup(r.curve, adam)
+    assert ev.speedup(ev.result("adam")) == 1.0
+    assert "| speedup vs Adam |" in (in_tmp / "sp/table.md").read_text()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+import time
 from typing import Any
 
 import lightning.pytorch as pl
@@ -18,17 +20,29 @@ class ExportLearnedOptimizer(pl.Callback):
     scored too) the learned optimizer is exported if ``monitor`` improved. The file is the
     user-facing checkpoint (``learnopt.load_optimizer``); its metadata records the
     meta-training config, the meta-step and the validation score.
+
+    ``path`` may contain ``{run_id}``, filled in with the W&B run's id (else the logger's
+    version, else ``local``), so runs of a W&B sweep each keep their own checkpoint.
+
+    With a W&B logger attached, the end of training also logs what ``learnopt.logging_schema``
+    asks of a meta-training run: the exported checkpoint as an artifact (type
+    ``learned-optimizer``) and the summary metrics ``meta_steps``, ``best/<monitor>``, ``best/meta_step``,
+    ``checkpoint/path`` and ``time_per_step_s`` (wall-clock seconds per meta-step, measured
+    around each training step).
     """
 
     def __init__(self, path: str = "runs/meta-train/learned_optimizer.pt", monitor: str | None = None):
+        self.path_template = path
         self.path = path
         self.monitor = monitor  # None: the module's own ``monitor_key``
         self.best: float | None = None
         self.best_step: int | None = None
+        self._step_start: float | None = None
+        self._seconds, self._steps = 0.0, 0
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(path=self.path, monitor=self.monitor)
+        return self._generate_state_key(path=self.path_template, monitor=self.monitor)
 
     def _consider(self, trainer: pl.Trainer, module: Any, value: float) -> None:
         if math.isnan(value) or (self.best is not None and value >= self.best):
@@ -46,6 +60,17 @@ class ExportLearnedOptimizer(pl.Callback):
     def setup(self, trainer: pl.Trainer, module: Any, stage: str) -> None:
         if self.monitor is None:
             self.monitor = getattr(module, "monitor_key", "val/log10_final_loss")
+        if "{run_id}" in self.path_template:
+            self.path = self.path_template.replace("{run_id}", _run_id(trainer))
+
+    def on_train_batch_start(self, trainer: pl.Trainer, module: Any, batch: Any, batch_idx: int) -> None:
+        self._step_start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self._step_start is not None:
+            self._seconds += time.perf_counter() - self._step_start
+            self._steps += 1
+            self._step_start = None
 
     def on_validation_end(self, trainer: pl.Trainer, module: Any) -> None:
         if trainer.sanity_checking or self.monitor not in trainer.callback_metrics:
@@ -58,6 +83,23 @@ class ExportLearnedOptimizer(pl.Callback):
         if self.best is not None:
             module.print(f"learned optimizer exported to {self.path} (best {self.monitor} {self.best:.3f} "
                          f"at meta-step {self.best_step})")
+        self._log_to_wandb(trainer)
+
+    @rank_zero_only
+    def _log_to_wandb(self, trainer: pl.Trainer) -> None:
+        run = _wandb_run(trainer)
+        if run is None:
+            return
+        from learnopt import logging_schema as ls
+
+        summary: dict[str, Any] = {"meta_steps": int(trainer.global_step), "best/meta_step": self.best_step,
+                                   f"best/{self.monitor}": self.best}
+        if self._steps:
+            summary[ls.TIME_PER_STEP] = self._seconds / self._steps
+        if self.best is not None and os.path.isfile(self.path):
+            summary["checkpoint/path"] = os.path.abspath(self.path)
+            ls.log_checkpoint_artifact(run, self.path, metadata={"meta_step": self.best_step, self.monitor: self.best})
+        ls.log_final(run, summary)
 
     def state_dict(self) -> dict[str, Any]:
         return {"best": self.best, "best_step": self.best_step}
@@ -65,3 +107,22 @@ class ExportLearnedOptimizer(pl.Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.best = state_dict.get("best")
         self.best_step = state_dict.get("best_step")
+
+
+def _wandb_run(trainer: pl.Trainer) -> Any:
+    """The W&B run of the trainer's ``WandbLogger`` (None without one)."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            return logger.experiment
+    return None
+
+
+def _run_id(trainer: pl.Trainer) -> str:
+    run = _wandb_run(trainer)
+    if run is not None and getattr(run, "id", None):
+        return str(run.id)
+    if trainer.logger is not None and trainer.logger.version is not None:
+        return str(trainer.logger.version)
+    return "local"

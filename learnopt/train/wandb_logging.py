@@ -1,37 +1,21 @@
-"""W&B that never prompts and never blocks: offline unless the user set W&B up."""
+"""W&B that never prompts and never blocks: offline unless the user set W&B up.
+
+Meta-training runs follow ``learnopt.logging_schema``: project, group, job type ``meta-train``,
+tags, the full resolved config (``cli``), meta-loss curves keyed by ``trainer/global_step``,
+the exported checkpoint as an artifact and summary metrics (``ExportLearnedOptimizer``)."""
 
 from __future__ import annotations
 
-import netrc
 import os
 from typing import Any
 
 from lightning.pytorch.loggers import WandbLogger as _LightningWandbLogger
 
+# The schema and mode resolution live in learnopt.logging_schema (no Lightning import there, so
+# scripts can log in the same shape); re-exported here for the Lightning shell.
+from learnopt.logging_schema import wandb_init_kwargs, wandb_mode
 
-def wandb_mode() -> str:
-    """``WANDB_MODE`` if the user set it; ``"online"`` if they are logged in (an API key in the
-    environment or in ``~/.netrc``); otherwise ``"offline"``."""
-    if os.environ.get("WANDB_MODE"):
-        return os.environ["WANDB_MODE"]
-    if os.environ.get("WANDB_API_KEY"):
-        return "online"
-    try:
-        rc = netrc.netrc(os.environ.get("NETRC") or os.path.expanduser("~/.netrc"))
-        if rc.authenticators("api.wandb.ai"):
-            return "online"
-    except (FileNotFoundError, netrc.NetrcParseError, OSError):
-        pass
-    return "offline"
-
-
-def wandb_init_kwargs(**kwargs: Any) -> dict[str, Any]:
-    """Keyword arguments for ``wandb.init`` with the mode resolved and a bounded start-up."""
-    import wandb
-
-    kwargs.setdefault("mode", wandb_mode())
-    kwargs.setdefault("settings", wandb.Settings(init_timeout=120, silent=True))
-    return kwargs
+__all__ = ["WandbLogger", "wandb_init_kwargs", "wandb_mode"]
 
 
 class WandbLogger(_LightningWandbLogger):
@@ -50,6 +34,9 @@ class WandbLogger(_LightningWandbLogger):
         mode: str | None = None,
         **kwargs: Any,
     ) -> None:
+        # absolute: W&B's service process keeps the working directory it started in, so a
+        # relative directory would land elsewhere after an os.chdir in this process
+        save_dir = os.path.abspath(save_dir)
         os.makedirs(save_dir, exist_ok=True)
         init = {"group": group, "job_type": job_type, "tags": tags, "notes": notes, "mode": mode}
         init = wandb_init_kwargs(**{k: v for k, v in init.items() if v is not None}, **kwargs)

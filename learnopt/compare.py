@@ -1,0 +1,762 @@
+"""``learnopt compare``: optimizers × tasks side by side, from W&B runs (offline or online).
+
+Reads runs logged in the schema of ``learnopt.logging_schema`` (by ``learnopt evaluate``,
+``learnopt meta-train`` and benchmark scripts) and prints one table: per task and optimizer the
+mean log10 final loss with a 95% t-interval over seeds, the normalised loss, the speedup
+against tuned Adam computed from the logged inner-loss curves (``speedup``), and time per step;
+meta-training runs get a second table (meta-steps, last meta-loss, best validation score, time
+per meta-step). Beside the table it writes overlaid loss-curve plots (PNG, one per task, and one
+of meta-loss against meta-step) and an HTML page holding the table and the plots.
+
+Offline runs are read from their ``.wandb`` transaction log (``read_offline_run``): a plain
+LevelDB-style record log of ``wandb.proto`` ``Record`` messages, parsed here without the
+network or a W&B process; ``backend="leet"`` reads the same log through W&B's own
+``wandb leet inspect --json`` instead. Online projects (``--project entity/project``) are read
+with ``wandb.Api`` and need a W&B login; without one the command stops with that reason instead
+of prompting.
+
+Seeds: a run's summary lists the mean log10 final loss of each seed it evaluated
+(``SEED_LOG10``, the seeds in its config); runs of the same optimizer on the same task pool their
+seeds, a seed evaluated twice counting once (the later run), so re-running an evaluation does
+not narrow the interval.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import html
+import io
+import json
+import math
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from learnopt import logging_schema as ls
+
+# --------------------------------------------------------------------------- speedup
+
+
+def steps_to_reach(curve: Sequence[float], level: float) -> int | None:
+    """First inner step at which ``curve`` is at or below ``level`` (None: never)."""
+    return next((t for t, v in enumerate(curve) if v <= level), None)
+
+
+def speedup(curve: Sequence[float], reference: Sequence[float]) -> float:
+    """Speedup of the optimizer with loss curve ``curve`` over the one with ``reference``
+    (tuned Adam), in the spirit of VeLO's evaluation (Metz et al. 2022).
+
+    Both curves hold one value per inner step (step 0 first), e.g. mean log10 loss; lower is
+    better. Let ``L`` be the worse of the two final values, ``max(curve[-1], reference[-1])``,
+    a level both optimizers reach within their runs, and ``s(c, L)`` the first step at which
+    curve ``c`` is at or below ``L``. Then
+
+        speedup = s(reference, L) / s(curve, L)
+
+    If the optimizer ends better than Adam, ``L`` is Adam's final loss and the speedup is how
+    many times fewer steps the optimizer needs to reach it (Adam first reaching its final loss
+    at step 100 and the optimizer reaching it at step 25 gives 4). If it ends worse, ``L`` is its
+    own final loss and the speedup is below 1: Adam reaching that loss at step 50 while the
+    optimizer first got there at step 100 gives 0.5. Adam against itself gives 1, and
+    ``speedup(a, b) == 1 / speedup(b, a)``.
+
+    Edge cases: an optimizer whose final value is not below its starting value (no progress)
+    or not finite (diverged) gets 0; one that made progress against a reference that made none
+    (or diverged) gets infinity.
+    """
+    if not curve or not reference:
+        raise ValueError("speedup needs two non-empty curves")
+    final, ref_final = float(curve[-1]), float(reference[-1])
+    if not math.isfinite(final) or not final < float(curve[0]):
+        return 0.0
+    if not math.isfinite(ref_final):
+        return math.inf
+    level = max(final, ref_final)
+    steps, ref_steps = steps_to_reach(curve, level), steps_to_reach(reference, level)
+    assert steps is not None and ref_steps is not None  # the worse curve reaches its own end
+    if steps == 0:  # the reference never got below where this curve started
+        return math.inf
+    return ref_steps / steps
+
+
+# --------------------------------------------------------------------------- reading runs
+
+
+@dataclass
+class RunRecord:
+    """What ``learnopt compare`` needs of one W&B run."""
+
+    id: str
+    name: str
+    project: str
+    group: str
+    job_type: str
+    tags: list[str]
+    config: dict[str, Any]
+    summary: dict[str, Any]
+    history: list[dict[str, Any]]
+    path: str | None = None
+    exit_code: int | None = None
+
+    def curve(self, key: str, step_key: str) -> tuple[list[float], list[float]]:
+        """``(steps, values)`` of the history rows that hold both ``step_key`` and ``key``, sorted by step."""
+        pairs = sorted((float(r[step_key]), _float(r[key])) for r in self.history if key in r and step_key in r)
+        return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+class RunReadError(ValueError):
+    """A W&B run that cannot be read; the message names the file and the problem."""
+
+
+# LevelDB log format as W&B writes it (a 7-byte file header, then 32 KiB blocks of records,
+# each with a 7-byte header: CRC-32 of type and payload, payload length, type).
+_FILE_HEADER = struct.Struct("<4sHB")
+_IDENT, _MAGIC = b":W&B", 0xBEE1
+_BLOCK = 32768
+_REC_HEADER = struct.Struct("<IHB")
+_FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
+
+
+def _transaction_log_records(path: Path) -> list[bytes]:
+    """The payloads of the records in a ``.wandb`` file, checked against their CRCs. A run
+    still being written may end in a partial record, which is dropped."""
+    data = path.read_bytes()
+    if len(data) < _FILE_HEADER.size:
+        raise RunReadError(f"{path}: too short to be a W&B transaction log")
+    ident, magic, version = _FILE_HEADER.unpack_from(data)
+    if ident != _IDENT or magic != _MAGIC:
+        raise RunReadError(f"{path}: not a W&B transaction log (header {data[:7]!r})")
+    if version != 0:
+        raise RunReadError(f"{path}: W&B transaction log version {version} is not supported (only 0)")
+    records, pending, pos = [], None, _FILE_HEADER.size
+    while pos + _REC_HEADER.size <= len(data):
+        left = _BLOCK - pos % _BLOCK
+        if left < _REC_HEADER.size:  # block trailer: zero padding
+            pos += left
+            continue
+        crc, length, kind = _REC_HEADER.unpack_from(data, pos)
+        if kind == 0 and length == 0:  # zero-filled rest of a block
+            pos += left
+            continue
+        start, pos = pos + _REC_HEADER.size, pos + _REC_HEADER.size + length
+        payload = data[start:pos]
+        if len(payload) < length:
+            break  # truncated tail of a run still writing
+        if zlib.crc32(payload, zlib.crc32(bytes([kind]))) & 0xFFFFFFFF != crc:
+            raise RunReadError(f"{path}: corrupt record at byte {start - _REC_HEADER.size} (CRC mismatch)")
+        if kind == _FULL:
+            records.append(payload)
+        elif kind == _FIRST:
+            pending = payload
+        elif kind in (_MIDDLE, _LAST) and pending is not None:
+            pending += payload
+            if kind == _LAST:
+                records.append(pending)
+                pending = None
+        else:
+            raise RunReadError(f"{path}: bad record type {kind} at byte {start - _REC_HEADER.size}")
+    return records
+
+
+def log_is_complete(path: str | os.PathLike) -> bool:
+    """Whether the ``.wandb`` file at ``path`` holds its run's exit record (the run finished and
+    W&B wrote it out)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    try:
+        payloads = _transaction_log_records(Path(path))
+    except (OSError, RunReadError):
+        return False
+    for payload in reversed(payloads):
+        record = pb.Record()
+        try:
+            record.ParseFromString(payload)
+        except Exception:  # noqa: BLE001
+            return False
+        if record.WhichOneof("record_type") == "exit":
+            return True
+    return False
+
+
+def _set(target: dict[str, Any], item: Any) -> None:
+    """Apply one W&B ``*Item`` (``key`` or ``nested_key`` path, ``value_json``) to ``target``."""
+    path = list(item.nested_key) or [item.key]
+    value = json.loads(item.value_json)
+    for k in path[:-1]:
+        target = target.setdefault(k, {})
+    target[path[-1]] = value
+
+
+def _read_with_protobuf(path: Path) -> RunRecord:
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    run: dict[str, Any] = {"config": {}, "summary": {}, "history": [], "exit_code": None}
+    meta: dict[str, Any] = {}
+    for payload in _transaction_log_records(path):
+        record = pb.Record()
+        try:
+            record.ParseFromString(payload)
+        except Exception as e:  # noqa: BLE001 (protobuf's DecodeError)
+            raise RunReadError(f"{path}: undecodable record ({e})") from e
+        kind = record.WhichOneof("record_type")
+        if kind == "run":
+            r = record.run
+            meta = {"id": r.run_id, "name": r.display_name, "project": r.project, "group": r.run_group,
+                    "job_type": r.job_type, "tags": list(r.tags)}
+            for item in r.config.update:
+                _set(run["config"], item)
+        elif kind == "config":
+            for item in record.config.update:
+                _set(run["config"], item)
+            for item in record.config.remove:
+                run["config"].pop(item.key, None)
+        elif kind == "summary":
+            for item in record.summary.update:
+                _set(run["summary"], item)
+            for item in record.summary.remove:
+                run["summary"].pop(item.key, None)
+        elif kind == "history":
+            row: dict[str, Any] = {}
+            for item in record.history.item:
+                _set(row, item)
+            run["history"].append(row)
+        elif kind == "exit":
+            run["exit_code"] = int(record.exit.exit_code)
+    if not meta:
+        raise RunReadError(f"{path}: no run record (not a W&B run log)")
+    return _record(meta, run, path)
+
+
+def _read_with_leet(path: Path) -> RunRecord:
+    """The same reading through W&B's own ``wandb leet inspect --json`` (one JSON record a line)."""
+    exe = shutil.which("wandb") or str(Path(sys.executable).with_name("wandb"))
+    proc = subprocess.run([exe, "leet", "inspect", "--json", str(path)], capture_output=True, text=True,
+                          timeout=120, stdin=subprocess.DEVNULL)
+    if proc.returncode != 0:
+        raise RunReadError(f"{path}: wandb leet inspect failed: {proc.stderr.strip()[-500:]}")
+    run: dict[str, Any] = {"config": {}, "summary": {}, "history": [], "exit_code": None}
+    meta: dict[str, Any] = {}
+    for line in proc.stdout.splitlines():
+        rec = json.loads(line)
+        kind = rec.get("type")
+        if kind == "run":
+            r = rec["run"]
+            meta = {"id": r.get("run_id", ""), "name": r.get("display_name", ""), "project": r.get("project", ""),
+                    "group": r.get("run_group", ""), "job_type": r.get("job_type", ""), "tags": r.get("tags", [])}
+            run["config"].update(r.get("config", {}).get("update", {}))
+        elif kind == "config":
+            run["config"].update(rec["config"].get("update", {}))
+        elif kind == "summary":
+            run["summary"].update(rec["summary"].get("update", {}))
+        elif kind == "history":
+            run["history"].append(rec["history"]["item"])
+        elif kind == "exit":
+            run["exit_code"] = int(rec["exit"].get("exit_code", 0))
+    if not meta:
+        raise RunReadError(f"{path}: no run record (not a W&B run log)")
+    return _record(meta, run, path)
+
+
+def _record(meta: dict[str, Any], run: dict[str, Any], path: Path) -> RunRecord:
+    config = {k: v for k, v in run["config"].items() if k != "_wandb"}
+    return RunRecord(meta["id"], meta["name"], meta["project"], meta["group"], meta["job_type"], meta["tags"],
+                     config, run["summary"], run["history"], str(path.parent), run["exit_code"])
+
+
+def read_offline_run(path: str | os.PathLike, backend: str = "python") -> RunRecord:
+    """Read one offline (or synced) run: its directory or its ``.wandb`` file.
+    ``backend``: ``"python"`` (parse the transaction log here) or ``"leet"`` (W&B's
+    ``wandb leet inspect --json``)."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(path.glob("*.wandb"))
+        if not files:
+            raise RunReadError(f"{path}: no .wandb transaction log in this run directory")
+        path = files[0]
+    if not path.is_file():
+        raise RunReadError(f"{path}: no such run file or directory")
+    if backend == "python":
+        return _read_with_protobuf(path)
+    if backend == "leet":
+        return _read_with_leet(path)
+    raise ValueError(f"backend must be 'python' or 'leet', got {backend!r}")
+
+
+def find_run_logs(paths: Iterable[str | os.PathLike]) -> list[Path]:
+    """The ``.wandb`` files under ``paths``: run directories, ``wandb/`` folders, folders that
+    hold a ``wandb/`` folder (``runs/``), or ``.wandb`` files. A path with none is an error."""
+    found: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_file() and p.suffix == ".wandb":
+            logs = [p]
+        elif p.is_dir():
+            logs = sorted(p.glob("*.wandb")) or sorted(p.glob("*run-*/*.wandb"))
+            logs = logs or sorted(p.glob("wandb/*run-*/*.wandb"))
+        else:
+            raise RunReadError(f"{p}: no such W&B run directory, wandb/ folder or .wandb file")
+        if not logs:
+            raise RunReadError(f"{p}: holds no W&B runs (looked for *.wandb, */run-*/*.wandb, wandb/*run-*/*.wandb)")
+        found += [f for f in logs if f not in found]
+    return found
+
+
+def read_online_runs(project: str, groups: Sequence[str] = (), tags: Sequence[str] = (),
+                     timeout: int = 30) -> list[RunRecord]:
+    """Runs of the online project ``entity/project`` through ``wandb.Api`` (needs a login; a
+    missing one is an error, never a prompt)."""
+    if not ls.logged_in():
+        raise RuntimeError(
+            f"reading the online W&B project {project!r} needs a W&B login (`wandb login` or WANDB_API_KEY); "
+            "to compare offline runs, pass their directories or a wandb/ folder instead"
+        )
+    import wandb
+
+    filters: dict[str, Any] = {}
+    if groups:
+        filters["group"] = {"$in": list(groups)}
+    if tags:
+        filters["tags"] = {"$all": list(tags)}
+    api = wandb.Api(timeout=timeout)
+    records = []
+    for run in api.runs(project, filters=filters or None):
+        history = list(run.scan_history(keys=None))
+        records.append(RunRecord(run.id, run.name, project, run.group or "", run.job_type or "", list(run.tags),
+                                 {k: v for k, v in run.config.items() if not k.startswith("_")},
+                                 dict(run.summary._json_dict), history, run.url, None))
+    return records
+
+
+def select_runs(runs: Iterable[RunRecord], groups: Sequence[str] = (), tags: Sequence[str] = (),
+                tasks: Sequence[str] = (), job_types: Sequence[str] = ()) -> list[RunRecord]:
+    """Runs in any of ``groups``, carrying all of ``tags``, on any of ``tasks`` (the config's
+    ``task``; meta-training runs match by their task family), of any of ``job_types``."""
+    out = []
+    for r in runs:
+        if groups and r.group not in groups:
+            continue
+        if tags and not set(tags) <= set(r.tags):
+            continue
+        if tasks and run_task(r) not in tasks:
+            continue
+        if job_types and r.job_type not in job_types:
+            continue
+        out.append(r)
+    return out
+
+
+def run_task(run: RunRecord) -> str:
+    """The task a run is about: ``config["task"]``, or for meta-training the task family's class
+    name with its ``dim``/``distribution`` if given."""
+    if run.config.get("task"):
+        return str(run.config["task"])
+    family = ((run.config.get("cli") or {}).get("model") or {}).get("task_family") or {}
+    if isinstance(family, dict) and family.get("class_path"):
+        name = family["class_path"].rsplit(".", 1)[-1]
+        args = family.get("init_args") or {}
+        extra = "".join(f" {k}={args[k]}" for k in ("dim", "distribution") if k in args)
+        return name + extra
+    return "?"
+
+
+# --------------------------------------------------------------------------- the comparison
+
+
+@dataclass
+class Row:
+    """One optimizer on one task, pooled over its runs."""
+
+    task: str
+    optimizer: str
+    kind: str
+    runs: list[str]
+    lrs: list[float]
+    seed_values: dict[str, float]
+    curve: list[float]
+    normalized: float | None = None
+    time_per_step: float | None = None
+    speedup: float | None = None
+
+    @property
+    def mean(self) -> float:
+        values = list(self.seed_values.values())
+        return sum(values) / len(values) if values else math.nan
+
+    @property
+    def ci95(self) -> float:
+        from learnopt.evaluate import t_interval
+        import torch
+
+        values = list(self.seed_values.values())
+        if len(values) < 2:
+            return math.nan
+        return t_interval(torch.tensor(values, dtype=torch.float64))[1]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "task": self.task, "optimizer": self.optimizer, "kind": self.kind, "runs": self.runs,
+            "lr": self.lrs[0] if len(self.lrs) == 1 else self.lrs, "seeds": len(self.seed_values),
+            "seed_mean_log10_losses": self.seed_values, "mean_log10_final_loss": self.mean, "ci95": self.ci95,
+            "mean_log10_normalized_loss": self.normalized, "speedup_vs_reference": self.speedup,
+            "time_per_step_s": self.time_per_step,
+        }
+
+
+@dataclass
+class MetaRow:
+    """One meta-training run."""
+
+    run: str
+    group: str
+    task: str
+    meta_steps: int | None
+    meta_loss: float | None
+    best_val: float | None
+    time_per_step: float | None
+    checkpoint: str | None
+    curve: tuple[list[float], list[float]] = field(default_factory=lambda: ([], []))
+    val_curve: tuple[list[float], list[float]] = field(default_factory=lambda: ([], []))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"run": self.run, "group": self.group, "task": self.task, "meta_steps": self.meta_steps,
+                "last_meta_loss": self.meta_loss, "best_val_log10_final_loss": self.best_val,
+                "time_per_meta_step_s": self.time_per_step, "checkpoint": self.checkpoint}
+
+
+@dataclass
+class Comparison:
+    rows: list[Row]
+    meta_rows: list[MetaRow]
+    reference: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"reference": self.reference, "evaluation": [r.as_dict() for r in self.rows],
+                "meta_train": [m.as_dict() for m in self.meta_rows]}
+
+
+def _float(x: Any) -> float:
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def build_comparison(runs: Sequence[RunRecord], reference: str = "adam") -> Comparison:
+    """Pool optimizer runs by (task, optimizer) and summarise meta-training runs; the speedup of
+    each row is ``speedup(row curve, reference curve on the same task)``."""
+    pooled: dict[tuple[str, str], Row] = {}
+    weights: dict[tuple[str, str], list[tuple[list[float], int, float | None, float | None]]] = {}
+    meta_rows = []
+    for run in runs:
+        if run.job_type == "meta-train":
+            meta_rows.append(_meta_row(run))
+            continue
+        optimizer = run.config.get("optimizer")
+        if not optimizer or run.config.get("kind") == "summary" or ls.FINAL_LOG10 not in run.summary:
+            continue
+        key = (run_task(run), str(optimizer))
+        row = pooled.setdefault(key, Row(key[0], key[1], str(run.config.get("kind", "")), [], [], {}, []))
+        row.runs.append(run.name or run.id)
+        if run.config.get("lr") is not None and float(run.config["lr"]) not in row.lrs:
+            row.lrs.append(float(run.config["lr"]))
+        seed_values = run.summary.get(ls.SEED_LOG10)
+        seeds = run.config.get("seeds")
+        if isinstance(seed_values, list) and isinstance(seeds, list) and len(seeds) == len(seed_values):
+            for s, v in zip(seeds, seed_values):
+                row.seed_values[f"seed {s}"] = _float(v)
+        else:  # a run that logged only its pooled mean counts as one seed of its own
+            row.seed_values[f"run {run.id}"] = _float(run.summary[ls.FINAL_LOG10])
+        _, curve = run.curve(ls.INNER_LOSS, ls.INNER_STEP)
+        n = len(seeds) if isinstance(seeds, list) and seeds else 1
+        weights.setdefault(key, []).append(
+            (curve, n, run.summary.get(ls.FINAL_NORMALIZED_LOG10), run.summary.get(ls.TIME_PER_STEP)))
+    for key, row in pooled.items():
+        entries = weights[key]
+        curves = [(c, n) for c, n, _, _ in entries if c]
+        if curves:
+            length = min(len(c) for c, _ in curves)
+            total = sum(n for _, n in curves)
+            row.curve = [sum(c[t] * n for c, n in curves) / total for t in range(length)]
+        row.normalized = _weighted([(x, n) for _, n, x, _ in entries if x is not None])
+        row.time_per_step = _weighted([(x, n) for _, n, _, x in entries if x is not None])
+    for (task, _), row in pooled.items():
+        ref = pooled.get((task, reference))
+        if ref is not None and ref.curve and row.curve:
+            row.speedup = speedup(row.curve, ref.curve)
+    rows = sorted(pooled.values(), key=lambda r: (r.task, r.mean))
+    return Comparison(rows, meta_rows, reference)
+
+
+def _weighted(pairs: list[tuple[Any, int]]) -> float | None:
+    pairs = [(_float(x), n) for x, n in pairs]
+    return sum(x * n for x, n in pairs) / sum(n for _, n in pairs) if pairs else None
+
+
+def _meta_row(run: RunRecord) -> MetaRow:
+    curve = run.curve(ls.META_LOSS, ls.META_STEP)
+    val = run.curve(ls.VAL_LOSS, ls.META_STEP)
+    finite_val = [v for v in val[1] if math.isfinite(v)]
+    steps = run.summary.get("meta_steps", run.summary.get(ls.META_STEP))
+    return MetaRow(
+        run.name or run.id, run.group, run_task(run), None if steps is None else int(steps),
+        _float(run.summary[ls.META_LOSS]) if ls.META_LOSS in run.summary else None,
+        min(finite_val) if finite_val else None,
+        _float(run.summary[ls.TIME_PER_STEP]) if ls.TIME_PER_STEP in run.summary else None,
+        run.summary.get("checkpoint/path"), curve, val,
+    )
+
+
+# --------------------------------------------------------------------------- output
+
+
+def _fmt(x: float | None, spec: str = ".3f") -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "—"
+    if math.isinf(x):
+        return "∞" if x > 0 else "-∞"
+    return format(x, spec)
+
+
+def _lr(row: Row) -> str:
+    if not row.lrs:
+        return "—"
+    return ", ".join(f"{x:.3g}" for x in row.lrs)
+
+
+EVAL_COLUMNS = ["task", "optimizer", "tuned lr", "seeds", "mean log10 final loss", "95% CI (seeds)",
+                "log10 normalised loss", "speedup vs {ref}", "time/step (ms)", "runs"]
+META_COLUMNS = ["run", "group", "task", "meta-steps", "last meta-loss", "best val log10 final loss",
+                "time/meta-step (s)", "checkpoint"]
+
+
+def _eval_cells(c: Comparison) -> list[list[str]]:
+    return [[r.task, r.optimizer, _lr(r), str(len(r.seed_values)), _fmt(r.mean), "±" + _fmt(r.ci95),
+             _fmt(r.normalized), _fmt(r.speedup, ".2f") + ("×" if r.speedup is not None else ""),
+             _fmt(None if r.time_per_step is None else 1000 * r.time_per_step, ".3g"), str(len(r.runs))]
+            for r in c.rows]
+
+
+def _meta_cells(c: Comparison) -> list[list[str]]:
+    return [[m.run, m.group, m.task, "—" if m.meta_steps is None else str(m.meta_steps), _fmt(m.meta_loss, ".4g"),
+             _fmt(m.best_val), _fmt(m.time_per_step, ".3g"), m.checkpoint or "—"] for m in c.meta_rows]
+
+
+def format_markdown(c: Comparison) -> str:
+    """Both tables as GitHub markdown."""
+    parts = []
+    if c.rows:
+        head = [h.format(ref=c.reference) for h in EVAL_COLUMNS]
+        parts += [
+            f"Mean log10 final loss over held-out instances, 95% t-interval over seeds; speedup: steps tuned "
+            f"{c.reference} needs ÷ steps the optimizer needs to reach the worse of their final losses "
+            "(learnopt.compare.speedup).", "",
+            "| " + " | ".join(head) + " |", "|" + "---|" * len(head),
+            *("| " + " | ".join(cells) + " |" for cells in _eval_cells(c)),
+        ]
+    if c.meta_rows:
+        parts += ["", "Meta-training runs:", "", "| " + " | ".join(META_COLUMNS) + " |", "|" + "---|" * len(META_COLUMNS),
+                  *("| " + " | ".join(cells) + " |" for cells in _meta_cells(c))]
+    return "\n".join(parts).strip() if parts else "no runs matched"
+
+
+def format_csv(c: Comparison) -> str:
+    """The evaluation rows as CSV (full precision); meta-training rows follow after a blank line."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    if c.rows:
+        fields = ["task", "optimizer", "kind", "lr", "seeds", "mean_log10_final_loss", "ci95",
+                  "mean_log10_normalized_loss", "speedup_vs_reference", "time_per_step_s", "runs"]
+        writer.writerow(fields)
+        for r in c.rows:
+            d = r.as_dict()
+            writer.writerow([d["task"], d["optimizer"], d["kind"], _lr(r), d["seeds"], d["mean_log10_final_loss"],
+                             d["ci95"], d["mean_log10_normalized_loss"], d["speedup_vs_reference"],
+                             d["time_per_step_s"], ";".join(d["runs"])])
+    if c.meta_rows:
+        if c.rows:
+            buf.write("\n")
+        fields = list(c.meta_rows[0].as_dict())
+        writer.writerow(fields)
+        for m in c.meta_rows:
+            writer.writerow([m.as_dict()[f] for f in fields])
+    return buf.getvalue().rstrip("\n")
+
+
+def format_comparison(c: Comparison, fmt: str) -> str:
+    if fmt == "markdown":
+        return format_markdown(c)
+    if fmt == "csv":
+        return format_csv(c)
+    if fmt == "json":
+        return json.dumps(c.to_json(), indent=1)
+    raise ValueError(f"format must be markdown, csv or json, got {fmt!r}")
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _footer(fig: Any, command: str | None) -> None:
+    if command:
+        fig.text(0.01, 0.005, command, fontsize=6, color="0.4", ha="left", va="bottom", wrap=True)
+    fig.tight_layout(rect=(0, 0.05 if command else 0, 1, 1))
+
+
+def plot_comparison(c: Comparison, out_dir: str | os.PathLike, command: str | None = None) -> list[Path]:
+    """One PNG per task (mean log10 loss against inner step, one line per optimizer, the
+    reference dashed) and one of meta-loss and validation score against meta-step."""
+    plt = _plt()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for task in dict.fromkeys(r.task for r in c.rows):
+        rows = [r for r in c.rows if r.task == task and r.curve]
+        if not rows:
+            continue
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        for r in rows:
+            label = f"{r.optimizer}" + (f" (lr {_lr(r)})" if r.lrs else "") + (
+                f", {r.speedup:.2f}×" if r.speedup is not None and math.isfinite(r.speedup) else "")
+            ax.plot(range(len(r.curve)), r.curve, label=label, lw=1.2 if r.lrs else 2,
+                    ls="--" if r.optimizer == c.reference else "-")
+        ax.set_xlabel("inner step")
+        ax.set_ylabel("mean log10 loss (held-out instances)")
+        ax.set_title(f"{task}: speedup vs tuned {c.reference} in the legend")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        _footer(fig, command)
+        path = out / f"curves_{_slug(task)}.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+    metas = [m for m in c.meta_rows if m.curve[0] or m.val_curve[0]]
+    if metas:
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9.6, 4.0))
+        for m in metas:
+            ax1.plot(*m.curve, label=m.run)
+            ax2.plot(*m.val_curve, marker="o", ms=3, label=m.run)
+        ax1.set(xlabel="meta-step", ylabel="meta-loss (train/meta_loss)", title="meta-loss")
+        ax2.set(xlabel="meta-step", ylabel="val mean log10 final loss", title="validation")
+        for ax in (ax1, ax2):
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        _footer(fig, command)
+        path = out / "meta_train.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def _slug(text: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in text)
+
+
+def write_html(c: Comparison, plots: Sequence[Path], path: str | os.PathLike, command: str | None = None) -> Path:
+    """A self-contained page: the tables and the plots (embedded), and the command that made them."""
+    import base64
+
+    def table(head: list[str], rows: list[list[str]]) -> str:
+        th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
+        trs = "".join("<tr>" + "".join(f"<td>{html.escape(x)}</td>" for x in r) + "</tr>" for r in rows)
+        return f"<table><thead><tr>{th}</tr></thead><tbody>{trs}</tbody></table>"
+
+    body = [f"<h1>learnopt compare</h1><p><code>{html.escape(command or '')}</code></p>"]
+    if c.rows:
+        body += ["<h2>Optimizers × tasks</h2>", f"<p>Mean log10 final loss, 95% t-interval over seeds; speedup "
+                 f"against tuned {html.escape(c.reference)} (learnopt.compare.speedup).</p>",
+                 table([h.format(ref=c.reference) for h in EVAL_COLUMNS], _eval_cells(c))]
+    if c.meta_rows:
+        body += ["<h2>Meta-training runs</h2>", table(META_COLUMNS, _meta_cells(c))]
+    for p in plots:
+        data = base64.b64encode(Path(p).read_bytes()).decode()
+        body.append(f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(Path(p).name)}">'
+                    f"<figcaption>{html.escape(Path(p).name)}</figcaption></figure>")
+    style = ("body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
+             "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}img{max-width:100%}")
+    page = f"<!doctype html><html><head><meta charset='utf-8'><title>learnopt compare</title><style>{style}</style>" \
+           f"</head><body>{''.join(body)}</body></html>\n"
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(page)
+    return path
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def compare(
+    paths: Sequence[str] = (), project: str | None = None, groups: Sequence[str] = (), tags: Sequence[str] = (),
+    tasks: Sequence[str] = (), job_types: Sequence[str] = (), reference: str = "adam", fmt: str = "markdown",
+    out_dir: str | None = "runs/compare", backend: str = "python", command: str | None = None,
+) -> tuple[Comparison, str]:
+    """Read, filter and compare runs; write ``table.md``, ``table.csv``, ``table.json``, the PNGs
+    and ``index.html`` to ``out_dir`` (None: write nothing); return the comparison and the text
+    in ``fmt``."""
+    if project and paths:
+        raise ValueError("give either offline run paths or --project, not both")
+    if project:
+        runs = read_online_runs(project, groups, tags)
+    else:
+        if not paths:
+            default = [p for p in ("runs/wandb", "wandb") if Path(p).is_dir()]
+            if not default:
+                raise RunReadError("no runs given and neither runs/wandb nor wandb/ exists here")
+            paths = default[:1]
+        runs = [read_offline_run(f, backend) for f in find_run_logs(paths)]
+    runs = select_runs(runs, groups, tags, tasks, job_types)
+    comparison = build_comparison(runs, reference)
+    text = format_comparison(comparison, fmt)
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "table.md").write_text(format_markdown(comparison) + "\n")
+        (out / "table.csv").write_text(format_csv(comparison) + "\n")
+        (out / "table.json").write_text(format_comparison(comparison, "json") + "\n")
+        plots = plot_comparison(comparison, out, command)
+        write_html(comparison, plots, out / "index.html", command)
+    return comparison, text
+
+
+def compare_cli(args: list[str] | None = None) -> Comparison:
+    """``learnopt compare [PATH ...] [--project ENTITY/PROJECT] [--group G] [--tag T] [--task T] ...``"""
+    parser = argparse.ArgumentParser(
+        prog="learnopt compare",
+        description="Compare optimizers across W&B runs: a table (optimizers × tasks, mean ± 95%% CI over seeds, "
+                    "speedup vs tuned Adam) and overlaid loss-curve plots (PNG and an HTML page).",
+    )
+    parser.add_argument("paths", nargs="*", help="offline run directories, wandb/ folders, folders holding wandb/, "
+                        "or .wandb files (default: runs/wandb or wandb)")
+    parser.add_argument("--project", help="an online project entity/project (needs a W&B login)")
+    parser.add_argument("--group", action="append", default=[], help="keep runs of this group (repeatable)")
+    parser.add_argument("--tag", action="append", default=[], help="keep runs carrying this tag (repeatable; all must match)")
+    parser.add_argument("--task", action="append", default=[], help="keep runs on this task (repeatable)")
+    parser.add_argument("--job_type", action="append", default=[], help="keep runs of this job type (repeatable)")
+    parser.add_argument("--reference", default="adam", help="optimizer the speedup is measured against")
+    parser.add_argument("--format", choices=("markdown", "csv", "json"), default="markdown")
+    parser.add_argument("--out_dir", default="runs/compare", help="where table.*, PNGs and index.html go")
+    parser.add_argument("--backend", choices=("python", "leet"), default="python",
+                        help="read offline logs here (python) or through `wandb leet inspect --json` (leet)")
+    args = list(sys.argv[1:] if args is None else args)
+    ns = parser.parse_args(args)
+    command = " ".join(["learnopt compare", *args])
+    try:
+        comparison, text = compare(ns.paths, ns.project, ns.group, ns.tag, ns.task, ns.job_type, ns.reference,
+                                   ns.format, ns.out_dir, ns.backend, command)
+    except (RunReadError, RuntimeError, ValueError) as e:
+        parser.exit(2, f"learnopt compare: error: {e}\n")
+    print(text)
+    if ns.format == "markdown":
+        print(f"\nwrote {ns.out_dir}/table.md, table.csv, table.json, index.html and the plots", file=sys.stderr)
+    return comparison
