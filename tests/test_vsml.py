@@ -230,3 +230,18 @@ def test_clone_family_runs_in_the_estimator():
     net = VSMLNetwork(state_size=4, message_size=2, micro_ticks=1)
     out = EpisodicES(fam, 2, sigma=0.05, num_pairs=1).estimate(net)
     assert out.finite and set(out.meta_grads) == {n for n, _ in net.named_parameters()}
+
+
+def test_evaluation_helpers_against_closed_forms():
+    from learnopt.vsml.evaluate import log_grid, mean_ci, running_accuracy, tune_learning_rate
+
+    assert log_grid(1e-2, 1.0) == pytest.approx([0.01, 0.01 * 10 ** 0.5, 0.1, 0.1 * 10 ** 0.5, 1.0])
+    mean, half = mean_ci([1.0, 2.0, 3.0])
+    assert mean == 2.0 and half == pytest.approx(4.302652729911275 * 1.0 / math.sqrt(3))  # t(0.975, 2)
+    correct = torch.tensor([[1.0, 0.0, 1.0, 1.0], [0.0, 0.0, 1.0, 0.0]])
+    torch.testing.assert_close(running_accuracy(correct), torch.tensor([0.5, 0.25, 0.5, 0.5]))
+    # a learning rate of 0 never learns: tuning must prefer a positive one on a separable stream
+    x = torch.randn(1, 60, 4)
+    y = (x[..., 0] > 0).long()
+    best, scores = tune_learning_rate(lambda lr: OnlineLinear("sgd", lr=lr), [0.0, 1.0], [(x, y, 2)])
+    assert best == 1.0 and scores[1.0] > scores[0.0]

@@ -81,6 +81,7 @@ class BBState(NamedTuple):
     c: Tensor
     error: Tensor
     label: Tensor
+    num_classes: int
 
 
 class BlackBoxOnlineLSTM(nn.Module):
@@ -107,12 +108,12 @@ class BlackBoxOnlineLSTM(nn.Module):
                              "(a black-box learner cannot change its input or output size)")
         device = device if device is not None else self.head.weight.device
         zeros = lambda n: torch.zeros(episodes, n, device=device)
-        self._active = num_classes
-        return BBState(zeros(self.hidden_size), zeros(self.hidden_size), zeros(self.num_classes), zeros(self.num_classes))
+        return BBState(zeros(self.hidden_size), zeros(self.hidden_size), zeros(self.num_classes),
+                       zeros(self.num_classes), num_classes)
 
     def predict(self, state: BBState, x: Tensor) -> tuple[BBState, Tensor]:
         h, c = self.lstm(torch.cat([x, state.error, state.label], -1), (state.h, state.c))
-        logits = self.head(h)[:, : self._active]
+        logits = self.head(h)[:, : state.num_classes]
         return state._replace(h=h, c=c), logits
 
     def feedback(self, state: BBState, logits: Tensor, y: Tensor) -> BBState:

@@ -64,7 +64,7 @@ def clone_step(network: VSMLNetwork, stream: CloneStream, x: Tensor, y: Tensor, 
                ) -> tuple[CloneStream, dict[str, Tensor]]:
     """One example per stream (``x`` [E, A], ``y`` [E]): the sub-LSTMs' forward tick(s),
     backward tick(s) and cell state against the teacher's forward message, backward message
-    and updated weight. Returns the new stream and the three squared errors (means)."""
+    and updated weight. Returns the new stream and the three relative squared errors."""
     layer, w = network.layers[0], stream.teacher_w
     onehot = F.one_hot(y, w.shape[-1]).to(x.dtype)
     delta = torch.softmax(teacher_logits(w, x, gain), -1) - onehot
@@ -79,11 +79,11 @@ def clone_step(network: VSMLNetwork, stream: CloneStream, x: Tensor, y: Tensor, 
         state = layer.cell(state, forward_in, backward_in)
     bwd = (state.h @ layer.out_backward)[..., 0]
     new_w = w - lr * x.unsqueeze(-1) * delta.unsqueeze(1)
-    errors = {
-        "forward": ((fwd - gain * w * x.unsqueeze(-1)) / gain).pow(2).mean(),
-        "backward": (bwd - w * delta.unsqueeze(1)).pow(2).mean(),
-        "weight": (state.c @ network.weight_readout - new_w).pow(2).mean(),
-    }
+    targets = {"forward": (fwd, gain * w * x.unsqueeze(-1)), "backward": (bwd, w * delta.unsqueeze(1)),
+               "weight": (state.c @ network.weight_readout, new_w)}
+    # Relative squared errors (error² / mean target²): the three targets differ in scale by
+    # orders of magnitude, and the forward product w·x is the one that matters most.
+    errors = {k: (out - target).pow(2).mean() / (target.pow(2).mean() + 1e-6) for k, (out, target) in targets.items()}
     return CloneStream(state, new_w.detach()), errors
 
 

@@ -1,0 +1,68 @@
+"""Scoring online learners on fixed streams, and tuning the learning rate of online baselines.
+
+The streams come from the caller (``tasks.online`` in the reproduction script), so this module
+stays below ``tasks`` in the layering. A stream batch is ``(x [E, T, A], y [E, T], C)``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from learnopt.vsml.online import OnlineLearner, online_episode
+
+Stream = tuple[Tensor, Tensor, int]
+
+
+def online_correct(learner: OnlineLearner, streams: Iterable[Stream], seed: int = 0) -> Tensor:
+    """Whether each online prediction was right: ``[episodes, T]`` (0/1) over all batches; a
+    prediction that is not finite counts as wrong."""
+    rows = []
+    with torch.no_grad():
+        for k, (x, y, C) in enumerate(streams):
+            logits = online_episode(learner, x, y, C, torch.Generator().manual_seed(seed + k))
+            ok = (logits.argmax(-1) == y) & torch.isfinite(logits).all(-1)
+            rows.append(ok.float())
+    return torch.cat(rows)
+
+
+def mean_ci(values: Sequence[float] | Tensor) -> tuple[float, float]:
+    """Mean and the half-width of its 95% t-interval."""
+    from scipy import stats
+
+    v = np.asarray(values, dtype=np.float64)
+    if len(v) < 2:
+        return float(v.mean()), math.nan
+    half = stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v))
+    return float(v.mean()), float(half)
+
+
+def tune_learning_rate(make: Callable[[float], OnlineLearner], lrs: Sequence[float], streams: list[Stream],
+                       ) -> tuple[float, dict[float, float]]:
+    """The learning rate of ``lrs`` with the highest mean online accuracy on ``streams``."""
+    scores = {lr: float(online_correct(make(lr), streams).mean()) for lr in lrs}
+    return max(scores, key=scores.get), scores
+
+
+def log_grid(low: float, high: float) -> list[float]:
+    """Half-decade grid ``low … high`` (1, 3.16, 10, …), the project's tuning protocol."""
+    n = int(round(2 * math.log10(high / low)))
+    return [float(low * 10 ** (k / 2)) for k in range(n + 1)]
+
+
+def running_accuracy(correct: Tensor) -> Tensor:
+    """Mean over episodes of the accuracy up to each step: ``[T]``."""
+    steps = torch.arange(1, correct.shape[1] + 1, dtype=correct.dtype)
+    return (correct.cumsum(1) / steps).mean(0)
+
+
+def summary(correct: Tensor) -> dict[str, Any]:
+    """Mean online accuracy per episode, its mean and 95% CI, and the raw per-episode values."""
+    per_episode = correct.mean(1)
+    mean, ci = mean_ci(per_episode)
+    return {"mean": mean, "ci95": ci, "episodes": len(per_episode), "per_episode": per_episode.tolist()}
