@@ -172,9 +172,10 @@ def plot(results: dict, horizons: dict, path: Path, command: str) -> None:
             c = np.asarray(results[name][method])
             t = np.arange(1, c.shape[1] + 1)
             med = np.median(c, 0)
-            ax.plot(t, np.maximum(med, 1e-6), label=LABELS[method], lw=2 if method == "lstm_oi" else 1.2)
+            color = f"C{METHODS.index(method)}"  # one colour per method in every panel
+            ax.plot(t, np.maximum(med, 1e-6), label=LABELS[method], color=color, lw=2 if method == "lstm_oi" else 1.2)
             ax.fill_between(t, np.maximum(np.quantile(c, 0.25, 0), 1e-6), np.maximum(np.quantile(c, 0.75, 0), 1e-6),
-                            alpha=0.12)
+                            color=color, alpha=0.12)
         ax.set_yscale("log")
         ax.set_title(f"{name} (horizon {horizons[name]})")
         ax.set_xlabel("evaluations")
@@ -187,6 +188,10 @@ def plot(results: dict, horizons: dict, path: Path, command: str) -> None:
     fig.tight_layout(rect=(0, 0.03, 1, 0.96))
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def fmt(v: float) -> str:
+    return f"{v:.4f}" if abs(v) >= 1e-3 or v == 0 else f"{v:.1e}"
 
 
 def write_readme(out: Path, results: dict, tables: dict, timings: dict, horizons: dict, args, command: str,
@@ -210,7 +215,7 @@ def write_readme(out: Path, results: dict, tables: dict, timings: dict, horizons
         for m in METHODS:
             if m in table:
                 t = table[m]
-                cells.append(f"{t['median']:.4f} [{t['q25']:.4f}, {t['q75']:.4f}] (n={t['runs']})")
+                cells.append(f"{fmt(t['median'])} [{fmt(t['q25'])}, {fmt(t['q75'])}] (n={t['runs']})")
             else:
                 cells.append("—")
         lines.append(f"| {name} | {horizons[name]} | " + " | ".join(cells) + " |")
@@ -222,7 +227,7 @@ def write_readme(out: Path, results: dict, tables: dict, timings: dict, horizons
         lstm = table["lstm_oi"]["median"]
         gp = min(table[m]["median"] for m in ("gp_ei_fixed", "gp_ei_fit") if m in table)
         rnd = table["random"]["median"]
-        lines.append(f"| {name} | {lstm:.4f} | {gp:.4f} | {'yes' if lstm <= gp + 0.01 else 'no'} | "
+        lines.append(f"| {name} | {fmt(lstm)} | {fmt(gp)} | {'yes' if lstm <= gp + 0.01 else 'no'} | "
                      f"{'yes' if lstm < rnd else 'no'} |")
     lines += ["", "## Seconds per proposal at the horizon (one problem, this process)", "",
               "| D | horizon | " + " | ".join(LABELS[m] for m in METHODS) + " | GP-EI (fitted) / LSTM |",

@@ -292,3 +292,17 @@ def test_meta_train_config_exports_a_loadable_proposer(in_tmp):
     assert meta["task_family"]["class_path"] == "tasks.blackbox_episodes.GPProposerEpisodes"
     res = p.minimize(branin_fun, [(-5, 10), (0, 15)], budget=5)
     assert res.nfev == 5
+
+
+def test_parallel_proposer_session_hands_out_a_step_per_q_asks():
+    p = proposer(q=2, dtype=torch.float32)
+    s = p.ask_tell([(0, 1), (0, 1)])
+    a, b = s.ask(), s.ask()
+    with torch.no_grad():
+        first, _ = p.step(p.start_input(1), p.initial_state(1))
+    np.testing.assert_allclose(np.stack([a, b]), first[0].double().numpy(), rtol=1e-6)
+    assert len(s._groups) == 1
+    s.tell(b, 1.0)
+    s.tell(a, 0.5)
+    c = s.ask()
+    assert len(s._groups) == 2 and c.shape == (2,)
