@@ -52,6 +52,26 @@ def test_inplace_update_matches_functional_update(kwargs, dtype, tol):
         torch.testing.assert_close(inplace.c, functional.c, rtol=tol, atol=tol)
 
 
+def test_fused_cell_matches_nn_lstm_cell_values_and_gradients():
+    from learnopt.learned.lstm import FusedLSTMCell
+
+    lopt = _lstm(torch.float64, hidden_size=5, num_layers=2, preprocess="log_sign")
+    g = torch.Generator().manual_seed(2)
+    x, h, c = (torch.randn(9, n, generator=g, dtype=torch.float64, requires_grad=True) for n in (5, 5, 5))
+    cell = lopt.cells[1]
+    w, b = lopt._fused_weights()[1]
+    ours = FusedLSTMCell.apply(x, h, c, w, b)
+    theirs = cell(x, (h, c))
+    weights = list(cell.parameters())
+    for out_ours, out_theirs in zip(ours, theirs):
+        torch.testing.assert_close(out_ours, out_theirs, rtol=1e-12, atol=1e-14)
+        for a, b_ in zip(torch.autograd.grad(out_ours.sin().sum(), [x, h, c, *weights], retain_graph=True),
+                         torch.autograd.grad(out_theirs.sin().sum(), [x, h, c, *weights], retain_graph=True)):
+            torch.testing.assert_close(a, b_, rtol=1e-10, atol=1e-13)
+    w, b = w.detach().requires_grad_(True), b.detach().requires_grad_(True)
+    assert torch.autograd.gradcheck(FusedLSTMCell.apply, (x, h, c, w, b))
+
+
 def test_inplace_update_rejects_a_state_of_another_size():
     lopt = _lstm(torch.float32, hidden_size=4)
     state = lopt.init({"w": torch.zeros(5)})
