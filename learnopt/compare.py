@@ -714,7 +714,16 @@ def compare(
             if not default:
                 raise RunReadError("no runs given and neither runs/wandb nor wandb/ exists here")
             paths = default[:1]
-        runs = [read_offline_run(f, backend) for f in find_run_logs(paths)]
+        logs = find_run_logs(paths)
+        runs = []
+        for log in logs:
+            try:
+                runs.append(read_offline_run(log, backend))
+            except RunReadError as e:
+                if len(logs) == 1:
+                    raise
+                # one damaged run among many (a crashed writer) should not hide the others
+                print(f"learnopt compare: skipping a run: {e}", file=sys.stderr)
     runs = select_runs(runs, groups, tags, tasks, job_types)
     comparison = build_comparison(runs, reference)
     text = format_comparison(comparison, fmt)
@@ -733,7 +742,7 @@ def compare_cli(args: list[str] | None = None) -> Comparison:
     """``learnopt compare [PATH ...] [--project ENTITY/PROJECT] [--group G] [--tag T] [--task T] ...``"""
     parser = argparse.ArgumentParser(
         prog="learnopt compare",
-        description="Compare optimizers across W&B runs: a table (optimizers × tasks, mean ± 95%% CI over seeds, "
+        description="Compare optimizers across W&B runs: a table (optimizers × tasks, mean ± 95% CI over seeds, "
                     "speedup vs tuned Adam) and overlaid loss-curve plots (PNG and an HTML page).",
     )
     parser.add_argument("paths", nargs="*", help="offline run directories, wandb/ folders, folders holding wandb/, "

@@ -48,6 +48,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -240,7 +241,9 @@ class OptimizerResult:
     tuning: dict[str, float] = field(default_factory=dict)
     lr_at_grid_edge: bool = False
     normalized_final_losses: list[float] = field(default_factory=list)  # task.normalize of final_losses
-    time_per_step: float | None = None  # seconds per inner step (all instances of a seed at once)
+    # seconds per inner step of the evaluation loop (all instances of a seed at once), the median
+    # over seeds, so the first seed's warm-up does not count
+    time_per_step: float | None = None
 
     @property
     def log10_final(self) -> Tensor:
@@ -354,13 +357,13 @@ def evaluate_optimizers(
         else:
             run = make
         bar.set_postfix_str(f"testing {name}")
-        finals, normalized, seed_means, curves, seconds = [], [], [], [], 0.0
+        finals, normalized, seed_means, curves, seconds = [], [], [], [], []
         for seed in seeds:
             generator = seeded_generator(split, seed)
             task = family.sample(num_instances, generator)
             start = time.perf_counter()
             losses = train_with_optimizer(run, task, steps, generator, **_step_mode(make))
-            seconds += time.perf_counter() - start
+            seconds.append(time.perf_counter() - start)
             finals.append(losses[-1])
             normalized.append(normalize_loss(task, losses[-1]))
             seed_means.append(score(losses))
@@ -368,7 +371,7 @@ def evaluate_optimizers(
         curve = torch.cat(curves, dim=1).mean(dim=1)
         results.append(OptimizerResult(
             name, lr, torch.cat(finals).tolist(), seed_means, curve.tolist(), tuning, edge,
-            torch.cat(normalized).tolist(), seconds / max(1, steps * len(seeds)),
+            torch.cat(normalized).tolist(), statistics.median(seconds) / max(1, steps),
         ))
         bar.update()
     bar.close()

@@ -22,6 +22,7 @@ from learnopt import logging_schema as ls
 from learnopt.cli import main
 from learnopt.compare import (
     RunReadError,
+    compare,
     find_run_logs,
     read_offline_run,
     read_online_runs,
@@ -97,7 +98,7 @@ def test_transaction_log_reader_returns_what_was_logged_and_agrees_with_wandb_le
         assert leet.summary[key] == run.summary[key]
 
 
-def test_reader_names_the_file_and_the_problem(offline):
+def test_reader_names_the_file_and_the_problem(offline, capsys):
     run_dir = Path(_one_run(offline / "runs"))
     log = next(run_dir.glob("*.wandb"))
     bad = offline / "bad.wandb"
@@ -117,6 +118,15 @@ def test_reader_names_the_file_and_the_problem(offline):
         find_run_logs([offline / "empty"])
     # a run directory, the wandb/ folder and the folder above it all lead to the same log
     assert find_run_logs([run_dir]) == find_run_logs([offline / "runs/wandb"]) == find_run_logs([offline / "runs"])
+    # among several runs a damaged one is skipped with its reason; alone it is an error
+    damaged = offline / "runs/wandb/offline-run-damaged"
+    damaged.mkdir()
+    (damaged / "run-damaged.wandb").write_bytes(bytes(data))
+    comparison, _ = compare([offline / "runs"], out_dir=None)
+    assert [r.optimizer for r in comparison.rows] == ["opt"]
+    assert "skipping a run: " in capsys.readouterr().err
+    with pytest.raises(RunReadError, match="run-damaged.wandb: corrupt record"):
+        compare([damaged], out_dir=None)
 
 
 def test_online_project_without_login_is_a_clear_error_not_a_prompt(tmp_path, monkeypatch):

@@ -97,7 +97,7 @@ class ExportLearnedOptimizer(pl.Callback):
         if self._steps:
             summary[ls.TIME_PER_STEP] = self._seconds / self._steps
         if self.best is not None and os.path.isfile(self.path):
-            summary["checkpoint/path"] = os.path.abspath(self.path)
+            summary["checkpoint/path"] = self.path
             ls.log_checkpoint_artifact(run, self.path, metadata={"meta_step": self.best_step, self.monitor: self.best})
         ls.log_final(run, summary)
 

@@ -7,6 +7,7 @@ the exported checkpoint as an artifact and summary metrics (``ExportLearnedOptim
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any
 
 from lightning.pytorch.loggers import WandbLogger as _LightningWandbLogger
@@ -41,3 +42,16 @@ class WandbLogger(_LightningWandbLogger):
         init = {"group": group, "job_type": job_type, "tags": tags, "notes": notes, "mode": mode}
         init = wandb_init_kwargs(**{k: v for k, v in init.items() if v is not None}, **kwargs)
         super().__init__(project=project, save_dir=save_dir, name=name, **init)
+
+    @property
+    def experiment(self) -> Any:
+        """The W&B run; an online start that fails (no network, W&B down) falls back to offline
+        with a warning instead of stopping meta-training."""
+        try:
+            return super().experiment
+        except Exception as e:  # noqa: BLE001 (wandb raises several error types for a failed start)
+            if self._experiment is not None or self._wandb_init.get("mode") != "online":
+                raise
+            warnings.warn(f"W&B could not start online ({e}); logging offline instead", stacklevel=2)
+            self._wandb_init["mode"] = "offline"
+            return super().experiment
