@@ -239,6 +239,26 @@ def write_readme(out: Path, results: dict, tables: dict, timings: dict, horizons
     (out / "README.md").write_text("\n".join(lines))
 
 
+def log_to_wandb(results: dict, tables: dict, timings: dict, horizons: dict, command: str) -> None:
+    """One run per (problem, method) in the project's W&B schema (offline unless set up):
+    job type ``benchmark``, group ``blackbox``; the median regret curve keyed by evaluation and
+    the median/quartiles at the horizon and the time per proposal in the summary."""
+    from learnopt import logging_schema as ls
+
+    for name, curves in results.items():
+        dim = {"branin": 2, "goldstein_price": 2, "hartmann3": 3, "hartmann6": 6}.get(name) or int(name[2:])
+        for method, c in curves.items():
+            run = ls.init_run("benchmark", group="blackbox", tags=["blackbox", name], name=f"blackbox/{name}/{method}",
+                              config={"optimizer": method, "task": name, "kind": "blackbox", "horizon": horizons[name],
+                                      "command": command})
+            ls.log_inner_curve(run, np.median(np.asarray(c), 0), key="inner/median_normalized_regret")
+            t = tables[name][method]
+            ls.log_final(run, {"final/median_normalized_regret": t["median"], "final/q25": t["q25"],
+                               "final/q75": t["q75"], "final/runs": t["runs"],
+                               ls.TIME_PER_STEP: timings[dim][method]})
+            ls.finish_run(run)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="docs/blackbox")
@@ -247,6 +267,7 @@ def main() -> None:
     parser.add_argument("--optuna-gp-runs", type=int, default=16)
     parser.add_argument("--checkpoints", default="checkpoints")
     parser.add_argument("--quick", action="store_true", help="smoke run: 4 functions/runs")
+    parser.add_argument("--no-wandb", action="store_true", help="do not log the runs to W&B (offline by default)")
     args = parser.parse_args()
     if args.quick:
         args.functions = args.runs = args.optuna_gp_runs = 4
@@ -287,6 +308,8 @@ def main() -> None:
                                                  "seconds_per_proposal": timings, "curves": results}))
     plot(results, horizons, out / "regret.png", command)
     write_readme(out, results, tables, timings, horizons, args, command, seconds)
+    if not args.no_wandb:
+        log_to_wandb(results, tables, timings, horizons, command)
     print((out / "README.md").read_text())
 
 
