@@ -382,6 +382,7 @@ class Row:
     normalized: float | None = None
     time_per_step: float | None = None
     speedup: float | None = None
+    split: str = "test"
 
     @property
     def mean(self) -> float:
@@ -460,8 +461,9 @@ def build_comparison(runs: Sequence[RunRecord], reference: str = "adam") -> Comp
         optimizer = run.config.get("optimizer")
         if not optimizer or run.config.get("kind") == "summary" or ls.FINAL_LOG10 not in run.summary:
             continue
-        key = (run_task(run), str(optimizer))
-        row = pooled.setdefault(key, Row(key[0], key[1], str(run.config.get("kind", "")), [], [], {}, []))
+        split = str(run.config.get("split") or "test")
+        key = (run_task(run), row_label(run))
+        row = pooled.setdefault(key, Row(key[0], key[1], str(run.config.get("kind", "")), [], [], {}, [], split=split))
         row.runs.append(run.name or run.id)
         if run.config.get("lr") is not None and float(run.config["lr"]) not in row.lrs:
             row.lrs.append(float(run.config["lr"]))
@@ -486,11 +488,23 @@ def build_comparison(runs: Sequence[RunRecord], reference: str = "adam") -> Comp
         row.normalized = _weighted([(x, n) for _, n, x, _ in entries if x is not None])
         row.time_per_step = _weighted([(x, n) for _, n, _, x in entries if x is not None])
     for (task, _), row in pooled.items():
-        ref = pooled.get((task, reference))
-        if ref is not None and ref.curve and row.curve:
+        ref = pooled.get((task, reference))  # the tuned reference on held-out instances
+        if ref is not None and ref.curve and row.curve and row.split == ref.split:
             row.speedup = speedup(row.curve, ref.curve)
     rows = sorted(pooled.values(), key=lambda r: (r.task, r.mean))
     return Comparison(rows, meta_rows, reference)
+
+
+def row_label(run: RunRecord) -> str:
+    """The optimizer column of a run: its name, with ``@ lr X`` when the run used a fixed rate
+    instead of a tuned one, and ``[tune split]`` when it scored on the tuning instances (a
+    tuning sweep's runs), so such runs never pool with the held-out evaluation of the same
+    optimizer."""
+    label = str(run.config["optimizer"])
+    if run.config.get("fixed_lr") and run.config.get("lr") is not None:
+        label += f" @ lr {float(run.config['lr']):.3g}"
+    split = str(run.config.get("split") or "test")
+    return label if split == "test" else f"{label} [{split} split]"
 
 
 def _weighted(pairs: list[tuple[Any, int]]) -> float | None:

@@ -409,10 +409,11 @@ def plot_curves(
 
 def log_to_wandb(evaluation: Evaluation, group: str, project: str = "learnopt", save_dir: str = "runs",
                  config: dict[str, Any] | None = None, tags: Sequence[str] = (),
-                 checkpoints: dict[str, str] | None = None, plot: str | os.PathLike | None = None) -> list[str]:
+                 checkpoints: dict[str, str] | None = None, plot: str | os.PathLike | None = None,
+                 split: str = "test", fixed_lr: bool = False) -> list[str]:
     """Log ``evaluation`` in the schema of ``learnopt.logging_schema``: one W&B run per optimizer
-    in ``group`` (job type ``evaluate``; config: ``config`` under ``evaluate`` and the flat
-    ``optimizer``/``task``/``kind``/``lr``/``seeds`` keys; the inner-loss curve keyed by inner
+    in ``group`` (job type ``evaluate``, or ``tune`` for ``split="tune"``; config: ``config``
+    under ``evaluate`` and the flat ``optimizer``/``task``/``kind``/``lr``/``fixed_lr``/``split``/``seeds`` keys; the inner-loss curve keyed by inner
     step; the summary metrics; for the learned optimizers named in ``checkpoints`` their file as an
     artifact), then, with more than one optimizer, a run ``<group>/summary`` holding the table as
     a W&B Table, the curves as a W&B line plot and ``plot`` (the PNG). Offline unless W&B is set
@@ -421,13 +422,15 @@ def log_to_wandb(evaluation: Evaluation, group: str, project: str = "learnopt", 
 
     checkpoints = checkpoints or {}
     base = {"evaluate": config or {}, "task": evaluation.task, "steps": evaluation.steps,
-            "num_instances": evaluation.num_instances, "seeds": evaluation.seeds}
+            "num_instances": evaluation.num_instances, "seeds": evaluation.seeds, "split": split}
+    job_type = "tune" if split == "tune" else "evaluate"
     run_dirs, rows = [], []
     for r in evaluation.results:
         s = r.summary()
         kind = "learned" if r.name in checkpoints else "baseline"
-        run = ls.init_run("evaluate", group=group, tags=tags, name=f"{group}/{r.name}", project=project,
-                          save_dir=save_dir, config={**base, "optimizer": r.name, "kind": kind, "lr": r.lr})
+        run = ls.init_run(job_type, group=group, tags=tags, name=f"{group}/{r.name}", project=project,
+                          save_dir=save_dir, config={**base, "optimizer": r.name, "kind": kind, "lr": r.lr,
+                                                     "fixed_lr": fixed_lr and kind == "baseline"})
         ls.log_inner_curve(run, r.curve)
         final = {
             ls.FINAL_LOG10: s["mean_log10_final_loss"], ls.FINAL_CI95: s["ci95"], ls.SEED_LOG10: r.seed_means,
@@ -443,18 +446,19 @@ def log_to_wandb(evaluation: Evaluation, group: str, project: str = "learnopt", 
         run_dirs.append(run.dir)
         ls.finish_run(run)
     if len(evaluation.results) > 1:
-        run_dirs.append(_log_summary_run(evaluation, rows, group, project, save_dir, base, tags, plot))
+        run_dirs.append(_log_summary_run(evaluation, rows, group, project, save_dir, base, tags, plot, job_type))
     return run_dirs
 
 
 def _log_summary_run(evaluation: Evaluation, rows: list[list[Any]], group: str, project: str, save_dir: str,
-                     base: dict[str, Any], tags: Sequence[str], plot: str | os.PathLike | None) -> str:
+                     base: dict[str, Any], tags: Sequence[str], plot: str | os.PathLike | None,
+                     job_type: str = "evaluate") -> str:
     """The group's table run: the evaluation table (W&B Table), overlaid curves (W&B plot), the PNG."""
     import wandb
 
     from learnopt import logging_schema as ls
 
-    run = ls.init_run("evaluate", group=group, tags=tags, name=f"{group}/summary", project=project,
+    run = ls.init_run(job_type, group=group, tags=tags, name=f"{group}/summary", project=project,
                       save_dir=save_dir, config={**base, "kind": "summary"})
     columns = ["optimizer", "kind", "lr", "mean_log10_final_loss", "ci95", "mean_log10_normalized_loss",
                "speedup_vs_adam", "time_per_step_s"]
@@ -604,7 +608,7 @@ def evaluate(
 
         config = {**config, "task_family": family_spec(task_family), "command": command}
         log_to_wandb(evaluation, group or f"evaluate-{name or 'baselines'}", project=project, config=config,
-                     tags=tags, checkpoints=checkpoints, plot=out / "curves.png")
+                     tags=tags, checkpoints=checkpoints, plot=out / "curves.png", split=split, fixed_lr=lr is not None)
     print(evaluation.table())
     print(f"\nwrote {out / 'table.md'}, {out / 'results.json'}, {out / 'curves.png'}")
     return evaluation

@@ -10,7 +10,9 @@ runs) and can be read back offline by ``learnopt compare``. The schema:
   stores it under ``cli``, evaluation under ``evaluate``), plus flat keys every run of an
   optimizer on a task carries: ``optimizer`` (the name in tables), ``task`` (the task family's
   name), ``kind`` (``"learned"`` or ``"baseline"``; ``"summary"`` for an evaluation's table run),
-  ``lr`` (a baseline's rate) and ``seeds``.
+  ``lr`` (a baseline's rate), ``fixed_lr`` (true when the rate was given, not tuned), ``split``
+  (``"test"``: held-out instances; ``"tune"``: the tuning instances, job type ``tune``) and
+  ``seeds``.
 * **curves**: inner-loss curves keyed by inner step (``INNER_LOSS`` against ``INNER_STEP``: the
   mean over held-out instances of log10 loss, diverged instances counting +30); meta-loss curves
   keyed by meta-step (``META_LOSS`` and ``VAL_LOSS`` against ``META_STEP``, Lightning's

@@ -353,6 +353,11 @@ def test_baseline_lr_sweep_runs_as_the_agent_would_and_scores_like_grid_tuning(o
     _, reference = tune_learning_rate(baseline_factory("adam"), QuadraticFamily(dim=10), steps=10, num_instances=4,
                                       lr_grid=(0.01, 0.1))
     assert scores == pytest.approx(reference)
+    # compare shows one row per rate, apart from any held-out evaluation of adam
+    comparison, _ = compare([offline / "runs"], out_dir=None)
+    rows = {r.optimizer: r.mean for r in comparison.rows}
+    assert rows == pytest.approx({"adam @ lr 0.01 [tune split]": scores[0.01], "adam @ lr 0.1 [tune split]": scores[0.1]})
+    assert {read_offline_run(f).job_type for f in find_run_logs([offline / "runs"])} == {"tune"}
 
 
 def test_meta_train_sweep_runs_as_the_agent_would(offline):
@@ -381,3 +386,37 @@ def test_evaluate_under_a_sweep_agent_needs_one_optimizer_per_run(offline, monke
     monkeypatch.setenv("WANDB_SWEEP_ID", "abc")
     with pytest.raises(ValueError, match="one optimizer per run"):
         evaluate(task_family=QuadraticFamily(dim=3), baselines=["sgd", "adam"], lr=0.1)
+
+
+def test_online_runs_are_read_through_the_public_api_into_the_same_records(tmp_path, monkeypatch):
+    """``wandb.Api`` replaced by a stand-in with the public API's attributes (no network here):
+    the filters passed and the conversion of each run."""
+    seen = {}
+
+    class FakeRun:
+        id, name, group, job_type, tags, url = "r1", "ev/adam", "ev", "evaluate", ["tiny"], "https://wandb.ai/x"
+        config = {"optimizer": "adam", "task": "t", "seeds": [0, 1], "_wandb": {}}
+
+        class summary:  # noqa: N801 (the public API's summary object)
+            _json_dict = {ls.FINAL_LOG10: -1.0, ls.SEED_LOG10: [-0.5, -1.5]}
+
+        def scan_history(self, keys=None):
+            return iter([{ls.INNER_STEP: 0, ls.INNER_LOSS: 0.0}, {ls.INNER_STEP: 1, ls.INNER_LOSS: -1.0}])
+
+    class FakeApi:
+        def __init__(self, timeout=None):
+            seen["timeout"] = timeout
+
+        def runs(self, path, filters=None):
+            seen["path"], seen["filters"] = path, filters
+            return [FakeRun()]
+
+    monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
+    monkeypatch.setattr(wandb, "Api", FakeApi)
+    (run,) = read_online_runs("me/learnopt", groups=["ev"], tags=["tiny"])
+    assert seen["path"] == "me/learnopt"
+    assert seen["filters"] == {"group": {"$in": ["ev"]}, "tags": {"$all": ["tiny"]}}
+    assert (run.group, run.job_type, run.config) == ("ev", "evaluate", {"optimizer": "adam", "task": "t", "seeds": [0, 1]})
+    assert run.curve(ls.INNER_LOSS, ls.INNER_STEP) == ([0.0, 1.0], [0.0, -1.0])
+    comparison, _ = compare(project="me/learnopt", out_dir=None)
+    assert comparison.rows[0].seed_values == {"seed 0": -0.5, "seed 1": -1.5}
