@@ -169,7 +169,9 @@ class MetaTrainModule(pl.LightningModule):
         # One "batch" per meta-step (an index; the estimator samples the tasks), sized so the
         # progress bar knows the total.
         steps = self.trainer.max_steps if self.trainer is not None and self.trainer.max_steps > 0 else 1000
-        return DataLoader(range(steps), batch_size=None)
+        # Under DDP Lightning shards this range across the ranks: give each rank all the steps.
+        world = self.trainer.world_size if self.trainer is not None else 1
+        return DataLoader(range(steps * world), batch_size=None)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(_Once(), batch_size=None)

@@ -87,8 +87,8 @@ def memory_bandwidth(device: str = "cpu", numel: int = 1 << 26, repeats: int = 7
 
 
 def write_json(name: str, payload: dict) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=1, default=str))
     return path
 

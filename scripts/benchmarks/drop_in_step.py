@@ -61,24 +61,24 @@ def lstm_flops_and_bytes(lopt) -> tuple[float, float]:
     return flops, 2 * state + size + 2 * size
 
 
-def make_model(width: int) -> nn.Module:
+def make_model(width: int, device: str = "cpu") -> nn.Module:
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, width))
+    model = nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, width)).to(device)
     for p in model.parameters():
         p.grad = torch.randn_like(p) * 1e-3
     return model
 
 
 def run_size(label: str, width: int, repeats: int, functional_max: int, compile_max: int,
-             with_mlp_lopt: bool) -> dict:
-    model = make_model(width)
+             with_mlp_lopt: bool, device: str = "cpu") -> dict:
+    model = make_model(width, device)
     n = sum(p.numel() for p in model.parameters())
     optimizers = {"adam": torch.optim.Adam(model.parameters(), lr=1e-3, foreach=True),
                   "lstm": learnopt.load_optimizer(LSTM, model.parameters())}
     if n <= functional_max:
         optimizers["lstm functional"] = learnopt.load_optimizer(LSTM, model.parameters(), inplace_update=None)
     if n <= compile_max:
-        lopt = learnopt.load(LSTM)
+        lopt = learnopt.load(LSTM).to(device)
         from learnopt.optim.base import GradientTransformation
         from learnopt.optim.torch_optimizer import TransformOptimizer
 
@@ -87,12 +87,12 @@ def run_size(label: str, width: int, repeats: int, functional_max: int, compile_
     if with_mlp_lopt:
         optimizers["mlp_lopt"] = learnopt.load_optimizer(MLP_LOPT, model.parameters())
     # the machine's rates, measured interleaved with the steps so that they see the same load
-    a, b = torch.randn(RATE_N, RATE_N), torch.randn(RATE_N, RATE_N)
-    src = torch.randn(BANDWIDTH_NUMEL)
+    a, b = torch.randn(RATE_N, RATE_N, device=device), torch.randn(RATE_N, RATE_N, device=device)
+    src = torch.randn(BANDWIDTH_NUMEL, device=device)
     dst = torch.empty_like(src)
     fns = {k: opt.step for k, opt in optimizers.items()}
     fns.update({"matmul": lambda: a @ b, "copy": lambda: dst.copy_(src)})
-    seconds = interleaved(fns, repeats, warmup=1, desc=label)
+    seconds = interleaved(fns, repeats, warmup=1, desc=label, device=device)
     rate = 2 * RATE_N**3 / seconds.pop("matmul")
     bandwidth = 2 * 4 * BANDWIDTH_NUMEL / seconds.pop("copy")
     flops, nbytes = lstm_flops_and_bytes(learnopt.load(LSTM))
@@ -117,6 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
                         help="largest model for the functional LSTM step (it allocates ~10 state-sized tensors)")
     parser.add_argument("--compile-max", type=int, default=1_100_000, help="largest model for the compiled step; 0: none")
     parser.add_argument("--no-mlp-lopt", action="store_true")
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default="drop_in_step")
     args = parser.parse_args(argv)
     results = {"machine": machine(), "command": "OMP_NUM_THREADS=%d .venv/bin/python scripts/benchmarks/drop_in_step.py %s" % (
@@ -124,7 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
                "sizes": []}
     for label in tqdm(args.sizes, desc="model sizes"):
         results["sizes"].append(run_size(label, WIDTHS[label], args.repeats, args.functional_max, args.compile_max,
-                                         not args.no_mlp_lopt))
+                                         not args.no_mlp_lopt, args.device))
         write_json(args.out, results)
     names = ["adam", "lstm", "lstm functional", "lstm compiled", "mlp_lopt"]
     rows = []

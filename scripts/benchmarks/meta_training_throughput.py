@@ -87,7 +87,7 @@ def reference_estimate(lopt, task, params, batches, k: int, transform) -> dict[s
     for j in range(n):
         t = instance(task, j)
         theta = {name: p[j: j + 1].detach().requires_grad_(True) for name, p in params.items()}
-        hc = {name: [(torch.zeros(p.numel(), lopt.hidden_size), torch.zeros(p.numel(), lopt.hidden_size))
+        hc = {name: [(p.new_zeros(p.numel(), lopt.hidden_size), p.new_zeros(p.numel(), lopt.hidden_size))
                      for _ in lopt.cells] for name, p in theta.items()}
         terms = []
         for i in range(k):
@@ -147,8 +147,8 @@ def higher_estimate(lopt, task, params, batches, k: int, transform) -> dict[str,
     return total
 
 
-def run_problem(name: str, spec: dict, k: int, repeats: int, with_compile: bool) -> dict:
-    lopt = learnopt.load(ROOT / "checkpoints" / spec["checkpoint"])
+def run_problem(name: str, spec: dict, k: int, repeats: int, with_compile: bool, device: str = "cpu") -> dict:
+    lopt = learnopt.load(ROOT / "checkpoints" / spec["checkpoint"]).to(device)
     family = spec["family"]()
     n = spec["num_tasks"]
     transform = transform_fn(spec["transform"])
@@ -186,7 +186,7 @@ def run_problem(name: str, spec: dict, k: int, repeats: int, with_compile: bool)
         agreement[other] = max(float((theirs[key] - g).abs().max()) for key, g in ours.items()) / scale
         assert agreement[other] < 1e-3, (other, agreement[other])
 
-    seconds = interleaved(contenders, repeats, warmup=1, desc=name)
+    seconds = interleaved(contenders, repeats, warmup=1, desc=name, device=device)
     steps = n * k
     return {
         "problem": name, "num_tasks": n, "unroll_length": k,
@@ -203,13 +203,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--unroll-length", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile contender")
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default="meta_training_throughput")
     args = parser.parse_args(argv)
     results = {"machine": machine(), "command": "OMP_NUM_THREADS=%s .venv/bin/python %s" % (
         torch.get_num_threads(), " ".join(["scripts/benchmarks/meta_training_throughput.py", *(argv or sys.argv[1:])])),
         "problems": []}
     for name, spec in PROBLEMS.items():
-        results["problems"].append(run_problem(name, spec, args.unroll_length, args.repeats, not args.no_compile))
+        results["problems"].append(run_problem(name, spec, args.unroll_length, args.repeats, not args.no_compile,
+                                               args.device))
     rows = []
     for r in results["problems"]:
         for c, sps in r["inner_steps_per_second"].items():
