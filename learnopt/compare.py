@@ -383,6 +383,7 @@ class Row:
     time_per_step: float | None = None
     speedup: float | None = None
     split: str = "test"
+    steps: int | None = None
 
     @property
     def mean(self) -> float:
@@ -401,7 +402,7 @@ class Row:
 
     def as_dict(self) -> dict[str, Any]:
         return {
-            "task": self.task, "optimizer": self.optimizer, "kind": self.kind, "runs": self.runs,
+            "task": self.task, "steps": self.steps, "optimizer": self.optimizer, "kind": self.kind, "runs": self.runs,
             "lr": self.lrs[0] if len(self.lrs) == 1 else self.lrs, "seeds": len(self.seed_values),
             "seed_mean_log10_losses": self.seed_values, "mean_log10_final_loss": self.mean, "ci95": self.ci95,
             "mean_log10_normalized_loss": self.normalized, "speedup_vs_reference": self.speedup,
@@ -449,10 +450,13 @@ def _float(x: Any) -> float:
 
 
 def build_comparison(runs: Sequence[RunRecord], reference: str = "adam") -> Comparison:
-    """Pool optimizer runs by (task, optimizer) and summarise meta-training runs; the speedup of
-    each row is ``speedup(row curve, reference curve on the same task)``."""
-    pooled: dict[tuple[str, str], Row] = {}
-    weights: dict[tuple[str, str], list[tuple[list[float], int, float | None, float | None]]] = {}
+    """Pool optimizer runs by (task, inner steps, ``row_label``) and summarise meta-training
+    runs. A seed logged by several runs of one row counts once, from the last of them (runs in
+    the order given); a run none of whose seeds survive adds nothing to the row's curve. The
+    speedup of each row is ``speedup(row curve, reference curve)`` on the same task, steps and
+    split."""
+    pooled: dict[tuple[str, int | None, str], Row] = {}
+    members: dict[tuple[str, int | None, str], list[tuple[list[str], RunRecord]]] = {}
     meta_rows = []
     for run in runs:
         if run.job_type == "meta-train":
@@ -461,25 +465,33 @@ def build_comparison(runs: Sequence[RunRecord], reference: str = "adam") -> Comp
         optimizer = run.config.get("optimizer")
         if not optimizer or run.config.get("kind") == "summary" or ls.FINAL_LOG10 not in run.summary:
             continue
-        split = str(run.config.get("split") or "test")
-        key = (run_task(run), row_label(run))
-        row = pooled.setdefault(key, Row(key[0], key[1], str(run.config.get("kind", "")), [], [], {}, [], split=split))
-        row.runs.append(run.name or run.id)
-        if run.config.get("lr") is not None and float(run.config["lr"]) not in row.lrs:
-            row.lrs.append(float(run.config["lr"]))
+        steps = run.config.get("steps")
+        key = (run_task(run), None if steps is None else int(steps), row_label(run))
+        row = pooled.setdefault(key, Row(key[0], key[2], str(run.config.get("kind", "")), [], [], {}, [],
+                                         split=str(run.config.get("split") or "test"), steps=key[1]))
         seed_values = run.summary.get(ls.SEED_LOG10)
         seeds = run.config.get("seeds")
         if isinstance(seed_values, list) and isinstance(seeds, list) and len(seeds) == len(seed_values):
-            for s, v in zip(seeds, seed_values):
-                row.seed_values[f"seed {s}"] = _float(v)
+            values = {f"seed {s}": _float(v) for s, v in zip(seeds, seed_values)}
         else:  # a run that logged only its pooled mean counts as one seed of its own
-            row.seed_values[f"run {run.id}"] = _float(run.summary[ls.FINAL_LOG10])
-        _, curve = run.curve(ls.INNER_LOSS, ls.INNER_STEP)
-        n = len(seeds) if isinstance(seeds, list) and seeds else 1
-        weights.setdefault(key, []).append(
-            (curve, n, run.summary.get(ls.FINAL_NORMALIZED_LOG10), run.summary.get(ls.TIME_PER_STEP)))
+            values = {f"run {run.id}": _float(run.summary[ls.FINAL_LOG10])}
+        for k, v in values.items():
+            row.seed_values.pop(k, None)  # re-insert: the later run's value, in its place
+            row.seed_values[k] = v
+        members.setdefault(key, []).append((list(values), run))
     for key, row in pooled.items():
-        entries = weights[key]
+        entries = []
+        for i, (seed_keys, run) in enumerate(members[key]):
+            # the seeds this run still provides (a later run may have re-evaluated the others)
+            later = {k for keys, _ in members[key][i + 1:] for k in keys}
+            owned = [k for k in seed_keys if k not in later]
+            if not owned:
+                continue
+            row.runs.append(run.name or run.id)
+            if run.config.get("lr") is not None and float(run.config["lr"]) not in row.lrs:
+                row.lrs.append(float(run.config["lr"]))
+            entries.append((run.curve(ls.INNER_LOSS, ls.INNER_STEP)[1], len(owned),
+                            run.summary.get(ls.FINAL_NORMALIZED_LOG10), run.summary.get(ls.TIME_PER_STEP)))
         curves = [(c, n) for c, n, _, _ in entries if c]
         if curves:
             length = min(len(c) for c, _ in curves)
@@ -487,11 +499,11 @@ def build_comparison(runs: Sequence[RunRecord], reference: str = "adam") -> Comp
             row.curve = [sum(c[t] * n for c, n in curves) / total for t in range(length)]
         row.normalized = _weighted([(x, n) for _, n, x, _ in entries if x is not None])
         row.time_per_step = _weighted([(x, n) for _, n, _, x in entries if x is not None])
-    for (task, _), row in pooled.items():
-        ref = pooled.get((task, reference))  # the tuned reference on held-out instances
+    for (task, steps, _), row in pooled.items():
+        ref = pooled.get((task, steps, reference))  # the tuned reference on the same instances
         if ref is not None and ref.curve and row.curve and row.split == ref.split:
             row.speedup = speedup(row.curve, ref.curve)
-    rows = sorted(pooled.values(), key=lambda r: (r.task, r.mean))
+    rows = sorted(pooled.values(), key=lambda r: (r.task, r.steps or 0, r.mean))
     return Comparison(rows, meta_rows, reference)
 
 
@@ -543,14 +555,14 @@ def _lr(row: Row) -> str:
     return ", ".join(f"{x:.3g}" for x in row.lrs)
 
 
-EVAL_COLUMNS = ["task", "optimizer", "tuned lr", "seeds", "mean log10 final loss", "95% CI (seeds)",
+EVAL_COLUMNS = ["task", "steps", "optimizer", "tuned lr", "seeds", "mean log10 final loss", "95% CI (seeds)",
                 "log10 normalised loss", "speedup vs {ref}", "time/step (ms)", "runs"]
 META_COLUMNS = ["run", "group", "task", "meta-steps", "last meta-loss", "best val log10 final loss",
                 "time/meta-step (s)", "checkpoint"]
 
 
 def _eval_cells(c: Comparison) -> list[list[str]]:
-    return [[r.task, r.optimizer, _lr(r), str(len(r.seed_values)), _fmt(r.mean), "±" + _fmt(r.ci95),
+    return [[r.task, "—" if r.steps is None else str(r.steps), r.optimizer, _lr(r), str(len(r.seed_values)), _fmt(r.mean), "±" + _fmt(r.ci95),
              _fmt(r.normalized), _fmt(r.speedup, ".2f") + ("×" if r.speedup is not None else ""),
              _fmt(None if r.time_per_step is None else 1000 * r.time_per_step, ".3g"), str(len(r.runs))]
             for r in c.rows]
@@ -584,12 +596,12 @@ def format_csv(c: Comparison) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     if c.rows:
-        fields = ["task", "optimizer", "kind", "lr", "seeds", "mean_log10_final_loss", "ci95",
+        fields = ["task", "steps", "optimizer", "kind", "lr", "seeds", "mean_log10_final_loss", "ci95",
                   "mean_log10_normalized_loss", "speedup_vs_reference", "time_per_step_s", "runs"]
         writer.writerow(fields)
         for r in c.rows:
             d = r.as_dict()
-            writer.writerow([d["task"], d["optimizer"], d["kind"], _lr(r), d["seeds"], d["mean_log10_final_loss"],
+            writer.writerow([d["task"], d["steps"], d["optimizer"], d["kind"], _lr(r), d["seeds"], d["mean_log10_final_loss"],
                              d["ci95"], d["mean_log10_normalized_loss"], d["speedup_vs_reference"],
                              d["time_per_step_s"], ";".join(d["runs"])])
     if c.meta_rows:
@@ -608,8 +620,20 @@ def format_comparison(c: Comparison, fmt: str) -> str:
     if fmt == "csv":
         return format_csv(c)
     if fmt == "json":
-        return json.dumps(c.to_json(), indent=1)
+        return json.dumps(_strict_json(c.to_json()), indent=1)
     raise ValueError(f"format must be markdown, csv or json, got {fmt!r}")
+
+
+def _strict_json(value: Any) -> Any:
+    """Standard JSON has no NaN or infinity: NaN (no interval from one seed) becomes null, an
+    infinite speedup the string ``"inf"``."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, dict):
+        return {k: _strict_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_strict_json(v) for v in value]
+    return value
 
 
 def _plt():
@@ -628,14 +652,17 @@ def _footer(fig: Any, command: str | None) -> None:
 
 
 def plot_comparison(c: Comparison, out_dir: str | os.PathLike, command: str | None = None) -> list[Path]:
-    """One PNG per task (mean log10 loss against inner step, one line per optimizer, the
-    reference dashed) and one of meta-loss and validation score against meta-step."""
+    """One PNG per task and step count (mean log10 loss against inner step, one line per
+    optimizer, the reference dashed; ``curves_<task>.png``, ``curves_<task>_<steps>.png`` where a
+    task was run for several step counts) and one of meta-loss and validation score against
+    meta-step (``meta_train.png``)."""
     plt = _plt()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for task in dict.fromkeys(r.task for r in c.rows):
-        rows = [r for r in c.rows if r.task == task and r.curve]
+    panels = list(dict.fromkeys((r.task, r.steps, r.split) for r in c.rows))
+    for task, steps, split in panels:
+        rows = [r for r in c.rows if (r.task, r.steps, r.split) == (task, steps, split) and r.curve]
         if not rows:
             continue
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
@@ -645,12 +672,15 @@ def plot_comparison(c: Comparison, out_dir: str | os.PathLike, command: str | No
             ax.plot(range(len(r.curve)), r.curve, label=label, lw=1.2 if r.lrs else 2,
                     ls="--" if r.optimizer == c.reference else "-")
         ax.set_xlabel("inner step")
-        ax.set_ylabel("mean log10 loss (held-out instances)")
+        ax.set_ylabel("mean log10 loss (held-out instances)" if rows[0].split == "test"
+                      else f"mean log10 loss ({rows[0].split} instances)")
         ax.set_title(f"{task}: speedup vs tuned {c.reference} in the legend")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         _footer(fig, command)
-        path = out / f"curves_{_slug(task)}.png"
+        several = len({st for t, st, _ in panels if t == task}) > 1
+        name = f"curves_{_slug(task)}" + (f"_{steps}" if several else "") + ("" if split == "test" else f"_{split}")
+        path = out / f"{name}.png"
         fig.savefig(path, dpi=120)
         plt.close(fig)
         written.append(path)

@@ -58,6 +58,37 @@ def test_speedup_edge_cases_diverged_and_no_progress():
         speedup([], adam)
 
 
+def _record(run_id, optimizer, seeds, seed_values, curve, steps=2, **config):
+    from learnopt.compare import RunRecord
+
+    history = [{ls.INNER_STEP: t, ls.INNER_LOSS: v} for t, v in enumerate(curve)]
+    summary = {ls.FINAL_LOG10: sum(seed_values) / len(seed_values), ls.SEED_LOG10: seed_values}
+    return RunRecord(run_id, run_id, "learnopt", "g", "evaluate", [],
+                     {"optimizer": optimizer, "task": "t", "steps": steps, "seeds": seeds, **config},
+                     summary, history)
+
+
+def test_pooling_counts_a_re_evaluated_seed_once_and_keeps_step_counts_apart():
+    from learnopt.compare import build_comparison
+
+    runs = [
+        _record("a1", "adam", [0, 1], [-1.0, -2.0], [0.0, -1.0, -1.5]),
+        _record("a2", "adam", [1, 2], [-3.0, -4.0], [0.0, -2.0, -3.5]),  # seed 1 again: replaces a1's
+        _record("a3", "adam", [1], [-5.0], [0.0, -3.0, -5.0]),  # and again: a2 keeps only seed 2
+        _record("b1", "adam", [0], [-9.0], [0.0, -5.0, -7.0, -9.0], steps=3),  # another horizon: its own row
+    ]
+    rows = {(r.optimizer, r.steps): r for r in build_comparison(runs).rows}
+    row = rows[("adam", 2)]
+    assert row.seed_values == {"seed 0": -1.0, "seed 2": -4.0, "seed 1": -5.0}
+    assert row.mean == pytest.approx(-10.0 / 3)
+    # the curve weighs each run by the seeds it still provides: a1 one, a2 one, a3 one
+    assert row.curve == pytest.approx([0.0, -2.0, -10.0 / 3])
+    assert rows[("adam", 3)].seed_values == {"seed 0": -9.0} and rows[("adam", 3)].speedup == 1.0
+    # a run whose seeds were all re-evaluated later adds nothing
+    rows = build_comparison(runs[:1] + [_record("a4", "adam", [0, 1], [-7.0, -8.0], [0.0, -4.0, -7.5])]).rows
+    assert rows[0].runs == ["a4"] and rows[0].curve == pytest.approx([0.0, -4.0, -7.5])
+
+
 # --------------------------------------------------------------------------- reading offline runs
 
 
@@ -257,6 +288,9 @@ def test_compare_filters_by_tag_task_and_job_type(experiment, capsys):
     out = json.loads(_compare(experiment, "--tag", "learned", "--format", "json", "--out_dir", "f1", capsys=capsys))
     assert {r["optimizer"] for r in out["evaluation"]} == {"learned_optimizer", "sgd", "adam"}
     assert all(r["seeds"] == 3 for r in out["evaluation"])  # ev2 carries no "learned" tag
+    text = _compare(experiment, "--group", "ev2", "--format", "json", "--out_dir", "f4", capsys=capsys)
+    out = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
+    assert all(r["seeds"] == 1 and r["ci95"] is None for r in out["evaluation"])  # one seed: no interval
     out = json.loads(_compare(experiment, "--job_type", "meta-train", "--format", "json", "--out_dir", "f2",
                               capsys=capsys))
     assert out["evaluation"] == [] and len(out["meta_train"]) == 1
