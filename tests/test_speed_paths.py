@@ -72,6 +72,21 @@ def test_fused_cell_matches_nn_lstm_cell_values_and_gradients():
     assert torch.autograd.gradcheck(FusedLSTMCell.apply, (x, h, c, w, b))
 
 
+def test_inplace_update_sees_weights_changed_in_place():
+    # update_ caches its fused weights; a weight changed in place (meta-training, load_state_dict) must show
+    lopt = _lstm(torch.float64, hidden_size=4)
+    params = {"w": torch.zeros(6, dtype=torch.float64)}
+    grads = {"w": torch.linspace(-1, 1, 6, dtype=torch.float64)}
+    lopt.update_(grads, lopt.init(params), params)
+    with torch.no_grad():
+        lopt.cells[0].weight_hh.mul_(0.5)
+        lopt.output.bias.add_(1.0)
+    fast = lopt.update_(grads, lopt.init(params), params)
+    with torch.no_grad():
+        expected, _ = lopt.update(grads, lopt.init(params), params)
+    torch.testing.assert_close(fast["w"], expected["w"], rtol=1e-12, atol=1e-14)
+
+
 def test_inplace_update_rejects_a_state_of_another_size():
     lopt = _lstm(torch.float32, hidden_size=4)
     state = lopt.init({"w": torch.zeros(5)})

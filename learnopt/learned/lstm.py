@@ -189,9 +189,7 @@ class CoordinatewiseLSTM(LearnedOptimizer):
         n, hidden = flat.shape[0], self.hidden_size
         if state.h.shape[1] != n:
             raise ValueError(f"CoordinatewiseLSTM: state is for {state.h.shape[1]} coordinates, gradients have {n}")
-        fused = self._fused_weights()
-        out_w = self.output.weight.t().mul(self.output_scale)
-        out_b = self.output.bias.mul(self.output_scale)
+        fused, out_w, out_b = self._inference_weights()
         step = torch.empty(n, 1, device=flat.device, dtype=self.dtype)
         rows = min(block_rows, n)
         width = max(w.shape[0] for w, _ in fused)
@@ -239,6 +237,19 @@ class CoordinatewiseLSTM(LearnedOptimizer):
         torch.where(big, torch.log(g.abs().clamp_min(threshold)).div_(p), minus_one, out=first)
         torch.where(big, torch.sign(g), g * math.exp(p), out=second)
         return out[:, :2]
+
+    def _inference_weights(self) -> tuple[list[tuple[Tensor, Tensor]], Tensor, Tensor]:
+        """``_fused_weights()`` and the output layer (scale folded in) for ``update_``, cached
+        until a weight changes (tensor versions), so a drop-in step on a small model does not
+        rebuild them every time."""
+        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in self.parameters())
+        cached = getattr(self, "_inference_cache", None)
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                weights = (self._fused_weights(), self.output.weight.t().mul(self.output_scale),
+                           self.output.bias.mul(self.output_scale))
+            self._inference_cache = (key, weights)
+        return self._inference_cache[1]
 
     def _fused_weights(self) -> list[tuple[Tensor, Tensor]]:
         """Per layer ``(W, b)`` with ``[x, h] @ W + b`` the gate pre-activations in the order
