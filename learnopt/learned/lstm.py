@@ -157,8 +157,11 @@ class CoordinatewiseLSTM(LearnedOptimizer):
             )
         x = self._inputs(flat)
         hs, cs = [], []
+        # unbind, not state.h[layer]: its backward is one stack, where each index's backward
+        # would fill a zero tensor of the whole state
+        h_in, c_in = state.h.unbind(0), state.c.unbind(0)
         for layer, (w, b) in enumerate(self._fused_weights()):
-            h, c = fused_lstm_cell(x, state.h[layer], state.c[layer], w, b)
+            h, c = fused_lstm_cell(x, h_in[layer], c_in[layer], w, b)
             hs.append(h)
             cs.append(c)
             x = h
