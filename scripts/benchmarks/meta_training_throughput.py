@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import learnopt  # noqa: E402
-from common import ROOT, interleaved, machine, markdown_table, write_json  # noqa: E402
+from common import ROOT, interleaved, keep_freed_memory, machine, markdown_table, write_json  # noqa: E402
 from learnopt.learned.preprocess import log_and_sign  # noqa: E402
 from learnopt.meta import TruncatedBPTT  # noqa: E402
 from learnopt.meta.es import copy_generator  # noqa: E402
@@ -204,12 +204,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile contender")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--problems", nargs="+", default=list(PROBLEMS), choices=list(PROBLEMS))
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="tune glibc malloc to reuse freed memory (common.keep_freed_memory), for every contender")
     parser.add_argument("--out", default="meta_training_throughput")
     args = parser.parse_args(argv)
+    tuned = keep_freed_memory() if args.keep_freed_memory else False
     results = {"machine": machine(), "command": "OMP_NUM_THREADS=%s .venv/bin/python %s" % (
         torch.get_num_threads(), " ".join(["scripts/benchmarks/meta_training_throughput.py", *(argv or sys.argv[1:])])),
-        "problems": []}
-    for name, spec in PROBLEMS.items():
+        "problems": [], "keep_freed_memory": tuned}
+    for name in args.problems:
+        spec = PROBLEMS[name]
         results["problems"].append(run_problem(name, spec, args.unroll_length, args.repeats, not args.no_compile,
                                                args.device))
     rows = []
