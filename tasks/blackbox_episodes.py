@@ -127,7 +127,7 @@ class GPProposerEpisodes:
                     eis.append(expected_improvement(mean, torch.diagonal(cov, dim1=-2, dim2=-1), best))
                 return functions.query(x)
 
-        _, ys = model.rollout(objective, num_episodes, self.horizon)
+        _, ys = model.rollout(objective, num_episodes, self.horizon, generator=generator)
         if self.loss == "sum":
             loss = sum_loss(ys)
         elif self.loss == "oi":
@@ -147,5 +147,5 @@ class GPProposerEpisodes:
         """Median normalised regret at the horizon on the fixed validation functions."""
         self._check(model)
         val = self.validation_set()
-        _, ys = model.rollout(val, self.val_functions, self.horizon)
+        _, ys = model.rollout(val, self.val_functions, self.horizon, generator=seeded_generator("val-noise", self.seed))
         return float(val.normalized_regret(ys.min(1).values).median())

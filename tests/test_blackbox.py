@@ -306,3 +306,24 @@ def test_parallel_proposer_session_hands_out_a_step_per_q_asks():
     s.tell(a, 0.5)
     c = s.ask()
     assert len(s._groups) == 2 and c.shape == (2,)
+
+
+def test_exploring_proposer_is_reproducible_and_contains_random_search():
+    torch.manual_seed(0)
+    p = RNNProposer(dim=2, hidden_size=16, explore=True)
+    branin = BENCHMARKS["branin"]
+    res = p.minimize(branin_fun, [(-5, 10), (0, 15)], budget=8, seed=3)
+    with torch.no_grad():
+        xs, _ = p.rollout(lambda u: branin(branin.from_unit(u.double())), 1, 8, generator=torch.Generator().manual_seed(3))
+    np.testing.assert_allclose(res.xs, branin.from_unit(xs.double())[0].numpy(), rtol=1e-6)
+    other = p.minimize(branin_fun, [(-5, 10), (0, 15)], budget=8, seed=4)
+    assert not np.allclose(other.xs, res.xs)
+    # gate fully open: the queries are exactly the uniform draws, i.e. random search
+    with torch.no_grad():
+        p.gate.bias.fill_(1e4)
+        xs, _ = p.rollout(lambda u: u.sum(-1), 5, 4, generator=torch.Generator().manual_seed(1))
+    g = torch.Generator().manual_seed(1)
+    expected = torch.cat([torch.rand((5, 1, 2), generator=g) for _ in range(4)], 1)
+    torch.testing.assert_close(xs, expected)
+    with pytest.raises(ValueError, match="noise"):
+        p.step(p.start_input(1), p.initial_state(1))

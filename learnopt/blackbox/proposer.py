@@ -23,6 +23,13 @@ Beside ``(x, y)`` the proposer reads the standardised best value so far and the 
 found it, summaries the paper's RNN would otherwise have to carry in its state (our addition:
 with them, refining around the incumbent is a short step for the network).
 
+``explore=True`` (our extension) makes the proposer stochastic in a reparameterised way: each
+query is ``x = g·u + (1 − g)·m`` with ``u ~ U[0, 1]^D`` drawn fresh, ``m`` the network's
+proposal and the gate ``g = σ(·)`` computed from the state, so random search is one setting of
+the weights and the network learns when to explore and when to exploit. The draws come from a
+generator (``rollout(..., generator=)``, the session's ``seed``), so runs are reproducible and
+meta-training differentiates through ``g`` and ``m`` as usual.
+
 ``num_queries`` (q) > 1 gives the parallel proposer: each step emits q queries, evaluated
 together, and reads the q results at the next step.
 """
@@ -93,7 +100,8 @@ class RNNProposer(nn.Module):
 
     kind = "blackbox_proposer"
 
-    def __init__(self, dim: int = 2, hidden_size: int = 64, num_layers: int = 2, num_queries: int = 1) -> None:
+    def __init__(self, dim: int = 2, hidden_size: int = 64, num_layers: int = 2, num_queries: int = 1,
+                 explore: bool = False) -> None:
         super().__init__()
         if dim < 1 or hidden_size < 1 or num_layers < 1 or num_queries < 1:
             raise ValueError(f"RNNProposer: dim, hidden_size, num_layers and num_queries must be >= 1, got "
@@ -102,14 +110,16 @@ class RNNProposer(nn.Module):
         self.input_size = num_queries * (dim + 2) + dim + 1  # per query x, y, best y; best x; start flag
         sizes = [self.input_size] + [hidden_size] * num_layers
         self.cells = nn.ModuleList(nn.LSTMCell(sizes[i], hidden_size) for i in range(num_layers))
+        self.explore = bool(explore)
         self.head = nn.Linear(hidden_size, num_queries * dim)
+        self.gate = nn.Linear(hidden_size, num_queries) if self.explore else None
         with torch.no_grad():
             # Start queries spread over the box rather than all at its centre.
             self.head.weight.mul_(3.0)
 
     def config(self) -> dict[str, Any]:
         return {"dim": self.dim, "hidden_size": self.hidden_size, "num_layers": self.num_layers,
-                "num_queries": self.num_queries}
+                "num_queries": self.num_queries, "explore": self.explore}
 
     @property
     def device(self) -> torch.device:
@@ -138,23 +148,40 @@ class RNNProposer(nn.Module):
         parts = [per_query.reshape(n, -1), 2 * best_x.to(x.dtype) - 1, x.new_zeros(n, 1)]
         return torch.cat(parts, dim=-1).to(self.dtype)
 
-    def step(self, inp: Tensor, state: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
-        """The next queries ``[n, q, D]`` in the open unit box, and the new state."""
+    def step(self, inp: Tensor, state: list[tuple[Tensor, Tensor]], noise: Tensor | None = None
+             ) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
+        """The next queries ``[n, q, D]`` in the unit box, and the new state. ``noise``
+        (``[n, q, D]`` uniform draws) is required when ``explore`` is on."""
         new_state, h = [], inp
         for cell, (h_prev, c_prev) in zip(self.cells, state):
             h, c = cell(h, (h_prev, c_prev))
             new_state.append((h, c))
         x = torch.sigmoid(self.head(h)).view(inp.shape[0], self.num_queries, self.dim)
+        if self.explore:
+            if noise is None:
+                raise ValueError("RNNProposer.step: an exploring proposer needs noise [n, q, D]")
+            g = torch.sigmoid(self.gate(h))[..., None]
+            x = g * noise.to(x) + (1 - g) * x
         return x, new_state
 
+    def draw_noise(self, num_instances: int, generator: torch.Generator | None) -> Tensor | None:
+        """The uniform draws of one step (None unless ``explore``), from ``generator``."""
+        if not self.explore:
+            return None
+        dev = generator.device if generator is not None else torch.device("cpu")
+        u = torch.rand((num_instances, self.num_queries, self.dim), generator=generator, device=dev)
+        return u.to(device=self.device, dtype=self.dtype)
+
     # -- a whole run ----------------------------------------------------------------------------
-    def rollout(self, objective: Objective, num_instances: int, budget: int) -> tuple[Tensor, Tensor]:
+    def rollout(self, objective: Objective, num_instances: int, budget: int,
+                generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         """Run the proposer for ``budget`` evaluations on ``num_instances`` functions at once.
 
         ``objective(x)`` takes unit-box queries ``[n, q, D]`` and returns observations ``[n, q]``.
         Returns every query ``[n, budget, D]`` and observation ``[n, budget]`` in order. The
         run is differentiable in the proposer's parameters wherever ``objective`` is
         differentiable in ``x`` (meta-training); under ``torch.no_grad`` it is a plain run.
+        ``generator`` draws the exploration noise (``explore``; default: the global generator).
         """
         if budget < 1:
             raise ValueError(f"RNNProposer.rollout: budget must be >= 1, got {budget}")
@@ -163,7 +190,7 @@ class RNNProposer(nn.Module):
         stats: RunningStandardizer | None = None
         xs, ys, done = [], [], 0
         while done < budget:
-            x, state = self.step(inp, state)
+            x, state = self.step(inp, state, self.draw_noise(num_instances, generator))
             take = min(self.num_queries, budget - done)
             y = objective(x[:, :take])
             if y.shape != (num_instances, take):

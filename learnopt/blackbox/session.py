@@ -63,9 +63,10 @@ def as_bounds(bounds: Any, dim: int | None = None) -> Tensor:
 
 
 class AskTellSession:
-    """Ask/tell over the box ``bounds`` with a trained ``RNNProposer`` (see the module docstring)."""
+    """Ask/tell over the box ``bounds`` with a trained ``RNNProposer`` (see the module docstring).
+    ``seed`` seeds the exploration draws of an exploring proposer (``explore=True``)."""
 
-    def __init__(self, proposer: nn.Module, bounds: Any, nonfinite: str = "raise") -> None:
+    def __init__(self, proposer: nn.Module, bounds: Any, nonfinite: str = "raise", seed: int = 0) -> None:
         if nonfinite not in ("raise", "worst"):
             raise ValueError(f"nonfinite must be 'raise' or 'worst', got {nonfinite!r}")
         self.proposer = proposer
@@ -79,6 +80,8 @@ class AskTellSession:
         self._pending: dict[tuple[float, ...], int] = {}
         self._cache: tuple[int, Any, RunningStandardizer | None] | None = None  # (groups fed, state, stats)
         self.proposal_seconds = 0.0
+        # Exploration draws of an exploring proposer: one per emitted step, in order.
+        self._generator = torch.Generator().manual_seed(seed)
 
     # -- asking ---------------------------------------------------------------------------------
     def ask(self) -> np.ndarray:
@@ -101,7 +104,7 @@ class AskTellSession:
         k = len(self._groups)
         if self._cache is None:
             state = p.initial_state(1)
-            x, state = p.step(p.start_input(1), state)
+            x, state = p.step(p.start_input(1), state, p.draw_noise(1, self._generator))
             self._cache = (0, state, None)
         else:
             x = None
@@ -117,7 +120,10 @@ class AskTellSession:
             y_std, best_std = stats.update(y, xg)
             inp = p.observation_input(xg.to(p.device), y_std.to(p.device), best_std.to(p.device),
                                       stats.best_x.to(p.device))
-            x, state = p.step(inp, state)
+            # Only the last step's queries are new; replayed steps' outputs are not used.
+            noise = p.draw_noise(1, self._generator) if j == k - 1 else (
+                None if not p.explore else torch.zeros(1, p.num_queries, p.dim, dtype=p.dtype, device=p.device))
+            x, state = p.step(inp, state, noise)
             clean = clean and all(self._ys[i] is not None for i in group)
             if clean:
                 self._cache = (j + 1, state, stats)
@@ -180,7 +186,7 @@ class AskTellSession:
 
 
 def minimize(fun: Callable[[np.ndarray], float], bounds: Any, budget: int, proposer: Any,
-             nonfinite: str = "raise") -> OptimizeResult:
+             nonfinite: str = "raise", seed: int = 0) -> OptimizeResult:
     """Minimise ``fun`` (a float64 array in the box → a number) over ``bounds`` with ``budget``
     evaluations proposed by ``proposer`` (an ``RNNProposer`` or the path of its checkpoint).
 
@@ -193,7 +199,7 @@ def minimize(fun: Callable[[np.ndarray], float], bounds: Any, budget: int, propo
         proposer = load(proposer)
     if budget < 1:
         raise ValueError(f"minimize: budget must be >= 1, got {budget}")
-    session = AskTellSession(proposer, bounds, nonfinite=nonfinite)
+    session = AskTellSession(proposer, bounds, nonfinite=nonfinite, seed=seed)
     for _ in range(budget):
         x = session.ask()
         session.tell(x, fun(x))
