@@ -36,7 +36,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
-from learnopt.meta.base import GradientEstimate, GradientEstimator, UnrollState, meta_weights
+from learnopt.meta.base import GradientEstimate, GradientEstimator, UnrollState, meta_weights, task_stream
 from learnopt.task import seeded_generator
 
 
@@ -67,7 +67,8 @@ class _EpisodicEstimator(GradientEstimator):
         self.horizon = int(getattr(family, "horizon", 1))
 
     def init_unroll(self, lopt: nn.Module, episode: int = 0) -> UnrollState:
-        generator = seeded_generator(self.split, self.seed, episode)
+        # Under DDP each rank draws its own episodes (rank 0: the single-process stream).
+        generator = task_stream(self.split, self.seed, episode, self.rank)
         return UnrollState(task=None, params={}, opt_state=(), step=0, episode=episode, generator=generator)
 
     def _next(self, state: UnrollState) -> UnrollState:
@@ -128,7 +129,8 @@ class EpisodicES(_EpisodicEstimator):
     def estimate(self, lopt: nn.Module, state: UnrollState | None = None) -> GradientEstimate:
         state = state if state is not None else self.init_unroll(lopt, 0)
         names, weights = meta_weights(lopt)
-        noise = seeded_generator("es-noise", self.split, self.seed, state.episode)
+        keys = ("es-noise", self.split, self.seed, state.episode) + (("rank", self.rank) if self.rank else ())
+        noise = seeded_generator(*keys)  # ranks > 0 of a DDP run: their own episodes and perturbations
         grads = [torch.zeros_like(w) for w in weights]
         losses = []
         for _ in range(self.num_pairs):
