@@ -121,11 +121,10 @@ def run_problem(name: str, problem, dim: int, horizon: int, proposer, true_ls, a
     return curves
 
 
-def time_per_proposal(dim: int, horizon: int, proposer) -> dict[str, float]:
+def time_per_proposal(dim: int, horizon: int, proposer, prior: tuple[float, float]) -> dict[str, float]:
     """Seconds per proposal at the horizon (the last proposal of a run of ``horizon``), one
     problem at a time, every method in this one process."""
-    fam = GPFunctionFamily(dim, (0.1, 0.5))
-    problem = held_out_gp(fam, 1, "timing", 0)
+    problem = held_out_gp(GPFunctionFamily(dim, prior), 1, "timing", 0)
     f = single(problem, 0)
     out = {}
     session = proposer.ask_tell([(0.0, 1.0)] * dim)
@@ -194,15 +193,16 @@ def fmt(v: float) -> str:
     return f"{v:.4f}" if abs(v) >= 1e-3 or v == 0 else f"{v:.1e}"
 
 
-def write_readme(out: Path, results: dict, tables: dict, timings: dict, horizons: dict, args, command: str,
-                 seconds: float) -> None:
+def write_readme(out: Path, results: dict, tables: dict, timings: dict, horizons: dict, priors: dict, args,
+                 command: str, seconds: float) -> None:
     lines = ["# Black-box proposers: benchmark", "",
              f"Written by `{command}` in {seconds / 60:.1f} min on {platform.processor() or platform.machine()} "
              f"({torch.get_num_threads()} torch threads), torch {torch.__version__}.", "",
              "Normalised regret = (best so far − minimum) / (median of f over the box − minimum); "
              "0 is the minimum, 1 a typical point. Each problem runs for the training horizon of the "
-             "proposer of its dimension. Held-out GP functions: RFF samples of the training prior "
-             "(SE kernel, lengthscales U[0.1, 0.5]) from a seed stream never used in meta-training; "
+             "proposer of its dimension. Held-out GP functions: RFF samples of the proposer's training prior "
+             f"(SE kernel, lengthscales U{list(priors.values())} for D = 2, 3, 6) from a seed stream never "
+             "used in meta-training; "
              "benchmarks: the published function under random symmetries of the box (run 0 as published). "
              f"optuna's GP sampler runs on the first {args.optuna_gp_runs} runs of each problem (it is slow). "
              "GP-EI with true hyperparameters exists only for the GP functions.", "",
@@ -276,14 +276,16 @@ def main() -> None:
     out = ROOT / args.out
     out.mkdir(parents=True, exist_ok=True)
     start = time.time()
-    proposers, horizons = {}, {}
+    proposers, horizons, priors = {}, {}, {}
     for dim in (2, 3, 6):
         p = learnopt.load(ROOT / args.checkpoints / f"rnn_proposer_d{dim}.pt")
         proposers[dim] = p
-        horizons[f"gp{dim}"] = p.checkpoint_metadata["config"]["model"]["task_family"]["init_args"]["horizon"]
+        family_args = p.checkpoint_metadata["config"]["model"]["task_family"]["init_args"]
+        horizons[f"gp{dim}"] = family_args["horizon"]
+        priors[dim] = tuple(family_args.get("lengthscale_range", (0.1, 0.5)))
     problems = []
     for dim in (2, 3, 6):
-        fam = GPFunctionFamily(dim, (0.1, 0.5))
+        fam = GPFunctionFamily(dim, priors[dim])  # held-out functions from the training prior
         problems.append((f"gp{dim}", dim, lambda fam=fam: held_out_gp(fam, args.functions, "test", 0), True))
     for bname in ("branin", "goldstein_price", "hartmann3", "hartmann6"):
         b = BENCHMARKS[bname]
@@ -301,13 +303,13 @@ def main() -> None:
             tables[name] = summarize(curves)
         for dim in (2, 3, 6):
             bar.set_postfix_str(f"timing D={dim}")
-            timings[dim] = time_per_proposal(dim, horizons[f"gp{dim}"], proposers[dim])
+            timings[dim] = time_per_proposal(dim, horizons[f"gp{dim}"], proposers[dim], priors[dim])
             bar.update()
     seconds = time.time() - start
     (out / "results.json").write_text(json.dumps({"command": command, "horizons": horizons, "tables": tables,
                                                  "seconds_per_proposal": timings, "curves": results}))
     plot(results, horizons, out / "regret.png", command)
-    write_readme(out, results, tables, timings, horizons, args, command, seconds)
+    write_readme(out, results, tables, timings, horizons, priors, args, command, seconds)
     if not args.no_wandb:
         log_to_wandb(results, tables, timings, horizons, command)
     print((out / "README.md").read_text())
