@@ -245,3 +245,31 @@ def test_evaluation_helpers_against_closed_forms():
     y = (x[..., 0] > 0).long()
     best, scores = tune_learning_rate(lambda lr: OnlineLinear("sgd", lr=lr), [0.0, 1.0], [(x, y, 2)])
     assert best == 1.0 and scores[1.0] > scores[0.0]
+
+
+def test_committed_sgd_clone_learns_digits_like_sgd_forward_only():
+    """The shipped clone, run forward only on the first 400 digits (pixels/16, 10 classes),
+    predicts online about as well as real SGD at the rate it was cloned from (0.05)."""
+    from learnopt.vsml.evaluate import online_correct
+    from tasks.online import dataset_arrays
+
+    clone = learnopt.load("checkpoints/vsml_sgd_clone.pt")
+    assert isinstance(clone, VSMLNetwork) and clone.checkpoint_metadata["task_family"]["init_args"]["lr"] == 0.1
+    x, y = dataset_arrays("digits", "all", standardize=False)
+    x, y = x[:400], y[:400]
+    clone_acc = float((clone.online(x, y) == y).float().mean())
+    sgd_acc = float(online_correct(OnlineLinear("sgd", lr=0.05, bias=False), [(x[None], y[None], 10)]).mean())
+    assert clone_acc > 0.5 and abs(clone_acc - sgd_acc) < 0.05
+
+
+def test_committed_meta_learner_learns_new_sizes_online():
+    """The shipped meta-learned VSML (meta-trained on 16 projected features, 2–5 classes)
+    learns sklearn's wine data (13 raw features, 3 classes, never seen) online."""
+    from tasks.online import dataset_arrays
+
+    meta = learnopt.load("checkpoints/vsml_meta.pt")
+    x, y = dataset_arrays("wine", "all")
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+    predictions = meta.online(x[order], y[order])
+    assert predictions.shape == y.shape
+    assert float((predictions == y[order]).float().mean()) > 0.8  # chance: 0.40 (largest class)
