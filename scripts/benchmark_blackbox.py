@@ -196,7 +196,8 @@ def fmt(v: float) -> str:
 def write_readme(out: Path, results: dict, tables: dict, timings: dict, horizons: dict, priors: dict, args,
                  command: str, seconds: float) -> None:
     lines = ["# Black-box proposers: benchmark", "",
-             f"Written by `{command}` in {seconds / 60:.1f} min on {platform.processor() or platform.machine()} "
+             f"Written by `{command}` (the last command took {seconds / 60:.1f} min) on "
+             f"{platform.processor() or platform.machine()} "
              f"({torch.get_num_threads()} torch threads), torch {torch.__version__}.", "",
              "Normalised regret = (best so far − minimum) / (median of f over the box − minimum); "
              "0 is the minimum, 1 a typical point. Each problem runs for the training horizon of the "
@@ -268,6 +269,9 @@ def main() -> None:
     parser.add_argument("--checkpoints", default="checkpoints")
     parser.add_argument("--quick", action="store_true", help="smoke run: 4 functions/runs")
     parser.add_argument("--no-wandb", action="store_true", help="do not log the runs to W&B (offline by default)")
+    parser.add_argument("--dims", default="2,3,6",
+                        help="re-run only the problems of these dimensions (e.g. 6 after retraining "
+                             "rnn_proposer_d6.pt) and keep the others from the existing results.json")
     args = parser.parse_args()
     if args.quick:
         args.functions = args.runs = args.optuna_gp_runs = 4
@@ -292,26 +296,43 @@ def main() -> None:
         problems.append((bname, b.dim, lambda b=b: SymmetricBenchmark(b, args.runs, 0), False))
     for name, dim, _, _ in problems:
         horizons[name] = horizons[f"gp{dim}"]
+    dims = sorted(int(d) for d in args.dims.split(","))
     results, tables, timings = {}, {}, {}
-    with tqdm(total=len(problems) * 7 + 3, desc="benchmark", unit="method") as bar:
-        for name, dim, make, is_gp in problems:
+    previous = out / "results.json"
+    if dims != [2, 3, 6]:
+        if not previous.is_file():
+            raise SystemExit(f"--dims {args.dims}: no earlier {previous} to keep the other problems from")
+        old = json.loads(previous.read_text())
+        keep = [name for name, dim, _, _ in problems if dim not in dims]
+        results = {name: old["curves"][name] for name in keep}
+        tables = {name: old["tables"][name] for name in keep}
+        timings = {int(d): t for d, t in old["seconds_per_proposal"].items() if int(d) not in dims}
+        command = old["command"] + f"; then {command}"
+    todo = [p for p in problems if p[1] in dims]
+    with tqdm(total=len(todo) * 7 + len(dims), desc="benchmark", unit="method") as bar:
+        for name, dim, make, is_gp in todo:
             bar.set_postfix_str(name)
             problem = make()
             true_ls = problem.functions.lengthscales if is_gp else None
             curves = run_problem(name, problem, dim, horizons[name], proposers[dim], true_ls, args, bar)
             results[name] = {m: c.tolist() for m, c in curves.items()}
             tables[name] = summarize(curves)
-        for dim in (2, 3, 6):
+        for dim in dims:
             bar.set_postfix_str(f"timing D={dim}")
             timings[dim] = time_per_proposal(dim, horizons[f"gp{dim}"], proposers[dim], priors[dim])
             bar.update()
     seconds = time.time() - start
+    order = [name for name, _, _, _ in problems]
+    results = {name: results[name] for name in order}
+    tables = {name: tables[name] for name in order}
+    timings = {d: timings[d] for d in (2, 3, 6)}
     (out / "results.json").write_text(json.dumps({"command": command, "horizons": horizons, "tables": tables,
                                                  "seconds_per_proposal": timings, "curves": results}))
     plot(results, horizons, out / "regret.png", command)
     write_readme(out, results, tables, timings, horizons, priors, args, command, seconds)
     if not args.no_wandb:
-        log_to_wandb(results, tables, timings, horizons, command)
+        fresh = {name for name, dim, _, _ in todo}
+        log_to_wandb({k: v for k, v in results.items() if k in fresh}, tables, timings, horizons, command)
     print((out / "README.md").read_text())
 
 
