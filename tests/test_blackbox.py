@@ -327,3 +327,23 @@ def test_exploring_proposer_is_reproducible_and_contains_random_search():
     torch.testing.assert_close(xs, expected)
     with pytest.raises(ValueError, match="noise"):
         p.step(p.start_input(1), p.initial_state(1))
+
+
+@pytest.mark.parametrize("dim", [2, 3, 6])
+def test_committed_proposers_load_and_beat_random_search(dim):
+    path = ROOT / f"checkpoints/rnn_proposer_d{dim}.pt"
+    p = learnopt.load(path)
+    assert isinstance(p, RNNProposer) and p.dim == dim
+    family = p.checkpoint_metadata["config"]["model"]["task_family"]["init_args"]
+    # the checkpoint was trained by its committed config
+    import yaml
+
+    config = yaml.safe_load((ROOT / f"configs/rnn_proposer_d{dim}.yaml").read_text())
+    assert config["model"]["task_family"]["init_args"] == {k: family[k] for k in config["model"]["task_family"]["init_args"]}
+    assert config["model"]["learned_optimizer"]["init_args"] == p.config()
+    horizon = family["horizon"]
+    ho = held_out_gp(GPFunctionFamily(dim, tuple(family["lengthscale_range"])), 64, "test-unit", 1)
+    with torch.no_grad():
+        _, ys = p.rollout(ho, 64, horizon)
+    _, ys_rs, _ = random_search(ho, 64, dim, horizon, torch.Generator().manual_seed(0))
+    assert ho.normalized_regret(ys.min(1).values).median() < ho.normalized_regret(ys_rs.min(1).values).median()
