@@ -83,6 +83,20 @@ def meta_weights(lopt: nn.Module) -> tuple[list[str], list[Tensor]]:
     return [n for n, _ in named], [p for _, p in named]
 
 
+def guarded_meta_grads(meta_loss: Tensor, weights: list[Tensor]) -> tuple[list[Tensor], bool]:
+    """``∂ meta_loss / ∂ weights`` (zeros for weights the loss does not reach) and whether the
+    loss and every gradient are finite; when not, the gradients are all zeros, so a caller can
+    skip the update without NaNs reaching the meta-parameters."""
+    finite = bool(torch.isfinite(meta_loss))
+    if finite:
+        grads = torch.autograd.grad(meta_loss, weights, allow_unused=True)
+        grads = [torch.zeros_like(w) if g is None else g for g, w in zip(grads, weights)]
+        finite = all(bool(torch.isfinite(g).all()) for g in grads)
+    if not finite:
+        grads = [torch.zeros_like(w) for w in weights]
+    return grads, finite
+
+
 def cpu_leaves(tree: Any) -> list[Tensor]:
     return [x.detach().cpu() for x in tree_leaves(tree)]
 

@@ -36,7 +36,14 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
-from learnopt.meta.base import GradientEstimate, GradientEstimator, UnrollState, meta_weights, task_stream
+from learnopt.meta.base import (
+    GradientEstimate,
+    GradientEstimator,
+    UnrollState,
+    guarded_meta_grads,
+    meta_weights,
+    task_stream,
+)
 from learnopt.task import seeded_generator
 
 
@@ -88,13 +95,7 @@ class EpisodicBPTT(_EpisodicEstimator):
         state = state if state is not None else self.init_unroll(lopt, 0)
         names, weights = meta_weights(lopt)
         loss, metrics = self.task_family.meta_loss(lopt, self.num_tasks, state.generator)
-        finite = bool(torch.isfinite(loss))
-        if finite:
-            grads = torch.autograd.grad(loss, weights, allow_unused=True)
-            grads = [torch.zeros_like(w) if g is None else g for w, g in zip(weights, grads)]
-            finite = all(bool(torch.isfinite(g).all()) for g in grads)
-        if not finite:
-            grads = [torch.zeros_like(w) for w in weights]
+        grads, finite = guarded_meta_grads(loss, weights)
         metrics = dict(metrics)
         metrics["nonfinite"] = 0.0 if finite else 1.0
         return GradientEstimate(loss.detach(), dict(zip(names, grads)), self._next(state), metrics, finite)

@@ -10,7 +10,14 @@ from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 from torch.utils.checkpoint import checkpoint
 
-from learnopt.meta.base import GradientEstimate, GradientEstimator, UnrollState, meta_weights, start_unroll
+from learnopt.meta.base import (
+    GradientEstimate,
+    GradientEstimator,
+    UnrollState,
+    guarded_meta_grads,
+    meta_weights,
+    start_unroll,
+)
 from learnopt.meta.schedules import TruncationSchedule
 from learnopt.meta.unroll import inner_step
 from learnopt.optim.base import detach_state
@@ -146,14 +153,8 @@ class TruncatedBPTT(GradientEstimator):
             state = self.init_unroll(lopt)
         names, weights = meta_weights(lopt)
         meta_loss, new_state, metrics = self.unroll(lopt, state)
-        finite = bool(torch.isfinite(meta_loss))
-        grads = None
-        if finite:
-            grads = torch.autograd.grad(meta_loss, weights, allow_unused=True)
-            grads = [torch.zeros_like(w) if g is None else g for g, w in zip(grads, weights)]
-            finite = all(bool(torch.isfinite(g).all()) for g in grads)
+        grads, finite = guarded_meta_grads(meta_loss, weights)
         if not finite:
-            grads = [torch.zeros_like(w) for w in weights]
             new_state = self.init_unroll(lopt, new_state.episode + 1)
         metrics["nonfinite"] = float(not finite)
         return GradientEstimate(meta_loss.detach(), dict(zip(names, grads)), new_state, metrics, finite)
