@@ -34,29 +34,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from learnopt.blackbox.gp import robust_cholesky, se_kernel
 from learnopt.task import generator_device
-
-
-def se_kernel(x1: Tensor, x2: Tensor, lengthscales: Tensor, signal_variance: float = 1.0) -> Tensor:
-    """SE kernel matrix ``[n, a, b]`` between ``x1`` ``[n, a, d]`` and ``x2`` ``[n, b, d]``,
-    with per-instance lengthscales ``[n, d]``. Uses explicit differences (exact zero distance
-    for repeated points, well-defined gradients)."""
-    ls = lengthscales.to(x1.dtype)[:, None, None, :]
-    diff = (x1[:, :, None, :] - x2[:, None, :, :]) / ls
-    return signal_variance * torch.exp(-0.5 * (diff * diff).sum(-1))
-
-
-def _cholesky(matrix: Tensor, jitter: float, tries: int = 5) -> Tensor:
-    """Cholesky factor of a (batched) symmetric matrix; on failure adds 10× more jitter each try."""
-    matrix = 0.5 * (matrix + matrix.transpose(-1, -2))
-    eye = torch.eye(matrix.shape[-1], dtype=matrix.dtype, device=matrix.device)
-    extra = 0.0
-    for _ in range(tries):
-        L, info = torch.linalg.cholesky_ex(matrix + extra * eye)
-        if not bool((info > 0).any()):
-            return L
-        extra = jitter if extra == 0.0 else 10.0 * extra
-    raise RuntimeError(f"Cholesky failed even with added jitter {extra:g}; the queried points may be degenerate")
 
 
 def _check_x(x: Tensor, n: int, dim: int, who: str) -> None:
@@ -130,7 +109,7 @@ class LazyGPSample:
         cov = k_xx + (self.noise + self.jitter * self.signal_variance) * eye
         if A is not None:
             cov = cov - A.transpose(-1, -2) @ A
-        L_c = _cholesky(cov, self.jitter * self.signal_variance)
+        L_c = robust_cholesky(cov, self.jitter * self.signal_variance)
         z = torch.randn((n, q, 1), generator=self.generator, dtype=x.dtype, device=generator_device(self.generator))
         y = mean + (L_c @ z.to(x.device)).squeeze(-1)
         if self.X is None:

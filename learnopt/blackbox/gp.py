@@ -21,10 +21,28 @@ from torch import Tensor
 from learnopt.blackbox.losses import expected_improvement
 
 
-def se_kernel(x1: Tensor, x2: Tensor, lengthscales: Tensor, signal_variance: Tensor) -> Tensor:
-    """``[n, a, b]`` ARD SE kernel; ``lengthscales`` ``[n, D]``, ``signal_variance`` ``[n]``."""
-    diff = (x1[:, :, None, :] - x2[:, None, :, :]) / lengthscales[:, None, None, :]
-    return signal_variance[:, None, None] * torch.exp(-0.5 * (diff * diff).sum(-1))
+def se_kernel(x1: Tensor, x2: Tensor, lengthscales: Tensor, signal_variance: float | Tensor = 1.0) -> Tensor:
+    """ARD SE kernel matrix ``[n, a, b]`` between ``x1`` ``[n, a, D]`` and ``x2`` ``[n, b, D]``,
+    with per-instance lengthscales ``[n, D]`` and signal variance (a number or ``[n]``). Uses
+    explicit differences (exact zero distance for repeated points, well-defined gradients)."""
+    diff = (x1[:, :, None, :] - x2[:, None, :, :]) / lengthscales.to(x1.dtype)[:, None, None, :]
+    if isinstance(signal_variance, Tensor):
+        signal_variance = signal_variance[:, None, None]
+    return signal_variance * torch.exp(-0.5 * (diff * diff).sum(-1))
+
+
+def robust_cholesky(matrix: Tensor, jitter: float, tries: int = 5) -> Tensor:
+    """Cholesky factor of a (batched) symmetric matrix; on failure adds ``jitter`` to the
+    diagonal, then 10× more each further try."""
+    matrix = 0.5 * (matrix + matrix.transpose(-1, -2))
+    eye = torch.eye(matrix.shape[-1], dtype=matrix.dtype, device=matrix.device)
+    extra = 0.0
+    for _ in range(tries):
+        L, info = torch.linalg.cholesky_ex(matrix + extra * eye)
+        if not bool((info > 0).any()):
+            return L
+        extra = jitter if extra == 0.0 else 10.0 * extra
+    raise RuntimeError(f"Cholesky failed even with added jitter {extra:g}; the points may be degenerate")
 
 
 @dataclass
@@ -43,7 +61,7 @@ class GPPosterior:
         K = se_kernel(X, X, hp.lengthscales, hp.signal_variance)
         eye = torch.eye(t, dtype=X.dtype, device=X.device)
         K = K + (hp.noise + jitter * hp.signal_variance)[:, None, None] * eye
-        self.L = _robust_cholesky(K)
+        self.L = robust_cholesky(K, 1e-8, tries=6)
         self.alpha = torch.cholesky_solve(Y.unsqueeze(-1), self.L)  # K⁻¹ y
 
     def predict(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -53,17 +71,6 @@ class GPPosterior:
         v = torch.linalg.solve_triangular(self.L, k, upper=False)
         var = self.hp.signal_variance[:, None] - (v * v).sum(1)
         return mean, var.clamp_min(1e-12)
-
-
-def _robust_cholesky(K: Tensor) -> Tensor:
-    eye = torch.eye(K.shape[-1], dtype=K.dtype, device=K.device)
-    extra = 0.0
-    for _ in range(6):
-        L, info = torch.linalg.cholesky_ex(K + extra * eye)
-        if not bool((info > 0).any()):
-            return L
-        extra = 1e-8 if extra == 0.0 else 10 * extra
-    raise RuntimeError("GP Cholesky failed even with jitter; observations may be degenerate")
 
 
 def log_marginal_likelihood(X: Tensor, Y: Tensor, hp: GPHyperparameters) -> Tensor:
