@@ -39,7 +39,7 @@ from learnopt.blackbox.baselines import gp_ei, optuna_minimize, random_search  #
 from learnopt.blackbox.gp import GPHyperparameters  # noqa: E402
 from learnopt.task import seeded_generator  # noqa: E402
 from tasks.blackbox_benchmarks import BENCHMARKS  # noqa: E402
-from tasks.blackbox_episodes import held_out_gp  # noqa: E402
+from tasks.blackbox_episodes import held_out_gp, normalized_regret  # noqa: E402
 from tasks.gp_functions import GPFunctionFamily  # noqa: E402
 
 METHODS = ["lstm_oi", "random", "gp_ei_fixed", "gp_ei_fit", "optuna_tpe", "optuna_gp", "optuna_cmaes"]
@@ -70,8 +70,7 @@ class SymmetricBenchmark:
         return self.bench.unit(u)
 
     def normalized_regret(self, best: torch.Tensor) -> torch.Tensor:
-        shape = (-1,) + (1,) * (best.dim() - 1)
-        return (best - self.minimum.view(shape)) / (self.median - self.minimum).view(shape)
+        return normalized_regret(best, self.minimum, self.median)
 
 
 def best_so_far(ys: torch.Tensor) -> torch.Tensor:
@@ -115,8 +114,7 @@ def run_problem(name: str, problem, dim: int, horizon: int, proposer, true_ls, a
             _, y, _ = optuna_minimize(single(problem, i), dim, horizon, sampler, seed=i)
             rows.append(np.minimum.accumulate(y))
         best = torch.tensor(np.stack(rows))
-        curves[f"optuna_{sampler}"] = ((best - problem.minimum[:runs, None])
-                                       / (problem.median[:runs, None] - problem.minimum[:runs, None])).numpy()
+        curves[f"optuna_{sampler}"] = normalized_regret(best, problem.minimum[:runs], problem.median[:runs]).numpy()
         bar.update()
     return curves
 
@@ -240,14 +238,15 @@ def write_readme(out: Path, results: dict, tables: dict, timings: dict, horizons
     (out / "README.md").write_text("\n".join(lines))
 
 
-def log_to_wandb(results: dict, tables: dict, timings: dict, horizons: dict, command: str) -> None:
+def log_to_wandb(results: dict, tables: dict, timings: dict, horizons: dict, dims: dict[str, int],
+                 command: str) -> None:
     """One run per (problem, method) in the project's W&B schema (offline unless set up):
     job type ``benchmark``, group ``blackbox``; the median regret curve keyed by evaluation and
     the median/quartiles at the horizon and the time per proposal in the summary."""
     from learnopt import logging_schema as ls
 
     for name, curves in results.items():
-        dim = {"branin": 2, "goldstein_price": 2, "hartmann3": 3, "hartmann6": 6}.get(name) or int(name[2:])
+        dim = dims[name]
         for method, c in curves.items():
             run = ls.init_run("benchmark", group="blackbox", tags=["blackbox", name], name=f"blackbox/{name}/{method}",
                               config={"optimizer": method, "task": name, "kind": "blackbox", "horizon": horizons[name],
@@ -332,7 +331,9 @@ def main() -> None:
     write_readme(out, results, tables, timings, horizons, priors, args, command, seconds)
     if not args.no_wandb:
         fresh = {name for name, dim, _, _ in todo}
-        log_to_wandb({k: v for k, v in results.items() if k in fresh}, tables, timings, horizons, command)
+        problem_dims = {name: dim for name, dim, _, _ in problems}
+        log_to_wandb({k: v for k, v in results.items() if k in fresh}, tables, timings, horizons, problem_dims,
+                     command)
     print((out / "README.md").read_text())
 
 

@@ -32,6 +32,13 @@ from learnopt.task import seeded_generator
 from tasks.gp_functions import GPFunctionFamily, RFFSample
 
 
+def normalized_regret(best: Tensor, minimum: Tensor, median: Tensor) -> Tensor:
+    """``(best − minimum) / (median − minimum)`` per problem: ``best`` ``[n, ...]``, ``minimum``
+    and ``median`` ``[n]``."""
+    shape = (-1,) + (1,) * (best.dim() - 1)
+    return (best - minimum.view(shape)) / (median - minimum).view(shape)
+
+
 @dataclass
 class HeldOutGP:
     """``n`` deterministic GP-prior functions with their minimum and median estimates."""
@@ -45,8 +52,7 @@ class HeldOutGP:
 
     def normalized_regret(self, best: Tensor) -> Tensor:
         """``best`` ``[n, ...]`` → ``(best − min) / (median − min)``."""
-        shape = (-1,) + (1,) * (best.dim() - 1)
-        return (best - self.minimum.view(shape)) / (self.median - self.minimum).view(shape)
+        return normalized_regret(best, self.minimum, self.median)
 
 
 def held_out_gp(family: GPFunctionFamily, num_functions: int, split: str, seed: int = 0,
