@@ -134,14 +134,14 @@ def test_update_shapes_and_state_shape():
     state = lopt.init(grads)
     assert isinstance(state, LSTMOptimizerState)
     n = 6 + 4 + 1 + 6
-    assert state.h.shape == (2, n, 20) and state.c.shape == (2, n, 20)
+    assert state.h.shape == (2, 20, n) and state.c.shape == (2, 20, n)
     assert (state.h == 0).all() and (state.c == 0).all()
     updates, state = lopt.update(grads, state, grads)
     assert list(updates) == list(grads)
     for k in grads:
         assert updates[k].shape == grads[k].shape
         assert updates[k].dtype == DT
-    assert state.h.shape == (2, n, 20) and state.c.shape == (2, n, 20)
+    assert state.h.shape == (2, 20, n) and state.c.shape == (2, 20, n)
     # A state for another number of coordinates is refused.
     with pytest.raises(ValueError, match="coordinates"):
         lopt.update({"w": torch.zeros(3, dtype=DT)}, state)
@@ -208,8 +208,9 @@ def test_update_equals_hand_written_lstm(kw):
         expected, h, c = _manual_update(lopt, flat, h, c, lopt.preprocess_p)
         got = torch.cat([updates["a"].reshape(-1), updates["b"]])
         torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-15)
-        torch.testing.assert_close(state.h, h, rtol=1e-12, atol=1e-15)
-        torch.testing.assert_close(state.c, c, rtol=1e-12, atol=1e-15)
+        # the state is feature-major: [layers, hidden, coordinates]
+        torch.testing.assert_close(state.h, h.transpose(1, 2), rtol=1e-12, atol=1e-15)
+        torch.testing.assert_close(state.c, c.transpose(1, 2), rtol=1e-12, atol=1e-15)
     assert got.abs().max() > 0
 
 
@@ -235,7 +236,7 @@ def test_coordinatewise_permutation_equivariance(preprocess):
         u, s = lopt.update({"x": grad}, s)
         up, sp = lopt.update({"x": grad[perm]}, sp)
         torch.testing.assert_close(up["x"], u["x"][perm], rtol=0, atol=1e-14)
-        torch.testing.assert_close(sp.h, s.h[:, perm], rtol=0, atol=1e-14)
+        torch.testing.assert_close(sp.h, s.h[:, :, perm], rtol=0, atol=1e-14)
     # A coordinate's update depends only on its own gradient history: changing another
     # coordinate's gradient leaves it unchanged.
     grad = torch.randn(n, generator=g, dtype=DT)

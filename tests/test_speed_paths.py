@@ -43,33 +43,61 @@ def test_inplace_update_matches_functional_update(kwargs, dtype, tol):
     for step in range(4):  # gradients over many scales, both branches of the log/sign preprocessing
         grads = {k: torch.randn(v.shape, generator=g, dtype=dtype) * 10.0 ** (2 - 3 * step) for k, v in params.items()}
         grads["b"][:3] = 0.0
+        if step == 2:  # a state made elsewhere (copies): update_ moves it into a scratch buffer, same values
+            inplace = type(inplace)(inplace.h.clone(), inplace.c.clone())
+            assert lopt._buffer_of(inplace.h, 13 * 7 + 29) is None
         with torch.no_grad():
             updates, functional = lopt.update(grads, functional, params)
             fast = lopt.update_(grads, inplace, params, block_rows=17)  # blocks that split tensors, a ragged last block
+        assert lopt._buffer_of(inplace.h, 13 * 7 + 29) is not None
         for k in params:
             torch.testing.assert_close(fast[k], updates[k], rtol=tol, atol=tol)
         torch.testing.assert_close(inplace.h, functional.h, rtol=tol, atol=tol)
         torch.testing.assert_close(inplace.c, functional.c, rtol=tol, atol=tol)
 
 
-def test_fused_cell_matches_nn_lstm_cell_values_and_gradients():
-    from learnopt.learned.lstm import FusedLSTMCell
+def test_fused_stack_matches_nn_lstm_cells_values_and_gradients():
+    from learnopt.learned.lstm import FusedLSTMStack
 
-    lopt = _lstm(torch.float64, hidden_size=5, num_layers=2, preprocess="log_sign")
+    lopt = _lstm(torch.float64, hidden_size=5, num_layers=3, preprocess="log_sign")
     g = torch.Generator().manual_seed(2)
-    x, h, c = (torch.randn(9, n, generator=g, dtype=torch.float64, requires_grad=True) for n in (5, 5, 5))
-    cell = lopt.cells[1]
-    w, b = lopt._fused_weights()[1]
-    ours = FusedLSTMCell.apply(x, h, c, w, b)
-    theirs = cell(x, (h, c))
-    weights = list(cell.parameters())
-    for out_ours, out_theirs in zip(ours, theirs):
+    n = 9
+    x = torch.randn(2, n, generator=g, dtype=torch.float64, requires_grad=True)
+    h, c = (torch.randn(3, 5, n, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+
+    def ours(inputs=x):
+        fused = [t for wb in lopt._fused_weights() for t in wb]
+        return FusedLSTMStack.apply(inputs, h, c, lopt.output.weight, lopt.output.bias, *fused)
+
+    # nn.LSTMCell layer by layer and nn.Linear, on the usual [coordinates, features] layout
+    inp, hs, cs = x.t(), [], []
+    for layer, cell in enumerate(lopt.cells):
+        h_l, c_l = cell(inp, (h[layer].t(), c[layer].t()))
+        hs.append(h_l.t())
+        cs.append(c_l.t())
+        inp = h_l
+    theirs = (lopt.output(inp).squeeze(-1), torch.stack(hs), torch.stack(cs))
+    weights = list(lopt.parameters())
+    for out_ours, out_theirs in zip(ours(), theirs):
         torch.testing.assert_close(out_ours, out_theirs, rtol=1e-12, atol=1e-14)
-        for a, b_ in zip(torch.autograd.grad(out_ours.sin().sum(), [x, h, c, *weights], retain_graph=True),
-                         torch.autograd.grad(out_theirs.sin().sum(), [x, h, c, *weights], retain_graph=True)):
-            torch.testing.assert_close(a, b_, rtol=1e-10, atol=1e-13)
-    w, b = w.detach().requires_grad_(True), b.detach().requires_grad_(True)
-    assert torch.autograd.gradcheck(FusedLSTMCell.apply, (x, h, c, w, b))
+    # gradients through every output, the output alone, h alone and c alone (None upstreams)
+    picks = (lambda r: r[0].sum() + r[1].sin().sum() + r[2].cos().sum(), lambda r: r[0].sin().sum(),
+             lambda r: r[1][0].sin().sum(), lambda r: r[2].sin().sum())
+    for pick in picks:
+        for a, b_ in zip(torch.autograd.grad(pick(ours()), [x, h, c, *weights], allow_unused=True),
+                         torch.autograd.grad(pick(theirs), [x, h, c, *weights], retain_graph=True, allow_unused=True)):
+            if a is None or b_ is None:
+                assert (a is None or not a.any()) and (b_ is None or not b_.any())
+            else:
+                torch.testing.assert_close(a, b_, rtol=1e-10, atol=1e-13)
+    leaves = [t.detach().requires_grad_(True) for wb in lopt._fused_weights() for t in wb]
+    out_w, out_b = (t.detach().requires_grad_(True) for t in (lopt.output.weight, lopt.output.bias))
+    assert torch.autograd.gradcheck(FusedLSTMStack.apply, (x, h, c, out_w, out_b, *leaves))
+    # without x needing a gradient (first-order meta-training), the rest is unchanged
+    a = torch.autograd.grad(ours(x.detach())[0].sum(), [h, c, *weights])
+    b_ = torch.autograd.grad(ours(x)[0].sum(), [h, c, *weights])
+    for u, v in zip(a, b_):
+        torch.testing.assert_close(u, v, rtol=1e-12, atol=1e-14)
 
 
 def test_inplace_update_sees_weights_changed_in_place():

@@ -14,79 +14,121 @@ from learnopt.learned.preprocess import log_and_sign
 from learnopt.optim.base import Params
 from learnopt.optim.torch_optimizer import TransformOptimizer
 
-# Rows per block of the in-place step: large enough that the ~35 tensor operations per block
+# Coordinates per block of the in-place step: large enough that the ~35 tensor operations per block
 # cost little next to its arithmetic, small enough that a block's gates stay in cache.
 INPLACE_BLOCK_ROWS = 8192
 
 
 class LSTMOptimizerState(NamedTuple):
-    """One (h, c) per coordinate and layer: ``[num_layers, num_coordinates, hidden_size]``."""
+    """One (h, c) per layer, unit and coordinate: ``[num_layers, hidden_size, num_coordinates]``
+    (feature-major: each unit's values over all coordinates are contiguous, so every
+    elementwise operation of the LSTM runs over long contiguous rows)."""
 
     h: Tensor
     c: Tensor
 
 
-class FusedLSTMCell(torch.autograd.Function):
-    """One step of ``nn.LSTMCell`` with the weights fused by ``CoordinatewiseLSTM._fused_weights``
-    and a hand-written backward pass.
+class FusedLSTMStack(torch.autograd.Function):
+    """One step of a stack of ``nn.LSTMCell`` layers and the linear output layer on top, on
+    feature-major data, all in one autograd node with a hand-written backward pass.
 
-    Forward: one ``addmm`` on ``[x, h]``, one contiguous sigmoid for all four gates (the cell
-    input's tanh(z) = 1 − 2 σ(−2z), its pre-activation scaled by −2 in ``w`` and ``b``), the
-    tanh of the new cell state through the same identity. Backward: the LSTM's gate
-    derivatives written into one ``[N, 4H]`` buffer, then one matmul each for the inputs and
-    the weights. Same values and gradients as ``nn.LSTMCell`` up to rounding (tested against
-    it); on CPU ``torch.tanh``, sigmoids of strided gate slices and autograd's per-operation
-    temporaries cost several times more than this. Differentiable once (meta-gradients need
-    no more: the inner gradients fed to the LSTM are constants or come from the task's graph).
+    ``apply(x, h, c, out_w, out_b, w_0, b_0, w_1, b_1, ...)``: ``x [k, N]`` the first layer's
+    inputs, ``h, c [L, H, N]`` the state, ``out_w [1, H]`` and ``out_b [1]`` the output layer,
+    ``w_l [4H, k_l + H]`` and ``b_l [4H]`` layer l's weights fused by
+    ``CoordinatewiseLSTM._fused_weights`` (gate rows in the order i, f, o, g, the g rows scaled
+    by −2). Returns ``(out [N], h_new, c_new)``, the state ``[L, H, N]`` each.
+
+    Forward, per layer: one ``addmm`` ``W [x; h] + b`` giving the gates as ``[4H, N]`` (each
+    gate a contiguous block of rows), one sigmoid over all of it (the cell input's
+    tanh(z) = 1 − 2 σ(−2z), the −2 folded into ``W`` and ``b``), the tanh of the new cell state
+    through the same identity. Backward: the gate derivatives written into one ``[4H, N]``
+    buffer, then one matmul each for the inputs and the weights. The output layer inside the
+    node spares autograd a zero-filled ``[L, H, N]`` gradient for the top layer's slice every
+    step. Same values and gradients as ``nn.LSTMCell`` + ``nn.Linear`` up to rounding (tested
+    against them, and gradchecked). On CPU, ``torch.tanh``, elementwise work on strided gate
+    slices and the copies of a per-layer ``torch.stack`` cost several times more than this.
+    Differentiable once (meta-gradients need no more: the inner gradients fed to the LSTM are
+    constants or come from the task's graph, and their gradient is returned).
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, h: Tensor, c: Tensor, w: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
-        hidden = h.shape[-1]
-        xh = torch.cat([x, h], dim=1)
-        s = torch.addmm(b, xh, w).sigmoid_()
-        i, f, o, s_g = s.split(hidden, dim=1)
-        tanh_g = torch.mul(s_g, -2.0).add_(1.0)
-        c_new = torch.mul(f, c).addcmul_(i, tanh_g)
-        tanh_c = torch.mul(c_new, -2.0).sigmoid_().mul_(-2.0).add_(1.0)
-        h_new = o * tanh_c
-        ctx.save_for_backward(xh, w, s, c, tanh_g, tanh_c)
-        ctx.in_features = x.shape[1]
-        return h_new, c_new
+    def forward(ctx, x: Tensor, h: Tensor, c: Tensor, out_w: Tensor, out_b: Tensor,
+                *weights: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        layers, hidden = h.shape[0], h.shape[1]
+        h_new, c_new = torch.empty_like(h), torch.empty_like(c)
+        saved = []
+        for layer in range(layers):
+            w, b = weights[2 * layer], weights[2 * layer + 1]
+            xh = torch.cat([x, h[layer]], dim=0)
+            s = torch.addmm(b.unsqueeze(1), w, xh).sigmoid_()
+            i, f, o, s_g = s.split(hidden, dim=0)
+            cn = torch.mul(f, c[layer], out=c_new[layer]).add_(i).addcmul_(i, s_g, value=-2.0)  # f c + i (1 − 2 σ)
+            tanh_c = torch.mul(cn, -2.0).sigmoid_().mul_(-2.0).add_(1.0)
+            torch.mul(o, tanh_c, out=h_new[layer])
+            saved += [xh, s, tanh_c]
+            x = h_new[layer]
+        out = torch.addmm(out_b.unsqueeze(1), out_w, x).squeeze(0)
+        ctx.save_for_backward(c, h_new, out_w, *weights, *saved)
+        ctx.layers = layers
+        return out, h_new, c_new
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, dh: Tensor | None, dc: Tensor | None):
-        xh, w, s, c, tanh_g, tanh_c = ctx.saved_tensors
-        hidden = tanh_c.shape[-1]
-        i, f, o, _ = s.split(hidden, dim=1)
-        if dh is None:
-            dh = torch.zeros_like(tanh_c)
-        dc_total = torch.mul(tanh_c, tanh_c).neg_().add_(1.0).mul_(o).mul_(dh)  # dh o (1 − tanh² c)
-        if dc is not None:
-            dc_total.add_(dc)
-        d_gates = torch.addcmul(s, s, s, value=-1.0)  # σ' = s (1 − s), then times each gate's upstream
-        d_i, d_f, d_o, d_g = d_gates.split(hidden, dim=1)
-        d_i.mul_(dc_total).mul_(tanh_g)
-        d_f.mul_(dc_total).mul_(c)
-        d_o.mul_(dh).mul_(tanh_c)
-        d_g.mul_(dc_total).mul_(i).mul_(-2.0)  # tanh_g = 1 − 2 s_g
-        needs = ctx.needs_input_grad
-        dx = dh_prev = dw = db = None
-        if needs[0] or needs[1]:
-            dxh = d_gates @ w.t()
-            dx, dh_prev = dxh[:, : ctx.in_features], dxh[:, ctx.in_features:]
-        dc_prev = dc_total.mul_(f) if needs[2] else None
-        if needs[3]:
-            dw = xh.t() @ d_gates
-        if needs[4]:
-            db = d_gates.sum(0)
-        return dx, dh_prev, dc_prev, dw, db
+    def backward(ctx, d_out: Tensor | None, dh_new: Tensor | None, dc_new: Tensor | None):
+        layers = ctx.layers
+        c, h_new, out_w, *rest = ctx.saved_tensors
+        weights, saved = rest[: 2 * layers], rest[2 * layers:]
+        hidden = c.shape[1]
+        d_out_w = d_out_b = None
+        # the gradient reaching the top layer's h: from the output layer and from the caller
+        if d_out is not None:
+            d_out_w = d_out.unsqueeze(0) @ h_new[-1].t()
+            d_out_b = d_out.sum().reshape(1)
+            top = torch.mm(out_w.t(), d_out.unsqueeze(0))
+            if dh_new is not None:
+                top.add_(dh_new[-1])
+        else:
+            top = dh_new[-1].clone() if dh_new is not None else torch.zeros_like(c[-1])
+        dh_prev, dc_prev = torch.empty_like(c), torch.empty_like(c)
+        d_weights: list[Tensor | None] = [None] * (2 * layers)
+        dh = top
+        for layer in reversed(range(layers)):
+            xh, s, tanh_c = saved[3 * layer: 3 * layer + 3]
+            w = weights[2 * layer]
+            k = w.shape[1] - hidden
+            i, f, o, s_g = s.split(hidden, dim=0)
+            dc_total = torch.mul(tanh_c, tanh_c).neg_().add_(1.0).mul_(o).mul_(dh)  # dh o (1 − tanh² c)
+            if dc_new is not None:
+                dc_total.add_(dc_new[layer])
+            d_gates = torch.addcmul(s, s, s, value=-1.0)  # σ' = s (1 − s), then times each gate's upstream
+            d_i, d_f, d_o, d_g = d_gates.split(hidden, dim=0)
+            d_g.mul_(dc_total).mul_(i).mul_(-2.0)  # tanh_g = 1 − 2 s_g
+            d_i.mul_(dc_total).addcmul_(d_i, s_g, value=-2.0)  # × tanh_g
+            d_f.mul_(dc_total).mul_(c[layer])
+            d_o.mul_(dh).mul_(tanh_c)
+            if ctx.needs_input_grad[5 + 2 * layer]:
+                d_weights[2 * layer] = torch.mm(xh, d_gates.t()).t()  # [K, 4H] is the fast shape
+            if ctx.needs_input_grad[6 + 2 * layer]:
+                d_weights[2 * layer + 1] = d_gates.sum(1)
+            if layer > 0 or ctx.needs_input_grad[0]:
+                dxh = torch.mm(w.t(), d_gates)
+                dh_prev[layer].copy_(dxh[k:])
+                dh = dxh[:k]
+                if layer > 0 and dh_new is not None:
+                    dh.add_(dh_new[layer - 1])
+            else:
+                torch.mm(w[:, k:].t(), d_gates, out=dh_prev[layer])
+                dh = None
+            torch.mul(dc_total, f, out=dc_prev[layer])
+        dx = dh if ctx.needs_input_grad[0] else None
+        return (dx, dh_prev, dc_prev, d_out_w, d_out_b, *d_weights)
 
 
-def fused_lstm_cell(x: Tensor, h: Tensor, c: Tensor, w: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
-    """``(h, c)`` after one LSTM step of ``FusedLSTMCell``."""
-    return FusedLSTMCell.apply(x, h, c, w, b)
+def fused_lstm_stack(x: Tensor, h: Tensor, c: Tensor, output: tuple[Tensor, Tensor],
+                     weights: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor, Tensor]:
+    """``(out, h, c)`` after one step of ``FusedLSTMStack``; ``output`` is ``(out_w, out_b)``,
+    ``weights`` as ``_fused_weights()``."""
+    return FusedLSTMStack.apply(x, h, c, *output, *(t for wb in weights for t in wb))
 
 
 class CoordinatewiseLSTM(LearnedOptimizer):
@@ -96,8 +138,10 @@ class CoordinatewiseLSTM(LearnedOptimizer):
     to one output, multiplied by ``output_scale``. Its weights φ are shared by every
     coordinate; every coordinate has its own (h, c). All coordinates of all parameter
     tensors (and of all task instances, which are just more coordinates) are flattened into
-    the rows of one matrix, so each LSTM layer is one matmul per step (``fused_lstm_cell``;
-    the weights stay those of ``nn.LSTMCell`` modules, so checkpoints keep their layout).
+    the columns of one feature-major matrix, so each LSTM layer is one matmul per step and
+    the whole stack one autograd node (``FusedLSTMStack``; the weights stay those of
+    ``nn.LSTMCell`` modules, so checkpoints keep their layout). The state is
+    ``[num_layers, hidden_size, coordinates]`` (``LSTMOptimizerState``).
 
     Paper defaults: 2 layers of 20 units. ``preprocess="log_sign"`` feeds
     ``log_and_sign(g, preprocess_p)`` (paper p = 10, authors' code p = 5); ``"none"`` feeds
@@ -140,37 +184,49 @@ class CoordinatewiseLSTM(LearnedOptimizer):
 
     def init(self, params: Params) -> LSTMOptimizerState:
         n = sum(p.numel() for p in params.values())
-        shape = (self.num_layers, n, self.hidden_size)
-        zeros = torch.zeros(shape, device=self.device, dtype=self.dtype)
-        return LSTMOptimizerState(zeros, zeros.clone())
+        h = self._scratch_buffer(n)[self._input_rows + 1: self._input_rows + 1 + self.num_layers * self.hidden_size]
+        c = torch.zeros(self.num_layers, self.hidden_size, n, device=self.device, dtype=self.dtype)
+        return LSTMOptimizerState(h.view(self.num_layers, self.hidden_size, n), c)
+
+    @property
+    def _input_rows(self) -> int:
+        return 2 if self.preprocess == "log_sign" else 1
+
+    def _scratch_buffer(self, n: int) -> Tensor:
+        """``[1 + inputs + L·H + 1, n]`` zeros with the first and last rows ones: the rows are
+        (1, x, h_1, …, h_L, 1). ``init`` places ``h`` inside it, so the drop-in step reads each
+        layer's input ``[1; x; h_1]``, ``[h_{l−1}; h_l]`` or ``[h_{L−1}; h_L; 1]`` as one
+        contiguous block of rows, without copies and with the bias as a weight column."""
+        buffer = torch.zeros(self._input_rows + 2 + self.num_layers * self.hidden_size, n,
+                             device=self.device, dtype=self.dtype)
+        buffer[0] = 1.0
+        buffer[-1] = 1.0
+        return buffer
 
     def _inputs(self, flat_grad: Tensor) -> Tensor:
+        """The first layer's inputs, feature-major: ``[features, N]``."""
         if self.preprocess == "log_sign":
-            return log_and_sign(flat_grad, self.preprocess_p)
-        return flat_grad.unsqueeze(-1)
+            return log_and_sign(flat_grad, self.preprocess_p).t()
+        return flat_grad.unsqueeze(0)
+
+    def _check_state(self, state: LSTMOptimizerState, n: int) -> None:
+        expected = (self.num_layers, self.hidden_size, n)
+        if tuple(state.h.shape) != expected or tuple(state.c.shape) != expected:
+            raise ValueError(
+                f"CoordinatewiseLSTM: state h {tuple(state.h.shape)}, c {tuple(state.c.shape)} does not fit "
+                f"{n} coordinates; expected [num_layers, hidden_size, coordinates] = {list(expected)}"
+            )
 
     def update(self, grads: Params, state: LSTMOptimizerState, params: Params | None = None, **extra: Any):
         flat = torch.cat([g.reshape(-1).to(self.dtype) for g in grads.values()])
-        if flat.shape[0] != state.h.shape[1]:
-            raise ValueError(
-                f"CoordinatewiseLSTM: state is for {state.h.shape[1]} coordinates, gradients have {flat.shape[0]}"
-            )
-        x = self._inputs(flat)
-        hs, cs = [], []
-        # unbind, not state.h[layer]: its backward is one stack, where each index's backward
-        # would fill a zero tensor of the whole state
-        h_in, c_in = state.h.unbind(0), state.c.unbind(0)
-        for layer, (w, b) in enumerate(self._fused_weights()):
-            h, c = fused_lstm_cell(x, h_in[layer], c_in[layer], w, b)
-            hs.append(h)
-            cs.append(c)
-            x = h
-        step = self.output(x).squeeze(-1) * self.output_scale
+        self._check_state(state, flat.shape[0])
+        output = (self.output.weight * self.output_scale, self.output.bias * self.output_scale)
+        step, h, c = fused_lstm_stack(self._inputs(flat), state.h, state.c, output, self._fused_weights())
         updates, offset = {}, 0
         for k, g in grads.items():
             updates[k] = step[offset : offset + g.numel()].view(g.shape)
             offset += g.numel()
-        return updates, LSTMOptimizerState(torch.stack(hs), torch.stack(cs))
+        return updates, LSTMOptimizerState(h, c)
 
     # -- the fast drop-in path --------------------------------------------------------------------
     @torch.no_grad()
@@ -179,47 +235,54 @@ class CoordinatewiseLSTM(LearnedOptimizer):
         """``update`` for a caller that owns ``state`` and needs no graph (the drop-in
         ``torch.optim`` step): overwrites ``state`` in place and returns the updates.
 
-        Same arithmetic as ``update`` (tested to match it), arranged for speed: the rows are
-        processed in blocks of ``block_rows`` so each block's gates stay in cache; each layer is
-        one ``addmm`` on ``[x, h]`` with the two weight matrices and biases fused, its gate
-        columns reordered to (i, f, o, g) with the g columns scaled by −2, so that one in-place
-        sigmoid over the whole block gives the three gates and, through
-        tanh(z) = 1 − 2 σ(−2z), the cell input (``torch.tanh`` is ~10× slower than
-        ``torch.sigmoid`` on this CPU); each remaining elementwise formula is one
-        ``addcmul``; no tensor of the size of the state is allocated.
+        Same arithmetic as ``update`` (tested to match it), arranged for speed: the
+        coordinates are processed in blocks of ``block_rows`` so each block's gates stay in
+        cache. ``h`` lives in the rows of a buffer (``_scratch_buffer``) between a row of ones,
+        the inputs and a last row of ones, so each layer is one matmul on a contiguous block
+        of rows with the bias as a weight column, and writes its new ``h`` back into its own
+        rows: nothing is copied. One in-place sigmoid over the block's gates gives the three
+        gates and the cell input (see ``FusedLSTMStack``), and each remaining formula is one
+        ``addcmul`` over contiguous rows; no tensor of the size of the state is allocated. A
+        state made elsewhere (a copy, a loaded state dict) is moved into such a buffer on its
+        first step (``Tensor.set_``: same tensor objects, same values).
         """
         flat = torch.cat([g.reshape(-1).to(self.dtype) for g in grads.values()])
-        n, hidden = flat.shape[0], self.hidden_size
-        if state.h.shape[1] != n:
-            raise ValueError(f"CoordinatewiseLSTM: state is for {state.h.shape[1]} coordinates, gradients have {n}")
-        fused, out_w, out_b = self._inference_weights()
-        step = torch.empty(n, 1, device=flat.device, dtype=self.dtype)
-        rows = min(block_rows, n)
-        width = max(w.shape[0] for w, _ in fused)
-        xh = torch.empty(rows, width, device=flat.device, dtype=self.dtype)
-        gates = torch.empty(rows, 4 * hidden, device=flat.device, dtype=self.dtype)
-        tanh_c = torch.empty(rows, hidden, device=flat.device, dtype=self.dtype)
-        for start in range(0, n, rows):
-            end = min(start + rows, n)
+        n, hidden, layers, k0 = flat.shape[0], self.hidden_size, self.num_layers, self._input_rows
+        self._check_state(state, n)
+        buffer = self._buffer_of(state.h, n)
+        if buffer is None:
+            buffer = self._scratch_buffer(n)
+            buffer[k0 + 1: k0 + 1 + layers * hidden].view(layers, hidden, n).copy_(state.h)
+            state.h.set_(buffer.untyped_storage(), (k0 + 1) * n, state.h.shape, state.h.stride())
+        else:
+            buffer[0].fill_(1.0)
+            buffer[-1].fill_(1.0)
+        fused, (out_w, out_rows) = self._inference_weights()
+        step = torch.empty(1, n, device=flat.device, dtype=self.dtype)
+        cols = min(block_rows, n)
+        gates = torch.empty(4 * hidden, cols, device=flat.device, dtype=self.dtype)
+        tanh_c = torch.empty(hidden, cols, device=flat.device, dtype=self.dtype)
+        for start in range(0, n, cols):
+            end = min(start + cols, n)
             m = end - start
-            x = self._inputs_into(flat[start:end], xh[:m])
-            for layer, (w, b) in enumerate(fused):
-                h, c = state.h[layer, start:end], state.c[layer, start:end]
-                k = x.shape[1]
-                if layer > 0:
-                    xh[:m, :k].copy_(x)
-                xh[:m, k: k + hidden].copy_(h)
-                g = gates[:m]
-                torch.addmm(b, xh[:m, : k + hidden], w, out=g)
+            block = buffer[:, start:end]
+            self._inputs_into(flat[start:end], block[1: k0 + 1])
+            for layer, (w, b, (first, last)) in enumerate(fused):
+                g = gates[:, :m]
+                if b is None:
+                    torch.mm(w, block[first:last], out=g)
+                else:
+                    torch.addmm(b, w, block[first:last], out=g)
                 g.sigmoid_()
-                i, f, o, s = g[:, :hidden], g[:, hidden: 2 * hidden], g[:, 2 * hidden: 3 * hidden], g[:, 3 * hidden:]
+                i, f, o, s = g[:hidden], g[hidden: 2 * hidden], g[2 * hidden: 3 * hidden], g[3 * hidden:]
+                c = state.c[layer, :, start:end]
                 torch.addcmul(i, i, s, value=-2.0, out=s)  # i tanh(z_g) = i (1 − 2 σ(−2 z_g))
                 torch.addcmul(s, f, c, out=c)  # c ← f c + i tanh(z_g)
-                t = tanh_c[:m]
+                t = tanh_c[:, :m]
                 torch.mul(c, -2.0, out=t).sigmoid_()
-                torch.addcmul(o, o, t, value=-2.0, out=h)  # o tanh(c) = o (1 − 2 σ(−2c))
-                x = h
-            torch.addmm(out_b, x, out_w, out=step[start:end])
+                row = k0 + 1 + layer * hidden
+                torch.addcmul(o, o, t, value=-2.0, out=block[row: row + hidden])  # h ← o (1 − 2 σ(−2c))
+            torch.mm(out_w, block[out_rows[0]: out_rows[1]], out=step[:, start:end])
         step = step.view(-1)
         updates, offset = {}, 0
         for name, g in grads.items():
@@ -227,36 +290,55 @@ class CoordinatewiseLSTM(LearnedOptimizer):
             offset += g.numel()
         return updates
 
-    def _inputs_into(self, g: Tensor, out: Tensor) -> Tensor:
-        """``_inputs(g)`` written into the first columns of ``out`` (the block's ``[x, h]``)."""
-        if self.preprocess == "none":
-            out[:, 0].copy_(g)
-            return out[:, :1]
-        p = self.preprocess_p
-        threshold = math.exp(-p)
-        big = g.abs() >= threshold
-        first, second = out[:, 0], out[:, 1]
-        minus_one = torch.tensor(-1.0, dtype=out.dtype, device=out.device)
-        torch.where(big, torch.log(g.abs().clamp_min(threshold)).div_(p), minus_one, out=first)
-        torch.where(big, torch.sign(g), g * math.exp(p), out=second)
-        return out[:, :2]
+    def _buffer_of(self, h: Tensor, n: int) -> Tensor | None:
+        """The ``_scratch_buffer`` that ``h`` lives in, or None for a state made elsewhere."""
+        rows = self._input_rows + 2 + self.num_layers * self.hidden_size
+        if (not h.is_contiguous() or h.storage_offset() != (self._input_rows + 1) * n
+                or h.untyped_storage().nbytes() != rows * n * h.element_size()):
+            return None
+        return h.as_strided((rows, n), (n, 1), 0)
 
-    def _inference_weights(self) -> tuple[list[tuple[Tensor, Tensor]], Tensor, Tensor]:
-        """``_fused_weights()`` and the output layer (scale folded in) for ``update_``, cached
-        until a weight changes (tensor versions), so a drop-in step on a small model does not
-        rebuild them every time."""
+    def _inputs_into(self, g: Tensor, out: Tensor) -> None:
+        """``_inputs(g)`` written into the rows ``out``: for ``log_sign``,
+        log(max(|g|, e^−p)) / p (which is −1 below the threshold) and clamp(e^p g, −1, 1)
+        (which is sign g above it), the two cases of ``log_and_sign`` in two formulas."""
+        if self.preprocess == "none":
+            out[0].copy_(g)
+            return
+        p = self.preprocess_p
+        torch.abs(g, out=out[0]).clamp_min_(math.exp(-p)).log_().mul_(1.0 / p)
+        torch.mul(g, math.exp(p), out=out[1]).clamp_(-1.0, 1.0)
+
+    def _inference_weights(self) -> tuple[list[tuple[Tensor, Tensor | None, tuple[int, int]]],
+                                           tuple[Tensor, tuple[int, int]]]:
+        """For ``update_``: per layer ``(W, b or None, rows)``, ``W`` applied to ``rows`` of the
+        scratch buffer, the bias a column of ``W`` where a row of ones is adjacent (first and
+        last layer), else ``b [4H, 1]``; and the output layer (scale folded in) with its rows.
+        Cached until a weight changes (tensor versions), so a drop-in step on a small model does
+        not rebuild them every time."""
         key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in self.parameters())
         cached = getattr(self, "_inference_cache", None)
         if cached is None or cached[0] != key:
+            hidden, k0, layers = self.hidden_size, self._input_rows, self.num_layers
+            fused = []
             with torch.no_grad():
-                weights = (self._fused_weights(), self.output.weight.t().mul(self.output_scale),
-                           self.output.bias.mul(self.output_scale))
-            self._inference_cache = (key, weights)
+                for layer, (w, b) in enumerate(self._fused_weights()):
+                    first = 0 if layer == 0 else k0 + 1 + (layer - 1) * hidden
+                    last = k0 + 1 + (layer + 1) * hidden
+                    if layer == 0:
+                        fused.append((torch.cat([b[:, None], w], 1), None, (first, last)))
+                    elif layer == layers - 1:
+                        fused.append((torch.cat([w, b[:, None]], 1), None, (first, last + 1)))
+                    else:
+                        fused.append((w, b[:, None], (first, last)))
+                top = k0 + 1 + (layers - 1) * hidden
+                out_w = torch.cat([self.output.weight, self.output.bias[:, None]], 1).mul(self.output_scale)
+            self._inference_cache = (key, (fused, (out_w.contiguous(), (top, top + hidden + 1))))
         return self._inference_cache[1]
 
     def _fused_weights(self) -> list[tuple[Tensor, Tensor]]:
-        """Per layer ``(W, b)`` with ``[x, h] @ W + b`` the gate pre-activations in the order
-        (i, f, o, g), the g columns scaled by −2 (see ``update_``)."""
+        """Per layer ``(W [4H, k + H], b [4H])`` with ``W [x; h] + b`` the gate pre-activations
+        in the order (i, f, o, g), the g rows scaled by −2 (see ``FusedLSTMStack``)."""
         hidden = self.hidden_size
         order = torch.cat([torch.arange(0, 2 * hidden), torch.arange(3 * hidden, 4 * hidden),
                            torch.arange(2 * hidden, 3 * hidden)]).to(self.device)
@@ -266,7 +348,7 @@ class CoordinatewiseLSTM(LearnedOptimizer):
         for cell in self.cells:
             w = torch.cat([cell.weight_ih, cell.weight_hh], dim=1)[order] * scale[:, None]
             b = (cell.bias_ih + cell.bias_hh)[order] * scale
-            fused.append((w.t().contiguous(), b))
+            fused.append((w, b))
         return fused
 
     def as_torch_optimizer(self, params: Iterable[Tensor] | Iterable[tuple[str, Tensor]],
