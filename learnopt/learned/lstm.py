@@ -56,19 +56,27 @@ class FusedLSTMStack(torch.autograd.Function):
                 *weights: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         layers, hidden = h.shape[0], h.shape[1]
         h_new, c_new = torch.empty_like(h), torch.empty_like(c)
-        saved = []
+        ones = torch.ones(1, h.shape[2], device=h.device, dtype=h.dtype)
+        gates = []
+        inp = x
         for layer in range(layers):
             w, b = weights[2 * layer], weights[2 * layer + 1]
-            xh = torch.cat([x, h[layer]], dim=0)
-            s = torch.addmm(b.unsqueeze(1), w, xh).sigmoid_()
+            # the bias as a weight column on a row of ones: addmm would first fill the whole
+            # [4H, N] output with the broadcast bias, a pass over memory as long as the matmul
+            xh = torch.cat([ones, inp, h[layer]], dim=0)
+            s = torch.mm(torch.cat([b.unsqueeze(1), w], dim=1), xh).sigmoid_()
+            del xh  # transient: the backward pass rebuilds it from x, h and h_new, which are kept anyway
             i, f, o, s_g = s.split(hidden, dim=0)
             cn = torch.mul(f, c[layer], out=c_new[layer]).add_(i).addcmul_(i, s_g, value=-2.0)  # f c + i (1 − 2 σ)
             tanh_c = torch.mul(cn, -2.0).sigmoid_().mul_(-2.0).add_(1.0)
             torch.mul(o, tanh_c, out=h_new[layer])
-            saved += [xh, s, tanh_c]
-            x = h_new[layer]
-        out = torch.addmm(out_b.unsqueeze(1), out_w, x).squeeze(0)
-        ctx.save_for_backward(c, h_new, out_w, *weights, *saved)
+            gates.append(s)
+            inp = h_new[layer]
+        out = torch.addmm(out_b.unsqueeze(1), out_w, inp).squeeze(0)
+        # Saved: the gates and what the caller keeps alive anyway (inputs, new state), not the
+        # layers' [x; h] or tanh(c): a truncation holds K steps of these, and the backward pass
+        # is bound by memory traffic, so what it recomputes costs less than what it would read.
+        ctx.save_for_backward(x, h, c, h_new, c_new, out_w, *weights, *gates)
         ctx.layers = layers
         return out, h_new, c_new
 
@@ -76,8 +84,8 @@ class FusedLSTMStack(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, d_out: Tensor | None, dh_new: Tensor | None, dc_new: Tensor | None):
         layers = ctx.layers
-        c, h_new, out_w, *rest = ctx.saved_tensors
-        weights, saved = rest[: 2 * layers], rest[2 * layers:]
+        x, h, c, h_new, c_new, out_w, *rest = ctx.saved_tensors
+        weights, gates = rest[: 2 * layers], rest[2 * layers:]
         hidden = c.shape[1]
         d_out_w = d_out_b = None
         # the gradient reaching the top layer's h: from the output layer and from the caller
@@ -93,7 +101,8 @@ class FusedLSTMStack(torch.autograd.Function):
         d_weights: list[Tensor | None] = [None] * (2 * layers)
         dh = top
         for layer in reversed(range(layers)):
-            xh, s, tanh_c = saved[3 * layer: 3 * layer + 3]
+            s = gates[layer]
+            tanh_c = torch.mul(c_new[layer], -2.0).sigmoid_().mul_(-2.0).add_(1.0)
             w = weights[2 * layer]
             k = w.shape[1] - hidden
             i, f, o, s_g = s.split(hidden, dim=0)
@@ -107,6 +116,7 @@ class FusedLSTMStack(torch.autograd.Function):
             d_f.mul_(dc_total).mul_(c[layer])
             d_o.mul_(dh).mul_(tanh_c)
             if ctx.needs_input_grad[5 + 2 * layer]:
+                xh = torch.cat([x if layer == 0 else h_new[layer - 1], h[layer]], dim=0)
                 d_weights[2 * layer] = torch.mm(xh, d_gates.t()).t()  # [K, 4H] is the fast shape
             if ctx.needs_input_grad[6 + 2 * layer]:
                 d_weights[2 * layer + 1] = d_gates.sum(1)
