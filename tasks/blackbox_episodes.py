@@ -39,6 +39,12 @@ def normalized_regret(best: Tensor, minimum: Tensor, median: Tensor) -> Tensor:
     return (best - minimum.view(shape)) / (median - minimum).view(shape)
 
 
+def _bowl(x: Tensor, a: Tensor, c: Tensor) -> Tensor:
+    """``a ‖x − c‖²`` for queries ``x [n, ..., d]``, ``a [n]``, ``c [n, d]``."""
+    extra = [1] * (x.dim() - 2)
+    return a.view(-1, *extra) * (x - c.view(c.shape[0], *extra, -1)).pow(2).sum(-1)
+
+
 @dataclass
 class HeldOutGP:
     """``n`` deterministic GP-prior functions with their minimum and median estimates."""
@@ -90,6 +96,8 @@ class GPProposerEpisodes:
         sampler: str = "lazy",
         val_functions: int = 128,
         seed: int = 0,
+        bowl_fraction: float = 0.0,
+        bowl_curvature: tuple[float, float] = (2.0, 10.0),
     ) -> None:
         if loss not in META_LOSSES:
             raise ValueError(f"GPProposerEpisodes: loss must be one of {META_LOSSES}, got {loss!r}")
@@ -99,6 +107,13 @@ class GPProposerEpisodes:
             raise ValueError("GPProposerEpisodes: loss 'ei' needs the exact GP posterior (sampler='lazy')")
         if horizon < 1:
             raise ValueError(f"GPProposerEpisodes: horizon must be >= 1, got {horizon}")
+        if not 0.0 <= bowl_fraction <= 1.0:
+            raise ValueError(f"GPProposerEpisodes: bowl_fraction must be in [0, 1], got {bowl_fraction}")
+        if not 0.0 <= bowl_curvature[0] <= bowl_curvature[1]:
+            raise ValueError(f"GPProposerEpisodes: bowl_curvature must be 0 <= low <= high, got {bowl_curvature}")
+        if loss == "ei" and bowl_fraction > 0:
+            raise ValueError("GPProposerEpisodes: loss 'ei' uses the GP posterior, which does not know the bowls")
+        self.bowl_fraction, self.bowl_curvature = float(bowl_fraction), tuple(bowl_curvature)
         self.dim, self.horizon, self.loss, self.sampler = dim, horizon, loss, sampler
         self.lengthscale_range = tuple(lengthscale_range)
         self.signal_variance, self.noise = signal_variance, noise
@@ -112,17 +127,39 @@ class GPProposerEpisodes:
             raise ValueError(f"GPProposerEpisodes: the proposer is for dimension {model.dim}, the episodes are "
                              f"{self.dim}-dimensional")
 
+    def bowls(self, num_episodes: int, generator: torch.Generator, dtype: torch.dtype):
+        """The training functions' optional bowls: a fraction ``bowl_fraction`` of the episodes
+        get ``a ‖x − c‖²`` added, ``a ~ U[bowl_curvature]``, ``c ~ U[0.15, 0.85]^dim``, so their
+        minimum tends to lie inside the box. A zero-mean stationary GP sample has its minimum
+        over the box on the box's boundary far more often than a typical test function, and a
+        proposer trained on those alone learns to search the faces and edges of the box
+        (``docs/blackbox/training.md``). Returns ``(a [n], c [n, dim])`` or None."""
+        if self.bowl_fraction == 0.0:
+            return None
+        u = torch.rand(num_episodes, 2, generator=generator, dtype=dtype)
+        low, high = self.bowl_curvature
+        a = torch.where(u[:, 0] < self.bowl_fraction, low + (high - low) * u[:, 1], torch.zeros_like(u[:, 1]))
+        c = 0.15 + 0.7 * torch.rand(num_episodes, self.dim, generator=generator, dtype=dtype)
+        return a, c
+
     def meta_loss(self, model: nn.Module, num_episodes: int,
                   generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
         self._check(model)
         eis: list[Tensor] = []
         if self.sampler == "rff":
             functions = self.gp.rff(num_episodes, generator)
+            bowls = self.bowls(num_episodes, generator, functions.omega.dtype)
 
             def objective(x: Tensor) -> Tensor:
-                return functions.observe(x.to(functions.omega.dtype), generator)
+                x = x.to(functions.omega.dtype)
+                y = functions.observe(x, generator)
+                if bowls is not None:
+                    a, c = bowls
+                    y = y + _bowl(x, *bowls)
+                return y
         else:
             functions = self.gp.lazy(num_episodes, generator)
+            bowls = self.bowls(num_episodes, generator, functions.lengthscales.dtype)
 
             def objective(x: Tensor) -> Tensor:
                 x = x.to(functions.lengthscales.dtype)
@@ -131,7 +168,8 @@ class GPProposerEpisodes:
                     best = (functions.Y.min(1).values[:, None] if functions.Y is not None
                             else mean.new_zeros(mean.shape[0], 1))
                     eis.append(expected_improvement(mean, torch.diagonal(cov, dim1=-2, dim2=-1), best))
-                return functions.query(x)
+                y = functions.query(x)
+                return y if bowls is None else y + _bowl(x, *bowls)
 
         _, ys = model.rollout(objective, num_episodes, self.horizon, generator=generator)
         if self.loss == "sum":

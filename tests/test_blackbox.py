@@ -271,6 +271,44 @@ def test_episode_family_validation_and_errors():
         GPProposerEpisodes(loss="regret")
     with pytest.raises(ValueError, match="lazy"):
         GPProposerEpisodes(loss="ei", sampler="rff")
+    with pytest.raises(ValueError, match="bowl_fraction"):
+        GPProposerEpisodes(bowl_fraction=1.5)
+    with pytest.raises(ValueError, match="bowls"):
+        GPProposerEpisodes(loss="ei", bowl_fraction=0.5)
+
+
+def test_bowl_episodes_add_the_drawn_bowl_to_the_gp_sample():
+    """With bowls, each training function is the same GP sample plus a ‖x − c‖² (a = 0 for the
+    episodes without one), drawn from the generator after the GP sample. (RFF functions are
+    fixed; the lazy sampler draws values at query time, so there the stream differs.)"""
+    sampler = "rff"
+    seen = {}
+
+    class Recorder(torch.nn.Module):  # a stand-in proposer: fixed queries, records the observations
+        dim = 2
+
+        def rollout(self, objective, n, budget, generator=None):
+            xs = torch.rand(n, budget, 2, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+            ys = torch.cat([objective(xs[:, t: t + 1]) for t in range(budget)], 1)
+            seen.setdefault("runs", []).append((xs, ys))
+            return xs, ys
+
+    plain = GPProposerEpisodes(dim=2, horizon=4, sampler=sampler, lengthscale_range=(0.3, 0.5))
+    bowled = GPProposerEpisodes(dim=2, horizon=4, sampler=sampler, lengthscale_range=(0.3, 0.5),
+                                bowl_fraction=0.5, bowl_curvature=(3.0, 6.0))
+    plain.meta_loss(Recorder(), 64, torch.Generator().manual_seed(1))
+    bowled.meta_loss(Recorder(), 64, torch.Generator().manual_seed(1))
+    (xs, y_plain), (_, y_bowl) = seen["runs"]
+    generator = torch.Generator().manual_seed(1)  # replay: the GP sample's draws, then the bowls'
+    bowled.gp.rff(64, generator)
+    a, c = bowled.bowls(64, generator, torch.float64)
+    assert ((a == 0) | ((a >= 3.0) & (a <= 6.0))).all() and 10 < int((a > 0).sum()) < 54
+    assert ((c >= 0.15) & (c <= 0.85)).all()
+    expected = y_plain + a[:, None] * (xs - c[:, None, :]).pow(2).sum(-1)
+    torch.testing.assert_close(y_bowl, expected)
+    lazy = GPProposerEpisodes(dim=2, horizon=4, sampler="lazy", lengthscale_range=(0.3, 0.5), bowl_fraction=1.0)
+    loss, _ = lazy.meta_loss(Recorder(), 64, torch.Generator().manual_seed(1))
+    assert torch.isfinite(loss) and seen["runs"][-1][1].mean() > y_plain.mean() + 0.5  # every episode has a bowl
 
 
 def test_meta_train_config_exports_a_loadable_proposer(in_tmp):

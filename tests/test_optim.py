@@ -524,6 +524,19 @@ def test_non_finite_gradient_raises_and_changes_nothing(bad, named):
     assert not torch.isfinite(model.bias).all()
 
 
+def test_finite_check_is_exact_where_the_cheap_sum_is_not():
+    # the guard first sums each gradient; opposite infinities and finite values whose sum
+    # overflows are where that alone would mislead
+    w = torch.nn.Parameter(torch.zeros(4))
+    opt = lo.as_torch_optimizer(lo.sgd(lr=1e-40), [w])
+    w.grad = torch.tensor([3e38, 3e38, -1.0, 2.0])  # finite, but the float32 sum is inf
+    opt.step()
+    assert torch.isfinite(w).all()
+    w.grad = torch.tensor([float("inf"), float("-inf"), 0.0, 0.0])
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        opt.step()
+
+
 # --------------------------------------------------------------------------- 8. convergence
 
 

@@ -93,7 +93,9 @@ class TransformOptimizer(torch.optim.Optimizer):
         grads = {n: (g.detach() if g is not None else torch.zeros_like(params[n])) for n, g in raw.items()}
         if self.check_finite:
             for n, g in grads.items():
-                if not bool(torch.isfinite(g).all()):
+                # NaN and ±inf propagate into the sum, so a finite sum (one cheap reduction) means a
+                # finite gradient; only a non-finite sum (or an overflowing one) needs the exact check
+                if not bool(torch.isfinite(g.sum())) and not bool(torch.isfinite(g).all()):
                     raise FloatingPointError(
                         f"non-finite gradient in parameter '{n}' (shape {tuple(g.shape)}); "
                         "the parameters and optimizer state were left unchanged"

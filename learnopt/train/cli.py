@@ -9,6 +9,7 @@ from typing import Any
 
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
+from learnopt.runtime import apply_defaults
 from learnopt.train.module import MetaTrainModule
 
 TRAINER_DEFAULTS: dict[str, Any] = {
@@ -81,6 +82,7 @@ def meta_train(args: list[str] | None = None) -> MetaTrainCLI:
     trainer, and fit."""
     if args is None:
         args = sys.argv[1:]
+    apply_defaults()  # keep freed memory for reuse (learnopt.runtime; LEARNOPT_KEEP_FREED_MEMORY=0: off)
     # The state after each meta-update is exactly what a resumed run needs.
     warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
     argv, sys.argv = sys.argv, [sys.argv[0]]  # LightningCLI must read only ``args``

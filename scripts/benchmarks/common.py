@@ -105,22 +105,9 @@ def markdown_table(header: list[str], rows: list[list[object]]) -> str:
 
 
 def keep_freed_memory() -> bool:
-    """glibc only: serve large allocations from the heap and do not return freed memory to the
-    system (``mallopt(M_MMAP_THRESHOLD, 32 MiB)``, ``mallopt(M_TRIM_THRESHOLD, 2 GiB)``), the
-    in-process equivalent of ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_``.
-    Autograd allocates and frees many tensors of a few MiB every step; by default glibc maps
-    each afresh from the system, and the page faults of first touch can cost more than the
-    arithmetic. Process-wide: it affects every contender of a benchmark alike. Returns whether
-    it applied."""
-    import ctypes
-    import ctypes.util
+    """``learnopt.runtime.keep_freed_memory``: what ``learnopt meta-train`` applies at start-up,
+    so that a benchmark measures the library as its command runs it. Process-wide: it affects
+    every contender of a benchmark alike. Returns whether it applied."""
+    from learnopt.runtime import keep_freed_memory as keep
 
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return False
-    try:
-        libc = ctypes.CDLL(name)
-        m_trim_threshold, m_mmap_threshold = -1, -3
-        return bool(libc.mallopt(m_mmap_threshold, 32 * 2**20)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
-    except (OSError, AttributeError):
-        return False
+    return keep()

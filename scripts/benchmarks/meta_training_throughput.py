@@ -205,11 +205,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile contender")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--problems", nargs="+", default=list(PROBLEMS), choices=list(PROBLEMS))
-    parser.add_argument("--keep-freed-memory", action="store_true",
-                        help="tune glibc malloc to reuse freed memory (common.keep_freed_memory), for every contender")
+    parser.add_argument("--default-allocator", action="store_true",
+                        help="leave glibc malloc as it is; by default the process keeps freed memory for reuse "
+                             "(learnopt.runtime.keep_freed_memory, what `learnopt meta-train` applies), for every contender")
     parser.add_argument("--out", default="meta_training_throughput")
     args = parser.parse_args(argv)
-    tuned = keep_freed_memory() if args.keep_freed_memory else False
+    tuned = False if args.default_allocator else keep_freed_memory()
     results = {"machine": machine(), "command": "OMP_NUM_THREADS=%s .venv/bin/python %s" % (
         torch.get_num_threads(), " ".join(["scripts/benchmarks/meta_training_throughput.py", *(argv or sys.argv[1:])])),
         "problems": [], "keep_freed_memory": tuned}
