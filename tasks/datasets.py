@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-DATASETS = ("digits", "mnist1d", "mnist", "fashion_mnist", "cifar10")
+DATASETS = ("digits", "mnist1d", "synthetic", "mnist", "fashion_mnist", "cifar10")
 FILE_DATASETS = ("mnist", "fashion_mnist", "cifar10")
 
 _IDX_FILES = {
@@ -140,6 +140,8 @@ def load_dataset(name: str, seed: int = 0, data_dir: str | None = None) -> tuple
 
     ``digits``: sklearn's 1,797 8×8 images (/16), shuffled with ``seed``, first 1,500 train.
     ``mnist1d``: 4,000 train / 1,000 test signals of length 40 from ``make_dataset`` (``seed``).
+    ``synthetic``: scikit-learn's ``make_classification`` (``seed``): 10 classes of 2 Gaussian
+    clusters each in 32 features (16 informative, 8 redundant), 5,000 train / 1,000 test.
     ``mnist``, ``fashion_mnist``: 60,000 / 10,000 images of 28×28, flattened, /255.
     ``cifar10``: 50,000 / 10,000 images of 3×32×32 (channel-major), flattened, /255.
     The file datasets keep their official split and ignore ``seed``; they need ``data_dir``.
@@ -161,6 +163,13 @@ def load_dataset(name: str, seed: int = 0, data_dir: str | None = None) -> tuple
         d = make_dataset(args)  # generated locally; get_dataset would download
         return (torch.tensor(d["x"], dtype=torch.float32), torch.tensor(d["y"], dtype=torch.int64),
                 torch.tensor(d["x_test"], dtype=torch.float32), torch.tensor(d["y_test"], dtype=torch.int64))
+    if name == "synthetic":
+        from sklearn.datasets import make_classification
+
+        x, y = make_classification(n_samples=6000, n_features=32, n_informative=16, n_redundant=8, n_classes=10,
+                                   n_clusters_per_class=2, class_sep=1.0, flip_y=0.01, random_state=seed)
+        x, y = torch.tensor(x, dtype=torch.float32), torch.tensor(y, dtype=torch.int64)
+        return x[:5000], y[:5000], x[5000:], y[5000:]
     if name in FILE_DATASETS:
         x_tr, y_tr, x_te, y_te = load_cifar10(data_dir) if name == "cifar10" else load_mnist(data_dir, name)
         flat = lambda x: x.reshape(len(x), -1).to(torch.float32) / 255.0

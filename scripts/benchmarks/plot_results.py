@@ -73,12 +73,49 @@ def throughput(path: Path) -> None:
     fig.savefig(path.with_suffix(".png"), dpi=120)
 
 
+# the throughput runs under each thread count and allocator setting (docs/benchmarks/README.md)
+SETTINGS = {
+    "meta_training_throughput": "2 threads, freed memory kept (the CLI's default)",
+    "meta_training_throughput_2_threads_default_allocator": "2 threads, glibc default",
+    "meta_training_throughput_1_thread": "1 thread, freed memory kept",
+    "meta_training_throughput_1_thread_default_allocator": "1 thread, glibc default",
+}
+
+
+def throughput_settings(path: Path) -> None:
+    """learnopt's speed-up over the reference per problem, one bar per setting."""
+    runs = {label: json.loads((RESULTS / f"{name}.json").read_text())
+            for name, label in SETTINGS.items() if (RESULTS / f"{name}.json").exists()}
+    problems = [p["problem"] for p in next(iter(runs.values()))["problems"]]
+    fig, axes = plt.subplots(1, len(problems), figsize=(5 * len(problems), 4))
+    for ax, problem in zip(axes, problems):
+        labels, values = [], []
+        for label, data in runs.items():
+            (p,) = [p for p in data["problems"] if p["problem"] == problem]
+            labels.append(label)
+            values.append(p["speedup_vs_reference"]["learnopt"])
+        ax.barh(labels, values, color="tab:blue")
+        ax.axvline(3.0, color="k", ls=":", label="target 3×")
+        for y, v in enumerate(values):
+            ax.text(v, y, f" {v:.2f}×", va="center", fontsize=8)
+        ax.set(title=problem, xlabel="learnopt inner steps/s ÷ reference's, same process")
+        ax.tick_params(axis="y", labelsize=8)
+        ax.legend(fontsize=8, loc="lower right")
+    footer(fig, "OMP_NUM_THREADS={1,2} .venv/bin/python scripts/benchmarks/meta_training_throughput.py "
+                "--repeats 7 [--default-allocator] --out <file>")
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    fig.savefig(path, dpi=120)
+
+
 def main() -> None:
     for name, fn in [("drop_in_step", drop_in), ("bptt_memory", memory), ("meta_training_throughput", throughput)]:
         path = RESULTS / f"{name}.json"
         if path.exists():
             fn(path)
             print(f"wrote {path.with_suffix('.png')}")
+    if (RESULTS / "meta_training_throughput.json").exists():
+        throughput_settings(RESULTS / "meta_training_throughput_settings.png")
+        print(f"wrote {RESULTS / 'meta_training_throughput_settings.png'}")
 
 
 if __name__ == "__main__":
