@@ -661,7 +661,10 @@ def test_loaders_name_what_is_missing(tmp_path, no_network):
 
 
 def test_bundled_datasets_build_without_network(no_network):
-    for name in ("digits", "mnist1d"):
+    for name in ("digits", "mnist1d", "synthetic"):
         x, y, xt, yt = datasets.load_dataset.__wrapped__(name, 0)
         assert x.dtype == torch.float32 and y.dtype == torch.int64 and len(x) == len(y) and len(xt) == len(yt)
+    x, y, xt, yt = datasets.load_dataset.__wrapped__("synthetic", 0)  # make_classification's documented sizes
+    assert x.shape == (5000, 32) and xt.shape == (1000, 32) and set(y.tolist()) == set(range(10))
+    assert torch.equal(x, datasets.load_dataset.__wrapped__("synthetic", 0)[0])  # deterministic in the seed
     assert len(load_corpus("python_docs")) > 50_000

@@ -38,13 +38,15 @@ class FusedLSTMStack(torch.autograd.Function):
     ``CoordinatewiseLSTM._fused_weights`` (gate rows in the order i, f, o, g, the g rows scaled
     by −2). Returns ``(out [N], h_new, c_new)``, the state ``[L, H, N]`` each.
 
-    Forward, per layer: one ``addmm`` ``W [x; h] + b`` giving the gates as ``[4H, N]`` (each
+    Forward, per layer: one matmul ``[b W] [1; x; h]`` giving the gates as ``[4H, N]`` (each
     gate a contiguous block of rows), one sigmoid over all of it (the cell input's
     tanh(z) = 1 − 2 σ(−2z), the −2 folded into ``W`` and ``b``), the tanh of the new cell state
-    through the same identity. Backward: the gate derivatives written into one ``[4H, N]``
-    buffer, then one matmul each for the inputs and the weights. The output layer inside the
-    node spares autograd a zero-filled ``[L, H, N]`` gradient for the top layer's slice every
-    step. Same values and gradients as ``nn.LSTMCell`` + ``nn.Linear`` up to rounding (tested
+    through the same identity. Only the gates are saved for the backward pass; ``[x; h]`` and
+    tanh(c) are rebuilt there from tensors the caller keeps anyway (a truncation holds K
+    steps of whatever is saved, and this pass is bound by memory traffic). Backward: the gate
+    derivatives written into one ``[4H, N]`` buffer, then one matmul each for the inputs and
+    the weights. The output layer inside the node spares autograd a zero-filled
+    ``[L, H, N]`` gradient for the top layer's slice every step. Same values and gradients as ``nn.LSTMCell`` + ``nn.Linear`` up to rounding (tested
     against them, and gradchecked). On CPU, ``torch.tanh``, elementwise work on strided gate
     slices and the copies of a per-layer ``torch.stack`` cost several times more than this.
     Differentiable once (meta-gradients need no more: the inner gradients fed to the LSTM are
