@@ -15,6 +15,7 @@ regret* of a run is ``(best_t − f_min) / (f_median − f_min)``, with ``f_medi
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,10 +40,16 @@ def normalized_regret(best: Tensor, minimum: Tensor, median: Tensor) -> Tensor:
     return (best - minimum.view(shape)) / (median - minimum).view(shape)
 
 
-def _bowl(x: Tensor, a: Tensor, c: Tensor) -> Tensor:
-    """``a ‖x − c‖²`` for queries ``x [n, ..., d]``, ``a [n]``, ``c [n, d]``."""
+def _bowl(x: Tensor, a: Tensor, c: Tensor, m: Tensor | None = None) -> Tensor:
+    """``a (x − c)ᵀ M (x − c)`` (``M = I`` when None) for queries ``x [n, ..., d]``, ``a [n]``,
+    ``c [n, d]``, ``M [n, d, d]``."""
     extra = [1] * (x.dim() - 2)
-    return a.view(-1, *extra) * (x - c.view(c.shape[0], *extra, -1)).pow(2).sum(-1)
+    z = x - c.view(c.shape[0], *extra, -1)
+    if m is None:
+        quad = z.pow(2).sum(-1)
+    else:
+        quad = torch.einsum("n...i,nij,n...j->n...", z, m, z)
+    return a.view(-1, *extra) * quad
 
 
 @dataclass
@@ -98,6 +105,7 @@ class GPProposerEpisodes:
         seed: int = 0,
         bowl_fraction: float = 0.0,
         bowl_curvature: tuple[float, float] = (2.0, 10.0),
+        bowl_shape: str = "round",
     ) -> None:
         if loss not in META_LOSSES:
             raise ValueError(f"GPProposerEpisodes: loss must be one of {META_LOSSES}, got {loss!r}")
@@ -111,6 +119,9 @@ class GPProposerEpisodes:
             raise ValueError(f"GPProposerEpisodes: bowl_fraction must be in [0, 1], got {bowl_fraction}")
         if not 0.0 <= bowl_curvature[0] <= bowl_curvature[1]:
             raise ValueError(f"GPProposerEpisodes: bowl_curvature must be 0 <= low <= high, got {bowl_curvature}")
+        if bowl_shape not in ("round", "elongated"):
+            raise ValueError(f"GPProposerEpisodes: bowl_shape must be 'round' or 'elongated', got {bowl_shape!r}")
+        self.bowl_shape = bowl_shape
         if loss == "ei" and bowl_fraction > 0:
             raise ValueError("GPProposerEpisodes: loss 'ei' uses the GP posterior, which does not know the bowls")
         self.bowl_fraction, self.bowl_curvature = float(bowl_fraction), tuple(bowl_curvature)
@@ -129,18 +140,26 @@ class GPProposerEpisodes:
 
     def bowls(self, num_episodes: int, generator: torch.Generator, dtype: torch.dtype):
         """The training functions' optional bowls: a fraction ``bowl_fraction`` of the episodes
-        get ``a ‖x − c‖²`` added, ``a ~ U[bowl_curvature]``, ``c ~ U[0.15, 0.85]^dim``, so their
-        minimum tends to lie inside the box. A zero-mean stationary GP sample has its minimum
-        over the box on the box's boundary far more often than a typical test function, and a
-        proposer trained on those alone learns to search the faces and edges of the box
-        (``docs/blackbox/training.md``). Returns ``(a [n], c [n, dim])`` or None."""
+        get ``a ‖x − c‖²`` added (``bowl_shape="round"``), ``a ~ U[bowl_curvature]``,
+        ``c ~ U[0.15, 0.85]^dim``, so their minimum tends to lie inside the box. With
+        ``"elongated"`` the bowl is ``a (x − c)ᵀ Q diag(e) Qᵀ (x − c)``, ``Q`` a random rotation and
+        ``e`` log-uniform in [0.02, 1] with its largest entry 1: long curved valleys as well as
+        round basins. A zero-mean stationary GP sample has its minimum over the box on the box's
+        boundary far more often than a typical test function, and a proposer trained on those
+        alone learns to search the faces and edges of the box (``docs/blackbox/training.md``).
+        Returns ``(a [n], c [n, dim], M [n, dim, dim] or None)`` or None."""
         if self.bowl_fraction == 0.0:
             return None
         u = torch.rand(num_episodes, 2, generator=generator, dtype=dtype)
         low, high = self.bowl_curvature
         a = torch.where(u[:, 0] < self.bowl_fraction, low + (high - low) * u[:, 1], torch.zeros_like(u[:, 1]))
         c = 0.15 + 0.7 * torch.rand(num_episodes, self.dim, generator=generator, dtype=dtype)
-        return a, c
+        if self.bowl_shape == "round":
+            return a, c, None
+        q, _ = torch.linalg.qr(torch.randn(num_episodes, self.dim, self.dim, generator=generator, dtype=dtype))
+        e = torch.exp(math.log(0.02) * torch.rand(num_episodes, self.dim, generator=generator, dtype=dtype))
+        e = e / e.max(dim=1, keepdim=True).values
+        return a, c, q @ torch.diag_embed(e) @ q.transpose(1, 2)
 
     def meta_loss(self, model: nn.Module, num_episodes: int,
                   generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
@@ -154,7 +173,6 @@ class GPProposerEpisodes:
                 x = x.to(functions.omega.dtype)
                 y = functions.observe(x, generator)
                 if bowls is not None:
-                    a, c = bowls
                     y = y + _bowl(x, *bowls)
                 return y
         else:

@@ -18,7 +18,7 @@ from learnopt.blackbox.losses import expected_improvement, observed_improvement_
 from learnopt.meta.episodic import EpisodicBPTT
 from learnopt.task import seeded_generator
 from tasks.blackbox_benchmarks import BENCHMARKS
-from tasks.blackbox_episodes import GPProposerEpisodes, held_out_gp
+from tasks.blackbox_episodes import _bowl, GPProposerEpisodes, held_out_gp
 from tasks.gp_functions import GPFunctionFamily
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -301,11 +301,25 @@ def test_bowl_episodes_add_the_drawn_bowl_to_the_gp_sample():
     (xs, y_plain), (_, y_bowl) = seen["runs"]
     generator = torch.Generator().manual_seed(1)  # replay: the GP sample's draws, then the bowls'
     bowled.gp.rff(64, generator)
-    a, c = bowled.bowls(64, generator, torch.float64)
+    a, c, m = bowled.bowls(64, generator, torch.float64)
+    assert m is None  # round bowls
     assert ((a == 0) | ((a >= 3.0) & (a <= 6.0))).all() and 10 < int((a > 0).sum()) < 54
     assert ((c >= 0.15) & (c <= 0.85)).all()
     expected = y_plain + a[:, None] * (xs - c[:, None, :]).pow(2).sum(-1)
     torch.testing.assert_close(y_bowl, expected)
+    # elongated bowls: a (x − c)ᵀ M (x − c) with M symmetric, eigenvalues in [0.02, 1], the largest 1
+    long = GPProposerEpisodes(dim=3, horizon=4, bowl_fraction=1.0, bowl_shape="elongated")
+    a, c, m = long.bowls(16, torch.Generator().manual_seed(2), torch.float64)
+    eig = torch.linalg.eigvalsh(m)
+    torch.testing.assert_close(m, m.transpose(1, 2))
+    assert (eig > 0.0199).all() and torch.allclose(eig[:, -1], torch.ones(16, dtype=torch.float64))
+    z = torch.rand(16, 5, 3, dtype=torch.float64)
+    direct = torch.stack([torch.stack([a[n] * (z[n, q] - c[n]) @ m[n] @ (z[n, q] - c[n]) for q in range(5)])
+                          for n in range(16)])
+    torch.testing.assert_close(_bowl(z, a, c, m), direct)
+    torch.testing.assert_close(_bowl(z[:, 0], a, c, m), direct[:, 0])
+    with pytest.raises(ValueError, match="bowl_shape"):
+        GPProposerEpisodes(bowl_shape="square")
     lazy = GPProposerEpisodes(dim=2, horizon=4, sampler="lazy", lengthscale_range=(0.3, 0.5), bowl_fraction=1.0)
     loss, _ = lazy.meta_loss(Recorder(), 64, torch.Generator().manual_seed(1))
     assert torch.isfinite(loss) and seen["runs"][-1][1].mean() > y_plain.mean() + 0.5  # every episode has a bowl
