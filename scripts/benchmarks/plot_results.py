@@ -98,7 +98,7 @@ def throughput_settings(path: Path) -> None:
         ax.axvline(3.0, color="k", ls=":", label="target 3×")
         for y, v in enumerate(values):
             ax.text(v, y, f" {v:.2f}×", va="center", fontsize=8)
-        ax.set(title=problem, xlabel="learnopt inner steps/s ÷ reference's, same process")
+        ax.set(title=problem, xlabel="learnopt speed ÷ reference speed")
         ax.tick_params(axis="y", labelsize=8)
         ax.legend(fontsize=8, loc="lower right")
     footer(fig, "OMP_NUM_THREADS={1,2} .venv/bin/python scripts/benchmarks/meta_training_throughput.py "
