@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from learnopt.learned.base import LearnedOptimizer
+from learnopt.learned.features import TransformFeatures
 from learnopt.learned.preprocess import log_and_sign
 from learnopt.optim.base import Params
 from learnopt.optim.torch_optimizer import TransformOptimizer
@@ -196,7 +197,8 @@ class CoordinatewiseLSTM(LearnedOptimizer):
 
     def init(self, params: Params) -> LSTMOptimizerState:
         n = sum(p.numel() for p in params.values())
-        h = self._scratch_buffer(n)[self._input_rows + 1: self._input_rows + 1 + self.num_layers * self.hidden_size]
+        first = self._input_rows + 1
+        h = self._scratch_buffer(n)[first: first + self.num_layers * self.hidden_size]
         c = torch.zeros(self.num_layers, self.hidden_size, n, device=self.device, dtype=self.dtype)
         return LSTMOptimizerState(h.view(self.num_layers, self.hidden_size, n), c)
 
@@ -204,13 +206,17 @@ class CoordinatewiseLSTM(LearnedOptimizer):
     def _input_rows(self) -> int:
         return 2 if self.preprocess == "log_sign" else 1
 
+    @property
+    def _buffer_rows(self) -> int:
+        """Rows of ``_scratch_buffer``: a row of ones, the inputs, every layer's ``h``, a row of ones."""
+        return self._input_rows + 2 + self.num_layers * self.hidden_size
+
     def _scratch_buffer(self, n: int) -> Tensor:
         """``[1 + inputs + L·H + 1, n]`` zeros with the first and last rows ones: the rows are
         (1, x, h_1, …, h_L, 1). ``init`` places ``h`` inside it, so the drop-in step reads each
         layer's input ``[1; x; h_1]``, ``[h_{l−1}; h_l]`` or ``[h_{L−1}; h_L; 1]`` as one
         contiguous block of rows, without copies and with the bias as a weight column."""
-        buffer = torch.zeros(self._input_rows + 2 + self.num_layers * self.hidden_size, n,
-                             device=self.device, dtype=self.dtype)
+        buffer = torch.zeros(self._buffer_rows, n, device=self.device, dtype=self.dtype)
         buffer[0] = 1.0
         buffer[-1] = 1.0
         return buffer
@@ -234,11 +240,7 @@ class CoordinatewiseLSTM(LearnedOptimizer):
         self._check_state(state, flat.shape[0])
         output = (self.output.weight * self.output_scale, self.output.bias * self.output_scale)
         step, h, c = fused_lstm_stack(self._inputs(flat), state.h, state.c, output, self._fused_weights())
-        updates, offset = {}, 0
-        for k, g in grads.items():
-            updates[k] = step[offset : offset + g.numel()].view(g.shape)
-            offset += g.numel()
-        return updates, LSTMOptimizerState(h, c)
+        return TransformFeatures.unflatten(step, grads), LSTMOptimizerState(h, c)
 
     # -- the fast drop-in path --------------------------------------------------------------------
     @torch.no_grad()
@@ -295,16 +297,11 @@ class CoordinatewiseLSTM(LearnedOptimizer):
                 row = k0 + 1 + layer * hidden
                 torch.addcmul(o, o, t, value=-2.0, out=block[row: row + hidden])  # h ← o (1 − 2 σ(−2c))
             torch.mm(out_w, block[out_rows[0]: out_rows[1]], out=step[:, start:end])
-        step = step.view(-1)
-        updates, offset = {}, 0
-        for name, g in grads.items():
-            updates[name] = step[offset: offset + g.numel()].view(g.shape)
-            offset += g.numel()
-        return updates
+        return TransformFeatures.unflatten(step.view(-1), grads)
 
     def _buffer_of(self, h: Tensor, n: int) -> Tensor | None:
         """The ``_scratch_buffer`` that ``h`` lives in, or None for a state made elsewhere."""
-        rows = self._input_rows + 2 + self.num_layers * self.hidden_size
+        rows = self._buffer_rows
         if (not h.is_contiguous() or h.storage_offset() != (self._input_rows + 1) * n
                 or h.untyped_storage().nbytes() != rows * n * h.element_size()):
             return None

@@ -103,11 +103,3 @@ def markdown_table(header: list[str], rows: list[list[object]]) -> str:
     lines += ["| " + " | ".join(fmt(x) for x in row) + " |" for row in rows]
     return "\n".join(lines)
 
-
-def keep_freed_memory() -> bool:
-    """``learnopt.runtime.keep_freed_memory``: what ``learnopt meta-train`` applies at start-up,
-    so that a benchmark measures the library as its command runs it. Process-wide: it affects
-    every contender of a benchmark alike. Returns whether it applied."""
-    from learnopt.runtime import keep_freed_memory as keep
-
-    return keep()

@@ -35,10 +35,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import learnopt  # noqa: E402
-from common import ROOT, interleaved, keep_freed_memory, machine, markdown_table, write_json  # noqa: E402
+from common import ROOT, interleaved, machine, markdown_table, write_json  # noqa: E402
 from learnopt.learned.preprocess import log_and_sign  # noqa: E402
 from learnopt.meta import TruncatedBPTT  # noqa: E402
 from learnopt.meta.es import copy_generator  # noqa: E402
+from learnopt.runtime import keep_freed_memory  # noqa: E402
 from tasks.mlp import MLPFamily, MLPTask  # noqa: E402
 from tasks.quadratic import QuadraticFamily, QuadraticTask  # noqa: E402
 
