@@ -76,6 +76,65 @@ def test_running_standardizer_matches_numpy():
         np.testing.assert_allclose(best_std.numpy(), (seen.min(1) - mean) / std, rtol=1e-9)
 
 
+@pytest.mark.parametrize("q", [1, 3])
+def test_session_standardizer_matches_the_batched_one(q):
+    from learnopt.blackbox.session import _Standardizer
+
+    rng = np.random.default_rng(q)
+    ys = 1e6 + rng.normal(0.0, 2.0, size=(1, 6 * q))  # a large offset: the shifted sums matter
+    ys[0, q:2 * q] = ys[0, 0]  # ties with the best: best_x must keep the first
+    xs = rng.uniform(size=(1, 6 * q, 2))
+    ref, fast = RunningStandardizer(1, torch.float64, torch.device("cpu")), _Standardizer()
+    for t in range(0, 6 * q, q):
+        y_ref, best_ref = ref.update(torch.tensor(ys[:, t:t + q]), torch.tensor(xs[:, t:t + q]))
+        y_fast, best_fast = fast.update(ys[0, t:t + q], xs[0, t:t + q])
+        np.testing.assert_allclose(y_fast, y_ref[0].numpy(), rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(best_fast, float(best_ref[0]), rtol=1e-12, atol=1e-12)
+        np.testing.assert_array_equal(fast.best_x, ref.best_x[0].numpy())
+    constant = _Standardizer()
+    for _ in range(3):  # constant observations standardise to 0, not 0/0
+        y_std, best_std = constant.update(np.array([2.5]), np.zeros((1, 2)))
+        assert y_std[0] == 0.0 and best_std == 0.0
+
+
+@pytest.mark.parametrize("q,explore,dtype", [(1, False, torch.float32), (2, True, torch.float32),
+                                             (1, False, torch.float64)])
+def test_numpy_stepper_matches_the_torch_step(q, explore, dtype):
+    torch.manual_seed(0)
+    p = RNNProposer(dim=3, hidden_size=16, num_layers=3, num_queries=q, explore=explore).to(dtype)
+    fast = p.numpy_stepper()
+    rng = np.random.default_rng(0)
+    state, fstate = p.initial_state(1), fast.initial_state()
+    inp, finp = p.start_input(1), fast.start_input()
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-13)
+    for _ in range(5):
+        noise = torch.rand(1, q, 3, dtype=dtype) if explore else None
+        with torch.no_grad():
+            x, state = p.step(inp, state, noise)
+        fx, fstate = fast.step(finp, fstate, None if noise is None else noise[0].numpy())
+        assert fx.dtype == np.float64 and fx.shape == (q, 3)
+        np.testing.assert_allclose(fx, x[0].double().numpy(), **tol)
+        for (h, c), (fh, fc) in zip(state, fstate):
+            np.testing.assert_allclose(fh, h[0].numpy(), **tol)
+            np.testing.assert_allclose(fc, c[0].numpy(), **tol)
+        xq, y, best = rng.uniform(size=(q, 3)), rng.normal(size=q), rng.normal()
+        bx = rng.uniform(size=3)
+        inp = p.observation_input(torch.tensor(xq)[None], torch.tensor(y)[None],
+                                  torch.tensor([best], dtype=torch.float64), torch.tensor(bx)[None])
+        finp = fast.observation_input(xq, y, best, bx)
+        np.testing.assert_allclose(finp, inp[0].numpy(), **tol)
+    if explore:
+        with pytest.raises(ValueError, match="noise"):
+            fast.step(finp, fstate)
+    # a snapshot: later changes to the weights do not reach it
+    zeros = np.zeros((q, 3))
+    before = fast.step(finp, fstate, zeros)[0]
+    with torch.no_grad():
+        p.head.bias.add_(1.0)
+    np.testing.assert_array_equal(fast.step(finp, fstate, zeros)[0], before)
+    assert not np.allclose(p.numpy_stepper().step(finp, fstate, zeros)[0], before)
+
+
 # -- the proposer -----------------------------------------------------------------------------------
 def test_rollout_is_invariant_to_affine_rescaling_of_f():
     p, f = proposer(), rff()

@@ -30,6 +30,8 @@ finite value seen so far (a failed evaluation counts as a bad one).
 
 from __future__ import annotations
 
+import copy
+import math
 import time
 from typing import Any, Callable
 
@@ -38,7 +40,34 @@ import torch
 from scipy.optimize import OptimizeResult
 from torch import Tensor, nn
 
-from learnopt.blackbox.proposer import RunningStandardizer
+
+class _Standardizer:
+    """``learnopt.blackbox.proposer.RunningStandardizer`` for a single instance, in Python
+    floats and numpy (the session's fast path; the same formulas, tested against it)."""
+
+    def __init__(self) -> None:
+        self.count, self.shift, self.total, self.total_sq = 0, 0.0, 0.0, 0.0
+        self.best = math.inf
+        self.best_x: np.ndarray | None = None
+
+    def update(self, y: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, float]:
+        """Add observations ``y`` ``[q]`` made at ``x`` ``[q, D]``; return them and the best value
+        so far, standardised."""
+        if self.count == 0:
+            self.shift = float(y[0])
+        self.count += len(y)
+        d = y - self.shift
+        self.total += float(d.sum())
+        self.total_sq += float((d * d).sum())
+        arg = int(np.argmin(y))
+        if y[arg] < self.best or self.best_x is None:
+            self.best, self.best_x = float(y[arg]), x[arg]
+        if self.count < 2:
+            return np.zeros_like(y), 0.0
+        mean = self.total / self.count
+        std = math.sqrt(max(self.total_sq / self.count - mean * mean, np.finfo(np.float64).tiny))
+        mean += self.shift
+        return (y - mean) / std, (self.best - mean) / std
 
 
 def as_bounds(bounds: Any, dim: int | None = None) -> Tensor:
@@ -72,13 +101,16 @@ class AskTellSession:
         self.proposer = proposer
         self.bounds = as_bounds(bounds, proposer.dim)
         self.nonfinite = nonfinite
-        self._units: list[Tensor] = []          # unit-box query of every record, in ask order
+        self._stepper = proposer.numpy_stepper()  # the proposer's step in numpy: ~1 µs per operation, not ~5
+        self._lower = self.bounds[0].numpy()
+        self._width = (self.bounds[1] - self.bounds[0]).numpy()
+        self._units: list[np.ndarray] = []      # unit-box query of every record, in ask order
         self._xs: list[np.ndarray] = []         # the same in the user's box
         self._ys: list[float | None] = []       # observation, None while pending
         self._groups: list[list[int]] = []      # records emitted by each proposer step
         self._unasked: list[int] = []           # emitted, not yet handed out
         self._pending: dict[tuple[float, ...], int] = {}
-        self._cache: tuple[int, Any, RunningStandardizer | None] | None = None  # (groups fed, state, stats)
+        self._cache: tuple[int, Any, _Standardizer | None] | None = None  # (groups fed, state, stats)
         self.proposal_seconds = 0.0
         # Exploration draws of an exploring proposer: one per emitted step, in order.
         self._generator = torch.Generator().manual_seed(seed)
@@ -94,17 +126,12 @@ class AskTellSession:
         self._pending[self._key(self._xs[i])] = i
         return self._xs[i].copy()
 
-    def _observation(self, group: list[int], liar: float) -> Tensor:
-        return torch.tensor([[self._ys[i] if self._ys[i] is not None else liar for i in group]],
-                            dtype=torch.float64)
-
-    @torch.inference_mode()  # no autograd bookkeeping at all: ~13% less time per proposal than no_grad
     def _emit(self) -> None:
-        p = self.proposer
+        p = self._stepper
         k = len(self._groups)
         if self._cache is None:
-            state = p.initial_state(1)
-            x, state = p.step(p.start_input(1), state, p.draw_noise(1, self._generator))
+            state = p.initial_state()
+            x, state = p.step(p.start_input(), state, self._noise())
             self._cache = (0, state, None)
         else:
             x = None
@@ -114,30 +141,31 @@ class AskTellSession:
         clean = True
         for j in range(fed, k):
             group = self._groups[j]
-            y = self._observation(group, liar)
-            stats = stats.clone() if stats is not None else RunningStandardizer(1, torch.float64, torch.device("cpu"))
-            xg = torch.stack([self._units[i] for i in group])[None]
+            y = np.array([self._ys[i] if self._ys[i] is not None else liar for i in group])
+            stats = copy.copy(stats) if stats is not None else _Standardizer()
+            xg = np.stack([self._units[i] for i in group])
             y_std, best_std = stats.update(y, xg)
-            inp = p.observation_input(xg.to(p.device), y_std.to(p.device), best_std.to(p.device),
-                                      stats.best_x.to(p.device))
+            inp = p.observation_input(xg, y_std, best_std, stats.best_x)
             # Only the last step's queries are new; replayed steps' outputs are not used.
-            noise = p.draw_noise(1, self._generator) if j == k - 1 else (
-                None if not p.explore else torch.zeros(1, p.num_queries, p.dim, dtype=p.dtype, device=p.device))
-            x, state = p.step(inp, state, noise)
+            x, state = p.step(inp, state, self._noise() if j == k - 1 else np.zeros((p.num_queries, p.dim)))
             clean = clean and all(self._ys[i] is not None for i in group)
             if clean:
                 self._cache = (j + 1, state, stats)
         assert x is not None
-        x = x[0].detach().cpu()
         group = []
         for unit in x:
             self._units.append(unit)
-            user = (self.bounds[0] + unit.double() * (self.bounds[1] - self.bounds[0])).numpy()
-            self._xs.append(user)
+            self._xs.append(self._lower + unit * self._width)
             self._ys.append(None)
             group.append(len(self._ys) - 1)
         self._groups.append(group)
         self._unasked.extend(group)
+
+    def _noise(self) -> np.ndarray | None:
+        """The next exploration draws ``[q, D]`` (None unless the proposer explores): the same
+        stream as ``RNNProposer.rollout(..., generator=)`` with this session's seed."""
+        u = self.proposer.draw_noise(1, self._generator)
+        return None if u is None else u[0].double().cpu().numpy()
 
     # -- telling --------------------------------------------------------------------------------
     @staticmethod
