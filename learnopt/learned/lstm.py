@@ -9,6 +9,7 @@ from typing import Any, Literal, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from learnopt.learned import _native
 from learnopt.learned.base import LearnedOptimizer
 from learnopt.learned.features import TransformFeatures
 from learnopt.learned.preprocess import log_and_sign
@@ -254,9 +255,11 @@ class CoordinatewiseLSTM(LearnedOptimizer):
         cache. ``h`` lives in the rows of a buffer (``_scratch_buffer``) between a row of ones,
         the inputs and a last row of ones, so each layer is one matmul on a contiguous block
         of rows with the bias as a weight column, and writes its new ``h`` back into its own
-        rows: nothing is copied. One in-place sigmoid over the block's gates gives the three
-        gates and the cell input (see ``FusedLSTMStack``), and each remaining formula is one
-        ``addcmul`` over contiguous rows; no tensor of the size of the state is allocated. A
+        rows: nothing is copied. On CPU a native kernel (``learnopt.learned._native``, compiled
+        on first use) turns each block's gates into the new ``c`` and ``h`` in one pass;
+        without it, one in-place sigmoid over the gates gives the three gates and the cell
+        input (see ``FusedLSTMStack``), and each remaining formula is one ``addcmul`` over
+        contiguous rows. No tensor of the size of the state is allocated. A
         state made elsewhere (a copy, a loaded state dict) is moved into such a buffer on its
         first step (``Tensor.set_``: same tensor objects, same values).
         """
@@ -276,6 +279,7 @@ class CoordinatewiseLSTM(LearnedOptimizer):
         cols = min(block_rows, n)
         gates = torch.empty(4 * hidden, cols, device=flat.device, dtype=self.dtype)
         tanh_c = torch.empty(hidden, cols, device=flat.device, dtype=self.dtype)
+        native_tail = _native.lstm_tail(self.dtype) if flat.device.type == "cpu" else None
         for start in range(0, n, cols):
             end = min(start + cols, n)
             m = end - start
@@ -287,14 +291,17 @@ class CoordinatewiseLSTM(LearnedOptimizer):
                     torch.mm(w, block[first:last], out=g)
                 else:
                     torch.addmm(b, w, block[first:last], out=g)
+                c = state.c[layer, :, start:end]
+                row = k0 + 1 + layer * hidden
+                if native_tail is not None:  # the same formulas in one pass (learnopt.learned._native)
+                    native_tail(g, c, block[row: row + hidden])
+                    continue
                 g.sigmoid_()
                 i, f, o, s = g[:hidden], g[hidden: 2 * hidden], g[2 * hidden: 3 * hidden], g[3 * hidden:]
-                c = state.c[layer, :, start:end]
                 torch.addcmul(i, i, s, value=-2.0, out=s)  # i tanh(z_g) = i (1 − 2 σ(−2 z_g))
                 torch.addcmul(s, f, c, out=c)  # c ← f c + i tanh(z_g)
                 t = tanh_c[:, :m]
                 torch.mul(c, -2.0, out=t).sigmoid_()
-                row = k0 + 1 + layer * hidden
                 torch.addcmul(o, o, t, value=-2.0, out=block[row: row + hidden])  # h ← o (1 − 2 σ(−2c))
             torch.mm(out_w, block[out_rows[0]: out_rows[1]], out=step[:, start:end])
         return TransformFeatures.unflatten(step.view(-1), grads)

@@ -1,0 +1,163 @@
+"""An optional native CPU kernel for the elementwise tail of the drop-in LSTM step.
+
+After each layer's matmul, the drop-in step (``CoordinatewiseLSTM.update_``) turns the gate
+pre-activations into the new cell and hidden state. Written with torch operations that is a
+sigmoid over the gates, three ``addcmul``s and another sigmoid: five passes over memory and
+five kernel launches per layer and block. This module does it in one pass per block with a
+small C++ function, compiled on first use with the system's C++ compiler and loaded with
+``ctypes``:
+
+* no torch headers, so it compiles in about a second; the library is cached under
+  ``$LEARNOPT_CACHE`` (default ``~/.cache/learnopt``), keyed by the source, the flags, the
+  compiler and the CPU (it is built with ``-march=native``);
+* ``expf``/``exp`` are vectorised through glibc's ``libmvec``;
+* anything that fails (no compiler, no ``libmvec``, another platform) leaves the torch
+  operations in place, with one warning; ``LEARNOPT_NATIVE_KERNELS=0`` turns the kernel off.
+
+The arithmetic is the torch path's (``tests/test_speed_paths.py`` checks them against each
+other): gates in the order (i, f, o, g') with g' = −2 z_g, so that i·tanh(z_g) = i − 2 i σ(g');
+``c ← f c + i (1 − 2 σ(g'))``, ``h ← o (1 − 2 σ(−2 c))``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+SOURCE = r"""
+#include <math.h>
+#include <stdint.h>
+
+// Vector variants of expf/exp exist in glibc's libmvec; declaring them lets the compiler
+// vectorise the loop without -ffast-math (which would also drop inf and NaN semantics).
+extern "C" float expf(float) __attribute__((simd("notinbranch")));
+extern "C" double exp(double) __attribute__((simd("notinbranch")));
+
+template <typename T, T (*EXP)(T)>
+static void lstm_tail(T* __restrict g, T* __restrict c, T* __restrict h, int64_t H, int64_t m,
+                      int64_t gs, int64_t cs, int64_t hs) {
+  const T one = 1, two = 2;
+  for (int64_t j = 0; j < H; ++j) {
+    const T* __restrict gi = g + j * gs;
+    const T* __restrict gf = g + (H + j) * gs;
+    const T* __restrict go = g + (2 * H + j) * gs;
+    const T* __restrict gg = g + (3 * H + j) * gs;
+    T* __restrict cj = c + j * cs;
+    T* __restrict hj = h + j * hs;
+#pragma omp simd
+    for (int64_t k = 0; k < m; ++k) {
+      T i = one / (one + EXP(-gi[k]));
+      T f = one / (one + EXP(-gf[k]));
+      T o = one / (one + EXP(-go[k]));
+      T s = one / (one + EXP(-gg[k]));
+      T cn = f * cj[k] + i * (one - two * s);
+      cj[k] = cn;
+      hj[k] = o * (one - two / (one + EXP(two * cn)));
+    }
+  }
+}
+
+extern "C" void lstm_tail_f32(float* g, float* c, float* h, int64_t H, int64_t m, int64_t gs,
+                              int64_t cs, int64_t hs) {
+  lstm_tail<float, expf>(g, c, h, H, m, gs, cs, hs);
+}
+
+extern "C" void lstm_tail_f64(double* g, double* c, double* h, int64_t H, int64_t m, int64_t gs,
+                              int64_t cs, int64_t hs) {
+  lstm_tail<double, exp>(g, c, h, H, m, gs, cs, hs);
+}
+"""
+
+FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp-simd", "-shared", "-fPIC"]
+LIBS = ["-lmvec"]
+
+_library: ctypes.CDLL | None | bool = False  # False: not tried yet; None: unavailable
+
+
+def _cpu_signature() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor()
+    lines = [line for line in text.splitlines() if line.startswith(("model name", "flags"))]
+    return "\n".join(sorted(set(lines)))
+
+
+def _compiler() -> str | None:
+    return shutil.which(os.environ.get("CXX", "g++"))
+
+
+def _build() -> ctypes.CDLL | None:
+    """Compile (or find in the cache) and load the kernel library; None when that fails."""
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return None  # libmvec's vector variants are glibc x86-64
+    cxx = _compiler()
+    if cxx is None:
+        warnings.warn("learnopt: no C++ compiler found (set CXX); the drop-in LSTM step uses torch operations "
+                      "for its elementwise tail", RuntimeWarning, stacklevel=3)
+        return None
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256("\0".join([SOURCE, *FLAGS, *LIBS, version, _cpu_signature()]).encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("LEARNOPT_CACHE", Path.home() / ".cache" / "learnopt")) / "kernels"
+    target = cache / f"lstm_tail_{key}.so"
+    if not target.exists():
+        try:
+            cache.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=cache) as tmp:
+                src = Path(tmp) / "lstm_tail.cpp"
+                src.write_text(SOURCE)
+                out = Path(tmp) / "lstm_tail.so"
+                done = subprocess.run([cxx, *FLAGS, str(src), "-o", str(out), *LIBS], capture_output=True, text=True)
+                if done.returncode != 0:
+                    raise RuntimeError(done.stderr.strip()[-2000:])
+                os.replace(out, target)  # atomic: concurrent builders never see a partial library
+        except (OSError, RuntimeError) as err:
+            warnings.warn(f"learnopt: building the native LSTM kernel failed ({err}); the drop-in LSTM step uses "
+                          "torch operations for its elementwise tail", RuntimeWarning, stacklevel=3)
+            return None
+    lib = ctypes.CDLL(str(target))
+    for name in ("lstm_tail_f32", "lstm_tail_f64"):
+        fn = getattr(lib, name)
+        fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 5
+        fn.restype = None
+    return lib
+
+
+def enabled() -> bool:
+    return os.environ.get("LEARNOPT_NATIVE_KERNELS", "1") != "0"
+
+
+def lstm_tail(dtype: torch.dtype) -> Callable[[Tensor, Tensor, Tensor], None] | None:
+    """The native tail for CPU tensors of ``dtype``, or None (not built, turned off, or a dtype
+    other than float32/float64). The callable takes ``gates [4H, m]``, ``c [H, m]`` and
+    ``h [H, m]``, each with unit stride along ``m``, updates ``c`` and writes ``h``."""
+    global _library
+    if not enabled() or dtype not in (torch.float32, torch.float64):
+        return None
+    if _library is False:
+        _library = _build()
+    if _library is None:
+        return None
+    fn = _library.lstm_tail_f32 if dtype == torch.float32 else _library.lstm_tail_f64
+
+    def tail(gates: Tensor, c: Tensor, h: Tensor) -> None:
+        hidden, m = c.shape
+        if not (gates.shape == (4 * hidden, m) and h.shape == (hidden, m)
+                and gates.stride(1) == c.stride(1) == h.stride(1) == 1
+                and gates.dtype == c.dtype == h.dtype == dtype and gates.device.type == "cpu"):
+            raise ValueError(f"lstm_tail: gates {tuple(gates.shape)}, c {tuple(c.shape)}, h {tuple(h.shape)} must be "
+                             f"[4H, m], [H, m], [H, m] {dtype} CPU tensors with unit stride along m")
+        fn(gates.data_ptr(), c.data_ptr(), h.data_ptr(), hidden, m, gates.stride(0), c.stride(0), h.stride(0))
+
+    return tail
