@@ -28,8 +28,8 @@ def drop_in(path: Path) -> None:
     sizes = data["sizes"]
     n = [s["parameters"] for s in sizes]
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, style in [("adam", "o-"), ("lstm", "s-"), ("lstm functional", "s--"), ("lstm compiled", "s:"),
-                        ("mlp_lopt", "^-")]:
+    for name, style in [("adam", "o-"), ("lstm", "s-"), ("lstm torch ops", "x-"), ("lstm functional", "s--"),
+                        ("lstm compiled", "s:"), ("mlp_lopt", "^-")]:
         pts = [(s["parameters"], s["seconds"][name]) for s in sizes if name in s["seconds"]]
         if pts:
             ax.plot(*zip(*pts), style, label=name)
