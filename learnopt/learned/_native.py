@@ -11,8 +11,10 @@ small C++ function, compiled on first use with the system's C++ compiler and loa
   ``$LEARNOPT_CACHE`` (default ``~/.cache/learnopt``), keyed by the source, the flags, the
   compiler and the CPU (it is built with ``-march=native``);
 * ``expf``/``exp`` are vectorised through glibc's ``libmvec``;
-* with several torch threads (``torch.get_num_threads()``), the rows of a block are split
-  across a small thread pool (``ctypes`` releases the GIL), as torch's own operations would be;
+* it is single-threaded, so it is used only when torch runs one thread
+  (``torch.get_num_threads() == 1``). With more, torch's own operations run the tail in
+  parallel and were faster: at 1M parameters with 2 threads, 122 ms per step against 142 ms
+  with the rows split across a Python thread pool, which also slowed the matmuls around it;
 * anything that fails (no compiler, no ``libmvec``, another platform) leaves the torch
   operations in place, with one warning; ``LEARNOPT_NATIVE_KERNELS=0`` turns the kernel off.
 
@@ -31,7 +33,6 @@ import shutil
 import subprocess
 import tempfile
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
@@ -47,12 +48,11 @@ SOURCE = r"""
 extern "C" float expf(float) __attribute__((simd("notinbranch")));
 extern "C" double exp(double) __attribute__((simd("notinbranch")));
 
-// Rows j0 <= j < j1 of the hidden state (callers split the rows across threads).
 template <typename T, T (*EXP)(T)>
-static void lstm_tail(T* __restrict g, T* __restrict c, T* __restrict h, int64_t H, int64_t j0, int64_t j1,
-                      int64_t m, int64_t gs, int64_t cs, int64_t hs) {
+static void lstm_tail(T* __restrict g, T* __restrict c, T* __restrict h, int64_t H, int64_t m,
+                      int64_t gs, int64_t cs, int64_t hs) {
   const T one = 1, two = 2;
-  for (int64_t j = j0; j < j1; ++j) {
+  for (int64_t j = 0; j < H; ++j) {
     const T* __restrict gi = g + j * gs;
     const T* __restrict gf = g + (H + j) * gs;
     const T* __restrict go = g + (2 * H + j) * gs;
@@ -72,14 +72,14 @@ static void lstm_tail(T* __restrict g, T* __restrict c, T* __restrict h, int64_t
   }
 }
 
-extern "C" void lstm_tail_f32(float* g, float* c, float* h, int64_t H, int64_t j0, int64_t j1, int64_t m,
-                              int64_t gs, int64_t cs, int64_t hs) {
-  lstm_tail<float, expf>(g, c, h, H, j0, j1, m, gs, cs, hs);
+extern "C" void lstm_tail_f32(float* g, float* c, float* h, int64_t H, int64_t m, int64_t gs,
+                              int64_t cs, int64_t hs) {
+  lstm_tail<float, expf>(g, c, h, H, m, gs, cs, hs);
 }
 
-extern "C" void lstm_tail_f64(double* g, double* c, double* h, int64_t H, int64_t j0, int64_t j1, int64_t m,
-                              int64_t gs, int64_t cs, int64_t hs) {
-  lstm_tail<double, exp>(g, c, h, H, j0, j1, m, gs, cs, hs);
+extern "C" void lstm_tail_f64(double* g, double* c, double* h, int64_t H, int64_t m, int64_t gs,
+                              int64_t cs, int64_t hs) {
+  lstm_tail<double, exp>(g, c, h, H, m, gs, cs, hs);
 }
 """
 
@@ -133,7 +133,7 @@ def _build() -> ctypes.CDLL | None:
     lib = ctypes.CDLL(str(target))
     for name in ("lstm_tail_f32", "lstm_tail_f64"):
         fn = getattr(lib, name)
-        fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 7
+        fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 5
         fn.restype = None
     return lib
 
@@ -143,11 +143,11 @@ def enabled() -> bool:
 
 
 def lstm_tail(dtype: torch.dtype) -> Callable[[Tensor, Tensor, Tensor], None] | None:
-    """The native tail for CPU tensors of ``dtype``, or None (not built, turned off, or a dtype
-    other than float32/float64). The callable takes ``gates [4H, m]``, ``c [H, m]`` and
+    """The native tail for CPU tensors of ``dtype``, or None (not built, turned off, torch running
+    more than one thread, or a dtype other than float32/float64). The callable takes ``gates [4H, m]``, ``c [H, m]`` and
     ``h [H, m]``, each with unit stride along ``m``, updates ``c`` and writes ``h``."""
     global _library
-    if not enabled() or dtype not in (torch.float32, torch.float64):
+    if not enabled() or dtype not in (torch.float32, torch.float64) or torch.get_num_threads() > 1:
         return None
     if _library is False:
         _library = _build()
@@ -162,28 +162,6 @@ def lstm_tail(dtype: torch.dtype) -> Callable[[Tensor, Tensor, Tensor], None] | 
                 and gates.dtype == c.dtype == h.dtype == dtype and gates.device.type == "cpu"):
             raise ValueError(f"lstm_tail: gates {tuple(gates.shape)}, c {tuple(c.shape)}, h {tuple(h.shape)} must be "
                              f"[4H, m], [H, m], [H, m] {dtype} CPU tensors with unit stride along m")
-        args = (gates.data_ptr(), c.data_ptr(), h.data_ptr(), hidden)
-        strides = (m, gates.stride(0), c.stride(0), h.stride(0))
-        threads = min(torch.get_num_threads(), hidden, max(1, hidden * m // PARALLEL_GRAIN))
-        if threads == 1:
-            fn(*args, 0, hidden, *strides)
-            return
-        # ctypes releases the GIL: the other rows run on pool threads, as torch's own ops would
-        bounds = [hidden * i // threads for i in range(threads + 1)]
-        futures = [_pool(threads - 1).submit(fn, *args, bounds[i], bounds[i + 1], *strides) for i in range(1, threads)]
-        fn(*args, bounds[0], bounds[1], *strides)
-        for future in futures:
-            future.result()
+        fn(gates.data_ptr(), c.data_ptr(), h.data_ptr(), hidden, m, gates.stride(0), c.stride(0), h.stride(0))
 
     return tail
-
-
-PARALLEL_GRAIN = 32768  # elements per thread below which the tail runs on one thread (torch's grain size)
-_executor: ThreadPoolExecutor | None = None
-
-
-def _pool(workers: int) -> ThreadPoolExecutor:
-    global _executor
-    if _executor is None or _executor._max_workers < workers:
-        _executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="learnopt-lstm-tail")
-    return _executor
