@@ -33,7 +33,10 @@ def drop_in(path: Path) -> None:
         pts = [(s["parameters"], s["seconds"][name]) for s in sizes if name in s["seconds"]]
         if pts:
             ax.plot(*zip(*pts), style, label=name)
-    ax.plot(n, [s["lstm_lower_bound_seconds"] for s in sizes], "k:", label="LSTM lower bound")
+    ax.plot(n, [s["lstm_lower_bound_seconds"] for s in sizes], "k:", label="LSTM lower bound (matmul FLOPs)")
+    if all("lstm_lower_bound_all_flops_seconds" in s for s in sizes):
+        ax.plot(n, [s["lstm_lower_bound_all_flops_seconds"] for s in sizes], "k--", lw=0.8,
+                label="LSTM lower bound (every FLOP)")
     ax.set(xscale="log", yscale="log", xlabel="parameters", ylabel="seconds per step",
            title="drop-in optimizer step (median, interleaved)")
     ax.legend(fontsize=8)
