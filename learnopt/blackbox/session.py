@@ -21,6 +21,12 @@ Bayesian optimisation). When the true value arrives the next ``ask`` replays wit
 proposer trained with ``num_queries = q`` emits q queries per step and hands them out one
 ``ask`` at a time.
 
+Proposals run through a numpy snapshot of the proposer's weights taken when the session is
+created (``RNNProposer.numpy_stepper``): a sequential proposal is a few dozen operations on
+vectors of a few hundred numbers, and numpy's overhead per operation is a fraction of torch's
+(about 45 µs per proposal against 150 µs with torch). Training the proposer further does
+not change a session that already exists.
+
 Bad input is refused before anything changes, so a rejected call leaves the session as it was:
 a box with ``lower >= upper`` or the wrong dimension, a ``tell`` for a point never asked (or
 already told), and a NaN or infinite observation (``nonfinite="raise"``, the default) raise
