@@ -114,6 +114,11 @@ def test_native_kernel_falls_back_with_a_warning_and_can_be_turned_off(monkeypat
         assert _native.lstm_tail(torch.float32) is None
     assert not list(tmp_path.glob("kernels/*.so"))
     monkeypatch.setattr(_native, "_library", False)
+    monkeypatch.delenv("CXX")
+    monkeypatch.setattr(_native.ctypes, "CDLL", lambda path: (_ for _ in ()).throw(OSError("cannot open")))
+    with pytest.warns(RuntimeWarning, match="loading the native LSTM kernel"):
+        assert _native.lstm_tail(torch.float32) is None
+    monkeypatch.setattr(_native, "_library", False)
     monkeypatch.setenv("LEARNOPT_NATIVE_KERNELS", "0")
     assert _native.lstm_tail(torch.float32) is None and _native._library is False  # nothing was even tried
 

@@ -130,7 +130,12 @@ def _build() -> ctypes.CDLL | None:
             warnings.warn(f"learnopt: building the native LSTM kernel failed ({err}); the drop-in LSTM step uses "
                           "torch operations for its elementwise tail", RuntimeWarning, stacklevel=3)
             return None
-    lib = ctypes.CDLL(str(target))
+    try:
+        lib = ctypes.CDLL(str(target))
+    except OSError as err:  # e.g. a cached library whose runtime dependencies went away
+        warnings.warn(f"learnopt: loading the native LSTM kernel {target} failed ({err}); the drop-in LSTM step "
+                      "uses torch operations for its elementwise tail", RuntimeWarning, stacklevel=3)
+        return None
     for name in ("lstm_tail_f32", "lstm_tail_f64"):
         fn = getattr(lib, name)
         fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 5
