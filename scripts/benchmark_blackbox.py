@@ -25,6 +25,7 @@ import math
 import platform
 import sys
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -126,7 +127,7 @@ def time_per_proposal(dim: int, horizon: int, proposer, prior: tuple[float, floa
     (each a different seed where the method has one)."""
     problem = held_out_gp(GPFunctionFamily(dim, prior), 1, "timing", 0)
     f = single(problem, 0)
-    samples: dict[str, list[float]] = {}
+    samples: dict[str, list[float]] = defaultdict(list)
     hp = GPHyperparameters(problem.functions.lengthscales, torch.ones(1, dtype=torch.float64),
                            torch.full((1,), 1e-6, dtype=torch.float64))
     for rep in range(repeats):
@@ -136,14 +137,13 @@ def time_per_proposal(dim: int, horizon: int, proposer, prior: tuple[float, floa
             x = session.ask()
             stamps.append(session.proposal_seconds)
             session.tell(x, f(x))
-        samples.setdefault("lstm_oi", []).append(stamps[-1] - stamps[-2])
+        samples["lstm_oi"].append(stamps[-1] - stamps[-2])
         g = torch.Generator().manual_seed(rep)
-        samples.setdefault("gp_ei_fixed", []).append(float(gp_ei(problem, 1, dim, horizon, g, hyperparameters=hp)[2][-1]))
-        samples.setdefault("gp_ei_fit", []).append(float(gp_ei(problem, 1, dim, horizon, g)[2][-1]))
-        samples.setdefault("random", []).append(float(random_search(problem, 1, dim, horizon, g)[2][-1]))
+        samples["gp_ei_fixed"].append(float(gp_ei(problem, 1, dim, horizon, g, hyperparameters=hp)[2][-1]))
+        samples["gp_ei_fit"].append(float(gp_ei(problem, 1, dim, horizon, g)[2][-1]))
+        samples["random"].append(float(random_search(problem, 1, dim, horizon, g)[2][-1]))
         for sampler in ("tpe", "gp", "cmaes"):
-            samples.setdefault(f"optuna_{sampler}", []).append(
-                float(optuna_minimize(f, dim, horizon, sampler, seed=rep)[2][-1]))
+            samples[f"optuna_{sampler}"].append(float(optuna_minimize(f, dim, horizon, sampler, seed=rep)[2][-1]))
     return {method: float(np.median(s)) for method, s in samples.items()}
 
 

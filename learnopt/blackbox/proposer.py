@@ -221,8 +221,8 @@ class RNNProposer(nn.Module):
         return AskTellSession(self, bounds, **options)
 
     def numpy_stepper(self) -> NumpyStepper:
-        """A snapshot of the current weights that runs ``step`` for one instance in float64 numpy
-        (what the ask/tell session uses)."""
+        """A snapshot of the current weights that runs ``step`` for one instance in numpy (what
+        the ask/tell session uses); see ``NumpyStepper``."""
         return NumpyStepper(self)
 
 

@@ -98,25 +98,26 @@ def _cpu_signature() -> str:
     return "\n".join(sorted(set(lines)))
 
 
-def _compiler() -> str | None:
-    return shutil.which(os.environ.get("CXX", "g++"))
+def _fallback(problem: str) -> None:
+    """Warn that the kernel is unavailable because of ``problem``; the caller returns None."""
+    warnings.warn(f"learnopt: {problem}; the drop-in LSTM step uses torch operations for its elementwise tail",
+                  RuntimeWarning, stacklevel=4)
 
 
 def _build() -> ctypes.CDLL | None:
     """Compile (or find in the cache) and load the kernel library; None when that fails."""
     if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
         return None  # libmvec's vector variants are glibc x86-64
-    cxx = _compiler()
+    cxx = shutil.which(os.environ.get("CXX", "g++"))
     if cxx is None:
-        warnings.warn("learnopt: no C++ compiler found (set CXX); the drop-in LSTM step uses torch operations "
-                      "for its elementwise tail", RuntimeWarning, stacklevel=3)
+        _fallback("no C++ compiler found (set CXX)")
         return None
-    version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256("\0".join([SOURCE, *FLAGS, *LIBS, version, _cpu_signature()]).encode()).hexdigest()[:16]
-    cache = Path(os.environ.get("LEARNOPT_CACHE", Path.home() / ".cache" / "learnopt")) / "kernels"
-    target = cache / f"lstm_tail_{key}.so"
-    if not target.exists():
-        try:
+    try:
+        version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
+        key = hashlib.sha256("\0".join([SOURCE, *FLAGS, *LIBS, version, _cpu_signature()]).encode()).hexdigest()[:16]
+        cache = Path(os.environ.get("LEARNOPT_CACHE", Path.home() / ".cache" / "learnopt")) / "kernels"
+        target = cache / f"lstm_tail_{key}.so"
+        if not target.exists():
             cache.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=cache) as tmp:
                 src = Path(tmp) / "lstm_tail.cpp"
@@ -126,15 +127,13 @@ def _build() -> ctypes.CDLL | None:
                 if done.returncode != 0:
                     raise RuntimeError(done.stderr.strip()[-2000:])
                 os.replace(out, target)  # atomic: concurrent builders never see a partial library
-        except (OSError, RuntimeError) as err:
-            warnings.warn(f"learnopt: building the native LSTM kernel failed ({err}); the drop-in LSTM step uses "
-                          "torch operations for its elementwise tail", RuntimeWarning, stacklevel=3)
-            return None
+    except (OSError, RuntimeError) as err:
+        _fallback(f"building the native LSTM kernel failed ({err})")
+        return None
     try:
         lib = ctypes.CDLL(str(target))
     except OSError as err:  # e.g. a cached library whose runtime dependencies went away
-        warnings.warn(f"learnopt: loading the native LSTM kernel {target} failed ({err}); the drop-in LSTM step "
-                      "uses torch operations for its elementwise tail", RuntimeWarning, stacklevel=3)
+        _fallback(f"loading the native LSTM kernel {target} failed ({err})")
         return None
     for name in ("lstm_tail_f32", "lstm_tail_f64"):
         fn = getattr(lib, name)

@@ -278,8 +278,9 @@ class CoordinatewiseLSTM(LearnedOptimizer):
         step = torch.empty(1, n, device=flat.device, dtype=self.dtype)
         cols = min(block_rows, n)
         gates = torch.empty(4 * hidden, cols, device=flat.device, dtype=self.dtype)
-        tanh_c = torch.empty(hidden, cols, device=flat.device, dtype=self.dtype)
         native_tail = _native.lstm_tail(self.dtype) if flat.device.type == "cpu" else None
+        if native_tail is None:
+            tanh_c = torch.empty(hidden, cols, device=flat.device, dtype=self.dtype)
         for start in range(0, n, cols):
             end = min(start + cols, n)
             m = end - start
