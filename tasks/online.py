@@ -15,6 +15,7 @@ fixed episodes of the ``val`` split.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import numpy as np
@@ -53,6 +54,27 @@ def dataset_arrays(name: str, part: str, standardize: bool = True) -> tuple[Tens
     return (x - mean) / torch.where(std > 1e-6, std, torch.ones_like(std)), y
 
 
+def _gamma(alpha: Tensor, generator: torch.Generator) -> Tensor:
+    """Gamma(α, 1) draws from ``generator`` (Marsaglia–Tsang; for α < 1 via Gamma(α + 1)·U^(1/α)),
+    because torch's own gamma sampler takes no generator."""
+    out = torch.empty_like(alpha)
+    for k, a in enumerate(alpha.tolist()):
+        boost = a < 1
+        d = (a + 1 if boost else a) - 1 / 3
+        c = 1 / math.sqrt(9 * d)
+        while True:
+            z = float(torch.randn((), generator=generator))
+            v = (1 + c * z) ** 3
+            u = float(torch.rand((), generator=generator))
+            if v > 0 and math.log(max(u, 1e-300)) < 0.5 * z * z + d - d * v + d * math.log(v):
+                break
+        g = d * v
+        if boost:
+            g *= float(torch.rand((), generator=generator)) ** (1 / a)
+        out[k] = g
+    return out
+
+
 def _to_model(model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     """Episodes on the model's device and in its floating-point type."""
     p = next(iter(model.parameters()), None)
@@ -64,7 +86,9 @@ class OnlineClassificationFamily:
 
     ``datasets``: names drawn uniformly per call; ``part``: which part of each dataset the
     examples come from; ``num_features``: the projected input size (ignored with
-    ``projection="none"``); ``seed`` keys the validation episodes.
+    ``projection="none"``); ``class_concentration``: ``None`` draws each episode's examples
+    from the pool of its classes, a float α > 0 first draws the episode's class proportions
+    from Dirichlet(α, …, α) (imbalanced streams); ``seed`` keys the validation episodes.
     """
 
     validation_name = "online_ce"
@@ -72,13 +96,16 @@ class OnlineClassificationFamily:
     def __init__(self, datasets: list[str] | tuple[str, ...] = ("digits",), part: str = "train",
                  episode_length: int = 100, num_features: int = 16, min_classes: int = 2, max_classes: int = 5,
                  projection: str = "gaussian", standardize: bool = True, val_episodes: int = 32,
-                 seed: int = 0) -> None:
+                 seed: int = 0, class_concentration: float | None = None) -> None:
         if projection not in PROJECTIONS:
             raise ValueError(f"projection must be one of {PROJECTIONS}, got {projection!r}")
         if not 2 <= min_classes <= max_classes:
             raise ValueError(f"need 2 <= min_classes <= max_classes, got {min_classes}, {max_classes}")
         if episode_length < 1 or num_features < 1:
             raise ValueError(f"episode_length and num_features must be >= 1, got {episode_length}, {num_features}")
+        if class_concentration is not None and not (math.isfinite(class_concentration) and class_concentration > 0):
+            raise ValueError(f"class_concentration must be None or a finite float > 0, got {class_concentration}")
+        self.class_concentration = None if class_concentration is None else float(class_concentration)
         self.datasets, self.part = tuple(datasets), part
         self.episode_length, self.num_features = episode_length, num_features
         self.min_classes, self.max_classes = min_classes, max_classes
@@ -107,7 +134,9 @@ class OnlineClassificationFamily:
             relabel[classes] = torch.arange(C)
             pool = torch.nonzero(relabel[data_y] >= 0).squeeze(1)
             T = self.episode_length if length is None else length
-            if len(pool) >= T:
+            if self.class_concentration is not None:
+                idx = self._imbalanced(data_y, classes, T, generator)
+            elif len(pool) >= T:
                 idx = pool[torch.randperm(len(pool), generator=generator)[:T]]
             else:
                 idx = pool[torch.randint(len(pool), (T,), generator=generator)]
@@ -119,6 +148,24 @@ class OnlineClassificationFamily:
             xs.append(x)
             ys.append(relabel[data_y[idx]])
         return torch.stack(xs), torch.stack(ys), C
+
+    def _imbalanced(self, data_y: Tensor, classes: Tensor, T: int, generator: torch.Generator) -> Tensor:
+        """``T`` example indices whose labels follow proportions ~ Dirichlet(α) over ``classes``
+        (drawn without replacement within a class while its examples last)."""
+        alpha = torch.full((len(classes),), self.class_concentration)
+        # Dirichlet(α) as normalised Gamma(α, 1) draws, from the episode's generator.
+        gammas = _gamma(alpha, generator)
+        labels = torch.multinomial(gammas / gammas.sum(), T, replacement=True, generator=generator)
+        idx = torch.empty(T, dtype=torch.int64)
+        for k, cls in enumerate(classes.tolist()):
+            where = torch.nonzero(labels == k).squeeze(1)
+            if len(where) == 0:
+                continue
+            members = torch.nonzero(data_y == cls).squeeze(1)
+            order = torch.randperm(len(members), generator=generator)
+            picks = order[torch.arange(len(where)) % len(members)]  # reuse examples only if the class runs out
+            idx[where] = members[picks]
+        return idx
 
     def meta_loss(self, model: nn.Module, num_episodes: int,
                   generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:

@@ -165,6 +165,62 @@ def test_episode_family_draws_class_subsets_and_projections():
         OnlineClassificationFamily(projection="rotate")
 
 
+def test_imbalanced_streams_draw_class_proportions_from_a_dirichlet():
+    from tasks.online import _gamma, dataset_arrays
+
+    g = torch.Generator().manual_seed(0)
+    alpha = torch.tensor([0.3, 1.0, 4.0])
+    draws = torch.stack([_gamma(alpha, g) for _ in range(4000)])
+    # Gamma(α, 1): mean α, variance α
+    assert torch.allclose(draws.mean(0), alpha, rtol=0.08)
+    assert torch.allclose(draws.var(0), alpha, rtol=0.15)
+    fam = OnlineClassificationFamily(datasets=["iris"], projection="none", episode_length=60, min_classes=2,
+                                     max_classes=2, class_concentration=1.0)
+    data_x, data_y = dataset_arrays("iris", "train")
+    shares = []
+    for k in range(40):
+        x, y, C = fam.sample(4, torch.Generator().manual_seed(k))
+        assert C == 2 and x.shape == (4, 60, 4)
+        for xe, ye in zip(x, y):
+            # every example is a real row of the dataset, and one class maps to one label
+            rows = (xe[:, None, :] == data_x[None]).all(-1).float().argmax(1)
+            assert torch.equal(data_x[rows], xe)
+            for label in range(C):
+                assert len(data_y[rows[ye == label]].unique()) <= 1
+            shares.append(float((ye == 0).float().mean()))
+    shares = torch.tensor(shares)
+    # Dirichlet(1, 1): the share of a class is uniform on [0, 1] (variance 1/12), where drawing
+    # from the pool of two balanced iris classes gives shares near 1/2 (variance ≈ 1/240).
+    assert abs(float(shares.mean()) - 0.5) < 0.06 and abs(float(shares.var()) - 1 / 12) < 0.025
+    balanced = OnlineClassificationFamily(datasets=["iris"], projection="none", episode_length=60, max_classes=2)
+    even = torch.tensor([float((balanced.sample(1, torch.Generator().manual_seed(k))[1] == 0).float().mean())
+                         for k in range(40)])
+    assert float(even.var()) < 0.01
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="class_concentration"):
+            OnlineClassificationFamily(class_concentration=bad)
+
+
+def test_meta_training_can_start_from_an_exported_learner(tmp_path):
+    from learnopt.checkpoint import CheckpointError
+    from learnopt.train.module import MetaTrainModule
+
+    fam = OnlineClassificationFamily(datasets=["iris"], episode_length=8, num_features=3, max_classes=3)
+    source = VSMLNetwork(state_size=4, message_size=2, micro_ticks=1)
+    path = learnopt.export_checkpoint(source, tmp_path / "start.pt")
+    net = VSMLNetwork(state_size=4, message_size=2, micro_ticks=1)
+    assert not torch.equal(net.layers[0].w_forward, source.layers[0].w_forward)
+    MetaTrainModule(net, fam, estimator="full_bptt", init_from=str(path))
+    for a, b in zip(net.state_dict().values(), source.state_dict().values()):
+        assert torch.equal(a, b)
+    with pytest.raises(CheckpointError, match="config differs.*state_size"):
+        MetaTrainModule(VSMLNetwork(state_size=6, message_size=2, micro_ticks=1), fam, estimator="full_bptt",
+                        init_from=str(path))
+    with pytest.raises(CheckpointError, match="holds a VSMLNetwork"):
+        MetaTrainModule(BlackBoxOnlineLSTM(num_features=3, num_classes=3, hidden_size=4), fam,
+                        estimator="full_bptt", init_from=str(path))
+
+
 def test_bptt_meta_gradient_matches_finite_differences():
     from learnopt.task import seeded_generator
 

@@ -82,6 +82,21 @@ def build_estimator(
                num_pairs=num_pairs, schedule=schedule)
 
 
+def _load_initial_weights(model: nn.Module, path: str) -> None:
+    """Copy the weights of the exported checkpoint ``path`` into ``model`` (same class and config)."""
+    from learnopt.checkpoint import CheckpointError, load
+
+    source = load(path)
+    if type(source) is not type(model):
+        raise CheckpointError(f"init_from {path}: holds a {type(source).__name__}, the run trains a {type(model).__name__}")
+    mine, theirs = getattr(model, "config", dict)(), getattr(source, "config", dict)()
+    if mine != theirs:
+        diff = {k: (theirs.get(k), mine.get(k)) for k in sorted(mine.keys() | theirs.keys()) if mine.get(k) != theirs.get(k)}
+        raise CheckpointError(f"init_from {path}: config differs from the run's learned optimizer "
+                              f"(key: (checkpoint, run)): {diff}")
+    model.load_state_dict(source.state_dict())
+
+
 class MetaTrainModule(pl.LightningModule):
     """Meta-trains ``learned_optimizer`` on ``task_family`` with a meta-gradient estimator of
     ``learnopt.meta`` (default: truncated BPTT).
@@ -123,6 +138,11 @@ class MetaTrainModule(pl.LightningModule):
     ``train/nonfinite``. Validation runs the full horizon on fixed held-out instances
     (split ``"val"``) and reports the mean log10 final loss, which the export callback uses
     to keep the best learned optimizer (as the paper keeps the best validation checkpoint).
+
+    ``init_from``: an exported learnopt checkpoint (``checkpoints/*.pt``) whose weights start
+    the meta-training (fine-tuning a learned optimizer on another task distribution). Its class
+    and config must equal ``learned_optimizer``'s; it is read with ``weights_only`` like every
+    checkpoint. Resuming a run (``--ckpt_path``) restores the run's own weights over it.
     """
 
     def __init__(
@@ -148,9 +168,12 @@ class MetaTrainModule(pl.LightningModule):
         max_unroll_length: int | None = None,
         activation_checkpointing: bool = False,
         compile_update: bool = False,
+        init_from: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["learned_optimizer", "task_family"])
+        if init_from is not None:
+            _load_initial_weights(learned_optimizer, init_from)
         self.learned_optimizer = learned_optimizer
         self.task_family = task_family
         # ``self.estimator`` is the estimator object; ``self.hparams.estimator`` its name.
