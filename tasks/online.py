@@ -3,8 +3,10 @@
 An episode is a stream of ``episode_length`` labelled examples from a random task: a random
 subset of ``min_classes … max_classes`` classes of a dataset (relabelled in random order), the
 inputs standardised with the dataset's statistics and then either randomly projected
-(``x P`` with ``P ~ N(0, 1/F)``, ``F`` the dataset's feature count), randomly permuted, or
-left as they are. All episodes of one call share the class count and input size (one batch).
+(``"gaussian"``: ``x P`` with ``P ~ N(0, 1/F)``, ``F`` the dataset's feature count), randomly
+permuted (``"permutation"``), reduced to a random subset of ``num_features`` of the raw
+features in random order (``"subset"``: raw marginals, as cheap as a projection), or left as
+they are (``"none"``). A list of projections draws one per call. All episodes of one call share the class count and input size (one batch).
 
 ``OnlineClassificationFamily`` is an *episode family* for ``learnopt.meta.episodic``: its
 meta-loss is the mean online cross-entropy of the learner's predictions (each made before
@@ -25,7 +27,7 @@ from torch import Tensor, nn
 from learnopt.task import seeded_generator
 from learnopt.vsml.online import online_episode, online_metrics
 
-PROJECTIONS = ("gaussian", "permutation", "none")
+PROJECTIONS = ("gaussian", "permutation", "subset", "none")
 SKLEARN_SETS = ("iris", "wine", "breast_cancer")
 
 
@@ -85,8 +87,9 @@ class OnlineClassificationFamily:
     """Episodes of online classification (see the module docstring).
 
     ``datasets``: names drawn uniformly per call; ``part``: which part of each dataset the
-    examples come from; ``num_features``: the projected input size (ignored with
-    ``projection="none"``); ``class_concentration``: ``None`` draws each episode's examples
+    examples come from; ``num_features``: the projected input size (with ``"subset"``, at
+    most the dataset's feature count; ignored with ``"permutation"`` and ``"none"``);
+    ``projection``: one of ``PROJECTIONS`` or a list to draw from per call; ``class_concentration``: ``None`` draws each episode's examples
     from the pool of its classes, a float α > 0 first draws the episode's class proportions
     from Dirichlet(α, …, α) (imbalanced streams); ``seed`` keys the validation episodes.
     """
@@ -95,10 +98,11 @@ class OnlineClassificationFamily:
 
     def __init__(self, datasets: list[str] | tuple[str, ...] = ("digits",), part: str = "train",
                  episode_length: int = 100, num_features: int = 16, min_classes: int = 2, max_classes: int = 5,
-                 projection: str = "gaussian", standardize: bool = True, val_episodes: int = 32,
+                 projection: str | list[str] = "gaussian", standardize: bool = True, val_episodes: int = 32,
                  seed: int = 0, class_concentration: float | None = None) -> None:
-        if projection not in PROJECTIONS:
-            raise ValueError(f"projection must be one of {PROJECTIONS}, got {projection!r}")
+        projections = [projection] if isinstance(projection, str) else list(projection)
+        if not projections or any(p not in PROJECTIONS for p in projections):
+            raise ValueError(f"projection must be one of {PROJECTIONS} or a non-empty list of them, got {projection!r}")
         if not 2 <= min_classes <= max_classes:
             raise ValueError(f"need 2 <= min_classes <= max_classes, got {min_classes}, {max_classes}")
         if episode_length < 1 or num_features < 1:
@@ -109,7 +113,8 @@ class OnlineClassificationFamily:
         self.datasets, self.part = tuple(datasets), part
         self.episode_length, self.num_features = episode_length, num_features
         self.min_classes, self.max_classes = min_classes, max_classes
-        self.projection, self.standardize = projection, standardize
+        self.projection = projection if isinstance(projection, str) else tuple(projections)
+        self.standardize = standardize
         self.val_episodes, self.seed = val_episodes, seed
         for name in self.datasets:
             _, y = dataset_arrays(name, part, standardize)
@@ -127,6 +132,9 @@ class OnlineClassificationFamily:
         hi = min(self.max_classes, available)
         C = int(torch.randint(min(self.min_classes, hi), hi + 1, (1,), generator=generator))
         F_in = data_x.shape[1]
+        projection = self.projection
+        if not isinstance(projection, str):  # one per call, so the batch shares its input size
+            projection = projection[int(torch.randint(len(projection), (1,), generator=generator))]
         xs, ys = [], []
         for _ in range(num_episodes):
             classes = torch.randperm(available, generator=generator)[:C]
@@ -141,10 +149,12 @@ class OnlineClassificationFamily:
             else:
                 idx = pool[torch.randint(len(pool), (T,), generator=generator)]
             x = data_x[idx]
-            if self.projection == "gaussian":
+            if projection == "gaussian":
                 x = x @ (torch.randn(F_in, self.num_features, generator=generator) / np.sqrt(F_in))
-            elif self.projection == "permutation":
+            elif projection == "permutation":
                 x = x[:, torch.randperm(F_in, generator=generator)]
+            elif projection == "subset":
+                x = x[:, torch.randperm(F_in, generator=generator)[:self.num_features]]
             xs.append(x)
             ys.append(relabel[data_y[idx]])
         return torch.stack(xs), torch.stack(ys), C

@@ -20,7 +20,25 @@ VARIANTS = [
     dict(label_feedback=False),
     dict(hidden_sizes=[3], micro_ticks=1),
     dict(hidden_sizes=[4, 3], reverse_pass=False, micro_ticks=3),
+    dict(bias_input=True),
+    dict(hidden_sizes=[3], bias_input=True, reverse_pass=False),
 ]
+
+
+def test_bias_input_is_a_constant_input_unit():
+    # one layer with the bias unit is the same network fed [x, 1] without it
+    torch.manual_seed(0)
+    plain = VSMLNetwork(state_size=6, message_size=3, micro_ticks=2)
+    biased = VSMLNetwork(state_size=6, message_size=3, micro_ticks=2, bias_input=True)
+    biased.load_state_dict(plain.state_dict())
+    x, y = torch.randn(3, 12, 5), torch.randint(0, 4, (3, 12))
+    ones = torch.ones(3, 12, 1)
+    got = online_episode(biased, x, y, 4, torch.Generator().manual_seed(1))
+    want = online_episode(plain, torch.cat([x, ones], -1), y, 4, torch.Generator().manual_seed(1))
+    assert torch.allclose(got, want, atol=1e-6)
+    assert not torch.allclose(got, online_episode(plain, x, y, 4, torch.Generator().manual_seed(1)), atol=1e-3)
+    stacked = VSMLNetwork(hidden_sizes=[3], state_size=6, message_size=3, bias_input=True)
+    assert [tuple(s.h.shape[1:3]) for s in stacked.init_state(2, 5, 4).layers] == [(6, 3), (4, 4)]
 
 
 def test_layer_tick_is_one_shared_lstm_cell_per_weight():
@@ -163,6 +181,28 @@ def test_episode_family_draws_class_subsets_and_projections():
     assert x.shape[-1] == 4
     with pytest.raises(ValueError, match="projection"):
         OnlineClassificationFamily(projection="rotate")
+    with pytest.raises(ValueError, match="projection"):
+        OnlineClassificationFamily(projection=[])
+
+
+def test_subset_projection_keeps_raw_features_and_a_list_draws_one_per_call():
+    from tasks.online import dataset_arrays
+
+    data_x, _ = dataset_arrays("wine", "train")
+    fam = OnlineClassificationFamily(datasets=["wine"], projection="subset", num_features=5, max_classes=3,
+                                     episode_length=30)
+    x, _, _ = fam.sample(3, torch.Generator().manual_seed(0))
+    assert x.shape == (3, 30, 5)
+    for xe in x:  # each column of the episode is one of the 13 raw columns
+        for j in range(5):
+            assert any(bool(torch.isin(xe[:, j], data_x[:, c]).all()) for c in range(13))
+    mixed = OnlineClassificationFamily(datasets=["wine"], projection=["gaussian", "subset"], num_features=5,
+                                       max_classes=3, episode_length=10)
+    raw = []
+    for k in range(12):
+        x, _, _ = mixed.sample(1, torch.Generator().manual_seed(k))
+        raw.append(bool(torch.isin(x[0, 0], data_x).all()))
+    assert any(raw) and not all(raw)
 
 
 def test_imbalanced_streams_draw_class_proportions_from_a_dirichlet():
@@ -213,9 +253,13 @@ def test_meta_training_can_start_from_an_exported_learner(tmp_path):
     MetaTrainModule(net, fam, estimator="full_bptt", init_from=str(path))
     for a, b in zip(net.state_dict().values(), source.state_dict().values()):
         assert torch.equal(a, b)
-    with pytest.raises(CheckpointError, match="config differs.*state_size"):
+    with pytest.raises(CheckpointError, match="do not fit.*w_forward.*state_size"):
         MetaTrainModule(VSMLNetwork(state_size=6, message_size=2, micro_ticks=1), fam, estimator="full_bptt",
                         init_from=str(path))
+    biased = VSMLNetwork(state_size=4, message_size=2, micro_ticks=1, bias_input=True)
+    with pytest.warns(UserWarning, match="bias_input"):
+        MetaTrainModule(biased, fam, estimator="full_bptt", init_from=str(path))
+    assert torch.equal(biased.layers[0].w_hidden, source.layers[0].w_hidden)
     with pytest.raises(CheckpointError, match="holds a VSMLNetwork"):
         MetaTrainModule(BlackBoxOnlineLSTM(num_features=3, num_classes=3, hidden_size=4), fam,
                         estimator="full_bptt", init_from=str(path))

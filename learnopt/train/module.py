@@ -83,18 +83,28 @@ def build_estimator(
 
 
 def _load_initial_weights(model: nn.Module, path: str) -> None:
-    """Copy the weights of the exported checkpoint ``path`` into ``model`` (same class and config)."""
+    """Copy the weights of the exported checkpoint ``path`` into ``model``: the same class and
+    the same weights (names and shapes). Config keys that leave the weights alike (a VSML
+    network's ``bias_input`` or ``micro_ticks``) may differ; they are reported in a warning."""
+    import warnings
+
     from learnopt.checkpoint import CheckpointError, load
 
     source = load(path)
     if type(source) is not type(model):
         raise CheckpointError(f"init_from {path}: holds a {type(source).__name__}, the run trains a {type(model).__name__}")
-    mine, theirs = getattr(model, "config", dict)(), getattr(source, "config", dict)()
-    if mine != theirs:
-        diff = {k: (theirs.get(k), mine.get(k)) for k in sorted(mine.keys() | theirs.keys()) if mine.get(k) != theirs.get(k)}
-        raise CheckpointError(f"init_from {path}: config differs from the run's learned optimizer "
-                              f"(key: (checkpoint, run)): {diff}")
-    model.load_state_dict(source.state_dict())
+    mine, theirs = model.state_dict(), source.state_dict()
+    wrong = sorted(k for k in mine.keys() | theirs.keys()
+                   if k not in mine or k not in theirs or mine[k].shape != theirs[k].shape)
+    cfg_mine, cfg_theirs = getattr(model, "config", dict)(), getattr(source, "config", dict)()
+    diff = {k: (cfg_theirs.get(k), cfg_mine.get(k)) for k in sorted(cfg_mine.keys() | cfg_theirs.keys())
+            if cfg_mine.get(k) != cfg_theirs.get(k)}
+    if wrong:
+        raise CheckpointError(f"init_from {path}: its weights do not fit the run's learned optimizer "
+                              f"(weights {wrong} missing or of another shape; config (checkpoint, run): {diff})")
+    if diff:
+        warnings.warn(f"init_from {path}: config differs from the run's (checkpoint, run): {diff}", stacklevel=2)
+    model.load_state_dict(theirs)
 
 
 class MetaTrainModule(pl.LightningModule):
@@ -141,8 +151,8 @@ class MetaTrainModule(pl.LightningModule):
 
     ``init_from``: an exported learnopt checkpoint (``checkpoints/*.pt``) whose weights start
     the meta-training (fine-tuning a learned optimizer on another task distribution). Its class
-    and config must equal ``learned_optimizer``'s; it is read with ``weights_only`` like every
-    checkpoint. Resuming a run (``--ckpt_path``) restores the run's own weights over it.
+    and weight shapes must equal ``learned_optimizer``'s (config keys that leave the weights
+    alike may differ, with a warning); it is read with ``weights_only`` like every checkpoint. Resuming a run (``--ckpt_path``) restores the run's own weights over it.
     """
 
     def __init__(

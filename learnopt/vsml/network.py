@@ -115,13 +115,16 @@ class VSMLNetwork(nn.Module):
     (paper: 2). ``reverse_pass``: a backward pass per example (else errors travel with the
     next example's forward pass). ``label_feedback``: the label is part of the last layer's
     backward message beside the error. ``output_bound``: ``ŷ = bound · tanh(m / bound)``.
+    ``bias_input``: every layer gets one more input unit whose forward message is the constant
+    1 (the bias of a dense layer); its sub-LSTMs share ``V`` with the others, so a learner
+    trained without it can be fine-tuned with it (``init_from``).
     """
 
     kind = "vsml_learner"
 
     def __init__(self, hidden_sizes: list[int] | tuple[int, ...] = (), state_size: int = 16, message_size: int = 8,
                  micro_ticks: int = 2, reverse_pass: bool = True, label_feedback: bool = True,
-                 output_bound: float = 100.0) -> None:
+                 output_bound: float = 100.0, bias_input: bool = False) -> None:
         super().__init__()
         hidden_sizes = [int(s) for s in hidden_sizes]
         if any(s < 1 for s in hidden_sizes):
@@ -135,6 +138,7 @@ class VSMLNetwork(nn.Module):
         self.state_size, self.message_size = state_size, message_size
         self.micro_ticks, self.reverse_pass, self.label_feedback = micro_ticks, reverse_pass, label_feedback
         self.output_bound = output_bound
+        self.bias_input = bool(bias_input)
         self.layers = nn.ModuleList(VSMLLayer(state_size, message_size) for _ in range(len(hidden_sizes) + 1))
         # What weight a sub-LSTM currently implements, read linearly from its cell state. Only
         # learning-algorithm cloning trains it (learnopt.vsml.clone); it is a diagnostic otherwise.
@@ -146,7 +150,7 @@ class VSMLNetwork(nn.Module):
         return {"hidden_sizes": list(self.hidden_sizes), "state_size": self.state_size,
                 "message_size": self.message_size, "micro_ticks": self.micro_ticks,
                 "reverse_pass": self.reverse_pass, "label_feedback": self.label_feedback,
-                "output_bound": self.output_bound}
+                "output_bound": self.output_bound, "bias_input": self.bias_input}
 
     # -- the online-learner protocol --------------------------------------------------------------
     def init_state(self, episodes: int, num_features: int, num_classes: int,
@@ -157,11 +161,12 @@ class VSMLNetwork(nn.Module):
         device = device if device is not None else self.layers[0].bias.device
         dtype = self.layers[0].bias.dtype
         sizes = [num_features, *self.hidden_sizes, num_classes]
+        fan_ins = [a + self.bias_input for a in sizes[:-1]]
         layers = tuple(layer.init_state(episodes, a, b, generator, device, dtype)
-                       for layer, a, b in zip(self.layers, sizes[:-1], sizes[1:]))
+                       for layer, a, b in zip(self.layers, fan_ins, sizes[1:]))
         M = self.message_size
         zeros_out = tuple(torch.zeros(episodes, b, M, device=device, dtype=dtype) for b in sizes[1:])
-        zeros_in = tuple(torch.zeros(episodes, a, M, device=device, dtype=dtype) for a in sizes[:-1])
+        zeros_in = tuple(torch.zeros(episodes, a, M, device=device, dtype=dtype) for a in fan_ins)
         return VSMLState(layers, zeros_in, zeros_out)
 
     def _embed(self, values: Tensor, *extra: Tensor) -> Tensor:
@@ -170,11 +175,24 @@ class VSMLNetwork(nn.Module):
         pad = self.message_size - len(parts)
         return F.pad(torch.cat(parts, -1), (0, pad))
 
+    def _with_bias(self, message: Tensor) -> Tensor:
+        """A layer's input messages [E, A, M], with the bias unit's [1, 0, …] appended if any."""
+        if not self.bias_input:
+            return message
+        one = torch.zeros_like(message[:, :1])
+        one[..., 0] = 1.0
+        return torch.cat([message, one], 1)
+
+    def _without_bias(self, backward: Tensor) -> Tensor:
+        """Backward messages to a layer's inputs [E, A(+1), M], without the bias unit's."""
+        return backward[:, :-1] if self.bias_input else backward
+
     def predict(self, state: VSMLState, x: Tensor) -> tuple[VSMLState, Tensor]:
         """Forward pass for one example per episode, ``x`` [E, A] → logits [E, C]."""
         message = self._embed(x)
         layers, inputs = list(state.layers), []
         for l, layer in enumerate(self.layers):
+            message = self._with_bias(message)
             inputs.append(message)
             backward = state.pending_backward[l] if not self.reverse_pass else torch.zeros_like(state.pending_backward[l])
             for _ in range(self.micro_ticks):
@@ -182,7 +200,7 @@ class VSMLNetwork(nn.Module):
             if not self.reverse_pass:  # the lower layer's next backward message
                 pending = list(state.pending_backward)
                 if l > 0:
-                    pending[l - 1] = below
+                    pending[l - 1] = self._without_bias(below)
                 state = state._replace(pending_backward=tuple(pending))
             message = out
         logits = self.output_bound * torch.tanh(message[..., 0] / self.output_bound)
@@ -201,7 +219,7 @@ class VSMLNetwork(nn.Module):
         for l in reversed(range(len(self.layers))):
             for _ in range(self.micro_ticks):
                 layers[l], _, below = self.layers[l].tick(layers[l], state.forward_inputs[l], backward)
-            backward = below
+            backward = self._without_bias(below)
         return state._replace(layers=tuple(layers))
 
     # -- user-facing ------------------------------------------------------------------------------
