@@ -97,11 +97,12 @@ def test_session_standardizer_matches_the_batched_one(q):
         assert y_std[0] == 0.0 and best_std == 0.0
 
 
-@pytest.mark.parametrize("q,explore,dtype", [(1, False, torch.float32), (2, True, torch.float32),
-                                             (1, False, torch.float64)])
-def test_numpy_stepper_matches_the_torch_step(q, explore, dtype):
+@pytest.mark.parametrize("q,explore,dtype,local", [(1, False, torch.float32, False), (2, True, torch.float32, False),
+                                                   (1, False, torch.float64, False), (1, False, torch.float32, True),
+                                                   (2, True, torch.float64, True)])
+def test_numpy_stepper_matches_the_torch_step(q, explore, dtype, local):
     torch.manual_seed(0)
-    p = RNNProposer(dim=3, hidden_size=16, num_layers=3, num_queries=q, explore=explore).to(dtype)
+    p = RNNProposer(dim=3, hidden_size=16, num_layers=3, num_queries=q, explore=explore, local=local).to(dtype)
     fast = p.numpy_stepper()
     rng = np.random.default_rng(0)
     state, fstate = p.initial_state(1), fast.initial_state()
@@ -136,6 +137,28 @@ def test_numpy_stepper_matches_the_torch_step(q, explore, dtype):
 
 
 # -- the proposer -----------------------------------------------------------------------------------
+def test_local_proposer_queries_around_the_incumbent():
+    torch.manual_seed(0)
+    p = RNNProposer(dim=2, hidden_size=8, local=True)
+    best = torch.tensor([[0.2, 0.9]])
+    inp = p.observation_input(torch.tensor([[[0.5, 0.5]]]), torch.zeros(1, 1), torch.zeros(1), best)
+    with torch.no_grad():
+        p.local_gate.bias.fill_(50.0)      # all weight on the incumbent-relative query
+        p.local_gate.weight.zero_()
+        p.local_head.weight.zero_()
+        p.local_head.bias.zero_()
+        x, _ = p.step(inp, p.initial_state(1))
+        assert torch.allclose(x[0, 0], best[0], atol=1e-6)
+        p.local_head.bias.copy_(torch.tensor([0.5, -0.5]))  # a step in logit space: stays in the box
+        x, _ = p.step(inp, p.initial_state(1))
+        assert torch.allclose(x[0, 0], torch.sigmoid(torch.logit(best[0]) + torch.tensor([0.5, -0.5])))
+        p.local_gate.bias.fill_(-50.0)     # all weight on the absolute head
+        x_abs, _ = p.step(inp, p.initial_state(1))
+        assert torch.allclose(x_abs[0, 0], torch.sigmoid(p.head(p.step(inp, p.initial_state(1))[1][-1][0]))[0])
+    xs, ys = p.rollout(lambda u: (u - 0.3).pow(2).sum(-1), 2, 6)
+    assert xs.shape == (2, 6, 2) and bool(((xs > 0) & (xs < 1)).all())
+
+
 def test_rollout_is_invariant_to_affine_rescaling_of_f():
     p, f = proposer(), rff()
     with torch.no_grad():

@@ -30,6 +30,11 @@ the weights and the network learns when to explore and when to exploit. The draw
 generator (``rollout(..., generator=)``, the session's ``seed``), so runs are reproducible and
 meta-training differentiates through ``g`` and ``m`` as usual.
 
+``local=True`` (our extension) lets the proposer place a query relative to the incumbent: beside
+the absolute query ``a = σ(W h)`` it emits an offset ``δ`` and a gate ``r = σ(·)``, and queries
+``x = r·σ(logit(x_best) + δ) + (1 − r)·a``. A step of any size around the best point so far is
+then a small output of the network, not a precise absolute position.
+
 ``num_queries`` (q) > 1 gives the parallel proposer: each step emits q queries, evaluated
 together, and reads the q results at the next step.
 """
@@ -102,7 +107,7 @@ class RNNProposer(nn.Module):
     kind = "blackbox_proposer"
 
     def __init__(self, dim: int = 2, hidden_size: int = 64, num_layers: int = 2, num_queries: int = 1,
-                 explore: bool = False) -> None:
+                 explore: bool = False, local: bool = False) -> None:
         super().__init__()
         if dim < 1 or hidden_size < 1 or num_layers < 1 or num_queries < 1:
             raise ValueError(f"RNNProposer: dim, hidden_size, num_layers and num_queries must be >= 1, got "
@@ -114,13 +119,17 @@ class RNNProposer(nn.Module):
         self.explore = bool(explore)
         self.head = nn.Linear(hidden_size, num_queries * dim)
         self.gate = nn.Linear(hidden_size, num_queries) if self.explore else None
+        self.local = bool(local)
+        # offsets (in logit space) from the incumbent, and the gate between them and the head
+        self.local_head = nn.Linear(hidden_size, num_queries * dim) if self.local else None
+        self.local_gate = nn.Linear(hidden_size, num_queries) if self.local else None
         with torch.no_grad():
             # Start queries spread over the box rather than all at its centre.
             self.head.weight.mul_(3.0)
 
     def config(self) -> dict[str, Any]:
         return {"dim": self.dim, "hidden_size": self.hidden_size, "num_layers": self.num_layers,
-                "num_queries": self.num_queries, "explore": self.explore}
+                "num_queries": self.num_queries, "explore": self.explore, "local": self.local}
 
     @property
     def device(self) -> torch.device:
@@ -158,6 +167,13 @@ class RNNProposer(nn.Module):
             h, c = cell(h, (h_prev, c_prev))
             new_state.append((h, c))
         x = torch.sigmoid(self.head(h)).view(inp.shape[0], self.num_queries, self.dim)
+        if self.local:
+            at = self.num_queries * (self.dim + 2)  # the input's incumbent, as 2·x_best − 1
+            best = ((inp[:, at:at + self.dim] + 1) / 2).clamp(1e-4, 1 - 1e-4)
+            offset = self.local_head(h).view_as(x)
+            near = torch.sigmoid(torch.logit(best)[:, None, :] + offset)
+            r = torch.sigmoid(self.local_gate(h))[..., None]
+            x = r * near + (1 - r) * x
         if self.explore:
             if noise is None:
                 raise ValueError("RNNProposer.step: an exploring proposer needs noise [n, q, D]")
@@ -258,6 +274,10 @@ class NumpyStepper:
             head_w = np.concatenate([head_w, arr(proposer.gate.weight) * 0.5])
             head_b = np.concatenate([head_b, arr(proposer.gate.bias) * 0.5])
         self.head = (head_w, head_b)
+        self.local = proposer.local
+        if self.local:  # offsets (not halved: they are added to a logit) and the gate (halved)
+            self.local_head = (np.concatenate([arr(proposer.local_head.weight), arr(proposer.local_gate.weight) * 0.5]),
+                               np.concatenate([arr(proposer.local_head.bias), arr(proposer.local_gate.bias) * 0.5]))
 
     def initial_state(self) -> list[tuple[np.ndarray, np.ndarray]]:
         zeros = np.zeros(self.hidden_size, dtype=self.dtype)
@@ -288,6 +308,15 @@ class NumpyStepper:
         out = 0.5 + 0.5 * np.tanh(w @ h + b)
         q, d = self.num_queries, self.dim
         x = out[:q * d].reshape(q, d)
+        if self.local:
+            at = q * (d + 2)
+            best = np.clip((inp[at:at + d] + 1) / 2, 1e-4, 1 - 1e-4).astype(self.dtype)
+            lw, lb = self.local_head
+            raw = lw @ h + lb
+            z = np.log(best / (1 - best))[None, :] + raw[:q * d].reshape(q, d)
+            near = 0.5 + 0.5 * np.tanh(z / 2)
+            r = (0.5 + 0.5 * np.tanh(raw[q * d:]))[:, None]
+            x = r * near + (1 - r) * x
         if self.explore:
             if noise is None:
                 raise ValueError("NumpyStepper.step: an exploring proposer needs noise [q, D]")
