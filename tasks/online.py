@@ -88,7 +88,8 @@ class OnlineClassificationFamily:
 
     ``datasets``: names drawn uniformly per call; ``part``: which part of each dataset the
     examples come from; ``num_features``: the projected input size (with ``"subset"``, at
-    most the dataset's feature count; ignored with ``"permutation"`` and ``"none"``);
+    most the dataset's feature count; ignored with ``"permutation"`` and ``"none"``), or a
+    range ``[low, high]`` to draw it from uniformly per call;
     ``projection``: one of ``PROJECTIONS`` or a list to draw from per call; ``class_concentration``: ``None`` draws each episode's examples
     from the pool of its classes, a float α > 0 first draws the episode's class proportions
     from Dirichlet(α, …, α) (imbalanced streams); ``seed`` keys the validation episodes.
@@ -97,7 +98,7 @@ class OnlineClassificationFamily:
     validation_name = "online_ce"
 
     def __init__(self, datasets: list[str] | tuple[str, ...] = ("digits",), part: str = "train",
-                 episode_length: int = 100, num_features: int = 16, min_classes: int = 2, max_classes: int = 5,
+                 episode_length: int = 100, num_features: int | list[int] = 16, min_classes: int = 2, max_classes: int = 5,
                  projection: str | list[str] = "gaussian", standardize: bool = True, val_episodes: int = 32,
                  seed: int = 0, class_concentration: float | None = None) -> None:
         projections = [projection] if isinstance(projection, str) else list(projection)
@@ -105,13 +106,17 @@ class OnlineClassificationFamily:
             raise ValueError(f"projection must be one of {PROJECTIONS} or a non-empty list of them, got {projection!r}")
         if not 2 <= min_classes <= max_classes:
             raise ValueError(f"need 2 <= min_classes <= max_classes, got {min_classes}, {max_classes}")
-        if episode_length < 1 or num_features < 1:
-            raise ValueError(f"episode_length and num_features must be >= 1, got {episode_length}, {num_features}")
+        feature_range = (num_features, num_features) if isinstance(num_features, int) else tuple(num_features)
+        if len(feature_range) != 2 or not 1 <= feature_range[0] <= feature_range[1]:
+            raise ValueError(f"num_features must be >= 1 or a range [low, high] with 1 <= low <= high, got {num_features}")
+        if episode_length < 1:
+            raise ValueError(f"episode_length must be >= 1, got {episode_length}")
         if class_concentration is not None and not (math.isfinite(class_concentration) and class_concentration > 0):
             raise ValueError(f"class_concentration must be None or a finite float > 0, got {class_concentration}")
         self.class_concentration = None if class_concentration is None else float(class_concentration)
         self.datasets, self.part = tuple(datasets), part
-        self.episode_length, self.num_features = episode_length, num_features
+        self.episode_length = episode_length
+        self.num_features = num_features if isinstance(num_features, int) else list(feature_range)
         self.min_classes, self.max_classes = min_classes, max_classes
         self.projection = projection if isinstance(projection, str) else tuple(projections)
         self.standardize = standardize
@@ -133,6 +138,9 @@ class OnlineClassificationFamily:
         C = int(torch.randint(min(self.min_classes, hi), hi + 1, (1,), generator=generator))
         F_in = data_x.shape[1]
         projection = self.projection
+        A = self.num_features  # a range: one size per call, so the batch shares its input size
+        if not isinstance(A, int):
+            A = int(torch.randint(A[0], A[1] + 1, (1,), generator=generator))
         if not isinstance(projection, str):  # one per call, so the batch shares its input size
             projection = projection[int(torch.randint(len(projection), (1,), generator=generator))]
         xs, ys = [], []
@@ -150,11 +158,11 @@ class OnlineClassificationFamily:
                 idx = pool[torch.randint(len(pool), (T,), generator=generator)]
             x = data_x[idx]
             if projection == "gaussian":
-                x = x @ (torch.randn(F_in, self.num_features, generator=generator) / np.sqrt(F_in))
+                x = x @ (torch.randn(F_in, A, generator=generator) / np.sqrt(F_in))
             elif projection == "permutation":
                 x = x[:, torch.randperm(F_in, generator=generator)]
             elif projection == "subset":
-                x = x[:, torch.randperm(F_in, generator=generator)[:self.num_features]]
+                x = x[:, torch.randperm(F_in, generator=generator)[:A]]
             xs.append(x)
             ys.append(relabel[data_y[idx]])
         return torch.stack(xs), torch.stack(ys), C

@@ -203,6 +203,12 @@ def test_subset_projection_keeps_raw_features_and_a_list_draws_one_per_call():
         x, _, _ = mixed.sample(1, torch.Generator().manual_seed(k))
         raw.append(bool(torch.isin(x[0, 0], data_x).all()))
     assert any(raw) and not all(raw)
+    ranged = OnlineClassificationFamily(datasets=["digits"], num_features=[3, 6], max_classes=3, episode_length=5)
+    sizes = {ranged.sample(2, torch.Generator().manual_seed(k))[0].shape[-1] for k in range(30)}
+    assert sizes == {3, 4, 5, 6}
+    for bad in ([0, 4], [5, 4], [1, 2, 3]):
+        with pytest.raises(ValueError, match="num_features"):
+            OnlineClassificationFamily(num_features=bad)
 
 
 def test_imbalanced_streams_draw_class_proportions_from_a_dirichlet():

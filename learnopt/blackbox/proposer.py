@@ -33,7 +33,9 @@ meta-training differentiates through ``g`` and ``m`` as usual.
 ``local=True`` (our extension) lets the proposer place a query relative to the incumbent: beside
 the absolute query ``a = σ(W h)`` it emits an offset ``δ`` and a gate ``r = σ(·)``, and queries
 ``x = r·σ(logit(x_best) + δ) + (1 − r)·a``. A step of any size around the best point so far is
-then a small output of the network, not a precise absolute position.
+then a small output of the network, not a precise absolute position. The gate starts nearly
+closed (``r ≈ 0.02``): with ``r ≈ 0.5`` from the start, 2-d meta-training validated at 0.04
+instead of 0.007 by step 6,000.
 
 ``num_queries`` (q) > 1 gives the parallel proposer: each step emits q queries, evaluated
 together, and reads the q results at the next step.
@@ -123,6 +125,9 @@ class RNNProposer(nn.Module):
         # offsets (in logit space) from the incumbent, and the gate between them and the head
         self.local_head = nn.Linear(hidden_size, num_queries * dim) if self.local else None
         self.local_gate = nn.Linear(hidden_size, num_queries) if self.local else None
+        if self.local:
+            with torch.no_grad():  # start as the paper's proposer (r ≈ 0.02); the network learns when to use it
+                self.local_gate.bias.fill_(-4.0)
         with torch.no_grad():
             # Start queries spread over the box rather than all at its centre.
             self.head.weight.mul_(3.0)
