@@ -22,7 +22,28 @@ VARIANTS = [
     dict(hidden_sizes=[4, 3], reverse_pass=False, micro_ticks=3),
     dict(bias_input=True),
     dict(hidden_sizes=[3], bias_input=True, reverse_pass=False),
+    dict(rotate_inputs=True, reverse_pass=False),
 ]
+
+
+def test_rotated_inputs_are_the_plain_network_on_rotated_features():
+    torch.manual_seed(0)
+    plain = VSMLNetwork(state_size=6, message_size=3, micro_ticks=2)
+    rotating = VSMLNetwork(state_size=6, message_size=3, micro_ticks=2, rotate_inputs=True)
+    rotating.load_state_dict(plain.state_dict())
+    E, T, A, C = 3, 10, 5, 4
+    x, y = torch.randn(E, T, A), torch.randint(0, C, (E, T))
+    q = rotating.init_state(E, A, C, torch.Generator().manual_seed(1)).rotation
+    eye = torch.eye(A).expand(E, A, A)
+    assert q.shape == (E, A, A) and torch.allclose(q.transpose(1, 2) @ q, eye, atol=1e-5)
+    assert not torch.allclose(q[0], q[1])  # one rotation per episode
+    got = online_episode(rotating, x, y, C, torch.Generator().manual_seed(1))
+    want = online_episode(plain, x @ q, y, C, torch.Generator().manual_seed(1))
+    assert torch.allclose(got, want, atol=1e-5)
+    # Haar: the entries of a random rotation have mean 0 and variance 1/A
+    big = rotating.init_state(400, A, C, torch.Generator().manual_seed(2)).rotation
+    assert abs(float(big.mean())) < 0.01 and abs(float(big.var()) - 1 / A) < 0.01
+    assert VSMLNetwork().init_state(2, A, C).rotation is None
 
 
 def test_bias_input_is_a_constant_input_unit():

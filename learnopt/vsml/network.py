@@ -51,11 +51,13 @@ class LayerState(NamedTuple):
 class VSMLState(NamedTuple):
     """The whole network's carried state: per-layer LSTM states, the forward inputs of each
     layer for the current example (read again by the backward pass), and the backward message
-    waiting for the next example (``reverse_pass=False``)."""
+    waiting for the next example (``reverse_pass=False``); with ``rotate_inputs``, each
+    episode's random rotation of the input ``[E, A, A]``."""
 
     layers: tuple[LayerState, ...]
     forward_inputs: tuple[Tensor, ...]
     pending_backward: tuple[Tensor, ...]
+    rotation: Tensor | None = None
 
 
 def _trunc_normal(*shape: int, std: float) -> Tensor:
@@ -118,13 +120,19 @@ class VSMLNetwork(nn.Module):
     ``bias_input``: every layer gets one more input unit whose forward message is the constant
     1 (the bias of a dense layer); its sub-LSTMs share ``V`` with the others, so a learner
     trained without it can be fine-tuned with it (``init_from``).
+    ``rotate_inputs``: each episode multiplies its inputs by a random orthogonal matrix (Haar,
+    drawn with the initial state), so the learner sees the features in a random basis. A
+    Gaussian random projection times an orthogonal matrix is again a Gaussian random
+    projection, so on projected inputs this changes nothing in distribution; on raw features
+    it removes their axis-aligned structure, which a learner meta-trained on projected inputs
+    handles worse (docs/vsml/experiments.md).
     """
 
     kind = "vsml_learner"
 
     def __init__(self, hidden_sizes: list[int] | tuple[int, ...] = (), state_size: int = 16, message_size: int = 8,
                  micro_ticks: int = 2, reverse_pass: bool = True, label_feedback: bool = True,
-                 output_bound: float = 100.0, bias_input: bool = False) -> None:
+                 output_bound: float = 100.0, bias_input: bool = False, rotate_inputs: bool = False) -> None:
         super().__init__()
         hidden_sizes = [int(s) for s in hidden_sizes]
         if any(s < 1 for s in hidden_sizes):
@@ -139,6 +147,7 @@ class VSMLNetwork(nn.Module):
         self.micro_ticks, self.reverse_pass, self.label_feedback = micro_ticks, reverse_pass, label_feedback
         self.output_bound = output_bound
         self.bias_input = bool(bias_input)
+        self.rotate_inputs = bool(rotate_inputs)
         self.layers = nn.ModuleList(VSMLLayer(state_size, message_size) for _ in range(len(hidden_sizes) + 1))
         # What weight a sub-LSTM currently implements, read linearly from its cell state. Only
         # learning-algorithm cloning trains it (learnopt.vsml.clone); it is a diagnostic otherwise.
@@ -150,7 +159,8 @@ class VSMLNetwork(nn.Module):
         return {"hidden_sizes": list(self.hidden_sizes), "state_size": self.state_size,
                 "message_size": self.message_size, "micro_ticks": self.micro_ticks,
                 "reverse_pass": self.reverse_pass, "label_feedback": self.label_feedback,
-                "output_bound": self.output_bound, "bias_input": self.bias_input}
+                "output_bound": self.output_bound, "bias_input": self.bias_input,
+                "rotate_inputs": self.rotate_inputs}
 
     # -- the online-learner protocol --------------------------------------------------------------
     def init_state(self, episodes: int, num_features: int, num_classes: int,
@@ -167,7 +177,13 @@ class VSMLNetwork(nn.Module):
         M = self.message_size
         zeros_out = tuple(torch.zeros(episodes, b, M, device=device, dtype=dtype) for b in sizes[1:])
         zeros_in = tuple(torch.zeros(episodes, a, M, device=device, dtype=dtype) for a in fan_ins)
-        return VSMLState(layers, zeros_in, zeros_out)
+        rotation = None
+        if self.rotate_inputs:  # Haar-random orthogonal matrices: QR of a Gaussian, signs fixed by diag(R)
+            gauss = torch.randn(episodes, num_features, num_features, generator=generator,
+                                device=generator.device if generator is not None else "cpu", dtype=torch.float64)
+            q, r = torch.linalg.qr(gauss)
+            rotation = (q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1))[:, None, :]).to(device, dtype)
+        return VSMLState(layers, zeros_in, zeros_out, rotation)
 
     def _embed(self, values: Tensor, *extra: Tensor) -> Tensor:
         """Scalars per unit [E, n] (and optional extra channels) into messages [E, n, M]."""
@@ -189,6 +205,8 @@ class VSMLNetwork(nn.Module):
 
     def predict(self, state: VSMLState, x: Tensor) -> tuple[VSMLState, Tensor]:
         """Forward pass for one example per episode, ``x`` [E, A] → logits [E, C]."""
+        if state.rotation is not None:
+            x = (x.unsqueeze(1) @ state.rotation).squeeze(1)
         message = self._embed(x)
         layers, inputs = list(state.layers), []
         for l, layer in enumerate(self.layers):
@@ -204,7 +222,7 @@ class VSMLNetwork(nn.Module):
                 state = state._replace(pending_backward=tuple(pending))
             message = out
         logits = self.output_bound * torch.tanh(message[..., 0] / self.output_bound)
-        return VSMLState(tuple(layers), tuple(inputs), state.pending_backward), logits
+        return VSMLState(tuple(layers), tuple(inputs), state.pending_backward, state.rotation), logits
 
     def feedback(self, state: VSMLState, logits: Tensor, y: Tensor) -> VSMLState:
         """Tell the learner the labels ``y`` [E] of the example it just predicted."""
