@@ -6,7 +6,8 @@ inputs standardised with the dataset's statistics and then either randomly proje
 (``"gaussian"``: ``x P`` with ``P ~ N(0, 1/F)``, ``F`` the dataset's feature count), randomly
 permuted (``"permutation"``), reduced to a random subset of ``num_features`` of the raw
 features in random order (``"subset"``: raw marginals, as cheap as a projection), or left as
-they are (``"none"``). A list of projections draws one per call. All episodes of one call share the class count and input size (one batch).
+they are (``"none"``). A list of projections draws one per call. All episodes of one call
+share the class count and input size (one batch).
 
 ``OnlineClassificationFamily`` is an *episode family* for ``learnopt.meta.episodic``: its
 meta-loss is the mean online cross-entropy of the learner's predictions (each made before
@@ -89,18 +90,19 @@ class OnlineClassificationFamily:
     ``datasets``: names drawn uniformly per call; ``part``: which part of each dataset the
     examples come from; ``num_features``: the projected input size (with ``"subset"``, at
     most the dataset's feature count; ignored with ``"permutation"`` and ``"none"``), or a
-    range ``[low, high]`` to draw it from uniformly per call;
-    ``projection``: one of ``PROJECTIONS`` or a list to draw from per call; ``class_concentration``: ``None`` draws each episode's examples
-    from the pool of its classes, a float α > 0 first draws the episode's class proportions
-    from Dirichlet(α, …, α) (imbalanced streams); ``seed`` keys the validation episodes.
+    range ``[low, high]`` to draw it from uniformly per call; ``projection``: one of
+    ``PROJECTIONS`` or a list to draw from per call; ``class_concentration``: ``None`` draws
+    each episode's examples from the pool of its classes, a float α > 0 first draws the
+    episode's class proportions from Dirichlet(α, …, α) (imbalanced streams); ``seed`` keys
+    the validation episodes.
     """
 
     validation_name = "online_ce"
 
     def __init__(self, datasets: list[str] | tuple[str, ...] = ("digits",), part: str = "train",
-                 episode_length: int = 100, num_features: int | list[int] = 16, min_classes: int = 2, max_classes: int = 5,
-                 projection: str | list[str] = "gaussian", standardize: bool = True, val_episodes: int = 32,
-                 seed: int = 0, class_concentration: float | None = None) -> None:
+                 episode_length: int = 100, num_features: int | list[int] = 16, min_classes: int = 2,
+                 max_classes: int = 5, projection: str | list[str] = "gaussian", standardize: bool = True,
+                 val_episodes: int = 32, seed: int = 0, class_concentration: float | None = None) -> None:
         projections = [projection] if isinstance(projection, str) else list(projection)
         if not projections or any(p not in PROJECTIONS for p in projections):
             raise ValueError(f"projection must be one of {PROJECTIONS} or a non-empty list of them, got {projection!r}")

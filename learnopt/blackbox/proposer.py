@@ -281,8 +281,9 @@ class NumpyStepper:
         self.head = (head_w, head_b)
         self.local = proposer.local
         if self.local:  # offsets (not halved: they are added to a logit) and the gate (halved)
-            self.local_head = (np.concatenate([arr(proposer.local_head.weight), arr(proposer.local_gate.weight) * 0.5]),
-                               np.concatenate([arr(proposer.local_head.bias), arr(proposer.local_gate.bias) * 0.5]))
+            lh, lg = proposer.local_head, proposer.local_gate
+            self.local_head = (np.concatenate([arr(lh.weight), arr(lg.weight) * 0.5]),
+                               np.concatenate([arr(lh.bias), arr(lg.bias) * 0.5]))
 
     def initial_state(self) -> list[tuple[np.ndarray, np.ndarray]]:
         zeros = np.zeros(self.hidden_size, dtype=self.dtype)

@@ -152,7 +152,8 @@ class MetaTrainModule(pl.LightningModule):
     ``init_from``: an exported learnopt checkpoint (``checkpoints/*.pt``) whose weights start
     the meta-training (fine-tuning a learned optimizer on another task distribution). Its class
     and weight shapes must equal ``learned_optimizer``'s (config keys that leave the weights
-    alike may differ, with a warning); it is read with ``weights_only`` like every checkpoint. Resuming a run (``--ckpt_path``) restores the run's own weights over it.
+    alike may differ, with a warning); it is read with ``weights_only`` like every checkpoint.
+    Resuming a run (``--ckpt_path``) restores the run's own weights over it.
     """
 
     def __init__(
