@@ -139,25 +139,26 @@ class OnlineClassificationFamily:
         hi = min(self.max_classes, available)
         C = int(torch.randint(min(self.min_classes, hi), hi + 1, (1,), generator=generator))
         F_in = data_x.shape[1]
-        projection = self.projection
-        A = self.num_features  # a range: one size per call, so the batch shares its input size
+        # A range of sizes or a list of projections: one draw per call, so the batch shares its input size.
+        A, projection = self.num_features, self.projection
         if not isinstance(A, int):
             A = int(torch.randint(A[0], A[1] + 1, (1,), generator=generator))
-        if not isinstance(projection, str):  # one per call, so the batch shares its input size
+        if not isinstance(projection, str):
             projection = projection[int(torch.randint(len(projection), (1,), generator=generator))]
+        T = self.episode_length if length is None else length
         xs, ys = [], []
         for _ in range(num_episodes):
             classes = torch.randperm(available, generator=generator)[:C]
             relabel = torch.full((available,), -1, dtype=torch.int64)
             relabel[classes] = torch.arange(C)
-            pool = torch.nonzero(relabel[data_y] >= 0).squeeze(1)
-            T = self.episode_length if length is None else length
             if self.class_concentration is not None:
                 idx = self._imbalanced(data_y, classes, T, generator)
-            elif len(pool) >= T:
-                idx = pool[torch.randperm(len(pool), generator=generator)[:T]]
             else:
-                idx = pool[torch.randint(len(pool), (T,), generator=generator)]
+                pool = torch.nonzero(relabel[data_y] >= 0).squeeze(1)
+                if len(pool) >= T:
+                    idx = pool[torch.randperm(len(pool), generator=generator)[:T]]
+                else:
+                    idx = pool[torch.randint(len(pool), (T,), generator=generator)]
             x = data_x[idx]
             if projection == "gaussian":
                 x = x @ (torch.randn(F_in, A, generator=generator) / np.sqrt(F_in))

@@ -115,7 +115,8 @@ class RNNProposer(nn.Module):
             raise ValueError(f"RNNProposer: dim, hidden_size, num_layers and num_queries must be >= 1, got "
                              f"{dim}, {hidden_size}, {num_layers}, {num_queries}")
         self.dim, self.hidden_size, self.num_layers, self.num_queries = dim, hidden_size, num_layers, num_queries
-        self.input_size = num_queries * (dim + 2) + dim + 1  # per query x, y, best y; best x; start flag
+        self.incumbent_at = num_queries * (dim + 2)  # where best x starts in the input (see observation_input)
+        self.input_size = self.incumbent_at + dim + 1  # per query x, y, best y; best x; start flag
         sizes = [self.input_size] + [hidden_size] * num_layers
         self.cells = nn.ModuleList(nn.LSTMCell(sizes[i], hidden_size) for i in range(num_layers))
         self.explore = bool(explore)
@@ -125,12 +126,11 @@ class RNNProposer(nn.Module):
         # offsets (in logit space) from the incumbent, and the gate between them and the head
         self.local_head = nn.Linear(hidden_size, num_queries * dim) if self.local else None
         self.local_gate = nn.Linear(hidden_size, num_queries) if self.local else None
-        if self.local:
-            with torch.no_grad():  # start as the paper's proposer (r ≈ 0.02); the network learns when to use it
-                self.local_gate.bias.fill_(-4.0)
         with torch.no_grad():
             # Start queries spread over the box rather than all at its centre.
             self.head.weight.mul_(3.0)
+            if self.local:  # start as the paper's proposer (r ≈ 0.02); the network learns when to use it
+                self.local_gate.bias.fill_(-4.0)
 
     def config(self) -> dict[str, Any]:
         return {"dim": self.dim, "hidden_size": self.hidden_size, "num_layers": self.num_layers,
@@ -173,7 +173,7 @@ class RNNProposer(nn.Module):
             new_state.append((h, c))
         x = torch.sigmoid(self.head(h)).view(inp.shape[0], self.num_queries, self.dim)
         if self.local:
-            at = self.num_queries * (self.dim + 2)  # the input's incumbent, as 2·x_best − 1
+            at = self.incumbent_at  # the input holds the incumbent as 2·x_best − 1
             best = ((inp[:, at:at + self.dim] + 1) / 2).clamp(1e-4, 1 - 1e-4)
             offset = self.local_head(h).view_as(x)
             near = torch.sigmoid(torch.logit(best)[:, None, :] + offset)
@@ -268,6 +268,7 @@ class NumpyStepper:
 
         self.dim, self.num_queries, self.explore = proposer.dim, proposer.num_queries, proposer.explore
         self.hidden_size, self.input_size = proposer.hidden_size, proposer.input_size
+        self.incumbent_at = proposer.incumbent_at
         hid = self.hidden_size
         # one matrix per layer acting on [input; h]; the sigmoid gates' rows are pre-scaled by 1/2
         scale = np.full(4 * hid, 0.5, dtype=self.dtype)
@@ -315,7 +316,7 @@ class NumpyStepper:
         q, d = self.num_queries, self.dim
         x = out[:q * d].reshape(q, d)
         if self.local:
-            at = q * (d + 2)
+            at = self.incumbent_at
             best = np.clip((inp[at:at + d] + 1) / 2, 1e-4, 1 - 1e-4).astype(self.dtype)
             lw, lb = self.local_head
             raw = lw @ h + lb

@@ -148,8 +148,9 @@ def enabled() -> bool:
 
 def lstm_tail(dtype: torch.dtype) -> Callable[[Tensor, Tensor, Tensor], None] | None:
     """The native tail for CPU tensors of ``dtype``, or None (not built, turned off, torch running
-    more than one thread, or a dtype other than float32/float64). The callable takes ``gates [4H, m]``, ``c [H, m]`` and
-    ``h [H, m]``, each with unit stride along ``m``, updates ``c`` and writes ``h``."""
+    more than one thread, or a dtype other than float32/float64). The callable takes
+    ``gates [4H, m]``, ``c [H, m]`` and ``h [H, m]``, each with unit stride along ``m``, updates
+    ``c`` and writes ``h``."""
     global _library
     if not enabled() or dtype not in (torch.float32, torch.float64) or torch.get_num_threads() > 1:
         return None
