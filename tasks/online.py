@@ -30,6 +30,7 @@ from learnopt.vsml.online import online_episode, online_metrics
 
 PROJECTIONS = ("gaussian", "permutation", "subset", "none")
 SKLEARN_SETS = ("iris", "wine", "breast_cancer")
+SYNTHETIC = "gaussian_classes"  # a new random task per episode, see OnlineClassificationFamily
 
 
 @functools.cache
@@ -95,6 +96,15 @@ class OnlineClassificationFamily:
     each episode's examples from the pool of its classes, a float α > 0 first draws the
     episode's class proportions from Dirichlet(α, …, α) (imbalanced streams); ``seed`` keys
     the validation episodes.
+
+    The dataset name ``"gaussian_classes"`` is not a fixed dataset: each episode is a new
+    random task of ``synthetic_features`` raw features, Gaussian classes with a shared
+    covariance ``L Lᵀ`` (``L = U diag(√λ)``, ``U`` Haar-random, ``λ_i ∝ i^(−β)`` with
+    ``β ~ U[0, 2]``, so the features are correlated as real ones are) and class means
+    ``μ_c = s L m_c`` (``m_c ~ N(0, I/F)``, so two classes lie about ``√2·s`` apart in
+    Mahalanobis distance) with the separation ``s`` log-uniform in ``synthetic_separation``.
+    The features are standardised with the task's exact moments under balanced classes (as a
+    real dataset is standardised with its own statistics), then projected like any dataset.
     """
 
     validation_name = "online_ce"
@@ -102,7 +112,8 @@ class OnlineClassificationFamily:
     def __init__(self, datasets: list[str] | tuple[str, ...] = ("digits",), part: str = "train",
                  episode_length: int = 100, num_features: int | list[int] = 16, min_classes: int = 2,
                  max_classes: int = 5, projection: str | list[str] = "gaussian", standardize: bool = True,
-                 val_episodes: int = 32, seed: int = 0, class_concentration: float | None = None) -> None:
+                 val_episodes: int = 32, seed: int = 0, class_concentration: float | None = None,
+                 synthetic_features: int = 32, synthetic_separation: tuple[float, float] = (0.5, 4.0)) -> None:
         projections = [projection] if isinstance(projection, str) else list(projection)
         if not projections or any(p not in PROJECTIONS for p in projections):
             raise ValueError(f"projection must be one of {PROJECTIONS} or a non-empty list of them, got {projection!r}")
@@ -123,7 +134,14 @@ class OnlineClassificationFamily:
         self.projection = projection if isinstance(projection, str) else tuple(projections)
         self.standardize = standardize
         self.val_episodes, self.seed = val_episodes, seed
+        lo, hi = (float(v) for v in synthetic_separation)
+        if synthetic_features < 1 or not 0 < lo <= hi < math.inf:
+            raise ValueError(f"need synthetic_features >= 1 and 0 < separation low <= high, got "
+                             f"{synthetic_features}, {synthetic_separation}")
+        self.synthetic_features, self.synthetic_separation = synthetic_features, (lo, hi)
         for name in self.datasets:
+            if name == SYNTHETIC:
+                continue
             _, y = dataset_arrays(name, part, standardize)
             if int(y.max()) + 1 < min_classes:
                 raise ValueError(f"dataset {name} has {int(y.max()) + 1} classes, fewer than min_classes={min_classes}")
@@ -134,11 +152,13 @@ class OnlineClassificationFamily:
         """``x`` [E, T, A], ``y`` [E, T] and the class count of one batch of episodes (``T`` is
         ``episode_length`` unless ``length`` is given)."""
         name = self.datasets[int(torch.randint(len(self.datasets), (1,), generator=generator))]
-        data_x, data_y = dataset_arrays(name, self.part, self.standardize)
-        available = int(data_y.max()) + 1
+        if name == SYNTHETIC:
+            available, F_in = self.max_classes, self.synthetic_features
+        else:
+            data_x, data_y = dataset_arrays(name, self.part, self.standardize)
+            available, F_in = int(data_y.max()) + 1, data_x.shape[1]
         hi = min(self.max_classes, available)
         C = int(torch.randint(min(self.min_classes, hi), hi + 1, (1,), generator=generator))
-        F_in = data_x.shape[1]
         # A range of sizes or a list of projections: one draw per call, so the batch shares its input size.
         A, projection = self.num_features, self.projection
         if not isinstance(A, int):
@@ -148,6 +168,11 @@ class OnlineClassificationFamily:
         T = self.episode_length if length is None else length
         xs, ys = [], []
         for _ in range(num_episodes):
+            if name == SYNTHETIC:
+                x, y = self._gaussian_task(C, T, generator)
+                xs.append(self._project(x, projection, F_in, A, generator))
+                ys.append(y)
+                continue
             classes = torch.randperm(available, generator=generator)[:C]
             relabel = torch.full((available,), -1, dtype=torch.int64)
             relabel[classes] = torch.arange(C)
@@ -159,16 +184,42 @@ class OnlineClassificationFamily:
                     idx = pool[torch.randperm(len(pool), generator=generator)[:T]]
                 else:
                     idx = pool[torch.randint(len(pool), (T,), generator=generator)]
-            x = data_x[idx]
-            if projection == "gaussian":
-                x = x @ (torch.randn(F_in, A, generator=generator) / np.sqrt(F_in))
-            elif projection == "permutation":
-                x = x[:, torch.randperm(F_in, generator=generator)]
-            elif projection == "subset":
-                x = x[:, torch.randperm(F_in, generator=generator)[:A]]
-            xs.append(x)
+            xs.append(self._project(data_x[idx], projection, F_in, A, generator))
             ys.append(relabel[data_y[idx]])
         return torch.stack(xs), torch.stack(ys), C
+
+    @staticmethod
+    def _project(x: Tensor, projection: str, F_in: int, A: int, generator: torch.Generator) -> Tensor:
+        if projection == "gaussian":
+            return x @ (torch.randn(F_in, A, generator=generator) / np.sqrt(F_in))
+        if projection == "permutation":
+            return x[:, torch.randperm(F_in, generator=generator)]
+        if projection == "subset":
+            return x[:, torch.randperm(F_in, generator=generator)[:A]]
+        return x
+
+    def _gaussian_task(self, C: int, T: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """One episode of a new random task of Gaussian classes (see the class docstring)."""
+        F = self.synthetic_features
+        q, r = torch.linalg.qr(torch.randn(F, F, generator=generator))
+        U = q * torch.sign(torch.diagonal(r))  # Haar-random orthogonal
+        beta = 2.0 * float(torch.rand((), generator=generator))
+        lam = torch.arange(1, F + 1, dtype=torch.float32) ** -beta
+        L = U * (lam / lam.mean()).sqrt()
+        lo, hi = self.synthetic_separation
+        s = math.exp(math.log(lo) + (math.log(hi) - math.log(lo)) * float(torch.rand((), generator=generator)))
+        means = s * (torch.randn(C, F, generator=generator) / math.sqrt(F)) @ L.T
+        if self.class_concentration is None:
+            y = torch.randint(C, (T,), generator=generator)
+        else:
+            gammas = _gamma(torch.full((C,), self.class_concentration), generator)
+            y = torch.multinomial(gammas / gammas.sum(), T, replacement=True, generator=generator)
+        x = means[y] + torch.randn(T, F, generator=generator) @ L.T
+        if self.standardize:  # the task's exact moments with balanced classes
+            centre = means.mean(0)
+            var = (L ** 2).sum(1) + ((means - centre) ** 2).mean(0)
+            x = (x - centre) / var.sqrt()
+        return x, y
 
     def _imbalanced(self, data_y: Tensor, classes: Tensor, T: int, generator: torch.Generator) -> Tensor:
         """``T`` example indices whose labels follow proportions ~ Dirichlet(α) over ``classes``

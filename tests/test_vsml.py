@@ -268,6 +268,40 @@ def test_imbalanced_streams_draw_class_proportions_from_a_dirichlet():
             OnlineClassificationFamily(class_concentration=bad)
 
 
+def test_gaussian_class_tasks_have_the_documented_moments_and_separation():
+    from scipy.stats import norm
+
+    F, s, T = 6, 2.0, 4000
+    fam = OnlineClassificationFamily(datasets=["gaussian_classes"], projection="none", episode_length=T,
+                                     min_classes=2, max_classes=2, synthetic_features=F, synthetic_separation=(s, s))
+    ratios = []
+    for k in range(60):
+        x, y, C = fam.sample(1, torch.Generator().manual_seed(k))
+        x, y = x[0].double(), y[0]
+        assert C == 2 and x.shape == (T, F)
+        # standardised with the task's exact moments under balanced classes
+        assert x.mean(0).abs().max() < 0.15 and (x.var(0) - 1).abs().max() < 0.15
+        m0, m1 = x[y == 0].mean(0), x[y == 1].mean(0)
+        pooled = torch.cov(torch.cat([x[y == 0] - m0, x[y == 1] - m1]).T)
+        w = torch.linalg.solve(pooled, m1 - m0)
+        d = float((m1 - m0) @ w).__pow__(0.5)  # Mahalanobis distance between the classes
+        ratios.append(d * d / (2 * s * s))
+        # Gaussian classes with a shared covariance: the LDA rule's accuracy is Φ(d / 2)
+        lda = ((x - (m0 + m1) / 2) @ w > 0).long()
+        assert abs(float((lda == y).double().mean()) - norm.cdf(d / 2)) < 0.03
+    # E‖m_a − m_b‖² = 2 with m ~ N(0, I/F): distance² ≈ 2 s² on average (a χ²_F / F spread)
+    assert abs(sum(ratios) / len(ratios) - 1) < 0.15
+    mixed = OnlineClassificationFamily(datasets=["digits", "gaussian_classes"], projection=["gaussian", "subset"],
+                                       num_features=5, max_classes=4, class_concentration=1.0, episode_length=30)
+    for k in range(20):
+        x, y, C = mixed.sample(3, torch.Generator().manual_seed(k))
+        assert x.shape == (3, 30, 5) and int(y.max()) < C and torch.isfinite(x).all()
+    for bad in (dict(synthetic_features=0), dict(synthetic_separation=(0.0, 1.0)),
+                dict(synthetic_separation=(2.0, 1.0))):
+        with pytest.raises(ValueError, match="synthetic"):
+            OnlineClassificationFamily(datasets=["gaussian_classes"], **bad)
+
+
 def test_meta_training_can_start_from_an_exported_learner(tmp_path):
     from learnopt.checkpoint import CheckpointError
     from learnopt.train.module import MetaTrainModule
