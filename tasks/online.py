@@ -104,7 +104,11 @@ class OnlineClassificationFamily:
     ``μ_c = s L m_c`` (``m_c ~ N(0, I/F)``, so two classes lie about ``√2·s`` apart in
     Mahalanobis distance) with the separation ``s`` log-uniform in ``synthetic_separation``.
     The features are standardised with the task's exact moments under balanced classes (as a
-    real dataset is standardised with its own statistics), then projected like any dataset.
+    real dataset is standardised with its own statistics). With ``synthetic_skew`` κ > 0 each
+    standardised feature then goes through its own monotone map ``(exp(k x) − 1) / k``,
+    ``k ~ U[−κ, κ]`` (skewed, heavy-tailed marginals whose tail carries the class, as in
+    measurements such as sizes and areas), and is standardised again with its exact moments.
+    Then the features are projected like any dataset's.
     """
 
     validation_name = "online_ce"
@@ -113,7 +117,8 @@ class OnlineClassificationFamily:
                  episode_length: int = 100, num_features: int | list[int] = 16, min_classes: int = 2,
                  max_classes: int = 5, projection: str | list[str] = "gaussian", standardize: bool = True,
                  val_episodes: int = 32, seed: int = 0, class_concentration: float | None = None,
-                 synthetic_features: int = 32, synthetic_separation: tuple[float, float] = (0.5, 4.0)) -> None:
+                 synthetic_features: int = 32, synthetic_separation: tuple[float, float] = (0.5, 4.0),
+                 synthetic_skew: float = 0.0) -> None:
         projections = [projection] if isinstance(projection, str) else list(projection)
         if not projections or any(p not in PROJECTIONS for p in projections):
             raise ValueError(f"projection must be one of {PROJECTIONS} or a non-empty list of them, got {projection!r}")
@@ -135,10 +140,11 @@ class OnlineClassificationFamily:
         self.standardize = standardize
         self.val_episodes, self.seed = val_episodes, seed
         lo, hi = (float(v) for v in synthetic_separation)
-        if synthetic_features < 1 or not 0 < lo <= hi < math.inf:
-            raise ValueError(f"need synthetic_features >= 1 and 0 < separation low <= high, got "
-                             f"{synthetic_features}, {synthetic_separation}")
+        if synthetic_features < 1 or not 0 < lo <= hi < math.inf or not 0 <= synthetic_skew <= 3:
+            raise ValueError(f"need synthetic_features >= 1, 0 < separation low <= high and 0 <= skew <= 3, got "
+                             f"{synthetic_features}, {synthetic_separation}, {synthetic_skew}")
         self.synthetic_features, self.synthetic_separation = synthetic_features, (lo, hi)
+        self.synthetic_skew = float(synthetic_skew)
         for name in self.datasets:
             if name == SYNTHETIC:
                 continue
@@ -215,10 +221,21 @@ class OnlineClassificationFamily:
             gammas = _gamma(torch.full((C,), self.class_concentration), generator)
             y = torch.multinomial(gammas / gammas.sum(), T, replacement=True, generator=generator)
         x = means[y] + torch.randn(T, F, generator=generator) @ L.T
-        if self.standardize:  # the task's exact moments with balanced classes
-            centre = means.mean(0)
-            var = (L ** 2).sum(1) + ((means - centre) ** 2).mean(0)
-            x = (x - centre) / var.sqrt()
+        if not self.standardize and not self.synthetic_skew:
+            return x, y
+        # the task's exact moments with balanced classes
+        centre = means.mean(0)
+        noise_var = (L ** 2).sum(1)
+        sd = (noise_var + ((means - centre) ** 2).mean(0)).sqrt()
+        x = (x - centre) / sd
+        if self.synthetic_skew:
+            k = self.synthetic_skew * (2 * torch.rand(F, generator=generator) - 1)
+            k = torch.where(k.abs() < 1e-3, torch.full_like(k, 1e-3), k)
+            m, v = (means - centre) / sd, noise_var / sd ** 2  # each class's mean and variance, per feature
+            # E exp(a X) = exp(a m + a² v / 2) for X ~ N(m, v); averaged over the balanced classes
+            e1 = torch.exp(k * m + k ** 2 * v / 2).mean(0)
+            e2 = torch.exp(2 * k * m + 2 * k ** 2 * v).mean(0)
+            x = (torch.exp(k * x) - e1) / (e2 - e1 ** 2).clamp_min(1e-12).sqrt() * torch.sign(k)
         return x, y
 
     def _imbalanced(self, data_y: Tensor, classes: Tensor, T: int, generator: torch.Generator) -> Tensor:

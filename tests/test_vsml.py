@@ -291,13 +291,27 @@ def test_gaussian_class_tasks_have_the_documented_moments_and_separation():
         assert abs(float((lda == y).double().mean()) - norm.cdf(d / 2)) < 0.03
     # E‖m_a − m_b‖² = 2 with m ~ N(0, I/F): distance² ≈ 2 s² on average (a χ²_F / F spread)
     assert abs(sum(ratios) / len(ratios) - 1) < 0.15
+    # skewed marginals: a monotone map of each feature of the same task, standardised again
+    skewed = OnlineClassificationFamily(datasets=["gaussian_classes"], projection="none", episode_length=T,
+                                        min_classes=2, max_classes=2, synthetic_features=F,
+                                        synthetic_separation=(s, s), synthetic_skew=1.0)
+    for k in range(10):
+        x, y, _ = fam.sample(1, torch.Generator().manual_seed(k))
+        xs, ys, _ = skewed.sample(1, torch.Generator().manual_seed(k))
+        assert torch.equal(y, ys)
+        order = x[0].argsort(0)  # each feature non-decreasing in the unskewed one (float32 ties aside)
+        assert (xs[0].gather(0, order).diff(dim=0) > -1e-5).all()
+        xs = xs[0].double()
+        assert xs.mean(0).abs().max() < 0.2 and (xs.var(0) - 1).abs().max() < 0.3
+        skewness = ((xs - xs.mean(0)) ** 3).mean(0) / xs.var(0) ** 1.5
+        assert skewness.abs().max() > 0.5  # k ~ U[-1, 1]: some feature is clearly skewed
     mixed = OnlineClassificationFamily(datasets=["digits", "gaussian_classes"], projection=["gaussian", "subset"],
                                        num_features=5, max_classes=4, class_concentration=1.0, episode_length=30)
     for k in range(20):
         x, y, C = mixed.sample(3, torch.Generator().manual_seed(k))
         assert x.shape == (3, 30, 5) and int(y.max()) < C and torch.isfinite(x).all()
     for bad in (dict(synthetic_features=0), dict(synthetic_separation=(0.0, 1.0)),
-                dict(synthetic_separation=(2.0, 1.0))):
+                dict(synthetic_separation=(2.0, 1.0)), dict(synthetic_skew=-1.0)):
         with pytest.raises(ValueError, match="synthetic"):
             OnlineClassificationFamily(datasets=["gaussian_classes"], **bad)
 
