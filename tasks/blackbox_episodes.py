@@ -106,6 +106,8 @@ class GPProposerEpisodes:
         bowl_fraction: float = 0.0,
         bowl_curvature: tuple[float, float] = (2.0, 10.0),
         bowl_shape: str = "round",
+        warp_fraction: float = 0.0,
+        warp_strength: float = 1.0,
     ) -> None:
         if loss not in META_LOSSES:
             raise ValueError(f"GPProposerEpisodes: loss must be one of {META_LOSSES}, got {loss!r}")
@@ -125,6 +127,12 @@ class GPProposerEpisodes:
         if loss == "ei" and bowl_fraction > 0:
             raise ValueError("GPProposerEpisodes: loss 'ei' uses the GP posterior, which does not know the bowls")
         self.bowl_fraction, self.bowl_curvature = float(bowl_fraction), tuple(bowl_curvature)
+        if not 0.0 <= warp_fraction <= 1.0 or not 0.0 < warp_strength <= 3.0:
+            raise ValueError(f"GPProposerEpisodes: need warp_fraction in [0, 1] and warp_strength in (0, 3], got "
+                             f"{warp_fraction}, {warp_strength}")
+        if loss == "ei" and warp_fraction > 0:
+            raise ValueError("GPProposerEpisodes: loss 'ei' scores the GP posterior, warps change what is observed")
+        self.warp_fraction, self.warp_strength = float(warp_fraction), float(warp_strength)
         self.dim, self.horizon, self.loss, self.sampler = dim, horizon, loss, sampler
         self.lengthscale_range = tuple(lengthscale_range)
         self.signal_variance, self.noise = signal_variance, noise
@@ -161,23 +169,47 @@ class GPProposerEpisodes:
         e = e / e.max(dim=1, keepdim=True).values
         return a, c, q @ torch.diag_embed(e) @ q.transpose(1, 2)
 
+    def warps(self, num_episodes: int, generator: torch.Generator, dtype: torch.dtype) -> Tensor | None:
+        """The optional warps of what the proposer observes: a fraction ``warp_fraction`` of the
+        episodes observe ``w(f) = (exp(k f) − 1) / k`` instead of ``f``, ``k ~ U[−s, s]``
+        (``s = warp_strength``; ``k = 0`` elsewhere, ``w(f) = f``). ``w`` is increasing, so the
+        minimiser is the same, but the observed values are skewed and heavy-tailed (``k > 0``:
+        flat valleys and steep walls, as in Branin; ``k < 0``: a sharp minimum). The meta-loss is
+        scored on ``f`` itself, so every episode keeps the GP prior's scale. Returns ``k`` [n] or
+        None."""
+        if self.warp_fraction == 0.0:
+            return None
+        u = torch.rand(num_episodes, 2, generator=generator, dtype=dtype)
+        return torch.where(u[:, 0] < self.warp_fraction, self.warp_strength * (2 * u[:, 1] - 1), torch.zeros_like(u[:, 1]))
+
     def meta_loss(self, model: nn.Module, num_episodes: int,
                   generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
         self._check(model)
         eis: list[Tensor] = []
+        unwarped: list[Tensor] = []
+
+        def warp(y: Tensor, k: Tensor | None) -> Tensor:
+            if k is None:
+                return y
+            unwarped.append(y)
+            k = k[:, None]
+            safe = torch.where(k == 0, torch.ones_like(k), k)
+            return torch.where(k == 0, y, torch.expm1(k * y) / safe)
         if self.sampler == "rff":
             functions = self.gp.rff(num_episodes, generator)
             bowls = self.bowls(num_episodes, generator, functions.omega.dtype)
+            warps = self.warps(num_episodes, generator, functions.omega.dtype)
 
             def objective(x: Tensor) -> Tensor:
                 x = x.to(functions.omega.dtype)
                 y = functions.observe(x, generator)
                 if bowls is not None:
                     y = y + _bowl(x, *bowls)
-                return y
+                return warp(y, warps)
         else:
             functions = self.gp.lazy(num_episodes, generator)
             bowls = self.bowls(num_episodes, generator, functions.lengthscales.dtype)
+            warps = self.warps(num_episodes, generator, functions.lengthscales.dtype)
 
             def objective(x: Tensor) -> Tensor:
                 x = x.to(functions.lengthscales.dtype)
@@ -187,9 +219,11 @@ class GPProposerEpisodes:
                             else mean.new_zeros(mean.shape[0], 1))
                     eis.append(expected_improvement(mean, torch.diagonal(cov, dim1=-2, dim2=-1), best))
                 y = functions.query(x)
-                return y if bowls is None else y + _bowl(x, *bowls)
+                return warp(y if bowls is None else y + _bowl(x, *bowls), warps)
 
         _, ys = model.rollout(objective, num_episodes, self.horizon, generator=generator)
+        if unwarped:  # score the functions themselves, not what the proposer observed
+            ys = torch.cat(unwarped, dim=1)
         if self.loss == "sum":
             loss = sum_loss(ys)
         elif self.loss == "oi":

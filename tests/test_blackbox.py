@@ -407,6 +407,42 @@ def test_bowl_episodes_add_the_drawn_bowl_to_the_gp_sample():
     assert torch.isfinite(loss) and seen["runs"][-1][1].mean() > y_plain.mean() + 0.5  # every episode has a bowl
 
 
+def test_warped_episodes_observe_a_monotone_warp_and_score_the_function():
+    """With warps the proposer observes (exp(k f) − 1) / k of the same function (k = 0: f itself),
+    drawn after the GP sample and the bowls, and the meta-loss scores f, not what was observed."""
+    seen = []
+
+    class Recorder(torch.nn.Module):
+        dim = 2
+
+        def rollout(self, objective, n, budget, generator=None):
+            xs = torch.rand(n, budget, 2, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+            ys = torch.cat([objective(xs[:, t: t + 1]) for t in range(budget)], 1)
+            seen.append(ys)
+            return xs, ys
+
+    kw = dict(dim=2, horizon=6, sampler="rff", lengthscale_range=(0.3, 0.5), bowl_fraction=0.5)
+    plain, warped = GPProposerEpisodes(**kw), GPProposerEpisodes(**kw, warp_fraction=0.5, warp_strength=2.0)
+    loss_plain, _ = plain.meta_loss(Recorder(), 64, torch.Generator().manual_seed(1))
+    loss_warped, _ = warped.meta_loss(Recorder(), 64, torch.Generator().manual_seed(1))
+    f, observed = seen
+    generator = torch.Generator().manual_seed(1)  # replay: GP sample, bowls, then the warps
+    warped.gp.rff(64, generator)
+    warped.bowls(64, generator, torch.float64)
+    k = warped.warps(64, generator, torch.float64)
+    assert ((k == 0) | (k.abs() <= 2.0)).all() and 10 < int((k != 0).sum()) < 54
+    kk = k[:, None].expand_as(f)
+    expected = torch.where(kk == 0, f, torch.expm1(kk * f) / torch.where(kk == 0, 1.0, kk))
+    torch.testing.assert_close(observed, expected)
+    assert not torch.allclose(observed, f)
+    # increasing in f: the order of the observations (so the minimiser) is unchanged
+    assert torch.equal(observed.argsort(1), f.argsort(1))
+    torch.testing.assert_close(loss_warped, loss_plain)  # L_OI of f itself
+    for bad in (dict(warp_fraction=1.5), dict(warp_strength=0.0)):
+        with pytest.raises(ValueError, match="warp"):
+            GPProposerEpisodes(**bad)
+
+
 def test_meta_train_config_exports_a_loadable_proposer(in_tmp):
     from learnopt.train.cli import meta_train
 
