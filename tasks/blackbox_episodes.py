@@ -195,6 +195,7 @@ class GPProposerEpisodes:
             k = k[:, None]
             safe = torch.where(k == 0, torch.ones_like(k), k)
             return torch.where(k == 0, y, torch.expm1(k * y) / safe)
+
         if self.sampler == "rff":
             functions = self.gp.rff(num_episodes, generator)
             bowls = self.bowls(num_episodes, generator, functions.omega.dtype)

@@ -215,11 +215,8 @@ class OnlineClassificationFamily:
         lo, hi = self.synthetic_separation
         s = math.exp(math.log(lo) + (math.log(hi) - math.log(lo)) * float(torch.rand((), generator=generator)))
         means = s * (torch.randn(C, F, generator=generator) / math.sqrt(F)) @ L.T
-        if self.class_concentration is None:
-            y = torch.randint(C, (T,), generator=generator)
-        else:
-            gammas = _gamma(torch.full((C,), self.class_concentration), generator)
-            y = torch.multinomial(gammas / gammas.sum(), T, replacement=True, generator=generator)
+        y = torch.randint(C, (T,), generator=generator) if self.class_concentration is None else \
+            self._dirichlet_labels(C, T, generator)
         x = means[y] + torch.randn(T, F, generator=generator) @ L.T
         if not self.standardize and not self.synthetic_skew:
             return x, y
@@ -238,13 +235,16 @@ class OnlineClassificationFamily:
             x = (torch.exp(k * x) - e1) / (e2 - e1 ** 2).clamp_min(1e-12).sqrt() * torch.sign(k)
         return x, y
 
+    def _dirichlet_labels(self, C: int, T: int, generator: torch.Generator) -> Tensor:
+        """``T`` labels of ``C`` classes whose proportions are drawn from Dirichlet(α), as
+        normalised Gamma(α, 1) draws from the episode's generator."""
+        gammas = _gamma(torch.full((C,), self.class_concentration), generator)
+        return torch.multinomial(gammas / gammas.sum(), T, replacement=True, generator=generator)
+
     def _imbalanced(self, data_y: Tensor, classes: Tensor, T: int, generator: torch.Generator) -> Tensor:
         """``T`` example indices whose labels follow proportions ~ Dirichlet(α) over ``classes``
         (drawn without replacement within a class while its examples last)."""
-        alpha = torch.full((len(classes),), self.class_concentration)
-        # Dirichlet(α) as normalised Gamma(α, 1) draws, from the episode's generator.
-        gammas = _gamma(alpha, generator)
-        labels = torch.multinomial(gammas / gammas.sum(), T, replacement=True, generator=generator)
+        labels = self._dirichlet_labels(len(classes), T, generator)
         idx = torch.empty(T, dtype=torch.int64)
         for k, cls in enumerate(classes.tolist()):
             where = torch.nonzero(labels == k).squeeze(1)
