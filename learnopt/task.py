@@ -91,3 +91,13 @@ def generator_device(generator: torch.Generator | None) -> torch.device:
     Tasks draw there and move the result to their data's device, so a CPU generator serves a
     task on a GPU and gives it the same numbers it gives the CPU copy."""
     return generator.device if generator is not None else torch.device("cpu")
+
+
+def haar_orthogonal(*batch: int, n: int, generator: torch.Generator | None,
+                    dtype: torch.dtype = torch.float32) -> Tensor:
+    """Haar-random orthogonal matrices ``[*batch, n, n]`` drawn from ``generator`` (on its
+    device): the QR factor of a Gaussian matrix, with the signs of ``R``'s diagonal folded into
+    ``Q`` so the distribution is uniform (Mezzadri 2007)."""
+    gauss = torch.randn(*batch, n, n, generator=generator, device=generator_device(generator), dtype=dtype)
+    q, r = torch.linalg.qr(gauss)
+    return q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).unsqueeze(-2)

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from learnopt.task import seeded_generator
+from learnopt.task import haar_orthogonal, seeded_generator
 from learnopt.vsml.online import online_episode, online_metrics
 
 PROJECTIONS = ("gaussian", "permutation", "subset", "none")
@@ -207,8 +207,7 @@ class OnlineClassificationFamily:
     def _gaussian_task(self, C: int, T: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         """One episode of a new random task of Gaussian classes (see the class docstring)."""
         F = self.synthetic_features
-        q, r = torch.linalg.qr(torch.randn(F, F, generator=generator))
-        U = q * torch.sign(torch.diagonal(r))  # Haar-random orthogonal
+        U = haar_orthogonal(n=F, generator=generator)
         beta = 2.0 * float(torch.rand((), generator=generator))
         lam = torch.arange(1, F + 1, dtype=torch.float32) ** -beta
         L = U * (lam / lam.mean()).sqrt()

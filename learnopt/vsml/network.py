@@ -40,6 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from learnopt.task import haar_orthogonal
+
 
 class LayerState(NamedTuple):
     """Hidden and cell state of one VSML layer, ``[E, A, B, H]`` each."""
@@ -178,11 +180,9 @@ class VSMLNetwork(nn.Module):
         zeros_out = tuple(torch.zeros(episodes, b, M, device=device, dtype=dtype) for b in sizes[1:])
         zeros_in = tuple(torch.zeros(episodes, a, M, device=device, dtype=dtype) for a in fan_ins)
         rotation = None
-        if self.rotate_inputs:  # Haar-random orthogonal matrices: QR of a Gaussian, signs fixed by diag(R)
-            gauss = torch.randn(episodes, num_features, num_features, generator=generator,
-                                device=generator.device if generator is not None else "cpu", dtype=torch.float64)
-            q, r = torch.linalg.qr(gauss)
-            rotation = (q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1))[:, None, :]).to(device, dtype)
+        if self.rotate_inputs:
+            rotation = haar_orthogonal(episodes, n=num_features, generator=generator,
+                                       dtype=torch.float64).to(device, dtype)
         return VSMLState(layers, zeros_in, zeros_out, rotation)
 
     def _embed(self, values: Tensor, *extra: Tensor) -> Tensor:
