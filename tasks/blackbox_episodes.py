@@ -30,7 +30,9 @@ from learnopt.blackbox.losses import (
     sum_loss,
 )
 from learnopt.task import seeded_generator
-from tasks.gp_functions import GPFunctionFamily, RFFSample
+from tasks.gp_functions import GPFunctionFamily, RFFSample, box_min_estimate
+
+LOSS_SCALES = ("raw", "normalized", "log")
 
 
 def normalized_regret(best: Tensor, minimum: Tensor, median: Tensor) -> Tensor:
@@ -108,6 +110,8 @@ class GPProposerEpisodes:
         bowl_shape: str = "round",
         warp_fraction: float = 0.0,
         warp_strength: float = 1.0,
+        loss_scale: str = "raw",
+        log_eps: float = 1e-3,
     ) -> None:
         if loss not in META_LOSSES:
             raise ValueError(f"GPProposerEpisodes: loss must be one of {META_LOSSES}, got {loss!r}")
@@ -133,6 +137,17 @@ class GPProposerEpisodes:
         if loss == "ei" and warp_fraction > 0:
             raise ValueError("GPProposerEpisodes: loss 'ei' scores the GP posterior, warps change what is observed")
         self.warp_fraction, self.warp_strength = float(warp_fraction), float(warp_strength)
+        if loss_scale not in LOSS_SCALES:
+            raise ValueError(f"GPProposerEpisodes: loss_scale must be one of {LOSS_SCALES}, got {loss_scale!r}")
+        if loss_scale != "raw" and sampler != "rff":
+            raise ValueError(f"GPProposerEpisodes: loss_scale {loss_scale!r} needs each function's minimum and median "
+                             "over the box, which only sampler='rff' functions have")
+        if loss_scale == "log" and loss != "oi":
+            raise ValueError(f"GPProposerEpisodes: loss_scale 'log' is the log of L_OI's best value, not defined for "
+                             f"loss {loss!r}")
+        if not log_eps > 0:
+            raise ValueError(f"GPProposerEpisodes: log_eps must be > 0, got {log_eps}")
+        self.loss_scale, self.log_eps = loss_scale, float(log_eps)
         self.dim, self.horizon, self.loss, self.sampler = dim, horizon, loss, sampler
         self.lengthscale_range = tuple(lengthscale_range)
         self.signal_variance, self.noise = signal_variance, noise
@@ -201,6 +216,10 @@ class GPProposerEpisodes:
             bowls = self.bowls(num_episodes, generator, functions.omega.dtype)
             warps = self.warps(num_episodes, generator, functions.omega.dtype)
 
+            def function(x: Tensor) -> Tensor:  # noise-free and unwarped: what the loss scores
+                x = x.to(functions.omega.dtype)
+                return functions(x) if bowls is None else functions(x) + _bowl(x, *bowls)
+
             def objective(x: Tensor) -> Tensor:
                 x = x.to(functions.omega.dtype)
                 y = functions.observe(x, generator)
@@ -225,13 +244,24 @@ class GPProposerEpisodes:
         _, ys = model.rollout(objective, num_episodes, self.horizon, generator=generator)
         if unwarped:  # score the functions themselves, not what the proposer observed
             ys = torch.cat(unwarped, dim=1)
-        if self.loss == "sum":
+        metrics: dict[str, float] = {}
+        if self.loss_scale != "raw":
+            # each function's own scale: (y − min) / (median − min), the benchmark's normalised regret
+            minimum, _, values = box_min_estimate(function, num_episodes, self.dim, functions.lengthscales,
+                                                  num_candidates=1024, num_starts=4, steps=25,
+                                                  generator=generator, dtype=ys.dtype, device=ys.device)
+            minimum = torch.minimum(minimum, ys.detach().min(1).values)
+            ys = normalized_regret(ys, minimum, values.median(1).values.clamp_min(minimum + 1e-12))
+            metrics["regret_final"] = float(ys.detach().min(1).values.median())
+        if self.loss_scale == "log":
+            loss = torch.log(ys.min(1).values + self.log_eps).mean()
+        elif self.loss == "sum":
             loss = sum_loss(ys)
         elif self.loss == "oi":
             loss = observed_improvement_loss(ys)
         else:
             loss = expected_improvement_loss(torch.cat(eis, dim=1))
-        metrics = {"best_final": float(ys.detach().min(1).values.mean()), "mean_y": float(ys.detach().mean())}
+        metrics.update(best_final=float(ys.detach().min(1).values.mean()), mean_y=float(ys.detach().mean()))
         return loss.to(model.dtype) if hasattr(model, "dtype") else loss, metrics
 
     def validation_set(self) -> HeldOutGP:

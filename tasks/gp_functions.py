@@ -29,6 +29,7 @@ Two samplers of a batch of ``n`` instances:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -191,28 +192,52 @@ def min_estimate(
     upper bound on the true minimum (a narrow basin missed by every candidate stays missed);
     regret computed against it can therefore be slightly negative.
     """
+    vals, pts, _ = box_min_estimate(sample, sample.num_instances, sample.dim, sample.lengthscales.detach(),
+                                    num_candidates, num_starts, steps, lr, generator, chunk,
+                                    dtype=sample.omega.dtype, device=sample.omega.device)
+    return vals, pts
+
+
+def box_min_estimate(
+    f: Callable[[Tensor], Tensor],
+    n: int,
+    dim: int,
+    step_scale: Tensor | float = 1.0,
+    num_candidates: int = 4096,
+    num_starts: int = 8,
+    steps: int = 100,
+    lr: float = 0.1,
+    generator: torch.Generator | None = None,
+    chunk: int = 1024,
+    dtype: torch.dtype = torch.float64,
+    device: torch.device | str | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``min_estimate`` for any batch of ``n`` functions ``f`` (``[n, q, dim] → [n, q]``,
+    differentiable) on ``[0, 1]^dim``; Adam's step per coordinate is ``lr × step_scale``
+    (``[n, dim]`` or a number). Returns ``(values [n], points [n, dim], candidate values
+    [n, num_candidates])``, all detached; the candidate values are ``f`` at uniform points, so
+    their median estimates ``f``'s median over the box."""
     if num_candidates < 1 or num_starts < 1 or steps < 0 or chunk < 1:
         raise ValueError("min_estimate: num_candidates, num_starts, chunk must be >= 1 and steps >= 0")
-    n, d = sample.num_instances, sample.dim
-    dtype, device = sample.omega.dtype, sample.omega.device
     with torch.no_grad():
-        cand = torch.rand((n, num_candidates, d), generator=generator, dtype=dtype,
+        cand = torch.rand((n, num_candidates, dim), generator=generator, dtype=dtype,
                           device=generator_device(generator)).to(device)
-        vals = torch.cat([sample(cand[:, i:i + chunk]) for i in range(0, num_candidates, chunk)], dim=1)
+        vals = torch.cat([f(cand[:, i:i + chunk]) for i in range(0, num_candidates, chunk)], dim=1).detach()
         k = min(num_starts, num_candidates)
         top = vals.topk(k, dim=1, largest=False).indices
-        starts = torch.gather(cand, 1, top.unsqueeze(-1).expand(n, k, d))
+        starts = torch.gather(cand, 1, top.unsqueeze(-1).expand(n, k, dim))
     best_vals, best_idx = vals.min(dim=1)
-    best_pts = cand[torch.arange(n, device=device), best_idx]
+    best_pts = cand[torch.arange(n, device=cand.device), best_idx]
     if steps > 0:
         z = starts.clone().requires_grad_(True)
-        step = lr * sample.lengthscales.detach()[:, None, :]
+        step = torch.as_tensor(step_scale, dtype=dtype, device=cand.device)
+        step = lr * (step[:, None, :] if step.dim() == 2 else step)
         m = torch.zeros_like(z)
         v = torch.zeros_like(z)
         b1, b2, eps = 0.9, 0.999, 1e-12
         with torch.enable_grad():
             for t in range(1, steps + 1):
-                (g,) = torch.autograd.grad(sample(z).sum(), z)
+                (g,) = torch.autograd.grad(f(z).sum(), z)
                 with torch.no_grad():
                     m.mul_(b1).add_(g, alpha=1 - b1)
                     v.mul_(b2).addcmul_(g, g, value=1 - b2)
@@ -221,13 +246,13 @@ def min_estimate(
                     z.sub_(scale * step * upd).clamp_(0.0, 1.0)
         with torch.no_grad():
             z = z.detach()
-            refined = sample(z)
+            refined = f(z)
             r_vals, r_idx = refined.min(dim=1)
-            r_pts = z[torch.arange(n, device=device), r_idx]
+            r_pts = z[torch.arange(n, device=z.device), r_idx]
             better = r_vals < best_vals
             best_vals = torch.where(better, r_vals, best_vals)
             best_pts = torch.where(better[:, None], r_pts, best_pts)
-    return best_vals.detach(), best_pts.detach()
+    return best_vals.detach(), best_pts.detach(), vals
 
 
 class GPFunctionFamily:

@@ -443,6 +443,56 @@ def test_warped_episodes_observe_a_monotone_warp_and_score_the_function():
             GPProposerEpisodes(**bad)
 
 
+def test_normalised_and_log_losses_score_the_benchmarks_regret():
+    """``loss_scale="normalized"`` makes L_OI the mean of the benchmark's normalised regret,
+    (best − min) / (median − min) of each training function (bowl included, warp not), checked
+    against a dense grid of the replayed functions; ``"log"`` is the mean of log(regret + eps);
+    both reach the queries through the best observation, and "raw" is unchanged."""
+    class Fixed(torch.nn.Module):
+        dim = 2
+
+        def __init__(self):
+            super().__init__()
+            self.shift = torch.nn.Parameter(torch.zeros((), dtype=torch.float64))
+
+        def rollout(self, objective, n, budget, generator=None):
+            xs = torch.rand(n, budget, 2, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+            xs = (xs + self.shift).clamp(0, 1)
+            return xs, torch.cat([objective(xs[:, t: t + 1]) for t in range(budget)], 1)
+
+    kw = dict(dim=2, horizon=8, sampler="rff", lengthscale_range=(0.3, 0.5), bowl_fraction=0.5,
+              warp_fraction=0.5, warp_strength=2.0)
+    losses = {}
+    for scale in ("raw", "normalized", "log"):
+        model = Fixed()
+        losses[scale], metrics = GPProposerEpisodes(**kw, loss_scale=scale, log_eps=1e-3).meta_loss(
+            model, 32, torch.Generator().manual_seed(3))
+        losses[scale].backward()
+        assert model.shift.grad is not None and model.shift.grad != 0
+    fam = GPProposerEpisodes(**kw)
+    generator = torch.Generator().manual_seed(3)  # replay the functions and the bowls
+    functions = fam.gp.rff(32, generator)
+    a, c, _ = fam.bowls(32, generator, torch.float64)
+    g = torch.linspace(0, 1, 151, dtype=torch.float64)
+    grid = torch.stack(torch.meshgrid(g, g, indexing="ij"), -1).reshape(1, -1, 2).expand(32, -1, -1)
+    values = functions(grid) + a[:, None] * (grid - c[:, None]).pow(2).sum(-1)
+    minimum, median = values.min(1).values, values.median(1).values
+    xs = torch.rand(32, 8, 2, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    best = (functions(xs) + a[:, None] * (xs - c[:, None]).pow(2).sum(-1)).min(1).values
+    torch.testing.assert_close(losses["raw"], best.mean())
+    regret = (best - minimum) / (median - minimum)
+    assert 0.02 < float(regret.mean()) < 0.6
+    # the training-time estimates (1,024 uniform points, then Adam) against the 151² grid
+    torch.testing.assert_close(losses["normalized"], regret.mean(), atol=0.005, rtol=0.01)
+    torch.testing.assert_close(losses["log"], torch.log(regret.clamp_min(0) + 1e-3).mean(), atol=0.05, rtol=0.01)
+    with pytest.raises(ValueError, match="loss_scale"):
+        GPProposerEpisodes(loss_scale="relative")
+    with pytest.raises(ValueError, match="sampler='rff'"):
+        GPProposerEpisodes(loss_scale="normalized", sampler="lazy")
+    with pytest.raises(ValueError, match="log"):
+        GPProposerEpisodes(loss_scale="log", loss="sum", sampler="rff")
+
+
 def test_meta_train_config_exports_a_loadable_proposer(in_tmp):
     from learnopt.train.cli import meta_train
 
