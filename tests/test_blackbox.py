@@ -549,18 +549,29 @@ def test_exploring_proposer_is_reproducible_and_contains_random_search():
         p.step(p.start_input(1), p.initial_state(1))
 
 
-@pytest.mark.parametrize("dim", [2, 3, 6])
-def test_committed_proposers_load_and_beat_random_search(dim):
-    path = ROOT / f"checkpoints/rnn_proposer_d{dim}.pt"
+@pytest.mark.parametrize("dim, name, config_name", [
+    (2, "rnn_proposer_d2", "rnn_proposer_d2"),
+    (3, "rnn_proposer_d3", "rnn_proposer_d3_finetune"),  # stage 2, from stage 1 below
+    (3, "rnn_proposer_d3_stage1", "rnn_proposer_d3"),
+    (6, "rnn_proposer_d6", "rnn_proposer_d6"),
+])
+def test_committed_proposers_load_and_beat_random_search(dim, name, config_name):
+    path = ROOT / f"checkpoints/{name}.pt"
     p = learnopt.load(path)
     assert isinstance(p, RNNProposer) and p.dim == dim
-    family = p.checkpoint_metadata["config"]["model"]["task_family"]["init_args"]
+    meta = p.checkpoint_metadata
+    family = meta["config"]["model"]["task_family"]["init_args"]
     # the checkpoint was trained by its committed config
     import yaml
 
-    config = yaml.safe_load((ROOT / f"configs/rnn_proposer_d{dim}.yaml").read_text())
+    config = yaml.safe_load((ROOT / f"configs/{config_name}.yaml").read_text())
     assert config["model"]["task_family"]["init_args"] == {k: family[k] for k in config["model"]["task_family"]["init_args"]}
     assert config["model"]["learned_optimizer"]["init_args"] == p.config()
+    for key in ("meta_lr", "num_tasks", "seed"):
+        assert config["model"][key] == meta["meta_training"][key]
+    if "init_from" in config["model"]:  # a later stage: it starts from a committed checkpoint
+        start = learnopt.load(ROOT / config["model"]["init_from"])
+        assert start.config() == p.config() and meta["meta_training"]["init_from"] is not None
     horizon = family["horizon"]
     ho = held_out_gp(GPFunctionFamily(dim, tuple(family["lengthscale_range"])), 64, "test-unit", 1)
     with torch.no_grad():
