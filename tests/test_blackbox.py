@@ -553,7 +553,8 @@ def test_exploring_proposer_is_reproducible_and_contains_random_search():
     (2, "rnn_proposer_d2", "rnn_proposer_d2"),
     (3, "rnn_proposer_d3", "rnn_proposer_d3_finetune"),  # stage 2, from stage 1 below
     (3, "rnn_proposer_d3_stage1", "rnn_proposer_d3"),
-    (6, "rnn_proposer_d6", "rnn_proposer_d6"),
+    (6, "rnn_proposer_d6", "rnn_proposer_d6_finetune"),  # stage 2, from stage 1 below
+    (6, "rnn_proposer_d6_stage1", "rnn_proposer_d6"),
 ])
 def test_committed_proposers_load_and_beat_random_search(dim, name, config_name):
     path = ROOT / f"checkpoints/{name}.pt"
