@@ -173,15 +173,7 @@ class RFFSample:
         return min_estimate(self, **kwargs)
 
 
-def min_estimate(
-    sample: RFFSample,
-    num_candidates: int = 4096,
-    num_starts: int = 8,
-    steps: int = 100,
-    lr: float = 0.1,
-    generator: torch.Generator | None = None,
-    chunk: int = 1024,
-) -> tuple[Tensor, Tensor]:
+def min_estimate(sample: RFFSample, **options) -> tuple[Tensor, Tensor]:
     """An *estimate* of each instance's global minimum over ``[0, 1]^dim``: ``(values [n],
     points [n, dim])``, detached.
 
@@ -190,11 +182,12 @@ def min_estimate(
     coordinate, cosine-decayed, iterates clamped to the box) for ``steps`` steps. The result is
     the best point seen, so it never exceeds the random-search minimum, but it is only an
     upper bound on the true minimum (a narrow basin missed by every candidate stays missed);
-    regret computed against it can therefore be slightly negative.
+    regret computed against it can therefore be slightly negative. ``options``: those of
+    ``box_min_estimate`` (``num_candidates=4096, num_starts=8, steps=100, lr=0.1, generator,
+    chunk=1024``).
     """
     vals, pts, _ = box_min_estimate(sample, sample.num_instances, sample.dim, sample.lengthscales.detach(),
-                                    num_candidates, num_starts, steps, lr, generator, chunk,
-                                    dtype=sample.omega.dtype, device=sample.omega.device)
+                                    dtype=sample.omega.dtype, device=sample.omega.device, **options)
     return vals, pts
 
 
