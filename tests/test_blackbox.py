@@ -512,6 +512,16 @@ def test_meta_train_config_exports_a_loadable_proposer(in_tmp):
     assert meta["task_family"]["class_path"] == "tasks.blackbox_episodes.GPProposerEpisodes"
     res = p.minimize(branin_fun, [(-5, 10), (0, 15)], budget=5)
     assert res.nfev == 5
+    # a budget below the training horizon (5) is run, with a warning that names both
+    with pytest.warns(UserWarning, match="meta-trained for 5 evaluations and is given 3"):
+        short = p.minimize(branin_fun, [(-5, 10), (0, 15)], budget=3)
+    np.testing.assert_allclose(short.ys, res.ys[:3])
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # at or beyond the horizon, and for a proposer not loaded: no warning
+        p.minimize(branin_fun, [(-5, 10), (0, 15)], budget=7)
+        proposer(dtype=torch.float32).minimize(branin_fun, [(-5, 10), (0, 15)], budget=2)
 
 
 def test_parallel_proposer_session_hands_out_a_step_per_q_asks():

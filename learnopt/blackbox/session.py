@@ -39,6 +39,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+import warnings
 from typing import Any, Callable
 
 import numpy as np
@@ -219,6 +220,14 @@ class AskTellSession:
                               time_per_proposal=self.proposal_seconds / max(1, len(self._xs)))
 
 
+def training_horizon(proposer: Any) -> int | None:
+    """The number of evaluations per episode the proposer was meta-trained with, read from the
+    metadata of the checkpoint it was loaded from (None for a proposer that was not loaded)."""
+    meta = getattr(proposer, "checkpoint_metadata", None) or {}
+    horizon = ((meta.get("task_family") or {}).get("init_args") or {}).get("horizon")
+    return int(horizon) if isinstance(horizon, int) and not isinstance(horizon, bool) else None
+
+
 def minimize(fun: Callable[[np.ndarray], float], bounds: Any, budget: int, proposer: Any,
              nonfinite: str = "raise", seed: int = 0) -> OptimizeResult:
     """Minimise ``fun`` (a float64 array in the box → a number) over ``bounds`` with ``budget``
@@ -233,6 +242,12 @@ def minimize(fun: Callable[[np.ndarray], float], bounds: Any, budget: int, propo
         proposer = load(proposer)
     if budget < 1:
         raise ValueError(f"minimize: budget must be >= 1, got {budget}")
+    horizon = training_horizon(proposer)
+    if horizon is not None and budget < horizon:
+        warnings.warn(f"minimize: this proposer was meta-trained for {horizon} evaluations and is given {budget}; "
+                      "a proposer explores for most of its training horizon and refines at its end, so a shorter "
+                      "budget stops it early (checkpoints/README.md: use one trained for about this budget)",
+                      stacklevel=2)
     session = AskTellSession(proposer, bounds, nonfinite=nonfinite, seed=seed)
     for _ in range(budget):
         x = session.ask()
