@@ -235,7 +235,8 @@ def minimize(fun: Callable[[np.ndarray], float], bounds: Any, budget: int, propo
 
     Returns a ``scipy.optimize.OptimizeResult`` with ``x`` and ``fun`` (the best point and
     value), the history ``xs`` ``[budget, D]`` and ``ys`` ``[budget]``, ``nfev`` and
-    ``time_per_proposal`` (seconds)."""
+    ``time_per_proposal`` (seconds). A budget below the proposer's training horizon runs, with a
+    warning: the proposer would still be exploring when the budget ends."""
     if isinstance(proposer, (str, bytes)) or hasattr(proposer, "__fspath__"):
         from learnopt.checkpoint import load
 
