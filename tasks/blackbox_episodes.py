@@ -203,6 +203,9 @@ class GPProposerEpisodes:
         eis: list[Tensor] = []
         unwarped: list[Tensor] = []
 
+        def with_bowl(x: Tensor, y: Tensor) -> Tensor:
+            return y if bowls is None else y + _bowl(x, *bowls)
+
         def warp(y: Tensor, k: Tensor | None) -> Tensor:
             if k is None:
                 return y
@@ -218,14 +221,11 @@ class GPProposerEpisodes:
 
             def function(x: Tensor) -> Tensor:  # noise-free and unwarped: what the loss scores
                 x = x.to(functions.omega.dtype)
-                return functions(x) if bowls is None else functions(x) + _bowl(x, *bowls)
+                return with_bowl(x, functions(x))
 
             def objective(x: Tensor) -> Tensor:
                 x = x.to(functions.omega.dtype)
-                y = functions.observe(x, generator)
-                if bowls is not None:
-                    y = y + _bowl(x, *bowls)
-                return warp(y, warps)
+                return warp(with_bowl(x, functions.observe(x, generator)), warps)
         else:
             functions = self.gp.lazy(num_episodes, generator)
             bowls = self.bowls(num_episodes, generator, functions.lengthscales.dtype)
@@ -239,7 +239,7 @@ class GPProposerEpisodes:
                             else mean.new_zeros(mean.shape[0], 1))
                     eis.append(expected_improvement(mean, torch.diagonal(cov, dim1=-2, dim2=-1), best))
                 y = functions.query(x)
-                return warp(y if bowls is None else y + _bowl(x, *bowls), warps)
+                return warp(with_bowl(x, y), warps)
 
         _, ys = model.rollout(objective, num_episodes, self.horizon, generator=generator)
         if unwarped:  # score the functions themselves, not what the proposer observed
