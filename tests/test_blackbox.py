@@ -24,9 +24,9 @@ from tasks.gp_functions import GPFunctionFamily
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def proposer(dim=2, q=1, seed=0, dtype=torch.float64):
+def proposer(dim=2, q=1, seed=0, dtype=torch.float64, trend=False):
     torch.manual_seed(seed)
-    return RNNProposer(dim=dim, hidden_size=16, num_layers=2, num_queries=q).to(dtype)
+    return RNNProposer(dim=dim, hidden_size=16, num_layers=2, num_queries=q, trend=trend).to(dtype)
 
 
 def rff(dim=2, n=3, seed=0):
@@ -97,12 +97,14 @@ def test_session_standardizer_matches_the_batched_one(q):
         assert y_std[0] == 0.0 and best_std == 0.0
 
 
-@pytest.mark.parametrize("q,explore,dtype,local", [(1, False, torch.float32, False), (2, True, torch.float32, False),
-                                                   (1, False, torch.float64, False), (1, False, torch.float32, True),
-                                                   (2, True, torch.float64, True)])
-def test_numpy_stepper_matches_the_torch_step(q, explore, dtype, local):
+@pytest.mark.parametrize("q,explore,dtype,local,trend", [
+    (1, False, torch.float32, False, False), (2, True, torch.float32, False, False),
+    (1, False, torch.float64, False, False), (1, False, torch.float32, True, False),
+    (2, True, torch.float64, True, False), (1, False, torch.float32, False, True), (2, False, torch.float64, True, True)])
+def test_numpy_stepper_matches_the_torch_step(q, explore, dtype, local, trend):
     torch.manual_seed(0)
-    p = RNNProposer(dim=3, hidden_size=16, num_layers=3, num_queries=q, explore=explore, local=local).to(dtype)
+    p = RNNProposer(dim=3, hidden_size=16, num_layers=3, num_queries=q, explore=explore, local=local,
+                    trend=trend).to(dtype)
     fast = p.numpy_stepper()
     rng = np.random.default_rng(0)
     state, fstate = p.initial_state(1), fast.initial_state()
@@ -119,14 +121,21 @@ def test_numpy_stepper_matches_the_torch_step(q, explore, dtype, local):
             np.testing.assert_allclose(fh, h[0].numpy(), **tol)
             np.testing.assert_allclose(fc, c[0].numpy(), **tol)
         xq, y, best = rng.uniform(size=(q, 3)), rng.normal(size=q), rng.normal()
-        bx = rng.uniform(size=3)
+        bx, tr = rng.uniform(size=3), (rng.uniform(-1, 1, size=4) if trend else None)
         inp = p.observation_input(torch.tensor(xq)[None], torch.tensor(y)[None],
-                                  torch.tensor([best], dtype=torch.float64), torch.tensor(bx)[None])
-        finp = fast.observation_input(xq, y, best, bx)
+                                  torch.tensor([best], dtype=torch.float64), torch.tensor(bx)[None],
+                                  None if tr is None else torch.tensor(tr)[None])
+        finp = fast.observation_input(xq, y, best, bx, tr)
+        assert finp.shape == (p.input_size,)
         np.testing.assert_allclose(finp, inp[0].numpy(), **tol)
     if explore:
         with pytest.raises(ValueError, match="noise"):
             fast.step(finp, fstate)
+    if trend:
+        with pytest.raises(ValueError, match="trend features"):
+            fast.observation_input(xq, y, best, bx)
+        with pytest.raises(ValueError, match="trend features"):
+            p.observation_input(torch.tensor(xq)[None], torch.tensor(y)[None], torch.zeros(1), torch.tensor(bx)[None])
     # a snapshot: later changes to the weights do not reach it
     zeros = np.zeros((q, 3))
     before = fast.step(finp, fstate, zeros)[0]
@@ -134,6 +143,43 @@ def test_numpy_stepper_matches_the_torch_step(q, explore, dtype, local):
         p.head.bias.add_(1.0)
     np.testing.assert_array_equal(fast.step(finp, fstate, zeros)[0], before)
     assert not np.allclose(p.numpy_stepper().step(finp, fstate, zeros)[0], before)
+
+
+def test_quadratic_trend_fits_a_separable_quadratic_and_the_session_matches_it():
+    from learnopt.blackbox.proposer import QuadraticTrend, separable_quadratic_minimum
+    from learnopt.blackbox.session import _Standardizer
+
+    # minimiser of a z² + b z on [-1, 1]: the vertex (convex, inside), clamped (convex, outside),
+    # the end the slope points to (concave or linear), against a dense grid
+    a = torch.tensor([2.0, 0.5, -1.0, 0.0, -0.5], dtype=torch.float64)
+    b = torch.tensor([1.0, -3.0, 0.5, -2.0, 0.0], dtype=torch.float64)
+    z, value = separable_quadratic_minimum(a, b)
+    grid = torch.linspace(-1, 1, 20001, dtype=torch.float64)[:, None]
+    torch.testing.assert_close(value, (a * grid ** 2 + b * grid).min(0).values, rtol=0, atol=1e-8)
+    torch.testing.assert_close(z, torch.tensor([-0.25, 1.0, -1.0, 1.0, 1.0], dtype=torch.float64))  # tie: +1
+    # an exact separable quadratic is recovered (tiny ridge): its box minimiser and minimum
+    rng = np.random.default_rng(0)
+    x = rng.uniform(size=(1, 40, 3))
+    u = 2 * x - 1
+    y = 5.0 + 2 * (u[..., 0] - 0.3) ** 2 - 0.5 * u[..., 1] ** 2 + 0.7 * u[..., 2]
+    fit = QuadraticTrend(1, 3, torch.device("cpu"), ridge=1e-10)
+    fit.update(torch.tensor(x), torch.tensor(y), torch.zeros(1, dtype=torch.float64))
+    feats = fit.features(torch.tensor([4.0], dtype=torch.float64), torch.tensor([2.0], dtype=torch.float64),
+                         torch.zeros(1, dtype=torch.float64))
+    minimum = 5.0 - 0.5 - 0.7  # at z = (0.3, ±1, -1)
+    torch.testing.assert_close(feats[0, [0, 2, 3]], torch.tensor([0.3, -1.0, (minimum - 4.0) / 2.0],
+                                                                 dtype=torch.float64), rtol=0, atol=1e-6)
+    assert abs(float(feats[0, 1])) == pytest.approx(1.0)
+    # the session's numpy fit gives the batched one's features, step by step (q = 2 per step)
+    ref, fast = RunningStandardizer(1, torch.float64, torch.device("cpu")), _Standardizer(3)
+    ref_fit = QuadraticTrend(1, 3, torch.device("cpu"))
+    ys = 1e3 + rng.normal(size=(1, 16))
+    for t in range(0, 16, 2):
+        ref.update(torch.tensor(ys[:, t:t + 2]), torch.tensor(x[:, t:t + 2]))
+        ref_fit.update(torch.tensor(x[:, t:t + 2]), torch.tensor(ys[:, t:t + 2]), ref.shift)
+        fast.update(ys[0, t:t + 2], x[0, t:t + 2])
+        want = RNNProposer(dim=3, trend=True).trend_features(ref_fit, ref)
+        np.testing.assert_allclose(fast.trend_features(), want[0].numpy(), rtol=1e-9, atol=1e-9)
 
 
 # -- the proposer -----------------------------------------------------------------------------------
@@ -159,8 +205,9 @@ def test_local_proposer_queries_around_the_incumbent():
     assert xs.shape == (2, 6, 2) and bool(((xs > 0) & (xs < 1)).all())
 
 
-def test_rollout_is_invariant_to_affine_rescaling_of_f():
-    p, f = proposer(), rff()
+@pytest.mark.parametrize("trend", [False, True])
+def test_rollout_is_invariant_to_affine_rescaling_of_f(trend):
+    p, f = proposer(trend=trend), rff()
     with torch.no_grad():
         xs1, ys1 = p.rollout(f, 3, 12)
         xs2, ys2 = p.rollout(lambda x: 250.0 * f(x) - 40.0, 3, 12)
@@ -209,8 +256,9 @@ def branin_fun(x):
     return float(BENCHMARKS["branin"](torch.as_tensor(x)[None]))
 
 
-def test_minimize_maps_the_box_and_equals_the_batched_rollout():
-    p = proposer(dtype=torch.float32)
+@pytest.mark.parametrize("trend", [False, True])
+def test_minimize_maps_the_box_and_equals_the_batched_rollout(trend):
+    p = proposer(dtype=torch.float32, trend=trend)
     branin = BENCHMARKS["branin"]
     res = minimize(branin_fun, [(-5, 10), (0, 15)], budget=15, proposer=p)
     with torch.no_grad():

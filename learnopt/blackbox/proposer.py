@@ -37,6 +37,12 @@ then a small output of the network, not a precise absolute position. The gate st
 closed (``r ≈ 0.02``): with ``r ≈ 0.5`` from the start, 2-d meta-training validated at 0.04
 instead of 0.007 by step 6,000.
 
+``trend=True`` (our extension) also feeds the proposer, after each observation, what a
+separable quadratic fitted by ridge regression to all observations so far says
+(``QuadraticTrend``): its minimiser in the box and its value there, standardised. Finding the
+global basin needs a summary of every observation, which GP-EI has in its posterior and a
+small recurrent state keeps poorly; the fit is a cheap one (a ``(2D + 1)²`` solve per step).
+
 ``num_queries`` (q) > 1 gives the parallel proposer: each step emits q queries, evaluated
 together, and reads the q results at the next step.
 """
@@ -63,11 +69,13 @@ class RunningStandardizer:
         self.best: Tensor | None = None
         self.best_x: Tensor | None = None  # [n, D], the query of the best observation (when given)
         self.shift = torch.zeros(num_instances, dtype=dtype, device=device)
+        self.mean: Tensor | None = None  # of the observations so far (set once there are two)
+        self.std: Tensor | None = None
 
     def clone(self) -> RunningStandardizer:
         new = RunningStandardizer.__new__(RunningStandardizer)
         new.count, new.total, new.total_sq, new.best = self.count, self.total, self.total_sq, self.best
-        new.best_x, new.shift = self.best_x, self.shift
+        new.best_x, new.shift, new.mean, new.std = self.best_x, self.shift, self.mean, self.std
         return new
 
     def update(self, y: Tensor, x: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -96,7 +104,54 @@ class RunningStandardizer:
         # not 0/0, without changing any other standardised value (exact scale invariance).
         std = torch.sqrt(var.clamp_min(torch.finfo(var.dtype).tiny))
         mean = mean + self.shift
+        self.mean, self.std = mean, std
         return (y - mean[:, None]) / std[:, None], (self.best - mean) / std
+
+
+def separable_quadratic_minimum(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """Per coordinate, the minimiser ``z`` in ``[-1, 1]`` of ``a z² + b z`` and its value (any
+    leading shape; works for torch tensors). Convex coordinates (``a > 0``) have it at the
+    clamped vertex; the others at the end the slope points to."""
+    convex = a > 1e-12
+    vertex = (-b / (2 * torch.where(convex, a, torch.ones_like(a)))).clamp(-1.0, 1.0)
+    end = torch.where(b > 0, -torch.ones_like(b), torch.ones_like(b))
+    z = torch.where(convex, vertex, end)
+    return z, a * z * z + b * z
+
+
+class QuadraticTrend:
+    """A separable quadratic fitted to all observations so far by ridge regression, per
+    instance: ``y ≈ w₀ + Σ_d b_d z_d + a_d z_d²`` with ``z = 2x − 1`` (the unit box as
+    ``[-1, 1]^D``) and a ridge ``ridge·‖(a, b)‖²`` (the intercept is free). The proposer reads
+    its minimiser in the box and its value there, standardised (``RNNProposer(trend=True)``, our
+    extension): the large-scale shape of the function, which a recurrent state summarises
+    poorly from single observations. Sums are kept of ``y − shift`` (the first observation), in
+    float64; the fit is linear in ``y``, so the features are invariant to ``f ↦ a·f + b``."""
+
+    def __init__(self, num_instances: int, dim: int, device: torch.device, ridge: float = 0.1) -> None:
+        n, k = num_instances, 1 + 2 * dim
+        self.dim, self.ridge = dim, ridge
+        self.gram = torch.zeros(n, k, k, dtype=torch.float64, device=device)
+        self.moment = torch.zeros(n, k, dtype=torch.float64, device=device)
+        self.penalty = torch.full((k,), ridge, dtype=torch.float64, device=device)
+        self.penalty[0] = 0.0
+
+    def update(self, x: Tensor, y: Tensor, shift: Tensor) -> None:
+        """Add observations ``y`` ``[n, q]`` made at unit-box queries ``x`` ``[n, q, D]``."""
+        z = 2 * x.to(torch.float64) - 1
+        phi = torch.cat([torch.ones_like(z[..., :1]), z, z * z], dim=-1)  # [n, q, k]
+        d = (y - shift[:, None]).to(torch.float64)
+        self.gram = self.gram + phi.transpose(1, 2) @ phi
+        self.moment = self.moment + (phi * d[..., None]).sum(1)
+
+    def features(self, mean: Tensor, std: Tensor, shift: Tensor) -> Tensor:
+        """``[n, D + 1]``: the fit's minimiser in ``[-1, 1]^D`` and its value there standardised by
+        the observations' ``mean`` and ``std`` (clamped to ±10)."""
+        w = torch.linalg.solve(self.gram + torch.diag(self.penalty), self.moment)
+        dim = self.dim
+        z, value = separable_quadratic_minimum(w[:, 1 + dim:], w[:, 1:1 + dim])
+        fit_min = w[:, 0] + value.sum(1) + shift.to(torch.float64)
+        return torch.cat([z, ((fit_min - mean) / std).clamp(-10.0, 10.0)[:, None]], dim=1)
 
 
 class RNNProposer(nn.Module):
@@ -109,14 +164,17 @@ class RNNProposer(nn.Module):
     kind = "blackbox_proposer"
 
     def __init__(self, dim: int = 2, hidden_size: int = 64, num_layers: int = 2, num_queries: int = 1,
-                 explore: bool = False, local: bool = False) -> None:
+                 explore: bool = False, local: bool = False, trend: bool = False) -> None:
         super().__init__()
         if dim < 1 or hidden_size < 1 or num_layers < 1 or num_queries < 1:
             raise ValueError(f"RNNProposer: dim, hidden_size, num_layers and num_queries must be >= 1, got "
                              f"{dim}, {hidden_size}, {num_layers}, {num_queries}")
         self.dim, self.hidden_size, self.num_layers, self.num_queries = dim, hidden_size, num_layers, num_queries
         self.incumbent_at = num_queries * (dim + 2)  # where best x starts in the input (see observation_input)
-        self.input_size = self.incumbent_at + dim + 1  # per query x, y, best y; best x; start flag
+        self.trend = bool(trend)
+        self.trend_at = self.incumbent_at + dim  # where the trend features start (trend=True)
+        # per query x, y, best y; best x; the trend's minimiser and value (trend=True); start flag
+        self.input_size = self.trend_at + (dim + 1 if self.trend else 0) + 1
         sizes = [self.input_size] + [hidden_size] * num_layers
         self.cells = nn.ModuleList(nn.LSTMCell(sizes[i], hidden_size) for i in range(num_layers))
         self.explore = bool(explore)
@@ -134,7 +192,7 @@ class RNNProposer(nn.Module):
 
     def config(self) -> dict[str, Any]:
         return {"dim": self.dim, "hidden_size": self.hidden_size, "num_layers": self.num_layers,
-                "num_queries": self.num_queries, "explore": self.explore, "local": self.local}
+                "num_queries": self.num_queries, "explore": self.explore, "local": self.local, "trend": self.trend}
 
     @property
     def device(self) -> torch.device:
@@ -154,14 +212,30 @@ class RNNProposer(nn.Module):
         inp[:, -1] = 1.0
         return inp
 
-    def observation_input(self, x: Tensor, y_std: Tensor, best_std: Tensor, best_x: Tensor) -> Tensor:
+    def observation_input(self, x: Tensor, y_std: Tensor, best_std: Tensor, best_x: Tensor,
+                          trend: Tensor | None = None) -> Tensor:
         """The input after observing ``y_std`` ``[n, q]`` (standardised) at ``x`` ``[n, q, D]``
         (unit box); ``best_std`` ``[n]`` is the standardised best value so far, ``best_x``
-        ``[n, D]`` the query that found it."""
+        ``[n, D]`` the query that found it, ``trend`` ``[n, D + 1]`` the ``QuadraticTrend``
+        features (required when ``trend`` is on)."""
         n, q, _ = x.shape
         per_query = torch.cat([2 * x - 1, y_std[..., None], best_std[:, None, None].expand(n, q, 1)], dim=-1)
-        parts = [per_query.reshape(n, -1), 2 * best_x.to(x.dtype) - 1, x.new_zeros(n, 1)]
+        parts = [per_query.reshape(n, -1), 2 * best_x.to(x.dtype) - 1]
+        if self.trend:
+            if trend is None:
+                raise ValueError("RNNProposer.observation_input: a proposer with trend=True needs the trend features")
+            parts.append(trend.to(x.dtype))
+        parts.append(x.new_zeros(n, 1))
         return torch.cat(parts, dim=-1).to(self.dtype)
+
+    def trend_features(self, fit: QuadraticTrend | None, stats: RunningStandardizer) -> Tensor | None:
+        """The trend input after the latest observations (None unless ``trend``; zeros until
+        there are two observations, like the standardised values)."""
+        if fit is None:
+            return None
+        if stats.std is None:
+            return torch.zeros(stats.shift.shape[0], self.dim + 1, dtype=torch.float64, device=stats.shift.device)
+        return fit.features(stats.mean, stats.std, stats.shift)
 
     def step(self, inp: Tensor, state: list[tuple[Tensor, Tensor]], noise: Tensor | None = None
              ) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
@@ -210,6 +284,7 @@ class RNNProposer(nn.Module):
         state = self.initial_state(num_instances)
         inp = self.start_input(num_instances)
         stats: RunningStandardizer | None = None
+        fit = QuadraticTrend(num_instances, self.dim, self.device) if self.trend else None
         xs, ys, done = [], [], 0
         while done < budget:
             x, state = self.step(inp, state, self.draw_noise(num_instances, generator))
@@ -220,11 +295,14 @@ class RNNProposer(nn.Module):
             if stats is None:
                 stats = RunningStandardizer(num_instances, y.dtype, y.device)
             y_std, best_std = stats.update(y, x[:, :take])
+            if fit is not None:
+                fit.update(x[:, :take], y, stats.shift)
             xs.append(x[:, :take])
             ys.append(y)
             done += take
             if done < budget:  # (only the last step can be partial)
-                inp = self.observation_input(x, y_std.to(self.dtype), best_std.to(self.dtype), stats.best_x)
+                inp = self.observation_input(x, y_std.to(self.dtype), best_std.to(self.dtype), stats.best_x,
+                                             self.trend_features(fit, stats))
         return torch.cat(xs, 1), torch.cat(ys, 1)
 
     # -- user-facing ----------------------------------------------------------------------------
@@ -268,7 +346,7 @@ class NumpyStepper:
 
         self.dim, self.num_queries, self.explore = proposer.dim, proposer.num_queries, proposer.explore
         self.hidden_size, self.input_size = proposer.hidden_size, proposer.input_size
-        self.incumbent_at = proposer.incumbent_at
+        self.incumbent_at, self.trend = proposer.incumbent_at, proposer.trend
         hid = self.hidden_size
         # one matrix per layer acting on [input; h]; the sigmoid gates' rows are pre-scaled by 1/2
         scale = np.full(4 * hid, 0.5, dtype=self.dtype)
@@ -295,11 +373,18 @@ class NumpyStepper:
         inp[-1] = 1.0
         return inp
 
-    def observation_input(self, x: np.ndarray, y_std: np.ndarray, best_std: float, best_x: np.ndarray) -> np.ndarray:
-        """``RNNProposer.observation_input`` for one instance: ``x`` ``[q, D]``, ``y_std`` ``[q]``."""
+    def observation_input(self, x: np.ndarray, y_std: np.ndarray, best_std: float, best_x: np.ndarray,
+                          trend: np.ndarray | None = None) -> np.ndarray:
+        """``RNNProposer.observation_input`` for one instance: ``x`` ``[q, D]``, ``y_std`` ``[q]``,
+        ``trend`` ``[D + 1]`` (required when the proposer reads the trend)."""
         q = x.shape[0]
         per_query = np.concatenate([2 * x - 1, y_std[:, None], np.full((q, 1), best_std)], 1)
-        return np.concatenate([per_query.ravel(), 2 * best_x - 1, [0.0]]).astype(self.dtype)
+        parts = [per_query.ravel(), 2 * best_x - 1]
+        if self.trend:
+            if trend is None:
+                raise ValueError("NumpyStepper.observation_input: a proposer with trend=True needs the trend features")
+            parts.append(trend)
+        return np.concatenate(parts + [[0.0]]).astype(self.dtype)
 
     def step(self, inp: np.ndarray, state: list[tuple[np.ndarray, np.ndarray]], noise: np.ndarray | None = None
              ) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:

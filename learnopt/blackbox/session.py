@@ -50,12 +50,22 @@ from torch import Tensor, nn
 
 class _Standardizer:
     """``learnopt.blackbox.proposer.RunningStandardizer`` for a single instance, in Python
-    floats and numpy (the session's fast path; the same formulas, tested against it)."""
+    floats and numpy (the session's fast path; the same formulas, tested against it). With
+    ``trend_dim`` it also keeps ``QuadraticTrend``'s sums and gives its features
+    (``trend_features``). Arrays are replaced, never changed in place, so ``copy.copy`` is a
+    snapshot."""
 
-    def __init__(self) -> None:
+    def __init__(self, trend_dim: int | None = None, ridge: float = 0.1) -> None:
         self.count, self.shift, self.total, self.total_sq = 0, 0.0, 0.0, 0.0
         self.best = math.inf
         self.best_x: np.ndarray | None = None
+        self.mean = self.std = math.nan
+        self.trend_dim = trend_dim
+        if trend_dim is not None:
+            k = 1 + 2 * trend_dim
+            self.gram, self.moment = np.zeros((k, k)), np.zeros(k)
+            self.penalty = np.full(k, ridge)
+            self.penalty[0] = 0.0
 
     def update(self, y: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, float]:
         """Add observations ``y`` ``[q]`` made at ``x`` ``[q, D]``; return them and the best value
@@ -66,6 +76,11 @@ class _Standardizer:
         d = y - self.shift
         self.total += float(d.sum())
         self.total_sq += float((d * d).sum())
+        if self.trend_dim is not None:
+            z = 2 * np.asarray(x, dtype=np.float64) - 1
+            phi = np.concatenate([np.ones((len(z), 1)), z, z * z], 1)
+            self.gram = self.gram + phi.T @ phi
+            self.moment = self.moment + phi.T @ d
         arg = int(np.argmin(y))
         if y[arg] < self.best or self.best_x is None:
             self.best, self.best_x = float(y[arg]), x[arg]
@@ -74,7 +89,24 @@ class _Standardizer:
         mean = self.total / self.count
         std = math.sqrt(max(self.total_sq / self.count - mean * mean, np.finfo(np.float64).tiny))
         mean += self.shift
+        self.mean, self.std = mean, std
         return (y - mean) / std, (self.best - mean) / std
+
+    def trend_features(self) -> np.ndarray | None:
+        """``QuadraticTrend.features`` for this instance (None without ``trend_dim``; zeros until
+        there are two observations)."""
+        dim = self.trend_dim
+        if dim is None:
+            return None
+        if self.count < 2:
+            return np.zeros(dim + 1)
+        w = np.linalg.solve(self.gram + np.diag(self.penalty), self.moment)
+        a, b = w[1 + dim:], w[1:1 + dim]
+        convex = a > 1e-12
+        vertex = np.clip(-b / (2 * np.where(convex, a, 1.0)), -1.0, 1.0)
+        z = np.where(convex, vertex, np.where(b > 0, -1.0, 1.0))
+        fit_min = w[0] + float((a * z * z + b * z).sum()) + self.shift
+        return np.concatenate([z, [min(max((fit_min - self.mean) / self.std, -10.0), 10.0)]])
 
 
 def as_bounds(bounds: Any, dim: int | None = None) -> Tensor:
@@ -149,10 +181,10 @@ class AskTellSession:
         for j in range(fed, k):
             group = self._groups[j]
             y = np.array([self._ys[i] if self._ys[i] is not None else liar for i in group])
-            stats = copy.copy(stats) if stats is not None else _Standardizer()
+            stats = copy.copy(stats) if stats is not None else _Standardizer(p.dim if p.trend else None)
             xg = np.stack([self._units[i] for i in group])
             y_std, best_std = stats.update(y, xg)
-            inp = p.observation_input(xg, y_std, best_std, stats.best_x)
+            inp = p.observation_input(xg, y_std, best_std, stats.best_x, stats.trend_features())
             # Only the last step's queries are new; replayed steps' outputs are not used.
             x, state = p.step(inp, state, self._noise() if j == k - 1 else np.zeros((p.num_queries, p.dim)))
             clean = clean and all(self._ys[i] is not None for i in group)
