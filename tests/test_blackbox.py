@@ -183,6 +183,31 @@ def test_quadratic_trend_fits_a_separable_quadratic_and_the_session_matches_it()
 
 
 # -- the proposer -----------------------------------------------------------------------------------
+def test_a_trained_proposer_can_be_grown_to_read_the_trend(tmp_path):
+    from learnopt.checkpoint import CheckpointError
+    from learnopt.train.module import MetaTrainModule
+
+    source, f = proposer(dim=3, dtype=torch.float32), rff(dim=3)
+    path = learnopt.export_checkpoint(source, tmp_path / "plain.pt")
+    fam = GPProposerEpisodes(dim=3, horizon=5, lengthscale_range=(0.3, 0.5))
+    grown = proposer(dim=3, seed=1, dtype=torch.float32, trend=True)
+    with pytest.warns(UserWarning, match="weights_from.*trend"):
+        MetaTrainModule(grown, fam, estimator="full_bptt", init_from=str(path))
+    with torch.no_grad():  # the trend's input columns start at zero: the same queries
+        torch.testing.assert_close(grown.rollout(f, 3, 15)[0], source.rollout(f, 3, 15)[0], rtol=0, atol=1e-6)
+    assert grown.cells[0].weight_ih[:, grown.trend_at:grown.trend_at + 4].abs().max() == 0
+    # and it trains them: the meta-gradient reaches the new columns
+    xs, ys = grown.rollout(f, 3, 15)
+    ys.min(1).values.sum().backward()
+    assert grown.cells[0].weight_ih.grad[:, grown.trend_at:grown.trend_at + 4].abs().max() > 0
+    with_local = RNNProposer(dim=3, hidden_size=16, num_layers=2, local=True, trend=True)
+    with pytest.warns(UserWarning, match="local"):  # new heads keep their init
+        MetaTrainModule(with_local, fam, estimator="full_bptt", init_from=str(path))
+    assert torch.equal(with_local.head.weight, source.head.weight)
+    with pytest.raises(CheckpointError, match="only trend and local may differ.*hidden_size"):
+        MetaTrainModule(RNNProposer(dim=3, hidden_size=8, trend=True), fam, estimator="full_bptt", init_from=str(path))
+
+
 def test_local_proposer_queries_around_the_incumbent():
     torch.manual_seed(0)
     p = RNNProposer(dim=2, hidden_size=8, local=True)

@@ -194,6 +194,30 @@ class RNNProposer(nn.Module):
         return {"dim": self.dim, "hidden_size": self.hidden_size, "num_layers": self.num_layers,
                 "num_queries": self.num_queries, "explore": self.explore, "local": self.local, "trend": self.trend}
 
+    def weights_from(self, source: RNNProposer) -> dict[str, Tensor]:
+        """A state dict for this proposer that starts as ``source`` does, where the two differ
+        only in ``trend`` or ``local`` (``init_from`` uses it to add an extension to a trained
+        proposer). Turning ``trend`` on adds input columns with zero weights, so the grown proposer
+        computes exactly what ``source`` computes until training moves them; a ``local`` head that
+        ``source`` lacks keeps its fresh initialisation (gate nearly closed); one this proposer
+        lacks is dropped. Other differences raise ``ValueError``."""
+        mine, theirs = self.config(), source.config()
+        other = {k: (theirs.get(k), mine.get(k)) for k in mine.keys() | theirs.keys()
+                 if k not in ("trend", "local") and theirs.get(k) != mine.get(k)}
+        if not isinstance(source, RNNProposer) or other:
+            raise ValueError(f"RNNProposer.weights_from: only trend and local may differ, not {other}")
+        state, src = self.state_dict(), source.state_dict()
+        for key in state:
+            if key == "cells.0.weight_ih" and src[key].shape != state[key].shape:
+                w = torch.zeros_like(state[key])
+                cut = source.trend_at  # per-query inputs and the incumbent: the same columns in both
+                w[:, :cut] = src[key][:, :cut]
+                w[:, -1] = src[key][:, -1]  # the start flag, last in both
+                state[key] = w  # (turning trend off drops its columns)
+            elif key in src:
+                state[key] = src[key].clone()
+        return state
+
     @property
     def device(self) -> torch.device:
         return self.head.weight.device

@@ -85,7 +85,9 @@ def build_estimator(
 def _load_initial_weights(model: nn.Module, path: str) -> None:
     """Copy the weights of the exported checkpoint ``path`` into ``model``: the same class and
     the same weights (names and shapes). Config keys that leave the weights alike (a VSML
-    network's ``bias_input`` or ``micro_ticks``) may differ; they are reported in a warning."""
+    network's ``bias_input`` or ``micro_ticks``) may differ; they are reported in a warning. A
+    model with a ``weights_from(source)`` method may also start from a checkpoint of another
+    config it accepts (``RNNProposer``: turning on ``trend`` or ``local``)."""
     import warnings
 
     from learnopt.checkpoint import CheckpointError, load
@@ -99,6 +101,15 @@ def _load_initial_weights(model: nn.Module, path: str) -> None:
     cfg_mine, cfg_theirs = getattr(model, "config", dict)(), getattr(source, "config", dict)()
     diff = {k: (cfg_theirs.get(k), cfg_mine.get(k)) for k in sorted(cfg_mine.keys() | cfg_theirs.keys())
             if cfg_mine.get(k) != cfg_theirs.get(k)}
+    grow = getattr(model, "weights_from", None)
+    if wrong and grow is not None:
+        try:
+            theirs = grow(source)
+        except ValueError as err:
+            raise CheckpointError(f"init_from {path}: {err}") from None
+        warnings.warn(f"init_from {path}: weights carried over to a learned optimizer of another config "
+                      f"({type(model).__name__}.weights_from; config (checkpoint, run): {diff})", stacklevel=2)
+        wrong, diff = [], {}
     if wrong:
         raise CheckpointError(f"init_from {path}: its weights do not fit the run's learned optimizer "
                               f"(weights {wrong} missing or of another shape; config (checkpoint, run): {diff})")
