@@ -179,6 +179,8 @@ class GPProposerEpisodes:
         c = 0.15 + 0.7 * torch.rand(num_episodes, self.dim, generator=generator, dtype=dtype)
         if self.bowl_shape == "round":
             return a, c, None
+        # q·diag(e)·qᵀ is unchanged by flipping columns of q, so plain QR's q gives the same law
+        # as a Haar-random rotation (learnopt.task.haar_orthogonal fixes the signs; not needed here).
         q, _ = torch.linalg.qr(torch.randn(num_episodes, self.dim, self.dim, generator=generator, dtype=dtype))
         e = torch.exp(math.log(0.02) * torch.rand(num_episodes, self.dim, generator=generator, dtype=dtype))
         e = e / e.max(dim=1, keepdim=True).values
