@@ -246,7 +246,7 @@ class GPProposerEpisodes:
         _, ys = model.rollout(objective, num_episodes, self.horizon, generator=generator)
         if unwarped:  # score the functions themselves, not what the proposer observed
             ys = torch.cat(unwarped, dim=1)
-        metrics: dict[str, float] = {}
+        metrics = {"best_final": float(ys.detach().min(1).values.mean()), "mean_y": float(ys.detach().mean())}
         if self.loss_scale != "raw":
             # each function's own scale: (y − min) / (median − min), the benchmark's normalised regret
             minimum, _, values = box_min_estimate(function, num_episodes, self.dim, functions.lengthscales,
@@ -263,7 +263,6 @@ class GPProposerEpisodes:
             loss = observed_improvement_loss(ys)
         else:
             loss = expected_improvement_loss(torch.cat(eis, dim=1))
-        metrics.update(best_final=float(ys.detach().min(1).values.mean()), mean_y=float(ys.detach().mean()))
         return loss.to(model.dtype) if hasattr(model, "dtype") else loss, metrics
 
     def validation_set(self) -> HeldOutGP:

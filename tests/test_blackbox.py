@@ -535,11 +535,12 @@ def test_normalised_and_log_losses_score_the_benchmarks_regret():
 
     kw = dict(dim=2, horizon=8, sampler="rff", lengthscale_range=(0.3, 0.5), bowl_fraction=0.5,
               warp_fraction=0.5, warp_strength=2.0)
-    losses = {}
+    losses, best_final = {}, {}
     for scale in ("raw", "normalized", "log"):
         model = Fixed()
         losses[scale], metrics = GPProposerEpisodes(**kw, loss_scale=scale, log_eps=1e-3).meta_loss(
             model, 32, torch.Generator().manual_seed(3))
+        best_final[scale] = metrics["best_final"]  # logged in the functions' own units whatever the loss
         losses[scale].backward()
         assert model.shift.grad is not None and model.shift.grad != 0
     fam = GPProposerEpisodes(**kw)
@@ -553,6 +554,7 @@ def test_normalised_and_log_losses_score_the_benchmarks_regret():
     xs = torch.rand(32, 8, 2, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     best = (functions(xs) + a[:, None] * (xs - c[:, None]).pow(2).sum(-1)).min(1).values
     torch.testing.assert_close(losses["raw"], best.mean())
+    assert best_final["raw"] == best_final["normalized"] == best_final["log"] == pytest.approx(float(best.mean()))
     regret = (best - minimum) / (median - minimum)
     assert 0.02 < float(regret.mean()) < 0.6
     # the training-time estimates (1,024 uniform points, then Adam) against the 151² grid
