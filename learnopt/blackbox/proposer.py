@@ -110,7 +110,7 @@ class RunningStandardizer:
 
 def separable_quadratic_minimum(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
     """Per coordinate, the minimiser ``z`` in ``[-1, 1]`` of ``a z² + b z`` and its value (any
-    leading shape; works for torch tensors). Convex coordinates (``a > 0``) have it at the
+    leading shape). Convex coordinates (``a > 0``) have it at the
     clamped vertex; the others at the end the slope points to."""
     convex = a > 1e-12
     vertex = (-b / (2 * torch.where(convex, a, torch.ones_like(a)))).clamp(-1.0, 1.0)
@@ -201,10 +201,12 @@ class RNNProposer(nn.Module):
         computes exactly what ``source`` computes until training moves them; a ``local`` head that
         ``source`` lacks keeps its fresh initialisation (gate nearly closed); one this proposer
         lacks is dropped. Other differences raise ``ValueError``."""
+        if not isinstance(source, RNNProposer):
+            raise ValueError(f"RNNProposer.weights_from: the source is a {type(source).__name__}")
         mine, theirs = self.config(), source.config()
         other = {k: (theirs.get(k), mine.get(k)) for k in mine.keys() | theirs.keys()
                  if k not in ("trend", "local") and theirs.get(k) != mine.get(k)}
-        if not isinstance(source, RNNProposer) or other:
+        if other:
             raise ValueError(f"RNNProposer.weights_from: only trend and local may differ, not {other}")
         state, src = self.state_dict(), source.state_dict()
         for key in state:
