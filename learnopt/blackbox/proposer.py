@@ -108,15 +108,27 @@ class RunningStandardizer:
         return (y - mean[:, None]) / std[:, None], (self.best - mean) / std
 
 
-def separable_quadratic_minimum(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+def separable_quadratic_minimum(a: Any, b: Any) -> tuple[Any, Any]:
     """Per coordinate, the minimiser ``z`` in ``[-1, 1]`` of ``a z² + b z`` and its value (any
-    leading shape). Convex coordinates (``a > 0``) have it at the
+    leading shape; torch tensors or numpy arrays). Convex coordinates (``a > 0``) have it at the
     clamped vertex; the others at the end the slope points to."""
+    xp = torch if isinstance(a, Tensor) else np
     convex = a > 1e-12
-    vertex = (-b / (2 * torch.where(convex, a, torch.ones_like(a)))).clamp(-1.0, 1.0)
-    end = torch.where(b > 0, -torch.ones_like(b), torch.ones_like(b))
-    z = torch.where(convex, vertex, end)
+    vertex = xp.clip(-b / (2 * xp.where(convex, a, xp.ones_like(a))), -1.0, 1.0)
+    end = xp.where(b > 0, -xp.ones_like(b), xp.ones_like(b))
+    z = xp.where(convex, vertex, end)
     return z, a * z * z + b * z
+
+
+def quadratic_fit_minimum(gram: Any, moment: Any, penalty: Any, dim: int) -> tuple[Any, Any]:
+    """Solve the ridge normal equations of ``QuadraticTrend`` (``gram`` ``[..., k, k]``,
+    ``moment`` ``[..., k]``, the diagonal ``penalty`` ``[k]``; ``k = 2·dim + 1``) and return the
+    fit's minimiser in ``[-1, 1]^dim`` and its value there (in the units of the fitted values).
+    Torch (batched, for training) and numpy (one instance, for the session) alike."""
+    xp = torch if isinstance(gram, Tensor) else np
+    w = xp.linalg.solve(gram + xp.diag(penalty), moment)
+    z, value = separable_quadratic_minimum(w[..., 1 + dim:], w[..., 1:1 + dim])
+    return z, w[..., 0] + value.sum(-1)
 
 
 class QuadraticTrend:
@@ -147,10 +159,8 @@ class QuadraticTrend:
     def features(self, mean: Tensor, std: Tensor, shift: Tensor) -> Tensor:
         """``[n, D + 1]``: the fit's minimiser in ``[-1, 1]^D`` and its value there standardised by
         the observations' ``mean`` and ``std`` (clamped to ±10)."""
-        w = torch.linalg.solve(self.gram + torch.diag(self.penalty), self.moment)
-        dim = self.dim
-        z, value = separable_quadratic_minimum(w[:, 1 + dim:], w[:, 1:1 + dim])
-        fit_min = w[:, 0] + value.sum(1) + shift.to(torch.float64)
+        z, fit_min = quadratic_fit_minimum(self.gram, self.moment, self.penalty, self.dim)
+        fit_min = fit_min + shift.to(torch.float64)
         return torch.cat([z, ((fit_min - mean) / std).clamp(-10.0, 10.0)[:, None]], dim=1)
 
 

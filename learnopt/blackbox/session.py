@@ -47,6 +47,8 @@ import torch
 from scipy.optimize import OptimizeResult
 from torch import Tensor, nn
 
+from learnopt.blackbox.proposer import quadratic_fit_minimum
+
 
 class _Standardizer:
     """``learnopt.blackbox.proposer.RunningStandardizer`` for a single instance, in Python
@@ -100,12 +102,8 @@ class _Standardizer:
             return None
         if self.count < 2:
             return np.zeros(dim + 1)
-        w = np.linalg.solve(self.gram + np.diag(self.penalty), self.moment)
-        a, b = w[1 + dim:], w[1:1 + dim]
-        convex = a > 1e-12
-        vertex = np.clip(-b / (2 * np.where(convex, a, 1.0)), -1.0, 1.0)
-        z = np.where(convex, vertex, np.where(b > 0, -1.0, 1.0))
-        fit_min = w[0] + float((a * z * z + b * z).sum()) + self.shift
+        z, fit_min = quadratic_fit_minimum(self.gram, self.moment, self.penalty, dim)
+        fit_min = float(fit_min) + self.shift
         return np.concatenate([z, [min(max((fit_min - self.mean) / self.std, -10.0), 10.0)]])
 
 
