@@ -67,7 +67,15 @@ class HeldOutGP:
 
     def normalized_regret(self, best: Tensor) -> Tensor:
         """``best`` ``[n, ...]`` → ``(best − min) / (median − min)``."""
-        return normalized_regret(best, self.minimum, self.median)
+        return normalized_regret(best, self.minimum.to(best.device), self.median.to(best.device))
+
+    def to(self, device: torch.device | str) -> HeldOutGP:
+        return HeldOutGP(self.functions.to(device), self.minimum.to(device), self.median.to(device))
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (CPU for a model without any)."""
+    return next(iter(model.parameters()), torch.empty(0)).device
 
 
 def held_out_gp(family: GPFunctionFamily, num_functions: int, split: str, seed: int = 0,
@@ -216,10 +224,16 @@ class GPProposerEpisodes:
             safe = torch.where(k == 0, torch.ones_like(k), k)
             return torch.where(k == 0, y, torch.expm1(k * y) / safe)
 
+        # drawn from the generator (on its device), then moved to the proposer's device
+        device = _device_of(model)
+
+        def moved(t: Tensor | tuple | None):
+            return t.to(device) if isinstance(t, Tensor) else None if t is None else tuple(moved(u) for u in t)
+
         if self.sampler == "rff":
-            functions = self.gp.rff(num_episodes, generator)
-            bowls = self.bowls(num_episodes, generator, functions.omega.dtype)
-            warps = self.warps(num_episodes, generator, functions.omega.dtype)
+            functions = self.gp.rff(num_episodes, generator).to(device)
+            bowls = moved(self.bowls(num_episodes, generator, functions.omega.dtype))
+            warps = moved(self.warps(num_episodes, generator, functions.omega.dtype))
 
             def function(x: Tensor) -> Tensor:  # noise-free and unwarped: what the loss scores
                 x = x.to(functions.omega.dtype)
@@ -229,9 +243,9 @@ class GPProposerEpisodes:
                 x = x.to(functions.omega.dtype)
                 return warp(with_bowl(x, functions.observe(x, generator)), warps)
         else:
-            functions = self.gp.lazy(num_episodes, generator)
-            bowls = self.bowls(num_episodes, generator, functions.lengthscales.dtype)
-            warps = self.warps(num_episodes, generator, functions.lengthscales.dtype)
+            functions = self.gp.lazy(num_episodes, generator).to(device)
+            bowls = moved(self.bowls(num_episodes, generator, functions.lengthscales.dtype))
+            warps = moved(self.warps(num_episodes, generator, functions.lengthscales.dtype))
 
             def objective(x: Tensor) -> Tensor:
                 x = x.to(functions.lengthscales.dtype)
@@ -274,6 +288,6 @@ class GPProposerEpisodes:
     def validation_score(self, model: nn.Module, generator: Any = None) -> float:
         """Median normalised regret at the horizon on the fixed validation functions."""
         self._check(model)
-        val = self.validation_set()
+        val = self.validation_set().to(_device_of(model))
         _, ys = model.rollout(val, self.val_functions, self.horizon, generator=seeded_generator("val-noise", self.seed))
         return float(val.normalized_regret(ys.min(1).values).median())

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
@@ -78,6 +78,13 @@ class LazyGPSample:
     @property
     def num_observed(self) -> int:
         return 0 if self.X is None else self.X.shape[1]
+
+    def to(self, device: torch.device | str) -> LazyGPSample:
+        """The same sample paths with their tensors on ``device`` (the model's, say); the noise
+        still comes from ``generator`` wherever that lives."""
+        moved = replace(self, lengthscales=self.lengthscales.to(device))
+        moved.X, moved.Y, moved.L = (None if t is None else t.to(device) for t in (self.X, self.Y, self.L))
+        return moved
 
     def _conditional(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
         """Latent prior ``K_xx``, posterior mean and ``A = L⁻¹ K_hx`` (None without history)."""
@@ -144,6 +151,11 @@ class RFFSample:
     @property
     def num_features(self) -> int:
         return self.omega.shape[1]
+
+    def to(self, device: torch.device | str) -> RFFSample:
+        """The same functions with their tensors on ``device``."""
+        return replace(self, omega=self.omega.to(device), phase=self.phase.to(device),
+                       weights=self.weights.to(device), lengthscales=self.lengthscales.to(device))
 
     @property
     def dim(self) -> int:

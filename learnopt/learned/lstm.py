@@ -19,6 +19,10 @@ from learnopt.optim.torch_optimizer import TransformOptimizer
 # Coordinates per block of the in-place step: large enough that the ~35 tensor operations per block
 # cost little next to its arithmetic, small enough that a block's gates stay in cache.
 INPLACE_BLOCK_ROWS = 8192
+# On an accelerator there is no cache to keep a block in, and each tensor operation is a kernel
+# launch (~5–20 µs): blocks of 8,192 made the 10M-parameter step 532× Adam's on an H200 (1,221
+# blocks × ~20 launches). There a block's gates may take this many elements (128 MiB in float32).
+ACCELERATOR_BLOCK_ELEMENTS = 1 << 25
 
 
 class LSTMOptimizerState(NamedTuple):
@@ -246,7 +250,7 @@ class CoordinatewiseLSTM(LearnedOptimizer):
     # -- the fast drop-in path --------------------------------------------------------------------
     @torch.no_grad()
     def update_(self, grads: Params, state: LSTMOptimizerState, params: Params | None = None,
-                block_rows: int = INPLACE_BLOCK_ROWS) -> Params:
+                block_rows: int | None = None) -> Params:
         """``update`` for a caller that owns ``state`` and needs no graph (the drop-in
         ``torch.optim`` step): overwrites ``state`` in place and returns the updates.
 
@@ -255,8 +259,9 @@ class CoordinatewiseLSTM(LearnedOptimizer):
         cache. ``h`` lives in the rows of a buffer (``_scratch_buffer``) between a row of ones,
         the inputs and a last row of ones, so each layer is one matmul on a contiguous block
         of rows with the bias as a weight column, and writes its new ``h`` back into its own
-        rows: nothing is copied. On CPU a native kernel (``learnopt.learned._native``, compiled
-        on first use) turns each block's gates into the new ``c`` and ``h`` in one pass;
+        rows: nothing is copied. ``block_rows`` defaults to ``INPLACE_BLOCK_ROWS`` on CPU and
+        to ``ACCELERATOR_BLOCK_ELEMENTS // (4 · hidden_size)`` elsewhere. On CPU a native
+        kernel (``learnopt.learned._native``, compiled on first use) turns each block's gates into the new ``c`` and ``h`` in one pass;
         without it, one in-place sigmoid over the gates gives the three gates and the cell
         input (see ``FusedLSTMStack``), and each remaining formula is one ``addcmul`` over
         contiguous rows. No tensor of the size of the state is allocated. A
@@ -276,6 +281,9 @@ class CoordinatewiseLSTM(LearnedOptimizer):
             buffer[-1].fill_(1.0)
         fused, (out_w, out_rows) = self._inference_weights()
         step = torch.empty(1, n, device=flat.device, dtype=self.dtype)
+        if block_rows is None:
+            block_rows = (INPLACE_BLOCK_ROWS if flat.device.type == "cpu"
+                          else max(INPLACE_BLOCK_ROWS, ACCELERATOR_BLOCK_ELEMENTS // (4 * hidden)))
         cols = min(block_rows, n)
         gates = torch.empty(4 * hidden, cols, device=flat.device, dtype=self.dtype)
         native_tail = _native.lstm_tail(self.dtype) if flat.device.type == "cpu" else None
