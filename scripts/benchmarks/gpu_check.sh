@@ -9,7 +9,7 @@
 # STEPS="tests drop_in throughput memory" (the default) picks the steps; *_S their time limits.
 # The accelerator image has torch, lightning, scipy and scikit-learn but not `higher`,
 # `pytorch_optimizer` or `mnist1d`, which the device tests import: carry their wheels in .whl/ (see
-# docs/benchmarks/README.md, "GPU check") and this script installs them into /tmp/site.
+# docs/benchmarks/README.md, section 4) and this script installs them into /tmp/site.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PYTHON:-.venv/bin/python}
