@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # The prepared GPU check: one short run for a lent accelerator machine.
 #   1. the test suite's device-marked tests (the files that hold a `needs a CUDA device` test);
-#   2. the benchmarks on CUDA, small enough to fit a 15-minute device budget.
+#   2. a few meta-steps of each family's config through `learnopt meta-train` on the GPU, and the
+#      exported checkpoints loaded and used on the CPU (shell_check.py);
+#   3. the benchmarks on CUDA, small enough to fit a 15-minute device budget.
 # Results: docs/benchmarks/gpu/gpu_check.log (all printed output) and the benchmarks' *.json.
 # Each step's results are copied to $OUT as soon as it ends (when the device tool provides $OUT),
 # so a run cut short still returns what it finished.
 # Usage (device tool, repository root):  bash scripts/benchmarks/gpu_check.sh
-# STEPS="tests drop_in throughput memory" (the default) picks the steps; *_S their time limits.
+# STEPS="tests shell drop_in throughput memory" (the default) picks the steps; *_S their time limits.
 # The accelerator image has torch, lightning, scipy and scikit-learn but not `higher`,
-# `pytorch_optimizer` or `mnist1d`, which the device tests import: carry their wheels in .whl/ (see
+# `pytorch_optimizer`, `mnist1d` or `jsonargparse` (for the shell): carry their wheels in .whl/ (see
 # docs/benchmarks/README.md, section 4) and this script installs them into /tmp/site.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -26,7 +28,7 @@ export WANDB_MODE=disabled OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
 
 sync_out() { if [ -n "${OUT:-}" ]; then mkdir -p "$OUT/gpu" && cp "$DEST"/*.json "$LOG" "$OUT/gpu/" 2>/dev/null; fi; true; }
 
-STEPS=" ${STEPS:-tests drop_in throughput memory} "
+STEPS=" ${STEPS:-tests shell drop_in throughput memory} "
 step() {  # step KEY NAME TIMEOUT CMD...: run CMD if KEY is in STEPS, log its output, keep going whatever its status
   local key=$1 name=$2 limit=$3; shift 3
   [[ $STEPS == *" $key "* ]] || return 0
@@ -41,6 +43,8 @@ step() {  # step KEY NAME TIMEOUT CMD...: run CMD if KEY is in STEPS, log its ou
   >> "$LOG" 2>&1
 mapfile -t DEVICE_FILES < <(grep -l "needs a CUDA device" tests/test_*.py)
 step tests "device-marked tests" "${TESTS_S:-150}" "$PY" -m pytest -m device -q -p no:cacheprovider "${DEVICE_FILES[@]}"
+step shell "meta-training shell on CUDA" "${SHELL_S:-200}" "$PY" scripts/benchmarks/shell_check.py \
+  --accelerator gpu --out "$DEST/shell_check.json"
 step drop_in "drop-in step on CUDA" "${DROP_IN_S:-120}" "$PY" scripts/benchmarks/drop_in_step.py --device cuda \
   --repeats 20 --compile-max 0 --out gpu/drop_in_step
 step throughput "meta-training throughput on CUDA" "${THROUGHPUT_S:-120}" "$PY" scripts/benchmarks/meta_training_throughput.py \
