@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 import learnopt  # noqa: E402
 from learnopt.blackbox.baselines import gp_ei, optuna_minimize, random_search  # noqa: E402
 from learnopt.blackbox.gp import GPHyperparameters  # noqa: E402
+from learnopt.blackbox.session import training_horizon  # noqa: E402
 from learnopt.task import seeded_generator  # noqa: E402
 from tasks.blackbox_benchmarks import BENCHMARKS  # noqa: E402
 from tasks.blackbox_episodes import held_out_gp, normalized_regret  # noqa: E402
@@ -288,9 +289,9 @@ def main() -> None:
     for dim in (2, 3, 6):
         p = learnopt.load(ROOT / args.checkpoints / f"rnn_proposer_d{dim}.pt")
         proposers[dim] = p
+        horizons[f"gp{dim}"] = training_horizon(p)
         family_args = p.checkpoint_metadata["config"]["model"]["task_family"]["init_args"]
-        horizons[f"gp{dim}"] = family_args["horizon"]
-        priors[dim] = tuple(family_args.get("lengthscale_range", (0.1, 0.5)))
+        priors[dim] = tuple(family_args.get("lengthscale_range", (0.1, 0.5)))  # the training prior
     problems = []
     for dim in (2, 3, 6):
         fam = GPFunctionFamily(dim, priors[dim])  # held-out functions from the training prior
