@@ -207,6 +207,21 @@ def test_lazy_deterministic_shapes_and_errors():
         fam.lazy(2, lengthscales=torch.ones(2, 2))
 
 
+def test_moving_a_sample_keeps_its_history_and_its_noise_stream():
+    """``LazyGPSample.to`` / ``RFFSample.to`` (how episodes follow the proposer to its device):
+    a moved sample continues exactly as the original would, history and noise stream included.
+    On CPU the move is a copy; tests/test_device.py runs the same on CUDA."""
+    fam = GPFunctionFamily(dim=2)
+    x1, x2 = torch.rand((3, 2, 2), generator=_gen(20), dtype=DT), torch.rand((3, 1, 2), generator=_gen(21), dtype=DT)
+    a, b = fam.lazy(3, generator=_gen(22)), fam.lazy(3, generator=_gen(22))
+    a.query(x1), b.query(x1)
+    moved = b.to("cpu")
+    assert moved is not b and moved.num_observed == 2
+    assert torch.equal(moved.query(x2), a.query(x2)) and moved.num_observed == 3 and b.num_observed == 2
+    f = fam.rff(3, _gen(23))
+    assert torch.equal(f.to("cpu")(x1), f(x1))
+
+
 def test_lazy_noise_is_observation_variance():
     n = 10_000
     fam = GPFunctionFamily(dim=1, lengthscale_range=(0.3, 0.3), noise=0.25)
