@@ -120,6 +120,24 @@ def separable_quadratic_minimum(a: Any, b: Any) -> tuple[Any, Any]:
     return z, a * z * z + b * z
 
 
+def quadratic_basis(x: Any) -> Any:
+    """``QuadraticTrend``'s features ``[1, z, z²]`` (``z = 2x − 1``, float64) of unit-box points
+    ``x`` ``[..., D]`` → ``[..., 2D + 1]``; torch tensors or numpy arrays."""
+    if isinstance(x, Tensor):
+        z = 2 * x.to(torch.float64) - 1
+        return torch.cat([torch.ones_like(z[..., :1]), z, z * z], dim=-1)
+    z = 2 * np.asarray(x, dtype=np.float64) - 1
+    return np.concatenate([np.ones_like(z[..., :1]), z, z * z], axis=-1)
+
+
+def ridge_penalty(dim: int, ridge: float) -> np.ndarray:
+    """The diagonal of ``QuadraticTrend``'s ridge: ``ridge`` on every coefficient but the
+    intercept's."""
+    penalty = np.full(1 + 2 * dim, float(ridge))
+    penalty[0] = 0.0
+    return penalty
+
+
 def quadratic_fit_minimum(gram: Any, moment: Any, penalty: Any, dim: int) -> tuple[Any, Any]:
     """Solve the ridge normal equations of ``QuadraticTrend`` (``gram`` ``[..., k, k]``,
     ``moment`` ``[..., k]``, the diagonal ``penalty`` ``[k]``; ``k = 2·dim + 1``) and return the
@@ -145,13 +163,11 @@ class QuadraticTrend:
         self.dim, self.ridge = dim, ridge
         self.gram = torch.zeros(n, k, k, dtype=torch.float64, device=device)
         self.moment = torch.zeros(n, k, dtype=torch.float64, device=device)
-        self.penalty = torch.full((k,), ridge, dtype=torch.float64, device=device)
-        self.penalty[0] = 0.0
+        self.penalty = torch.as_tensor(ridge_penalty(dim, ridge), device=device)
 
     def update(self, x: Tensor, y: Tensor, shift: Tensor) -> None:
         """Add observations ``y`` ``[n, q]`` made at unit-box queries ``x`` ``[n, q, D]``."""
-        z = 2 * x.to(torch.float64) - 1
-        phi = torch.cat([torch.ones_like(z[..., :1]), z, z * z], dim=-1)  # [n, q, k]
+        phi = quadratic_basis(x)  # [n, q, k]
         d = (y - shift[:, None]).to(torch.float64)
         self.gram = self.gram + phi.transpose(1, 2) @ phi
         self.moment = self.moment + (phi * d[..., None]).sum(1)

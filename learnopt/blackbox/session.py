@@ -47,7 +47,7 @@ import torch
 from scipy.optimize import OptimizeResult
 from torch import Tensor, nn
 
-from learnopt.blackbox.proposer import quadratic_fit_minimum
+from learnopt.blackbox.proposer import quadratic_basis, quadratic_fit_minimum, ridge_penalty
 
 
 class _Standardizer:
@@ -66,8 +66,7 @@ class _Standardizer:
         if trend_dim is not None:
             k = 1 + 2 * trend_dim
             self.gram, self.moment = np.zeros((k, k)), np.zeros(k)
-            self.penalty = np.full(k, ridge)
-            self.penalty[0] = 0.0
+            self.penalty = ridge_penalty(trend_dim, ridge)
 
     def update(self, y: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, float]:
         """Add observations ``y`` ``[q]`` made at ``x`` ``[q, D]``; return them and the best value
@@ -79,8 +78,7 @@ class _Standardizer:
         self.total += float(d.sum())
         self.total_sq += float((d * d).sum())
         if self.trend_dim is not None:
-            z = 2 * np.asarray(x, dtype=np.float64) - 1
-            phi = np.concatenate([np.ones((len(z), 1)), z, z * z], 1)
+            phi = quadratic_basis(x)
             self.gram = self.gram + phi.T @ phi
             self.moment = self.moment + phi.T @ d
         arg = int(np.argmin(y))
