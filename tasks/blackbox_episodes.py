@@ -67,9 +67,10 @@ class HeldOutGP:
 
     def normalized_regret(self, best: Tensor) -> Tensor:
         """``best`` ``[n, ...]`` → ``(best − min) / (median − min)``."""
-        return normalized_regret(best, self.minimum.to(best.device), self.median.to(best.device))
+        return normalized_regret(best, self.minimum, self.median)
 
     def to(self, device: torch.device | str) -> HeldOutGP:
+        """The same functions and estimates on ``device`` (the proposer's, for validation)."""
         return HeldOutGP(self.functions.to(device), self.minimum.to(device), self.median.to(device))
 
 

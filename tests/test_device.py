@@ -111,7 +111,8 @@ def _meta_grads_cpu_and_gpu(model, family, num_episodes, **kwargs):
 
 
 def test_rnn_proposer_meta_gradient_on_gpu_matches_cpu():
-    """Whole-episode BPTT through the lazy GP chain rule (GP samples drawn on the proposer's device)."""
+    """Whole-episode BPTT through the lazy GP chain rule; the GP samples, drawn from a CPU
+    generator, are moved to the proposer's device."""
     from learnopt.blackbox import RNNProposer
     from tasks.blackbox_episodes import GPProposerEpisodes
 

@@ -262,9 +262,9 @@ class CoordinatewiseLSTM(LearnedOptimizer):
         rows: nothing is copied. ``block_rows`` defaults to ``INPLACE_BLOCK_ROWS`` on CPU and
         to ``ACCELERATOR_BLOCK_ELEMENTS // (4 · hidden_size)`` elsewhere. On CPU a native
         kernel (``learnopt.learned._native``, compiled on first use) turns each block's gates
-        into the new ``c`` and ``h`` in one pass; without it, one in-place sigmoid over the gates gives the three gates and the cell
-        input (see ``FusedLSTMStack``), and each remaining formula is one ``addcmul`` over
-        contiguous rows. No tensor of the size of the state is allocated. A
+        into the new ``c`` and ``h`` in one pass; without it, one in-place sigmoid over the
+        gates gives the three gates and the cell input (see ``FusedLSTMStack``), and each
+        remaining formula is one ``addcmul`` over contiguous rows. No tensor of the size of the state is allocated. A
         state made elsewhere (a copy, a loaded state dict) is moved into such a buffer on its
         first step (``Tensor.set_``: same tensor objects, same values).
         """
