@@ -24,9 +24,13 @@ from tasks.gp_functions import GPFunctionFamily
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def proposer(dim=2, q=1, seed=0, dtype=torch.float64, trend=False):
+def proposer(dim=2, q=1, seed=0, dtype=torch.float64, trend=False, refine=False):
     torch.manual_seed(seed)
-    return RNNProposer(dim=dim, hidden_size=16, num_layers=2, num_queries=q, trend=trend).to(dtype)
+    p = RNNProposer(dim=dim, hidden_size=16, num_layers=2, num_queries=q, trend=trend, refine=refine)
+    if refine:  # follow the model's suggestion most of the way, so the tests see it
+        with torch.no_grad():
+            p.refine_gate.bias.fill_(2.0)
+    return p.to(dtype)
 
 
 def rff(dim=2, n=3, seed=0):
@@ -204,8 +208,81 @@ def test_a_trained_proposer_can_be_grown_to_read_the_trend(tmp_path):
     with pytest.warns(UserWarning, match="local"):  # new heads keep their init
         MetaTrainModule(with_local, fam, estimator="full_bptt", init_from=str(path))
     assert torch.equal(with_local.head.weight, source.head.weight)
-    with pytest.raises(CheckpointError, match="only trend and local may differ.*hidden_size"):
+    with_refine = RNNProposer(dim=3, hidden_size=16, num_layers=2, refine=True)
+    with pytest.warns(UserWarning, match="refine"):
+        MetaTrainModule(with_refine, fam, estimator="full_bptt", init_from=str(path))
+    assert torch.equal(with_refine.head.weight, source.head.weight)
+    assert float(with_refine.refine_gate.bias.detach()[0]) == -4.0  # nearly closed: starts as the source
+    with pytest.raises(CheckpointError, match="only trend, local and refine may differ.*hidden_size"):
         MetaTrainModule(RNNProposer(dim=3, hidden_size=8, trend=True), fam, estimator="full_bptt", init_from=str(path))
+
+
+def test_quadratic_model_step_is_the_trust_region_minimiser():
+    from learnopt.blackbox.refine import numpy_suggestion, quadratic_model_step
+
+    rng = np.random.default_rng(0)
+    dim = 4
+    a = rng.normal(size=(dim, dim))
+    for hess in (a @ a.T + np.eye(dim), a + a.T):  # convex, then indefinite
+        centre = rng.uniform(0.4, 0.6, dim)
+
+        def f(x):
+            return 0.5 * np.einsum("...i,ij,...j->...", x - centre, hess, x - centre) + 3.0
+
+        xs = rng.uniform(0.3, 0.7, (40, dim))
+        ys = f(xs)
+        best = xs[np.argmin(ys)]
+        if np.linalg.eigvalsh(hess).min() > 0:  # a large radius reaches the exact minimiser
+            np.testing.assert_allclose(numpy_suggestion(xs, ys, 10.0), centre, atol=1e-6)
+        # within a small radius: no better point of the (exactly fitted) model in the ball
+        step = quadratic_model_step(xs - best, ys, np.float64(0.05), np)
+        assert np.linalg.norm(step) <= 0.05 + 1e-12
+        ball = rng.normal(size=(20000, dim))
+        ball = best + 0.05 * ball / np.linalg.norm(ball, axis=1, keepdims=True) * rng.uniform(size=(20000, 1)) ** (1 / dim)
+        assert f(best + step) <= f(ball).min() + 1e-9
+    # too few observations: no suggestion
+    assert numpy_suggestion(xs[:5], ys[:5], 0.1) is None
+
+
+def test_refine_radius_and_batched_model_match_the_session():
+    from learnopt.blackbox.refine import LocalQuadraticModel, numpy_suggestion, numpy_update_radius
+
+    assert numpy_update_radius(0.1, 1.0, True) == pytest.approx(0.15)
+    assert numpy_update_radius(0.1, 1.0, False) == pytest.approx(0.05)
+    assert numpy_update_radius(0.1, 0.0, False) == pytest.approx(0.1)  # not followed: unchanged
+    assert numpy_update_radius(0.25, 1.0, True) == pytest.approx(0.3)   # capped
+    rng = np.random.default_rng(1)
+    xs = rng.uniform(size=(3, 60, 3))
+    ys = np.sin(4 * xs).sum(-1)
+    model = LocalQuadraticModel(3, 3, torch.device("cpu"))
+    model.update(torch.tensor(xs[:, :50]), torch.tensor(ys[:, :50]), None)
+    model.update(torch.tensor(xs[:, 50:]), torch.tensor(ys[:, 50:]), torch.tensor([1.0, 0.5, 0.0]))
+    improved = ys[:, 50:].min(1) < ys[:, :50].min(1)
+    want_rho = [numpy_update_radius(0.1, w, bool(i)) for w, i in zip([1.0, 0.5, 0.0], improved)]
+    np.testing.assert_allclose(model.rho.numpy(), want_rho)
+    got = model.suggestion().numpy()
+    for i in range(3):
+        np.testing.assert_allclose(got[i], numpy_suggestion(xs[i], ys[i], want_rho[i]), atol=1e-12)
+
+
+def test_refining_proposer_converges_on_a_quadratic_and_learns_its_gate():
+    torch.manual_seed(0)
+    p = RNNProposer(dim=3, hidden_size=16, refine=True).double()
+    centre = torch.tensor([0.3, 0.6, 0.45], dtype=torch.float64)
+
+    def bowl(x):
+        return ((x - centre) ** 2 * torch.tensor([1.0, 4.0, 9.0], dtype=torch.float64)).sum(-1)
+
+    with torch.no_grad():
+        p.refine_gate.bias.fill_(50.0)  # always follow the model once it has a suggestion
+        p.refine_gate.weight.zero_()
+        xs, ys = p.rollout(bowl, 2, 40)
+    assert float(ys[:, :11].min(1).values.min()) > 1e-3  # the network alone, before the model
+    assert float(ys.min(1).values.max()) < 1e-10  # the trust-region steps find the minimum
+    q = RNNProposer(dim=3, hidden_size=16, refine=True).double()  # gate at its start, r ≈ 0.02
+    xs, ys = q.rollout(bowl, 2, 20)
+    ys[:, 11:].sum().backward()  # L_sum over the queries that had a suggestion
+    assert q.refine_gate.bias.grad.abs().max() > 0  # meta-training reaches the gate
 
 
 def test_local_proposer_queries_around_the_incumbent():
@@ -281,9 +358,10 @@ def branin_fun(x):
     return float(BENCHMARKS["branin"](torch.as_tensor(x)[None]))
 
 
-@pytest.mark.parametrize("trend", [False, True])
-def test_minimize_maps_the_box_and_equals_the_batched_rollout(trend):
-    p = proposer(dtype=torch.float32, trend=trend)
+@pytest.mark.parametrize("trend,refine", [(False, False), (True, False), (False, True)])
+def test_minimize_maps_the_box_and_equals_the_batched_rollout(trend, refine):
+    # (float64 with refine: the model's least-squares fit magnifies float32's rounding to ~1e-5)
+    p = proposer(dtype=torch.float64 if refine else torch.float32, trend=trend, refine=refine)
     branin = BENCHMARKS["branin"]
     res = minimize(branin_fun, [(-5, 10), (0, 15)], budget=15, proposer=p)
     with torch.no_grad():
@@ -298,8 +376,9 @@ def test_minimize_maps_the_box_and_equals_the_batched_rollout(trend):
     np.testing.assert_allclose(res2.ys, res.ys)
 
 
-def test_asks_in_flight_use_the_constant_liar_and_replay_true_values():
-    p = proposer(dtype=torch.float32)
+@pytest.mark.parametrize("refine", [False, True])
+def test_asks_in_flight_use_the_constant_liar_and_replay_true_values(refine):
+    p = proposer(dtype=torch.float64 if refine else torch.float32, refine=refine)
     f = branin_fun
     bounds = [(-5, 10), (0, 15)]
     s = p.ask_tell(bounds)
@@ -319,21 +398,40 @@ def test_asks_in_flight_use_the_constant_liar_and_replay_true_values():
     seq = _replayed(p, bounds, [(a, f(a)), (b, f(b)), (c, f(c))])
     np.testing.assert_allclose(d, seq, rtol=1e-6)
     assert s.result().nfev == 3
+    if refine:  # past min_points (7 in 2-d) the model's suggestion enters, with more in flight
+        history = [(a, f(a)), (b, f(b)), (c, f(c))]
+        s.tell(d, f(d))
+        history.append((d, f(d)))
+        for _ in range(4):
+            e, g = s.ask(), s.ask()
+            s.tell(g, f(g))
+            s.tell(e, f(e))
+            history += [(e, f(e)), (g, f(g))]
+        np.testing.assert_allclose(s.ask(), _replayed(p, bounds, history), rtol=1e-9)
 
 
 def _replayed(p, bounds, history):
     """Next query after ``history`` computed directly with the proposer's step function."""
+    from learnopt.blackbox.refine import LocalQuadraticModel
     from learnopt.blackbox.session import as_bounds
 
     b = as_bounds(bounds)
     stats = RunningStandardizer(1, torch.float64, torch.device("cpu"))
+    model = LocalQuadraticModel(1, p.dim, torch.device("cpu"))
     with torch.no_grad():
+        suggestion = None
         x, state = p.step(p.start_input(1), p.initial_state(1))
         for xu, y in history:
             unit = (torch.as_tensor(xu) - b[0]) / (b[1] - b[0])
-            y_std, best_std = stats.update(torch.tensor([[y]], dtype=torch.float64), unit[None, None])
-            inp = p.observation_input(unit.float()[None, None], y_std.float(), best_std.float(), stats.best_x.float())
-            x, state = p.step(inp, state)
+            y = torch.tensor([[y]], dtype=torch.float64)
+            if p.refine:  # the gate of the step that emitted this query, if it had a suggestion
+                weight = None if suggestion is None else p.refine_weight(state, model.count)[:, 0]
+                model.update(unit[None, None], y, weight)
+                suggestion = model.suggestion()
+            y_std, best_std = stats.update(y, unit[None, None])
+            dt = p.dtype
+            inp = p.observation_input(unit.to(dt)[None, None], y_std.to(dt), best_std.to(dt), stats.best_x.to(dt))
+            x, state = p.step(inp, state, None, suggestion, model.count)
     return (b[0] + x[0, 0].double() * (b[1] - b[0])).numpy()
 
 

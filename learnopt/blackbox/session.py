@@ -48,16 +48,18 @@ from scipy.optimize import OptimizeResult
 from torch import Tensor, nn
 
 from learnopt.blackbox.proposer import quadratic_basis, quadratic_fit_minimum, ridge_penalty
+from learnopt.blackbox.refine import RHO_START, min_points, numpy_suggestion, numpy_update_radius
 
 
 class _Standardizer:
     """``learnopt.blackbox.proposer.RunningStandardizer`` for a single instance, in Python
     floats and numpy (the session's fast path; the same formulas, tested against it). With
     ``trend_dim`` it also keeps ``QuadraticTrend``'s sums and gives its features
-    (``trend_features``). Arrays are replaced, never changed in place, so ``copy.copy`` is a
+    (``trend_features``); with ``refine`` it keeps the history and trust radius of
+    ``LocalQuadraticModel`` and gives its suggestion (``suggestion``). Arrays are replaced, never changed in place, so ``copy.copy`` is a
     snapshot."""
 
-    def __init__(self, trend_dim: int | None = None, ridge: float = 0.1) -> None:
+    def __init__(self, trend_dim: int | None = None, ridge: float = 0.1, refine: bool = False) -> None:
         self.count, self.shift, self.total, self.total_sq = 0, 0.0, 0.0, 0.0
         self.best = math.inf
         self.best_x: np.ndarray | None = None
@@ -67,10 +69,20 @@ class _Standardizer:
             k = 1 + 2 * trend_dim
             self.gram, self.moment = np.zeros((k, k)), np.zeros(k)
             self.penalty = ridge_penalty(trend_dim, ridge)
+        self.refine, self.rho = refine, RHO_START
+        self.hist_x: np.ndarray | None = None
+        self.hist_y: np.ndarray | None = None
 
-    def update(self, y: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, float]:
-        """Add observations ``y`` ``[q]`` made at ``x`` ``[q, D]``; return them and the best value
-        so far, standardised."""
+    def update(self, y: np.ndarray, x: np.ndarray, weight: float | None = None) -> tuple[np.ndarray, float]:
+        """Add observations ``y`` ``[q]`` made at ``x`` ``[q, D]`` (``weight``: how much they
+        followed the local model's suggestion, None if there was none); return them and the
+        best value so far, standardised."""
+        if self.refine:
+            if weight is not None and self.count > 0:
+                self.rho = numpy_update_radius(self.rho, weight, float(y.min()) < self.best)
+            first = self.hist_x is None
+            self.hist_x = x.copy() if first else np.concatenate([self.hist_x, x])
+            self.hist_y = y.astype(np.float64) if first else np.concatenate([self.hist_y, y])
         if self.count == 0:
             self.shift = float(y[0])
         self.count += len(y)
@@ -91,6 +103,13 @@ class _Standardizer:
         mean += self.shift
         self.mean, self.std = mean, std
         return (y - mean) / std, (self.best - mean) / std
+
+    def suggestion(self) -> np.ndarray | None:
+        """``LocalQuadraticModel.suggestion`` for this instance (None without ``refine`` or
+        before enough observations)."""
+        if not self.refine or self.hist_x is None:
+            return None
+        return numpy_suggestion(self.hist_x, self.hist_y, self.rho)
 
     def trend_features(self) -> np.ndarray | None:
         """``QuadraticTrend.features`` for this instance (None without ``trend_dim``; zeros until
@@ -177,12 +196,19 @@ class AskTellSession:
         for j in range(fed, k):
             group = self._groups[j]
             y = np.array([self._ys[i] if self._ys[i] is not None else liar for i in group])
-            stats = copy.copy(stats) if stats is not None else _Standardizer(p.dim if p.trend else None)
+            stats = copy.copy(stats) if stats is not None else _Standardizer(p.dim if p.trend else None,
+                                                                             refine=p.refine)
             xg = np.stack([self._units[i] for i in group])
-            y_std, best_std = stats.update(y, xg)
+            # how much the step that emitted this group followed the model (it had a suggestion
+            # once min_points observations were in)
+            weight = (float(p.refine_weight(state, stats.count)[:len(group)].mean())
+                      if p.refine and stats.count >= min_points(p.dim) else None)
+            y_std, best_std = stats.update(y, xg, weight)
             inp = p.observation_input(xg, y_std, best_std, stats.best_x, stats.trend_features())
             # Only the last step's queries are new; replayed steps' outputs are not used.
-            x, state = p.step(inp, state, self._noise() if j == k - 1 else np.zeros((p.num_queries, p.dim)))
+            last = j == k - 1
+            x, state = p.step(inp, state, self._noise() if last else np.zeros((p.num_queries, p.dim)),
+                              stats.suggestion() if last else None, stats.count)
             clean = clean and all(self._ys[i] is not None for i in group)
             if clean:
                 self._cache = (j + 1, state, stats)
