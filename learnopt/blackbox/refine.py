@@ -22,6 +22,7 @@ ask/tell session (one instance, numpy) compute the same suggestion with the same
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -54,17 +55,16 @@ def fit_points(dim: int) -> int:
     return 2 * basis_size(dim)
 
 
+@lru_cache(maxsize=None)
 def _pairs(dim: int) -> tuple[list[int], list[int]]:
     rows, cols = np.triu_indices(dim)
     return rows.tolist(), cols.tolist()
 
 
-def _new(xp: Any, like: Any, shape: tuple[int, ...], eye: bool = False) -> Any:
-    """Zeros (or an identity) of ``shape`` with ``like``'s dtype and device."""
+def _zeros(xp: Any, like: Any, shape: tuple[int, ...]) -> Any:
     if xp is torch:
-        return (torch.eye(shape[-1], dtype=like.dtype, device=like.device) if eye
-                else torch.zeros(shape, dtype=like.dtype, device=like.device))
-    return np.eye(shape[-1], dtype=like.dtype) if eye else np.zeros(shape, dtype=like.dtype)
+        return torch.zeros(shape, dtype=like.dtype, device=like.device)
+    return np.zeros(shape, dtype=like.dtype)
 
 
 def quadratic_model_step(d: Any, y: Any, rho: Any, xp: Any) -> Any:
@@ -74,36 +74,39 @@ def quadratic_model_step(d: Any, y: Any, rho: Any, xp: Any) -> Any:
     dim = d.shape[-1]
     rows, cols = _pairs(dim)
     # Offsets scaled to unit size, so the linear and quadratic columns are of similar size.
-    scale = xp.sqrt((d * d).sum(-1)).max(-1)
-    scale = getattr(scale, "values", scale)  # torch's max over an axis returns (values, indices)
-    scale = xp.where(scale > 1e-12, scale, 1.0 + 0.0 * scale)
+    scale = xp.sqrt(xp.amax((d * d).sum(-1), -1))
+    scale = xp.where(scale > 1e-12, scale, 1.0)
     u = d / scale[..., None, None]
-    ones = 1.0 + 0.0 * u[..., :1]
-    basis = xp.concatenate([ones, u, u[..., rows] * u[..., cols]], -1)  # [..., M, P]
-    mean = y.mean(-1)[..., None]
-    spread = xp.sqrt(((y - mean) ** 2).mean(-1))[..., None]
-    target = (y - mean) / xp.where(spread > 0, spread, 1.0 + 0.0 * spread)
-    gram = basis.swapaxes(-1, -2) @ basis
-    coef = xp.linalg.solve(gram + 1e-8 * _new(xp, gram, gram.shape, eye=True), (basis.swapaxes(-1, -2) @ target[..., None]))[..., 0]
+    basis = xp.concatenate([xp.ones_like(u[..., :1]), u, u[..., rows] * u[..., cols]], -1)  # [..., M, P]
+    centred = y - y.mean(-1)[..., None]
+    spread = xp.sqrt((centred * centred).mean(-1))[..., None]
+    target = centred / xp.where(spread > 0, spread, 1.0)
+    bt = basis.swapaxes(-1, -2)
+    gram = bt @ basis
+    size = gram.shape[-1]
+    gram[..., range(size), range(size)] += 1e-8
+    coef = xp.linalg.solve(gram, (bt @ target[..., None]))[..., 0]
     grad = coef[..., 1:dim + 1]
-    hess = _new(xp, u, u.shape[:-2] + (dim, dim))
+    hess = _zeros(xp, u, u.shape[:-2] + (dim, dim))
     hess[..., rows, cols] = coef[..., dim + 1:]
     hess = hess + hess.swapaxes(-1, -2)  # x_i x_j (i < j) has H_ij = c; x_i² has H_ii = 2c
     w, vec = xp.linalg.eigh(hess)  # ascending eigenvalues
     gv = (vec.swapaxes(-1, -2) @ grad[..., None])[..., 0]
     radius = rho / scale
-    lam = xp.where(w[..., 0] < 0, -w[..., 0], 0.0 * w[..., 0])
-    lam = lam + 1e-9 * (1.0 + xp.abs(w).sum(-1))
+    lam = xp.where(w[..., 0] < 0, -w[..., 0], 0.0) + 1e-9 * (1.0 + xp.abs(w).sum(-1))
     for _ in range(NEWTON_STEPS):  # Newton on 1/radius − 1/‖s(λ)‖, from below: monotone
         den = w + lam[..., None]
         s = gv / den
-        norm = xp.sqrt((s * s).sum(-1))
+        norm2 = (s * s).sum(-1)
+        over = norm2 > radius * radius * (1.0 + 1e-12)
+        if not bool(over.any()):
+            break
         curv = (s * s / den).sum(-1)
-        curv = xp.where(curv > 0, curv, 1.0 + 0.0 * curv)
-        lam = xp.where(norm > radius, lam + (norm / radius - 1.0) * norm * norm / curv, lam)
+        step = (xp.sqrt(norm2) / radius - 1.0) * norm2 / xp.where(curv > 0, curv, 1.0)
+        lam = xp.where(over, lam + step, lam)
     s = -(vec @ (gv / (w + lam[..., None]))[..., None])[..., 0]
     norm = xp.sqrt((s * s).sum(-1))
-    s = s * xp.where(norm > radius, radius / xp.where(norm > 0, norm, 1.0 + 0.0 * norm), 1.0 + 0.0 * norm)[..., None]
+    s = s * xp.where(norm > radius, radius / xp.where(norm > 0, norm, 1.0), 1.0)[..., None]
     return s * scale[..., None]
 
 
