@@ -84,12 +84,15 @@ def _bowl_with_ripples(u):
     return ((u - 0.3) ** 2).sum(-1) + 0.1 * torch.sin(7 * u).sum(-1)
 
 
-@pytest.mark.parametrize("trend", [False, True])
-def test_rnn_proposer_rollout_on_gpu_matches_cpu(trend):
+@pytest.mark.parametrize("trend,refine", [(False, False), (True, False), (False, True)])
+def test_rnn_proposer_rollout_on_gpu_matches_cpu(trend, refine):
     from learnopt.blackbox import RNNProposer
 
     torch.manual_seed(0)
-    p = RNNProposer(dim=3, hidden_size=16, num_layers=2, num_queries=2, trend=trend).double()
+    p = RNNProposer(dim=3, hidden_size=16, num_layers=2, num_queries=2, trend=trend, refine=refine).double()
+    if refine:  # follow the local model's suggestion (on the device: least squares, eigh, trust region)
+        with torch.no_grad():
+            p.refine_gate.bias.fill_(2.0)
     with torch.no_grad():
         xs, ys = p.rollout(_bowl_with_ripples, 4, 20)
         gxs, gys = p.cuda().rollout(_bowl_with_ripples, 4, 20)
