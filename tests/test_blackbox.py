@@ -285,6 +285,23 @@ def test_refining_proposer_converges_on_a_quadratic_and_learns_its_gate():
     assert q.refine_gate.bias.grad.abs().max() > 0  # meta-training reaches the gate
 
 
+def test_refine_schedule_opens_the_gate_between_its_two_counts(tmp_path):
+    torch.manual_seed(0)
+    p = RNNProposer(dim=6, hidden_size=8, refine=True, refine_schedule=(70, 90)).double()
+    state = [(torch.randn(2, 8, dtype=torch.float64), torch.randn(2, 8, dtype=torch.float64))] * 2
+    r = {t: p.refine_weight(state, t).detach() for t in (0, 70, 90, 100)}
+    torch.testing.assert_close(r[70], torch.full((2, 1), torch.sigmoid(torch.tensor(-4.0)).item(), dtype=torch.float64))
+    torch.testing.assert_close(r[90], torch.full((2, 1), torch.sigmoid(torch.tensor(3.0)).item(), dtype=torch.float64))
+    assert float(r[0].max()) < 1e-10 and float(r[100].min()) > 0.95  # the state does not enter yet
+    loaded = learnopt.load(learnopt.export_checkpoint(p, tmp_path / "s.pt"))
+    assert loaded.config() == p.config() and loaded.config()["refine_schedule"] == [70, 90]
+    torch.testing.assert_close(loaded.refine_gate.weight, p.refine_gate.weight.to(loaded.dtype))
+    with pytest.raises(ValueError, match="refine_schedule needs refine=True"):
+        RNNProposer(dim=2, refine_schedule=(5, 10))
+    with pytest.raises(ValueError, match="closed < opened"):
+        RNNProposer(dim=2, refine=True, refine_schedule=(10, 5))
+
+
 def test_local_proposer_queries_around_the_incumbent():
     torch.manual_seed(0)
     p = RNNProposer(dim=2, hidden_size=8, local=True)

@@ -51,9 +51,11 @@ counterpart, and it is what refining inside a basin needs in 6-d, where the 100-
 proposer ends about half its runs in the right basin but still ~0.01 above its minimum. A gate
 ``r = σ(·)`` computed from the state and a clock of the observations so far (``tanh(t/τ)`` for
 a few timescales τ, like the training-step features of learned_optimization's optimizers) sets
-the query ``x = r·s + (1 − r)·a``; it starts nearly closed (``r ≈ 0.02``), and there is no
-suggestion before ``(D + 1)(D + 2)/2 + 1`` observations.
-The model is computed without gradient; meta-training learns when to follow it.
+the query ``x = r·s + (1 − r)·a``. The gate starts nearly closed (``r ≈ 0.02``), or, with
+``refine_schedule=(t0, t1)``, as a schedule of the clock alone that opens between ``t0`` and
+``t1`` observations (a start, which training then changes). There is no suggestion before
+``(D + 1)(D + 2)/2 + 1`` observations. The model is computed without gradient; meta-training
+learns when to follow it.
 
 ``num_queries`` (q) > 1 gives the parallel proposer: each step emits q queries, evaluated
 together, and reads the q results at the next step.
@@ -204,7 +206,8 @@ class RNNProposer(nn.Module):
     kind = "blackbox_proposer"
 
     def __init__(self, dim: int = 2, hidden_size: int = 64, num_layers: int = 2, num_queries: int = 1,
-                 explore: bool = False, local: bool = False, trend: bool = False, refine: bool = False) -> None:
+                 explore: bool = False, local: bool = False, trend: bool = False, refine: bool = False,
+                 refine_schedule: tuple[int, int] | None = None) -> None:
         super().__init__()
         if dim < 1 or hidden_size < 1 or num_layers < 1 or num_queries < 1:
             raise ValueError(f"RNNProposer: dim, hidden_size, num_layers and num_queries must be >= 1, got "
@@ -235,11 +238,31 @@ class RNNProposer(nn.Module):
             if self.refine:  # likewise
                 self.refine_gate.bias.fill_(-4.0)
                 self.refine_gate.weight[:, hidden_size:] = 0.0
+        self.refine_schedule = None
+        if refine_schedule is not None:
+            self._init_refine_schedule(*refine_schedule)
 
+    def _init_refine_schedule(self, closed: int, opened: int) -> None:
+        """Start the refine gate as a schedule of the observation count alone: r = σ(−4) ≈ 0.02 at
+        ``closed`` observations and σ(3) ≈ 0.95 at ``opened``, linear in the clock feature
+        ``tanh(t/τ)`` with τ the smallest clock scale >= ``opened`` (the largest if none is)."""
+        if not self.refine:
+            raise ValueError("RNNProposer: refine_schedule needs refine=True")
+        if not 0 <= closed < opened:
+            raise ValueError(f"RNNProposer: refine_schedule must be (closed, opened) with 0 <= closed < opened, "
+                             f"got {(closed, opened)}")
+        k = next((i for i, tau in enumerate(CLOCK_SCALES) if tau >= opened), len(CLOCK_SCALES) - 1)
+        lo, hi = clock(closed)[k], clock(opened)[k]
+        slope = 7.0 / (hi - lo)
+        with torch.no_grad():
+            self.refine_gate.weight.zero_()
+            self.refine_gate.weight[:, self.hidden_size + k] = slope
+            self.refine_gate.bias.fill_(-4.0 - slope * lo)
+        self.refine_schedule = (int(closed), int(opened))
     def config(self) -> dict[str, Any]:
         return {"dim": self.dim, "hidden_size": self.hidden_size, "num_layers": self.num_layers,
                 "num_queries": self.num_queries, "explore": self.explore, "local": self.local, "trend": self.trend,
-                "refine": self.refine}
+                "refine": self.refine} | ({"refine_schedule": list(self.refine_schedule)} if self.refine_schedule else {})
 
     def weights_from(self, source: RNNProposer) -> dict[str, Tensor]:
         """A state dict for this proposer that starts as ``source`` does, where the two differ
@@ -252,7 +275,7 @@ class RNNProposer(nn.Module):
             raise ValueError(f"RNNProposer.weights_from: the source is a {type(source).__name__}")
         mine, theirs = self.config(), source.config()
         other = {k: (theirs.get(k), mine.get(k)) for k in mine.keys() | theirs.keys()
-                 if k not in ("trend", "local", "refine") and theirs.get(k) != mine.get(k)}
+                 if k not in ("trend", "local", "refine", "refine_schedule") and theirs.get(k) != mine.get(k)}
         if other:
             raise ValueError(f"RNNProposer.weights_from: only trend, local and refine may differ, not {other}")
         state, src = self.state_dict(), source.state_dict()
