@@ -56,9 +56,10 @@ def fit_points(dim: int) -> int:
 
 
 @lru_cache(maxsize=None)
-def _pairs(dim: int) -> tuple[list[int], list[int]]:
+def _pairs(dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Row and column of each quadratic term, and the diagonal of the ``P × P`` Gram matrix."""
     rows, cols = np.triu_indices(dim)
-    return rows.tolist(), cols.tolist()
+    return rows, cols, np.arange(basis_size(dim))
 
 
 def _zeros(xp: Any, like: Any, shape: tuple[int, ...]) -> Any:
@@ -72,7 +73,7 @@ def quadratic_model_step(d: Any, y: Any, rho: Any, xp: Any) -> Any:
     at offsets ``d`` ``[..., M, D]`` from it (the best point itself included, at 0) and radius
     ``rho`` ``[...]``. Float64 arrays of ``xp`` (numpy or torch); batched over leading axes."""
     dim = d.shape[-1]
-    rows, cols = _pairs(dim)
+    rows, cols, diag = _pairs(dim)
     # Offsets scaled to unit size, so the linear and quadratic columns are of similar size.
     scale = xp.sqrt(xp.amax((d * d).sum(-1), -1))
     scale = xp.where(scale > 1e-12, scale, 1.0)
@@ -83,8 +84,7 @@ def quadratic_model_step(d: Any, y: Any, rho: Any, xp: Any) -> Any:
     target = centred / xp.where(spread > 0, spread, 1.0)
     bt = basis.swapaxes(-1, -2)
     gram = bt @ basis
-    size = gram.shape[-1]
-    gram[..., range(size), range(size)] += 1e-8
+    gram[..., diag, diag] += 1e-8
     coef = xp.linalg.solve(gram, (bt @ target[..., None]))[..., 0]
     grad = coef[..., 1:dim + 1]
     hess = _zeros(xp, u, u.shape[:-2] + (dim, dim))
@@ -98,7 +98,7 @@ def quadratic_model_step(d: Any, y: Any, rho: Any, xp: Any) -> Any:
         den = w + lam[..., None]
         s = gv / den
         norm2 = (s * s).sum(-1)
-        over = norm2 > radius * radius * (1.0 + 1e-12)
+        over = norm2 > radius * radius * (1.0 + 1e-6)  # (the final rescaling makes ‖s‖ = radius)
         if not bool(over.any()):
             break
         curv = (s * s / den).sum(-1)
