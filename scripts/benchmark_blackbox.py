@@ -148,12 +148,28 @@ def time_per_proposal(dim: int, horizon: int, proposer, prior: tuple[float, floa
     return {method: float(np.median(s)) for method, s in samples.items()}
 
 
+def median_interval(values: np.ndarray, level: float = 0.95) -> tuple[float, float]:
+    """A distribution-free confidence interval for the median: the order statistics
+    ``[x_(j), x_(n−j+1)]`` with the largest ``j`` whose coverage ``1 − 2·P(B ≤ j − 1)``,
+    ``B ~ Binomial(n, 1/2)``, is at least ``level`` (the whole range when no ``j`` reaches it)."""
+    from scipy.stats import binom
+
+    x = np.sort(np.asarray(values, dtype=np.float64))
+    n, j = len(x), 0
+    while j + 1 <= n // 2 and binom.cdf(j, n, 0.5) <= (1 - level) / 2:
+        j += 1
+    j = max(j, 1)
+    return float(x[j - 1]), float(x[n - j])
+
+
 def summarize(curves: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
     table = {}
     for method, c in curves.items():
-        final = c[:, -1]
+        final = np.asarray(c)[:, -1]
+        lo, hi = median_interval(final)
         table[method] = {"median": float(np.median(final)), "q25": float(np.quantile(final, 0.25)),
-                         "q75": float(np.quantile(final, 0.75)), "runs": int(len(final))}
+                         "q75": float(np.quantile(final, 0.75)), "runs": int(len(final)),
+                         "median_lo": lo, "median_hi": hi}
     return table
 
 
@@ -197,11 +213,15 @@ def fmt(v: float) -> str:
 
 
 def write_readme(out: Path, results: dict, tables: dict, timings: dict, horizons: dict, priors: dict, args,
-                 command: str, seconds: float) -> None:
-    lines = ["# Black-box proposers: benchmark", "",
-             f"Written by `{command}` (the last command took {seconds / 60:.1f} min) on "
-             f"{platform.processor() or platform.machine()} "
-             f"({torch.get_num_threads()} torch threads), torch {torch.__version__}.", "",
+                 command: str, seconds: float | None) -> None:
+    if seconds is None:  # --render
+        written = f"Measured by `{command}`; tables and plot re-rendered from `results.json` by " \
+                  "`scripts/benchmark_blackbox --render`."
+    else:
+        written = (f"Written by `{command}` (the last command took {seconds / 60:.1f} min) on "
+                   f"{platform.processor() or platform.machine()} "
+                   f"({torch.get_num_threads()} torch threads), torch {torch.__version__}.")
+    lines = ["# Black-box proposers: benchmark", "", written, "",
              "Normalised regret = (best so far − minimum) / (median of f over the box − minimum); "
              "0 is the minimum, 1 a typical point. Each problem runs for the training horizon of the "
              "proposer of its dimension. Held-out GP functions: RFF samples of the proposer's training prior "
@@ -225,14 +245,18 @@ def write_readme(out: Path, results: dict, tables: dict, timings: dict, horizons
         lines.append(f"| {name} | {horizons[name]} | " + " | ".join(cells) + " |")
     lines += ["", "## Must-show checks", "",
               "The LSTM's median regret at the horizon against the better GP-EI variant (+0.01 allowed) "
-              "and against random search:", "", "| problem | LSTM | best GP-EI | within 0.01 of GP-EI | "
-              "better than random |", "|---|---|---|---|---|"]
+              "and against random search. The interval is a distribution-free 95% confidence interval "
+              "for the LSTM's median (order statistics; `median_interval`): where it straddles GP-EI + "
+              "0.01, the verdict could flip on another sample of functions.", "",
+              "| problem | LSTM | LSTM median, 95% interval | best GP-EI | within 0.01 of GP-EI | "
+              "better than random |", "|---|---|---|---|---|---|"]
     for name, table in tables.items():
-        lstm = table["lstm_oi"]["median"]
+        t = table["lstm_oi"]
+        lstm = t["median"]
         gp = min(table[m]["median"] for m in ("gp_ei_fixed", "gp_ei_fit") if m in table)
         rnd = table["random"]["median"]
-        lines.append(f"| {name} | {fmt(lstm)} | {fmt(gp)} | {'yes' if lstm <= gp + 0.01 else 'no'} | "
-                     f"{'yes' if lstm < rnd else 'no'} |")
+        lines.append(f"| {name} | {fmt(lstm)} | [{fmt(t['median_lo'])}, {fmt(t['median_hi'])}] | {fmt(gp)} | "
+                     f"{'yes' if lstm <= gp + 0.01 else 'no'} | {'yes' if lstm < rnd else 'no'} |")
     lines += ["", "## Seconds per proposal at the horizon (one problem, this process, median of 5 runs)", "",
               "| D | horizon | " + " | ".join(LABELS[m] for m in METHODS)
               + " | GP-EI (true hyperparameters) / LSTM | GP-EI (fitted) / LSTM |",
@@ -274,6 +298,8 @@ def main() -> None:
     parser.add_argument("--checkpoints", default="checkpoints")
     parser.add_argument("--quick", action="store_true", help="smoke run: 4 functions/runs")
     parser.add_argument("--no-wandb", action="store_true", help="do not log the runs to W&B (offline by default)")
+    parser.add_argument("--render", action="store_true",
+                        help="run nothing: rebuild the tables, README and plot from the existing results.json")
     parser.add_argument("--dims", default="2,3,6",
                         help="re-run only the problems of these dimensions (e.g. 6 after retraining "
                              "rnn_proposer_d6.pt) and keep the others from the existing results.json")
@@ -301,7 +327,7 @@ def main() -> None:
         problems.append((bname, b.dim, lambda b=b: SymmetricBenchmark(b, args.runs, 0), False))
     for name, dim, _, _ in problems:
         horizons[name] = horizons[f"gp{dim}"]
-    dims = sorted(int(d) for d in args.dims.split(","))
+    dims = [] if args.render else sorted(int(d) for d in args.dims.split(","))
     results, tables, timings = {}, {}, {}
     previous = out / "results.json"
     if dims != [2, 3, 6]:
@@ -310,9 +336,9 @@ def main() -> None:
         old = json.loads(previous.read_text())
         keep = [name for name, dim, _, _ in problems if dim not in dims]
         results = {name: old["curves"][name] for name in keep}
-        tables = {name: old["tables"][name] for name in keep}
+        tables = {name: summarize(old["curves"][name]) for name in keep}  # (recomputed: the same medians)
         timings = {int(d): t for d, t in old["seconds_per_proposal"].items() if int(d) not in dims}
-        command = old["command"] + f"; then {command}"
+        command = old["command"] if args.render else old["command"] + f"; then {command}"
     todo = [p for p in problems if p[1] in dims]
     with tqdm(total=len(todo) * 7 + len(dims), desc="benchmark", unit="method") as bar:
         for name, dim, make, is_gp in todo:
@@ -334,8 +360,8 @@ def main() -> None:
     (out / "results.json").write_text(json.dumps({"command": command, "horizons": horizons, "tables": tables,
                                                  "seconds_per_proposal": timings, "curves": results}))
     plot(results, horizons, out / "regret.png", command)
-    write_readme(out, results, tables, timings, horizons, priors, args, command, seconds)
-    if not args.no_wandb:
+    write_readme(out, results, tables, timings, horizons, priors, args, command, None if args.render else seconds)
+    if not args.no_wandb and not args.render:
         fresh = {name for name, dim, _, _ in todo}
         problem_dims = {name: dim for name, dim, _, _ in problems}
         log_to_wandb({k: v for k, v in results.items() if k in fresh}, tables, timings, horizons, problem_dims,

@@ -781,3 +781,18 @@ def test_committed_proposers_load_and_beat_random_search(dim, name, config_name)
         _, ys = p.rollout(ho, 64, horizon)
     _, ys_rs, _ = random_search(ho, 64, dim, horizon, torch.Generator().manual_seed(0))
     assert ho.normalized_regret(ys.min(1).values).median() < ho.normalized_regret(ys_rs.min(1).values).median()
+
+
+def test_benchmark_median_interval_is_the_order_statistic_interval_and_covers():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("benchmark_blackbox", ROOT / "scripts" / "benchmark_blackbox.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    x = np.arange(64.0)[::-1]  # order statistics 24 and 41 of 64 (1-based): coverage 0.966
+    assert bench.median_interval(x) == (23.0, 40.0)
+    assert bench.median_interval(np.full(9, 2.5)) == (2.5, 2.5)
+    assert bench.median_interval(np.arange(4.0)) == (0.0, 3.0)  # too few for 95%: the whole range
+    rng = np.random.default_rng(0)
+    hits = [lo <= math.log(2) <= hi for lo, hi in (bench.median_interval(rng.exponential(size=64)) for _ in range(2000))]
+    assert 0.95 <= np.mean(hits) <= 0.98  # exact coverage 0.966 (median of Exp(1) is ln 2)
