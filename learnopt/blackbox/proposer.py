@@ -47,8 +47,8 @@ small recurrent state keeps poorly; the fit is a cheap one (a ``(2D + 1)²`` sol
 local quadratic model (``learnopt.blackbox.refine``): the minimiser, within an adaptive trust
 region around the best point so far, of a full quadratic fitted to the observations nearest it.
 Learned optimizers commonly read features that hand-designed ones compute; this is the black-box
-counterpart, and it is what refining inside a basin needs in 6-d, where the 100-evaluation
-proposer ends about half its runs in the right basin but still ~0.01 above its minimum. A gate
+counterpart, meant for refining inside a basin: the 6-d proposer ends its runs in the right basin
+about 0.01 above the minimum (``docs/blackbox/training.md``, stop 18, measures it). A gate
 ``r = σ(·)`` computed from the state and a clock of the observations so far (``tanh(t/τ)`` for
 a few timescales τ, like the training-step features of learned_optimization's optimizers) sets
 the query ``x = r·s + (1 − r)·a``. The gate starts nearly closed (``r ≈ 0.02``), or, with
@@ -259,10 +259,14 @@ class RNNProposer(nn.Module):
             self.refine_gate.weight[:, self.hidden_size + k] = slope
             self.refine_gate.bias.fill_(-4.0 - slope * lo)
         self.refine_schedule = (int(closed), int(opened))
+
     def config(self) -> dict[str, Any]:
-        return {"dim": self.dim, "hidden_size": self.hidden_size, "num_layers": self.num_layers,
-                "num_queries": self.num_queries, "explore": self.explore, "local": self.local, "trend": self.trend,
-                "refine": self.refine} | ({"refine_schedule": list(self.refine_schedule)} if self.refine_schedule else {})
+        config = {"dim": self.dim, "hidden_size": self.hidden_size, "num_layers": self.num_layers,
+                  "num_queries": self.num_queries, "explore": self.explore, "local": self.local, "trend": self.trend,
+                  "refine": self.refine}
+        if self.refine_schedule is not None:
+            config["refine_schedule"] = list(self.refine_schedule)
+        return config
 
     def weights_from(self, source: RNNProposer) -> dict[str, Tensor]:
         """A state dict for this proposer that starts as ``source`` does, where the two differ

@@ -56,8 +56,8 @@ class _Standardizer:
     floats and numpy (the session's fast path; the same formulas, tested against it). With
     ``trend_dim`` it also keeps ``QuadraticTrend``'s sums and gives its features
     (``trend_features``); with ``refine`` it keeps the history and trust radius of
-    ``LocalQuadraticModel`` and gives its suggestion (``suggestion``). Arrays are replaced, never changed in place, so ``copy.copy`` is a
-    snapshot."""
+    ``LocalQuadraticModel`` and gives its suggestion (``suggestion``). Arrays are replaced, never
+    changed in place, so ``copy.copy`` is a snapshot."""
 
     def __init__(self, trend_dim: int | None = None, ridge: float = 0.1, refine: bool = False) -> None:
         self.count, self.shift, self.total, self.total_sq = 0, 0.0, 0.0, 0.0
