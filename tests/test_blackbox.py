@@ -238,7 +238,8 @@ def test_quadratic_model_step_is_the_trust_region_minimiser():
         step = quadratic_model_step(xs - best, ys, np.float64(0.05), np)
         assert np.linalg.norm(step) <= 0.05 + 1e-12
         ball = rng.normal(size=(20000, dim))
-        ball = best + 0.05 * ball / np.linalg.norm(ball, axis=1, keepdims=True) * rng.uniform(size=(20000, 1)) ** (1 / dim)
+        ball *= rng.uniform(size=(20000, 1)) ** (1 / dim) / np.linalg.norm(ball, axis=1, keepdims=True)
+        ball = best + 0.05 * ball  # uniform in the ball of radius 0.05
         assert f(best + step) <= f(ball).min() + 1e-9
     # too few observations: no suggestion
     assert numpy_suggestion(xs[:5], ys[:5], 0.1) is None
