@@ -101,14 +101,15 @@ def test_session_standardizer_matches_the_batched_one(q):
         assert y_std[0] == 0.0 and best_std == 0.0
 
 
-@pytest.mark.parametrize("q,explore,dtype,local,trend", [
-    (1, False, torch.float32, False, False), (2, True, torch.float32, False, False),
-    (1, False, torch.float64, False, False), (1, False, torch.float32, True, False),
-    (2, True, torch.float64, True, False), (1, False, torch.float32, False, True), (2, False, torch.float64, True, True)])
-def test_numpy_stepper_matches_the_torch_step(q, explore, dtype, local, trend):
+@pytest.mark.parametrize("q,explore,dtype,local,trend,stretch", [
+    (1, False, torch.float32, False, False, 0.0), (2, True, torch.float32, False, False, 0.0),
+    (1, False, torch.float64, False, False, 0.0), (1, False, torch.float32, True, False, 0.0),
+    (2, True, torch.float64, True, False, 0.0), (1, False, torch.float32, False, True, 0.0),
+    (2, False, torch.float64, True, True, 0.0), (1, False, torch.float64, False, False, 0.3)])
+def test_numpy_stepper_matches_the_torch_step(q, explore, dtype, local, trend, stretch):
     torch.manual_seed(0)
     p = RNNProposer(dim=3, hidden_size=16, num_layers=3, num_queries=q, explore=explore, local=local,
-                    trend=trend).to(dtype)
+                    trend=trend, stretch=stretch).to(dtype)
     fast = p.numpy_stepper()
     rng = np.random.default_rng(0)
     state, fstate = p.initial_state(1), fast.initial_state()
@@ -213,7 +214,7 @@ def test_a_trained_proposer_can_be_grown_to_read_the_trend(tmp_path):
         MetaTrainModule(with_refine, fam, estimator="full_bptt", init_from=str(path))
     assert torch.equal(with_refine.head.weight, source.head.weight)
     assert float(with_refine.refine_gate.bias.detach()[0]) == -4.0  # nearly closed: starts as the source
-    with pytest.raises(CheckpointError, match="only trend, local and refine may differ.*hidden_size"):
+    with pytest.raises(CheckpointError, match="only trend, local, refine and stretch may differ.*hidden_size"):
         MetaTrainModule(RNNProposer(dim=3, hidden_size=8, trend=True), fam, estimator="full_bptt", init_from=str(path))
 
 
@@ -301,6 +302,33 @@ def test_refine_schedule_opens_the_gate_between_its_two_counts(tmp_path):
         RNNProposer(dim=2, refine_schedule=(5, 10))
     with pytest.raises(ValueError, match="closed < opened"):
         RNNProposer(dim=2, refine=True, refine_schedule=(10, 5))
+
+
+def test_stretched_proposer_reaches_the_faces_and_grows_from_a_plain_one(tmp_path):
+    from learnopt.train.module import MetaTrainModule
+
+    torch.manual_seed(0)
+    p = RNNProposer(dim=2, hidden_size=8, stretch=0.1).double()
+    inp = p.start_input(1)
+    with torch.no_grad():
+        p.head.weight.zero_()
+        p.head.bias.copy_(torch.tensor([-4.0, 0.5]))  # σ = 0.018 (clipped to the face), 0.622
+        x, _ = p.step(inp, p.initial_state(1))
+    assert float(x[0, 0, 0]) == 0.0
+    assert float(x[0, 0, 1]) == pytest.approx(1.1 * float(torch.sigmoid(torch.tensor(0.5))) - 0.05)
+    plain = RNNProposer(dim=2, hidden_size=8).double()
+    x0 = plain.rollout(lambda u: (u - 0.3).pow(2).sum(-1), 2, 6)[0]
+    assert float(((x0 == 0) | (x0 == 1)).float().sum()) == 0  # the paper's squash never reaches a face
+    path = learnopt.export_checkpoint(plain, tmp_path / "plain.pt")
+    fam = GPProposerEpisodes(dim=2, horizon=5, lengthscale_range=(0.3, 0.5))
+    grown = RNNProposer(dim=2, hidden_size=8, stretch=0.05).double()
+    MetaTrainModule(grown, fam, estimator="full_bptt", init_from=str(path))
+    assert float(grown.stretch) == pytest.approx(0.05) and torch.equal(grown.head.weight, plain.head.weight)
+    loaded = learnopt.load(learnopt.export_checkpoint(grown, tmp_path / "grown.pt"))
+    assert loaded.config()["stretch"] == 0.05 and float(loaded.stretch) == pytest.approx(0.05)
+    xs, ys = grown.rollout(lambda u: (u - 0.3).pow(2).sum(-1), 2, 6)
+    ys.min(1).values.sum().backward()
+    assert grown.stretch.grad is not None  # meta-training learns the stretch
 
 
 def test_local_proposer_queries_around_the_incumbent():

@@ -57,6 +57,11 @@ the query ``x = r·s + (1 − r)·a``. The gate starts nearly closed (``r ≈ 0.
 ``(D + 1)(D + 2)/2 + 1`` observations. The model is computed without gradient; meta-training
 learns when to follow it.
 
+``stretch=s`` (our extension) stretches the head's sigmoid past the box and clips it,
+``x = clamp((1 + s)·σ(·) − s/2, 0, 1)``, with ``s`` learned from its initial value, so that queries
+can lie exactly on the box's faces. Minima of GP samples lie there so often that GP-EI puts half
+of its query coordinates there in 6-d; a sigmoid can only approach them.
+
 ``num_queries`` (q) > 1 gives the parallel proposer: each step emits q queries, evaluated
 together, and reads the q results at the next step.
 """
@@ -207,7 +212,7 @@ class RNNProposer(nn.Module):
 
     def __init__(self, dim: int = 2, hidden_size: int = 64, num_layers: int = 2, num_queries: int = 1,
                  explore: bool = False, local: bool = False, trend: bool = False, refine: bool = False,
-                 refine_schedule: tuple[int, int] | None = None) -> None:
+                 refine_schedule: tuple[int, int] | None = None, stretch: float = 0.0) -> None:
         super().__init__()
         if dim < 1 or hidden_size < 1 or num_layers < 1 or num_queries < 1:
             raise ValueError(f"RNNProposer: dim, hidden_size, num_layers and num_queries must be >= 1, got "
@@ -238,6 +243,10 @@ class RNNProposer(nn.Module):
             if self.refine:  # likewise
                 self.refine_gate.bias.fill_(-4.0)
                 self.refine_gate.weight[:, hidden_size:] = 0.0
+        # stretch > 0: the head's sigmoid is stretched past the box and clipped, so queries can lie
+        # on its faces; the stretch is learned, starting at this value (0: the paper's squash)
+        self.stretch = nn.Parameter(torch.tensor(float(stretch))) if stretch > 0 else None
+        self.stretch_init = float(stretch)
         self.refine_schedule = None
         if refine_schedule is not None:
             self._init_refine_schedule(*refine_schedule)
@@ -266,12 +275,14 @@ class RNNProposer(nn.Module):
                   "refine": self.refine}
         if self.refine_schedule is not None:
             config["refine_schedule"] = list(self.refine_schedule)
+        if self.stretch is not None:
+            config["stretch"] = self.stretch_init
         return config
 
     def weights_from(self, source: RNNProposer) -> dict[str, Tensor]:
         """A state dict for this proposer that starts as ``source`` does, where the two differ
-        only in ``trend``, ``local`` or ``refine`` (``init_from`` uses it to add an extension to a
-        trained proposer). Turning ``trend`` on adds input columns with zero weights, so the grown
+        only in ``trend``, ``local``, ``refine`` or ``stretch`` (``init_from`` uses it to add an
+        extension to a trained proposer; a new stretch starts at its initial value). Turning ``trend`` on adds input columns with zero weights, so the grown
         proposer computes exactly what ``source`` computes until training moves them; a ``local``
         or ``refine`` head that ``source`` lacks keeps its fresh initialisation (gate nearly
         closed); one this proposer lacks is dropped. Other differences raise ``ValueError``."""
@@ -279,9 +290,10 @@ class RNNProposer(nn.Module):
             raise ValueError(f"RNNProposer.weights_from: the source is a {type(source).__name__}")
         mine, theirs = self.config(), source.config()
         other = {k: (theirs.get(k), mine.get(k)) for k in mine.keys() | theirs.keys()
-                 if k not in ("trend", "local", "refine", "refine_schedule") and theirs.get(k) != mine.get(k)}
+                 if k not in ("trend", "local", "refine", "refine_schedule", "stretch")
+                 and theirs.get(k) != mine.get(k)}
         if other:
-            raise ValueError(f"RNNProposer.weights_from: only trend, local and refine may differ, not {other}")
+            raise ValueError(f"RNNProposer.weights_from: only trend, local, refine and stretch may differ, not {other}")
         state, src = self.state_dict(), source.state_dict()
         for key in state:
             if key == "cells.0.weight_ih" and src[key].shape != state[key].shape:
@@ -355,6 +367,9 @@ class RNNProposer(nn.Module):
             h, c = cell(h, (h_prev, c_prev))
             new_state.append((h, c))
         x = torch.sigmoid(self.head(h)).view(inp.shape[0], self.num_queries, self.dim)
+        if self.stretch is not None:
+            s = self.stretch.clamp_min(0.0).to(x)
+            x = ((1 + s) * x - s / 2).clamp(0.0, 1.0)
         if self.local:
             at = self.incumbent_at  # the input holds the incumbent as 2·x_best − 1
             best = ((inp[:, at:at + self.dim] + 1) / 2).clamp(1e-4, 1 - 1e-4)
@@ -475,6 +490,7 @@ class NumpyStepper:
             head_w = np.concatenate([head_w, arr(proposer.gate.weight) * 0.5])
             head_b = np.concatenate([head_b, arr(proposer.gate.bias) * 0.5])
         self.head = (head_w, head_b)
+        self.stretch = None if proposer.stretch is None else max(float(proposer.stretch), 0.0)
         self.local = proposer.local
         if self.local:  # offsets (not halved: they are added to a logit) and the gate (halved)
             lh, lg = proposer.local_head, proposer.local_gate
@@ -526,6 +542,8 @@ class NumpyStepper:
         out = 0.5 + 0.5 * np.tanh(w @ h + b)
         q, d = self.num_queries, self.dim
         x = out[:q * d].reshape(q, d)
+        if self.stretch is not None:
+            x = np.clip((1 + self.stretch) * x - self.stretch / 2, 0.0, 1.0)
         if self.local:
             at = self.incumbent_at
             best = np.clip((inp[at:at + d] + 1) / 2, 1e-4, 1 - 1e-4).astype(self.dtype)
