@@ -282,10 +282,11 @@ class RNNProposer(nn.Module):
     def weights_from(self, source: RNNProposer) -> dict[str, Tensor]:
         """A state dict for this proposer that starts as ``source`` does, where the two differ
         only in ``trend``, ``local``, ``refine`` or ``stretch`` (``init_from`` uses it to add an
-        extension to a trained proposer; a new stretch starts at its initial value). Turning ``trend`` on adds input columns with zero weights, so the grown
-        proposer computes exactly what ``source`` computes until training moves them; a ``local``
-        or ``refine`` head that ``source`` lacks keeps its fresh initialisation (gate nearly
-        closed); one this proposer lacks is dropped. Other differences raise ``ValueError``."""
+        extension to a trained proposer). Turning ``trend`` on adds input columns with zero
+        weights, so the grown proposer computes exactly what ``source`` computes until training
+        moves them; a ``local`` or ``refine`` head that ``source`` lacks keeps its fresh
+        initialisation (gate nearly closed), and a new stretch starts at its initial value; one
+        this proposer lacks is dropped. Other differences raise ``ValueError``."""
         if not isinstance(source, RNNProposer):
             raise ValueError(f"RNNProposer.weights_from: the source is a {type(source).__name__}")
         mine, theirs = self.config(), source.config()

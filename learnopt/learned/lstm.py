@@ -260,13 +260,14 @@ class CoordinatewiseLSTM(LearnedOptimizer):
         the inputs and a last row of ones, so each layer is one matmul on a contiguous block
         of rows with the bias as a weight column, and writes its new ``h`` back into its own
         rows: nothing is copied. ``block_rows`` defaults to ``INPLACE_BLOCK_ROWS`` on CPU and
-        to ``ACCELERATOR_BLOCK_ELEMENTS // (4 · hidden_size)`` elsewhere. On CPU a native
-        kernel (``learnopt.learned._native``, compiled on first use) turns each block's gates
-        into the new ``c`` and ``h`` in one pass; without it, one in-place sigmoid over the
-        gates gives the three gates and the cell input (see ``FusedLSTMStack``), and each
-        remaining formula is one ``addcmul`` over contiguous rows. No tensor of the size of the state is allocated. A
-        state made elsewhere (a copy, a loaded state dict) is moved into such a buffer on its
-        first step (``Tensor.set_``: same tensor objects, same values).
+        elsewhere to ``ACCELERATOR_BLOCK_ELEMENTS // (4 · hidden_size)``, but never fewer than
+        ``INPLACE_BLOCK_ROWS``. On CPU a native kernel (``learnopt.learned._native``, compiled
+        on first use) turns each block's gates into the new ``c`` and ``h`` in one pass;
+        without it, one in-place sigmoid over the gates gives the three gates and the cell input
+        (see ``FusedLSTMStack``), and each remaining formula is one ``addcmul`` over contiguous
+        rows. No tensor of the size of the state is allocated. A state made elsewhere (a copy, a
+        loaded state dict) is moved into such a buffer on its first step (``Tensor.set_``: same
+        tensor objects, same values).
         """
         flat = torch.cat([g.reshape(-1).to(self.dtype) for g in grads.values()])
         n, hidden, layers, k0 = flat.shape[0], self.hidden_size, self.num_layers, self._input_rows
