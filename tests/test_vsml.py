@@ -23,6 +23,7 @@ VARIANTS = [
     dict(bias_input=True),
     dict(hidden_sizes=[3], bias_input=True, reverse_pass=False),
     dict(rotate_inputs=True, reverse_pass=False),
+    dict(hidden_sizes=[3], rotate_inputs=True, input_copies=2),
 ]
 
 
@@ -44,6 +45,37 @@ def test_rotated_inputs_are_the_plain_network_on_rotated_features():
     big = rotating.init_state(400, A, C, torch.Generator().manual_seed(2)).rotation
     assert abs(float(big.mean())) < 0.01 and abs(float(big.var()) - 1 / A) < 0.01
     assert VSMLNetwork().init_state(2, A, C).rotation is None
+
+
+def test_input_copies_are_the_plain_network_on_concatenated_rotations():
+    # K copies: the plain network (same shared weights) on [x Q_1, ..., x Q_K], K*A input units
+    torch.manual_seed(0)
+    plain = VSMLNetwork(state_size=6, message_size=3, micro_ticks=2)
+    copies = VSMLNetwork(state_size=6, message_size=3, micro_ticks=2, rotate_inputs=True, input_copies=3)
+    copies.load_state_dict(plain.state_dict())
+    E, T, A, C = 2, 8, 4, 3
+    x, y = torch.randn(E, T, A), torch.randint(0, C, (E, T))
+    state = copies.init_state(E, A, C, torch.Generator().manual_seed(1))
+    q = state.rotation
+    assert q.shape == (E, A, 3 * A) and state.layers[0].h.shape[1:3] == (3 * A, C)
+    for k in range(3):  # each copy is its own rotation
+        block = q[:, :, k * A:(k + 1) * A]
+        assert torch.allclose(block.transpose(1, 2) @ block, torch.eye(A).expand(E, A, A), atol=1e-5)
+    assert not torch.allclose(q[:, :, :A], q[:, :, A:2 * A])
+    got = online_episode(copies, x, y, C, torch.Generator().manual_seed(1))
+    want = online_episode(plain, x @ q, y, C, torch.Generator().manual_seed(1))
+    assert torch.allclose(got, want, atol=1e-5)
+    # one copy is exactly rotate_inputs (same draws), so old checkpoints run as before
+    one = VSMLNetwork(state_size=6, message_size=3, rotate_inputs=True, input_copies=1)
+    rot = VSMLNetwork(state_size=6, message_size=3, rotate_inputs=True)
+    one.load_state_dict(rot.state_dict())
+    assert torch.equal(online_episode(one, x, y, C, torch.Generator().manual_seed(2)),
+                       online_episode(rot, x, y, C, torch.Generator().manual_seed(2)))
+    assert copies.config()["input_copies"] == 3 and VSMLNetwork(**copies.config()).input_copies == 3
+    with pytest.raises(ValueError, match="input_copies > 1 needs rotate_inputs"):
+        VSMLNetwork(input_copies=2)
+    with pytest.raises(ValueError, match="input_copies must be an integer >= 1"):
+        VSMLNetwork(rotate_inputs=True, input_copies=0)
 
 
 def test_bias_input_is_a_constant_input_unit():

@@ -128,13 +128,20 @@ class VSMLNetwork(nn.Module):
     projection, so on projected inputs this changes nothing in distribution; on raw features
     it removes their axis-aligned structure, which a learner meta-trained on projected inputs
     handles worse (docs/vsml/experiments.md).
+    ``input_copies``: with ``rotate_inputs``, the first layer reads ``K`` copies of each
+    example, each in its own random basis: ``x [Q_1 … Q_K]``, ``K·A`` input units (and
+    ``K·A·C`` sub-LSTMs) whose forward messages the output units average. Since ``V`` is shared,
+    ``K`` is a meta-test setting too: a learner trained with one copy runs with more, as an
+    ensemble of differently rotated and initialised weights that share the errors it is fed back
+    (cost ``K`` times the first layer's).
     """
 
     kind = "vsml_learner"
 
     def __init__(self, hidden_sizes: list[int] | tuple[int, ...] = (), state_size: int = 16, message_size: int = 8,
                  micro_ticks: int = 2, reverse_pass: bool = True, label_feedback: bool = True,
-                 output_bound: float = 100.0, bias_input: bool = False, rotate_inputs: bool = False) -> None:
+                 output_bound: float = 100.0, bias_input: bool = False, rotate_inputs: bool = False,
+                 input_copies: int = 1) -> None:
         super().__init__()
         hidden_sizes = [int(s) for s in hidden_sizes]
         if any(s < 1 for s in hidden_sizes):
@@ -150,6 +157,12 @@ class VSMLNetwork(nn.Module):
         self.output_bound = output_bound
         self.bias_input = bool(bias_input)
         self.rotate_inputs = bool(rotate_inputs)
+        if int(input_copies) != input_copies or input_copies < 1:
+            raise ValueError(f"VSMLNetwork: input_copies must be an integer >= 1, got {input_copies}")
+        if input_copies > 1 and not self.rotate_inputs:
+            raise ValueError("VSMLNetwork: input_copies > 1 needs rotate_inputs=True (copies in the same basis "
+                             "would be the same input units)")
+        self.input_copies = int(input_copies)
         self.layers = nn.ModuleList(VSMLLayer(state_size, message_size) for _ in range(len(hidden_sizes) + 1))
         # What weight a sub-LSTM currently implements, read linearly from its cell state. Only
         # learning-algorithm cloning trains it (learnopt.vsml.clone); it is a diagnostic otherwise.
@@ -162,7 +175,7 @@ class VSMLNetwork(nn.Module):
                 "message_size": self.message_size, "micro_ticks": self.micro_ticks,
                 "reverse_pass": self.reverse_pass, "label_feedback": self.label_feedback,
                 "output_bound": self.output_bound, "bias_input": self.bias_input,
-                "rotate_inputs": self.rotate_inputs}
+                "rotate_inputs": self.rotate_inputs, "input_copies": self.input_copies}
 
     # -- the online-learner protocol --------------------------------------------------------------
     def init_state(self, episodes: int, num_features: int, num_classes: int,
@@ -172,7 +185,7 @@ class VSMLNetwork(nn.Module):
             raise ValueError(f"VSMLNetwork: needs >= 1 feature and >= 2 classes, got {num_features}, {num_classes}")
         device = device if device is not None else self.layers[0].bias.device
         dtype = self.layers[0].bias.dtype
-        sizes = [num_features, *self.hidden_sizes, num_classes]
+        sizes = [num_features * self.input_copies, *self.hidden_sizes, num_classes]
         fan_ins = [a + self.bias_input for a in sizes[:-1]]
         layers = tuple(layer.init_state(episodes, a, b, generator, device, dtype)
                        for layer, a, b in zip(self.layers, fan_ins, sizes[1:]))
@@ -181,8 +194,8 @@ class VSMLNetwork(nn.Module):
         zeros_in = tuple(torch.zeros(episodes, a, M, device=device, dtype=dtype) for a in fan_ins)
         rotation = None
         if self.rotate_inputs:
-            rotation = haar_orthogonal(episodes, n=num_features, generator=generator,
-                                       dtype=torch.float64).to(device, dtype)
+            rotation = torch.cat([haar_orthogonal(episodes, n=num_features, generator=generator, dtype=torch.float64)
+                                  for _ in range(self.input_copies)], dim=2).to(device, dtype)
         return VSMLState(layers, zeros_in, zeros_out, rotation)
 
     def _embed(self, values: Tensor, *extra: Tensor) -> Tensor:
