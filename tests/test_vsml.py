@@ -10,6 +10,7 @@ from torch import nn
 
 import learnopt
 from learnopt.meta.episodic import EpisodicBPTT, EpisodicES
+from learnopt.task import haar_orthogonal
 from learnopt.vsml import BlackBoxOnlineLSTM, OnlineLinear, VSMLNetwork, online_episode
 from learnopt.vsml.clone import clone_loss, start_streams, teacher_logits, teacher_learning_rate
 from tasks.online import OnlineClassificationFamily, SGDCloneFamily
@@ -65,12 +66,13 @@ def test_input_copies_are_the_plain_network_on_concatenated_rotations():
     got = online_episode(copies, x, y, C, torch.Generator().manual_seed(1))
     want = online_episode(plain, x @ q, y, C, torch.Generator().manual_seed(1))
     assert torch.allclose(got, want, atol=1e-5)
-    # one copy is exactly rotate_inputs (same draws), so old checkpoints run as before
-    one = VSMLNetwork(state_size=6, message_size=3, rotate_inputs=True, input_copies=1)
-    rot = VSMLNetwork(state_size=6, message_size=3, rotate_inputs=True)
-    one.load_state_dict(rot.state_dict())
-    assert torch.equal(online_episode(one, x, y, C, torch.Generator().manual_seed(2)),
-                       online_episode(rot, x, y, C, torch.Generator().manual_seed(2)))
+    # one copy draws exactly what rotate_inputs drew before copies existed (the layer's initial
+    # state, then one Haar rotation), so committed learners see the same rotations as before
+    one = VSMLNetwork(state_size=6, message_size=3, rotate_inputs=True)
+    g = torch.Generator().manual_seed(2)
+    one.layers[0].init_state(E, A, C, g, torch.device("cpu"), torch.float32)
+    before = haar_orthogonal(E, n=A, generator=g, dtype=torch.float64).float()
+    assert torch.equal(one.init_state(E, A, C, torch.Generator().manual_seed(2)).rotation, before)
     assert copies.config()["input_copies"] == 3 and VSMLNetwork(**copies.config()).input_copies == 3
     with pytest.raises(ValueError, match="input_copies > 1 needs rotate_inputs"):
         VSMLNetwork(input_copies=2)
