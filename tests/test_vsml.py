@@ -25,6 +25,7 @@ VARIANTS = [
     dict(hidden_sizes=[3], bias_input=True, reverse_pass=False),
     dict(rotate_inputs=True, reverse_pass=False),
     dict(hidden_sizes=[3], rotate_inputs=True, input_copies=2),
+    dict(rotate_inputs=True, ensemble=2),
 ]
 
 
@@ -78,6 +79,29 @@ def test_input_copies_are_the_plain_network_on_concatenated_rotations():
         VSMLNetwork(input_copies=2)
     with pytest.raises(ValueError, match="input_copies must be an integer >= 1"):
         VSMLNetwork(rotate_inputs=True, input_copies=0)
+
+
+def test_ensemble_averages_the_probabilities_of_independent_members():
+    # R members: the single network on each episode repeated R times (same draws, each member fed
+    # its own error), probabilities averaged over the members by hand
+    torch.manual_seed(0)
+    for extra in (dict(), dict(rotate_inputs=True, input_copies=2), dict(hidden_sizes=[3], reverse_pass=False)):
+        single = VSMLNetwork(state_size=6, message_size=3, micro_ticks=2, **extra)
+        ens = VSMLNetwork(state_size=6, message_size=3, micro_ticks=2, ensemble=3, **extra)
+        ens.load_state_dict(single.state_dict())
+        E, T, A, C, R = 2, 9, 4, 3, 3
+        x, y = torch.randn(E, T, A), torch.randint(0, C, (E, T))
+        got = online_episode(ens, x, y, C, torch.Generator().manual_seed(1))
+        members = online_episode(single, x.repeat_interleave(R, 0), y.repeat_interleave(R, 0), C,
+                                 torch.Generator().manual_seed(1))
+        want = members.softmax(-1).unflatten(0, (E, R)).mean(1)
+        assert got.shape == (E, T, C) and torch.allclose(got.exp(), want, atol=1e-5)
+        # the members differ (own draws), so the average is not any one of them
+        assert not torch.allclose(members[0], members[1], atol=1e-3)
+    assert ens.config()["ensemble"] == 3 and VSMLNetwork(**ens.config()).ensemble == 3
+    assert learnopt.load("checkpoints/vsml_meta_stage1.pt").ensemble == 1  # saved before the option existed
+    with pytest.raises(ValueError, match="ensemble must be an integer >= 1"):
+        VSMLNetwork(ensemble=0)
 
 
 def test_bias_input_is_a_constant_input_unit():

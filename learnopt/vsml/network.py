@@ -60,6 +60,7 @@ class VSMLState(NamedTuple):
     forward_inputs: tuple[Tensor, ...]
     pending_backward: tuple[Tensor, ...]
     rotation: Tensor | None = None
+    member_logits: Tensor | None = None  # with ``ensemble > 1``: each member's logits [E·R, C]
 
 
 def _trunc_normal(*shape: int, std: float) -> Tensor:
@@ -134,6 +135,11 @@ class VSMLNetwork(nn.Module):
     ``K`` is a meta-test setting too: a learner trained with one copy runs with more, as an
     ensemble of differently rotated and initialised weights that share the errors it is fed back
     (cost ``K`` times the first layer's).
+    ``ensemble``: ``R`` independent copies of the whole network per episode, each with its own
+    initial state and rotations and fed back its own error, whose predicted probabilities are
+    averaged: the logits returned are ``log mean_r softmax(logits_r)``. Unlike input copies,
+    the members share nothing but ``V``, so they err differently. Also a meta-test setting
+    (cost ``R`` times the network's).
     """
 
     kind = "vsml_learner"
@@ -141,7 +147,7 @@ class VSMLNetwork(nn.Module):
     def __init__(self, hidden_sizes: list[int] | tuple[int, ...] = (), state_size: int = 16, message_size: int = 8,
                  micro_ticks: int = 2, reverse_pass: bool = True, label_feedback: bool = True,
                  output_bound: float = 100.0, bias_input: bool = False, rotate_inputs: bool = False,
-                 input_copies: int = 1) -> None:
+                 input_copies: int = 1, ensemble: int = 1) -> None:
         super().__init__()
         hidden_sizes = [int(s) for s in hidden_sizes]
         if any(s < 1 for s in hidden_sizes):
@@ -163,6 +169,9 @@ class VSMLNetwork(nn.Module):
             raise ValueError("VSMLNetwork: input_copies > 1 needs rotate_inputs=True (copies in the same basis "
                              "would be the same input units)")
         self.input_copies = int(input_copies)
+        if int(ensemble) != ensemble or ensemble < 1:
+            raise ValueError(f"VSMLNetwork: ensemble must be an integer >= 1, got {ensemble}")
+        self.ensemble = int(ensemble)
         self.layers = nn.ModuleList(VSMLLayer(state_size, message_size) for _ in range(len(hidden_sizes) + 1))
         # What weight a sub-LSTM currently implements, read linearly from its cell state. Only
         # learning-algorithm cloning trains it (learnopt.vsml.clone); it is a diagnostic otherwise.
@@ -175,14 +184,16 @@ class VSMLNetwork(nn.Module):
                 "message_size": self.message_size, "micro_ticks": self.micro_ticks,
                 "reverse_pass": self.reverse_pass, "label_feedback": self.label_feedback,
                 "output_bound": self.output_bound, "bias_input": self.bias_input,
-                "rotate_inputs": self.rotate_inputs, "input_copies": self.input_copies}
+                "rotate_inputs": self.rotate_inputs, "input_copies": self.input_copies, "ensemble": self.ensemble}
 
     # -- the online-learner protocol --------------------------------------------------------------
     def init_state(self, episodes: int, num_features: int, num_classes: int,
                    generator: torch.Generator | None = None, device: torch.device | str | None = None) -> VSMLState:
-        """Fresh learners for ``episodes`` episodes: random initial "weights" (half cell states)."""
+        """Fresh learners for ``episodes`` episodes: random initial "weights" (half cell states).
+        With ``ensemble = R``, member ``r`` of episode ``e`` is row ``e·R + r`` of the states."""
         if num_features < 1 or num_classes < 2:
             raise ValueError(f"VSMLNetwork: needs >= 1 feature and >= 2 classes, got {num_features}, {num_classes}")
+        episodes = episodes * self.ensemble
         device = device if device is not None else self.layers[0].bias.device
         dtype = self.layers[0].bias.dtype
         sizes = [num_features * self.input_copies, *self.hidden_sizes, num_classes]
@@ -218,6 +229,8 @@ class VSMLNetwork(nn.Module):
 
     def predict(self, state: VSMLState, x: Tensor) -> tuple[VSMLState, Tensor]:
         """Forward pass for one example per episode, ``x`` [E, A] → logits [E, C]."""
+        if self.ensemble > 1:
+            x = x.repeat_interleave(self.ensemble, 0)
         if state.rotation is not None:
             x = (x.unsqueeze(1) @ state.rotation).squeeze(1)
         message = self._embed(x)
@@ -235,10 +248,17 @@ class VSMLNetwork(nn.Module):
                 state = state._replace(pending_backward=tuple(pending))
             message = out
         logits = self.output_bound * torch.tanh(message[..., 0] / self.output_bound)
-        return VSMLState(tuple(layers), tuple(inputs), state.pending_backward, state.rotation), logits
+        state = VSMLState(tuple(layers), tuple(inputs), state.pending_backward, state.rotation)
+        if self.ensemble == 1:
+            return state, logits
+        log_probs = torch.log_softmax(logits, -1).unflatten(0, (-1, self.ensemble))
+        return state._replace(member_logits=logits), torch.logsumexp(log_probs, 1) - math.log(self.ensemble)
 
     def feedback(self, state: VSMLState, logits: Tensor, y: Tensor) -> VSMLState:
-        """Tell the learner the labels ``y`` [E] of the example it just predicted."""
+        """Tell the learner the labels ``y`` [E] of the example it just predicted. Ensemble
+        members each get their own error (``logits`` is then the ensemble's, not used)."""
+        if self.ensemble > 1:
+            logits, y = state.member_logits, y.repeat_interleave(self.ensemble, 0)
         onehot = F.one_hot(y, logits.shape[-1]).to(logits.dtype)
         error = torch.softmax(logits, -1) - onehot
         backward = self._embed(error, onehot) if self.label_feedback else self._embed(error)
