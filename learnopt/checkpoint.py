@@ -99,6 +99,32 @@ def update_metadata(path: str | os.PathLike, **fields: Any) -> Path:
     return _atomic_save(payload, Path(path))
 
 
+def update_config(path: str | os.PathLike, note: str, **fields: Any) -> Path:
+    """Change constructor options of an existing checkpoint that leave its weights as they are,
+    such as a meta-test setting (``ensemble`` of a VSML learner), rewriting it atomically. The
+    new config must build the class with exactly the saved weights' names and shapes; each
+    change is recorded, with ``note`` (why), in the metadata's ``config_changes``."""
+    if not note:
+        raise ValueError("update_config: say why the config changes (note)")
+    path = Path(path)
+    payload = read_checkpoint(path)
+    cls = REGISTRIES.get(payload["kind"], {}).get(payload["class"])
+    if cls is None:
+        raise CheckpointError(f"learnopt checkpoint {path}: unknown class {payload['class']!r}")
+    config = {**payload["config"], **_plain(fields)}
+    try:
+        obj = cls(**config)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"learnopt checkpoint {path}: {fields} does not fit {payload['class']}: {e}") from e
+    shapes = {k: tuple(v.shape) for k, v in obj.state_dict().items()}
+    if shapes != {k: tuple(v.shape) for k, v in payload["state_dict"].items()}:
+        raise CheckpointError(f"learnopt checkpoint {path}: {fields} would change the weights' names or shapes")
+    changes = payload["metadata"].get("config_changes", [])
+    payload["metadata"] = {**payload["metadata"], "config_changes": [*changes, _plain({"fields": fields, "note": note})]}
+    payload["config"] = _plain(obj.config())
+    return _atomic_save(payload, path)
+
+
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Read and validate a checkpoint's dict without building anything."""
     path = Path(path)

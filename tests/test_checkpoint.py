@@ -432,3 +432,32 @@ def test_metadata_must_be_plain(tmp_path):
     loaded = learnopt.load(path)
     assert loaded.checkpoint_metadata == {"path": str(tmp_path), "nested": {"t": [1, 2]}, "f": 0.5}
     assert copy.deepcopy(loaded.checkpoint_metadata) == loaded.checkpoint_metadata
+
+
+def test_update_config_changes_a_setting_and_keeps_the_weights(tmp_path):
+    from learnopt.checkpoint import CheckpointError, update_config
+    from learnopt.vsml import VSMLNetwork, online_episode
+
+    torch.manual_seed(0)
+    net = VSMLNetwork(state_size=6, message_size=3, rotate_inputs=True)
+    path = learnopt.export_checkpoint(net, tmp_path / "v.pt", {"meta_steps": 7})
+    update_config(path, note="chosen on held-out streams", ensemble=3)
+    got = learnopt.load(path)
+    assert got.ensemble == 3 and got.checkpoint_metadata["meta_steps"] == 7
+    assert got.checkpoint_metadata["config_changes"] == [{"fields": {"ensemble": 3}, "note": "chosen on held-out streams"}]
+    for k, v in net.state_dict().items():
+        assert torch.equal(got.state_dict()[k], v)
+    net.ensemble = 3  # the same learner as setting the option by hand
+    x, y = torch.randn(2, 5, 4), torch.randint(0, 3, (2, 5))
+    torch.testing.assert_close(online_episode(got, x, y, 3, torch.Generator().manual_seed(0)),
+                               online_episode(net, x, y, 3, torch.Generator().manual_seed(0)))
+    before = path.read_bytes()
+    with pytest.raises(CheckpointError, match="does not fit VSMLNetwork.*ensemble must be"):
+        update_config(path, note="bad", ensemble=0)
+    with pytest.raises(CheckpointError, match="does not fit VSMLNetwork"):
+        update_config(path, note="unknown", no_such_option=1)
+    with pytest.raises(CheckpointError, match="weights' names or shapes"):
+        update_config(path, note="more layers", hidden_sizes=[4])
+    with pytest.raises(ValueError, match="say why"):
+        update_config(path, note="", ensemble=2)
+    assert path.read_bytes() == before  # a refused change leaves the file as it was
