@@ -506,3 +506,22 @@ def test_committed_meta_learner_learns_new_sizes_online():
     predictions = meta.online(x[order], y[order])
     assert predictions.shape == y.shape
     assert float((predictions == y[order]).float().mean()) > 0.8  # chance: 0.40 (largest class)
+
+
+def test_choose_ensemble_takes_the_smallest_size_near_the_best():
+    from learnopt.vsml.evaluate import choose_ensemble, online_correct
+
+    torch.manual_seed(0)
+    net = VSMLNetwork(state_size=6, message_size=3, rotate_inputs=True)
+    x, y = torch.randn(6, 12, 4), torch.randint(0, 3, (6, 12))
+    streams = [(x[:3], y[:3], 3), (x[3:], y[3:], 3)]
+    chosen, scores = choose_ensemble(net, streams, sizes=(1, 2, 3))
+    for r in (1, 2, 3):  # each score is the learner run with that many members
+        net.ensemble = r
+        assert scores[r] == float(online_correct(net, streams).mean())
+    net.ensemble = 1
+    best = max(scores.values())
+    assert chosen == min(r for r in scores if scores[r] >= best - 0.0005) and net.ensemble == 1
+    assert choose_ensemble(net, streams, sizes=(1, 2, 3), tolerance=1.0)[0] == 1  # everything is near the best
+    with pytest.raises(ValueError, match="sizes must be integers >= 1"):
+        choose_ensemble(net, streams, sizes=(0, 2))

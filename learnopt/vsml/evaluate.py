@@ -66,3 +66,23 @@ def summary(correct: Tensor) -> dict[str, Any]:
     per_episode = correct.mean(1)
     mean, ci = mean_ci(per_episode)
     return {"mean": mean, "ci95": ci, "episodes": len(per_episode), "per_episode": per_episode.tolist()}
+
+
+def choose_ensemble(learner: Any, streams: list[Stream], sizes: Sequence[int] = (1, 2, 4, 8),
+                    tolerance: float = 0.0005) -> tuple[int, dict[int, float]]:
+    """The ensemble size of a VSML learner (``learner.ensemble``) chosen on ``streams``: the
+    smallest of ``sizes`` whose mean online accuracy is within ``tolerance`` (a fraction; 0.0005
+    is 0.05 points) of the best size's, since each member costs a whole network. Returns it and
+    every size's score; ``learner.ensemble`` is left as it was."""
+    if not sizes or any(int(r) != r or r < 1 for r in sizes):
+        raise ValueError(f"choose_ensemble: sizes must be integers >= 1, got {sizes}")
+    before = learner.ensemble
+    try:
+        scores = {}
+        for r in sizes:
+            learner.ensemble = int(r)
+            scores[int(r)] = float(online_correct(learner, streams).mean())
+    finally:
+        learner.ensemble = before
+    best = max(scores.values())
+    return min(r for r, s in scores.items() if s >= best - tolerance), scores
