@@ -275,6 +275,28 @@ class OnlineClassificationFamily:
         return total / batches
 
 
+def vsml_meta_test_families(episode_length: int = 100) -> dict[str, OnlineClassificationFamily]:
+    """The VSML meta-test protocol's sets (``scripts/reproduce_vsml``), fixed whatever the learner
+    was meta-trained on: streams drawn from the pool of each episode's classes (the dataset's own
+    class proportions), projected to 16 features except raw mnist1d. Never-seen sets say so."""
+    base = {"part": "train", "episode_length": episode_length, "num_features": 16, "min_classes": 2,
+            "max_classes": 5, "projection": "gaussian", "standardize": True}
+    return {
+        "digits, unseen examples and projections": OnlineClassificationFamily(**{**base, "part": "test",
+                                                                                 "datasets": ["digits"]}),
+        "mnist1d (never seen), 16-d projection, 2–5 classes": OnlineClassificationFamily(
+            **{**base, "datasets": ["mnist1d"]}),
+        "mnist1d (never seen), raw 40 features, 10 classes": OnlineClassificationFamily(
+            **{**base, "datasets": ["mnist1d"], "projection": "none", "min_classes": 10, "max_classes": 10}),
+        "iris (never seen), 16-d projection, 2–3 classes": OnlineClassificationFamily(
+            **{**base, "datasets": ["iris"], "max_classes": 3}),
+        "wine (never seen), 16-d projection, 2–3 classes": OnlineClassificationFamily(
+            **{**base, "datasets": ["wine"], "max_classes": 3}),
+        "breast_cancer (never seen), 16-d projection, 2 classes": OnlineClassificationFamily(
+            **{**base, "datasets": ["breast_cancer"], "max_classes": 2}),
+    }
+
+
 class SGDCloneFamily(OnlineClassificationFamily):
     """Streams for learning-algorithm cloning (``learnopt.vsml.clone``): the meta-loss is the
     cloning loss of a one-layer VSML network against online SGD (per-weight rate ``lr``,

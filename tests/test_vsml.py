@@ -525,3 +525,17 @@ def test_choose_ensemble_takes_the_smallest_size_near_the_best():
     assert choose_ensemble(net, streams, sizes=(1, 2, 3), tolerance=1.0)[0] == 1  # everything is near the best
     with pytest.raises(ValueError, match="sizes must be integers >= 1"):
         choose_ensemble(net, streams, sizes=(0, 2))
+
+
+def test_meta_test_families_are_the_protocols_sets():
+    from learnopt.task import seeded_generator
+    from tasks.online import vsml_meta_test_families
+
+    families = vsml_meta_test_families(episode_length=20)
+    assert len(families) == 6 and sum("never seen" in t for t in families) == 5
+    for test, family in families.items():
+        x, y, C = family.sample(4, seeded_generator("test", family.name, 0))
+        raw_mnist1d = "raw 40" in test
+        assert x.shape == (4, 20, 40 if raw_mnist1d else 16) and y.shape == (4, 20)
+        assert (C == 10) if raw_mnist1d else (2 <= C <= (2 if "breast" in test else 3 if "iris" in test or "wine" in test else 5))
+        assert int(y.max()) < C
