@@ -108,17 +108,12 @@ def update_config(path: str | os.PathLike, note: str, **fields: Any) -> Path:
         raise ValueError("update_config: say why the config changes (note)")
     path = Path(path)
     payload = read_checkpoint(path)
-    cls = REGISTRIES.get(payload["kind"], {}).get(payload["class"])
-    if cls is None:
-        raise CheckpointError(f"learnopt checkpoint {path}: unknown class {payload['class']!r}")
-    config = {**payload["config"], **_plain(fields)}
+    changed = {**payload, "config": {**payload["config"], **_plain(fields)}}
     try:
-        obj = cls(**config)
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"learnopt checkpoint {path}: {fields} does not fit {payload['class']}: {e}") from e
-    shapes = {k: tuple(v.shape) for k, v in obj.state_dict().items()}
-    if shapes != {k: tuple(v.shape) for k, v in payload["state_dict"].items()}:
-        raise CheckpointError(f"learnopt checkpoint {path}: {fields} would change the weights' names or shapes")
+        obj = _build(changed, path)  # the weights, as saved, must fit the new config exactly
+    except CheckpointError as e:
+        raise CheckpointError(f"learnopt checkpoint {path}: {fields} does not fit {payload['class']} "
+                              f"or would change the weights' names or shapes: {e}") from e
     changes = payload["metadata"].get("config_changes", [])
     payload["metadata"] = {**payload["metadata"], "config_changes": [*changes, _plain({"fields": fields, "note": note})]}
     payload["config"] = _plain(obj.config())
@@ -167,10 +162,9 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     return payload
 
 
-def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild whatever the checkpoint holds (a learned optimizer, ...), in eval mode.
-    ``obj.checkpoint_metadata`` holds the file's metadata."""
-    payload = read_checkpoint(path)
+def _build(payload: dict[str, Any], path: Path) -> nn.Module:
+    """The object a validated checkpoint payload describes, with its weights loaded; a config
+    or weights that do not fit the class raise ``CheckpointError`` naming the problem."""
     kind, name = payload["kind"], payload["class"]
     if kind not in REGISTRIES:
         raise CheckpointError(f"learnopt checkpoint {path}: unknown kind {kind!r} (known: {sorted(REGISTRIES)})")
@@ -200,6 +194,14 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> n
         if not torch.isfinite(v).all():
             raise CheckpointError(f"learnopt checkpoint {path}: weight {k!r} contains NaN or inf")
     obj.load_state_dict(state)
+    return obj
+
+
+def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild whatever the checkpoint holds (a learned optimizer, ...), in eval mode.
+    ``obj.checkpoint_metadata`` holds the file's metadata."""
+    payload = read_checkpoint(path)
+    obj = _build(payload, Path(path))
     obj.checkpoint_metadata = payload["metadata"]
     return obj.to(map_location).eval()
 
