@@ -275,6 +275,13 @@ class OnlineClassificationFamily:
         return total / batches
 
 
+def seeded_batches(family: OnlineClassificationFamily, split: str, n: int, per: int = 8) -> list[Any]:
+    """``n`` batches of ``per`` episodes from fixed seeds of ``split`` (``"tune"``, ``"test"``,
+    ``"select"``, ...): batch ``k`` is the same whatever ``n`` is, so more batches extend the
+    same sample."""
+    return [family.sample(per, seeded_generator(split, family.name, k)) for k in range(n)]
+
+
 def vsml_meta_test_families(episode_length: int = 100) -> dict[str, OnlineClassificationFamily]:
     """The VSML meta-test protocol's sets (``scripts/reproduce_vsml``), fixed whatever the learner
     was meta-trained on: streams drawn from the pool of each episode's classes (the dataset's own
