@@ -1,6 +1,7 @@
 """Learned optimizers (``nn.Module``s with the ``init`` / ``update`` protocol)."""
 
 from learnopt.learned.base import LearnedOptimizer
+from learnopt.learned.general import NormalizedMLPOptimizer
 from learnopt.learned.hyperparams import LearnedHyperparameters
 from learnopt.learned.lstm import CoordinatewiseLSTM, LSTMOptimizerState
 from learnopt.learned.mlp_lopt import FeatureMLPOptimizer
@@ -12,6 +13,7 @@ REGISTRY: dict[str, type[LearnedOptimizer]] = {
     "CoordinatewiseLSTM": CoordinatewiseLSTM,
     "FeatureMLPOptimizer": FeatureMLPOptimizer,
     "LearnedHyperparameters": LearnedHyperparameters,
+    "NormalizedMLPOptimizer": NormalizedMLPOptimizer,
 }
 
 __all__ = [
@@ -21,5 +23,6 @@ __all__ = [
     "LSTMOptimizerState",
     "LearnedHyperparameters",
     "LearnedOptimizer",
+    "NormalizedMLPOptimizer",
     "log_and_sign",
 ]
