@@ -158,19 +158,30 @@ def test_override_of_injected_hyperparameters_is_differentiable():
     torch.testing.assert_close(via_override, direct, rtol=1e-10, atol=1e-12)
 
 
-def test_override_of_a_plain_transform_is_refused_with_advice():
+def test_override_of_a_group_hyperparameter_is_differentiable():
+    """higher's ``override`` of a catalogue transform's param-group key rebuilds it with the tensor:
+    the same trajectory and meta-gradient as passing the tensor to the factory."""
     model = _model()
-    opt = lo.as_torch_optimizer(lo.adam(lr=0.1), model.parameters())
-    with pytest.raises(ValueError, match="tensor that requires grad"):
-        _maml(model, opt, override={"lr": [torch.tensor(0.1, requires_grad=True)]})
+    lr = torch.tensor(0.05, dtype=DT, requires_grad=True)
+    traj, meta = _maml(model, lo.as_torch_optimizer(lo.adam(lr=0.1), model.parameters()), override={"lr": [lr]})
+    (via_override,) = torch.autograd.grad(meta, [lr])
+    lr2 = torch.tensor(0.05, dtype=DT, requires_grad=True)
+    traj2, meta2 = _maml(model, lo.as_torch_optimizer(lo.adam(lr=lr2), model.parameters()))
+    (direct,) = torch.autograd.grad(meta2, [lr2])
+    for a, b in zip(traj, traj2):
+        for x, y in zip(a, b):
+            torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(via_override, direct, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="not a hyperparameter"):
+        _maml(model, lo.as_torch_optimizer(lo.adam(lr=0.1), model.parameters()), override={"momentum": [lr]})
 
 
 def test_torch_optimizer_state_is_copied_not_shared():
     model = _model()
     opt = lo.as_torch_optimizer(lo.adam(lr=0.1), model.parameters())
-    before = [x.clone() for x in lo.tree_leaves(opt.tx_state)]
+    before = [x.clone() for s in opt.state.values() for x in s.values()]
     _maml(model, opt)
-    for a, b in zip(before, lo.tree_leaves(opt.tx_state)):
+    for a, b in zip(before, [x for s in opt.state.values() for x in s.values()], strict=True):
         assert torch.equal(a, b)
     # and a differentiable optimizer of the right type was built by higher's registry
     diff = higher.optim.get_diff_optim(opt, model.parameters())
@@ -187,7 +198,7 @@ def test_track_higher_grads_false_gives_the_same_weights_without_a_graph():
             d.step(_mse(f(X), Y))
             for x, y in zip(f.parameters(), tracked[t]):
                 torch.testing.assert_close(x.detach(), y, rtol=1e-12, atol=1e-14)
-        leaves = [x for x in lo.tree_leaves(d.tx_state) if isinstance(x, torch.Tensor)]
+        leaves = [x for x in lo.tree_leaves(d.tx_states) if isinstance(x, torch.Tensor)]
         assert all(x.grad_fn is None for x in leaves)
 
 

@@ -175,16 +175,12 @@ def test_changing_lr_in_the_state_scales_the_next_step(factory, kwargs):
 def test_changing_lr_through_the_torch_optimizer_matches_torch_param_groups():
     loss_fn, start = _problem()
 
-    def ours_change(opt, t):
-        if t == 10:
-            opt.tx_state = lo.set_hyperparams(opt.tx_state, lr=0.005, betas=(0.5, 0.9))
-
-    def torch_change(opt, t):
+    def change(opt, t):
         if t == 10:
             opt.param_groups[0].update(lr=0.005, betas=(0.5, 0.9))
 
-    ours = _trajectory(_ours(lo.inject_hyperparams(lo.adam)(lr=0.03)), loss_fn, start, before_step=ours_change)
-    ref = _trajectory(_torch(torch.optim.Adam, lr=0.03), loss_fn, start, before_step=torch_change)
+    ours = _trajectory(_ours(lo.adam(lr=0.03)), loss_fn, start, before_step=change)
+    ref = _trajectory(_torch(torch.optim.Adam, lr=0.03), loss_fn, start, before_step=change)
     unchanged = _trajectory(_torch(torch.optim.Adam, lr=0.03), loss_fn, start)
     _assert_same(ours, ref, start)
     assert (ours[-1]["W"] - unchanged[-1]["W"]).abs().max() > 1e-3  # the change mattered

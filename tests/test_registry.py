@@ -90,7 +90,7 @@ def test_make_torch_optimizer_follows_torch_optim():
     ours = {k: v.clone().requires_grad_(True) for k, v in start.items()}
     ref = {k: v.clone().requires_grad_(True) for k, v in start.items()}
     opt = make_torch_optimizer("adam", ours.items(), lr=0.05, betas=(0.8, 0.95), weight_decay=0.1)
-    assert isinstance(opt, lo.TransformOptimizer) and opt._names == ["w", "m"]
+    assert isinstance(opt, lo.TransformOptimizer) and opt.param_groups[0]["param_names"] == ["w", "m"]
     torch_opt = torch.optim.Adam(ref.values(), lr=0.05, betas=(0.8, 0.95), weight_decay=0.1)
     for _ in range(10):
         for o, p in ((opt, ours), (torch_opt, ref)):

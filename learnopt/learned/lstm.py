@@ -379,7 +379,8 @@ class CoordinatewiseLSTM(LearnedOptimizer):
 
     def as_torch_optimizer(self, params: Iterable[Tensor] | Iterable[tuple[str, Tensor]],
                            **options: Any) -> TransformOptimizer:
-        """A drop-in ``torch.optim.Optimizer`` that steps with the in-place ``update_``
-        (``inplace_update=None`` selects the functional ``update``)."""
+        """A drop-in ``torch.optim.Optimizer`` that steps each parameter with the in-place
+        ``update_`` (``inplace_update=None`` selects the functional ``update``). The LSTM is
+        coordinate-wise, so the drop-in runs it one parameter tensor at a time."""
         options.setdefault("inplace_update", self.update_)
-        return TransformOptimizer(self.transform(), params, **options)
+        return TransformOptimizer(self.transform(), params, separable=True, **options)

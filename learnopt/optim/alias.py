@@ -13,7 +13,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from learnopt.optim.base import GradientTransformation, Hyper, Params, State, chain
+from learnopt.optim.base import GradientTransformation, Hyper, Params, State, chain, rebuildable
 from learnopt.optim.transforms import (
     _count_like,
     add_decayed_weights,
@@ -60,6 +60,7 @@ def _weight_decay(weight_decay: Hyper, decoupled: bool) -> tuple[list, list]:
     return ([], _decoupled(weight_decay)) if decoupled else (_l2(weight_decay), [])
 
 
+@rebuildable
 def sgd(
     lr: Hyper = 1e-3,
     momentum: Hyper = 0.0,
@@ -79,16 +80,19 @@ def sgd(
     return chain(*parts)
 
 
+@rebuildable
 def momentum(lr: Hyper = 1e-3, momentum: Hyper = 0.9, weight_decay: Hyper = 0.0) -> GradientTransformation:
     """SGD with heavy-ball momentum (Polyak 1964): ``torch.optim.SGD(momentum=0.9)``."""
     return sgd(lr=lr, momentum=momentum, weight_decay=weight_decay)
 
 
+@rebuildable
 def nesterov(lr: Hyper = 1e-3, momentum: Hyper = 0.9, weight_decay: Hyper = 0.0) -> GradientTransformation:
     """Nesterov accelerated gradient in Sutskever et al.'s (2013) form: ``torch.optim.SGD(nesterov=True)``."""
     return sgd(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=True)
 
 
+@rebuildable
 def rmsprop(
     lr: Hyper = 1e-2,
     alpha: Hyper = 0.99,
@@ -109,6 +113,7 @@ def rmsprop(
     return chain(*parts)
 
 
+@rebuildable
 def adam(
     lr: Hyper = 1e-3,
     betas: tuple[Hyper, Hyper] = (0.9, 0.999),
@@ -124,6 +129,7 @@ def adam(
 
 
 # -- sign-based and secant methods ---------------------------------------------------------------
+@rebuildable
 def rprop(
     lr: Hyper = 1e-2,
     etas: tuple[Hyper, Hyper] = (0.5, 1.2),
@@ -138,6 +144,7 @@ def rprop(
     return chain(scale_by_rprop(lr, etas, step_sizes), scale(-1.0))
 
 
+@rebuildable
 def quickprop(lr: Hyper = 1e-2, mu: Hyper = 1.75, weight_decay: Hyper = 0.0) -> GradientTransformation:
     """Quickprop (Fahlman 1988, CMU-CS-88-162): per coordinate, a secant (parabola) step from the
     last two slopes, growing by at most ``mu`` per step, plus a gradient term ``-lr * g`` while the
@@ -148,6 +155,7 @@ def quickprop(lr: Hyper = 1e-2, mu: Hyper = 1.75, weight_decay: Hyper = 0.0) -> 
     return chain(*_l2(weight_decay), scale_by_quickprop(lr, mu), scale(-1.0))
 
 
+@rebuildable
 def sign_sgd(
     lr: Hyper = 1e-3,
     betas: tuple[Hyper, Hyper] = (0.9, 0.999),
@@ -169,6 +177,7 @@ def sign_sgd(
     )
 
 
+@rebuildable
 def lion(
     lr: Hyper = 1e-4,
     betas: tuple[Hyper, Hyper] = (0.9, 0.99),
@@ -185,6 +194,7 @@ def lion(
 
 
 # -- accumulating preconditioners ----------------------------------------------------------------
+@rebuildable
 def adagrad(
     lr: Hyper = 1e-2,
     lr_decay: Hyper = 0.0,
@@ -203,6 +213,7 @@ def adagrad(
     return chain(*parts, scale_by_learning_rate(lr))
 
 
+@rebuildable
 def adagrad_norm(lr: Hyper = 1.0, b0: Hyper = 1e-2, batch_dims: int = 0) -> GradientTransformation:
     """AdaGrad-Norm (Ward, Wu & Bottou 2018, arXiv 1806.01811): one scalar step size per task
     instance from the accumulated squared norm of the whole gradient::
@@ -216,6 +227,7 @@ def adagrad_norm(lr: Hyper = 1.0, b0: Hyper = 1e-2, batch_dims: int = 0) -> Grad
     return chain(scale_by_adagrad_norm(b0, batch_dims), scale_by_learning_rate(lr))
 
 
+@rebuildable
 def adadelta(lr: Hyper = 1.0, rho: Hyper = 0.9, eps: Hyper = 1e-6, weight_decay: Hyper = 0.0) -> GradientTransformation:
     """Adadelta (Zeiler 2012, arXiv 1212.5701), ``torch.optim.Adadelta``::
 
@@ -226,6 +238,7 @@ def adadelta(lr: Hyper = 1.0, rho: Hyper = 0.9, eps: Hyper = 1e-6, weight_decay:
 
 
 # -- Adam family ---------------------------------------------------------------------------------
+@rebuildable
 def adamw(
     lr: Hyper = 1e-3,
     betas: tuple[Hyper, Hyper] = (0.9, 0.999),
@@ -239,6 +252,7 @@ def adamw(
     return chain(scale_by_adam(betas[0], betas[1], eps), *_decoupled(weight_decay), scale_by_learning_rate(lr))
 
 
+@rebuildable
 def amsgrad(
     lr: Hyper = 1e-3,
     betas: tuple[Hyper, Hyper] = (0.9, 0.999),
@@ -252,6 +266,7 @@ def amsgrad(
     return chain(*_l2(weight_decay), scale_by_amsgrad(betas[0], betas[1], eps), scale_by_learning_rate(lr))
 
 
+@rebuildable
 def nadam(
     lr: Hyper = 2e-3,
     betas: tuple[Hyper, Hyper] = (0.9, 0.999),
@@ -270,6 +285,7 @@ def nadam(
     )
 
 
+@rebuildable
 def radam(
     lr: Hyper = 1e-3,
     betas: tuple[Hyper, Hyper] = (0.9, 0.999),
@@ -285,6 +301,7 @@ def radam(
     return chain(*before, scale_by_radam(betas[0], betas[1], eps), *after, scale_by_learning_rate(lr))
 
 
+@rebuildable
 def eadam(
     lr: Hyper = 1e-3,
     betas: tuple[Hyper, Hyper] = (0.9, 0.999),
@@ -298,6 +315,7 @@ def eadam(
     return chain(*_l2(weight_decay), scale_by_eadam(betas[0], betas[1], eps), scale_by_learning_rate(lr))
 
 
+@rebuildable
 def adabelief(
     lr: Hyper = 1e-3,
     betas: tuple[Hyper, Hyper] = (0.9, 0.999),
@@ -323,6 +341,7 @@ def adabelief(
     return chain(*parts)
 
 
+@rebuildable
 def lamb(
     lr: Hyper = 1e-3,
     betas: tuple[Hyper, Hyper] = (0.9, 0.999),
@@ -356,6 +375,7 @@ class LookaheadState(NamedTuple):
     inner: State
 
 
+@rebuildable
 def lookahead(optimizer: GradientTransformation, k: int = 5, alpha: Hyper = 0.5) -> GradientTransformation:
     """Lookahead (Zhang, Lucas, Hinton & Ba 2019, arXiv 1907.08610) around any transform, as
     ``pytorch_optimizer.Lookahead`` (``pullback_momentum='none'``)::

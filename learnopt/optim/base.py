@@ -21,6 +21,8 @@ method needs beyond the gradient (a loss closure, Hessian-vector products, ...);
 
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Any, Callable, NamedTuple, Union
 
 import torch
@@ -36,11 +38,44 @@ InitFn = Callable[[Params], State]
 UpdateFn = Callable[..., "tuple[Updates, State]"]
 
 
+class Recipe(NamedTuple):
+    """How a transform was made: ``factory(**arguments)`` builds it again, with the same or with
+    changed hyperparameters (what a drop-in's param groups and schedulers need)."""
+
+    factory: Callable[..., "GradientTransformation"]
+    arguments: dict[str, Any]
+
+
 class GradientTransformation(NamedTuple):
-    """``init(params) -> state``; ``update(grads, state, params=None, **extra) -> (updates, state)``."""
+    """``init(params) -> state``; ``update(grads, state, params=None, **extra) -> (updates, state)``.
+
+    ``recipe``: set by the factories of the catalogue (``rebuildable``), ``None`` for a transform
+    put together by hand."""
 
     init: InitFn
     update: UpdateFn
+    recipe: Recipe | None = None
+
+
+def rebuildable(factory: Callable[..., GradientTransformation]) -> Callable[..., GradientTransformation]:
+    """Decorate a factory so that the transforms it returns carry their ``Recipe``: the factory and
+    its arguments with the defaults filled in (``**kwargs`` merged in by name)."""
+    signature = inspect.signature(factory)
+
+    @functools.wraps(factory)
+    def build(*args: Any, **kwargs: Any) -> GradientTransformation:
+        tx = factory(*args, **kwargs)
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        arguments: dict[str, Any] = {}
+        for name, value in bound.arguments.items():
+            if signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+                arguments.update(value)
+            else:
+                arguments[name] = value
+        return tx._replace(recipe=Recipe(build, arguments))
+
+    return build
 
 
 class EmptyState(NamedTuple):

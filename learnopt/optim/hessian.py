@@ -27,7 +27,7 @@ from typing import Any, Callable, NamedTuple
 import torch
 from torch import Tensor
 
-from learnopt.optim.base import GradientTransformation, Hyper, Params, zeros_like
+from learnopt.optim.base import GradientTransformation, Hyper, Params, zeros_like, rebuildable
 from learnopt.optim.combinators import instance_sum
 from learnopt.optim.extra import hvp_fn_from
 from learnopt.optim.transforms import _count_like, safe_sqrt
@@ -122,6 +122,7 @@ class AdaHessianState(NamedTuple):
     exp_hessian_diag_sq: Params
 
 
+@rebuildable
 def adahessian(
     lr: Hyper = 0.1,
     betas: tuple[Hyper, Hyper] = (0.9, 0.999),
@@ -185,6 +186,7 @@ class SophiaState(NamedTuple):
     hessian_moment: Params
 
 
+@rebuildable
 def sophia(
     lr: Hyper = 6e-2,
     betas: tuple[Hyper, Hyper] = (0.96, 0.99),
@@ -250,6 +252,7 @@ def _expand_instance(x: Tensor, like: Tensor) -> Tensor:
     return x.reshape(x.shape + (1,) * (like.dim() - x.dim()))
 
 
+@rebuildable
 def apollo(
     lr: Hyper = 1e-2,
     init_lr: Hyper | None = 1e-5,

@@ -38,15 +38,12 @@ import torch
 from torch import Tensor
 
 from learnopt.optim.base import detach_state, tree_map
+from learnopt.optim.hyperparams import InjectHyperparamsState, set_hyperparams
 from learnopt.optim.torch_optimizer import TransformOptimizer
 
 
 def _hyperparam_state(state: Any) -> Any:
     """The ``InjectHyperparamsState`` at the top of ``state``, or ``None``."""
-    try:
-        from learnopt.optim.hyperparams import InjectHyperparamsState
-    except ImportError:
-        return None
     return state if isinstance(state, InjectHyperparamsState) else None
 
 
@@ -57,33 +54,49 @@ class DifferentiableTransformOptimizer(higher.optim.DifferentiableOptimizer):
                  grad_callback=None, track_higher_grads: bool = True, **kwargs: Any) -> None:
         if not isinstance(other, TransformOptimizer):
             raise TypeError(f"DifferentiableTransformOptimizer wraps a TransformOptimizer, got {type(other).__name__}")
-        self.tx = other.tx
-        self._names = list(other._names)
+        self.hyperparams = other.hyperparams
+        self.separable = other.separable
         self._extra: dict[str, Any] = {}
-        # Copy (not alias) the state: the torch optimizer keeps its own, and casting to ``device``
-        # mirrors what higher does for torch.optim states.
-        self.tx_state = tree_map(
-            lambda x: x.detach().clone().to(device) if isinstance(x, Tensor) and device is not None
-            else (x.detach().clone() if isinstance(x, Tensor) else x),
-            other.tx_state,
-        )
-        self._hyper_keys = set(other.param_groups[0]) - {"params"}
+        # Per group, the runs of parameters updated together: their positions in the group and a
+        # copy (not an alias) of their state, cast to ``device`` as higher does for torch.optim.
+        self.runs: list[list[tuple[list[int], list[str], Any]]] = []
+        for group in other.param_groups:
+            position = {id(p): i for i, p in enumerate(group["params"])}
+            runs = []
+            for params, state in other.transform_states(len(self.runs)):
+                copied = tree_map(lambda x: x.detach().clone().to(device) if isinstance(x, Tensor) and device is not None
+                                  else (x.detach().clone() if isinstance(x, Tensor) else x), state)
+                runs.append(([position[id(p)] for p in params.values()], list(params), copied))
+            self.runs.append(runs)
+        self._overridden: set[str] = set()
         super().__init__(other, reference_params, fmodel=fmodel, device=device, override=override,
                          grad_callback=grad_callback, track_higher_grads=track_higher_grads, **kwargs)
+        # higher deep-copies the param groups; a hyperparameter that requires grad (lo.adam(lr=t))
+        # must stay the caller's tensor, or its meta-gradient would go to the copy.
+        for group, original in zip(self.param_groups, other.param_groups):
+            for key in self.hyperparams.paths:
+                if key not in (override or {}) and _requires_grad(original[key]):
+                    group[key] = original[key]
         self._check_override(override)
+
+    @property
+    def tx_states(self) -> list[Any]:
+        """The transform states of every run of every group."""
+        return [state for runs in self.runs for _, _, state in runs]
 
     def _check_override(self, override: dict | None) -> None:
         if not override:
             return
-        injected = _hyperparam_state(self.tx_state)
-        names = set() if injected is None else set(injected.hyperparams)
-        unknown = set(override) - names - self._hyper_keys
+        injected = {name for runs in self.runs for _, _, state in runs
+                    for name in getattr(_hyperparam_state(state), "hyperparams", {})}
+        unknown = set(override) - injected - set(self.hyperparams.paths)
         if unknown:
             raise ValueError(
-                f"higher override {sorted(unknown)}: a learnopt transform takes its hyperparameters when it is "
-                "built; pass a tensor that requires grad to the factory (e.g. lo.adam(lr=lr_tensor)), or wrap "
-                f"the factory in inject_hyperparams to override injected ones (here: {sorted(names) or 'none'})"
+                f"higher override {sorted(unknown)}: not a hyperparameter of this optimizer's param groups "
+                f"({sorted(self.hyperparams.paths)}) nor one injected by inject_hyperparams "
+                f"({sorted(injected) or 'none'})"
             )
+        self._overridden |= set(override)
 
     def step(self, loss: Tensor, params=None, override=None, grad_callback=None, **extra: Any):
         """``higher``'s ``step``; keyword ``extra`` arguments reach the transform's ``update``."""
@@ -95,27 +108,43 @@ class DifferentiableTransformOptimizer(higher.optim.DifferentiableOptimizer):
             self._extra = {}
 
     def _update(self, grouped_grads, **kwargs: Any) -> None:
-        group = self.param_groups[0]
-        params = dict(zip(self._names, group["params"]))
-        grads = {
-            n: torch.zeros_like(p) if g is None else g for (n, p), g in zip(params.items(), grouped_grads[0])
-        }
-        state = self.tx_state
-        injected = _hyperparam_state(state)
-        overrides = {k: v for k, v in group.items() if k != "params" and k not in self._hyper_keys}
-        if overrides and injected is not None:
-            from learnopt.optim.hyperparams import set_hyperparams
+        for group, grads, runs in zip(self.param_groups, grouped_grads, self.runs):
+            values = self.hyperparams.values(group)
+            tx = self.hyperparams.transform(values)
+            new_params = list(group["params"])
+            for i, (positions, names, state) in enumerate(runs):
+                params = {n: group["params"][j] for n, j in zip(names, positions)}
+                g = {n: torch.zeros_like(params[n]) if grads[j] is None else grads[j] for n, j in zip(names, positions)}
+                state, scale = self._injected(state, group, values)
+                extra = dict(self._extra)
+                if "hvp_fn" not in extra and all(x.requires_grad for x in g.values()):
+                    extra["hvp_fn"] = _hvp_through(g, params)
+                updates, state = tx.update(g, state, params, **extra)
+                if not self._track_higher_grads:
+                    # "test mode": no graph may grow across steps through the state either.
+                    state = detach_state(state)
+                runs[i] = (positions, names, state)
+                for n, j in zip(names, positions):
+                    u = updates[n].to(params[n].dtype)
+                    new_params[j] = params[n] + (u if scale is None else u * scale)
+            group["params"] = new_params
 
-            state = set_hyperparams(state, **overrides)
-        extra = dict(self._extra)
-        if "hvp_fn" not in extra and all(g.requires_grad for g in grads.values()):
-            extra["hvp_fn"] = _hvp_through(grads, params)
-        updates, state = self.tx.update(grads, state, params, **extra)
-        if not self._track_higher_grads:
-            # "test mode": no graph may grow across steps through the state either.
-            state = detach_state(state)
-        self.tx_state = state
-        group["params"] = [p + updates[n].to(p.dtype) for n, p in params.items()]
+    def _injected(self, state: Any, group: dict[str, Any], values: dict[str, Any]) -> tuple[Any, Any]:
+        """Overridden hyperparameters that ``inject_hyperparams`` keeps in the state go there; a
+        recipe-less transform's ``lr`` multiplies its update unless it was such an override."""
+        injected = _hyperparam_state(state)
+        names = set() if injected is None else set(injected.hyperparams) & self._overridden
+        if names:
+            state = set_hyperparams(state, **{k: group[k] for k in names})
+        if not self.hyperparams.multiplier or "lr" in names:
+            return state, None
+        return state, values["lr"]
+
+
+def _requires_grad(value: Any) -> bool:
+    if isinstance(value, (tuple, list)):
+        return any(_requires_grad(v) for v in value)
+    return isinstance(value, Tensor) and value.requires_grad
 
 
 def _hvp_through(grads: dict[str, Tensor], params: dict[str, Tensor]) -> Callable[[dict], dict]:

@@ -13,7 +13,7 @@ from typing import Callable, NamedTuple
 
 from torch import Tensor
 
-from learnopt.optim.base import GradientTransformation, Hyper, Params, chain, zeros_like
+from learnopt.optim.base import GradientTransformation, Hyper, Params, chain, zeros_like, rebuildable
 from learnopt.optim.combinators import partition
 from learnopt.optim.transforms import add_decayed_weights, safe_sqrt, scale_by_adam, scale_by_learning_rate
 
@@ -94,6 +94,7 @@ def scale_by_muon(momentum: Hyper = 0.95, nesterov: bool = True, ns_steps: int =
     return GradientTransformation(init, update)
 
 
+@rebuildable
 def muon(
     lr: Hyper = 0.02,
     momentum: Hyper = 0.95,

@@ -15,7 +15,7 @@ from typing import Any, Callable, NamedTuple
 import torch
 from torch import Tensor
 
-from learnopt.optim.base import GradientTransformation, Hyper, Params, zeros_like
+from learnopt.optim.base import GradientTransformation, Hyper, Params, zeros_like, rebuildable
 from learnopt.optim.combinators import instance_sum
 from learnopt.optim.extra import MissingExtraArgument, require, value_and_grad_fn_from
 
@@ -296,6 +296,7 @@ class LBFGSState(NamedTuple):
     prev_loss: Tensor
 
 
+@rebuildable
 def lbfgs(
     lr: Hyper = 1.0,
     max_iter: int = 20,
@@ -462,6 +463,7 @@ class StochasticLBFGSState(NamedTuple):
     H_diag: Tensor
 
 
+@rebuildable
 def stochastic_lbfgs(
     lr: Hyper = 1e-2,
     history_size: int = 10,

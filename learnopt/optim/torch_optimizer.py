@@ -24,95 +24,231 @@ from torch import Tensor
 from torch.utils import _pytree as pytree
 
 from learnopt.optim.base import GradientTransformation
-
-STATE_FORMAT = "learnopt.transform_optimizer/1"
+from learnopt.optim.foreach import kernel_for
+from learnopt.optim.group_hyperparams import GroupHyperparameters
+from learnopt.optim.param_state import check_splittable, gather, same_state, scatter, shared_keys, split_parameter_state
 
 
 class TransformOptimizer(torch.optim.Optimizer):
-    """Runs ``tx`` on ordinary ``nn.Parameter``s, updating them in place after ``backward()``.
+    """Runs ``tx`` on ordinary ``nn.Parameter``s as a ``torch.optim.Optimizer``, updating them in
+    place after ``backward()``, with torch.optim's contract:
 
-    * ``params``: an iterable of tensors or of ``(name, tensor)`` pairs (``named_parameters()``);
-      tensors with ``requires_grad=False`` are left out. The transform sees a
-      ``dict[str, Tensor]`` keyed by those names (``"0"``, ``"1"``, ... for bare tensors).
-    * A parameter whose ``.grad`` is ``None`` at ``step()`` is given a zero gradient (the
-      transform still advances its state), unlike ``torch.optim`` which skips it.
+    * ``params``: tensors, ``(name, tensor)`` pairs (``named_parameters()``) or a list of param
+      group dicts with per-group options, as for any torch optimizer. The transform sees a
+      ``dict[str, Tensor]`` keyed by the names (``"0"``, ``"1"``, ... for bare tensors).
+    * ``param_groups[i]`` shows the transform's hyperparameters under torch.optim's names with the
+      values ``tx`` was built with as defaults (``learnopt.optim.group_hyperparams``); they are read
+      at every step, so schedulers, ``LearningRateMonitor`` and writing ``group["lr"]`` work. A
+      transform without a recipe (a learned optimizer) shows ``lr``, a multiplier of its update.
+    * A parameter whose ``.grad`` is ``None`` is skipped: not moved, its state untouched.
+      Parameters that have been updated together share their step count and are updated as one
+      call of ``tx``; a parameter that was skipped carries on with its own count.
+    * ``state[p]``: the parameter's state (``learnopt.optim.param_state``), made when the
+      parameter is added, or at its first gradient if it did not require grad then.
+      ``state_dict()`` has torch's layout and loads by position into an optimizer over a fresh
+      copy of the model; a state of another shape is refused, naming the parameter and key.
     * ``check_finite`` (default on): a NaN or infinite gradient raises ``FloatingPointError``
-      naming the parameter, before anything is changed, instead of silently poisoning the
-      parameters and the optimizer state.
-    * ``state_dict()`` / ``load_state_dict()`` round-trip the transform state; a state of
-      another shape (another model or optimizer) is refused with a message saying what differs.
+      naming the parameter, and a sparse gradient a ``RuntimeError``, before anything changes.
     * ``step(closure=None, **extra)``: the closure also serves transforms that evaluate the
       objective elsewhere (``lbfgs``), gradients from ``backward(create_graph=True)`` give
       Hessian-vector products (``adahessian``, ``sophia``), and keywords reach ``update`` (e.g.
       ``indices=...`` for the finite-sum methods); see the module docstring.
-    * ``inplace_update`` (optional): ``f(grads, state, params) -> updates`` that overwrites
-      the state in place, for transforms that have such a fast path (the coordinate-wise LSTM);
-      used for steps with no extra ``update`` arguments. The optimizer owns its state, so
-      nothing else can observe the overwrite; the functional ``tx.update`` serves all other steps.
+    * ``foreach`` (default ``None``: where available): steps with no extra arguments run the
+      catalogue factory's multi-tensor kernel (``learnopt.optim.foreach``); ``False`` runs ``tx``'s
+      functional ``update``.
+    * ``inplace_update`` (optional): ``f(grads, state, params) -> updates`` that overwrites the
+      state in place, for learned optimizers that have such a fast path (the coordinate-wise
+      LSTM); used for steps with no extra ``update`` arguments.
+    * ``separable``: ``tx`` treats each parameter tensor on its own (the coordinate-wise LSTM), so
+      it may run one parameter at a time; needed for a state that is not keyed by parameter name.
     """
 
     def __init__(
         self,
         tx: GradientTransformation,
-        params: Iterable[Tensor] | Iterable[tuple[str, Tensor]],
+        params: Iterable[Tensor] | Iterable[tuple[str, Tensor]] | Iterable[dict[str, Any]],
         *,
         check_finite: bool = True,
         inplace_update: Callable[..., dict[str, Tensor]] | None = None,
+        separable: bool = False,
+        foreach: bool | None = None,
     ) -> None:
-        items = list(params)
-        if not items:
-            raise ValueError("as_torch_optimizer got an empty parameter list")
-        if isinstance(items[0], tuple):
-            pairs = [(str(n), p) for n, p in items]
-        else:
-            pairs = [(str(i), p) for i, p in enumerate(items)]
-        pairs = [(n, p) for n, p in pairs if p.requires_grad]
-        if not pairs:
-            raise ValueError("as_torch_optimizer: no parameter requires grad")
-        self._names = [n for n, _ in pairs]
-        super().__init__([p for _, p in pairs], defaults={})
         self.tx = tx
+        self.hyperparams = GroupHyperparameters(tx)
         self.check_finite = check_finite
         self.inplace_update = inplace_update
-        with torch.no_grad():
-            self.tx_state = _unaliased(tx.init(self._param_dict()), self._param_dict().values())
+        self.separable = separable
+        self.foreach = foreach
+        self._names: dict[Tensor, str] = {}
+        self._skeletons: dict[Tensor, Any] = {}
+        self._cohort: dict[Tensor, int] = {}
+        self._next_cohort = 0
+        super().__init__(params, dict(self.hyperparams.defaults))
 
-    def _param_dict(self) -> dict[str, Tensor]:
-        return dict(zip(self._names, self.param_groups[0]["params"]))
+    # -- param groups ----------------------------------------------------------------------------
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group (torch.optim's ``add_param_group``): its options are checked against the
+        transform's hyperparameters, and its parameters get a fresh state."""
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, but got {type(param_group).__name__}")
+        where = f"param group {len(self.param_groups)}"
+        if "params" not in param_group:
+            raise ValueError(f"{where} has no 'params'")
+        items = param_group["params"]
+        if isinstance(items, Tensor):
+            items = [items]
+        elif isinstance(items, set):
+            raise TypeError(f"{where}: parameters must be an ordered collection (a list), not a set")
+        items = param_group["params"] = list(items)
+        if not items:
+            raise ValueError(f"{where} has no parameters")
+        pairs = [(str(item[0]), item[1]) if isinstance(item, tuple) else (None, item) for item in items]
+        self._check_new_params(pairs, where)
+        self.hyperparams.check(param_group, where, new=True)
+        start = len(self._names)
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        for i, (name, p) in enumerate(pairs):
+            self._names[p] = name if name is not None else str(start + i)
+        self._init_states([p for _, p in pairs if p.requires_grad], group, where)
+
+    def _check_new_params(self, pairs: list[tuple[str | None, Any]], where: str) -> None:
+        seen: set[int] = set()
+        taken = set(self._names.values())
+        for i, (name, p) in enumerate(pairs):
+            label = repr(name) if name is not None else f"#{i}"
+            if not isinstance(p, Tensor):
+                raise TypeError(f"{where}: parameter {label} is a {type(p).__name__}, not a Tensor")
+            if id(p) in seen:
+                raise ValueError(f"{where}: parameter {label} appears twice in the group")
+            if p in self._names:
+                raise ValueError(f"{where}: parameter {label} is already in another param group "
+                                 f"(as {self._names[p]!r})")
+            if name is not None and name in taken:
+                raise ValueError(f"{where}: a parameter named {name!r} is already in another param group")
+            seen.add(id(p))
 
     @torch.no_grad()
+    def _init_states(self, params: list[Tensor], group: dict[str, Any], where: str, check: bool = True) -> None:
+        """Fresh per-parameter states for ``params``, one cohort; with ``check``, first that the
+        transform's state splits by parameter (``param_state.check_splittable``)."""
+        if not params:
+            return
+        tx = self.hyperparams.transform(self.hyperparams.values(group))
+        names = [self._names[p] for p in params]
+        flats, skeletons = [], []
+        for n, p in zip(names, params):
+            flat, skeleton = split_parameter_state(_unaliased(tx.init({n: p}), [p]), n)
+            flats.append(flat)
+            skeletons.append(skeleton)
+        if check and not self.separable and len(params) > 1:
+            joint = tx.init(dict(zip(names, params)))
+            if not check_splittable(joint, skeletons, flats, names):
+                raise ValueError(
+                    f"{where}: {self.hyperparams.factory_name}'s state is not kept per parameter (dicts keyed "
+                    "by parameter name), so parameters cannot be skipped or grouped; pass separable=True "
+                    "if it treats each parameter tensor on its own"
+                )
+        cohort = self._new_cohort()
+        for p, flat, skeleton in zip(params, flats, skeletons):
+            self.state[p] = flat
+            self._skeletons[p] = skeleton
+            self._cohort[p] = cohort
+
+    def _new_cohort(self) -> int:
+        self._next_cohort += 1
+        return self._next_cohort
+
+    # -- the step --------------------------------------------------------------------------------
+    @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None, **extra: Any) -> Any:
-        """One update. ``closure`` re-evaluates the model and returns the loss (torch.optim's
-        protocol); ``extra`` keywords reach the transform's ``update`` (module docstring)."""
+        """One update of every parameter that has a gradient. ``closure`` re-evaluates the model
+        and returns the loss (torch.optim's protocol); ``extra`` keywords reach the transform's
+        ``update`` (module docstring). Every check runs before anything changes."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        params = self._param_dict()
+        work = []
+        for i, group in enumerate(self.param_groups):
+            self.hyperparams.check(group, f"param group {i}", new=False)
+            active = [p for p in group["params"] if p.grad is not None]
+            for p in active:
+                self._check_grad(p)
+            work.append((group, active))
+        for group, active in work:
+            if active:
+                self._step_group(group, active, closure, loss, extra)
+        return loss
+
+    def _check_grad(self, p: Tensor) -> None:
+        g, name = p.grad, self._names[p]
+        if g.is_sparse or g.layout != torch.strided:
+            raise RuntimeError(
+                f"parameter {name!r} has a sparse gradient; {self.hyperparams.factory_name} needs dense "
+                "gradients (torch.optim.SparseAdam handles sparse ones)"
+            )
+        # NaN and ±inf propagate into the sum, so a finite sum (one cheap reduction) means a finite
+        # gradient; only a non-finite sum (or an overflowing one) needs the exact check.
+        if self.check_finite and not bool(torch.isfinite(g.sum())) and not bool(torch.isfinite(g).all()):
+            raise FloatingPointError(
+                f"non-finite gradient in parameter {name!r} (shape {tuple(g.shape)}); "
+                "the parameters and optimizer state were left unchanged"
+            )
+
+    def _step_group(self, group: dict[str, Any], active: list[Tensor], closure, loss, extra: dict) -> None:
+        values = self.hyperparams.values(group)
+        tx = self.hyperparams.transform(values)
+        missing = [p for p in active if p not in self._skeletons]
+        if missing:
+            self._init_states(missing, group, "", check=False)
+        cohorts: dict[int, list[Tensor]] = {}
+        for p in active:
+            cohorts.setdefault(self._cohort[p], []).append(p)
+        scale = values["lr"] if self.hyperparams.multiplier else None
+        for members in cohorts.values():
+            runs = [[p] for p in members] if self.separable else [members]
+            for run in runs:
+                self._step_run(tx, run, scale, closure, loss, dict(extra))
+            cohort = self._new_cohort()
+            for p in members:
+                self._cohort[p] = cohort
+
+    def _step_run(self, tx: GradientTransformation, run: list[Tensor], scale: Any, closure, loss,
+                  extra: dict) -> None:
+        """Update the parameters ``run`` together, as one call of ``tx`` (or its kernel)."""
+        names = [self._names[p] for p in run]
+        params = dict(zip(names, run))
         raw = {n: p.grad for n, p in params.items()}
-        grads = {n: (g.detach() if g is not None else torch.zeros_like(params[n])) for n, g in raw.items()}
-        if self.check_finite:
-            for n, g in grads.items():
-                # NaN and ±inf propagate into the sum, so a finite sum (one cheap reduction) means a
-                # finite gradient; only a non-finite sum (or an overflowing one) needs the exact check
-                if not bool(torch.isfinite(g.sum())) and not bool(torch.isfinite(g).all()):
-                    raise FloatingPointError(
-                        f"non-finite gradient in parameter '{n}' (shape {tuple(g.shape)}); "
-                        "the parameters and optimizer state were left unchanged"
-                    )
+        grads = {n: g.detach() for n, g in raw.items()}
+        flats = [self.state[p] for p in run]
         if closure is not None and "value_and_grad_fn" not in extra:
             extra["value_and_grad_fn"] = self._value_and_grad_fn(closure, params, loss, grads)
-        if "hvp_fn" not in extra and any(g is not None and g.requires_grad for g in raw.values()):
+        if "hvp_fn" not in extra and any(g.requires_grad for g in raw.values()):
             extra["hvp_fn"] = _hvp_from_graph(raw, params)
+        if not extra and self.foreach is not False and self._run_kernel(tx, run, list(grads.values()), flats):
+            return
+        skeletons = [self._skeletons[p] for p in run]
+        state = gather(skeletons, flats, names)
         if self.inplace_update is not None and not extra:
-            updates = self.inplace_update(grads, self.tx_state, params)
+            updates = self.inplace_update(grads, state, params)
         else:
-            updates, state = self.tx.update(grads, self.tx_state, params, **extra)
+            updates, state = tx.update(grads, state, params, **extra)
             # .grad and the parameters change in place after this step; the state must not share them.
-            self.tx_state = _unaliased(state, [*params.values(), *grads.values()])
+            scatter(_unaliased(state, [*run, *grads.values()]), skeletons, flats, names)
+        if scale is not None and not isinstance(scale, Tensor) and scale == 0:
+            return
         for n, p in params.items():
-            p.add_(updates[n].to(p.dtype))
-        return loss
+            u = updates[n].to(p.dtype)
+            if scale is None or (not isinstance(scale, Tensor) and scale == 1):
+                p.add_(u)
+            else:
+                p.add_(u * scale)
+
+    def _run_kernel(self, tx: GradientTransformation, run: list[Tensor], grads: list[Tensor],
+                    flats: list[dict[str, Any]]) -> bool:
+        kernel = kernel_for(self.hyperparams.factory_of())
+        return kernel is not None and kernel(run, grads, flats, tx.recipe.arguments)
 
     def _value_and_grad_fn(self, closure: Callable[[], Any], params: dict[str, Tensor], first_loss: Any,
                            first_grads: dict[str, Tensor]) -> Callable:
@@ -138,39 +274,137 @@ class TransformOptimizer(torch.optim.Optimizer):
 
         return value_and_grad
 
+    # -- the transform's state -------------------------------------------------------------------
+    def transform_states(self, group: int = 0) -> list[tuple[dict[str, Tensor], Any]]:
+        """The group's state as the transform keeps it: ``[(params, state), ...]``, one entry per
+        set of parameters updated together (one per parameter for a separable transform).
+        ``tx.update(grads, state, params)`` continues from it."""
+        cohorts: dict[int, list[Tensor]] = {}
+        for p in self.param_groups[group]["params"]:
+            if p in self._skeletons:
+                cohorts.setdefault(self._cohort[p], []).append(p)
+        out = []
+        for members in cohorts.values():
+            for run in ([[p] for p in members] if self.separable else [members]):
+                names = [self._names[p] for p in run]
+                state = gather([self._skeletons[p] for p in run], [self.state[p] for p in run], names)
+                out.append((dict(zip(names, run)), state))
+        return out
+
+    @property
+    def tx_state(self) -> Any:
+        """The transform's state, for an optimizer whose parameters all are one run (one group,
+        updated together, not separable): what ``tx.update`` continues from. Assigning a state
+        of the same layout (e.g. ``set_hyperparams(opt.tx_state, lr=...)``) replaces it."""
+        return self._single_run()[1]
+
+    @tx_state.setter
+    def tx_state(self, state: Any) -> None:
+        run = list(self._single_run()[0].values())
+        scatter(_unaliased(state, run), [self._skeletons[p] for p in run], [self.state[p] for p in run],
+                [self._names[p] for p in run])
+
+    def _single_run(self) -> tuple[dict[str, Tensor], Any]:
+        runs = [r for g in range(len(self.param_groups)) for r in self.transform_states(g)]
+        if len(runs) != 1:
+            raise ValueError(f"tx_state: this optimizer's parameters are updated in {len(runs)} separate runs "
+                             "(param groups, skipped parameters or a separable transform); use state[p] "
+                             "or transform_states(group)")
+        return runs[0]
+
+    def param_name(self, p: Tensor) -> str:
+        """The name under which the transform sees ``p``."""
+        return self._names[p]
+
+    # -- state_dict ------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        leaves = pytree.tree_leaves(self.tx_state)
-        return {
-            "format": STATE_FORMAT,
-            "names": list(self._names),
-            "tx_state": [x.detach().clone() if isinstance(x, Tensor) else x for x in leaves],
-            "param_groups": [{"params": list(range(len(self._names)))}],
+        """torch.optim's layout: ``{"state": {index: {key: value}}, "param_groups": [...]}`` with
+        parameters as indices in group order; the tensors are copies."""
+        packed = super().state_dict()
+        packed["state"] = {
+            i: {k: (v.detach().clone() if isinstance(v, Tensor) else v) for k, v in s.items()}
+            for i, s in packed["state"].items()
         }
+        return packed
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if not isinstance(state_dict, dict) or state_dict.get("format") != STATE_FORMAT:
-            raise ValueError(
-                f"load_state_dict: not a learnopt optimizer state (expected format {STATE_FORMAT!r}, "
-                f"got {state_dict.get('format') if isinstance(state_dict, dict) else type(state_dict).__name__!r})"
-            )
-        if list(state_dict["names"]) != self._names:
-            raise ValueError(
-                f"load_state_dict: state is for parameters {state_dict['names'][:5]}... "
-                f"({len(state_dict['names'])}), this optimizer has {self._names[:5]}... ({len(self._names)})"
-            )
-        leaves, spec = pytree.tree_flatten(self.tx_state)
-        new = state_dict["tx_state"]
-        if len(new) != len(leaves):
-            raise ValueError(f"load_state_dict: state has {len(new)} tensors, this optimizer expects {len(leaves)}")
-        out = []
-        for i, (old, val) in enumerate(zip(leaves, new)):
+        """Load a ``state_dict()`` by position (torch.optim's rule). Every group size, state key
+        and tensor shape is checked against this optimizer first; on a mismatch nothing changes."""
+        if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= set(state_dict):
+            got = sorted(state_dict) if isinstance(state_dict, dict) else type(state_dict).__name__
+            raise ValueError(f"load_state_dict: expected torch.optim's layout {{'state', 'param_groups'}}, got {got}")
+        state_dict = dict(state_dict)
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            state_dict = hook(self, state_dict) or state_dict
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"load_state_dict: the state has {len(saved_groups)} param groups, "
+                             f"this optimizer {len(self.param_groups)}")
+        new_groups, new_state = [], {}
+        for gi, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(f"load_state_dict: param group {gi} has {len(saved['params'])} parameters in "
+                                 f"the state, {len(group['params'])} here")
+            options = {k: v for k, v in saved.items() if k != "params"}
+            self.hyperparams.check({"params": None, **options}, f"load_state_dict: param group {gi}", new=True)
+            new_groups.append({**group, **options, "params": group["params"]})
+            for index, p in zip(saved["params"], group["params"]):
+                if index in state_dict["state"]:
+                    new_state[p] = self._loaded_state(p, state_dict["state"][index], new_groups[-1])
+        for group, new in zip(self.param_groups, new_groups):
+            group.clear()
+            group.update(new)
+        self.state.clear()
+        for p, (flat, skeleton) in new_state.items():
+            self.state[p] = flat
+            self._skeletons[p] = skeleton
+        for p in list(self._skeletons):
+            if p not in new_state:
+                del self._skeletons[p]
+        self._regroup_cohorts()
+        for hook in self._optimizer_load_state_dict_post_hooks.values():
+            hook(self)
+
+    @torch.no_grad()
+    def _loaded_state(self, p: Tensor, saved: Any, group: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+        name = self._names[p]
+        if p in self._skeletons:
+            template, skeleton = self.state[p], self._skeletons[p]
+        else:
+            tx = self.hyperparams.transform(self.hyperparams.values(group))
+            template, skeleton = split_parameter_state(tx.init({name: p}), name)
+        if not isinstance(saved, dict) or set(saved) != set(template):
+            got = sorted(saved) if isinstance(saved, dict) else type(saved).__name__
+            raise ValueError(f"load_state_dict: parameter {name!r} has state keys {got}, "
+                             f"this optimizer keeps {sorted(template)}")
+        flat = {}
+        for key, old in template.items():
+            value = saved[key]
             if isinstance(old, Tensor):
-                if not isinstance(val, Tensor) or val.shape != old.shape:
-                    got = tuple(val.shape) if isinstance(val, Tensor) else type(val).__name__
-                    raise ValueError(f"load_state_dict: state tensor {i} has shape {got}, expected {tuple(old.shape)}")
-                val = val.to(device=old.device, dtype=old.dtype, copy=True)  # ours to update in place
-            out.append(val)
-        self.tx_state = pytree.tree_unflatten(out, spec)
+                if not isinstance(value, Tensor) or value.shape != old.shape:
+                    got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+                    raise ValueError(f"load_state_dict: parameter {name!r}, state {key!r} has shape {got}, "
+                                     f"expected {tuple(old.shape)}")
+                value = value.to(device=old.device, dtype=old.dtype, copy=True)  # ours to update in place
+            flat[key] = value
+        return flat, skeleton
+
+    def _regroup_cohorts(self) -> None:
+        """After a load: parameters of a group whose shared leaves (step counts) are equal were
+        updated together, and are again."""
+        for group in self.param_groups:
+            representatives: list[tuple[list[Any], int]] = []
+            for p in group["params"]:
+                if p not in self._skeletons:
+                    continue
+                shared = [self.state[p][k] for k in shared_keys(self._skeletons[p])]
+                for values, cohort in representatives:
+                    if len(values) == len(shared) and all(same_state(a, b) for a, b in zip(values, shared)):
+                        self._cohort[p] = cohort
+                        break
+                else:
+                    self._cohort[p] = self._new_cohort()
+                    representatives.append((shared, self._cohort[p]))
 
 
 def _unaliased(state: Any, tensors: Iterable[Tensor]) -> Any:

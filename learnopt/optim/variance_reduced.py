@@ -15,7 +15,7 @@ from typing import Callable, NamedTuple
 import torch
 from torch import Tensor
 
-from learnopt.optim.base import GradientTransformation, Hyper, Params, zeros_like
+from learnopt.optim.base import GradientTransformation, Hyper, Params, zeros_like, rebuildable
 from learnopt.optim.extra import require
 from learnopt.optim.transforms import _count_like
 
@@ -34,6 +34,7 @@ class SVRGState(NamedTuple):
     snapshot_grad: Params
 
 
+@rebuildable
 def svrg(lr: Hyper = 1e-2, epoch_length: int | None = None) -> GradientTransformation:
     """Stochastic variance-reduced gradient (Johnson & Zhang 2013, NeurIPS), option I::
 
@@ -114,6 +115,7 @@ def _check_table_init(table_init: str) -> None:
         raise ValueError(f"table_init must be 'full' or 'zeros', got {table_init!r}")
 
 
+@rebuildable
 def saga(lr: Hyper = 1e-2, num_examples: int = 0, table_init: str = "full") -> GradientTransformation:
     """SAGA (Defazio, Bach & Lacoste-Julien 2014, NeurIPS, arXiv 1407.0202), with minibatches::
 
@@ -145,6 +147,7 @@ def saga(lr: Hyper = 1e-2, num_examples: int = 0, table_init: str = "full") -> G
     return GradientTransformation(_table_init(num_examples), update)
 
 
+@rebuildable
 def jacsketch(
     lr: Hyper = 1e-2,
     num_examples: int = 0,

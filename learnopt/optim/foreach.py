@@ -1,0 +1,93 @@
+"""Multi-tensor in-place steps for the drop-in optimizer (``torch._foreach_*`` kernels).
+
+The functional ``update`` of a transform is the reference; it runs out of place, one tensor at a
+time, so autograd can flow through it. A drop-in step that nothing differentiates through may
+instead run one of these kernels, which compute the same trajectory (tested against the
+functional path) in place over lists of tensors, as torch.optim's ``foreach`` implementations do.
+
+A kernel is registered for a catalogue factory and is called as::
+
+    handled = kernel(params, grads, states, arguments)
+
+* ``params``, ``grads``: lists of tensors of one parameter group that are updated together (the
+  parameters are changed in place);
+* ``states``: their flat per-parameter states (``opt.state[p]``, keys as
+  ``learnopt.optim.param_state.split_parameter_state`` names them), updated in place; a shared
+  leaf (a step count) is replaced by one new tensor that every state gets, as ``scatter`` would;
+* ``arguments``: the factory's arguments for this step (``recipe.arguments``).
+
+It returns ``False``, having changed nothing, for a case it does not cover (e.g. a tensor
+hyperparameter that requires grad); the drop-in then runs the functional path.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from learnopt.optim import alias
+
+Kernel = Callable[[list[Tensor], list[Tensor], list[dict[str, Any]], dict[str, Any]], bool]
+
+_KERNELS: dict[Callable, Kernel] = {}
+
+
+def register_kernel(factory: Callable) -> Callable[[Kernel], Kernel]:
+    """Register the decorated function as ``factory``'s multi-tensor step."""
+
+    def register(kernel: Kernel) -> Kernel:
+        _KERNELS[factory] = kernel
+        return kernel
+
+    return register
+
+
+def kernel_for(factory: Callable | None) -> Kernel | None:
+    """The kernel registered for ``factory``, if any."""
+    return _KERNELS.get(factory) if factory is not None else None
+
+
+def plain(*values: Any) -> bool:
+    """Whether every hyperparameter is a Python number (or bool/None), not a tensor: the kernels
+    take numbers; a tensor hyperparameter (maybe meta-learned) takes the functional path."""
+    for v in values:
+        if isinstance(v, (tuple, list)):
+            if not plain(*v):
+                return False
+        elif not (v is None or isinstance(v, (bool, int, float))):
+            return False
+    return True
+
+
+def new_count(states: list[dict[str, Any]], key: str = "count") -> Tensor:
+    """``count + 1`` of a group updated together, as one new tensor written into every state."""
+    count = states[0][key] + 1
+    for s in states:
+        s[key] = count
+    return count
+
+
+# -- kernels --------------------------------------------------------------------------------------
+
+
+@register_kernel(alias.adam)
+def adam_(params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]], arguments: dict[str, Any]) -> bool:
+    """``alias.adam`` in place, as torch.optim's multi-tensor Adam."""
+    lr, (b1, b2), eps, weight_decay = (arguments[k] for k in ("lr", "betas", "eps", "weight_decay"))
+    if not plain(lr, b1, b2, eps, weight_decay):
+        return False
+    if weight_decay != 0:
+        grads = torch._foreach_add(grads, params, alpha=weight_decay)
+    mu = [s["mu"] for s in states]
+    nu = [s["nu"] for s in states]
+    step = float(new_count(states))
+    torch._foreach_lerp_(mu, grads, 1 - b1)
+    torch._foreach_mul_(nu, b2)
+    torch._foreach_addcmul_(nu, grads, grads, 1 - b2)
+    denom = torch._foreach_sqrt(nu)
+    torch._foreach_div_(denom, (1 - b2**step) ** 0.5)
+    torch._foreach_add_(denom, eps)
+    torch._foreach_addcdiv_(params, mu, denom, -lr / (1 - b1**step))
+    return True
