@@ -207,21 +207,40 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> n
 
 
 def load_optimizer(
-    path: str | os.PathLike, params: Iterable[Tensor] | Iterable[tuple[str, Tensor]], **options: Any
+    path: str | os.PathLike,
+    params: Iterable[Tensor] | Iterable[tuple[str, Tensor]] | Iterable[dict[str, Any]],
+    **options: Any,
 ) -> torch.optim.Optimizer:
-    """Load a learned-optimizer checkpoint as a drop-in ``torch.optim.Optimizer`` over ``params``.
+    """Load a learned-optimizer checkpoint as a drop-in ``torch.optim.Optimizer`` over ``params``
+    (tensors, ``named_parameters()`` or param group dicts, whose ``lr`` multiplies the learned
+    update: 1.0 as meta-trained, 0 freezes the group).
 
     ``options`` go to ``learnopt.optim.TransformOptimizer`` (e.g. ``check_finite=False``). The
     learned optimizer is moved to the device of the first parameter.
     """
-    params = list(params)
+    # groups' params may be generators: read them once, here, and hand the lists on
+    params = [{**item, "params": _as_list(item["params"])} if isinstance(item, dict) and "params" in item else item
+              for item in params]
     obj = load(path)
     if not isinstance(obj, LearnedOptimizer):
         raise CheckpointError(f"learnopt checkpoint {path}: holds a {payload_kind(obj)}, not a learned optimizer")
-    if params:
-        first = params[0][1] if isinstance(params[0], tuple) else params[0]
+    first = _first_tensor(params)
+    if first is not None:
         obj = obj.to(first.device)
     return obj.as_torch_optimizer(params, **options)
+
+
+def _as_list(params: Any) -> list[Any]:
+    return [params] if isinstance(params, Tensor) else list(params)
+
+
+def _first_tensor(params: list[Any]) -> Tensor | None:
+    for item in params:
+        for p in (item.get("params", []) if isinstance(item, dict) else [item]):
+            p = p[1] if isinstance(p, tuple) else p
+            if isinstance(p, Tensor):
+                return p
+    return None
 
 
 def payload_kind(obj: nn.Module) -> str:
