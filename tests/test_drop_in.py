@@ -444,3 +444,15 @@ def test_lightning_fit_with_lr_monitor_steplr_frozen_group_and_bit_identical_res
     resumed, _ = _fit(tmp_path / "second", epochs=6, resume=tmp_path / "first" / "ckpt" / "last.ckpt")
     for p, q in zip(full.parameters(), resumed.parameters()):
         assert torch.equal(p, q)
+
+
+def test_momentum_cycled_up_from_zero_creates_the_buffer_as_torch_sgd_does():
+    """SGD built without momentum has no momentum state; OneCycleLR's cycling makes it appear."""
+    make_ours = lambda g: lo.as_torch_optimizer(lo.sgd(lr=0.01), g)  # noqa: E731
+    make_ref = lambda g: torch.optim.SGD(g, lr=0.01)  # noqa: E731
+    ours, _, opt = _run(make_ours, SCHEDULERS["OneCycleLR"], _model())
+    ref, _, _ = _run(make_ref, SCHEDULERS["OneCycleLR"], _model())
+    assert set(opt.state[opt.param_groups[0]["params"][0]]) == {"count", "trace"}
+    for a, b in zip(ours, ref):
+        for x, y in zip(a, b):
+            torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-9)

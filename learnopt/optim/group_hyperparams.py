@@ -130,5 +130,20 @@ class GroupHyperparameters:
                 arguments[path[-1]] = tuple(new) if isinstance(old, tuple) and isinstance(new, list) else new
         return recipe.factory(**arguments)
 
+    def structure_key(self, values: dict[str, Any]) -> tuple:
+        """What decides the layout of the transform's state: factories add or drop a stage for a
+        literal zero (``sgd``'s momentum), a flag or ``None``; other values only change numbers."""
+
+        def key(v: Any) -> Any:
+            if isinstance(v, (tuple, list)):
+                return tuple(key(x) for x in v)
+            if isinstance(v, bool) or v is None or isinstance(v, str):
+                return v
+            if isinstance(v, (int, float)):
+                return v == 0
+            return "tensor"
+
+        return tuple(key(values[k]) for k in sorted(self.paths))
+
     def factory_of(self) -> Callable[..., GradientTransformation] | None:
         return None if self.multiplier else self.tx.recipe.factory

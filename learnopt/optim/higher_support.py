@@ -12,16 +12,18 @@ Importing this module registers ``TransformOptimizer`` (what ``lo.as_torch_optim
         meta_loss = loss_fn(fmodel(xq), yq)
     meta_loss.backward()   # reaches the model's initial weights, a tensor lr, a learned optimizer's weights
 
-``DifferentiableTransformOptimizer._update`` runs the transform functionally: its state is
-copied from the torch optimizer when the loop starts and then replaced (never modified) at
-every step, and nothing is detached, so the meta-gradient flows through the gradients, the
+``DifferentiableTransformOptimizer._update`` runs the transform functionally, per param group
+and per set of parameters the torch optimizer updates together: its state is copied from the
+torch optimizer when the loop starts and then replaced (never modified) at every step, and
+nothing is detached (a gradient of ``None`` counts as zero here), so the meta-gradient flows through the gradients, the
 state, tensor hyperparameters captured by the transform, and the weights of a learned
 optimizer (its ``update`` is a method of the ``nn.Module`` that holds them).
 
-Hyperparameters: learnopt transforms take them when built, so a meta-learnable one is a
-tensor that requires grad passed to the factory. ``higher``'s ``override`` works for
-transforms wrapped in ``inject_hyperparams`` (the names it injected); other transforms have
-nothing to override and refuse it. Extra ``update`` arguments (``loss_fn``, ``hvp_fn``, ...;
+Hyperparameters: a meta-learnable one is a tensor that requires grad, passed to the factory
+(``lo.adam(lr=t)``) or through ``higher``'s ``override`` of a param-group key (the transform is
+rebuilt from the group's values at every step, as in the drop-in). For transforms wrapped in
+``inject_hyperparams``, ``override`` sets the injected names in the state; other names are
+refused. Extra ``update`` arguments (``loss_fn``, ``hvp_fn``, ...;
 ``learnopt.optim.extra``) can be passed as keywords of ``diffopt.step(loss, **extra)``; when
 the gradients carry a graph (``track_higher_grads=True``) and no ``hvp_fn`` is given, one
 built by double backward through those gradients is passed.

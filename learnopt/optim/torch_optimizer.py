@@ -83,6 +83,7 @@ class TransformOptimizer(torch.optim.Optimizer):
         self._skeletons: dict[Tensor, Any] = {}
         self._cohort: dict[Tensor, int] = {}
         self._next_cohort = 0
+        self._layout: dict[int, tuple] = {}  # id(group) -> structure_key of its states
         super().__init__(params, dict(self.hyperparams.defaults))
 
     # -- param groups ----------------------------------------------------------------------------
@@ -150,6 +151,7 @@ class TransformOptimizer(torch.optim.Optimizer):
                     "if it treats each parameter tensor on its own"
                 )
         cohort = self._new_cohort()
+        self._layout.setdefault(id(group), self.hyperparams.structure_key(self.hyperparams.values(group)))
         for p, flat, skeleton in zip(params, flats, skeletons):
             self.state[p] = flat
             self._skeletons[p] = skeleton
@@ -199,6 +201,10 @@ class TransformOptimizer(torch.optim.Optimizer):
     def _step_group(self, group: dict[str, Any], active: list[Tensor], closure, loss, extra: dict) -> None:
         values = self.hyperparams.values(group)
         tx = self.hyperparams.transform(values)
+        layout = self.hyperparams.structure_key(values)
+        if self._layout.get(id(group), layout) != layout:
+            self._relayout(group, tx)
+        self._layout[id(group)] = layout
         missing = [p for p in active if p not in self._skeletons]
         if missing:
             self._init_states(missing, group, "", check=False)
@@ -244,6 +250,24 @@ class TransformOptimizer(torch.optim.Optimizer):
                 p.add_(u)
             else:
                 p.add_(u * scale)
+
+    @torch.no_grad()
+    def _relayout(self, group: dict[str, Any], tx: GradientTransformation) -> None:
+        """A group value changed the layout of the state (``momentum`` from 0, as OneCycleLR does
+        on SGD): every parameter of the group gets the new layout, keeping the entries it shares
+        with the old one (as torch.optim creates a momentum buffer when momentum first appears)."""
+        for p in group["params"]:
+            if p not in self._skeletons:
+                continue
+            name = self._names[p]
+            fresh, skeleton = split_parameter_state(_unaliased(tx.init({name: p}), [p]), name)
+            old = self.state[p]
+            for key, value in fresh.items():
+                kept = old.get(key)
+                if isinstance(kept, Tensor) and isinstance(value, Tensor) and kept.shape == value.shape:
+                    fresh[key] = kept
+            self.state[p] = fresh
+            self._skeletons[p] = skeleton
 
     def _run_kernel(self, tx: GradientTransformation, run: list[Tensor], grads: list[Tensor],
                     flats: list[dict[str, Any]]) -> bool:
