@@ -8,7 +8,8 @@ USAGE = """usage: learnopt <command> [options]
 
 commands:
   meta-train   meta-train a learned optimizer (LightningCLI; --config configs/<file>.yaml, --help)
-  evaluate     evaluate a learned optimizer against tuned baselines (--help)
+  evaluate     evaluate a learned optimizer against tuned baselines (--help; --suite: on a
+               held-out suite of problems, e.g. --config configs/evaluate_general_suite.yaml)
   compare      compare optimizers across W&B runs: table, plots, HTML (--help)
 """
 
@@ -23,6 +24,11 @@ def main(argv: list[str] | None = None) -> int:
         from learnopt.train.cli import meta_train
 
         meta_train(rest)
+        return 0
+    if command == "evaluate" and "--suite" in rest:
+        from learnopt.evaluate_suite import evaluate_suite_cli
+
+        evaluate_suite_cli([a for a in rest if a != "--suite"])
         return 0
     if command == "evaluate":
         from learnopt.evaluate import evaluate_cli

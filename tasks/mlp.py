@@ -27,7 +27,8 @@ from tasks.datasets import cross_entropy_per_instance, load_dataset, sample_mini
 
 __all__ = ["ACTIVATIONS", "MLPFamily", "MLPTask", "load_dataset"]
 
-ACTIVATIONS = {"sigmoid": torch.sigmoid, "relu": torch.relu, "tanh": torch.tanh}
+ACTIVATIONS = {"sigmoid": torch.sigmoid, "relu": torch.relu, "tanh": torch.tanh,
+               "gelu": torch.nn.functional.gelu}
 
 
 @dataclass

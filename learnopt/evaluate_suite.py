@@ -1,0 +1,277 @@
+"""``learnopt evaluate --suite``: a learned optimizer on a held-out suite of problems against
+the practitioner's baselines, summarised across problems as Celo does.
+
+Each problem (a task family with a name) is evaluated by ``learnopt.evaluate``'s protocol
+(``evaluate_optimizers``: held-out ``"test"`` seeds, learning rates tuned on separate ``"tune"``
+instances over a half-decade grid, diverged runs scored +30 in log10) with these optimizers:
+
+* the learned optimizer of ``checkpoint`` as users load it (``load_optimizer``), told the run
+  length (``num_steps``) where it takes one, and with ``orthogonalize=True`` also its
+  composition with Newton–Schulz orthogonalization for hidden matrices and AdamW for the rest
+  (``orthogonalized_learned_optimizer``), named ``<name>+ns``;
+* ``adam_1e-3``: ``torch.optim.Adam`` at lr 1e-3, untuned (what a new user tries first);
+* tuned: ``adam`` (constant lr), ``adam_cosine`` (``CosineAnnealingLR`` to 0 over the run),
+  ``adamw`` (weight decay 0.01), ``sgd_momentum`` (momentum 0.9) and ``muon`` (learnopt's
+  Muon/AdamW hybrid; the tuned rate is Muon's).
+
+Stability: the learned optimizer is also run ``stability_factor`` times as long (told that
+length) on ``stability_seeds``; it passes if the long run stays finite and ends no worse than
+the ordinary run of the same seed did.
+
+Across problems: the fraction of problems on which each learned optimizer ends with a lower
+mean log10 training loss than ``adam_1e-3``, ``adam`` and ``adam_cosine``; the speedup over
+tuned ``adam`` and over ``adam_cosine`` (``learnopt.compare.speedup``) and their interquartile
+means (IQM: the mean of the middle half, as Celo and rliable report).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from learnopt.evaluate import (
+    BASELINES,
+    DEFAULT_LR_GRID,
+    Evaluation,
+    LearnoptBaseline,
+    evaluate_optimizers,
+    plot_curves,
+    train_with_optimizer,
+)
+from learnopt.meta.unroll import DIVERGED_LOG10, log10_losses
+from learnopt.task import TaskFamily, seeded_generator
+
+TUNED = ("adam", "adam_cosine", "adamw", "sgd_momentum", "muon")
+REFERENCES = ("adam_1e-3", "adam", "adam_cosine")  # what the summary compares the learned optimizers with
+
+
+class ScheduledOptimizer:
+    """An optimizer stepped together with its learning-rate scheduler (``opt.step()`` then
+    ``scheduler.step()``), for loops that only call ``zero_grad`` and ``step``."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
+        self.optimizer, self.scheduler = optimizer, scheduler
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Any:
+        out = self.optimizer.step(closure)
+        self.scheduler.step()
+        return out
+
+
+def suite_baselines(steps: int) -> dict[str, Callable[..., Any]]:
+    """The baselines of the module docstring for runs of ``steps`` steps: ``adam_1e-3`` takes
+    ``(params)``, the tuned ones ``(params, lr)``."""
+
+    def adam_cosine(ps: list[Tensor], lr: float) -> ScheduledOptimizer:
+        opt = torch.optim.Adam(ps, lr=lr)
+        return ScheduledOptimizer(opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps))
+
+    return {
+        "adam_1e-3": lambda ps: torch.optim.Adam(ps, lr=1e-3),
+        "adam": BASELINES["adam"],
+        "adam_cosine": adam_cosine,
+        "adamw": lambda ps, lr: torch.optim.AdamW(ps, lr=lr, weight_decay=0.01),
+        "sgd_momentum": lambda ps, lr: torch.optim.SGD(ps, lr=lr, momentum=0.9),
+        "muon": LearnoptBaseline("muon"),
+    }
+
+
+def learned_factories(checkpoint: str, steps: int, orthogonalize: bool) -> dict[str, Callable[..., Any]]:
+    """``{name: (params) -> optimizer}`` for the checkpoint's learned optimizer (and its
+    orthogonalized composition), told the run length ``steps`` where it takes one."""
+    from learnopt.checkpoint import load
+    from learnopt.evaluate import learned_optimizer_factory
+    from learnopt.optim.torch_optimizer import as_torch_optimizer
+
+    lopt = load(checkpoint)
+    name = Path(checkpoint).stem
+    options = {"num_steps": steps} if getattr(lopt, "num_steps", None) is not None else {}
+    out = {name: learned_optimizer_factory(checkpoint, **options)}
+    if orthogonalize:
+        from learnopt.learned.general import orthogonalized_learned_optimizer
+
+        tx = lambda: orthogonalized_learned_optimizer(lopt, batch_dims=1, **options)  # noqa: E731
+        out[f"{name}+ns"] = lambda ps: as_torch_optimizer(tx(), ps, check_finite=False)
+    return out
+
+
+def iqm(values: Sequence[float]) -> float:
+    """Interquartile mean: the mean of the middle 50% of ``values`` (``scipy.stats.trim_mean``
+    cutting 25% at each end; infinities count by their rank)."""
+    from scipy.stats import trim_mean
+
+    x = [v for v in values if not math.isnan(v)]
+    return float(trim_mean(x, 0.25)) if x else math.nan
+
+
+def stability(make: Callable[..., Any], family: TaskFamily, steps: int, factor: int, num_instances: int,
+              seed: int) -> dict[str, float]:
+    """Mean log10 training loss of a ``factor × steps`` run at step ``steps`` and at its end, and
+    how many instances diverged."""
+    generator = seeded_generator("test", seed)
+    task = family.sample(num_instances, generator)
+    losses = log10_losses(train_with_optimizer(make, task, factor * steps, generator))
+    return {"log10_at_1x": float(losses[steps].mean()), "log10_final": float(losses[-1].mean()),
+            "diverged": int((losses[-1] >= DIVERGED_LOG10).sum())}
+
+
+def evaluate_problem(checkpoint: str, name: str, family: TaskFamily, steps: int, seeds: Sequence[int],
+                     num_instances: int, tune_instances: int, lr_grid: Sequence[float], orthogonalize: bool,
+                     stability_factor: int, stability_seeds: Sequence[int], out_dir: Path) -> dict[str, Any]:
+    """One problem of the suite: the evaluation (``table.md``, ``results.json``, ``curves.png``
+    in ``out_dir / name``) and the stability runs; returns the problem's record."""
+    learned = learned_factories(checkpoint, steps, orthogonalize)
+    optimizers = {**learned, **suite_baselines(steps)}
+    evaluation = evaluate_optimizers(optimizers, family, steps, num_instances, seeds, tune=TUNED, lr_grid=lr_grid,
+                                     tune_instances=tune_instances, progress=False)
+    evaluation.task = name
+    out = out_dir / name
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "table.md").write_text(evaluation.table() + "\n")
+    (out / "results.json").write_text(json.dumps(evaluation.to_json(), indent=1))
+    plot_curves(evaluation, out / "curves.png", title=f"{name} ({getattr(family, 'name', '')})",
+                command=f"learnopt evaluate --suite --checkpoint {checkpoint}")
+    record = {"family": getattr(family, "name", type(family).__name__), "results": {}}
+    for r in evaluation.results:
+        record["results"][r.name] = {"lr": r.lr, "mean_log10_final_loss": r.summary()["mean_log10_final_loss"],
+                                     "seed_means": r.seed_means}
+    for lname in learned:
+        record["results"][lname].update(_comparisons(evaluation, lname))
+    long = learned_factories(checkpoint, stability_factor * steps, orthogonalize)
+    for lname, make in long.items():
+        ordinary = dict(zip(seeds, evaluation.result(lname).seed_means))
+        record["results"][lname]["stability"] = [
+            _stability_record(make, family, steps, stability_factor, num_instances, seed, ordinary[seed])
+            for seed in stability_seeds
+        ]
+    return record
+
+
+def _stability_record(make: Callable[..., Any], family: TaskFamily, steps: int, factor: int, num_instances: int,
+                      seed: int, ordinary: float) -> dict[str, Any]:
+    """``stability`` of one seed, with the ordinary run's final mean log10 loss and the verdict:
+    no instance diverged and the run ends no worse than the ordinary run."""
+    s = stability(make, family, steps, factor, num_instances, seed)
+    return {"seed": seed, **s, "ordinary_log10_final": ordinary,
+            "stable": bool(s["diverged"] == 0 and s["log10_final"] <= ordinary)}
+
+
+def _comparisons(evaluation: Evaluation, name: str) -> dict[str, Any]:
+    """Wins against the reference baselines and speedups over tuned Adam (constant, cosine)."""
+    from learnopt.compare import speedup
+
+    mine = evaluation.result(name)
+    final = mine.summary()["mean_log10_final_loss"]
+    out: dict[str, Any] = {}
+    for ref in REFERENCES:
+        other = evaluation.result(ref)
+        out[f"beats_{ref}"] = bool(final < other.summary()["mean_log10_final_loss"])
+    out["speedup_vs_adam"] = speedup(mine.curve, evaluation.result("adam").curve)
+    out["speedup_vs_adam_cosine"] = speedup(mine.curve, evaluation.result("adam_cosine").curve)
+    return out
+
+
+def summarize(problems: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per learned optimizer, across problems: the fraction of problems beating each reference,
+    the speedup IQMs and whether every stability run passed."""
+    names = [n for n, r in next(iter(problems.values()))["results"].items() if "speedup_vs_adam" in r]
+    summary = {}
+    for name in names:
+        rows = [p["results"][name] for p in problems.values()]
+        summary[name] = {
+            **{f"fraction_beating_{ref}": sum(r[f"beats_{ref}"] for r in rows) / len(rows) for ref in REFERENCES},
+            "speedup_iqm_vs_adam": iqm([r["speedup_vs_adam"] for r in rows]),
+            "speedup_iqm_vs_adam_cosine": iqm([r["speedup_vs_adam_cosine"] for r in rows]),
+            "stable_everywhere": all(s["stable"] for r in rows for s in r.get("stability", [])),
+            "problems": len(rows),
+        }
+    return summary
+
+
+def suite_table(problems: dict[str, dict[str, Any]], summary: dict[str, dict[str, Any]]) -> str:
+    """Markdown: mean log10 final training loss per problem and optimizer, then the summary."""
+    names = list(next(iter(problems.values()))["results"])
+    lines = ["| problem | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for pname, p in problems.items():
+        cells = []
+        for n in names:
+            r = p["results"][n]
+            lr = "" if r["lr"] is None else f" (lr {r['lr']:.3g})"
+            cells.append(f"{r['mean_log10_final_loss']:.3f}{lr}")
+        lines.append(f"| {pname} | " + " | ".join(cells) + " |")
+    lines += ["", "| learned optimizer | beats Adam 1e-3 | beats tuned Adam | beats tuned cosine Adam "
+                  "| speedup IQM vs Adam | vs cosine Adam | stable at 10× |", "|---|---|---|---|---|---|---|"]
+    for n, s in summary.items():
+        lines.append(f"| {n} | {s['fraction_beating_adam_1e-3']:.0%} | {s['fraction_beating_adam']:.0%} "
+                     f"| {s['fraction_beating_adam_cosine']:.0%} | {s['speedup_iqm_vs_adam']:.2f} "
+                     f"| {s['speedup_iqm_vs_adam_cosine']:.2f} | {s['stable_everywhere']} |")
+    return "\n".join(lines)
+
+
+def evaluate_suite(
+    checkpoint: str,
+    problems: dict[str, TaskFamily],
+    steps: int = 500,
+    seeds: list[int] = [0, 1, 2],  # noqa: B006 (jsonargparse reads the default)
+    num_instances: int = 4,
+    tune_instances: int = 4,
+    lr_grid: list[float] | None = None,
+    orthogonalize: bool = True,
+    stability_factor: int = 10,
+    stability_seeds: list[int] = [0],  # noqa: B006
+    out_dir: str = "runs/evaluate_suite",
+    record_in_checkpoint: bool = False,
+) -> dict[str, Any]:
+    """Evaluate ``checkpoint`` on every problem of ``problems`` (``{name: task family}``), each for
+    ``steps`` steps on the ``"test"`` seeds ``seeds`` × ``num_instances`` instances, with the
+    baselines of the module docstring tuned on ``tune_instances`` ``"tune"`` instances over
+    ``lr_grid`` (default: half decades 1e-4 … 10). Writes per-problem results under ``out_dir``
+    and ``suite.md`` / ``suite.json`` there; ``record_in_checkpoint`` stores the summary in the
+    checkpoint's metadata (``evaluation_suite``). Returns ``{"problems", "summary", ...}``."""
+    from learnopt.checkpoint import read_checkpoint, update_metadata
+
+    read_checkpoint(checkpoint)  # fail early, naming the file
+    if not problems:
+        raise ValueError("evaluate_suite needs at least one problem")
+    if not set(stability_seeds) <= set(seeds):
+        raise ValueError(f"stability_seeds {stability_seeds} must be among the seeds {seeds}")
+    out = Path(out_dir)
+    grid = tuple(lr_grid) if lr_grid else DEFAULT_LR_GRID
+    records = {}
+    for name, family in problems.items():
+        print(f"[suite] {name}", file=sys.stderr, flush=True)
+        records[name] = evaluate_problem(checkpoint, name, family, steps, seeds, num_instances, tune_instances, grid,
+                                         orthogonalize, stability_factor, stability_seeds, out)
+    summary = summarize(records)
+    result = {"checkpoint": str(checkpoint), "steps": steps, "seeds": list(seeds), "num_instances": num_instances,
+              "problems": records, "summary": summary}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "suite.json").write_text(json.dumps(result, indent=1))
+    table = suite_table(records, summary)
+    (out / "suite.md").write_text(table + "\n")
+    if record_in_checkpoint:
+        update_metadata(checkpoint, evaluation_suite={k: v for k, v in result.items()})
+    print(table)
+    return result
+
+
+def evaluate_suite_cli(args: list[str] | None = None) -> dict[str, Any]:
+    """``learnopt evaluate --suite --config configs/evaluate_general_suite.yaml --checkpoint FILE``"""
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    parser = ArgumentParser(prog="learnopt evaluate --suite", description=evaluate_suite.__doc__)
+    parser.add_argument("--config", action=ActionConfigFile)
+    parser.add_function_arguments(evaluate_suite)
+    cfg = parser.instantiate_classes(parser.parse_args(list(sys.argv[1:] if args is None else args)))
+    kwargs = {k: v for k, v in vars(cfg).items() if k not in ("config", "__path__")}
+    return evaluate_suite(**kwargs)
