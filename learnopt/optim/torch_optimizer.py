@@ -176,27 +176,40 @@ class TransformOptimizer(torch.optim.Optimizer):
             self.hyperparams.check(group, f"param group {i}", new=False)
             active = [p for p in group["params"] if p.grad is not None]
             for p in active:
-                self._check_grad(p)
+                self._check_layout(p)
             work.append((group, active))
+        if self.check_finite:
+            self._check_finite([p for _, active in work for p in active])
         for group, active in work:
             if active:
                 self._step_group(group, active, closure, loss, extra)
         return loss
 
-    def _check_grad(self, p: Tensor) -> None:
-        g, name = p.grad, self._names[p]
-        if g.is_sparse or g.layout != torch.strided:
+    def _check_layout(self, p: Tensor) -> None:
+        if p.grad.is_sparse or p.grad.layout != torch.strided:
             raise RuntimeError(
-                f"parameter {name!r} has a sparse gradient; {self.hyperparams.factory_name} needs dense "
-                "gradients (torch.optim.SparseAdam handles sparse ones)"
+                f"parameter {self._names[p]!r} has a sparse gradient; {self.hyperparams.factory_name} needs "
+                "dense gradients (torch.optim.SparseAdam handles sparse ones)"
             )
-        # NaN and ±inf propagate into the sum, so a finite sum (one cheap reduction) means a finite
-        # gradient; only a non-finite sum (or an overflowing one) needs the exact check.
-        if self.check_finite and not bool(torch.isfinite(g.sum())) and not bool(torch.isfinite(g).all()):
-            raise FloatingPointError(
-                f"non-finite gradient in parameter {name!r} (shape {tuple(g.shape)}); "
-                "the parameters and optimizer state were left unchanged"
-            )
+
+    def _check_finite(self, params: list[Tensor]) -> None:
+        """``FloatingPointError`` naming the first parameter with a NaN or infinite gradient. NaN
+        and ±inf propagate into a sum, so one finite total (one reduction per gradient, one
+        synchronisation) clears them all; only a non-finite (or overflowing) total needs the
+        exact per-parameter check."""
+        if not params:
+            return
+        device = params[0].grad.device
+        sums = [p.grad.detach().sum().abs().to(device=device, dtype=torch.float64) for p in params]
+        if bool(torch.isfinite(torch.stack(sums).sum())):
+            return
+        for p in params:
+            g = p.grad
+            if not bool(torch.isfinite(g).all()):
+                raise FloatingPointError(
+                    f"non-finite gradient in parameter {self._names[p]!r} (shape {tuple(g.shape)}); "
+                    "the parameters and optimizer state were left unchanged"
+                )
 
     def _step_group(self, group: dict[str, Any], active: list[Tensor], closure, loss, extra: dict) -> None:
         values = self.hyperparams.values(group)
