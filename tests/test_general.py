@@ -58,9 +58,10 @@ def test_features_registry_and_shapes():
     assert all(u.dtype == DT for u in updates.values()) and int(state.count) == 1
 
 
-def test_first_step_matches_formulas_written_out():
+@pytest.mark.parametrize("normalize", [True, False])
+def test_first_step_matches_formulas_written_out(normalize):
     lopt = _lopt(hidden_sizes=(4,), momentum_decays=(0.5,), directions=("adam",), step_timescales=(),
-                 num_steps=10, magnitude_range=0.7, output_init_scale=1.0)
+                 num_steps=10, magnitude_range=0.7, output_init_scale=1.0, normalize=normalize)
     p = {"w": torch.randn(3, 4, dtype=DT)}
     g = {"w": torch.randn(3, 4, dtype=DT)}
     upd, _ = lopt.update(g, lopt.init(p), p)
@@ -76,7 +77,8 @@ def test_first_step_matches_formulas_written_out():
     W2, b2 = lopt.layers[1].weight, lopt.layers[1].bias
     out = torch.relu(x @ W1.T + b1) @ W2.T + b2
     d = out[..., 0] + cols[4]
-    d = d / torch.sqrt((d * d).mean())
+    if normalize:
+        d = d / torch.sqrt((d * d).mean())
     step = 1e-3 * math.exp(0.7 * math.tanh(float(out[..., 1].mean().detach()))) * d
     torch.testing.assert_close(upd["w"], -step, rtol=1e-9, atol=1e-15)
 
@@ -149,7 +151,8 @@ def test_meta_gradient_matches_finite_differences():
 
     def meta_loss() -> torch.Tensor:
         # the initial parameters do not depend on the weights; they need grad for the inner gradient
-        p = {"w": torch.full((4, 3), 0.1, dtype=DT, requires_grad=True), "b": torch.ones(3, dtype=DT, requires_grad=True)}
+        p = {"w": torch.full((4, 3), 0.1, dtype=DT, requires_grad=True),
+             "b": torch.ones(3, dtype=DT, requires_grad=True)}
         state = lopt.init(p)
         for _ in range(3):
             loss = ((p["w"] - target) ** 2).sum() + (p["b"] ** 4).sum()
@@ -208,7 +211,8 @@ def test_drop_in_trains_a_model_in_a_plain_loop():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
     x, y = torch.randn(64, 4), torch.randn(64, 1)
-    opt = NormalizedMLPOptimizer(num_steps=50, step_mult=1e-2).as_torch_optimizer(model.named_parameters(), num_steps=50)
+    lopt = NormalizedMLPOptimizer(num_steps=50, step_mult=1e-2)
+    opt = lopt.as_torch_optimizer(model.named_parameters(), num_steps=50)
     first = float(torch.nn.functional.mse_loss(model(x), y))
     for _ in range(50):
         opt.zero_grad()
@@ -233,7 +237,8 @@ def test_orthogonalized_composition_routes_matrices_and_vectors():
     polar = U @ Vh
     cos = float((u["w"] * polar).sum().detach() / (u["w"].detach().norm() * polar.detach().norm()))
     assert cos > 0.97  # Newton-Schulz is approximate: singular values in roughly [0.7, 1.2]
-    assert float(u["w"].detach().pow(2).mean().sqrt()) == pytest.approx(float(learned["w"].detach().pow(2).mean().sqrt()), rel=1e-9)
+    rms = float(learned["w"].detach().pow(2).mean().sqrt())
+    assert float(u["w"].detach().pow(2).mean().sqrt()) == pytest.approx(rms, rel=1e-9)
 
     # vector and embedding: torch.optim.AdamW's first step
     for k in ("b", "embed.weight"):
@@ -303,18 +308,20 @@ def test_task_group_concatenates_members():
 # --------------------------------------------------------------------------- the config
 
 
-def test_config_runs_end_to_end(in_tmp):
+@pytest.mark.parametrize("name", ["general", "general_no_features", "general_no_normalization"])
+def test_config_runs_end_to_end(in_tmp, name):
     from learnopt.train.cli import meta_train
 
     cli = meta_train([
-        "--config", str(CONFIG), "--trainer.max_steps", "2", "--trainer.val_check_interval", "2",
+        "--config", str(CONFIG.with_name(f"{name}.yaml")), "--trainer.max_steps", "2", "--trainer.val_check_interval", "2",
         "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
         "--model.num_tasks", "2", "--model.val_tasks", "2", "--model.horizon", "4", "--model.num_pairs", "1",
         "--model.unroll_length", "2", "--model.min_unroll_length", "1", "--model.max_unroll_length", "2",
         "--model.learned_optimizer.init_args.num_steps", "4",
     ])
     assert cli.trainer.global_step == 2
-    exported = in_tmp / "runs/general/general.pt"
-    lopt = learnopt.load(exported)
+    lopt = learnopt.load(in_tmp / f"runs/{name}/{name}.pt")
     assert isinstance(lopt, NormalizedMLPOptimizer) and lopt.batch_dims == 1 and lopt.num_steps == 4
-    assert (in_tmp / "runs/general/lightning/last.ckpt").exists()
+    assert lopt.normalize == (name != "general_no_normalization")
+    assert ("adam" in lopt.feature_names) == (name != "general_no_features")
+    assert (in_tmp / f"runs/{name}/lightning/last.ckpt").exists()

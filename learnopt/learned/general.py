@@ -21,6 +21,7 @@ tensors with at least two dimensions and the plain momentum for vectors. The pro
 is told, so it can learn a schedule; a drop-in user passes their own (``as_torch_optimizer(params,
 num_steps=T)``). The per-tensor magnitude head is bounded (a factor within
 ``exp(±magnitude_range)`` of ``step_mult``); ``magnitude_range=0`` gives Celo2's fixed step.
+``normalize=False`` leaves out the per-tensor normalization of ``d`` (an ablation).
 ``nominal`` starts the rule near a per-tensor-normalized Adam (the MLP's last layer starts at
 ``output_init_scale`` times PyTorch's default), so meta-training begins from a working optimizer.
 
@@ -117,6 +118,7 @@ class NormalizedMLPOptimizer(LearnedOptimizer):
         nominal: float = 1.0,
         output_init_scale: float = 0.01,
         batch_dims: int = 0,
+        normalize: bool = True,
     ) -> None:
         super().__init__()
         self.hidden_sizes = [int(h) for h in hidden_sizes]
@@ -130,6 +132,7 @@ class NormalizedMLPOptimizer(LearnedOptimizer):
         self.nominal = float(nominal)
         self.output_init_scale = float(output_init_scale)
         self.batch_dims = int(batch_dims)
+        self.normalize = bool(normalize)
         self._validate()
         self._features: dict[int, TransformFeatures] = {}
         base = list(self.features(self.batch_dims).transforms)
@@ -181,6 +184,7 @@ class NormalizedMLPOptimizer(LearnedOptimizer):
             "nominal": self.nominal,
             "output_init_scale": self.output_init_scale,
             "batch_dims": self.batch_dims,
+            "normalize": self.normalize,
         }
 
     @property
@@ -233,8 +237,8 @@ class NormalizedMLPOptimizer(LearnedOptimizer):
     def directions_and_scales(self, grads: Params, state: FeaturesState, params: Params,
                               batch_dims: int, num_steps: int | None = None,
                               ) -> tuple[Params, Params, FeaturesState]:
-        """Per tensor: the unit-RMS direction ``d`` and the step ``step_mult · exp(...)``
-        (broadcastable, one per instance), and the new feature state."""
+        """Per tensor: the direction ``d`` (unit RMS unless ``normalize=False``) and the step
+        ``step_mult · exp(...)`` (broadcastable, one per instance), and the new feature state."""
         for k, g in grads.items():
             check_parameter(k, g, batch_dims)
         grads = {k: g.to(self.dtype) for k, g in grads.items()}
@@ -250,7 +254,9 @@ class NormalizedMLPOptimizer(LearnedOptimizer):
             if self.nominal != 0.0:
                 d = d + self.nominal * rows[k][..., self._nominal_index]
             dims = tuple(range(batch_dims, g.dim()))
-            directions[k] = d * torch.rsqrt((d * d).mean(dim=dims, keepdim=True) + DIRECTION_EPS)
+            if self.normalize:
+                d = d * torch.rsqrt((d * d).mean(dim=dims, keepdim=True) + DIRECTION_EPS)
+            directions[k] = d
             log_mag = self.magnitude_range * torch.tanh(m.mean(dim=dims, keepdim=True))
             scales[k] = self.step_mult * torch.exp(log_mag)
         return directions, scales, new_state
