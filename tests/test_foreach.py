@@ -90,6 +90,7 @@ CASES: list[tuple[str, Callable, dict[str, Any], Callable | None]] = [
      dict(lr=0.01, betas=(0.8, 0.9), eps=1e-4, weight_decay=0.1, use_bias_correction=True), None),
     ("signum", lo.sign_sgd, dict(lr=0.01, betas=(0.9, 0.0), eps=0.0), None),
     ("signsgd_plain", lo.sign_sgd, dict(lr=0.01, betas=(0.0, 0.0), eps=0.0), None),
+    ("sign_sgd_no_eps", lo.sign_sgd, dict(lr=0.01, betas=(0.9, 0.5), eps=0.0, use_bias_correction=True), None),
     ("lion", lo.lion, dict(lr=0.01), None),
     ("lion_decoupled", lo.lion, dict(lr=0.01, betas=(0.8, 0.95), weight_decay=0.5), None),
     ("lion_l2", lo.lion, dict(lr=0.01, weight_decay=0.5, weight_decouple=False), None),

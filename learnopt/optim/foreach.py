@@ -379,8 +379,9 @@ def adabelief_(params: list[Tensor], grads: list[Tensor], states: list[dict[str,
 def sign_sgd_(params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]],
               arguments: dict[str, Any]) -> bool:
     """``alias.sign_sgd`` in place. With ``eps > 0`` the denominator is positive and the step is
-    one ``addcdiv``; with ``eps <= 0`` (signum, SignSGD) a zero denominator gives a zero step,
-    as in the functional path, tensor by tensor."""
+    one ``addcdiv``; signum and SignSGD (``b2 = eps = 0``) step by ``sign(m)``; any other
+    ``eps <= 0`` goes tensor by tensor, a zero denominator giving a zero step as in the
+    functional path."""
     lr, (b1, b2), eps, weight_decay, bias_correction = (
         arguments[k] for k in ("lr", "betas", "eps", "weight_decay", "use_bias_correction"))
     if not plain(lr, b1, b2, eps, weight_decay, bias_correction):
@@ -393,6 +394,14 @@ def sign_sgd_(params: list[Tensor], grads: list[Tensor], states: list[dict[str, 
     torch._foreach_addcmul_(nu, mu, mu, 1 - b2)
     t = float(new_count(states))
     bc1, bc2 = (1 - b1**t, 1 - b2**t) if bias_correction else (1.0, 1.0)
+    if eps == 0 and b2 == 0:
+        # signum / SignSGD: v = m^2 and sqrt(fl(m^2)) = |m| exactly, so m / sqrt(v) is sign(m)
+        # where v > 0 and the step is 0 where v == 0 (m^2 underflowed), as in the functional
+        # path. (Where m^2 overflows, the functional path's m / inf gives 0 rather than sign(m).)
+        direction = torch._foreach_sign(mu)
+        torch._foreach_mul_(direction, torch._foreach_sign(nu))
+        torch._foreach_add_(params, direction, alpha=-lr / bc1)
+        return True
     denom = torch._foreach_sqrt(nu)
     if bc2 != 1:
         torch._foreach_div_(denom, bc2**0.5)

@@ -48,7 +48,7 @@ from common import RESULTS, interleaved, machine, markdown_table, write_json  # 
 # width d of Linear(d, d) -> ReLU -> Linear(d, d): 2 (d² + d) parameters
 WIDTHS = {"10k": 70, "1M": 707, "10M": 2236}
 # repetitions per size, and steps per timed call (small models: one step is tens of µs)
-REPEATS = {"10k": 60, "1M": 30, "10M": 12}
+REPEATS = {"10k": 60, "1M": 40, "10M": 15}
 INNER = {"10k": 20, "1M": 1, "10M": 1}
 
 Maker = Callable[[list[torch.Tensor]], object]  # a torch.optim.Optimizer or anything with step()
