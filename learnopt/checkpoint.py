@@ -6,16 +6,26 @@ A checkpoint is a plain dict saved with ``torch.save``::
      "kind": "learned_optimizer", "class": "CoordinatewiseLSTM",
      "config": {...constructor kwargs...}, "state_dict": {...tensors...},
      "metadata": {...meta-training config, meta-steps, task family, evaluation...},
+     "digest": "sha256:...",  # of the weights (names, dtypes, shapes, bytes)
      "learnopt_version": "0.1.0"}
 
 It is read with ``torch.load(weights_only=True)`` and the class is looked up in a fixed
-registry by name, so loading never runs code from the file. Every failure raises
-``CheckpointError`` (or ``FileNotFoundError``) naming the file and what is wrong.
+registry by name, so loading never runs code from the file. Before anything is built, every
+zip member's CRC and the weights' digest are checked (altered bytes are refused; files
+written before the digest existed carry none and are checked by CRC alone), and the config is
+validated: numbers finite, sizes positive, and the class built on the ``meta`` device (no
+memory) must have exactly the file's weight shapes, so a small file cannot ask for gigabytes.
+Every failure raises ``CheckpointError`` (or ``FileNotFoundError``) naming the file and what
+is wrong. The digest guards against damage, not against an attacker, who can recompute it:
+checkpoints are untrusted data, which is why loading never runs code from them.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
+import math
 import os
 import pickle
 import tempfile
@@ -44,6 +54,29 @@ REGISTRIES: dict[str, dict[str, type[nn.Module]]] = {
 
 class CheckpointError(ValueError):
     """A checkpoint file that cannot be used; the message names the file and the problem."""
+
+
+# Config keys that are sizes wherever they appear: integers from 1 to MAX_SIZE (or lists of
+# them; an empty list of hidden sizes means no hidden layer).
+SIZE_KEYS = frozenset({"hidden_size", "num_layers", "dim", "num_queries", "state_size", "message_size",
+                       "micro_ticks", "input_copies", "ensemble", "num_features", "num_classes"})
+SIZE_LIST_KEYS = frozenset({"hidden_sizes"})
+# Larger than any architecture the registries hold; the meta-device build checks exact shapes.
+MAX_SIZE = 2**20
+# Config floats that divide (log_and_sign divides by p) and must be positive.
+POSITIVE_KEYS = frozenset({"preprocess_p"})
+# Non-persistent buffers a constructor may allocate beyond the file's weights.
+MAX_EXTRA_BYTES = 2**28
+
+
+def weights_digest(state_dict: dict[str, Tensor]) -> str:
+    """``"sha256:<hex>"`` of the weights: each name, dtype, shape and raw bytes, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(state_dict):
+        t = state_dict[name]
+        h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return "sha256:" + h.hexdigest()
 
 
 def _plain(value: Any) -> Any:
@@ -75,19 +108,28 @@ def export_checkpoint(obj: nn.Module, path: str | os.PathLike, metadata: dict[st
 
 
 def _atomic_save(payload: dict[str, Any], path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    """``torch.save(payload)`` to a temp file beside ``path``, flushed to disk, then renamed
+    over ``path``. A failure (a full disk) removes the temp file, leaves ``path`` as it was
+    and raises ``OSError`` naming ``path``."""
+    payload = {**payload, "digest": weights_digest(payload["state_dict"])}
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
             torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())  # the rename must not land before the data (a crash would leave an empty file)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a checkpoint is an ordinary file
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except OSError as e:
+        raise OSError(e.errno, f"writing learnopt checkpoint failed ({e.strerror or e}); "
+                      "the file, if it existed, is unchanged", str(path)) from e
+    finally:
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
-        raise
     return path
 
 
@@ -134,6 +176,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             f"learnopt checkpoint {path}: corrupt or not a torch file (not a zip archive as written by "
             "torch.save; the file may be truncated)"
         )
+    _check_zip_members(path)
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -159,7 +202,60 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     for key, kind in (("kind", str), ("class", str), ("config", dict), ("state_dict", dict), ("metadata", dict)):
         if not isinstance(payload.get(key), kind):
             raise CheckpointError(f"learnopt checkpoint {path}: field {key!r} is missing or not a {kind.__name__}")
+    _check_digest(payload, path)
+    _validate_config(payload["config"], path)
     return payload
+
+
+def _check_zip_members(path: Path) -> None:
+    """Every member of the archive read back against its CRC-32 (torch's reader checks none,
+    so altered bytes in a weight would otherwise load)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as e:
+        raise CheckpointError(f"learnopt checkpoint {path}: corrupt zip archive ({type(e).__name__}: {e}); "
+                              "the file may be truncated or damaged") from e
+    if bad is not None:
+        raise CheckpointError(f"learnopt checkpoint {path}: corrupt, member {bad!r} fails its CRC check "
+                              "(altered or damaged bytes)")
+
+
+def _check_digest(payload: dict[str, Any], path: Path) -> None:
+    if "digest" not in payload:
+        return  # written before checkpoints carried a digest: the members' CRCs were checked
+    digest = payload["digest"]
+    state = payload["state_dict"]
+    if not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()):
+        raise CheckpointError(f"learnopt checkpoint {path}: field 'state_dict' must map names to tensors")
+    if not isinstance(digest, str) or not digest.startswith("sha256:"):
+        raise CheckpointError(f"learnopt checkpoint {path}: field 'digest' is {digest!r}, not 'sha256:<hex>'")
+    if weights_digest(state) != digest:
+        raise CheckpointError(f"learnopt checkpoint {path}: the weights do not match the recorded digest "
+                              "(altered or damaged bytes); refusing to load them")
+
+
+def _validate_config(config: dict[str, Any], path: Path, where: str = "config") -> None:
+    """Numbers finite, sizes within [1, MAX_SIZE], dividing constants positive; the error names
+    the key. Runs before any class is built."""
+    for key, value in config.items():
+        name = f"{where}.{key}"
+        if isinstance(value, dict):
+            _validate_config(value, path, name)
+            continue
+        values = value if isinstance(value, list) else [value]
+        for v in values:
+            if isinstance(v, float) and not math.isfinite(v):
+                raise CheckpointError(f"learnopt checkpoint {path}: {name} is {v}, not a finite number")
+        if key in SIZE_KEYS or key in SIZE_LIST_KEYS:
+            if key in SIZE_LIST_KEYS and not isinstance(value, list):
+                raise CheckpointError(f"learnopt checkpoint {path}: {name} is {value!r}, not a list of sizes")
+            for v in values:
+                if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= MAX_SIZE:
+                    raise CheckpointError(f"learnopt checkpoint {path}: {name} is {value!r}, not a size "
+                                          f"(integers from 1 to {MAX_SIZE})")
+        if key in POSITIVE_KEYS and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+            raise CheckpointError(f"learnopt checkpoint {path}: {name} is {value!r}, it must be a positive number")
 
 
 def _build(payload: dict[str, Any], path: Path) -> nn.Module:
@@ -173,28 +269,48 @@ def _build(payload: dict[str, Any], path: Path) -> nn.Module:
         raise CheckpointError(
             f"learnopt checkpoint {path}: unknown {kind} class {name!r} (known: {sorted(REGISTRIES[kind])})"
         )
+    state = payload["state_dict"]
+    expected = _shapes_on_meta(cls, payload["config"], state, path)
     try:
         obj = cls(**payload["config"])
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"learnopt checkpoint {path}: config does not fit {name}: {e}") from e
-    state = payload["state_dict"]
-    expected = obj.state_dict()
+    for k, v in state.items():
+        if not torch.isfinite(v).all():
+            raise CheckpointError(f"learnopt checkpoint {path}: weight {k!r} contains NaN or inf")
+    obj.load_state_dict(state)
+    return obj
+
+
+def _shapes_on_meta(cls: type[nn.Module], config: dict[str, Any], state: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The state dict (shapes only) that ``cls(**config)`` would have, built on the ``meta``
+    device so nothing is allocated; the real build follows only if the file's weights and a
+    bounded amount of other buffers are all it allocates."""
+    name = cls.__name__
+    try:
+        with torch.device("meta"):
+            probe = cls(**config)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"learnopt checkpoint {path}: config does not fit {name}: {e}") from e
+    expected = probe.state_dict()
     missing, unexpected = expected.keys() - state.keys(), state.keys() - expected.keys()
     if missing or unexpected:
         raise CheckpointError(
-            f"learnopt checkpoint {path}: weights do not match {name}{payload['config']}: "
+            f"learnopt checkpoint {path}: weights do not match {name}{config}: "
             f"missing {sorted(missing)}, unexpected {sorted(unexpected)}"
         )
     for k, v in state.items():
         if not isinstance(v, Tensor) or v.shape != expected[k].shape:
             got = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
             raise CheckpointError(
-                f"learnopt checkpoint {path}: weight {k!r} has shape {got}, {name} expects {tuple(expected[k].shape)}"
+                f"learnopt checkpoint {path}: weight {k!r} has shape {got}, {name}{config} expects "
+                f"{tuple(expected[k].shape)}"
             )
-        if not torch.isfinite(v).all():
-            raise CheckpointError(f"learnopt checkpoint {path}: weight {k!r} contains NaN or inf")
-    obj.load_state_dict(state)
-    return obj
+    extra = sum(b.numel() * b.element_size() for n, b in probe.named_buffers() if n not in expected)
+    if extra > MAX_EXTRA_BYTES:
+        raise CheckpointError(f"learnopt checkpoint {path}: config {config} would allocate {extra} bytes "
+                              "beyond its weights")
+    return expected
 
 
 def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> nn.Module:

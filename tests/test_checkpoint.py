@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 import learnopt
-from learnopt.checkpoint import read_checkpoint
+from learnopt.checkpoint import read_checkpoint, weights_digest
 from learnopt.learned import CoordinatewiseLSTM
 
 DT = torch.float64
@@ -302,9 +302,15 @@ def test_not_a_checkpoint(tmp_path, obj, fragment):
 
 
 def _mutated(exported, tmp_path, mutate, name="bad.pt"):
+    """The exported file changed by ``mutate`` and saved consistently (its digest recomputed, as
+    a writer of a malformed file would), so each check below is reached on its own; altered
+    bytes under an old digest are tests/test_reliability.py's."""
     _, good = exported
     payload = _payload(good)
     mutate(payload)
+    state = payload.get("state_dict")
+    if isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values()):
+        payload["digest"] = weights_digest(state)
     path = tmp_path / name
     torch.save(payload, path)
     return path
