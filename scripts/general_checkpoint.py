@@ -1,0 +1,69 @@
+"""Ship the general-purpose learned optimizer of issue 23 (``docs/general.md``): copy the best
+validation checkpoint of the ``configs/general.yaml`` run to ``checkpoints/general.pt``, put the
+run's meta-training curves (from its W&B offline log) in the checkpoint's metadata, then run
+the held-out suite (``configs/evaluate_general_suite.yaml``) and record its summary there.
+
+    OMP_NUM_THREADS=1 .venv/bin/python scripts/general_checkpoint.py            # all of it
+    OMP_NUM_THREADS=1 .venv/bin/python scripts/general_checkpoint.py --skip-suite
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from learnopt.checkpoint import load, update_metadata  # noqa: E402
+from learnopt.compare import RunRecord, find_run_logs, read_offline_run  # noqa: E402
+
+CURVES = ("train/meta_loss", "train/inner_log10_loss_last", "train/pes_xi_norm", "val/log10_final_loss")
+
+
+def meta_training_run(wandb_dir: Path, name: str) -> RunRecord:
+    """The latest W&B offline run named ``name`` (the config's logger name) under ``wandb_dir``."""
+    runs = [read_offline_run(p) for p in find_run_logs([wandb_dir])]
+    runs = [r for r in runs if r.name == name and r.job_type == "meta-train"]
+    if not runs:
+        raise SystemExit(f"no W&B offline run named {name!r} under {wandb_dir}")
+    return max(runs, key=lambda r: Path(r.path).stat().st_mtime)
+
+
+def curves(run: RunRecord) -> dict[str, dict[str, list[float]]]:
+    """``{metric: {"meta_step": [...], "value": [...]}}`` for the meta-training metrics in ``CURVES``."""
+    out = {}
+    for key in CURVES:
+        steps, values = run.curve(key, "trainer/global_step")
+        out[key] = {"meta_step": steps, "value": values}
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run-dir", default="runs/general", help="default_root_dir of the meta-training run")
+    parser.add_argument("--wandb-dir", default="runs/wandb")
+    parser.add_argument("--run-name", default="general/meta-train", help="the W&B run's name in the config")
+    parser.add_argument("--out", default="checkpoints/general.pt")
+    parser.add_argument("--suite", default="configs/evaluate_general_suite.yaml")
+    parser.add_argument("--skip-suite", action="store_true")
+    args = parser.parse_args()
+    src, dst = ROOT / args.run_dir / "general.pt", ROOT / args.out
+    load(src)  # validates the file before it is shipped
+    shutil.copyfile(src, dst)
+    run = meta_training_run(ROOT / args.wandb_dir, args.run_name)
+    log = Path(run.path).resolve()
+    where = str(log.relative_to(ROOT)) if log.is_relative_to(ROOT) else str(log)
+    update_metadata(dst, meta_training_curves=curves(run), meta_training_wandb_run=where)
+    print(f"{src} -> {dst}; curves from {run.path}")
+    if not args.skip_suite:
+        from learnopt.cli import main as learnopt_main
+
+        learnopt_main(["evaluate", "--suite", "--config", str(ROOT / args.suite), "--checkpoint", str(dst),
+                       "--record_in_checkpoint", "true"])
+
+
+if __name__ == "__main__":
+    main()
