@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 EXPECTED = [
     "sgd", "momentum", "nesterov", "rprop", "quickprop", "sign_sgd", "adagrad", "adagrad_norm", "adadelta",
     "rmsprop", "adam", "adamw", "amsgrad", "nadam", "radam", "eadam", "adabelief", "lion", "lamb", "lookahead",
-    "muon", "apollo", "adahessian", "sophia", "lbfgs", "stochastic_lbfgs", "svrg", "saga", "jacsketch",
+    "muon", "apollo", "adahessian", "sophia", "lbfgs", "newton", "stochastic_lbfgs", "svrg", "saga", "jacsketch",
 ]
 
 

@@ -72,6 +72,7 @@ from learnopt.optim.transforms import (  # their building blocks
 )
 from learnopt.optim.hessian import adahessian, apollo, hutchinson_diagonal, sophia  # second-order
 from learnopt.optim.muon import muon, scale_by_muon, zeropower_via_newtonschulz5
+from learnopt.optim.newton import conjugate_gradient, newton
 from learnopt.optim.quasi_newton import lbfgs, stochastic_lbfgs
 from learnopt.optim.variance_reduced import jacsketch, saga, svrg
 
@@ -84,6 +85,8 @@ __all__ = [
     "scale_by_muon",
     "zeropower_via_newtonschulz5",
     "lbfgs",
+    "newton",
+    "conjugate_gradient",
     "stochastic_lbfgs",
     "jacsketch",
     "saga",

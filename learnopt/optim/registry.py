@@ -141,6 +141,8 @@ _ROWS = [
     ("adahessian", "Yao et al. 2020, arXiv 2006.00719", "pytorch_optimizer.AdaHessian", ("hvp_fn|loss_fn",)),
     ("sophia", "Liu et al. 2023, arXiv 2305.14342", "pytorch_optimizer.SophiaH", ("hvp_fn|loss_fn",)),
     ("lbfgs", "Liu & Nocedal 1989", "torch.optim.LBFGS", ("value_and_grad_fn|loss_fn",)),
+    ("newton", "Newton–CG with Levenberg–Marquardt damping (Marquardt 1963; Nocedal & Wright 2006, ch. 7.1, 10.3)",
+     "hand transcription in the test (explicit Hessian, linalg.solve)", ("hvp_fn|loss_fn|value_and_grad_fn",)),
     ("stochastic_lbfgs", "Moritz et al. 2016, AISTATS, arXiv 1508.02087",
      "transcription of the paper in the test",
      ("indices", "batch_grad_fn", "full_grad_fn", "num_examples", "loss_fn")),
