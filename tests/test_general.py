@@ -221,6 +221,34 @@ def test_drop_in_trains_a_model_in_a_plain_loop():
     assert float(torch.nn.functional.mse_loss(model(x), y)) < 0.8 * first
 
 
+def test_drop_in_trains_a_model_in_a_lightning_trainer(in_tmp):
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 4), torch.randn(64, 1)
+
+    class Regression(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+
+        def training_step(self, batch, batch_idx):
+            return torch.nn.functional.mse_loss(self.net(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            lopt = NormalizedMLPOptimizer(num_steps=40, step_mult=1e-2)
+            return lopt.as_torch_optimizer(self.named_parameters(), num_steps=40)
+
+    model = Regression()
+    first = float(torch.nn.functional.mse_loss(model.net(x), y))
+    trainer = pl.Trainer(max_steps=40, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False)
+    trainer.fit(model, DataLoader(TensorDataset(x, y), batch_size=64))
+    assert trainer.global_step == 40
+    assert float(torch.nn.functional.mse_loss(model.net(x), y)) < 0.8 * first
+
+
 # --------------------------------------------------------------------------- composition
 
 
