@@ -95,13 +95,28 @@ CASES: list[tuple[str, Callable, dict[str, Any], Callable | None]] = [
     ("lion_decoupled", lo.lion, dict(lr=0.01, betas=(0.8, 0.95), weight_decay=0.5), None),
     ("lion_l2", lo.lion, dict(lr=0.01, weight_decay=0.5, weight_decouple=False), None),
     ("adagrad_norm", lo.adagrad_norm, dict(lr=0.1, b0=0.5), None),
+    ("quickprop", lo.quickprop, dict(lr=0.02), None),
+    ("quickprop_decay", lo.quickprop, dict(lr=0.03, mu=1.5, weight_decay=0.05), None),
     ("lamb", lo.lamb, dict(lr=0.02), None),
     ("lamb_wd", lo.lamb, dict(lr=0.02, betas=(0.8, 0.95), weight_decay=0.1), None),
     ("lamb_no_bias_correction_clamp", lo.lamb,
      dict(lr=0.02, weight_decay=0.1, eps=1e-8, clamp_value=0.5, bias_correction=False), None),
     ("lamb_no_clamp", lo.lamb, dict(lr=0.02, clamp_value=None), None),
+    # lookahead: "inner" is (factory, kwargs) of the wrapped optimizer, "lr" its learning rate
+    ("lookahead_adam", lo.lookahead, dict(lr=0.05, inner=(lo.adam, {})), None),
+    ("lookahead_momentum", lo.lookahead, dict(lr=0.02, inner=(lo.sgd, dict(momentum=0.9)), k=3, alpha=0.8), None),
+    ("lookahead_rmsprop_centered", lo.lookahead,
+     dict(lr=0.01, inner=(lo.rmsprop, dict(momentum=0.5, centered=True)), k=4, alpha=0.3), None),
 ]
 IDS = [c[0] for c in CASES]
+
+
+def build(factory: Callable, kwargs: dict[str, Any]) -> lo.GradientTransformation:
+    if factory is lo.lookahead:
+        kwargs = dict(kwargs)
+        inner, inner_kwargs = kwargs.pop("inner")
+        return lo.lookahead(inner(lr=kwargs.pop("lr"), **inner_kwargs), **kwargs)
+    return factory(**kwargs)
 
 
 def test_every_kernel_has_cases():
@@ -163,18 +178,19 @@ def run(make_opt: Callable[[list[dict[str, Any]]], torch.optim.Optimizer], lr: f
 
 @pytest.fixture
 def spy(monkeypatch):
-    """Wrap every registered kernel to record what it returned."""
-    calls: list[bool] = []
+    """Wrap every registered kernel to record, per factory, what it returned (``lookahead``'s
+    kernel calls its inner optimizer's, which records its own)."""
+    calls: dict[Callable, list[bool]] = {}
 
-    def wrap(kernel):
+    def wrap(factory, kernel):
         def recorded(*args):
             handled = kernel(*args)
-            calls.append(handled)
+            calls.setdefault(factory, []).append(handled)
             return handled
         return recorded
 
     for factory, kernel in list(foreach._KERNELS.items()):
-        monkeypatch.setitem(foreach._KERNELS, factory, wrap(kernel))
+        monkeypatch.setitem(foreach._KERNELS, factory, wrap(factory, kernel))
     return calls
 
 
@@ -189,11 +205,12 @@ def test_kernel_matches_functional_path(case, spy):
     _, factory, kwargs, _ = case
     lr = kwargs.get("lr", 1.0)
     kernel_traj, kernel_opt, kernel_model = run(
-        lambda g: lo.as_torch_optimizer(factory(**kwargs), g), lr, check_grads=True)
-    assert len(spy) == 2 * STEPS and all(spy), f"the kernel did not run at every step: {spy}"
+        lambda g: lo.as_torch_optimizer(build(factory, kwargs), g), lr, check_grads=True)
+    ran = spy.get(factory, [])
+    assert len(ran) == 2 * STEPS and all(ran), f"the kernel did not run at every step: {ran}"
     spy.clear()
     functional_traj, functional_opt, functional_model = run(
-        lambda g: lo.as_torch_optimizer(factory(**kwargs), g, foreach=False), lr)
+        lambda g: lo.as_torch_optimizer(build(factory, kwargs), g, foreach=False), lr)
     assert not spy
     assert_close(kernel_traj, functional_traj, 1e-10, "trajectory")
     for pk, pf in zip(kernel_model.parameters(), functional_model.parameters()):
@@ -215,8 +232,9 @@ def test_kernel_matches_torch_optim(case, spy):
     lr = kwargs.get("lr", 1.0)
     with default_dtype(DT):
         peer_traj, _, _ = run(lambda g: peer(g), lr)
-    kernel_traj, _, _ = run(lambda g: lo.as_torch_optimizer(factory(**kwargs), g), lr)
-    assert all(spy) and len(spy) == 2 * STEPS
+    kernel_traj, _, _ = run(lambda g: lo.as_torch_optimizer(build(factory, kwargs), g), lr)
+    ran = spy.get(factory, [])
+    assert len(ran) == 2 * STEPS and all(ran), f"the kernel did not run at every step: {ran}"
     assert_close(kernel_traj, peer_traj, 1e-9, "trajectory against torch.optim")
 
 
@@ -225,7 +243,7 @@ def test_tensor_hyperparameter_falls_back(case, spy):
     _, factory, kwargs, _ = case
     lr = kwargs.get("lr", 1.0)
     model = Problem()
-    opt = lo.as_torch_optimizer(factory(**{**kwargs, "lr": torch.tensor(lr, dtype=DT)}), list(model.parameters()))
+    opt = lo.as_torch_optimizer(build(factory, {**kwargs, "lr": torch.tensor(lr, dtype=DT)}), list(model.parameters()))
     model.loss().backward()
     kernel = foreach._KERNELS[factory]
     params = list(model.parameters())
@@ -239,5 +257,5 @@ def test_tensor_hyperparameter_falls_back(case, spy):
         assert s.keys() == s0.keys() and all(torch.equal(s[k], s0[k]) for k in s)
     spy.clear()
     opt.step()  # and the drop-in then takes the functional path
-    assert spy == [False]
+    assert spy[factory] == [False]
     assert not all(torch.equal(p, p0) for p, p0 in zip(params, start))

@@ -28,6 +28,8 @@ import torch
 from torch import Tensor
 
 from learnopt.optim import alias
+from learnopt.optim.base import GradientTransformation
+from learnopt.optim.param_state import split_parameter_state
 
 Kernel = Callable[[list[Tensor], list[Tensor], list[dict[str, Any]], dict[str, Any]], bool]
 
@@ -484,4 +486,81 @@ def lamb_(params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]
     ratio = torch.where(ok, w / torch.where(ok, n + eps, 1.0), 1.0)
     torch._foreach_mul_(direction, (-lr * ratio).tolist())
     torch._foreach_add_(params, direction)
+    return True
+
+
+@register_kernel(alias.quickprop)
+def quickprop_(params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]],
+               arguments: dict[str, Any]) -> bool:
+    """``alias.quickprop`` in place, tensor by tensor (its rule is a choice per coordinate, which
+    ``torch._foreach_*`` has no operation for); the same arithmetic as ``scale_by_quickprop``
+    with the masks combined in place and scalars instead of filled tensors."""
+    lr, mu, weight_decay = (arguments[k] for k in ("lr", "mu", "weight_decay"))
+    if not plain(lr, mu, weight_decay):
+        return False
+    shrink = mu / (1 + mu)
+    grads = _l2(grads, params, weight_decay)
+    for p, g, s in zip(params, grads, states):
+        d_prev, s_prev = s["prev_step"], s["prev_slope"]
+        slope = torch.neg(g)
+        gradient_step = slope * lr
+        moving = d_prev != 0
+        direction = torch.sign(d_prev)  # the functional path's ±1 wherever it is used (d_prev != 0)
+        capped = (slope * direction) > (s_prev * shrink * direction)
+        secant_ok = (s_prev != slope).logical_and_(moving).logical_and_(capped.logical_not())
+        secant = (slope / torch.where(secant_ok, s_prev - slope, 1.0)).mul_(d_prev)
+        quadratic = torch.where(capped, d_prev * mu, torch.where(secant_ok, secant, gradient_step))
+        gradient_term = torch.where(slope * d_prev > 0, gradient_step, 0.0)
+        step = torch.where(moving, gradient_term.add_(quadratic), gradient_step)
+        d_prev.copy_(step)
+        s_prev.copy_(slope)
+        p.add_(step)
+    return True
+
+
+# inner transform -> (the transform, kept so that its id is not reused; [(inner key, lookahead key)])
+_LOOKAHEAD_KEYS: dict[int, tuple[GradientTransformation, list[tuple[str, str]]]] = {}
+
+
+def _lookahead_keys(inner: GradientTransformation, arguments: dict[str, Any]) -> list[tuple[str, str]]:
+    """Where the inner transform's state keys sit in ``lookahead``'s flat state (they may be
+    renamed there, e.g. the inner ``count`` is ``0.count``): both states split on a meta tensor,
+    the lookahead's leaves being ``count``, ``slow``, then the inner's in order."""
+    cached = _LOOKAHEAD_KEYS.get(id(inner))
+    if cached is not None and cached[0] is inner:
+        return cached[1]
+    probe = {"w": torch.empty(1, device="meta")}
+    inner_keys = list(split_parameter_state(inner.init(probe), "w")[0])
+    outer_keys = list(split_parameter_state(alias.lookahead(**arguments).init(probe), "w")[0])
+    pairs = list(zip(inner_keys, outer_keys[2:]))
+    if len(_LOOKAHEAD_KEYS) > 64:  # transforms rebuilt for new hyperparameters; keep it small
+        _LOOKAHEAD_KEYS.clear()
+    _LOOKAHEAD_KEYS[id(inner)] = (inner, pairs)
+    return pairs
+
+
+@register_kernel(alias.lookahead)
+def lookahead_(params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]],
+               arguments: dict[str, Any]) -> bool:
+    """``alias.lookahead`` in place around an inner optimizer that has a kernel: the inner kernel
+    moves the fast weights (the parameters) on views of the inner state; every ``k``-th step the
+    slow weights move towards them by ``alpha`` and the parameters are set to the slow weights,
+    as pytorch_optimizer's Lookahead does."""
+    inner, k, alpha = arguments["optimizer"], arguments["k"], arguments["alpha"]
+    if not plain(k, alpha) or not isinstance(inner, GradientTransformation) or inner.recipe is None:
+        return False
+    kernel = kernel_for(inner.recipe.factory)
+    if kernel is None:
+        return False
+    pairs = _lookahead_keys(inner, arguments)
+    views = [{ik: s[ok] for ik, ok in pairs} for s in states]
+    if not kernel(params, grads, views, inner.recipe.arguments):
+        return False
+    for s, view in zip(states, views):
+        for ik, ok in pairs:
+            s[ok] = view[ik]
+    if int(new_count(states)) % k == 0:
+        slow = [s["slow"] for s in states]
+        torch._foreach_lerp_(slow, params, alpha)
+        torch._foreach_copy_(params, slow)
     return True
