@@ -18,7 +18,7 @@ import torch
 
 import learnopt
 from learnopt.checkpoint import export_checkpoint
-from learnopt.learned import REGISTRY, NormalizedMLPOptimizer
+from learnopt.learned import REGISTRY, NormalizedLSTMOptimizer, NormalizedMLPOptimizer
 from learnopt.learned.general import orthogonalized_learned_optimizer, progress_features
 from learnopt.meta.augmentation import ReparameterizedFamily
 from learnopt.optim import apply_updates
@@ -249,6 +249,48 @@ def test_drop_in_trains_a_model_in_a_lightning_trainer(in_tmp):
     assert float(torch.nn.functional.mse_loss(model.net(x), y)) < 0.8 * first
 
 
+# --------------------------------------------------------------------------- the LSTM ablation
+
+
+def test_lstm_variant_matches_torch_lstm_over_the_feature_sequence():
+    torch.manual_seed(3)
+    lopt = NormalizedLSTMOptimizer(hidden_size=5, num_layers=2, num_steps=6, output_init_scale=1.0).double()
+    p = _params()
+    grads = [{k: torch.randn_like(v) for k, v in p.items()} for _ in range(3)]
+    state, fstate, rows_seq, updates = lopt.init(p), lopt.init(p).features, [], []
+    for g in grads:
+        rows, fstate = lopt.feature_rows(g, fstate, p, batch_dims=0)
+        rows_seq.append(rows)
+        u, state = lopt.update(g, state, p)
+        updates.append(u)
+    # reference: torch.nn.LSTM over the sequence of feature rows, with the cells' weights
+    ref = torch.nn.LSTM(lopt.num_features, 5, num_layers=2).double()
+    with torch.no_grad():
+        for i, cell in enumerate(lopt.cells):
+            for a, b in (("weight_ih", cell.weight_ih), ("weight_hh", cell.weight_hh),
+                         ("bias_ih", cell.bias_ih), ("bias_hh", cell.bias_hh)):
+                getattr(ref, f"{a}_l{i}").copy_(b)
+    seq = torch.stack([torch.cat([r.reshape(-1, lopt.num_features) for r in rows.values()]) for rows in rows_seq])
+    out = lopt.readout(ref(seq)[0])
+    for t in range(3):
+        d, s = lopt.directions_from(out[t], rows_seq[t], batch_dims=0)
+        for k in p:
+            torch.testing.assert_close(updates[t][k], -s[k] * d[k], rtol=1e-10, atol=1e-14)
+
+
+def test_lstm_variant_checkpoint_and_state_checks(tmp_path):
+    lopt = NormalizedLSTMOptimizer(hidden_size=3, num_layers=1, num_steps=5, batch_dims=1)
+    assert lopt.config()["hidden_size"] == 3 and "hidden_sizes" not in lopt.config()
+    loaded = learnopt.load(export_checkpoint(lopt, tmp_path / "lstm.pt"))
+    assert type(loaded) is NormalizedLSTMOptimizer and loaded.config() == lopt.config()
+    p = {k: v.float() for k, v in _params(batch=(2,)).items()}
+    state = lopt.init(p)
+    with pytest.raises(ValueError, match="coordinates"):
+        lopt.update({"w": torch.ones_like(p["w"])}, state, {"w": p["w"]})
+    with pytest.raises(TypeError, match="hidden_sizes"):
+        NormalizedLSTMOptimizer(hidden_sizes=(4,))
+
+
 # --------------------------------------------------------------------------- composition
 
 
@@ -336,7 +378,7 @@ def test_task_group_concatenates_members():
 # --------------------------------------------------------------------------- the config
 
 
-@pytest.mark.parametrize("name", ["general", "general_no_features", "general_no_normalization"])
+@pytest.mark.parametrize("name", ["general", "general_no_features", "general_no_normalization", "general_lstm"])
 def test_config_runs_end_to_end(in_tmp, name):
     from learnopt.train.cli import meta_train
 
@@ -350,6 +392,7 @@ def test_config_runs_end_to_end(in_tmp, name):
     assert cli.trainer.global_step == 2
     lopt = learnopt.load(in_tmp / f"runs/{name}/{name}.pt")
     assert isinstance(lopt, NormalizedMLPOptimizer) and lopt.batch_dims == 1 and lopt.num_steps == 4
+    assert isinstance(lopt, NormalizedLSTMOptimizer) == (name == "general_lstm")
     assert lopt.normalize == (name != "general_no_normalization")
     assert ("adam" in lopt.feature_names) == (name != "general_no_features")
     assert (in_tmp / f"runs/{name}/lightning/last.ckpt").exists()

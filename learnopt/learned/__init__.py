@@ -2,6 +2,7 @@
 
 from learnopt.learned.base import LearnedOptimizer
 from learnopt.learned.general import NormalizedMLPOptimizer
+from learnopt.learned.general_lstm import NormalizedLSTMOptimizer
 from learnopt.learned.hyperparams import LearnedHyperparameters
 from learnopt.learned.lstm import CoordinatewiseLSTM, LSTMOptimizerState
 from learnopt.learned.mlp_lopt import FeatureMLPOptimizer
@@ -13,6 +14,7 @@ REGISTRY: dict[str, type[LearnedOptimizer]] = {
     "CoordinatewiseLSTM": CoordinatewiseLSTM,
     "FeatureMLPOptimizer": FeatureMLPOptimizer,
     "LearnedHyperparameters": LearnedHyperparameters,
+    "NormalizedLSTMOptimizer": NormalizedLSTMOptimizer,
     "NormalizedMLPOptimizer": NormalizedMLPOptimizer,
 }
 
@@ -23,6 +25,7 @@ __all__ = [
     "LSTMOptimizerState",
     "LearnedHyperparameters",
     "LearnedOptimizer",
+    "NormalizedLSTMOptimizer",
     "NormalizedMLPOptimizer",
     "log_and_sign",
 ]

@@ -144,6 +144,11 @@ class NormalizedMLPOptimizer(LearnedOptimizer):
         progress = ["progress", "progress_cos"] if self.num_steps is not None else []
         self.feature_names = (base + [f"{n}*rsqrt_second_moment" for n in moments]
                               + [f"step_tanh_{s:g}" for s in self.step_timescales] + progress)
+        self._build_network()
+
+    def _build_network(self) -> None:
+        """The per-coordinate network, features -> (direction, log-magnitude); its last layer
+        starts at ``output_init_scale`` times PyTorch's default, with zero bias."""
         sizes = [len(self.feature_names), *self.hidden_sizes, 2]
         self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in pairwise(sizes))
         with torch.no_grad():
@@ -234,32 +239,45 @@ class NormalizedMLPOptimizer(LearnedOptimizer):
             cols.append(torch.cat(extra).to(x.device).expand(*x.shape[:-1], -1))
         return torch.cat(cols, dim=-1)
 
-    def directions_and_scales(self, grads: Params, state: FeaturesState, params: Params,
-                              batch_dims: int, num_steps: int | None = None,
-                              ) -> tuple[Params, Params, FeaturesState]:
-        """Per tensor: the direction ``d`` (unit RMS unless ``normalize=False``) and the step
-        ``step_mult · exp(...)`` (broadcastable, one per instance), and the new feature state."""
+    def feature_rows(self, grads: Params, state: FeaturesState, params: Params, batch_dims: int,
+                     num_steps: int | None = None) -> tuple[Params, FeaturesState]:
+        """The network's inputs per tensor, ``{name: [*shape, num_features]}``, and the new
+        feature state (parameters checked with ``check_parameter``)."""
         for k, g in grads.items():
             check_parameter(k, g, batch_dims)
         grads = {k: g.to(self.dtype) for k, g in grads.items()}
         params = {k: params[k].to(self.dtype) for k in grads}
         raw, new_state = self.features(batch_dims).features_per_tensor(grads, state, params)
-        rows = {k: self._rows(x, state.count, num_steps, batch_dims) for k, x in raw.items()}
+        return {k: self._rows(x, state.count, num_steps, batch_dims) for k, x in raw.items()}, new_state
+
+    def directions_and_scales(self, grads: Params, state: FeaturesState, params: Params,
+                              batch_dims: int, num_steps: int | None = None,
+                              ) -> tuple[Params, Params, FeaturesState]:
+        """Per tensor: the direction ``d`` (unit RMS unless ``normalize=False``) and the step
+        ``step_mult · exp(...)`` (broadcastable, one per instance), and the new feature state."""
+        rows, new_state = self.feature_rows(grads, state, params, batch_dims, num_steps)
         out = self.mlp(torch.cat([r.reshape(-1, self.num_features) for r in rows.values()]))
+        directions, scales = self.directions_from(out, rows, batch_dims)
+        return directions, scales, new_state
+
+    def directions_from(self, out: Tensor, rows: Params, batch_dims: int) -> tuple[Params, Params]:
+        """Split the network's output ``[N, 2]`` (rows in ``rows`` order) into per-tensor
+        directions (plus the nominal term; normalized) and bounded step sizes."""
         directions, scales, offset = {}, {}, 0
-        for k, g in grads.items():
-            o = out[offset: offset + g.numel()].reshape(*g.shape, 2)
-            offset += g.numel()
+        for k, r in rows.items():
+            shape = r.shape[:-1]
+            o = out[offset: offset + shape.numel()].reshape(*shape, 2)
+            offset += shape.numel()
             d, m = o[..., 0], o[..., 1]
             if self.nominal != 0.0:
                 d = d + self.nominal * rows[k][..., self._nominal_index]
-            dims = tuple(range(batch_dims, g.dim()))
+            dims = tuple(range(batch_dims, len(shape)))
             if self.normalize:
                 d = d * torch.rsqrt((d * d).mean(dim=dims, keepdim=True) + DIRECTION_EPS)
             directions[k] = d
             log_mag = self.magnitude_range * torch.tanh(m.mean(dim=dims, keepdim=True))
             scales[k] = self.step_mult * torch.exp(log_mag)
-        return directions, scales, new_state
+        return directions, scales
 
     def update(self, grads: Params, state: FeaturesState, params: Params | None = None,
                batch_dims: int | None = None, num_steps: int | None = None,

@@ -1,0 +1,89 @@
+"""The coordinate-wise LSTM of Andrychowicz et al. 2016 fed the features of
+``NormalizedMLPOptimizer``: the ablation of issue 23 that swaps the per-parameter MLP for a
+recurrent network and keeps everything else (features, nominal term, per-tensor normalized
+direction, bounded step).
+
+Every coordinate of every tensor is one row of a stack of ``num_layers`` ``LSTMCell``s of
+``hidden_size`` units (two layers of 20 in the paper), whose hidden and cell states persist
+from step to step in the optimizer state; a linear read-out gives (direction, log-magnitude),
+which ``NormalizedMLPOptimizer.directions_from`` turns into the update.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from learnopt.learned.features import FeaturesState
+from learnopt.learned.general import NormalizedMLPOptimizer
+from learnopt.optim.base import Params
+
+
+class NormalizedLSTMState(NamedTuple):
+    features: FeaturesState
+    h: tuple[Tensor, ...]  # per layer, [coordinates, hidden_size]
+    c: tuple[Tensor, ...]
+
+
+class NormalizedLSTMOptimizer(NormalizedMLPOptimizer):
+    """``NormalizedMLPOptimizer`` with a coordinate-wise LSTM instead of the MLP (module
+    docstring). ``config()`` returns the constructor arguments."""
+
+    def __init__(self, hidden_size: int = 20, num_layers: int = 2, **kwargs: Any) -> None:
+        if int(hidden_size) < 1 or int(num_layers) < 1:
+            raise ValueError(f"NormalizedLSTMOptimizer: hidden_size and num_layers must be >= 1, "
+                             f"got {hidden_size}, {num_layers}")
+        if "hidden_sizes" in kwargs:
+            raise TypeError("NormalizedLSTMOptimizer takes hidden_size and num_layers, not hidden_sizes")
+        self.hidden_size, self.num_layers = int(hidden_size), int(num_layers)
+        super().__init__(hidden_sizes=(self.hidden_size,), **kwargs)
+
+    def _build_network(self) -> None:
+        self.cells = nn.ModuleList(nn.LSTMCell(self.num_features if i == 0 else self.hidden_size, self.hidden_size)
+                                   for i in range(self.num_layers))
+        self.readout = nn.Linear(self.hidden_size, 2)
+        with torch.no_grad():
+            self.readout.weight.mul_(self.output_init_scale)
+            self.readout.bias.zero_()
+
+    def config(self) -> dict[str, Any]:
+        config = super().config()
+        del config["hidden_sizes"]
+        return {"hidden_size": self.hidden_size, "num_layers": self.num_layers, **config}
+
+    def init(self, params: Params, batch_dims: int | None = None) -> NormalizedLSTMState:
+        """Feature state and zero LSTM states for every coordinate of ``params``."""
+        features = super().init(params, batch_dims)
+        n = sum(p.numel() for p in params.values())
+        zeros = tuple(torch.zeros(n, self.hidden_size, dtype=self.dtype, device=self.device)
+                      for _ in range(self.num_layers))
+        return NormalizedLSTMState(features, zeros, zeros)
+
+    def lstm(self, x: Tensor, h: tuple[Tensor, ...], c: tuple[Tensor, ...]) -> tuple[Tensor, tuple, tuple]:
+        """One step of the stacked cells on rows ``x [N, F]``: ``(out [N, 2], h, c)``."""
+        new_h, new_c = [], []
+        for cell, h_i, c_i in zip(self.cells, h, c):
+            h_i, c_i = cell(x, (h_i, c_i))
+            new_h.append(h_i)
+            new_c.append(c_i)
+            x = h_i
+        return self.readout(x), tuple(new_h), tuple(new_c)
+
+    def update(self, grads: Params, state: NormalizedLSTMState, params: Params | None = None,
+               batch_dims: int | None = None, num_steps: int | None = None,
+               **extra: Any) -> tuple[Params, NormalizedLSTMState]:
+        """``(updates, state)`` as ``NormalizedMLPOptimizer.update``, the LSTM states carried."""
+        if params is None:
+            raise ValueError("NormalizedLSTMOptimizer: the parameter-value feature needs params: "
+                             "update(grads, state, params)")
+        batch_dims = self.batch_dims if batch_dims is None else batch_dims
+        rows, features = self.feature_rows(grads, state.features, params, batch_dims, num_steps)
+        flat = torch.cat([r.reshape(-1, self.num_features) for r in rows.values()])
+        if flat.shape[0] != state.h[0].shape[0]:
+            raise ValueError(f"NormalizedLSTMOptimizer: the state holds {state.h[0].shape[0]} coordinates, "
+                             f"the gradients have {flat.shape[0]}; init the state for these parameters")
+        out, h, c = self.lstm(flat, state.h, state.c)
+        directions, scales = self.directions_from(out, rows, batch_dims)
+        return {k: -scales[k] * d for k, d in directions.items()}, NormalizedLSTMState(features, h, c)
