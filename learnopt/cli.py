@@ -21,9 +21,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     command, rest = argv[0], argv[1:]
     if command == "meta-train":
+        from learnopt.checkpoint import CheckpointError
+        from learnopt.train.callbacks import NoExport
         from learnopt.train.cli import meta_train
+        from learnopt.train.module import NonFiniteMetaTraining
+        from learnopt.train.run_lock import RunDirectoryLocked
 
-        meta_train(rest)
+        try:
+            meta_train(rest)
+        except (CheckpointError, FileNotFoundError, NoExport, NonFiniteMetaTraining, RunDirectoryLocked, ValueError) as err:
+            print(f"learnopt meta-train: error: {err}", file=sys.stderr)
+            return 1
         return 0
     if command == "evaluate" and "--suite" in rest:
         from learnopt.evaluate_suite import evaluate_suite_cli

@@ -147,3 +147,247 @@ def test_files_written_before_the_digest_still_load(tmp_path):
     del payload["digest"]
     torch.save(payload, path)
     assert learnopt.load(path).config() == KW
+
+
+# --------------------------------------------------------------------------- meta-training
+
+TINY = [
+    "--model.num_tasks", "4", "--model.horizon", "6", "--model.unroll_length", "3", "--model.val_tasks", "4",
+    "--model.learned_optimizer.init_args.hidden_size", "4", "--model.task_family.init_args.dim", "3",
+    "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false", "--trainer.logger", "false",
+    # a regression must fail the test, not hang the suite
+    "--trainer.max_time", "00:00:01:00",
+]
+
+# Helpers that configs name by import path: a task family whose loss is never finite, and a
+# callback that SIGKILLs its own process right after a given validation (after the export).
+HELPERS = '''
+import os, signal
+import lightning.pytorch as pl
+from tasks.quadratic import QuadraticFamily
+
+
+class NaNQuadratic(QuadraticFamily):
+    def __init__(self, dim: int = 3) -> None:
+        super().__init__(dim)
+        self.init_scale = float("nan")  # every inner run starts at NaN parameters
+
+
+class KillAfterValidation(pl.Callback):
+    def __init__(self, step: int = -1) -> None:
+        self.step = step
+
+    def on_validation_end(self, trainer, module) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+'''
+
+
+@pytest.fixture
+def run_dir(tmp_path, monkeypatch):
+    """An empty working directory with the helper module importable (here and in subprocesses)."""
+    (tmp_path / "reliability_helpers.py").write_text(HELPERS)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    return tmp_path
+
+
+def _callbacks(export: str = "lopt.pt", kill_at: int | None = None, every: int = 2) -> list[str]:
+    callbacks = [{"class_path": "learnopt.train.callbacks.ExportLearnedOptimizer", "init_args": {"path": export}}]
+    if kill_at is not None:
+        callbacks.append({"class_path": "reliability_helpers.KillAfterValidation", "init_args": {"step": kill_at}})
+    callbacks.append({"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                      "init_args": {"dirpath": "ckpts", "every_n_train_steps": every, "save_last": True}})
+    return ["--trainer.callbacks", json.dumps(callbacks)]
+
+
+def _meta_train(capsys, *args: str) -> tuple[int, str]:
+    from learnopt.cli import main
+
+    rc = main(["meta-train", *TINY, *args])
+    return rc, capsys.readouterr().err
+
+
+def _subprocess_meta_train(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    code = "import sys; from learnopt.cli import main; sys.exit(main(sys.argv[1:]))"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    return subprocess.run([sys.executable, "-c", code, "meta-train", *TINY, *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+NAN_FAMILY = ["--model.task_family", "reliability_helpers.NaNQuadratic"]
+
+
+def test_non_finite_truncations_stop_with_an_error_and_export_nothing(run_dir, capsys):
+    rc, err = _meta_train(capsys, *NAN_FAMILY, "--model.max_nonfinite", "3", "--trainer.max_steps", "100000",
+                          *_callbacks())
+    assert rc == 1
+    assert "3 consecutive truncations had a non-finite meta-gradient" in err, err
+    assert not (run_dir / "lopt.pt").exists()
+
+
+def test_skipped_truncations_count_as_steps_and_an_untrained_optimizer_is_not_exported(run_dir, capsys):
+    from learnopt.train.callbacks import NoExport
+    from learnopt.train.cli import meta_train
+
+    with pytest.raises(NoExport, match="no meta-update was applied"):
+        meta_train(TINY + NAN_FAMILY + ["--model.max_nonfinite", "1000", "--trainer.max_steps", "6",
+                                        "--trainer.val_check_interval", "3"] + _callbacks())
+    assert not (run_dir / "lopt.pt").exists()
+    last = torch.load(run_dir / "ckpts" / "last.ckpt", weights_only=False)
+    assert last["global_step"] == 6
+    assert last["learnopt_counts"] == {"meta_updates": 0, "skipped_truncations": 6, "nonfinite_streak": 6}
+
+
+@pytest.mark.parametrize("key", ["num_tasks", "val_tasks"])
+def test_zero_tasks_are_refused(run_dir, capsys, key):
+    rc, err = _meta_train(capsys, f"--model.{key}", "0", "--trainer.max_steps", "2", *_callbacks())
+    assert rc == 1 and f"{key} must be an integer >= 1, got 0" in err, err
+    assert not (run_dir / "lopt.pt").exists()
+
+
+def test_a_resume_after_a_kill_between_export_and_checkpoint_keeps_the_best_export(run_dir, capsys):
+    from learnopt.checkpoint import update_metadata
+
+    # Killed right after the first validation's export; the step-2 Lightning checkpoint predates it.
+    done = _subprocess_meta_train("--trainer.max_steps", "6", "--trainer.val_check_interval", "2",
+                                  *_callbacks(kill_at=2))
+    assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
+    assert (run_dir / "ckpts" / "last.ckpt").exists() and (run_dir / "lopt.pt").exists()
+    # The export holds a score no later validation can beat: a resume must never replace it.
+    update_metadata("lopt.pt", validation={"val/log10_final_loss": -1e9, "meta_step": 2})
+    before = learnopt.load("lopt.pt").state_dict()
+    rc, err = _meta_train(capsys, "--trainer.max_steps", "6", "--trainer.val_check_interval", "2",
+                          "--ckpt_path", "ckpts/last.ckpt", *_callbacks())
+    assert rc == 0, err
+    after = learnopt.load("lopt.pt")
+    assert after.checkpoint_metadata["validation"]["val/log10_final_loss"] == -1e9
+    for k, v in before.items():
+        assert torch.equal(after.state_dict()[k], v), k
+
+
+@pytest.fixture
+def lightning_checkpoint(run_dir, capsys) -> Path:
+    rc, err = _meta_train(capsys, "--trainer.max_steps", "2", "--trainer.val_check_interval", "2", *_callbacks())
+    assert rc == 0, err
+    return run_dir / "ckpts" / "last.ckpt"
+
+
+@pytest.mark.parametrize("bad", ["truncated", "garbage", "export", "missing"])
+def test_resuming_from_a_bad_ckpt_path_names_the_file(lightning_checkpoint, run_dir, capsys, bad):
+    path = run_dir / f"{bad}.ckpt"
+    if bad == "truncated":
+        data = lightning_checkpoint.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    elif bad == "garbage":
+        path.write_bytes(os.urandom(5000))
+    elif bad == "export":
+        path.write_bytes((run_dir / "lopt.pt").read_bytes())
+    rc, err = _meta_train(capsys, "--trainer.max_steps", "4", "--ckpt_path", str(path), *_callbacks())
+    assert rc == 1 and str(path) in err, err
+    expected = {"truncated": "corrupt or truncated", "garbage": "corrupt or truncated",
+                "export": "exported learned optimizer", "missing": "no such file"}[bad]
+    assert expected in err, err
+
+
+def test_a_second_run_in_the_same_directory_is_refused_until_the_first_dies(run_dir, capsys):
+    # Another run's process, as the lock module takes it: flock on the lock file, its PID inside.
+    (run_dir / "ckpts").mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, os, time; fd = os.open('ckpts/.learnopt-meta-train.lock', "
+         "os.O_RDWR | os.O_CREAT); fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, f'pid {os.getpid()}'.encode()); "
+         "print('locked', flush=True); time.sleep(600)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        rc, err = _meta_train(capsys, "--trainer.max_steps", "2", *_callbacks())
+        assert rc == 1 and "in use by another meta-training run" in err and f"pid {holder.pid}" in err, err
+        assert not (run_dir / "lopt.pt").exists() and not (run_dir / "runs/meta-train/config.yaml").exists()
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    # The killed holder left its lock file behind: stale, it no longer stops a run.
+    assert (run_dir / "ckpts" / ".learnopt-meta-train.lock").exists()
+    rc, err = _meta_train(capsys, "--trainer.max_steps", "2", "--trainer.val_check_interval", "2", *_callbacks())
+    assert rc == 0, err
+    assert (run_dir / "lopt.pt").exists()
+
+
+def test_a_lightning_checkpoint_write_that_fails_leaves_the_previous_one(tmp_path, monkeypatch):
+    from learnopt.train.checkpoint_io import AtomicCheckpointIO
+
+    io_ = AtomicCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    io_.save_checkpoint({"global_step": 2, "state_dict": {"w": torch.ones(3)}}, path)
+    before = path.read_bytes()
+    real_fdopen = os.fdopen
+
+    class FullDisk(io.RawIOBase):
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, data):
+            self.f.write(bytes(data)[:10])
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        def close(self):
+            self.f.close()
+
+    monkeypatch.setattr("learnopt.train.checkpoint_io.os.fdopen", lambda fd, mode: FullDisk(real_fdopen(fd, mode)))
+    with pytest.raises(OSError) as info:
+        io_.save_checkpoint({"global_step": 4, "state_dict": {"w": torch.zeros(3)}}, path)
+    monkeypatch.undo()
+    assert info.value.errno == errno.ENOSPC and str(path) in str(info.value)
+    assert path.read_bytes() == before and os.listdir(tmp_path) == ["last.ckpt"]
+
+
+def _user_namespaces() -> bool:
+    try:
+        return subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "true"], capture_output=True,
+                              timeout=10).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+FULL_DISK_RUN = """
+import errno, json, os, sys
+import torch
+from learnopt.cli import main
+
+common = {tiny!r} + ["--trainer.callbacks", json.dumps([
+    {{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+      "init_args": {{"dirpath": "ckpts", "every_n_train_steps": 2, "save_top_k": 0, "save_last": True}}}},
+    {{"class_path": "learnopt.train.callbacks.ExportLearnedOptimizer", "init_args": {{"path": "lopt.pt"}}}}])]
+assert main(["meta-train", *common, "--trainer.max_steps", "2"]) == 0
+try:  # fill the checkpoint filesystem
+    with open("ckpts/filler", "wb") as f:
+        while True:
+            f.write(b"x" * 4096)
+            f.flush()
+except OSError as e:
+    assert e.errno == errno.ENOSPC
+try:
+    main(["meta-train", *common, "--trainer.max_steps", "4", "--ckpt_path", "ckpts/last.ckpt"])
+    print("RESULT no error")
+except OSError as e:
+    print("RESULT error", e)
+os.remove("ckpts/filler")
+print("RESULT files", sorted(os.listdir("ckpts")))
+print("RESULT step", torch.load("ckpts/last.ckpt", weights_only=False)["global_step"])
+"""
+
+
+@pytest.mark.skipif(not _user_namespaces(), reason="needs unshare --user --mount for a tiny tmpfs")
+def test_a_full_disk_never_truncates_last_ckpt(tmp_path):
+    (tmp_path / "ckpts").mkdir()
+    (tmp_path / "run.py").write_text(FULL_DISK_RUN.format(tiny=TINY))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
+         f"mount -t tmpfs -o size=1m tmpfs ckpts && exec {sys.executable} run.py"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    results = [line for line in done.stdout.splitlines() if line.startswith("RESULT")]
+    assert done.returncode == 0, (results, done.stderr[-3000:])
+    assert "No space left on device" in results[0] and "ckpts/last.ckpt" in results[0], results
+    assert results[1] == "RESULT files ['.learnopt-meta-train.lock', 'last.ckpt']", results
+    assert results[2] == "RESULT step 2", results

@@ -10,7 +10,7 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_only
 
-from learnopt.checkpoint import export_checkpoint
+from learnopt.checkpoint import CheckpointError, export_checkpoint, read_checkpoint
 
 
 class ExportLearnedOptimizer(pl.Callback):
@@ -29,6 +29,12 @@ class ExportLearnedOptimizer(pl.Callback):
     ``learned-optimizer``) and the summary metrics ``meta_steps``, ``best/<monitor>``, ``best/meta_step``,
     ``checkpoint/path`` and ``time_per_step_s`` (wall-clock seconds per meta-step, measured
     around each training step).
+
+    The best score is part of the Lightning checkpoint; on resuming, the score recorded in the
+    exported file counts too (a kill between an export and the next Lightning checkpoint would
+    otherwise let a worse learned optimizer overwrite it). A learned optimizer that no
+    meta-update has changed is never exported, and a run that ends with nothing exported (every
+    validation score NaN) raises ``NoExport`` rather than finishing quietly.
     """
 
     def __init__(self, path: str = "runs/meta-train/learned_optimizer.pt", monitor: str | None = None):
@@ -39,6 +45,7 @@ class ExportLearnedOptimizer(pl.Callback):
         self.best_step: int | None = None
         self._step_start: float | None = None
         self._seconds, self._steps = 0.0, 0
+        self._resumed = False
 
     @property
     def state_key(self) -> str:
@@ -47,6 +54,8 @@ class ExportLearnedOptimizer(pl.Callback):
     def _consider(self, trainer: pl.Trainer, module: Any, value: float) -> None:
         if math.isnan(value) or (self.best is not None and value >= self.best):
             return
+        if getattr(module, "meta_updates", 1) == 0:
+            return  # the initial learned optimizer: nothing meta-trained to export
         self.best, self.best_step = value, int(trainer.global_step)
         self._export(module)
 
@@ -62,6 +71,24 @@ class ExportLearnedOptimizer(pl.Callback):
             self.monitor = getattr(module, "monitor_key", "val/log10_final_loss")
         if "{run_id}" in self.path_template:
             self.path = self.path_template.replace("{run_id}", _run_id(trainer))
+
+    def on_fit_start(self, trainer: pl.Trainer, module: Any) -> None:
+        if self._resumed or trainer.ckpt_path is not None:
+            self._adopt_exported_best(module)
+
+    def _adopt_exported_best(self, module: Any) -> None:
+        """Take the score recorded in the exported file if it beats the restored one."""
+        if not os.path.isfile(self.path):
+            return
+        try:
+            validation = read_checkpoint(self.path)["metadata"].get("validation", {})
+        except CheckpointError as err:
+            module.print(f"warning: the export {self.path} cannot be read ({err}); it will be replaced by the "
+                         "next best learned optimizer")
+            return
+        score, step = validation.get(self.monitor), validation.get("meta_step")
+        if isinstance(score, (int, float)) and not math.isnan(score) and (self.best is None or score < self.best):
+            self.best, self.best_step = float(score), step
 
     def on_train_batch_start(self, trainer: pl.Trainer, module: Any, batch: Any, batch_idx: int) -> None:
         self._step_start = time.perf_counter()
@@ -84,6 +111,11 @@ class ExportLearnedOptimizer(pl.Callback):
             module.print(f"learned optimizer exported to {self.path} (best {self.monitor} {self.best:.3f} "
                          f"at meta-step {self.best_step})")
         self._log_to_wandb(trainer)
+        if self.best is None:
+            why = ("no meta-update was applied" if getattr(module, "meta_updates", 1) == 0
+                   else f"every validation score ({self.monitor}) was NaN")
+            raise NoExport(f"meta-training ended after {trainer.global_step} meta-steps with no learned optimizer "
+                           f"exported to {self.path}: {why}")
 
     @rank_zero_only
     def _log_to_wandb(self, trainer: pl.Trainer) -> None:
@@ -107,6 +139,11 @@ class ExportLearnedOptimizer(pl.Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.best = state_dict.get("best")
         self.best_step = state_dict.get("best_step")
+        self._resumed = True
+
+
+class NoExport(RuntimeError):
+    """Meta-training ended without exporting a learned optimizer."""
 
 
 def _wandb_run(trainer: pl.Trainer) -> Any:

@@ -7,10 +7,17 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.utilities import rank_zero_only
 
 from learnopt.runtime import apply_defaults
+from learnopt.train.callbacks import ExportLearnedOptimizer
+from learnopt.train.checkpoint_io import AtomicCheckpointIO
 from learnopt.train.module import MetaTrainModule
+from learnopt.train.run_lock import RunLock
 
 TRAINER_DEFAULTS: dict[str, Any] = {
     "max_steps": 2000,
@@ -99,5 +106,29 @@ def meta_train(args: list[str] | None = None) -> MetaTrainCLI:
         )
     finally:
         sys.argv = argv
-    cli.trainer.fit(cli.model, ckpt_path=cli.config.get("ckpt_path"))
+    use_atomic_checkpoints(cli.trainer)
+    # Rank 0 holds the lock for the whole run; the other ranks of a distributed run share it.
+    lock = RunLock(run_directories(cli.trainer) if rank_zero_only.rank == 0 else [])
+    with lock:
+        cli.trainer.fit(cli.model, ckpt_path=cli.config.get("ckpt_path"))
     return cli
+
+
+def use_atomic_checkpoints(trainer: Trainer) -> None:
+    """Give ``trainer`` the atomic writer for its Lightning checkpoints
+    (``learnopt.train.checkpoint_io``), unless a config chose a checkpoint plugin of its own."""
+    if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+        trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+
+
+def run_directories(trainer: Trainer) -> list[str]:
+    """The directories a meta-training run writes: its root (``config.yaml``), its Lightning
+    checkpoint directories and the directories of its exports (a ``{run_id}`` in the path
+    makes the export per run, so it is not shared)."""
+    dirs = [trainer.default_root_dir]
+    for callback in trainer.callbacks:
+        if isinstance(callback, ModelCheckpoint) and callback.dirpath is not None:
+            dirs.append(callback.dirpath)
+        if isinstance(callback, ExportLearnedOptimizer) and "{run_id}" not in callback.path_template:
+            dirs.append(str(Path(callback.path_template).parent))
+    return dirs

@@ -24,6 +24,10 @@ from learnopt.task import TaskFamily, seeded_generator
 ESTIMATORS = ("truncated_bptt", "full_bptt", "es", "pes")
 
 
+class NonFiniteMetaTraining(RuntimeError):
+    """Meta-training stopped: too many consecutive truncations had a non-finite meta-gradient."""
+
+
 class _Once(IterableDataset):
     def __iter__(self) -> Iterator[int]:
         yield 0
@@ -155,8 +159,11 @@ class MetaTrainModule(pl.LightningModule):
     Manual optimization: the estimator returns the meta-gradient (the same record any
     estimator returns), which is clipped by global norm ``grad_clip`` and applied with Adam
     (``meta_lr``; ``meta_lr_schedule="cosine"`` decays it to ``meta_lr * meta_lr_final_ratio``
-    over ``trainer.max_steps``). Truncations whose meta-gradient is not finite are skipped and counted in
-    ``train/nonfinite``. Validation runs the full horizon on fixed held-out instances
+    over ``trainer.max_steps``). Truncations whose meta-gradient is not finite are skipped (no
+    update), counted in ``train/nonfinite`` and still count as meta-steps, so ``max_steps``
+    bounds the run; ``max_nonfinite`` consecutive ones stop it with ``NonFiniteMetaTraining``
+    (a task family whose loss is never finite would otherwise train nothing). ``meta_updates``
+    counts the updates actually applied; an optimizer with none is never exported. Validation runs the full horizon on fixed held-out instances
     (split ``"val"``) and reports the mean log10 final loss, which the export callback uses
     to keep the best learned optimizer (as the paper keeps the best validation checkpoint).
 
@@ -191,8 +198,15 @@ class MetaTrainModule(pl.LightningModule):
         activation_checkpointing: bool = False,
         compile_update: bool = False,
         init_from: str | None = None,
+        max_nonfinite: int = 50,
     ) -> None:
         super().__init__()
+        for name, value in (("num_tasks", num_tasks), ("val_tasks", val_tasks), ("max_nonfinite", max_nonfinite)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                why = {"num_tasks": "each meta-step estimates on num_tasks task instances",
+                       "val_tasks": "validation on val_tasks instances chooses the exported learned optimizer",
+                       "max_nonfinite": "it is how many consecutive non-finite truncations stop meta-training"}[name]
+                raise ValueError(f"MetaTrainModule: {name} must be an integer >= 1, got {value!r} ({why})")
         self.save_hyperparameters(ignore=["learned_optimizer", "task_family"])
         if init_from is not None:
             _load_initial_weights(learned_optimizer, init_from)
@@ -207,6 +221,9 @@ class MetaTrainModule(pl.LightningModule):
         self.automatic_optimization = False
         self._unroll: UnrollState | None = None
         self._pending_unroll: dict[str, Any] | None = None
+        self.meta_updates = 0  # meta-gradient steps applied (skipped truncations excluded)
+        self.skipped_truncations = 0
+        self._nonfinite_streak = 0
         self.resolved_config: dict[str, Any] | None = None  # set by the CLI: the full resolved config
 
     # -- data: the estimator samples tasks itself ---------------------------------------------
@@ -288,14 +305,32 @@ class MetaTrainModule(pl.LightningModule):
             for name, p in self.learned_optimizer.named_parameters():
                 p.grad = meta_grads[name]
             self.clip_gradients(opt, gradient_clip_val=self.hparams.grad_clip, gradient_clip_algorithm="norm")
-            opt.step()
-            scheduler = self.lr_schedulers()
-            if scheduler is not None:
-                scheduler.step()
+            self.meta_updates += 1
+            self._nonfinite_streak = 0
+        else:
+            self._skip_truncation(meta_loss)
+        # A skipped truncation steps too, with every gradient None (Adam leaves the weights and its
+        # state alone): the step counter, hence max_steps and the schedule, advance either way.
+        opt.step()
+        scheduler = self.lr_schedulers()
+        if scheduler is not None:
+            scheduler.step()
         self.log("train/meta_loss", meta_loss, prog_bar=True, batch_size=1)
         for key, value in est.metrics.items():
             self.log(f"train/{key}", value, reduce_fx="sum" if key == "nonfinite" else "mean", batch_size=1)
         self.log("train/episode", float(self._unroll.episode), batch_size=1)
+
+    def _skip_truncation(self, meta_loss: torch.Tensor) -> None:
+        self.skipped_truncations += 1
+        self._nonfinite_streak += 1
+        limit = self.hparams.max_nonfinite
+        if self._nonfinite_streak >= limit:
+            raise NonFiniteMetaTraining(
+                f"meta-training stopped at meta-step {self.global_step}: {limit} consecutive truncations had a "
+                f"non-finite meta-gradient (last meta-loss {float(meta_loss)}); {self.meta_updates} updates were "
+                f"applied in all. The task family's loss or the learned optimizer diverges: check the task family, "
+                f"lower --model.meta_lr or --model.unroll_length, or raise --model.max_nonfinite"
+            )
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self.log(self.monitor_key, self.validation_score(), prog_bar=True, batch_size=1)
@@ -336,6 +371,8 @@ class MetaTrainModule(pl.LightningModule):
         # inner run and accumulated perturbation), so a resumed run continues bit for bit.
         if self._unroll is not None:
             checkpoint["learnopt_unroll"] = self.estimator.save_unroll(self._unroll)
+        checkpoint["learnopt_counts"] = {"meta_updates": self.meta_updates, "skipped_truncations": self.skipped_truncations,
+                                         "nonfinite_streak": self._nonfinite_streak}
         # Distributed: every rank's carried state (rank 0's is the one above), gathered on all
         # ranks because Lightning builds the checkpoint on all of them and writes rank 0's.
         if self._trainer is not None and self.trainer.world_size > 1 and torch.distributed.is_initialized():
@@ -348,6 +385,11 @@ class MetaTrainModule(pl.LightningModule):
         self._pending_unroll = checkpoint.get("learnopt_unroll")
         self._pending_ranks = checkpoint.get("learnopt_unroll_ranks")
         self._unroll = None
+        # Checkpoints written before these counts existed: every step was taken as an update.
+        counts = checkpoint.get("learnopt_counts", {"meta_updates": int(checkpoint.get("global_step", 0))})
+        self.meta_updates = int(counts.get("meta_updates", 0))
+        self.skipped_truncations = int(counts.get("skipped_truncations", 0))
+        self._nonfinite_streak = int(counts.get("nonfinite_streak", 0))
 
     def _restore_unroll(self, saved: dict[str, Any]) -> UnrollState:
         world = self.trainer.world_size if self._trainer is not None else 1
@@ -366,6 +408,8 @@ class MetaTrainModule(pl.LightningModule):
         return {
             "meta_training": dict(self.hparams),
             "meta_steps": int(self.global_step),
+            "meta_updates": self.meta_updates,
+            "skipped_truncations": self.skipped_truncations,
             "task_family": family_spec(self.task_family),
             "estimator": self.hparams.estimator,
             "config": self.resolved_config,
