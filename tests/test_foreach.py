@@ -259,3 +259,18 @@ def test_tensor_hyperparameter_falls_back(case, spy):
     opt.step()  # and the drop-in then takes the functional path
     assert spy[factory] == [False]
     assert not all(torch.equal(p, p0) for p, p0 in zip(params, start))
+
+
+def test_signum_where_the_square_underflows_matches_functional_path():
+    # m = 1e-30 in float32: m^2 underflows to 0, so the functional path steps by 0 there, not sign(m)
+    grad = torch.tensor([1e-30, 0.0, 1.0, -2.0, -1e-30])
+    results = []
+    for use_kernel in (None, False):
+        p = torch.zeros(5, requires_grad=True)
+        opt = lo.as_torch_optimizer(lo.sign_sgd(lr=0.1, betas=(0.0, 0.0), eps=0.0), [p], foreach=use_kernel)
+        for _ in range(2):
+            p.grad = grad.clone()
+            opt.step()
+        results.append(p.detach().clone())
+    assert torch.equal(results[0], results[1])
+    assert torch.equal(results[0], torch.tensor([0.0, 0.0, -0.2, 0.2, 0.0]))

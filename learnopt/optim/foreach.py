@@ -398,10 +398,11 @@ def sign_sgd_(params: list[Tensor], grads: list[Tensor], states: list[dict[str, 
     bc1, bc2 = (1 - b1**t, 1 - b2**t) if bias_correction else (1.0, 1.0)
     if eps == 0 and b2 == 0:
         # signum / SignSGD: v = m^2 and sqrt(fl(m^2)) = |m| exactly, so m / sqrt(v) is sign(m)
-        # where v > 0 and the step is 0 where v == 0 (m^2 underflowed), as in the functional
-        # path. (Where m^2 overflows, the functional path's m / inf gives 0 rather than sign(m).)
+        # where v > 0 and 0 where v == 0 (m == 0, or m^2 underflowed): sign(sign(m) * v), in
+        # place. (Where m^2 overflows, the functional path's m / inf gives 0, this sign(m).)
         direction = torch._foreach_sign(mu)
-        torch._foreach_mul_(direction, torch._foreach_sign(nu))
+        torch._foreach_mul_(direction, nu)
+        torch._foreach_sign_(direction)
         torch._foreach_add_(params, direction, alpha=-lr / bc1)
         return True
     denom = torch._foreach_sqrt(nu)

@@ -2,12 +2,15 @@
 on MLPs of about 10k, 1M and 10M parameters.
 
 The timed call is ``opt.step()`` alone, on fixed gradients (the backward pass is the same for
-every optimizer). For each catalogue entry three contenders are timed in turn every repetition
+every optimizer). For each catalogue entry these contenders are timed in turn every repetition
 (medians; ratios between medians of the same run):
 
 * ``learnopt``: ``lo.as_torch_optimizer(lo.<name>(...), params)``, the drop-in as users get it
   (its multi-tensor kernel where ``learnopt.optim.foreach`` has one);
-* ``functional``: the same with ``foreach=False`` (the transform's functional ``update``);
+* ``unchecked`` (rows with a kernel): the same with ``check_finite=False``, which leaves out the
+  finite-gradient guard (one more read of every gradient, which torch.optim does not make);
+* ``functional`` (rows with a kernel): the same with ``foreach=False`` (the transform's
+  functional ``update``; without a kernel that is what ``learnopt`` runs);
 * ``peer``: the catalogue's reference implementation where it is a library optimizer
   (torch.optim with ``foreach=True``, pytorch_optimizer with ``foreach=True`` where it takes
   it). Where the catalogue's reference is a transcription in the tests (no library has the
@@ -28,6 +31,7 @@ import copy
 import gc
 import json
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -128,6 +132,8 @@ NOT_TIMED = {
     "adahessian": "needs Hessian-vector products (a create_graph backward each step), which dominate its step",
     "sophia": "needs Hessian-vector products (a create_graph backward each step), which dominate its step",
     "lbfgs": "its step is closure evaluations (forward and backward passes up to max_iter), not a gradient step",
+    "newton": "needs Hessian-vector products or a closure (conjugate-gradient iterations each step), and no "
+              "library peer",
     "stochastic_lbfgs": "needs batch and full-gradient functions and example indices every step",
     "svrg": "needs batch and full-gradient functions and example indices every step",
     "saga": "needs per-example gradient functions and example indices every step",
@@ -150,25 +156,37 @@ def repeated(step: Callable[[], object], inner: int) -> Callable[[], None]:
     return run
 
 
-def time_row(name: str, width: int, repeats: int, inner: int, functional: bool) -> dict:
+def time_row(name: str, width: int, repeats: int, inner: int, functional: bool, row_budget: float) -> dict:
+    """Median step times of one catalogue row at one size; ``repeats`` is lowered (to 3 at least)
+    where one repetition of all contenders takes longer than ``row_budget / repeats`` seconds."""
     make_tx, make_peer, label = PEERS[name]
+    tx = make_tx()
+    kernel = kernel_for(tx.recipe.factory) is not None
+    contenders = {"learnopt": lambda ps: lo.as_torch_optimizer(tx, ps), "peer": make_peer}
+    if kernel:
+        # without a kernel the drop-in runs the functional path anyway; check_finite=False shows
+        # what the finite-gradient guard (one more read of every gradient) costs
+        if functional:
+            contenders["functional"] = lambda ps: lo.as_torch_optimizer(make_tx(), ps, foreach=False)
+        contenders["unchecked"] = lambda ps: lo.as_torch_optimizer(make_tx(), ps, check_finite=False)
     base = make_model(width)
-    models = {k: copy.deepcopy(base) for k in ("learnopt", "functional", "peer")}
+    models = {k: copy.deepcopy(base) for k in contenders}
     for m in models.values():
         for p, q in zip(m.parameters(), base.parameters()):
             p.grad = q.grad.clone()
-    tx = make_tx()
-    optimizers = {"learnopt": lo.as_torch_optimizer(tx, list(models["learnopt"].parameters())),
-                  "peer": make_peer(list(models["peer"].parameters()))}
-    if functional:
-        optimizers["functional"] = lo.as_torch_optimizer(make_tx(), list(models["functional"].parameters()),
-                                                         foreach=False)
+    optimizers = {k: make(list(models[k].parameters())) for k, make in contenders.items()}
     fns = {k: repeated(opt.step, inner) for k, opt in optimizers.items()}
-    seconds = {k: s / inner for k, s in interleaved(fns, repeats, warmup=1, desc=name).items()}
-    row = {"name": name, "peer": label, "kernel": kernel_for(tx.recipe.factory) is not None,
+    start = time.perf_counter()
+    for fn in fns.values():  # warm-up, and the time of one repetition
+        fn()
+    once = time.perf_counter() - start
+    repeats = max(3, min(repeats, int(row_budget / max(once, 1e-9))))
+    seconds = {k: s / inner for k, s in interleaved(fns, repeats, warmup=0, desc=name).items()}
+    row = {"name": name, "peer": label, "kernel": kernel, "repeats": repeats,
            "seconds": seconds, "ratio": seconds["learnopt"] / seconds["peer"]}
-    if functional:
-        row["functional_ratio"] = seconds["functional"] / seconds["peer"]
+    for k in ("functional", "unchecked"):
+        if k in seconds:
+            row[f"{k}_ratio"] = seconds[k] / seconds["peer"]
     del optimizers, models, base
     gc.collect()
     return row
@@ -215,13 +233,16 @@ def tables(results: dict) -> str:
     names = [r["name"] for r in sizes[0]["rows"]]
     by = [{r["name"]: r for r in s["rows"]} for s in sizes]
     header = ["optimizer", "peer", "kernel"]
-    header += [f"× peer at {s['model']}" for s in sizes] + [f"functional × peer at {s['model']}" for s in sizes]
+    header += [f"× peer at {s['model']}" for s in sizes]
+    header += [f"unchecked × peer at {s['model']}" for s in sizes]
+    header += [f"functional × peer at {s['model']}" for s in sizes]
     header += [f"peer ms at {s['model']}" for s in sizes]
     rows = []
     for n in names:
         first = by[0][n]
         row = [f"`{n}`", first["peer"], "yes" if first["kernel"] else "no"]
         row += [f"{b[n]['ratio']:.2f}" for b in by]
+        row += [f"{b[n]['unchecked_ratio']:.2f}" if "unchecked_ratio" in b[n] else "—" for b in by]
         row += [f"{b[n]['functional_ratio']:.2f}" if "functional_ratio" in b[n] else "—" for b in by]
         row += [f"{b[n]['seconds']['peer'] * 1e3:.3g}" for b in by]
         rows.append(row)
@@ -236,6 +257,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--only", nargs="+", default=None, help="rows to time (default: every catalogue drop-in)")
     parser.add_argument("--repeat-scale", type=float, default=1.0, help="multiply every size's repetitions")
     parser.add_argument("--no-functional", action="store_true", help="skip the foreach=False contender")
+    parser.add_argument("--row-budget", type=float, default=40.0,
+                        help="seconds of timing per row and size at most (fewer repetitions, 3 at least)")
     parser.add_argument("--out", default="drop_in_vs_torch")
     args = parser.parse_args(argv)
     names = args.only or catalogue_rows()
@@ -253,7 +276,8 @@ def main(argv: list[str] | None = None) -> dict:
             current = {"model": label, "width": width, "parameters": 2 * (width * width + width), "rows": []}
             results["sizes"].append(current)
         repeats = max(3, round(REPEATS[label] * args.repeat_scale))
-        current["rows"].append(time_row(name, WIDTHS[label], repeats, INNER[label], not args.no_functional))
+        current["rows"].append(time_row(name, WIDTHS[label], repeats, INNER[label], not args.no_functional,
+                                       args.row_budget))
         write_json(args.out, results)
     results["table"] = tables(results)
     print(results["table"])
