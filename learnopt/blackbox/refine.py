@@ -79,6 +79,11 @@ def quadratic_model_step(d: Any, y: Any, rho: Any, xp: Any) -> Any:
     scale = xp.where(scale > 1e-12, scale, 1.0)
     u = d / scale[..., None, None]
     basis = xp.concatenate([xp.ones_like(u[..., :1]), u, u[..., rows] * u[..., cols]], -1)  # [..., M, P]
+    # The fit is invariant to the scale of y; dividing by a power of two near its largest
+    # magnitude (exact) keeps the mean and the squares below from overflowing or underflowing
+    # for observations of any finite size.
+    _, exponent = xp.frexp(xp.amax(xp.abs(y), -1))
+    y = xp.ldexp(y, -exponent[..., None])
     centred = y - y.mean(-1)[..., None]
     spread = xp.sqrt((centred * centred).mean(-1))[..., None]
     target = centred / xp.where(spread > 0, spread, 1.0)

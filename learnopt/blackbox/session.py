@@ -11,7 +11,21 @@
     p.tell(xb, f(xb)); p.tell(xa, f(xa))
 
 The box is mapped onto the unit box the proposer was trained on, and observations are
-standardised by the proposer itself, so any box and any scale of ``f`` works.
+standardised by the proposer itself, so any box and any scale of ``f`` works: the running sums
+behind the standardisation are kept in units of a power of two near the largest magnitude seen
+(an exact rescaling, so ``1e300·f`` is asked the same points as ``f``), and a box wider than the
+largest float (``±1e308``) is mapped as ``lower·(1 − v) + upper·v``. A query that is not finite
+is never handed out (``RuntimeError``).
+
+Boxes: ``[(lower, upper), ...]`` tuples per dimension or ``scipy.optimize.Bounds`` (``as_bounds``);
+a 2×2 array is refused, since it reads as a different box as rows or as pairs.
+
+Restarts: ``seed=None`` runs the proposer in its own frame; an integer seed maps its queries
+through a random symmetry of the box (coordinates permuted and reflected), so a deterministic
+proposer gives a different, equally good run per seed. ``minimize(..., noisy=True)`` reports the
+evaluated point with the lowest mean of a GP fitted to the observations, not the luckiest draw.
+When the objective raises, the exception carries the evaluations before it (``.result``,
+``.session``).
 
 Several asks in flight: the proposer's state is a deterministic function of the sequence of
 (query, observation) pairs, so each ``ask`` replays that sequence from the longest prefix whose
@@ -38,6 +52,7 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 import time
 import warnings
 from typing import Any, Callable
@@ -47,23 +62,39 @@ import torch
 from scipy.optimize import OptimizeResult
 from torch import Tensor, nn
 
+from learnopt.blackbox.gp import GPHyperparameters, GPPosterior, fit_hyperparameters
 from learnopt.blackbox.proposer import quadratic_basis, quadratic_fit_minimum, ridge_penalty
 from learnopt.blackbox.refine import RHO_START, min_points, numpy_suggestion, numpy_update_radius
 
 
+# Observations are summed in units of ``scale``, a power of two that keeps the largest magnitude
+# seen (observations and the shift) within [_TINY, _SAFE]: squares and sums of up to 2**40 of
+# them then neither overflow nor underflow, whatever the scale of f (1e300·f, 1e-300·f). Dividing
+# by a power of two is exact, so the standardised values are those of f itself; for ordinary
+# magnitudes the scale stays 1 and the arithmetic is exactly RunningStandardizer's.
+_SAFE, _TINY = 2.0 ** 480, 2.0 ** -480
+
+
+def _power_of_two_above(m: float) -> float:
+    """The power of two ``2**e`` with ``m / 2**e`` in ``[0.5, 1)`` (``m > 0``, finite)."""
+    return math.ldexp(1.0, math.frexp(m)[1])
+
+
 class _Standardizer:
     """``learnopt.blackbox.proposer.RunningStandardizer`` for a single instance, in Python
-    floats and numpy (the session's fast path; the same formulas, tested against it). With
-    ``trend_dim`` it also keeps ``QuadraticTrend``'s sums and gives its features
-    (``trend_features``); with ``refine`` it keeps the history and trust radius of
-    ``LocalQuadraticModel`` and gives its suggestion (``suggestion``). Arrays are replaced, never
-    changed in place, so ``copy.copy`` is a snapshot."""
+    floats and numpy (the session's fast path; the same formulas, tested against it), kept
+    free of overflow for observations of any finite size (``scale`` above). With ``trend_dim``
+    it also keeps ``QuadraticTrend``'s sums and gives its features (``trend_features``); with
+    ``refine`` it keeps the history and trust radius of ``LocalQuadraticModel`` and gives its
+    suggestion (``suggestion``). Arrays are replaced, never changed in place, so ``copy.copy``
+    is a snapshot."""
 
     def __init__(self, trend_dim: int | None = None, ridge: float = 0.1, refine: bool = False) -> None:
         self.count, self.shift, self.total, self.total_sq = 0, 0.0, 0.0, 0.0
+        self.scale, self.magnitude = 1.0, 0.0  # sums are of (y - shift) / scale
         self.best = math.inf
         self.best_x: np.ndarray | None = None
-        self.mean = self.std = math.nan
+        self.mean = self.std = math.nan  # of the observations so far, in units of ``scale``
         self.trend_dim = trend_dim
         if trend_dim is not None:
             k = 1 + 2 * trend_dim
@@ -72,6 +103,20 @@ class _Standardizer:
         self.refine, self.rho = refine, RHO_START
         self.hist_x: np.ndarray | None = None
         self.hist_y: np.ndarray | None = None
+
+    def _rescale(self, y: np.ndarray) -> None:
+        """Adopt a new ``scale`` when the magnitudes seen leave ``[_TINY, _SAFE]·scale``."""
+        self.magnitude = max(self.magnitude, float(np.abs(y).max()), abs(self.shift))
+        ratio = self.magnitude / self.scale
+        if ratio <= _SAFE and (ratio >= _TINY or self.magnitude == 0.0):
+            return
+        new = _power_of_two_above(self.magnitude)
+        factor = self.scale / new  # a power of two: the rescaled sums are exact
+        self.total *= factor
+        self.total_sq = self.total_sq * factor * factor  # (two products: factor² may underflow alone)
+        if self.trend_dim is not None:
+            self.moment = self.moment * factor
+        self.scale = new
 
     def update(self, y: np.ndarray, x: np.ndarray, weight: float | None = None) -> tuple[np.ndarray, float]:
         """Add observations ``y`` ``[q]`` made at ``x`` ``[q, D]`` (``weight``: how much they
@@ -85,8 +130,10 @@ class _Standardizer:
             self.hist_y = y.astype(np.float64) if first else np.concatenate([self.hist_y, y])
         if self.count == 0:
             self.shift = float(y[0])
+        self._rescale(y)
+        s = self.scale
         self.count += len(y)
-        d = y - self.shift
+        d = y - self.shift if s == 1.0 else y / s - self.shift / s
         self.total += float(d.sum())
         self.total_sq += float((d * d).sum())
         if self.trend_dim is not None:
@@ -100,9 +147,9 @@ class _Standardizer:
             return np.zeros_like(y), 0.0
         mean = self.total / self.count
         std = math.sqrt(max(self.total_sq / self.count - mean * mean, np.finfo(np.float64).tiny))
-        mean += self.shift
+        mean += self.shift / s
         self.mean, self.std = mean, std
-        return (y - mean) / std, (self.best - mean) / std
+        return (y / s - mean) / std, (self.best / s - mean) / std
 
     def suggestion(self) -> np.ndarray | None:
         """``LocalQuadraticModel.suggestion`` for this instance (None without ``refine`` or
@@ -120,24 +167,65 @@ class _Standardizer:
         if self.count < 2:
             return np.zeros(dim + 1)
         z, fit_min = quadratic_fit_minimum(self.gram, self.moment, self.penalty, dim)
-        fit_min = float(fit_min) + self.shift
+        fit_min = float(fit_min) + self.shift / self.scale
         return np.concatenate([z, [min(max((fit_min - self.mean) / self.std, -10.0), 10.0)]])
 
 
+def _is_tuple_pairs(bounds: Any) -> bool:
+    """Whether ``bounds`` is a sequence of tuples: scipy's ``minimize`` form, one
+    ``(lower, upper)`` pair per dimension, whatever the number of dimensions."""
+    return isinstance(bounds, (list, tuple)) and len(bounds) > 0 and all(isinstance(b, tuple) for b in bounds)
+
+
 def as_bounds(bounds: Any, dim: int | None = None) -> Tensor:
-    """``bounds`` as a ``[2, D]`` float64 tensor (lower row, upper row). Accepts ``[(lo, hi), ...]``
-    per dimension (scipy's form) or ``[lower, upper]`` rows (a 2×D array with D != 2 is
-    unambiguous; a 2×2 input is read as scipy's per-dimension pairs)."""
-    b = torch.as_tensor(np.asarray(bounds, dtype=np.float64))
-    if b.dim() != 2 or 2 not in b.shape:
-        raise ValueError(f"bounds must be [(lower, upper), ...] per dimension or a [2, D] array, got shape "
-                         f"{tuple(b.shape)}")
-    if b.shape[1] == 2:
-        b = b.T.contiguous()  # per-dimension pairs -> rows
+    """``bounds`` as a ``[2, D]`` float64 tensor (lower row, upper row).
+
+    Accepted: ``scipy.optimize.Bounds(lower, upper)`` (scalars broadcast to ``dim``); one
+    ``(lower, upper)`` tuple per dimension, ``[(-5, 10), (0, 15)]`` (scipy's ``minimize`` form);
+    an array (or nested lists) whose shape tells which form it is: ``[D, 2]`` pairs or ``[2, D]``
+    rows with ``D != 2``. A 2×2 array can be read either way, which gives two different boxes,
+    so it is refused with the two spellings that are not ambiguous.
+
+    Raises:
+        ValueError: a shape that is not a box, an ambiguous 2×2 array, a dimension other than
+            ``dim``, a bound that is not finite, or ``lower >= upper`` somewhere.
+    """
+    if hasattr(bounds, "lb") and hasattr(bounds, "ub"):  # scipy.optimize.Bounds (or alike)
+        lb, ub = np.asarray(bounds.lb, dtype=np.float64), np.asarray(bounds.ub, dtype=np.float64)
+        if lb.ndim > 1 or ub.ndim > 1:
+            raise ValueError(f"bounds: scipy.optimize.Bounds with lb of shape {lb.shape} and ub of shape {ub.shape}; "
+                             "expected scalars or one value per dimension")
+        sizes = {lb.size, ub.size} - {1}  # (scipy stores a scalar bound as one value)
+        if len(sizes) > 1:
+            raise ValueError(f"bounds: scipy.optimize.Bounds lb ({lb.size} values) and ub ({ub.size} values) "
+                             "differ in length")
+        n = sizes.pop() if sizes else (dim or 1)
+        b = np.stack([np.broadcast_to(lb.ravel(), (n,)), np.broadcast_to(ub.ravel(), (n,))])
+    else:
+        source = bounds.detach().cpu().numpy() if isinstance(bounds, Tensor) else bounds
+        try:
+            arr = np.asarray(source, dtype=np.float64)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"bounds must be numbers: (lower, upper) per dimension or scipy.optimize.Bounds ({e})") \
+                from None
+        if arr.ndim != 2 or 2 not in arr.shape:
+            raise ValueError(f"bounds must be [(lower, upper), ...] per dimension, scipy.optimize.Bounds, or a [2, D] "
+                             f"array of rows, got shape {tuple(arr.shape)}")
+        if arr.shape[1] == 2 and (arr.shape[0] != 2 or _is_tuple_pairs(bounds)):
+            b = arr.T  # one (lower, upper) pair per dimension
+        elif arr.shape[1] != 2:
+            b = arr  # [lower, upper] rows
+        else:
+            raise ValueError(
+                f"bounds: the 2×2 array {arr.tolist()} is ambiguous: as [lower, upper] rows it is the box "
+                f"{list(zip(arr[0].tolist(), arr[1].tolist()))}, as one pair per dimension the box "
+                f"{[tuple(r) for r in arr.tolist()]}. Write per-dimension (lower, upper) tuples, e.g. "
+                "[(-5, 10), (0, 15)], or scipy.optimize.Bounds(lower, upper)")
+    b = torch.as_tensor(np.ascontiguousarray(b, dtype=np.float64))
     if dim is not None and b.shape[1] != dim:
         raise ValueError(f"bounds have {b.shape[1]} dimensions, the proposer was trained for {dim}")
     if not bool(torch.isfinite(b).all()):
-        raise ValueError("bounds must be finite")
+        raise ValueError(f"bounds must be finite, got lower {b[0].tolist()} and upper {b[1].tolist()}")
     bad = (b[0] >= b[1]).nonzero().flatten().tolist()
     if bad:
         raise ValueError(f"bounds: lower >= upper in dimension(s) {bad}: "
@@ -145,20 +233,59 @@ def as_bounds(bounds: Any, dim: int | None = None) -> Tensor:
     return b
 
 
+def check_proposer(proposer: Any, source: Any = None, caller: str = "minimize") -> None:
+    """Raise ``TypeError`` unless ``proposer`` is a black-box proposer (an ``RNNProposer``), naming
+    what it is instead (``source``: the checkpoint it was loaded from, if any)."""
+    if callable(getattr(proposer, "numpy_stepper", None)) and isinstance(getattr(proposer, "dim", None), int):
+        return
+    what = f"{source} holds" if source is not None else "the proposer given is"
+    kind = getattr(proposer, "kind", None)
+    kind_text = f" (checkpoint kind {kind!r})" if isinstance(kind, str) else ""
+    raise TypeError(
+        f"{caller}: {what} a {type(proposer).__name__}{kind_text}, not a black-box proposer (an RNNProposer, "
+        "kind 'blackbox_proposer'). A learned optimizer trains a model from its gradients: "
+        "learnopt.load_optimizer(path, model.parameters()); to minimise a black-box function pass a proposer "
+        "checkpoint such as checkpoints/rnn_proposer_d2.pt (checkpoints/README.md lists them)")
+
+
+def box_symmetry(dim: int, seed: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """The symmetry of the unit box a session with ``seed`` applies to the proposer's queries:
+    a permutation of the coordinates and a reflection of each (``u[perm]``, then ``1 − u`` where
+    ``flip``). None: the identity."""
+    if seed is None:
+        return np.arange(dim), np.zeros(dim, dtype=bool)
+    rng = np.random.default_rng([0x5E55, int(seed)])  # its own stream, apart from the exploration draws
+    return rng.permutation(dim), rng.random(dim) < 0.5
+
+
 class AskTellSession:
     """Ask/tell over the box ``bounds`` with a trained ``RNNProposer`` (see the module docstring).
-    ``seed`` seeds the exploration draws of an exploring proposer (``explore=True``)."""
 
-    def __init__(self, proposer: nn.Module, bounds: Any, nonfinite: str = "raise", seed: int = 0) -> None:
+    ``seed``: None runs the proposer in its own frame (a deterministic proposer then asks the
+    same points every run). An integer draws a random symmetry of the box from it
+    (``box_symmetry``: the coordinates permuted and each reflected or not) through which the
+    proposer's queries are mapped, and seeds the exploration draws of an exploring proposer. The
+    GP prior the proposer was meta-trained on is invariant under these symmetries, so each seed
+    is an equally good, independent restart."""
+
+    def __init__(self, proposer: nn.Module, bounds: Any, nonfinite: str = "raise", seed: int | None = None) -> None:
         if nonfinite not in ("raise", "worst"):
             raise ValueError(f"nonfinite must be 'raise' or 'worst', got {nonfinite!r}")
+        check_proposer(proposer, caller="AskTellSession")
         self.proposer = proposer
         self.bounds = as_bounds(bounds, proposer.dim)
         self.nonfinite = nonfinite
+        self.seed = seed
+        self.symmetry = box_symmetry(proposer.dim, seed)
         self._stepper = proposer.numpy_stepper()  # the proposer's step in numpy: ~1 µs per operation, not ~5
-        self._lower = self.bounds[0].numpy()
-        self._width = (self.bounds[1] - self.bounds[0]).numpy()
-        self._units: list[np.ndarray] = []      # unit-box query of every record, in ask order
+        self._lower, self._upper = self.bounds[0].numpy(), self.bounds[1].numpy()
+        with np.errstate(over="ignore"):
+            width = self._upper - self._lower
+        # a box wider than the largest float (e.g. ±1e308) is mapped as lower·(1−v) + upper·v
+        self._wide = ~np.isfinite(width)
+        self._width = np.where(self._wide, 0.0, width)
+        self._units: list[np.ndarray] = []      # query of every record in the proposer's unit box, in ask order
+        self._vs: list[np.ndarray] = []         # the same in the user's unit box (after the symmetry)
         self._xs: list[np.ndarray] = []         # the same in the user's box
         self._ys: list[float | None] = []       # observation, None while pending
         self._groups: list[list[int]] = []      # records emitted by each proposer step
@@ -167,7 +294,18 @@ class AskTellSession:
         self._cache: tuple[int, Any, _Standardizer | None] | None = None  # (groups fed, state, stats)
         self.proposal_seconds = 0.0
         # Exploration draws of an exploring proposer: one per emitted step, in order.
-        self._generator = torch.Generator().manual_seed(seed)
+        self._generator = torch.Generator().manual_seed(0 if seed is None else int(seed))
+
+    def to_box(self, unit: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """A query ``unit`` ``[..., D]`` of the proposer's unit box → the user's unit box (through
+        the session's symmetry) and the user's box (clipped to it, so rounding never leaves it)."""
+        perm, flip = self.symmetry
+        v = unit[..., perm]
+        v = np.where(flip, 1.0 - v, v)
+        x = self._lower + v * self._width
+        if self._wide.any():
+            x = np.where(self._wide, self._lower * (1.0 - v) + self._upper * v, x)
+        return v, np.clip(x, self._lower, self._upper)
 
     # -- asking ---------------------------------------------------------------------------------
     def ask(self) -> np.ndarray:
@@ -213,10 +351,15 @@ class AskTellSession:
             if clean:
                 self._cache = (j + 1, state, stats)
         assert x is not None
+        if not np.isfinite(x).all():  # never hand out a point the objective cannot be called at
+            raise RuntimeError(f"the proposer produced a non-finite query {x.tolist()} for evaluation "
+                               f"{len(self._xs) + 1}; no point was handed out (its weights or inputs are not finite)")
         group = []
         for unit in x:
+            v, box = self.to_box(unit)
             self._units.append(unit)
-            self._xs.append(self._lower + unit * self._width)
+            self._vs.append(v)
+            self._xs.append(box)
             self._ys.append(None)
             group.append(len(self._ys) - 1)
         self._groups.append(group)
@@ -261,17 +404,57 @@ class AskTellSession:
     def num_told(self) -> int:
         return sum(y is not None for y in self._ys)
 
-    def result(self) -> OptimizeResult:
-        """The best point and value so far and the history of told evaluations."""
+    def result(self, noisy: bool = False) -> OptimizeResult:
+        """The best point and value so far and the history of told evaluations.
+
+        Args:
+            noisy: the observations are noisy, so the lowest one is partly luck: ``x`` is then
+                the evaluated point where a GP fitted to all observations (noise included,
+                hyperparameters by marginal likelihood) has its lowest mean, and ``fun`` that
+                mean; the lowest observation stays in ``x_observed`` and ``fun_observed``.
+
+        Returns:
+            ``scipy.optimize.OptimizeResult``: ``x``, ``fun``, ``xs`` ``[n, D]``, ``ys`` ``[n]``,
+            ``nfev``, ``nit`` (proposer steps), ``success``, ``message``, ``time_per_proposal``.
+        """
         done = [i for i, y in enumerate(self._ys) if y is not None]
         if not done:
             raise ValueError("result: no observation has been told yet")
         xs = np.stack([self._xs[i] for i in done])
         ys = np.array([self._ys[i] for i in done])
         best = int(np.argmin(ys))
-        return OptimizeResult(x=xs[best], fun=float(ys[best]), xs=xs, ys=ys, nfev=len(done), nit=len(self._groups),
-                              success=True, message="evaluation budget used",
-                              time_per_proposal=self.proposal_seconds / max(1, len(self._xs)))
+        res = OptimizeResult(x=xs[best], fun=float(ys[best]), xs=xs, ys=ys, nfev=len(done), nit=len(self._groups),
+                             success=True, message="evaluation budget used",
+                             time_per_proposal=self.proposal_seconds / max(1, len(self._xs)))
+        if noisy:
+            res.x_observed, res.fun_observed = res.x, res.fun
+            if len(done) >= 2:
+                i, res.fun = model_best(np.stack([self._vs[i] for i in done]), ys)
+                res.x = xs[i]
+        return res
+
+
+def model_best(units: np.ndarray, ys: np.ndarray, steps: int = 100) -> tuple[int, float]:
+    """The index of the point (of ``units`` ``[n, D]`` in the unit box, observed ``ys`` ``[n]``)
+    where a GP fitted to the observations has its lowest posterior mean, and that mean (in the
+    units of ``ys``). The GP has an observation-noise variance, fitted with the lengthscales and
+    signal variance by marginal likelihood (``learnopt.blackbox.gp``): the recommendation of
+    Bayesian optimisation under noise, which averages neighbours instead of trusting one draw."""
+    # standardised after dividing by a power of two near the largest magnitude (exact, no overflow)
+    _, exponent = np.frexp(np.abs(ys).max())
+    y = np.ldexp(ys, -int(exponent))
+    centre, spread = float(y.mean()), float(y.std())
+    spread = spread if spread > 0 else 1.0
+    X = torch.as_tensor(units, dtype=torch.float64)[None]
+    Y = torch.as_tensor((y - centre) / spread, dtype=torch.float64)[None]
+    dim = X.shape[-1]
+    init = GPHyperparameters(torch.full((1, dim), 0.3, dtype=torch.float64), torch.ones(1, dtype=torch.float64),
+                             torch.full((1,), 0.1, dtype=torch.float64))
+    hp = fit_hyperparameters(X, Y, init, steps=steps)
+    with torch.no_grad():
+        mean, _ = GPPosterior(X, Y, hp).predict(X)
+    i = int(mean[0].argmin())
+    return i, float(np.ldexp(float(mean[0, i]) * spread + centre, int(exponent)))
 
 
 def training_horizon(proposer: Any) -> int | None:
@@ -282,21 +465,74 @@ def training_horizon(proposer: Any) -> int | None:
     return int(horizon) if isinstance(horizon, int) and not isinstance(horizon, bool) else None
 
 
-def minimize(fun: Callable[[np.ndarray], float], bounds: Any, budget: int, proposer: Any,
-             nonfinite: str = "raise", seed: int = 0) -> OptimizeResult:
-    """Minimise ``fun`` (a float64 array in the box → a number) over ``bounds`` with ``budget``
-    evaluations proposed by ``proposer`` (an ``RNNProposer`` or the path of its checkpoint).
+def _check_budget(budget: Any) -> int:
+    if isinstance(budget, bool) or not isinstance(budget, numbers.Integral):
+        raise TypeError(f"minimize: budget must be an integer (the number of evaluations), got {budget!r} "
+                        f"of type {type(budget).__name__}")
+    if budget < 1:
+        raise ValueError(f"minimize: budget must be >= 1, got {budget}")
+    return int(budget)
 
-    Returns a ``scipy.optimize.OptimizeResult`` with ``x`` and ``fun`` (the best point and
-    value), the history ``xs`` ``[budget, D]`` and ``ys`` ``[budget]``, ``nfev`` and
-    ``time_per_proposal`` (seconds). A budget below the proposer's training horizon runs, with a
-    warning: the proposer would still be exploring when the budget ends."""
+
+def _keep_history(error: BaseException, session: AskTellSession, evaluation: int, budget: int) -> None:
+    """Attach what was evaluated before ``error`` to it: ``error.result`` (an ``OptimizeResult``
+    of the evaluations told, None if there were none) and ``error.session`` (to go on), and say so
+    in a note."""
+    told = session.num_told
+    result = None
+    if told:
+        result = session.result()
+        result.success = False
+        result.message = f"stopped at evaluation {evaluation} of {budget} by {type(error).__name__}: {error}"
+    try:
+        error.result, error.session = result, session  # type: ignore[attr-defined]
+    except AttributeError:  # an exception type with __slots__: the note still says what happened
+        pass
+    if hasattr(error, "add_note"):  # Python >= 3.11
+        error.add_note(f"minimize: stopped at evaluation {evaluation} of {budget}; the {told} evaluations before it "
+                       "are in this exception's .result (a scipy.optimize.OptimizeResult) and .session (the "
+                       "AskTellSession; the point that failed is still pending there)")
+
+
+def minimize(fun: Callable[[np.ndarray], float], bounds: Any, budget: int, proposer: Any,
+             nonfinite: str = "raise", seed: int | None = None, noisy: bool = False) -> OptimizeResult:
+    """Minimise ``fun`` (a float64 array in the box → a number) over ``bounds`` with ``budget``
+    evaluations proposed by ``proposer``.
+
+    Args:
+        fun: the black-box objective.
+        bounds: the box (``as_bounds``): ``[(lower, upper), ...]`` per dimension or
+            ``scipy.optimize.Bounds``.
+        budget: the number of evaluations (an integer >= 1). A budget below the proposer's
+            training horizon runs, with a warning: the proposer would still be exploring when
+            the budget ends.
+        proposer: an ``RNNProposer`` or the path of its checkpoint.
+        nonfinite: ``"raise"`` on a NaN or infinite observation, or ``"worst"``: record it as
+            the worst value seen (``AskTellSession``).
+        seed: None: the proposer's own frame; an integer: a random symmetry of the box and the
+            exploration draws (``AskTellSession``), so different seeds are independent restarts.
+        noisy: report the best point by a GP fitted to the observations rather than the lowest
+            observation (``AskTellSession.result``).
+
+    Returns:
+        ``scipy.optimize.OptimizeResult`` with ``x`` and ``fun`` (the best point and value), the
+        history ``xs`` ``[budget, D]`` and ``ys`` ``[budget]``, ``nfev`` and
+        ``time_per_proposal`` (seconds).
+
+    Raises:
+        TypeError: ``budget`` is not an integer, or ``proposer`` is not a black-box proposer (a
+            learned optimizer's checkpoint, say).
+        Exception: whatever ``fun`` raises, or the ``ValueError`` of a refused observation,
+            carrying the evaluations before it in ``.result`` and ``.session``.
+    """
+    budget = _check_budget(budget)
+    source = None
     if isinstance(proposer, (str, bytes)) or hasattr(proposer, "__fspath__"):
         from learnopt.checkpoint import load
 
+        source = proposer
         proposer = load(proposer)
-    if budget < 1:
-        raise ValueError(f"minimize: budget must be >= 1, got {budget}")
+    check_proposer(proposer, source)
     horizon = training_horizon(proposer)
     if horizon is not None and budget < horizon:
         warnings.warn(f"minimize: this proposer was meta-trained for {horizon} evaluations and is given {budget}; "
@@ -304,7 +540,11 @@ def minimize(fun: Callable[[np.ndarray], float], bounds: Any, budget: int, propo
                       "budget stops it early (checkpoints/README.md: use one trained for about this budget)",
                       stacklevel=2)
     session = AskTellSession(proposer, bounds, nonfinite=nonfinite, seed=seed)
-    for _ in range(budget):
-        x = session.ask()
-        session.tell(x, fun(x))
-    return session.result()
+    for evaluation in range(1, budget + 1):
+        try:
+            x = session.ask()
+            session.tell(x, fun(x))
+        except BaseException as e:  # noqa: BLE001 (re-raised; KeyboardInterrupt keeps the history too)
+            _keep_history(e, session, evaluation, budget)
+            raise
+    return session.result(noisy)
