@@ -15,6 +15,14 @@ network or a W&B process; ``backend="leet"`` reads the same log through W&B's ow
 with ``wandb.Api`` and need a W&B login; without one the command stops with that reason instead
 of prompting.
 
+Which runs: only finished runs written by learnopt's logging (the ``learnopt_schema`` marker in
+their config, ``logging_schema.SCHEMA_KEY``), of one W&B project (``learnopt`` unless
+``--run_project`` names another; ``--all_projects`` merges them). Every other run read is listed
+with its reason, in the output and on stderr: foreign (no marker), another project, running (no
+exit record), crashed (a non-zero exit code), truncated (the log ends inside a record),
+unreadable; ``--include_unfinished`` keeps running, crashed and truncated runs. When every run
+read was skipped the command fails (exit 2) with the reasons, rather than print an empty table.
+
 Seeds: a run's summary lists the mean log10 final loss of each seed it evaluated
 (``SEED_LOG10``, the seeds in its config); runs of the same optimizer on the same task pool their
 seeds, a seed evaluated twice counting once (the later run), so re-running an evaluation does
@@ -104,6 +112,10 @@ class RunRecord:
     history: list[dict[str, Any]]
     path: str | None = None
     exit_code: int | None = None
+    # "finished", "crashed" (non-zero exit code, or W&B's crashed/failed/killed), "running" (no
+    # exit record yet), "truncated" (the log ends inside a record)
+    state: str = "finished"
+    truncated_at: int | None = None  # byte offset of the partial record a truncated log ends in
 
     def curve(self, key: str, step_key: str) -> tuple[list[float], list[float]]:
         """``(steps, values)`` of the history rows that hold both ``step_key`` and ``key``, sorted by step."""
@@ -127,6 +139,12 @@ _FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
 def _transaction_log_records(path: Path) -> list[bytes]:
     """The payloads of the records in a ``.wandb`` file, checked against their CRCs. A run
     still being written may end in a partial record, which is dropped."""
+    return _scan_log(path)[0]
+
+
+def _scan_log(path: Path) -> tuple[list[bytes], int | None]:
+    """``_transaction_log_records`` and the byte offset of the partial record the file ends in
+    (None when it ends on a record boundary)."""
     data = path.read_bytes()
     if len(data) < _FILE_HEADER.size:
         raise RunReadError(f"{path}: too short to be a W&B transaction log")
@@ -135,7 +153,7 @@ def _transaction_log_records(path: Path) -> list[bytes]:
         raise RunReadError(f"{path}: not a W&B transaction log (header {data[:7]!r})")
     if version != 0:
         raise RunReadError(f"{path}: W&B transaction log version {version} is not supported (only 0)")
-    records, pending, pos = [], None, _FILE_HEADER.size
+    records, pending, pos, partial = [], None, _FILE_HEADER.size, None
     while pos + _REC_HEADER.size <= len(data):
         left = _BLOCK - pos % _BLOCK
         if left < _REC_HEADER.size:  # block trailer: zero padding
@@ -148,7 +166,8 @@ def _transaction_log_records(path: Path) -> list[bytes]:
         start, pos = pos + _REC_HEADER.size, pos + _REC_HEADER.size + length
         payload = data[start:pos]
         if len(payload) < length:
-            break  # truncated tail of a run still writing
+            partial = start - _REC_HEADER.size  # a tail cut inside a record
+            break
         if zlib.crc32(payload, zlib.crc32(bytes([kind]))) & 0xFFFFFFFF != crc:
             raise RunReadError(f"{path}: corrupt record at byte {start - _REC_HEADER.size} (CRC mismatch)")
         if kind == _FULL:
@@ -162,7 +181,11 @@ def _transaction_log_records(path: Path) -> list[bytes]:
                 pending = None
         else:
             raise RunReadError(f"{path}: bad record type {kind} at byte {start - _REC_HEADER.size}")
-    return records
+    if partial is None and pos < len(data) and any(data[pos:]):
+        partial = pos  # fewer bytes than a record header, and not the zero padding of a block
+    if partial is None and pending is not None:
+        partial = pos  # a record split across blocks whose last fragment never came
+    return records, partial
 
 
 def log_is_complete(path: str | os.PathLike) -> bool:
@@ -199,7 +222,8 @@ def _read_with_protobuf(path: Path) -> RunRecord:
 
     run: dict[str, Any] = {"config": {}, "summary": {}, "history": [], "exit_code": None}
     meta: dict[str, Any] = {}
-    for payload in _transaction_log_records(path):
+    payloads, run["truncated_at"] = _scan_log(path)
+    for payload in payloads:
         record = pb.Record()
         try:
             record.ParseFromString(payload)
@@ -259,6 +283,7 @@ def _read_with_leet(path: Path) -> RunRecord:
             run["history"].append(rec["history"]["item"])
         elif kind == "exit":
             run["exit_code"] = int(rec["exit"].get("exit_code", 0))
+    run["truncated_at"] = _scan_log(path)[1]
     if not meta:
         raise RunReadError(f"{path}: no run record (not a W&B run log)")
     return _record(meta, run, path)
@@ -266,8 +291,13 @@ def _read_with_leet(path: Path) -> RunRecord:
 
 def _record(meta: dict[str, Any], run: dict[str, Any], path: Path) -> RunRecord:
     config = {k: v for k, v in run["config"].items() if k != "_wandb"}
+    code, cut = run["exit_code"], run.get("truncated_at")
+    if code is not None:
+        state = "finished" if code == 0 else "crashed"
+    else:
+        state = "truncated" if cut is not None else "running"
     return RunRecord(meta["id"], meta["name"], meta["project"], meta["group"], meta["job_type"], meta["tags"],
-                     config, run["summary"], run["history"], str(path.parent), run["exit_code"])
+                     config, run["summary"], run["history"], str(path.parent), code, state, cut)
 
 
 def read_offline_run(path: str | os.PathLike, backend: str = "python") -> RunRecord:
@@ -327,10 +357,77 @@ def read_online_runs(project: str, groups: Sequence[str] = (), tags: Sequence[st
     records = []
     for run in api.runs(project, filters=filters or None):
         history = list(run.scan_history(keys=None))
+        state = str(getattr(run, "state", "finished") or "finished")
         records.append(RunRecord(run.id, run.name, project, run.group or "", run.job_type or "", list(run.tags),
                                  {k: v for k, v in run.config.items() if not k.startswith("_")},
-                                 dict(run.summary._json_dict), history, run.url, None))
+                                 dict(run.summary._json_dict), history, run.url, None,
+                                 state if state in ("finished", "running") else "crashed"))
     return records
+
+
+@dataclass
+class SkippedRun:
+    """A run ``learnopt compare`` read but left out, and why."""
+
+    path: str
+    run: str
+    reason: str
+
+    def as_dict(self) -> dict[str, str]:
+        return {"path": self.path, "run": self.run, "reason": self.reason}
+
+
+def skip_reason(run: RunRecord, include_unfinished: bool = False) -> str | None:
+    """Why ``run`` must not be compared (None: it may be): not written by learnopt's logging
+    (no ``ls.SCHEMA_KEY`` in its config), or, unless ``include_unfinished``, not finished."""
+    if ls.SCHEMA_KEY not in run.config:
+        return (f"foreign: not written by learnopt's W&B logging (no {ls.SCHEMA_KEY} in its config), so its keys "
+                "may mean something else")
+    if include_unfinished or run.state == "finished":
+        return None
+    if run.state == "truncated":
+        return (f"truncated: its log ends inside a record at byte {run.truncated_at} (cut while being written or "
+                "copied); --include_unfinished compares what it holds")
+    if run.state == "running":
+        return ("running: its log has no exit record yet (still being written, or its writer was killed); "
+                "--include_unfinished compares what it holds")
+    code = f"exit code {run.exit_code}" if run.exit_code is not None else "W&B marked it crashed or failed"
+    return f"crashed ({code}); --include_unfinished compares what it holds"
+
+
+def triage_runs(runs: Sequence[RunRecord], project: str | None = None, all_projects: bool = False,
+                include_unfinished: bool = False) -> tuple[list[RunRecord], list[SkippedRun], str | None]:
+    """Split runs into those to compare and those skipped with the reason (``skip_reason``, or
+    another W&B project). Runs of one project are compared: ``project`` if given, else
+    ``ls.PROJECT`` if any run is in it, else the only project there is (several and none
+    chosen is an error); ``all_projects`` merges them. Returns the runs kept, the runs
+    skipped and the project compared (None with ``all_projects``)."""
+    kept, skipped = [], []
+    for run in runs:
+        reason = skip_reason(run, include_unfinished)
+        if reason is None:
+            kept.append(run)
+        else:
+            skipped.append(SkippedRun(run.path or "", run.name or run.id, reason))
+    if all_projects:
+        return kept, skipped, None
+    if project is None:
+        counts: dict[str, int] = {}
+        for run in kept:
+            counts[run.project] = counts.get(run.project, 0) + 1
+        if ls.PROJECT in counts or not counts:
+            project = ls.PROJECT
+        elif len(counts) == 1:
+            project = next(iter(counts))
+        else:
+            listed = ", ".join(f"{name!r} ({n} runs)" for name, n in sorted(counts.items()))
+            raise RunReadError(f"the runs belong to several W&B projects, {listed}: choose one with --run_project NAME, "
+                               "or merge them with --all_projects")
+    ours = [r for r in kept if r.project == project]
+    skipped += [SkippedRun(r.path or "", r.name or r.id,
+                           f"other project {r.project!r} (comparing {project!r}; --run_project {r.project} or "
+                           "--all_projects to include it)") for r in kept if r.project != project]
+    return ours, skipped, project
 
 
 def select_runs(runs: Iterable[RunRecord], groups: Sequence[str] = (), tags: Sequence[str] = (),
@@ -436,10 +533,14 @@ class Comparison:
     rows: list[Row]
     meta_rows: list[MetaRow]
     reference: str
+    skipped: list[SkippedRun] = field(default_factory=list)  # runs read and left out (``triage_runs``)
+    notes: list[str] = field(default_factory=list)           # what the reader should know (a missing reference)
+    runs_read: int | None = None                             # runs read before filtering (None: not counted)
 
     def to_json(self) -> dict[str, Any]:
         return {"reference": self.reference, "evaluation": [r.as_dict() for r in self.rows],
-                "meta_train": [m.as_dict() for m in self.meta_rows]}
+                "meta_train": [m.as_dict() for m in self.meta_rows], "notes": self.notes,
+                "skipped": [s.as_dict() for s in self.skipped]}
 
 
 def _float(x: Any) -> float:
@@ -499,12 +600,17 @@ def build_comparison(runs: Sequence[RunRecord], reference: str = "adam") -> Comp
             row.curve = [sum(c[t] * n for c, n in curves) / total for t in range(length)]
         row.normalized = _weighted([(x, n) for _, n, x, _ in entries if x is not None])
         row.time_per_step = _weighted([(x, n) for _, n, _, x in entries if x is not None])
+    notes = []
     for (task, steps, _), row in pooled.items():
         ref = pooled.get((task, steps, reference))  # the tuned reference on the same instances
         if ref is not None and ref.curve and row.curve and row.split == ref.split:
             row.speedup = speedup(row.curve, ref.curve)
+        elif ref is None and row.split == "test":
+            note = (f"no {reference} run on task {task}" + ("" if steps is None else f" ({steps} steps)")
+                    + ": no speedups there")
+            notes += [note] if note not in notes else []
     rows = sorted(pooled.values(), key=lambda r: (r.task, r.steps or 0, r.mean))
-    return Comparison(rows, meta_rows, reference)
+    return Comparison(rows, meta_rows, reference, notes=notes)
 
 
 def row_label(run: RunRecord) -> str:
@@ -588,7 +694,15 @@ def format_markdown(c: Comparison) -> str:
     if c.meta_rows:
         parts += ["", "Meta-training runs:", "", "| " + " | ".join(META_COLUMNS) + " |", "|" + "---|" * len(META_COLUMNS),
                   *("| " + " | ".join(cells) + " |" for cells in _meta_cells(c))]
-    return "\n".join(parts).strip() if parts else "no runs matched"
+    if not parts:
+        read = "" if c.runs_read is None else (f" ({c.runs_read} runs read, {len(c.skipped)} skipped below; none of "
+                                                "the others passes --group, --tag, --task and --job_type)")
+        parts = [f"no runs matched{read}"]
+    if c.notes:
+        parts += ["", *(f"Note: {n}." for n in c.notes)]
+    if c.skipped:
+        parts += ["", f"Skipped runs ({len(c.skipped)}):", "", *(f"- {s.path or s.run}: {s.reason}" for s in c.skipped)]
+    return "\n".join(parts).strip()
 
 
 def format_csv(c: Comparison) -> str:
@@ -723,6 +837,9 @@ def write_html(c: Comparison, plots: Sequence[Path], path: str | os.PathLike, co
                  table([h.format(ref=c.reference) for h in EVAL_COLUMNS], _eval_cells(c))]
     if c.meta_rows:
         body += ["<h2>Meta-training runs</h2>", table(META_COLUMNS, _meta_cells(c))]
+    body += [f"<p>Note: {html.escape(n)}.</p>" for n in c.notes]
+    if c.skipped:
+        body += ["<h2>Skipped runs</h2>", table(["run", "reason"], [[s.path or s.run, s.reason] for s in c.skipped])]
     for p in plots:
         data = base64.b64encode(Path(p).read_bytes()).decode()
         body.append(f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(Path(p).name)}">'
@@ -744,12 +861,23 @@ def compare(
     paths: Sequence[str] = (), project: str | None = None, groups: Sequence[str] = (), tags: Sequence[str] = (),
     tasks: Sequence[str] = (), job_types: Sequence[str] = (), reference: str = "adam", fmt: str = "markdown",
     out_dir: str | None = "runs/compare", backend: str = "python", command: str | None = None,
+    run_project: str | None = None, all_projects: bool = False, include_unfinished: bool = False,
 ) -> tuple[Comparison, str]:
     """Read, filter and compare runs; write ``table.md``, ``table.csv``, ``table.json``, the PNGs
     and ``index.html`` to ``out_dir`` (None: write nothing); return the comparison and the text
-    in ``fmt``."""
+    in ``fmt``.
+
+    Only finished runs written by learnopt's logging, of one W&B project, are compared
+    (``triage_runs``: ``run_project``, ``all_projects``, ``include_unfinished``); every other run
+    read is listed with its reason in the comparison (``skipped``), in the text and on stderr.
+
+    Raises:
+        RunReadError: no runs could be found or read, or every run read was skipped (the
+            message lists why), or the runs span several projects and none was chosen.
+    """
     if project and paths:
         raise ValueError("give either offline run paths or --project, not both")
+    unreadable: list[SkippedRun] = []
     if project:
         runs = read_online_runs(project, groups, tags)
     else:
@@ -767,9 +895,17 @@ def compare(
                 if len(logs) == 1:
                     raise
                 # one damaged run among many (a crashed writer) should not hide the others
-                print(f"learnopt compare: skipping a run: {e}", file=sys.stderr)
-    runs = select_runs(runs, groups, tags, tasks, job_types)
-    comparison = build_comparison(runs, reference)
+                unreadable.append(SkippedRun(str(log.parent), log.stem, f"unreadable: {e}"))
+    # (an online project is one project already)
+    kept, skipped, _ = triage_runs(runs, run_project, all_projects or bool(project), include_unfinished)
+    skipped = unreadable + skipped
+    for s in skipped:
+        print(f"learnopt compare: skipping a run: {s.path or s.run}: {s.reason}", file=sys.stderr)
+    if not kept and skipped:
+        raise RunReadError(f"no runs to compare: all {len(skipped)} runs read were skipped:\n"
+                           + "\n".join(f"  {s.path or s.run}: {s.reason}" for s in skipped))
+    comparison = build_comparison(select_runs(kept, groups, tags, tasks, job_types), reference)
+    comparison.skipped, comparison.runs_read = skipped, len(kept) + len(skipped)
     text = format_comparison(comparison, fmt)
     if out_dir is not None:
         out = Path(out_dir)
@@ -801,12 +937,18 @@ def compare_cli(args: list[str] | None = None) -> Comparison:
     parser.add_argument("--out_dir", default="runs/compare", help="where table.*, PNGs and index.html go")
     parser.add_argument("--backend", choices=("python", "leet"), default="python",
                         help="read offline logs here (python) or through `wandb leet inspect --json` (leet)")
+    parser.add_argument("--run_project", help="offline runs: compare the runs of this W&B project (default: "
+                        f"{ls.PROJECT}, or the only project present); the others are listed as skipped")
+    parser.add_argument("--all_projects", action="store_true", help="offline runs: merge the runs of every W&B project")
+    parser.add_argument("--include_unfinished", action="store_true",
+                        help="also compare runs still running, crashed or truncated (skipped by default)")
     args = list(sys.argv[1:] if args is None else args)
     ns = parser.parse_args(args)
     command = " ".join(["learnopt compare", *args])
     try:
         comparison, text = compare(ns.paths, ns.project, ns.group, ns.tag, ns.task, ns.job_type, ns.reference,
-                                   ns.format, ns.out_dir, ns.backend, command)
+                                   ns.format, ns.out_dir, ns.backend, command, ns.run_project, ns.all_projects,
+                                   ns.include_unfinished)
     except (RunReadError, RuntimeError, ValueError) as e:
         parser.exit(2, f"learnopt compare: error: {e}\n")
     print(text)

@@ -3,6 +3,10 @@
 Runs that share one shape compare well in W&B (the runs table, overlaid line plots, grouped
 runs) and can be read back offline by ``learnopt compare``. The schema:
 
+* **marker**: ``SCHEMA_KEY`` (``learnopt_schema``) in the config, set to ``SCHEMA_VERSION`` by
+  every run learnopt starts (``wandb_init_kwargs``, so ``init_run`` and the Lightning
+  ``WandbLogger``); ``learnopt compare`` reads only runs that carry it, so a run some other
+  script logged with the same keys never enters a table.
 * **project** ``learnopt`` (``--project`` to change); **group**: the experiment (all runs of one
   evaluation, one benchmark, one sweep); **job type**: one of ``JOB_TYPES``; **tags**: free
   labels the user filters on (``learnopt compare --tag``).
@@ -42,6 +46,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 PROJECT = "learnopt"
+SCHEMA_KEY = "learnopt_schema"
+SCHEMA_VERSION = 1
 JOB_TYPES = ("meta-train", "evaluate", "benchmark", "tune")
 
 INNER_STEP = "inner/step"
@@ -86,12 +92,23 @@ def logged_in() -> bool:
 
 
 def wandb_init_kwargs(**kwargs: Any) -> dict[str, Any]:
-    """Keyword arguments for ``wandb.init`` with the mode resolved and a bounded start-up."""
+    """Keyword arguments for ``wandb.init`` with the mode resolved, a bounded start-up and the
+    schema marker in the config (a ``config`` given as a dict keeps its keys)."""
     import wandb
 
     kwargs.setdefault("mode", wandb_mode())
     kwargs.setdefault("settings", wandb.Settings(init_timeout=60, silent=True))
+    config = kwargs.get("config")
+    if config is None or isinstance(config, dict):
+        kwargs["config"] = {**(config or {}), SCHEMA_KEY: SCHEMA_VERSION}
     return kwargs
+
+
+def mark_run(run: Any) -> None:
+    """Put the schema marker in the config of a W&B run learnopt logs into but did not start
+    with ``wandb_init_kwargs`` (one a user or ``wandb agent`` started)."""
+    if run.config.get(SCHEMA_KEY) != SCHEMA_VERSION:
+        run.config.update({SCHEMA_KEY: SCHEMA_VERSION}, allow_val_change=True)
 
 
 def init_run(
@@ -139,6 +156,7 @@ def init_run(
             raise
         warnings.warn(f"W&B could not start online ({e}); logging offline instead", stacklevel=2)
         run = wandb.init(**{**init, "mode": "offline"})
+    mark_run(run)  # (a config that was not a dict, or a run an agent started, lacks it)
     run.define_metric(INNER_STEP, hidden=True)
     run.define_metric("inner/*", step_metric=INNER_STEP)
     return run

@@ -429,7 +429,8 @@ def test_online_runs_are_read_through_the_public_api_into_the_same_records(tmp_p
 
     class FakeRun:
         id, name, group, job_type, tags, url = "r1", "ev/adam", "ev", "evaluate", ["tiny"], "https://wandb.ai/x"
-        config = {"optimizer": "adam", "task": "t", "seeds": [0, 1], "_wandb": {}}
+        state = "finished"
+        config = {"optimizer": "adam", "task": "t", "seeds": [0, 1], "_wandb": {}, ls.SCHEMA_KEY: ls.SCHEMA_VERSION}
 
         class summary:  # noqa: N801 (the public API's summary object)
             _json_dict = {ls.FINAL_LOG10: -1.0, ls.SEED_LOG10: [-0.5, -1.5]}
@@ -450,7 +451,8 @@ def test_online_runs_are_read_through_the_public_api_into_the_same_records(tmp_p
     (run,) = read_online_runs("me/learnopt", groups=["ev"], tags=["tiny"])
     assert seen["path"] == "me/learnopt"
     assert seen["filters"] == {"group": {"$in": ["ev"]}, "tags": {"$all": ["tiny"]}}
-    assert (run.group, run.job_type, run.config) == ("ev", "evaluate", {"optimizer": "adam", "task": "t", "seeds": [0, 1]})
+    assert (run.group, run.job_type, run.state) == ("ev", "evaluate", "finished")
+    assert run.config == {"optimizer": "adam", "task": "t", "seeds": [0, 1], ls.SCHEMA_KEY: ls.SCHEMA_VERSION}
     assert run.curve(ls.INNER_LOSS, ls.INNER_STEP) == ([0.0, 1.0], [0.0, -1.0])
     comparison, _ = compare(project="me/learnopt", out_dir=None)
     assert comparison.rows[0].seed_values == {"seed 0": -0.5, "seed 1": -1.5}

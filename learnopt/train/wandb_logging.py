@@ -14,14 +14,16 @@ from lightning.pytorch.loggers import WandbLogger as _LightningWandbLogger
 
 # The schema and mode resolution live in learnopt.logging_schema (no Lightning import there, so
 # scripts can log in the same shape); re-exported here for the Lightning shell.
-from learnopt.logging_schema import wandb_init_kwargs, wandb_mode
+from learnopt.logging_schema import mark_run, wandb_init_kwargs, wandb_mode
 
 __all__ = ["WandbLogger", "wandb_init_kwargs", "wandb_mode"]
 
 
 class WandbLogger(_LightningWandbLogger):
     """Lightning's ``WandbLogger`` with learnopt's defaults: project ``learnopt``, files under
-    ``runs/``, and the mode from ``wandb_mode()`` (offline unless W&B is set up)."""
+    ``runs/``, the mode from ``wandb_mode()`` (offline unless W&B is set up), and the schema
+    marker in the run's config (``learnopt.logging_schema.SCHEMA_KEY``), also on a run that was
+    already started when the logger took it over."""
 
     def __init__(
         self,
@@ -48,10 +50,14 @@ class WandbLogger(_LightningWandbLogger):
         """The W&B run; an online start that fails (no network, W&B down) falls back to offline
         with a warning instead of stopping meta-training."""
         try:
-            return super().experiment
+            run = super().experiment
         except Exception as e:  # noqa: BLE001 (wandb raises several error types for a failed start)
             if self._experiment is not None or self._wandb_init.get("mode") != "online":
                 raise
             warnings.warn(f"W&B could not start online ({e}); logging offline instead", stacklevel=2)
             self._wandb_init["mode"] = "offline"
-            return super().experiment
+            run = super().experiment
+        if not getattr(self, "_learnopt_marked", False):
+            mark_run(run)
+            self._learnopt_marked = True
+        return run
