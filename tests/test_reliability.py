@@ -173,6 +173,13 @@ class NaNQuadratic(QuadraticFamily):
         self.init_scale = float("nan")  # every inner run starts at NaN parameters
 
 
+class Ballast(pl.Callback):
+    """Makes the checkpoints it is part of 256 KiB larger (a run whose state grew)."""
+
+    def state_dict(self):
+        return {"ballast": "x" * 2**18}
+
+
 class KillAfterValidation(pl.Callback):
     def __init__(self, step: int = -1) -> None:
         self.step = step
@@ -232,7 +239,7 @@ def test_skipped_truncations_count_as_steps_and_an_untrained_optimizer_is_not_ex
     from learnopt.train.cli import meta_train
 
     with pytest.raises(NoExport, match="no meta-update was applied"):
-        meta_train(TINY + NAN_FAMILY + ["--model.max_nonfinite", "1000", "--trainer.max_steps", "6",
+        meta_train(TINY + NAN_FAMILY + ["--trainer.max_steps", "6",
                                         "--trainer.val_check_interval", "3"] + _callbacks())
     assert not (run_dir / "lopt.pt").exists()
     last = torch.load(run_dir / "ckpts" / "last.ckpt", weights_only=False)
@@ -359,6 +366,8 @@ common = {tiny!r} + ["--trainer.callbacks", json.dumps([
       "init_args": {{"dirpath": "ckpts", "every_n_train_steps": 2, "save_top_k": 0, "save_last": True}}}},
     {{"class_path": "learnopt.train.callbacks.ExportLearnedOptimizer", "init_args": {{"path": "lopt.pt"}}}}])]
 assert main(["meta-train", *common, "--trainer.max_steps", "2"]) == 0
+# the resumed run's checkpoints are larger than the one on disk, which alone cannot make room
+common[-1] = common[-1][:-1] + ', {{"class_path": "reliability_helpers.Ballast"}}]'
 try:  # fill the checkpoint filesystem
     with open("ckpts/filler", "wb") as f:
         while True:
@@ -380,8 +389,10 @@ print("RESULT step", torch.load("ckpts/last.ckpt", weights_only=False)["global_s
 @pytest.mark.skipif(not _user_namespaces(), reason="needs unshare --user --mount for a tiny tmpfs")
 def test_a_full_disk_never_truncates_last_ckpt(tmp_path):
     (tmp_path / "ckpts").mkdir()
+    (tmp_path / "reliability_helpers.py").write_text(HELPERS)
     (tmp_path / "run.py").write_text(FULL_DISK_RUN.format(tiny=TINY))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled",
+           "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
     done = subprocess.run(
         ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
          f"mount -t tmpfs -o size=1m tmpfs ckpts && exec {sys.executable} run.py"],
@@ -391,3 +402,55 @@ def test_a_full_disk_never_truncates_last_ckpt(tmp_path):
     assert "No space left on device" in results[0] and "ckpts/last.ckpt" in results[0], results
     assert results[1] == "RESULT files ['.learnopt-meta-train.lock', 'last.ckpt']", results
     assert results[2] == "RESULT step 2", results
+
+
+# --------------------------------------------------------------------------- native-kernel cache
+
+NATIVE_RUN = r"""
+import os
+from pathlib import Path
+os.umask(0)  # the cache must still be private
+import torch
+from learnopt.learned import _native
+
+torch.set_num_threads(1)
+tail = _native.lstm_tail(torch.float32)
+tail(torch.randn(8, 5), torch.randn(2, 5), torch.empty(2, 5))  # runs the kernel
+cache = Path(os.environ["LEARNOPT_CACHE"])
+print(oct(cache.stat().st_mode & 0o777), oct((cache / "kernels").stat().st_mode & 0o777))
+"""
+
+PLANTED = r"""
+#include <stdio.h>
+__attribute__((constructor)) static void planted(void) { FILE *f = fopen("%s", "w"); if (f) fclose(f); }
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux" or os.uname().machine != "x86_64" or not
+                    (subprocess.run(["sh", "-c", "command -v g++ && command -v cc"], capture_output=True).returncode == 0),
+                    reason="the native kernel is built with g++ on x86-64 Linux")
+def test_the_kernel_cache_is_private_and_loads_only_what_it_built(tmp_path):
+    cache = tmp_path / "cache"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "LEARNOPT_CACHE": str(cache), "PYTHONPATH": str(ROOT)}
+    env.pop("LEARNOPT_NATIVE_KERNELS", None)
+
+    def run() -> str:
+        done = subprocess.run([sys.executable, "-c", NATIVE_RUN], env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, (done.returncode, done.stderr[-3000:])  # -7: SIGBUS
+        assert "RuntimeWarning" not in done.stderr, done.stderr
+        return done.stdout.strip()
+
+    assert run() == "0o700 0o700"  # created under umask 000
+    (lib,) = (cache / "kernels").glob("*.so")
+    # Truncated (a full disk, a killed copy): mapping it would die with SIGBUS.
+    data = lib.read_bytes()
+    lib.write_bytes(data[: len(data) // 2])
+    assert run() == "0o700 0o700"
+    # Planted at the cached name, in a directory opened to others: its constructor must not run.
+    flag = tmp_path / "PWNED"
+    (tmp_path / "planted.c").write_text(PLANTED % flag)
+    lib.unlink()
+    subprocess.run(["cc", "-shared", "-fPIC", str(tmp_path / "planted.c"), "-o", str(lib)], check=True)
+    os.chmod(cache / "kernels", 0o777)
+    assert run() == "0o700 0o700"
+    assert not flag.exists(), "a library the cache did not build was loaded"

@@ -18,6 +18,15 @@ small C++ function, compiled on first use with the system's C++ compiler and loa
 * anything that fails (no compiler, no ``libmvec``, another platform) leaves the torch
   operations in place, with one warning; ``LEARNOPT_NATIVE_KERNELS=0`` turns the kernel off.
 
+The cache is trusted like code (loading a library runs its constructors), so nothing is
+loaded on its name alone: the cache directory is created 0700 whatever the umask and must be
+owned by the user (one writable by others is made 0700 first, and what it holds is checked file by file); a library is loaded only if it
+is a regular file owned by the user, writable by nobody else, and its SHA-256 equals the one
+recorded beside it (``<name>.sha256``) when it was built. The check reads the library through
+an open descriptor and ``dlopen`` loads that same descriptor (``/proc/self/fd``), so the file
+cannot be swapped in between. A library that fails any check (truncated, planted, altered) is
+rebuilt; a truncated one is thus never mapped (it would die with SIGBUS).
+
 The arithmetic is the torch path's (``tests/test_speed_paths.py`` checks them against each
 other): gates in the order (i, f, o, g') with g' = −2 z_g, so that i·tanh(z_g) = i − 2 i σ(g');
 ``c ← f c + i (1 − 2 σ(g'))``, ``h ← o (1 − 2 σ(−2 c))``.
@@ -30,6 +39,7 @@ import hashlib
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import tempfile
 import warnings
@@ -104,8 +114,79 @@ def _fallback(problem: str) -> None:
                   RuntimeWarning, stacklevel=4)
 
 
+def _private_dir(path: Path) -> Path:
+    """``path`` (and missing parents) created 0700 whatever the umask; an existing ``path`` must
+    be a real directory owned by the user, and is made 0700 if others could write to it."""
+    missing = []
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        missing.append(probe)
+        probe = probe.parent
+    for directory in reversed(missing):
+        try:
+            os.mkdir(directory, 0o700)
+        except FileExistsError:
+            pass
+        os.chmod(directory, 0o700)  # mkdir's mode is masked by the umask
+    info = os.lstat(path)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+        raise OSError(f"the kernel cache {path} is not a directory owned by this user (uid {os.getuid()})")
+    if info.st_mode & 0o022:
+        os.chmod(path, 0o700)
+    return path
+
+
+def _trusted_bytes(fd: int) -> bytes | None:
+    """The contents of the open file ``fd`` if it is a regular file owned by the user and
+    writable by nobody else, else None."""
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o022:
+        return None
+    chunks = []
+    while chunk := os.read(fd, 1 << 20):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _open_verified(target: Path) -> int | None:
+    """A descriptor of ``target`` whose bytes hash to the digest recorded at build time, or None."""
+    digest_file = target.with_name(target.name + ".sha256")
+    try:
+        fd = os.open(digest_file, os.O_RDONLY | os.O_NOFOLLOW)
+        try:
+            recorded = _trusted_bytes(fd)
+        finally:
+            os.close(fd)
+        fd = os.open(target, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    data = _trusted_bytes(fd)
+    if recorded is None or data is None or hashlib.sha256(data).hexdigest() != recorded.decode(errors="replace").strip():
+        os.close(fd)
+        return None
+    return fd
+
+
+def _compile(cxx: str, cache: Path, target: Path) -> None:
+    """Build the library into a private temp directory, record its digest, and move both into
+    place (renames: concurrent builders never see a partial file)."""
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:
+        src = Path(tmp) / "lstm_tail.cpp"
+        src.write_text(SOURCE)
+        out = Path(tmp) / "lstm_tail.so"
+        done = subprocess.run([cxx, *FLAGS, str(src), "-o", str(out), *LIBS], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(done.stderr.strip()[-2000:])
+        os.chmod(out, 0o700)
+        digest = Path(tmp) / "lstm_tail.so.sha256"
+        digest.write_text(hashlib.sha256(out.read_bytes()).hexdigest() + "\n")
+        os.chmod(digest, 0o600)
+        os.replace(out, target)
+        os.replace(digest, target.with_name(target.name + ".sha256"))
+
+
 def _build() -> ctypes.CDLL | None:
-    """Compile (or find in the cache) and load the kernel library; None when that fails."""
+    """Compile (or find, verified, in the cache) and load the kernel library; None when that fails."""
     if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
         return None  # libmvec's vector variants are glibc x86-64
     cxx = shutil.which(os.environ.get("CXX", "g++"))
@@ -115,26 +196,24 @@ def _build() -> ctypes.CDLL | None:
     try:
         version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
         key = hashlib.sha256("\0".join([SOURCE, *FLAGS, *LIBS, version, _cpu_signature()]).encode()).hexdigest()[:16]
-        cache = Path(os.environ.get("LEARNOPT_CACHE", Path.home() / ".cache" / "learnopt")) / "kernels"
+        cache = _private_dir(Path(os.environ.get("LEARNOPT_CACHE", Path.home() / ".cache" / "learnopt")) / "kernels")
         target = cache / f"lstm_tail_{key}.so"
-        if not target.exists():
-            cache.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=cache) as tmp:
-                src = Path(tmp) / "lstm_tail.cpp"
-                src.write_text(SOURCE)
-                out = Path(tmp) / "lstm_tail.so"
-                done = subprocess.run([cxx, *FLAGS, str(src), "-o", str(out), *LIBS], capture_output=True, text=True)
-                if done.returncode != 0:
-                    raise RuntimeError(done.stderr.strip()[-2000:])
-                os.replace(out, target)  # atomic: concurrent builders never see a partial library
+        fd = _open_verified(target)
+        if fd is None:  # absent, or failing a check: never loaded, built afresh
+            _compile(cxx, cache, target)
+            fd = _open_verified(target)
+            if fd is None:
+                raise RuntimeError(f"the freshly built {target} fails its ownership or digest check")
     except (OSError, RuntimeError) as err:
         _fallback(f"building the native LSTM kernel failed ({err})")
         return None
     try:
-        lib = ctypes.CDLL(str(target))
+        lib = ctypes.CDLL(f"/proc/self/fd/{fd}")  # the verified file itself, not whatever the name holds now
     except OSError as err:  # e.g. a cached library whose runtime dependencies went away
         _fallback(f"loading the native LSTM kernel {target} failed ({err})")
         return None
+    finally:
+        os.close(fd)
     for name in ("lstm_tail_f32", "lstm_tail_f64"):
         fn = getattr(lib, name)
         fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 5
