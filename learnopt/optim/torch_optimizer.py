@@ -194,14 +194,18 @@ class TransformOptimizer(torch.optim.Optimizer):
 
     def _check_finite(self, params: list[Tensor]) -> None:
         """``FloatingPointError`` naming the first parameter with a NaN or infinite gradient. NaN
-        and ±inf propagate into a sum, so one finite total (one reduction per gradient, one
-        synchronisation) clears them all; only a non-finite (or overflowing) total needs the
-        exact per-parameter check."""
+        and ±inf propagate into a norm, so one finite total of the gradients' 1-norms (one
+        multi-tensor reduction, one synchronisation) clears them all; only a non-finite (or
+        overflowing) total needs the exact per-parameter check."""
         if not params:
             return
-        device = params[0].grad.device
-        sums = [p.grad.detach().sum().abs().to(device=device, dtype=torch.float64) for p in params]
-        if bool(torch.isfinite(torch.stack(sums).sum())):
+        grads = [p.grad.detach() for p in params]
+        device = grads[0].device
+        if all(g.device == device and not g.is_complex() for g in grads):
+            total = torch.stack(torch._foreach_norm(grads, 1)).sum()  # one multi-tensor reduction
+        else:
+            total = torch.stack([g.abs().sum().to(device=device, dtype=torch.float64) for g in grads]).sum()
+        if bool(torch.isfinite(total)):
             return
         for p in params:
             g = p.grad
