@@ -20,7 +20,9 @@ their config, ``logging_schema.SCHEMA_KEY``), of one W&B project (``learnopt`` u
 ``--run_project`` names another; ``--all_projects`` merges them). Every other run read is listed
 with its reason, in the output and on stderr: foreign (no marker), another project, running (no
 exit record), crashed (a non-zero exit code), truncated (the log ends inside a record),
-unreadable; ``--include_unfinished`` keeps running, crashed and truncated runs. When every run
+unreadable; ``--include_unfinished`` keeps running, crashed and truncated runs, and
+``--include_foreign`` runs without the marker (from other scripts, or from a learnopt older than
+the marker). When every run
 read was skipped the command fails (exit 2) with the reasons, rather than print an empty table.
 
 Seeds: a run's summary lists the mean log10 final loss of each seed it evaluated
@@ -377,12 +379,14 @@ class SkippedRun:
         return {"path": self.path, "run": self.run, "reason": self.reason}
 
 
-def skip_reason(run: RunRecord, include_unfinished: bool = False) -> str | None:
-    """Why ``run`` must not be compared (None: it may be): not written by learnopt's logging
-    (no ``ls.SCHEMA_KEY`` in its config), or, unless ``include_unfinished``, not finished."""
-    if ls.SCHEMA_KEY not in run.config:
-        return (f"foreign: not written by learnopt's W&B logging (no {ls.SCHEMA_KEY} in its config), so its keys "
-                "may mean something else")
+def skip_reason(run: RunRecord, include_unfinished: bool = False, include_foreign: bool = False) -> str | None:
+    """Why ``run`` must not be compared (None: it may be): unless ``include_foreign``, not
+    written by learnopt's logging (no ``ls.SCHEMA_KEY`` in its config); unless
+    ``include_unfinished``, not finished."""
+    if ls.SCHEMA_KEY not in run.config and not include_foreign:
+        return (f"foreign: no {ls.SCHEMA_KEY} marker in its config: not written by learnopt's W&B logging (or by a "
+                "learnopt older than the marker), so its keys may mean something else; --include_foreign compares "
+                "it anyway")
     if include_unfinished or run.state == "finished":
         return None
     if run.state == "truncated":
@@ -396,7 +400,8 @@ def skip_reason(run: RunRecord, include_unfinished: bool = False) -> str | None:
 
 
 def triage_runs(runs: Sequence[RunRecord], project: str | None = None, all_projects: bool = False,
-                include_unfinished: bool = False) -> tuple[list[RunRecord], list[SkippedRun], str | None]:
+                include_unfinished: bool = False, include_foreign: bool = False
+                ) -> tuple[list[RunRecord], list[SkippedRun], str | None]:
     """Split runs into those to compare and those skipped with the reason (``skip_reason``, or
     another W&B project). Runs of one project are compared: ``project`` if given, else
     ``ls.PROJECT`` if any run is in it, else the only project there is (several and none
@@ -404,7 +409,7 @@ def triage_runs(runs: Sequence[RunRecord], project: str | None = None, all_proje
     skipped and the project compared (None with ``all_projects``)."""
     kept, skipped = [], []
     for run in runs:
-        reason = skip_reason(run, include_unfinished)
+        reason = skip_reason(run, include_unfinished, include_foreign)
         if reason is None:
             kept.append(run)
         else:
@@ -862,13 +867,15 @@ def compare(
     tasks: Sequence[str] = (), job_types: Sequence[str] = (), reference: str = "adam", fmt: str = "markdown",
     out_dir: str | None = "runs/compare", backend: str = "python", command: str | None = None,
     run_project: str | None = None, all_projects: bool = False, include_unfinished: bool = False,
+    include_foreign: bool = False,
 ) -> tuple[Comparison, str]:
     """Read, filter and compare runs; write ``table.md``, ``table.csv``, ``table.json``, the PNGs
     and ``index.html`` to ``out_dir`` (None: write nothing); return the comparison and the text
     in ``fmt``.
 
     Only finished runs written by learnopt's logging, of one W&B project, are compared
-    (``triage_runs``: ``run_project``, ``all_projects``, ``include_unfinished``); every other run
+    (``triage_runs``: ``run_project``, ``all_projects``, ``include_unfinished``,
+    ``include_foreign``); every other run
     read is listed with its reason in the comparison (``skipped``), in the text and on stderr.
 
     Raises:
@@ -897,7 +904,8 @@ def compare(
                 # one damaged run among many (a crashed writer) should not hide the others
                 unreadable.append(SkippedRun(str(log.parent), log.stem, f"unreadable: {e}"))
     # (an online project is one project already)
-    kept, skipped, _ = triage_runs(runs, run_project, all_projects or bool(project), include_unfinished)
+    kept, skipped, _ = triage_runs(runs, run_project, all_projects or bool(project), include_unfinished,
+                                   include_foreign)
     skipped = unreadable + skipped
     for s in skipped:
         print(f"learnopt compare: skipping a run: {s.path or s.run}: {s.reason}", file=sys.stderr)
@@ -942,13 +950,16 @@ def compare_cli(args: list[str] | None = None) -> Comparison:
     parser.add_argument("--all_projects", action="store_true", help="offline runs: merge the runs of every W&B project")
     parser.add_argument("--include_unfinished", action="store_true",
                         help="also compare runs still running, crashed or truncated (skipped by default)")
+    parser.add_argument("--include_foreign", action="store_true",
+                        help="also compare runs without learnopt's schema marker (written by other scripts, or by a "
+                        "learnopt older than the marker): their keys are trusted to mean what learnopt's mean")
     args = list(sys.argv[1:] if args is None else args)
     ns = parser.parse_args(args)
     command = " ".join(["learnopt compare", *args])
     try:
         comparison, text = compare(ns.paths, ns.project, ns.group, ns.tag, ns.task, ns.job_type, ns.reference,
                                    ns.format, ns.out_dir, ns.backend, command, ns.run_project, ns.all_projects,
-                                   ns.include_unfinished)
+                                   ns.include_unfinished, ns.include_foreign)
     except (RunReadError, RuntimeError, ValueError) as e:
         parser.exit(2, f"learnopt compare: error: {e}\n")
     print(text)

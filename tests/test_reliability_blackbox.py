@@ -171,6 +171,9 @@ def test_a_foreign_run_never_replaces_the_reference(runs, capsys):
     (skipped,) = table["skipped"]
     assert skipped["reason"].startswith("foreign") and "offline-run" in skipped["path"]
     assert "foreign" in err
+    # asked for, a run without the marker is compared (runs of a learnopt older than the marker)
+    code, out, _ = _cli(runs, runs["root"] / "foreign", "--include_foreign", "--format", "json", capsys=capsys)
+    assert code == 0 and [r["optimizer"] for r in json.loads(out)["evaluation"]] == ["adam"]
 
 
 def test_runs_of_another_project_are_not_merged_unless_asked(runs, capsys):
