@@ -154,6 +154,11 @@ def test_invalid_constructor_arguments():
         CoordinatewiseLSTM(hidden_size=0)
     with pytest.raises(ValueError):
         CoordinatewiseLSTM(num_layers=0)
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="preprocess_p"):
+            CoordinatewiseLSTM(preprocess="log_sign", preprocess_p=bad)
+    with pytest.raises(ValueError, match="output_scale"):
+        CoordinatewiseLSTM(output_scale=float("nan"))
 
 
 def _manual_update(lopt: CoordinatewiseLSTM, flat_grad, h, c, p):

@@ -180,6 +180,10 @@ class CoordinatewiseLSTM(LearnedOptimizer):
             raise ValueError(f"CoordinatewiseLSTM: preprocess must be 'none' or 'log_sign', got {preprocess!r}")
         if hidden_size < 1 or num_layers < 1:
             raise ValueError("CoordinatewiseLSTM: hidden_size and num_layers must be >= 1")
+        if not math.isfinite(preprocess_p) or preprocess_p <= 0:
+            raise ValueError(f"CoordinatewiseLSTM: preprocess_p must be finite and > 0, got {preprocess_p!r}")
+        if not math.isfinite(output_scale):
+            raise ValueError(f"CoordinatewiseLSTM: output_scale must be finite, got {output_scale!r}")
         self.hidden_size = hidden_size
         self.num_layers = num_layers
         self.preprocess = preprocess
