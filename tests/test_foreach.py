@@ -102,6 +102,12 @@ CASES: list[tuple[str, Callable, dict[str, Any], Callable | None]] = [
     ("lamb_no_bias_correction_clamp", lo.lamb,
      dict(lr=0.02, weight_decay=0.1, eps=1e-8, clamp_value=0.5, bias_correction=False), None),
     ("lamb_no_clamp", lo.lamb, dict(lr=0.02, clamp_value=None), None),
+    ("apollo", lo.apollo, dict(lr=0.02, warmup_steps=5), None),
+    ("apollo_l2", lo.apollo, dict(lr=0.02, init_lr=None, beta=0.8, weight_decay=0.1, warmup_steps=30), None),
+    ("apollo_decoupled", lo.apollo, dict(lr=0.02, weight_decay=0.1, weight_decay_type="decoupled", warmup_steps=3),
+     None),
+    ("apollo_stable_belief", lo.apollo, dict(lr=0.02, rebound="belief", weight_decay=0.1,
+                                             weight_decay_type="stable", warmup_steps=3), None),
     # lookahead: "inner" is (factory, kwargs) of the wrapped optimizer, "lr" its learning rate
     ("lookahead_adam", lo.lookahead, dict(lr=0.05, inner=(lo.adam, {})), None),
     ("lookahead_momentum", lo.lookahead, dict(lr=0.02, inner=(lo.sgd, dict(momentum=0.9)), k=3, alpha=0.8), None),

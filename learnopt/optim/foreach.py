@@ -27,7 +27,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from learnopt.optim import alias
+from learnopt.optim import alias, hessian
 from learnopt.optim.base import GradientTransformation
 from learnopt.optim.param_state import split_parameter_state
 
@@ -564,4 +564,56 @@ def lookahead_(params: list[Tensor], grads: list[Tensor], states: list[dict[str,
         slow = [s["slow"] for s in states]
         torch._foreach_lerp_(slow, params, alpha)
         torch._foreach_copy_(params, slow)
+    return True
+
+
+@register_kernel(hessian.apollo)
+def apollo_(params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]],
+            arguments: dict[str, Any]) -> bool:
+    """``hessian.apollo`` in place for one task instance (``batch_dims == 0``): the elementwise
+    work in multi-tensor operations, the per-tensor norms and inner products as one reduction per
+    tensor (``dot``), then their numbers as scalar lists."""
+    lr, init_lr, beta, rebound, weight_decay, decay_type, warmup, eps, batch_dims = (
+        arguments[k] for k in ("lr", "init_lr", "beta", "rebound", "weight_decay", "weight_decay_type",
+                               "warmup_steps", "eps", "batch_dims"))
+    if not plain(lr, init_lr, beta, weight_decay, eps, warmup) or batch_dims != 0:
+        return False
+    start_lr = lr / 1000.0 if init_lr is None else init_lr
+    eps_eff = eps / 1e-2 if rebound == "constant" else eps
+    t = float(new_count(states))
+    step_lr = lr if t >= warmup else (lr - start_lr) * t / warmup + start_lr
+    alpha = (1 - beta) / (1 - beta**t)
+    if decay_type == "l2":
+        grads = _l2(grads, params, weight_decay)
+    m = [s["exp_avg_grad"] for s in states]
+    hess = [s["approx_hessian"] for s in states]
+    d = [s["update"] for s in states]
+
+    def dots(xs: list[Tensor], ys: list[Tensor]) -> Tensor:
+        return torch.stack([torch.dot(x.reshape(-1), y.reshape(-1)).to(torch.float64) for x, y in zip(xs, ys)])
+
+    delta_grad = torch._foreach_sub(grads, m)
+    torch._foreach_add_(m, delta_grad, alpha=alpha)
+    v_sq = torch._foreach_mul(d, d)
+    denom = dots(v_sq, v_sq) ** 0.25 + eps_eff  # ||d||_4 + eps'
+    torch._foreach_div_(d, denom.tolist())
+    torch._foreach_div_(v_sq, (denom * denom).tolist())  # (d / denom)^2
+    delta = -alpha * dots(delta_grad, d) / denom - dots(hess, v_sq)
+    torch._foreach_mul_(v_sq, delta.tolist())
+    torch._foreach_add_(hess, v_sq)
+    den = torch._foreach_abs(hess)
+    if rebound == "belief":
+        bounds = [torch.aminmax(x) for x in delta_grad]
+        torch._foreach_clamp_min_(den, [max(-float(lo), float(hi)) for lo, hi in bounds])
+        torch._foreach_add_(den, eps_eff / alpha)
+    else:
+        torch._foreach_clamp_min_(den, 1e-2)
+    torch._foreach_copy_(d, m)
+    torch._foreach_div_(d, den)
+    if weight_decay != 0 and decay_type == "decoupled":
+        torch._foreach_add_(d, params, alpha=weight_decay)
+    elif weight_decay != 0 and decay_type == "stable":
+        for direction, p, b in zip(d, params, den):
+            direction.add_(p, alpha=weight_decay / float(b.sum() / b.numel()))
+    torch._foreach_add_(params, d, alpha=-step_lr)
     return True

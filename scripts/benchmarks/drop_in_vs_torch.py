@@ -52,7 +52,7 @@ from common import RESULTS, interleaved, machine, markdown_table, write_json  # 
 # width d of Linear(d, d) -> ReLU -> Linear(d, d): 2 (d² + d) parameters
 WIDTHS = {"10k": 70, "1M": 707, "10M": 2236}
 # repetitions per size, and steps per timed call (small models: one step is tens of µs)
-REPEATS = {"10k": 60, "1M": 40, "10M": 15}
+REPEATS = {"10k": 100, "1M": 60, "10M": 25}
 INNER = {"10k": 20, "1M": 1, "10M": 1}
 
 Maker = Callable[[list[torch.Tensor]], object]  # a torch.optim.Optimizer or anything with step()
@@ -229,26 +229,65 @@ def plot(results: dict, path: Path) -> None:
 
 
 def tables(results: dict) -> str:
+    """Two Markdown tables: the ratios to the peer, and the peers with the absolute times."""
     sizes = results["sizes"]
     names = [r["name"] for r in sizes[0]["rows"]]
     by = [{r["name"]: r for r in s["rows"]} for s in sizes]
-    header = ["optimizer", "peer", "kernel"]
-    header += [f"× peer at {s['model']}" for s in sizes]
-    header += [f"unchecked × peer at {s['model']}" for s in sizes]
-    header += [f"functional × peer at {s['model']}" for s in sizes]
-    header += [f"peer ms at {s['model']}" for s in sizes]
+    labels = [s["model"] for s in sizes]
+
+    def ratio(row: dict | None, key: str) -> str:
+        return f"{row[key]:.2f}" if row is not None and key in row else "—"
+
+    header = ["optimizer", "kernel", *[f"× peer, {m}" for m in labels], *[f"unchecked × peer, {m}" for m in labels],
+              *[f"functional × peer, {m}" for m in labels]]
     rows = []
     for n in names:
-        first = by[0][n]
-        row = [f"`{n}`", first["peer"], "yes" if first["kernel"] else "no"]
-        row += [f"{b[n]['ratio']:.2f}" for b in by]
-        row += [f"{b[n]['unchecked_ratio']:.2f}" if "unchecked_ratio" in b[n] else "—" for b in by]
-        row += [f"{b[n]['functional_ratio']:.2f}" if "functional_ratio" in b[n] else "—" for b in by]
-        row += [f"{b[n]['seconds']['peer'] * 1e3:.3g}" for b in by]
-        rows.append(row)
+        rows.append([f"`{n}`", "yes" if by[0][n]["kernel"] else "no",
+                     *[ratio(b.get(n), "ratio") for b in by], *[ratio(b.get(n), "unchecked_ratio") for b in by],
+                     *[ratio(b.get(n), "functional_ratio") for b in by]])
     text = markdown_table(header, rows)
-    text += "\n\nNot timed:\n\n" + "\n".join(f"- `{n}`: {why}" for n, why in NOT_TIMED.items())
+    header = ["optimizer", "peer", *[f"peer ms, {m}" for m in labels], *[f"learnopt ms, {m}" for m in labels],
+              *[f"repetitions, {m}" for m in labels]]
+    rows = []
+    for n in names:
+        rows.append([f"`{n}`", by[0][n]["peer"],
+                     *[f"{b[n]['seconds']['peer'] * 1e3:.3g}" if n in b else "—" for b in by],
+                     *[f"{b[n]['seconds']['learnopt'] * 1e3:.3g}" if n in b else "—" for b in by],
+                     *[str(b[n].get("repeats", "—")) if n in b else "—" for b in by]])
+    text += "\n\n" + markdown_table(header, rows)
+    text += "\n\nNot timed:\n\n" + "\n".join(f"- `{n}`: {why}" for n, why in results["not_timed"].items())
     return text
+
+
+def markdown_page(results: dict, name: str) -> str:
+    m = results["machine"]
+    sizes = ", ".join(f"{s['model']} = {s['parameters']:,} ({s['width']}-wide)" for s in results["sizes"])
+    return "\n".join([
+        "# Drop-in step against torch.optim / pytorch_optimizer",
+        "",
+        "Written by `scripts/benchmarks/drop_in_vs_torch.py` (its docstring says what each contender is);",
+        "the analysis is in `README.md`, section 5. Command:",
+        "",
+        f"    {results['command']}",
+        "",
+        f"Machine: {m['cpu']}, {m['logical_cpus']} logical CPUs, torch {m['torch']}, {m['torch_threads']} thread(s); "
+        f"load average at the start {m.get('load_average_at_start')}. Models: `Linear(d,d)–ReLU–Linear(d,d)`, {sizes} "
+        "parameters. Each figure is a ratio of medians over interleaved repetitions of the same run;",
+        "`× peer` is the drop-in as users get it, `unchecked` the same with `check_finite=False`,",
+        "`functional` the same with `foreach=False`.",
+        "",
+        f"![ratios]({name}.png)",
+        "",
+        results["table"],
+        "",
+    ])
+
+
+def write_outputs(results: dict, name: str) -> None:
+    results["table"] = tables(results)
+    write_json(name, results)
+    (RESULTS / f"{name}.md").write_text(markdown_page(results, name))
+    plot(results, RESULTS / f"{name}.png")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -260,7 +299,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--row-budget", type=float, default=40.0,
                         help="seconds of timing per row and size at most (fewer repetitions, 3 at least)")
     parser.add_argument("--out", default="drop_in_vs_torch")
+    parser.add_argument("--render", action="store_true",
+                        help="only write the .md, .png and table again from the existing .json")
     args = parser.parse_args(argv)
+    if args.render:
+        results = json.loads((RESULTS / f"{args.out}.json").read_text())
+        write_outputs(results, args.out)
+        print(results["table"])
+        return results
     names = args.only or catalogue_rows()
     results = {"machine": machine(),
                "command": "OMP_NUM_THREADS=%d .venv/bin/python scripts/benchmarks/drop_in_vs_torch.py %s" % (
@@ -279,10 +325,8 @@ def main(argv: list[str] | None = None) -> dict:
         current["rows"].append(time_row(name, WIDTHS[label], repeats, INNER[label], not args.no_functional,
                                        args.row_budget))
         write_json(args.out, results)
-    results["table"] = tables(results)
+    write_outputs(results, args.out)
     print(results["table"])
-    write_json(args.out, results)
-    plot(results, RESULTS / f"{args.out}.png")
     return results
 
 
