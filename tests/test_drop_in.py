@@ -456,3 +456,13 @@ def test_momentum_cycled_up_from_zero_creates_the_buffer_as_torch_sgd_does():
     for a, b in zip(ours, ref):
         for x, y in zip(a, b):
             torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("name,make", _every_drop_in()[-2:] + [("adam", lambda p: lo.as_torch_optimizer(lo.adam(), p))],
+                         ids=["lstm", "mlp_lopt", "adam"])
+def test_zero_size_parameters_step_as_no_ops(name, make):
+    empty = nn.Parameter(torch.zeros(0, 3, dtype=DT))
+    opt = make([("empty", empty)])
+    empty.grad = torch.zeros(0, 3, dtype=DT)
+    opt.step()
+    assert empty.shape == (0, 3)

@@ -276,6 +276,8 @@ class CoordinatewiseLSTM(LearnedOptimizer):
         flat = torch.cat([g.reshape(-1).to(self.dtype) for g in grads.values()])
         n, hidden, layers, k0 = flat.shape[0], self.hidden_size, self.num_layers, self._input_rows
         self._check_state(state, n)
+        if n == 0:  # only empty tensors: nothing to update
+            return {k: torch.zeros_like(g) for k, g in grads.items()}
         buffer = self._buffer_of(state.h, n)
         if buffer is None:
             buffer = self._scratch_buffer(n)
