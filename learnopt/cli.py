@@ -24,13 +24,14 @@ def main(argv: list[str] | None = None) -> int:
         from learnopt.checkpoint import CheckpointError
         from learnopt.train.callbacks import NoExport
         from learnopt.train.cli import meta_train
+        from learnopt.train.config_errors import explain
         from learnopt.train.module import NonFiniteMetaTraining
         from learnopt.train.run_lock import RunDirectoryLocked
 
         try:
             meta_train(rest)
         except (CheckpointError, FileNotFoundError, NoExport, NonFiniteMetaTraining, RunDirectoryLocked, ValueError) as err:
-            print(f"learnopt meta-train: error: {err}", file=sys.stderr)
+            print(f"learnopt meta-train: error: {explain(str(err))}", file=sys.stderr)
             return 1
         return 0
     if command == "evaluate" and "--suite" in rest:

@@ -180,6 +180,16 @@ class Ballast(pl.Callback):
         return {"ballast": "x" * 2**18}
 
 
+class UnannotatedFamily:
+    """A task family that wraps the quadratic one without type annotations on ``sample``."""
+
+    def __init__(self, dim: int = 3) -> None:
+        self.inner = QuadraticFamily(dim)
+
+    def sample(self, num_instances, generator=None):
+        return self.inner.sample(num_instances, generator)
+
+
 class KillAfterValidation(pl.Callback):
     def __init__(self, step: int = -1) -> None:
         self.step = step
@@ -252,6 +262,21 @@ def test_zero_tasks_are_refused(run_dir, capsys, key):
     rc, err = _meta_train(capsys, f"--model.{key}", "0", "--trainer.max_steps", "2", *_callbacks())
     assert rc == 1 and f"{key} must be an integer >= 1, got 0" in err, err
     assert not (run_dir / "lopt.pt").exists()
+
+
+def test_a_logger_save_dir_that_cannot_be_made_is_named_without_the_union_listing(run_dir, capsys):
+    (run_dir / "a_file").write_text("")
+    rc, err = _meta_train(capsys, "--trainer.logger", json.dumps(
+        {"class_path": "learnopt.train.wandb_logging.WandbLogger", "init_args": {"save_dir": "a_file/runs"}}))
+    assert rc == 1 and "WandbLogger could not be built: [Errno 20] Not a directory" in err, err
+    assert "Expected a" not in err and "Union" not in err
+
+
+def test_a_task_family_refused_for_its_annotations_is_told_which_method_differs(run_dir, capsys):
+    rc, err = _meta_train(capsys, "--model.task_family", "reliability_helpers.UnannotatedFamily")
+    assert rc == 1, err
+    assert "model.task_family: reliability_helpers.UnannotatedFamily is not accepted as a task family" in err
+    assert "its sample(self, num_instances, generator=None) must read sample(self, num_instances: 'int'" in err
 
 
 def test_a_resume_after_a_kill_between_export_and_checkpoint_keeps_the_best_export(run_dir, capsys):

@@ -12,10 +12,12 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_only
+from jsonargparse import ArgumentError
 
 from learnopt.runtime import apply_defaults
 from learnopt.train.callbacks import ExportLearnedOptimizer
 from learnopt.train.checkpoint_io import AtomicCheckpointIO
+from learnopt.train.config_errors import explain
 from learnopt.train.module import MetaTrainModule
 from learnopt.train.run_lock import RunLock
 
@@ -103,7 +105,10 @@ def meta_train(args: list[str] | None = None) -> MetaTrainCLI:
             save_config_callback=SaveConfigToRunDir,
             save_config_kwargs={"overwrite": True},
             auto_configure_optimizers=False,
+            parser_kwargs={"exit_on_error": False},
         )
+    except ArgumentError as err:  # a config or flag jsonargparse refused: say why, briefly
+        raise ValueError(explain(str(err))) from None
     finally:
         sys.argv = argv
     use_atomic_checkpoints(cli.trainer)
