@@ -22,8 +22,8 @@ checkpoints are untrusted data, which is why loading never runs code from them.
 
 from __future__ import annotations
 
-import errno
 import hashlib
+import importlib
 import json
 import math
 import os
@@ -36,20 +36,24 @@ from typing import Any, Iterable
 import torch
 from torch import Tensor, nn
 
-from learnopt.blackbox import REGISTRY as BLACKBOX_PROPOSERS
-from learnopt.learned import REGISTRY as LEARNED_OPTIMIZERS
 from learnopt.learned.base import LearnedOptimizer
-from learnopt.vsml import REGISTRY as VSML_LEARNERS
 
 FORMAT = "learnopt-checkpoint"
 FORMAT_VERSION = 1
 
-# kind -> {class name -> class}. Later kinds (black-box proposers, VSML learners) add theirs.
-REGISTRIES: dict[str, dict[str, type[nn.Module]]] = {
-    "learned_optimizer": LEARNED_OPTIMIZERS,
-    "blackbox_proposer": BLACKBOX_PROPOSERS,
-    "vsml_learner": VSML_LEARNERS,
+# kind -> the package whose REGISTRY ({class name -> class}) lists the classes a file of that
+# kind may name. The package is imported when a file of its kind is loaded or exported, so
+# loading a learned optimizer never imports the black-box stack (scipy) or the VSML learners.
+KIND_PACKAGES: dict[str, str] = {
+    "learned_optimizer": "learnopt.learned",
+    "blackbox_proposer": "learnopt.blackbox",
+    "vsml_learner": "learnopt.vsml",
 }
+
+
+def registry(kind: str) -> dict[str, type[nn.Module]]:
+    """The classes a checkpoint of ``kind`` may name (``KeyError`` for an unknown kind)."""
+    return importlib.import_module(KIND_PACKAGES[kind]).REGISTRY
 
 
 class CheckpointError(ValueError):
@@ -92,7 +96,7 @@ def export_checkpoint(obj: nn.Module, path: str | os.PathLike, metadata: dict[st
 
     kind = getattr(obj, "kind", None)
     name = type(obj).__name__
-    if kind not in REGISTRIES or REGISTRIES[kind].get(name) is not type(obj):
+    if kind not in KIND_PACKAGES or registry(kind).get(name) is not type(obj):
         raise CheckpointError(f"cannot export {name}: not a registered {kind or 'learnopt'} class")
     payload = {
         "format": FORMAT,
@@ -262,15 +266,15 @@ def _build(payload: dict[str, Any], path: Path) -> nn.Module:
     """The object a validated checkpoint payload describes, with its weights loaded; a config
     or weights that do not fit the class raise ``CheckpointError`` naming the problem."""
     kind, name = payload["kind"], payload["class"]
-    if kind not in REGISTRIES:
-        raise CheckpointError(f"learnopt checkpoint {path}: unknown kind {kind!r} (known: {sorted(REGISTRIES)})")
-    cls = REGISTRIES[kind].get(name)
+    if kind not in KIND_PACKAGES:
+        raise CheckpointError(f"learnopt checkpoint {path}: unknown kind {kind!r} (known: {sorted(KIND_PACKAGES)})")
+    cls = registry(kind).get(name)
     if cls is None:
         raise CheckpointError(
-            f"learnopt checkpoint {path}: unknown {kind} class {name!r} (known: {sorted(REGISTRIES[kind])})"
+            f"learnopt checkpoint {path}: unknown {kind} class {name!r} (known: {sorted(registry(kind))})"
         )
     state = payload["state_dict"]
-    expected = _shapes_on_meta(cls, payload["config"], state, path)
+    _shapes_on_meta(cls, payload["config"], state, path)  # refuses before anything is allocated
     try:
         obj = cls(**payload["config"])
     except (TypeError, ValueError) as e:

@@ -41,60 +41,15 @@ import json
 import math
 import os
 import shutil
-import struct
 import subprocess
 import sys
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from learnopt import logging_schema as ls
-
-# --------------------------------------------------------------------------- speedup
-
-
-def steps_to_reach(curve: Sequence[float], level: float) -> int | None:
-    """First inner step at which ``curve`` is at or below ``level`` (None: never)."""
-    return next((t for t, v in enumerate(curve) if v <= level), None)
-
-
-def speedup(curve: Sequence[float], reference: Sequence[float]) -> float:
-    """Speedup of the optimizer with loss curve ``curve`` over the one with ``reference``
-    (tuned Adam), in the spirit of VeLO's evaluation (Metz et al. 2022).
-
-    Both curves hold one value per inner step (step 0 first), e.g. mean log10 loss; lower is
-    better. Let ``L`` be the worse of the two final values, ``max(curve[-1], reference[-1])``,
-    a level both optimizers reach within their runs, and ``s(c, L)`` the first step at which
-    curve ``c`` is at or below ``L``. Then
-
-        speedup = s(reference, L) / s(curve, L)
-
-    If the optimizer ends better than Adam, ``L`` is Adam's final loss and the speedup is how
-    many times fewer steps the optimizer needs to reach it (Adam first reaching its final loss
-    at step 100 and the optimizer reaching it at step 25 gives 4). If it ends worse, ``L`` is its
-    own final loss and the speedup is below 1: Adam reaching that loss at step 50 while the
-    optimizer first got there at step 100 gives 0.5. Adam against itself gives 1, and
-    ``speedup(a, b) == 1 / speedup(b, a)``.
-
-    Edge cases: an optimizer whose final value is not below its starting value (no progress)
-    or not finite (diverged) gets 0; one that made progress against a reference that made none
-    (or diverged) gets infinity.
-    """
-    if not curve or not reference:
-        raise ValueError("speedup needs two non-empty curves")
-    final, ref_final = float(curve[-1]), float(reference[-1])
-    if not math.isfinite(final) or not final < float(curve[0]):
-        return 0.0
-    if not math.isfinite(ref_final):
-        return math.inf
-    level = max(final, ref_final)
-    steps, ref_steps = steps_to_reach(curve, level), steps_to_reach(reference, level)
-    assert steps is not None and ref_steps is not None  # the worse curve reaches its own end
-    if steps == 0:  # the reference never got below where this curve started
-        return math.inf
-    return ref_steps / steps
-
+from learnopt.metrics import speedup, steps_to_reach, t_interval  # noqa: F401 (steps_to_reach: public here too)
+from learnopt.wandb_files import RunReadError, _scan_log, _transaction_log_records, log_is_complete  # noqa: F401
 
 # --------------------------------------------------------------------------- reading runs
 
@@ -123,91 +78,6 @@ class RunRecord:
         """``(steps, values)`` of the history rows that hold both ``step_key`` and ``key``, sorted by step."""
         pairs = sorted((float(r[step_key]), _float(r[key])) for r in self.history if key in r and step_key in r)
         return [p[0] for p in pairs], [p[1] for p in pairs]
-
-
-class RunReadError(ValueError):
-    """A W&B run that cannot be read; the message names the file and the problem."""
-
-
-# LevelDB log format as W&B writes it (a 7-byte file header, then 32 KiB blocks of records,
-# each with a 7-byte header: CRC-32 of type and payload, payload length, type).
-_FILE_HEADER = struct.Struct("<4sHB")
-_IDENT, _MAGIC = b":W&B", 0xBEE1
-_BLOCK = 32768
-_REC_HEADER = struct.Struct("<IHB")
-_FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
-
-
-def _transaction_log_records(path: Path) -> list[bytes]:
-    """The payloads of the records in a ``.wandb`` file, checked against their CRCs. A run
-    still being written may end in a partial record, which is dropped."""
-    return _scan_log(path)[0]
-
-
-def _scan_log(path: Path) -> tuple[list[bytes], int | None]:
-    """``_transaction_log_records`` and the byte offset of the partial record the file ends in
-    (None when it ends on a record boundary)."""
-    data = path.read_bytes()
-    if len(data) < _FILE_HEADER.size:
-        raise RunReadError(f"{path}: too short to be a W&B transaction log")
-    ident, magic, version = _FILE_HEADER.unpack_from(data)
-    if ident != _IDENT or magic != _MAGIC:
-        raise RunReadError(f"{path}: not a W&B transaction log (header {data[:7]!r})")
-    if version != 0:
-        raise RunReadError(f"{path}: W&B transaction log version {version} is not supported (only 0)")
-    records, pending, pos, partial = [], None, _FILE_HEADER.size, None
-    while pos + _REC_HEADER.size <= len(data):
-        left = _BLOCK - pos % _BLOCK
-        if left < _REC_HEADER.size:  # block trailer: zero padding
-            pos += left
-            continue
-        crc, length, kind = _REC_HEADER.unpack_from(data, pos)
-        if kind == 0 and length == 0:  # zero-filled rest of a block
-            pos += left
-            continue
-        start, pos = pos + _REC_HEADER.size, pos + _REC_HEADER.size + length
-        payload = data[start:pos]
-        if len(payload) < length:
-            partial = start - _REC_HEADER.size  # a tail cut inside a record
-            break
-        if zlib.crc32(payload, zlib.crc32(bytes([kind]))) & 0xFFFFFFFF != crc:
-            raise RunReadError(f"{path}: corrupt record at byte {start - _REC_HEADER.size} (CRC mismatch)")
-        if kind == _FULL:
-            records.append(payload)
-        elif kind == _FIRST:
-            pending = payload
-        elif kind in (_MIDDLE, _LAST) and pending is not None:
-            pending += payload
-            if kind == _LAST:
-                records.append(pending)
-                pending = None
-        else:
-            raise RunReadError(f"{path}: bad record type {kind} at byte {start - _REC_HEADER.size}")
-    if partial is None and pos < len(data) and any(data[pos:]):
-        partial = pos  # fewer bytes than a record header, and not the zero padding of a block
-    if partial is None and pending is not None:
-        partial = pos  # a record split across blocks whose last fragment never came
-    return records, partial
-
-
-def log_is_complete(path: str | os.PathLike) -> bool:
-    """Whether the ``.wandb`` file at ``path`` holds its run's exit record (the run finished and
-    W&B wrote it out)."""
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    try:
-        payloads = _transaction_log_records(Path(path))
-    except (OSError, RunReadError):
-        return False
-    for payload in reversed(payloads):
-        record = pb.Record()
-        try:
-            record.ParseFromString(payload)
-        except Exception:  # noqa: BLE001
-            return False
-        if record.WhichOneof("record_type") == "exit":
-            return True
-    return False
 
 
 def _set(target: dict[str, Any], item: Any) -> None:
@@ -494,7 +364,6 @@ class Row:
 
     @property
     def ci95(self) -> float:
-        from learnopt.evaluate import t_interval
         import torch
 
         values = list(self.seed_values.values())

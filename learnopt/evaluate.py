@@ -6,7 +6,7 @@ rate chosen on a half-decade log grid by mean log10 final loss on separate ``"tu
 instances; a baseline that diverges at a rate scores as diverged (log10 loss +30), not as
 missing; mean and 95% t-interval of log10 final loss over instances; the raw per-instance
 numbers saved beside the table; speedup against tuned Adam from the mean log10 loss curves
-(``learnopt.compare.speedup``: steps Adam needs ÷ steps the optimizer needs to reach the worse of
+(``learnopt.metrics.speedup``: steps Adam needs ÷ steps the optimizer needs to reach the worse of
 their two final losses), with the number of Adam steps needed to reach each optimizer's final
 loss beside it.
 
@@ -59,6 +59,7 @@ import torch
 from torch import Tensor
 
 from learnopt.meta.unroll import DIVERGED_LOG10, log10_losses
+from learnopt.metrics import speedup, t_interval  # noqa: F401 (t_interval: public here too)
 from learnopt.task import TaskFamily, normalize_loss, seeded_generator
 
 MakeOptimizer = Callable[[list[Tensor], float], torch.optim.Optimizer]
@@ -196,18 +197,6 @@ def _step_mode(make: Any) -> dict[str, bool]:
     return {"closure": getattr(make, "needs_closure", False), "create_graph": getattr(make, "needs_hessian", False)}
 
 
-def t_interval(x: Tensor, confidence: float = 0.95) -> tuple[float, float]:
-    """Mean and half-width of the two-sided t confidence interval."""
-    from scipy.stats import t as student_t
-
-    n = x.numel()
-    mean = float(x.mean())
-    if n < 2:
-        return mean, float("nan")
-    half = float(student_t.ppf(0.5 + confidence / 2, n - 1)) * float(x.std(unbiased=True)) / math.sqrt(n)
-    return mean, half
-
-
 def score(losses: Tensor) -> float:
     """Mean log10 final loss (diverged instances count +30): the tuning and ranking criterion."""
     return float(log10_losses(losses[-1]).mean())
@@ -281,9 +270,7 @@ class Evaluation:
         return next((t for t, v in enumerate(adam) if v <= target), None)
 
     def speedup(self, r: OptimizerResult) -> float | None:
-        """``learnopt.compare.speedup`` of ``r``'s curve over tuned Adam's (None without Adam)."""
-        from learnopt.compare import speedup
-
+        """``learnopt.metrics.speedup`` of ``r``'s curve over tuned Adam's (None without Adam)."""
         if not any(x.name == "adam" for x in self.results):
             return None
         return speedup(r.curve, self.result("adam").curve)

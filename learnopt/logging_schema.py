@@ -174,7 +174,7 @@ def finish_run(run: Any, timeout: float = 10.0) -> None:
     run.finish()
     if disabled or not sync_file:
         return
-    from learnopt.compare import log_is_complete
+    from learnopt.wandb_files import log_is_complete
 
     deadline = time.monotonic() + timeout
     while not log_is_complete(sync_file) and time.monotonic() < deadline:

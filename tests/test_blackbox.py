@@ -151,7 +151,8 @@ def test_numpy_stepper_matches_the_torch_step(q, explore, dtype, local, trend, s
 
 
 def test_quadratic_trend_fits_a_separable_quadratic_and_the_session_matches_it():
-    from learnopt.blackbox.proposer import QuadraticTrend, separable_quadratic_minimum
+    from learnopt.blackbox.proposer import QuadraticTrend
+    from learnopt.blackbox.trend import separable_quadratic_minimum
     from learnopt.blackbox.session import _Standardizer
 
     # minimiser of a z² + b z on [-1, 1]: the vertex (convex, inside), clamped (convex, outside),

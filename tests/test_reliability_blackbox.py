@@ -25,7 +25,7 @@ import learnopt
 from learnopt import logging_schema as ls
 from learnopt.blackbox import AskTellSession, RNNProposer, as_bounds, minimize
 from learnopt.cli import main
-from learnopt.compare import compare, log_is_complete, read_offline_run, speedup
+from learnopt.compare import log_is_complete, read_offline_run, speedup
 
 ROOT = Path(__file__).resolve().parents[1]
 

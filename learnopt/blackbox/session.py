@@ -63,7 +63,7 @@ from scipy.optimize import OptimizeResult
 from torch import Tensor, nn
 
 from learnopt.blackbox.gp import GPHyperparameters, GPPosterior, fit_hyperparameters
-from learnopt.blackbox.proposer import quadratic_basis, quadratic_fit_minimum, ridge_penalty
+from learnopt.blackbox.trend import quadratic_basis, quadratic_fit_minimum, ridge_penalty
 from learnopt.blackbox.refine import RHO_START, min_points, numpy_suggestion, numpy_update_radius
 
 

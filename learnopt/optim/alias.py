@@ -13,9 +13,9 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from learnopt.optim.numerics import count_like
 from learnopt.optim.base import GradientTransformation, Hyper, Params, State, chain, rebuildable
 from learnopt.optim.transforms import (
-    _count_like,
     add_decayed_weights,
     scale,
     scale_by_adadelta,
@@ -389,7 +389,7 @@ def lookahead(optimizer: GradientTransformation, k: int = 5, alpha: Hyper = 0.5)
     """
 
     def init(params):
-        return LookaheadState(_count_like(params), {n: p.clone() for n, p in params.items()}, optimizer.init(params))
+        return LookaheadState(count_like(params), {n: p.clone() for n, p in params.items()}, optimizer.init(params))
 
     def update(updates, state, params=None, **extra):
         if params is None:

@@ -16,26 +16,9 @@ import torch
 from torch import Tensor
 
 from learnopt.optim.base import EmptyState, GradientTransformation, Hyper, Params
-from learnopt.optim.transforms import _count_like
+from learnopt.optim.numerics import count_like, instance_norm, instance_sum  # noqa: F401 (public here too)
 
 Schedule = Callable[[Tensor], Tensor]
-
-
-def instance_sum(x: Tensor, batch_dims: int = 0) -> Tensor:
-    """Sum over all but the first ``batch_dims`` dimensions, keeping them for broadcasting."""
-    if x.dim() <= batch_dims:
-        return x
-    return x.sum(dim=tuple(range(batch_dims, x.dim())), keepdim=True)
-
-
-def instance_norm(tree: Params, batch_dims: int = 0) -> Tensor:
-    """Euclidean norm of all tensors in ``tree`` together, per instance (shape ``[*batch, 1...]``
-    broadcastable against each tensor when they share ``batch_dims``)."""
-    total = None
-    for x in tree.values():
-        s = instance_sum(x * x, batch_dims).reshape(x.shape[:batch_dims])
-        total = s if total is None else total + s
-    return torch.sqrt(total)
 
 
 def _expand(scalar_per_instance: Tensor, like: Tensor, batch_dims: int) -> Tensor:
@@ -104,7 +87,7 @@ def scale_by_schedule(schedule: Schedule) -> GradientTransformation:
     """``u <- schedule(t) * u`` with ``t`` the number of previous updates."""
 
     def init(params):
-        return ScaleByScheduleState(_count_like(params))
+        return ScaleByScheduleState(count_like(params))
 
     def update(updates, state, params=None, **extra):
         factor = schedule(state.count)

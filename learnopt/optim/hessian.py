@@ -28,9 +28,9 @@ import torch
 from torch import Tensor
 
 from learnopt.optim.base import GradientTransformation, Hyper, Params, zeros_like, rebuildable
-from learnopt.optim.combinators import instance_sum
+from learnopt.optim.numerics import instance_sum
 from learnopt.optim.extra import hvp_fn_from
-from learnopt.optim.transforms import _count_like, safe_sqrt
+from learnopt.optim.numerics import count_like, safe_sqrt
 
 DISTRIBUTIONS = ("rademacher", "gaussian")
 
@@ -154,7 +154,7 @@ def adahessian(
     b1, b2 = betas
 
     def init(params):
-        return AdaHessianState(_count_like(params), _initial_rng_state(seed), zeros_like(params), zeros_like(params))
+        return AdaHessianState(count_like(params), _initial_rng_state(seed), zeros_like(params), zeros_like(params))
 
     def update(updates, state, params=None, **extra):
         rng, v = state.rng, state.exp_hessian_diag_sq
@@ -218,7 +218,7 @@ def sophia(
     clip = p
 
     def init(params):
-        return SophiaState(_count_like(params), _initial_rng_state(seed), zeros_like(params), zeros_like(params))
+        return SophiaState(count_like(params), _initial_rng_state(seed), zeros_like(params), zeros_like(params))
 
     def update(updates, state, params=None, **extra):
         rng, h = state.rng, state.hessian_moment
@@ -288,7 +288,7 @@ def apollo(
     eps_eff = eps / 1e-2 if rebound == "constant" else eps
 
     def init(params):
-        return ApolloState(_count_like(params), zeros_like(params), zeros_like(params), zeros_like(params))
+        return ApolloState(count_like(params), zeros_like(params), zeros_like(params), zeros_like(params))
 
     def reduce_sum(x: Tensor) -> Tensor:
         return instance_sum(x, batch_dims)

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from learnopt.optim.base import GradientTransformation, Params
-from learnopt.optim.transforms import _count_like
+from learnopt.optim.numerics import count_like
 
 
 class InjectHyperparamsState(NamedTuple):
@@ -146,7 +146,7 @@ def inject_hyperparams(
 
         def init(params: Params) -> InjectHyperparamsState:
             dtype, device = _hyperparam_dtype(params, hyperparam_dtype)
-            count = _count_like(params)
+            count = count_like(params)
 
             def initial(value: Any) -> Tensor:
                 if isinstance(value, Tensor):

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from learnopt.optim.base import GradientTransformation, Hyper, Params, rebuildable
-from learnopt.optim.combinators import instance_sum
+from learnopt.optim.numerics import instance_sum
 from learnopt.optim.extra import MissingExtraArgument, hvp_fn_from
 
 WHO = "newton"

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from learnopt.optim.base import GradientTransformation, Hyper, Params, zeros_like, rebuildable
-from learnopt.optim.combinators import instance_sum
+from learnopt.optim.numerics import instance_sum
 from learnopt.optim.extra import MissingExtraArgument, require, value_and_grad_fn_from
 
 

@@ -12,18 +12,7 @@ import torch
 from torch import Tensor
 
 from learnopt.optim.base import EmptyState, GradientTransformation, Hyper, Params, zeros_like
-
-
-def safe_sqrt(x: Tensor) -> Tensor:
-    """``sqrt(x)`` whose derivative at ``x == 0`` is 0 instead of inf, so no NaN appears when
-    differentiating through a zero second moment (double backward at zero gradients)."""
-    positive = x > 0
-    return torch.where(positive, torch.sqrt(torch.where(positive, x, torch.ones_like(x))), torch.zeros_like(x))
-
-
-def _count_like(params: Params) -> Tensor:
-    device = next(iter(params.values())).device if params else None
-    return torch.zeros((), dtype=torch.int64, device=device)
+from learnopt.optim.numerics import count_like, instance_sum, safe_sqrt  # noqa: F401 (safe_sqrt: public here too)
 
 
 def scale(factor: Hyper) -> GradientTransformation:
@@ -71,7 +60,7 @@ def trace(momentum: Hyper, dampening: Hyper = 0.0, nesterov: bool = False) -> Gr
     """
 
     def init(params):
-        return TraceState(_count_like(params), zeros_like(params))
+        return TraceState(count_like(params), zeros_like(params))
 
     def update(updates, state, params=None, **extra):
         first = state.count == 0
@@ -130,7 +119,7 @@ def scale_by_adam(
     """
 
     def init(params):
-        return ScaleByAdamState(_count_like(params), zeros_like(params), zeros_like(params))
+        return ScaleByAdamState(count_like(params), zeros_like(params), zeros_like(params))
 
     def update(updates, state, params=None, **extra):
         count = state.count + 1
@@ -295,7 +284,7 @@ def scale_by_generalized_sign(
     """
 
     def init(params):
-        return ScaleBySignState(_count_like(params), zeros_like(params), zeros_like(params))
+        return ScaleBySignState(count_like(params), zeros_like(params), zeros_like(params))
 
     def update(updates, state, params=None, **extra):
         count = state.count + 1
@@ -364,7 +353,7 @@ def scale_by_lr_decay(lr_decay: Hyper) -> GradientTransformation:
     """``u <- u / (1 + (t - 1) * lr_decay)`` at step ``t``: ``torch.optim.Adagrad``'s ``lr_decay``."""
 
     def init(params):
-        return ScaleByLrDecayState(_count_like(params))
+        return ScaleByLrDecayState(count_like(params))
 
     def update(updates, state, params=None, **extra):
         out = {k: u / (1 + _float_count(state.count, u) * lr_decay) for k, u in updates.items()}
@@ -386,7 +375,6 @@ def scale_by_adagrad_norm(b0: Hyper = 1e-2, batch_dims: int = 0) -> GradientTran
     dimensions, which all parameters must share. ``b_t = 0`` (``b0 = 0`` and no gradient yet)
     gives ``u = 0``.
     """
-    from learnopt.optim.combinators import instance_sum  # combinators imports this module
 
     def init(params):
         first = next(iter(params.values()))
@@ -451,7 +439,7 @@ def scale_by_amsgrad(b1: Hyper = 0.9, b2: Hyper = 0.999, eps: Hyper = 1e-8) -> G
     """
 
     def init(params):
-        return ScaleByAmsgradState(_count_like(params), zeros_like(params), zeros_like(params), zeros_like(params))
+        return ScaleByAmsgradState(count_like(params), zeros_like(params), zeros_like(params), zeros_like(params))
 
     def update(updates, state, params=None, **extra):
         count = state.count + 1
@@ -488,7 +476,7 @@ def scale_by_nadam(
     def init(params):
         first = next(iter(params.values()))
         return ScaleByNadamState(
-            _count_like(params), torch.ones((), dtype=_widest_float(params), device=first.device),
+            count_like(params), torch.ones((), dtype=_widest_float(params), device=first.device),
             zeros_like(params), zeros_like(params),
         )
 
@@ -523,7 +511,7 @@ def scale_by_radam(b1: Hyper = 0.9, b2: Hyper = 0.999, eps: Hyper = 1e-8) -> Gra
     """
 
     def init(params):
-        return ScaleByAdamState(_count_like(params), zeros_like(params), zeros_like(params))
+        return ScaleByAdamState(count_like(params), zeros_like(params), zeros_like(params))
 
     def update(updates, state, params=None, **extra):
         count = state.count + 1
@@ -559,7 +547,7 @@ def scale_by_eadam(b1: Hyper = 0.9, b2: Hyper = 0.999, eps: Hyper = 1e-8) -> Gra
     """
 
     def init(params):
-        return ScaleByAdamState(_count_like(params), zeros_like(params), zeros_like(params))
+        return ScaleByAdamState(count_like(params), zeros_like(params), zeros_like(params))
 
     def update(updates, state, params=None, **extra):
         count = state.count + 1
@@ -589,7 +577,7 @@ def scale_by_belief(b1: Hyper = 0.9, b2: Hyper = 0.999, eps: Hyper = 1e-16) -> G
     """
 
     def init(params):
-        return ScaleByBeliefState(_count_like(params), zeros_like(params), zeros_like(params))
+        return ScaleByBeliefState(count_like(params), zeros_like(params), zeros_like(params))
 
     def update(updates, state, params=None, **extra):
         count = state.count + 1
@@ -614,7 +602,6 @@ def scale_by_trust_ratio(
         w = min(||p||, clamp_value);  n = ||u||
         u <- u * (w / (n + eps)  if w > 0 and n > 0  else 1)
     """
-    from learnopt.optim.combinators import instance_sum  # combinators imports this module
 
     def norm(x: Tensor) -> Tensor:
         # safe_sqrt: the norm of an all-zero tensor has derivative 0, not NaN.

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from learnopt.optim.base import GradientTransformation, Hyper, Params, zeros_like, rebuildable
 from learnopt.optim.extra import require
-from learnopt.optim.transforms import _count_like
+from learnopt.optim.numerics import count_like
 
 
 def _epoch_length(epoch_length: int | None, extra: dict, indices: Tensor, per_pass: float, who: str) -> int:
@@ -48,7 +48,7 @@ def svrg(lr: Hyper = 1e-2, epoch_length: int | None = None) -> GradientTransform
     """
 
     def init(params):
-        return SVRGState(_count_like(params), zeros_like(params), zeros_like(params))
+        return SVRGState(count_like(params), zeros_like(params), zeros_like(params))
 
     def update(updates, state, params=None, **extra):
         indices = require(extra, "indices", "svrg")
@@ -79,7 +79,7 @@ class GradientTableState(NamedTuple):
 def _table_init(num_examples: int) -> Callable[[Params], GradientTableState]:
     def init(params):
         table = {k: p.new_zeros((num_examples,) + p.shape) for k, p in params.items()}
-        return GradientTableState(_count_like(params), table, zeros_like(params))
+        return GradientTableState(count_like(params), table, zeros_like(params))
 
     return init
 

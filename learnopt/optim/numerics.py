@@ -1,0 +1,38 @@
+"""Numerics shared by the transforms: per-instance reductions, a safe square root and the
+step counter (a leaf module: it imports nothing of learnopt but the core types)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from learnopt.optim.base import Params
+
+
+def safe_sqrt(x: Tensor) -> Tensor:
+    """``sqrt(x)`` whose derivative at ``x == 0`` is 0 instead of inf, so no NaN appears when
+    differentiating through a zero second moment (double backward at zero gradients)."""
+    positive = x > 0
+    return torch.where(positive, torch.sqrt(torch.where(positive, x, torch.ones_like(x))), torch.zeros_like(x))
+
+
+def count_like(params: Params) -> Tensor:
+    device = next(iter(params.values())).device if params else None
+    return torch.zeros((), dtype=torch.int64, device=device)
+
+
+def instance_sum(x: Tensor, batch_dims: int = 0) -> Tensor:
+    """Sum over all but the first ``batch_dims`` dimensions, keeping them for broadcasting."""
+    if x.dim() <= batch_dims:
+        return x
+    return x.sum(dim=tuple(range(batch_dims, x.dim())), keepdim=True)
+
+
+def instance_norm(tree: Params, batch_dims: int = 0) -> Tensor:
+    """Euclidean norm of all tensors in ``tree`` together, per instance (shape ``[*batch, 1...]``
+    broadcastable against each tensor when they share ``batch_dims``)."""
+    total = None
+    for x in tree.values():
+        s = instance_sum(x * x, batch_dims).reshape(x.shape[:batch_dims])
+        total = s if total is None else total + s
+    return torch.sqrt(total)
