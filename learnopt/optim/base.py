@@ -57,23 +57,28 @@ class GradientTransformation(NamedTuple):
     recipe: Recipe | None = None
 
 
+def named_arguments(signature: inspect.Signature, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """A call's arguments by name, defaults filled in and ``**kwargs`` merged in."""
+    bound = signature.bind(*args, **kwargs)
+    bound.apply_defaults()
+    arguments: dict[str, Any] = {}
+    for name, value in bound.arguments.items():
+        if signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+            arguments.update(value)
+        else:
+            arguments[name] = value
+    return arguments
+
+
 def rebuildable(factory: Callable[..., GradientTransformation]) -> Callable[..., GradientTransformation]:
     """Decorate a factory so that the transforms it returns carry their ``Recipe``: the factory and
-    its arguments with the defaults filled in (``**kwargs`` merged in by name)."""
+    its arguments with the defaults filled in (``named_arguments``)."""
     signature = inspect.signature(factory)
 
     @functools.wraps(factory)
     def build(*args: Any, **kwargs: Any) -> GradientTransformation:
         tx = factory(*args, **kwargs)
-        bound = signature.bind(*args, **kwargs)
-        bound.apply_defaults()
-        arguments: dict[str, Any] = {}
-        for name, value in bound.arguments.items():
-            if signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
-                arguments.update(value)
-            else:
-                arguments[name] = value
-        return tx._replace(recipe=Recipe(build, arguments))
+        return tx._replace(recipe=Recipe(build, named_arguments(signature, args, kwargs)))
 
     return build
 

@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterable, NamedTuple
 import torch
 from torch import Tensor
 
-from learnopt.optim.base import GradientTransformation, Params
+from learnopt.optim.base import GradientTransformation, Params, named_arguments
 from learnopt.optim.numerics import count_like
 
 
@@ -128,14 +128,7 @@ def inject_hyperparams(
         return param is not None and _is_number(param.default) and isinstance(param.default, int)
 
     def wrapped(*args: Any, **kwargs: Any) -> GradientTransformation:
-        bound = signature.bind(*args, **kwargs)
-        bound.apply_defaults()
-        arguments: dict[str, Any] = {}
-        for name, value in bound.arguments.items():
-            if signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
-                arguments.update(value)
-            else:
-                arguments[name] = value
+        arguments = named_arguments(signature, args, kwargs)
         static, dynamic = {}, {}
         for name, value in arguments.items():
             # An int whose default is an int is a count or a size (batch_dims, ns_steps), not a rate.
