@@ -28,7 +28,6 @@ import json
 import math
 import os
 import pickle
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any, Iterable
@@ -36,6 +35,7 @@ from typing import Any, Iterable
 import torch
 from torch import Tensor, nn
 
+from learnopt.atomic_file import write_atomically
 from learnopt.learned.base import LearnedOptimizer
 
 FORMAT = "learnopt-checkpoint"
@@ -116,25 +116,7 @@ def _atomic_save(payload: dict[str, Any], path: Path) -> Path:
     over ``path``. A failure (a full disk) removes the temp file, leaves ``path`` as it was
     and raises ``OSError`` naming ``path``."""
     payload = {**payload, "digest": weights_digest(payload["state_dict"])}
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())  # the rename must not land before the data (a crash would leave an empty file)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a checkpoint is an ordinary file
-        os.replace(tmp, path)
-    except OSError as e:
-        raise OSError(e.errno, f"writing learnopt checkpoint failed ({e.strerror or e}); "
-                      "the file, if it existed, is unchanged", str(path)) from e
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return write_atomically(path, lambda f: torch.save(payload, f), "learnopt checkpoint")
 
 
 def update_metadata(path: str | os.PathLike, **fields: Any) -> Path:

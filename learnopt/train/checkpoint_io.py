@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import os
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -20,6 +19,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from learnopt.checkpoint import FORMAT as EXPORT_FORMAT
+from learnopt.atomic_file import write_atomically
 from learnopt.checkpoint import CheckpointError
 
 
@@ -31,25 +31,7 @@ def atomic_write(data: bytes, path: str | os.PathLike) -> None:
     """Write ``data`` to ``path`` through a temp file in the same directory, flushed to disk and
     renamed over ``path``. On failure the temp file is removed, ``path`` is as it was, and the
     ``OSError`` names ``path``."""
-    path = Path(str(path).removeprefix("file://"))
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a checkpoint is an ordinary file
-        os.replace(tmp, path)
-    except OSError as e:
-        raise OSError(e.errno, f"writing the Lightning checkpoint failed ({e.strerror or e}); "
-                      "the file, if it existed, is unchanged", str(path)) from e
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
+    write_atomically(Path(str(path).removeprefix("file://")), lambda f: f.write(data), "the Lightning checkpoint")
 
 
 def check_resume_file(path: str | os.PathLike) -> None:
