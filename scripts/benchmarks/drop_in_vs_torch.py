@@ -192,6 +192,19 @@ def time_row(name: str, width: int, repeats: int, inner: int, functional: bool, 
     return row
 
 
+def finite_guard_seconds(width: int, repeats: int) -> dict[str, float]:
+    """Median seconds of three ways to tell that every gradient is finite (the drop-in's
+    ``check_finite`` guard, which torch.optim does not have), on the model's gradients: NaN and
+    ±inf propagate into each total, so a finite total clears them all."""
+    grads = [p.grad for p in make_model(width).parameters()]
+    ways = {
+        "sum per tensor, stacked": lambda: bool(torch.stack([g.sum() for g in grads]).sum().isfinite()),
+        "foreach 1-norm": lambda: bool(torch.stack(torch._foreach_norm(grads, 1)).sum().isfinite()),
+        "foreach 2-norm": lambda: bool(torch.stack(torch._foreach_norm(grads, 2)).sum().isfinite()),
+    }
+    return interleaved(ways, repeats, warmup=1, desc="finite guard")
+
+
 def catalogue_rows() -> list[str]:
     """The timed rows in catalogue order (``sign_sgd (signum)`` right after ``sign_sgd``)."""
     missing = set(OPTIMIZERS) - set(PEERS) - set(NOT_TIMED)
@@ -212,8 +225,11 @@ def plot(results: dict, path: Path) -> None:
     width = 0.8 / len(sizes)
     for i, size in enumerate(results["sizes"]):
         ratios = {r["name"]: r["ratio"] for r in size["rows"]}
+        unchecked = {r["name"]: r["unchecked_ratio"] for r in size["rows"] if "unchecked_ratio" in r}
         ax.bar([j + i * width for j in range(len(names))], [ratios.get(n, float("nan")) for n in names], width,
                label=f"{size['model']} ({size['parameters']:,} parameters)")
+        ax.plot([j + i * width for j in range(len(names))], [unchecked.get(n, float("nan")) for n in names], "k_",
+                ms=7, mew=2, label="check_finite=False" if i == 0 else None)
     ax.axhline(1.0, color="k", lw=0.8)
     ax.axhline(1.25, color="tab:orange", ls="--", lw=0.8, label="1.25×")
     ax.axhline(2.0, color="tab:red", ls=":", lw=0.8, label="2×")
@@ -255,6 +271,11 @@ def tables(results: dict) -> str:
                      *[f"{b[n]['seconds']['learnopt'] * 1e3:.3g}" if n in b else "—" for b in by],
                      *[str(b[n].get("repeats", "—")) if n in b else "—" for b in by]])
     text += "\n\n" + markdown_table(header, rows)
+    guards = [(s["model"], s["finite_guard_seconds"]) for s in sizes if "finite_guard_seconds" in s]
+    if guards:
+        ways = list(guards[0][1])
+        text += "\n\nThe finite-gradient guard alone (ms, the same gradients):\n\n" + markdown_table(
+            ["model", *ways], [[m, *[f"{g[w] * 1e3:.3g}" for w in ways]] for m, g in guards])
     text += "\n\nNot timed:\n\n" + "\n".join(f"- `{n}`: {why}" for n, why in results["not_timed"].items())
     return text
 
@@ -269,6 +290,8 @@ def markdown_page(results: dict, name: str) -> str:
         "the analysis is in `README.md`, section 5. Command:",
         "",
         f"    {results['command']}",
+        *(["", "and for the finite-gradient guard table (into the same .json):", "",
+            f"    {results['guard_command']}"] if "guard_command" in results else []),
         "",
         f"Machine: {m['cpu']}, {m['logical_cpus']} logical CPUs, torch {m['torch']}, {m['torch_threads']} thread(s); "
         f"load average at the start {m.get('load_average_at_start')}. Models: `Linear(d,d)–ReLU–Linear(d,d)`, {sizes} "
@@ -301,9 +324,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", default="drop_in_vs_torch")
     parser.add_argument("--render", action="store_true",
                         help="only write the .md, .png and table again from the existing .json")
+    parser.add_argument("--guard-only", action="store_true",
+                        help="only time the finite-gradient guard, into the existing .json, and render")
     args = parser.parse_args(argv)
-    if args.render:
+    if args.render or args.guard_only:
         results = json.loads((RESULTS / f"{args.out}.json").read_text())
+        if args.guard_only:
+            for size in results["sizes"]:
+                size["finite_guard_seconds"] = finite_guard_seconds(size["width"], REPEATS[size["model"]])
+            results["guard_command"] = "OMP_NUM_THREADS=%d .venv/bin/python scripts/benchmarks/drop_in_vs_torch.py %s" % (
+                torch.get_num_threads(), " ".join(argv if argv is not None else sys.argv[1:]))
         write_outputs(results, args.out)
         print(results["table"])
         return results
@@ -319,7 +349,8 @@ def main(argv: list[str] | None = None) -> dict:
         bar.set_postfix_str(f"{label} {name}")
         if current is None or current["model"] != label:
             width = WIDTHS[label]
-            current = {"model": label, "width": width, "parameters": 2 * (width * width + width), "rows": []}
+            current = {"model": label, "width": width, "parameters": 2 * (width * width + width), "rows": [],
+                       "finite_guard_seconds": finite_guard_seconds(width, REPEATS[label])}
             results["sizes"].append(current)
         repeats = max(3, round(REPEATS[label] * args.repeat_scale))
         current["rows"].append(time_row(name, WIDTHS[label], repeats, INNER[label], not args.no_functional,
