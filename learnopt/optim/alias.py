@@ -13,8 +13,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from learnopt.optim.numerics import count_like
 from learnopt.optim.base import GradientTransformation, Hyper, Params, State, chain, rebuildable
+from learnopt.optim.numerics import count_like, nonzero
 from learnopt.optim.transforms import (
     add_decayed_weights,
     scale,
@@ -39,25 +39,18 @@ from learnopt.optim.transforms import (
 )
 
 
-def _l2(weight_decay: Hyper) -> list[GradientTransformation]:
-    # torch.optim adds weight_decay * p to the gradient before anything else (L2, not AdamW).
-    return [add_decayed_weights(weight_decay)] if _nonzero(weight_decay) else []
-
-
-def _nonzero(x: Hyper) -> bool:
-    return not (isinstance(x, (int, float)) and x == 0)
-
-
-def _decoupled(weight_decay: Hyper) -> list[GradientTransformation]:
-    # Decoupled weight decay (Loshchilov & Hutter 2017): placed after the preconditioner and
-    # before the learning rate, so the step is -lr * (u + weight_decay * p), i.e. torch's
-    # ``p *= 1 - lr * weight_decay`` followed by the preconditioned step.
-    return [add_decayed_weights(weight_decay)] if _nonzero(weight_decay) else []
+def _decay(weight_decay: Hyper) -> list[GradientTransformation]:
+    """``u <- u + weight_decay * p`` unless the decay is a literal 0. Before a preconditioner it is
+    torch.optim's L2 penalty (added to the gradient before anything else). After it, just
+    before the learning rate, it is decoupled weight decay (Loshchilov & Hutter 2017): the step
+    is ``-lr * (u + weight_decay * p)``, torch's ``p *= 1 - lr * weight_decay`` followed by the
+    preconditioned step."""
+    return [add_decayed_weights(weight_decay)] if nonzero(weight_decay) else []
 
 
 def _weight_decay(weight_decay: Hyper, decoupled: bool) -> tuple[list, list]:
     """(before, after) the preconditioner: L2 into the gradient, or decoupled."""
-    return ([], _decoupled(weight_decay)) if decoupled else (_l2(weight_decay), [])
+    return ([], _decay(weight_decay)) if decoupled else (_decay(weight_decay), [])
 
 
 @rebuildable
@@ -73,8 +66,8 @@ def sgd(
         g <- g + weight_decay * p;  b <- momentum * b + (1 - dampening) * g  (if momentum)
         p <- p - lr * (g + momentum * b  if nesterov else  b)
     """
-    parts = _l2(weight_decay)
-    if _nonzero(momentum) or nesterov:
+    parts = _decay(weight_decay)
+    if nonzero(momentum) or nesterov:
         parts.append(trace(momentum, dampening, nesterov))
     parts.append(scale_by_learning_rate(lr))
     return chain(*parts)
@@ -106,8 +99,8 @@ def rmsprop(
         s <- alpha s + (1 - alpha) g^2;   u = g / (sqrt(s) + eps)
         b <- momentum b + u  (if momentum);   p <- p - lr * (b or u)
     """
-    parts = _l2(weight_decay) + [scale_by_rms(alpha, eps, centered)]
-    if _nonzero(momentum):
+    parts = _decay(weight_decay) + [scale_by_rms(alpha, eps, centered)]
+    if nonzero(momentum):
         parts.append(trace(momentum))
     parts.append(scale_by_learning_rate(lr))
     return chain(*parts)
@@ -125,7 +118,7 @@ def adam(
         m <- b1 m + (1 - b1) g;  v <- b2 v + (1 - b2) g^2
         p <- p - lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
     """
-    return chain(*_l2(weight_decay), scale_by_adam(betas[0], betas[1], eps), scale_by_learning_rate(lr))
+    return chain(*_decay(weight_decay), scale_by_adam(betas[0], betas[1], eps), scale_by_learning_rate(lr))
 
 
 # -- sign-based and secant methods ---------------------------------------------------------------
@@ -152,7 +145,7 @@ def quickprop(lr: Hyper = 1e-2, mu: Hyper = 1.75, weight_decay: Hyper = 0.0) -> 
     step was zero (the first step). Weight decay is Fahlman's decay term, added to the
     gradient. The exact rule is in ``scale_by_quickprop``.
     """
-    return chain(*_l2(weight_decay), scale_by_quickprop(lr, mu), scale(-1.0))
+    return chain(*_decay(weight_decay), scale_by_quickprop(lr, mu), scale(-1.0))
 
 
 @rebuildable
@@ -172,7 +165,7 @@ def sign_sgd(
     ``betas=(0, 0), eps=0`` is SignSGD (Bernstein et al. 2018).
     """
     return chain(
-        *_l2(weight_decay), scale_by_generalized_sign(betas[0], betas[1], eps, use_bias_correction),
+        *_decay(weight_decay), scale_by_generalized_sign(betas[0], betas[1], eps, use_bias_correction),
         scale_by_learning_rate(lr),
     )
 
@@ -207,8 +200,8 @@ def adagrad(
         g <- g + weight_decay * p;   s <- s + g^2   (s_0 = initial_accumulator_value)
         p <- p - lr / (1 + (t - 1) lr_decay) * g / (sqrt(s) + eps)
     """
-    parts = _l2(weight_decay) + [scale_by_adagrad(initial_accumulator_value, eps)]
-    if _nonzero(lr_decay):
+    parts = _decay(weight_decay) + [scale_by_adagrad(initial_accumulator_value, eps)]
+    if nonzero(lr_decay):
         parts.append(scale_by_lr_decay(lr_decay))
     return chain(*parts, scale_by_learning_rate(lr))
 
@@ -234,7 +227,7 @@ def adadelta(lr: Hyper = 1.0, rho: Hyper = 0.9, eps: Hyper = 1e-6, weight_decay:
         v <- rho v + (1 - rho) g^2;   d = sqrt(a + eps) / sqrt(v + eps) * g;   a <- rho a + (1 - rho) d^2
         p <- p - lr * d
     """
-    return chain(*_l2(weight_decay), scale_by_adadelta(rho, eps), scale_by_learning_rate(lr))
+    return chain(*_decay(weight_decay), scale_by_adadelta(rho, eps), scale_by_learning_rate(lr))
 
 
 # -- Adam family ---------------------------------------------------------------------------------
@@ -249,7 +242,7 @@ def adamw(
 
         u = Adam's preconditioned step;   p <- p - lr * (u + weight_decay * p)
     """
-    return chain(scale_by_adam(betas[0], betas[1], eps), *_decoupled(weight_decay), scale_by_learning_rate(lr))
+    return chain(scale_by_adam(betas[0], betas[1], eps), *_decay(weight_decay), scale_by_learning_rate(lr))
 
 
 @rebuildable
@@ -263,7 +256,7 @@ def amsgrad(
 
         vmax <- max(vmax, v);   p <- p - lr * (m / (1 - b1^t)) / (sqrt(vmax / (1 - b2^t)) + eps)
     """
-    return chain(*_l2(weight_decay), scale_by_amsgrad(betas[0], betas[1], eps), scale_by_learning_rate(lr))
+    return chain(*_decay(weight_decay), scale_by_amsgrad(betas[0], betas[1], eps), scale_by_learning_rate(lr))
 
 
 @rebuildable
@@ -312,7 +305,7 @@ def eadam(
 
         v <- b2 v + (1 - b2) g^2 + eps;   p <- p - lr * (m / (1 - b1^t)) / sqrt(v / (1 - b2^t))
     """
-    return chain(*_l2(weight_decay), scale_by_eadam(betas[0], betas[1], eps), scale_by_learning_rate(lr))
+    return chain(*_decay(weight_decay), scale_by_eadam(betas[0], betas[1], eps), scale_by_learning_rate(lr))
 
 
 @rebuildable
@@ -331,12 +324,12 @@ def adabelief(
         p <- p - lr * (u + weight_decay * p)   (weight_decouple; fixed_decay: p - lr u - weight_decay p;
                                                  else L2: g <- g + weight_decay * p)
     """
-    parts = [] if weight_decouple else _l2(weight_decay)
+    parts = [] if weight_decouple else _decay(weight_decay)
     parts.append(scale_by_belief(betas[0], betas[1], eps))
     if weight_decouple and not fixed_decay:
-        parts += _decoupled(weight_decay)
+        parts += _decay(weight_decay)
     parts.append(scale_by_learning_rate(lr))
-    if weight_decouple and fixed_decay and _nonzero(weight_decay):
+    if weight_decouple and fixed_decay and nonzero(weight_decay):
         parts.append(add_decayed_weights(-weight_decay))  # after the learning rate: not scaled by it
     return chain(*parts)
 
@@ -362,7 +355,7 @@ def lamb(
     """
     return chain(
         scale_by_adam(betas[0], betas[1], eps, bias_correction=bias_correction),
-        *_decoupled(weight_decay),
+        *_decay(weight_decay),
         scale_by_trust_ratio(eps, clamp_value, batch_dims),
         scale_by_learning_rate(lr),
     )

@@ -28,9 +28,8 @@ import torch
 from torch import Tensor
 
 from learnopt.optim.base import GradientTransformation, Hyper, Params, zeros_like, rebuildable
-from learnopt.optim.numerics import instance_sum
 from learnopt.optim.extra import hvp_fn_from
-from learnopt.optim.numerics import count_like, safe_sqrt
+from learnopt.optim.numerics import count_like, instance_sum, nonzero, safe_sqrt
 
 DISTRIBUTIONS = ("rademacher", "gaussian")
 
@@ -110,10 +109,6 @@ def _decoupled_decay(params: Params, k: str, lr: Hyper, weight_decay: Hyper, fix
     return -(weight_decay if fixed_decay else lr * weight_decay) * params[k]
 
 
-def _nonzero(x: Hyper) -> bool:
-    return not (isinstance(x, (int, float)) and x == 0)
-
-
 # -- AdaHessian -------------------------------------------------------------------------------
 class AdaHessianState(NamedTuple):
     count: Tensor
@@ -163,7 +158,7 @@ def adahessian(
             v = {k: b2 * v[k] + (1 - b2) * D[k] * D[k] for k in updates}
         count = state.count + 1
         grads = updates
-        if _nonzero(weight_decay) and not weight_decouple:
+        if nonzero(weight_decay) and not weight_decouple:
             grads = {k: g + weight_decay * params[k] for k, g in grads.items()}
         m = {k: state.exp_avg[k] + (1 - b1) * (g - state.exp_avg[k]) for k, g in grads.items()}
         out = {}
@@ -171,7 +166,7 @@ def adahessian(
             t = count.to(torch.promote_types(m[k].dtype, torch.float32))
             denom = _safe_pow(v[k] / (1 - b2**t), hessian_power / 2) + eps
             out[k] = -(lr / (1 - b1**t)) * m[k] / denom
-            if _nonzero(weight_decay) and weight_decouple:
+            if nonzero(weight_decay) and weight_decouple:
                 out[k] = out[k] + _decoupled_decay(params, k, lr, weight_decay, fixed_decay)
         return out, AdaHessianState(count, rng, m, v)
 
@@ -226,14 +221,14 @@ def sophia(
             D, rng = _hessian_diagonal(extra, params, rng, num_samples, hessian_distribution, "sophia")
             h = {k: h[k] + (1 - b2) * (D[k] - h[k]) for k in updates}
         grads = updates
-        if _nonzero(weight_decay) and not weight_decouple:
+        if nonzero(weight_decay) and not weight_decouple:
             grads = {k: g + weight_decay * params[k] for k, g in grads.items()}
         m = {k: state.momentum[k] + (1 - b1) * (g - state.momentum[k]) for k, g in grads.items()}
         out = {}
         for k in grads:
             ratio = torch.clamp(m[k] / torch.clamp(h[k], min=eps), -clip, clip)
             out[k] = -lr * ratio
-            if _nonzero(weight_decay) and weight_decouple:
+            if nonzero(weight_decay) and weight_decouple:
                 out[k] = out[k] + _decoupled_decay(params, k, lr, weight_decay, fixed_decay)
         return out, SophiaState(state.count + 1, rng, m, h)
 
@@ -301,7 +296,7 @@ def apollo(
             step_lr = torch.where(t >= warmup_steps, torch.as_tensor(lr, dtype=t.dtype, device=t.device),
                                   (lr - start_lr) * t / warmup_steps + start_lr)
             alpha = (1 - beta) / (1 - beta**t)
-            if _nonzero(weight_decay) and weight_decay_type == "l2":
+            if nonzero(weight_decay) and weight_decay_type == "l2":
                 g = g + weight_decay * params[k]
             m, B, d = state.exp_avg_grad[k], state.approx_hessian[k], state.update[k]
             delta_grad = g - m
@@ -318,7 +313,7 @@ def apollo(
             else:
                 den = torch.clamp(torch.abs(b_new[k]), min=1e-2)
             direction = m_new[k] / den
-            if _nonzero(weight_decay) and weight_decay_type != "l2":
+            if nonzero(weight_decay) and weight_decay_type != "l2":
                 decay = weight_decay
                 if weight_decay_type == "stable":
                     decay = weight_decay / (reduce_sum(den) / den.shape[batch_dims:].numel())

@@ -15,7 +15,8 @@ from torch import Tensor
 
 from learnopt.optim.base import GradientTransformation, Hyper, Params, chain, zeros_like, rebuildable
 from learnopt.optim.combinators import partition
-from learnopt.optim.transforms import add_decayed_weights, safe_sqrt, scale_by_adam, scale_by_learning_rate
+from learnopt.optim.numerics import nonzero, safe_sqrt
+from learnopt.optim.transforms import add_decayed_weights, scale_by_adam, scale_by_learning_rate
 
 # Keller Jordan's quintic coefficients: chosen to maximise the slope at 0 (fast growth of small
 # singular values) while keeping the iteration's fixed-point band around 1 ("original" preset of
@@ -124,7 +125,7 @@ def muon(
             return x.dim() - batch_dims == 2
 
     def decay(wd: Hyper) -> list[GradientTransformation]:
-        return [] if isinstance(wd, (int, float)) and wd == 0 else [add_decayed_weights(wd)]
+        return [add_decayed_weights(wd)] if nonzero(wd) else []
 
     matrices = chain(scale_by_muon(momentum, nesterov, ns_steps, batch_dims), *decay(weight_decay),
                      scale_by_learning_rate(lr))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from learnopt.optim.base import Params
+from learnopt.optim.base import Hyper, Params
 
 
 def safe_sqrt(x: Tensor) -> Tensor:
@@ -14,6 +14,12 @@ def safe_sqrt(x: Tensor) -> Tensor:
     differentiating through a zero second moment (double backward at zero gradients)."""
     positive = x > 0
     return torch.where(positive, torch.sqrt(torch.where(positive, x, torch.ones_like(x))), torch.zeros_like(x))
+
+
+def nonzero(x: Hyper) -> bool:
+    """Whether a hyperparameter can be nonzero: anything but a literal Python 0, so a factory may
+    drop a stage for ``weight_decay=0.0`` but keeps it for a tensor (which may be meta-learned)."""
+    return not (isinstance(x, (int, float)) and x == 0)
 
 
 def count_like(params: Params) -> Tensor:

@@ -3,11 +3,9 @@
 ``OPTIMIZERS[name]`` is an ``OptimizerInfo``: where the factory lives, the paper, the
 independent implementation its tests compare trajectories against, the extra ``update``
 arguments it needs (``learnopt.optim.extra``), and whether it works on batched parameters and
-with differentiable (tensor) hyperparameters. The table is fixed; the factories are looked up
-when asked for, so a name whose implementation is absent from this installation is listed
-but ``get_optimizer`` refuses it with a message saying so::
+with differentiable (tensor) hyperparameters::
 
-    from learnopt.optim.registry import OPTIMIZERS, available_optimizers, get_optimizer
+    from learnopt.optim.registry import OPTIMIZERS, get_optimizer
     tx = get_optimizer("lion")(lr=1e-4)
     opt = make_torch_optimizer("adamw", model.parameters(), lr=1e-3, weight_decay=0.1)
 
@@ -32,7 +30,7 @@ Factory = Callable[..., GradientTransformation]
 
 
 class OptimizerNotAvailable(LookupError):
-    """An optimizer name that is unknown, or known but not implemented in this installation."""
+    """An optimizer name that is not in the catalogue."""
 
 
 @dataclass(frozen=True)
@@ -64,25 +62,8 @@ class OptimizerInfo:
         return self.attr or self.name
 
     @property
-    def available(self) -> bool:
-        return self._lookup() is not None
-
-    def _lookup(self) -> Factory | None:
-        try:
-            module = importlib.import_module(self.module)
-        except ImportError:
-            return None
-        return getattr(module, self.factory_name, None)
-
-    @property
     def factory(self) -> Factory:
-        fn = self._lookup()
-        if fn is None:
-            raise OptimizerNotAvailable(
-                f"optimizer {self.name!r} ({self.source}) is catalogued but not implemented in this "
-                f"installation: {self.module}.{self.factory_name} does not exist"
-            )
-        return fn
+        return getattr(importlib.import_module(self.module), self.factory_name)
 
     def parameters(self) -> list[str]:
         """The factory's keyword arguments (hyperparameter names)."""
@@ -92,10 +73,6 @@ class OptimizerInfo:
     def takes_batch_dims(self) -> bool:
         """Whether the factory reduces over tensors and takes ``batch_dims`` (else it is elementwise)."""
         return "batch_dims" in self.parameters()
-
-    @property
-    def needs_extras(self) -> bool:
-        return bool(self.extras)
 
     def make(self, lr: Any = None, **kwargs: Any) -> GradientTransformation:
         """``factory(lr=lr, **kwargs)``; for a wrapper, ``factory(inner, **kwargs)`` with the inner
@@ -189,18 +166,8 @@ def get_info(name: str) -> OptimizerInfo:
 
 
 def get_optimizer(name: str) -> Factory:
-    """The factory of ``name``; ``OptimizerNotAvailable`` if unknown or not implemented here."""
+    """The factory of ``name``; ``OptimizerNotAvailable`` if unknown."""
     return get_info(name).factory
-
-
-def available_optimizers() -> list[str]:
-    """Catalogued names whose implementation is present, in catalogue order."""
-    return [name for name, info in OPTIMIZERS.items() if info.available]
-
-
-def missing_optimizers() -> list[str]:
-    """Catalogued names whose implementation is absent from this installation."""
-    return [name for name, info in OPTIMIZERS.items() if not info.available]
 
 
 def make_torch_optimizer(
@@ -238,12 +205,9 @@ def markdown_table() -> str:
     ]
     for name, info in OPTIMIZERS.items():
         extras = ", ".join(" or ".join(f"`{k}`" for k in e.split("|")) for e in info.extras) or "—"
-        if not info.available:
-            batching = "not implemented"
-        else:
-            batching = "`batch_dims`" if info.takes_batch_dims else "elementwise"
-            if info.wraps:
-                batching += " (as its inner optimizer)"
+        batching = "`batch_dims`" if info.takes_batch_dims else "elementwise"
+        if info.wraps:
+            batching += " (as its inner optimizer)"
         if not info.batched:
             batching = "no"
         feature = "yes" if not info.extras else "with extras"

@@ -162,12 +162,6 @@ def _widest_float(params: Params) -> torch.dtype:
     return dtype
 
 
-def _ones_hyper(like: Tensor, value: Hyper) -> Tensor:
-    # A hyperparameter as a tensor of ``like``'s shape and dtype: ``torch.where`` on two Python
-    # floats would build a float32 tensor (1.2 -> 1.2000000477) and lose float64 exactness.
-    return torch.ones_like(like) * value
-
-
 # -- sign-based and secant methods ---------------------------------------------------------------
 class ScaleByRpropState(NamedTuple):
     prev: Params
