@@ -16,7 +16,7 @@ a multiplier of its update (1.0: the update as it is; 0: the parameters do not m
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 from torch import Tensor
@@ -53,11 +53,20 @@ def _non_finite(x: Any) -> bool:
     return not math.isfinite(x)
 
 
+class Resolved(NamedTuple):
+    """A group's hyperparameter ``values``, the transform ``tx`` they build and the ``layout``
+    (``structure_key``) of the state that transform keeps."""
+
+    values: dict[str, Any]
+    tx: GradientTransformation
+    layout: tuple
+
+
 class GroupHyperparameters:
     """The param-group view of ``tx``'s hyperparameters (module docstring).
 
-    ``defaults``: ``{key: value}`` as ``tx`` was built; ``transform(values)``: ``tx`` built again
-    from a group's values (cached while they stay the same); ``multiplier``: whether ``lr`` is a
+    ``defaults``: ``{key: value}`` as ``tx`` was built; ``resolve(group)``: ``tx`` built again
+    from a group's values (kept while they stay the same); ``multiplier``: whether ``lr`` is a
     multiplier of a recipe-less transform's update rather than an argument of its factory.
     """
 
@@ -73,7 +82,7 @@ class GroupHyperparameters:
             self.defaults["lr"] = 1.0
         else:
             self._collect(tx.recipe, ())
-        self._cache: tuple[dict[str, Any], GradientTransformation] | None = None
+        self._resolved: dict[int, Resolved] = {}  # id(group) -> its last resolution
 
     def _collect(self, recipe: Recipe, prefix: tuple[str, ...]) -> None:
         own = {}
@@ -104,18 +113,27 @@ class GroupHyperparameters:
     def values(self, group: dict[str, Any]) -> dict[str, Any]:
         return {key: group[key] for key in self.paths}
 
+    def resolve(self, group: dict[str, Any], where: str) -> Resolved:
+        """The group's current values, checked (``check``), and the transform and state layout
+        they give. The result is kept per group and reused while the values stay the same (the
+        same numbers, the same tensor objects), so an unchanged group costs one comparison."""
+        cached = self._resolved.get(id(group))
+        if cached is not None and all(_same(group.get(k), v) for k, v in cached.values.items()):
+            return cached
+        self.check(group, where, new=False)
+        values = self.values(group)
+        resolved = Resolved(values, self.transform(values), self.structure_key(values))
+        self._resolved[id(group)] = resolved
+        return resolved
+
     def transform(self, values: dict[str, Any]) -> GradientTransformation:
         """``tx`` with the group's ``values`` (for a multiplier, ``tx`` itself)."""
         if self.multiplier:
             return self.tx
-        if self._cache is not None and all(_same(values[k], v) for k, v in self._cache[0].items()):
-            return self._cache[1]
         # Factories may compute with a hyperparameter (``-lr``); a tensor that requires grad must keep
         # its graph even when this is called from a no-grad optimizer step.
         with torch.enable_grad():
-            tx = self._build(self.tx.recipe, (), values)
-        self._cache = (dict(values), tx)
-        return tx
+            return self._build(self.tx.recipe, (), values)
 
     def _build(self, recipe: Recipe, prefix: tuple[str, ...], values: dict[str, Any]) -> GradientTransformation:
         arguments = dict(recipe.arguments)

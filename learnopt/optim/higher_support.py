@@ -111,8 +111,7 @@ class DifferentiableTransformOptimizer(higher.optim.DifferentiableOptimizer):
 
     def _update(self, grouped_grads, **kwargs: Any) -> None:
         for group, grads, runs in zip(self.param_groups, grouped_grads, self.runs):
-            values = self.hyperparams.values(group)
-            tx = self.hyperparams.transform(values)
+            values, tx, _ = self.hyperparams.resolve(group, "higher param group")
             new_params = list(group["params"])
             for i, (positions, names, state) in enumerate(runs):
                 params = {n: group["params"][j] for n, j in zip(names, positions)}

@@ -25,7 +25,7 @@ from torch.utils import _pytree as pytree
 
 from learnopt.optim.base import GradientTransformation
 from learnopt.optim.foreach import kernel_for
-from learnopt.optim.group_hyperparams import GroupHyperparameters
+from learnopt.optim.group_hyperparams import GroupHyperparameters, Resolved
 from learnopt.optim.param_state import check_splittable, gather, same_state, scatter, shared_keys, split_parameter_state
 
 
@@ -135,7 +135,8 @@ class TransformOptimizer(torch.optim.Optimizer):
         transform's state splits by parameter (``param_state.check_splittable``)."""
         if not params:
             return
-        tx = self.hyperparams.transform(self.hyperparams.values(group))
+        resolved = self.hyperparams.resolve(group, where)
+        tx = resolved.tx
         names = [self._names[p] for p in params]
         flats, skeletons = [], []
         for n, p in zip(names, params):
@@ -151,7 +152,7 @@ class TransformOptimizer(torch.optim.Optimizer):
                     "if it treats each parameter tensor on its own"
                 )
         cohort = self._new_cohort()
-        self._layout.setdefault(id(group), self.hyperparams.structure_key(self.hyperparams.values(group)))
+        self._layout.setdefault(id(group), resolved.layout)
         for p, flat, skeleton in zip(params, flats, skeletons):
             self.state[p] = flat
             self._skeletons[p] = skeleton
@@ -173,16 +174,16 @@ class TransformOptimizer(torch.optim.Optimizer):
                 loss = closure()
         work = []
         for i, group in enumerate(self.param_groups):
-            self.hyperparams.check(group, f"param group {i}", new=False)
+            resolved = self.hyperparams.resolve(group, f"param group {i}")
             active = [p for p in group["params"] if p.grad is not None]
             for p in active:
                 self._check_layout(p)
-            work.append((group, active))
+            work.append((group, resolved, active))
         if self.check_finite:
-            self._check_finite([p for _, active in work for p in active])
-        for group, active in work:
+            self._check_finite([p for _, _, active in work for p in active])
+        for group, resolved, active in work:
             if active:
-                self._step_group(group, active, closure, loss, extra)
+                self._step_group(group, resolved, active, closure, loss, extra)
         return loss
 
     def _check_layout(self, p: Tensor) -> None:
@@ -194,17 +195,17 @@ class TransformOptimizer(torch.optim.Optimizer):
 
     def _check_finite(self, params: list[Tensor]) -> None:
         """``FloatingPointError`` naming the first parameter with a NaN or infinite gradient. NaN
-        and ±inf propagate into a norm, so one finite total of the gradients' 1-norms (one
-        multi-tensor reduction, one synchronisation) clears them all; only a non-finite (or
-        overflowing) total needs the exact per-parameter check."""
+        and ±inf propagate into a sum, so one finite total of the gradients' sums (one read of
+        each gradient, one synchronisation) clears them all; only a non-finite total (or one
+        that overflows, or opposite infinities) needs the exact per-parameter check."""
         if not params:
             return
         grads = [p.grad.detach() for p in params]
         device = grads[0].device
-        if all(g.device == device and not g.is_complex() for g in grads):
-            total = torch.stack(torch._foreach_norm(grads, 1)).sum()  # one multi-tensor reduction
+        if all(g.device == device and g.dtype == grads[0].dtype and not g.is_complex() for g in grads):
+            total = torch.stack([g.sum() for g in grads]).sum()
         else:
-            total = torch.stack([g.abs().sum().to(device=device, dtype=torch.float64) for g in grads]).sum()
+            total = torch.stack([g.sum().abs().to(device=device, dtype=torch.float64) for g in grads]).sum()
         if bool(torch.isfinite(total)):
             return
         for p in params:
@@ -215,10 +216,9 @@ class TransformOptimizer(torch.optim.Optimizer):
                     "the parameters and optimizer state were left unchanged"
                 )
 
-    def _step_group(self, group: dict[str, Any], active: list[Tensor], closure, loss, extra: dict) -> None:
-        values = self.hyperparams.values(group)
-        tx = self.hyperparams.transform(values)
-        layout = self.hyperparams.structure_key(values)
+    def _step_group(self, group: dict[str, Any], resolved: Resolved, active: list[Tensor], closure, loss,
+                    extra: dict) -> None:
+        values, tx, layout = resolved
         if self._layout.get(id(group), layout) != layout:
             self._relayout(group, tx)
         self._layout[id(group)] = layout
@@ -412,7 +412,7 @@ class TransformOptimizer(torch.optim.Optimizer):
         if p in self._skeletons:
             template, skeleton = self.state[p], self._skeletons[p]
         else:
-            tx = self.hyperparams.transform(self.hyperparams.values(group))
+            tx = self.hyperparams.resolve(group, "load_state_dict").tx
             template, skeleton = split_parameter_state(tx.init({name: p}), name)
         if not isinstance(saved, dict) or set(saved) != set(template):
             got = sorted(saved) if isinstance(saved, dict) else type(saved).__name__
