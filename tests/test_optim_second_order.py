@@ -887,3 +887,24 @@ def test_as_torch_optimizer_closures_and_create_graph_on_gpu():
                 opts[dev].step(_closure(opts[dev], models[dev], x, y, create_graph))
         for p, q in zip(models["cpu"].parameters(), models["cuda"].parameters()):
             torch.testing.assert_close(q.cpu(), p.detach(), rtol=1e-9, atol=1e-11)
+
+
+def test_muon_newton_schulz_in_bfloat16_matches_torch_muon_without_the_float64_patch():
+    """``ns_dtype=torch.bfloat16``: the iteration runs in bfloat16 as in torch.optim.Muon itself
+    (unpatched), with the same fused multiply-adds, so one step from the same point agrees to
+    float32's rounding of the result, while the float32 iteration differs by bfloat16's precision."""
+    torch.manual_seed(0)
+    w = torch.randn(6, 4)
+    g = torch.randn(6, 4)
+    ref = w.clone().requires_grad_(True)
+    opt = torch.optim.Muon([ref], lr=0.1, weight_decay=0.0, momentum=0.95, nesterov=True, adjust_lr_fn="original")
+    ref.grad = g.clone()
+    opt.step()
+    tx = lo.scale_by_muon(ns_dtype=torch.bfloat16)
+    u, _ = tx.update({"w": g}, tx.init({"w": w}), {"w": w})
+    ours = w - 0.1 * u["w"]
+    assert u["w"].dtype == torch.float32
+    torch.testing.assert_close(ours, ref.detach(), rtol=0, atol=1e-6)
+    tx32 = lo.scale_by_muon()
+    u32, _ = tx32.update({"w": g}, tx32.init({"w": w}), {"w": w})
+    assert (u32["w"] - u["w"]).abs().max() > 1e-3  # the dtype option did change the arithmetic

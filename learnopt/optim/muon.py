@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from typing import Callable, NamedTuple
 
+import torch
 from torch import Tensor
 
 from learnopt.optim.base import GradientTransformation, Hyper, Params, chain, zeros_like, rebuildable
@@ -41,10 +42,14 @@ def zeropower_via_newtonschulz5(G: Tensor, steps: int = 5, eps: float = 1e-7) ->
     transpose = G.size(-2) > G.size(-1)
     X = G.mT if transpose else G
     X = X / (safe_sqrt((X * X).sum(dim=(-2, -1), keepdim=True)) + eps)
+    shape = X.shape
+    X = X.reshape(-1, *shape[-2:])
     for _ in range(steps):
+        # fused multiply-adds (as torch.optim.Muon's addmm): one rounding per step in low precision
         A = X @ X.mT
-        B = b * A + c * A @ A
-        X = a * X + B @ X
+        B = torch.baddbmm(A, A, A, beta=b, alpha=c)
+        X = torch.baddbmm(X, B, X, beta=a)
+    X = X.reshape(shape)
     return X.mT if transpose else X
 
 
@@ -63,7 +68,7 @@ def _as_matrix(x: Tensor, batch_dims: int) -> Tensor:
 
 
 def scale_by_muon(momentum: Hyper = 0.95, nesterov: bool = True, ns_steps: int = 5,
-                  batch_dims: int = 0) -> GradientTransformation:
+                  batch_dims: int = 0, ns_dtype: torch.dtype | None = None) -> GradientTransformation:
     """Muon's direction for matrix parameters (``muon_update`` of Keller Jordan's reference)::
 
         b <- lerp(b, g, 1 - momentum)                         (b = momentum b + (1 - momentum) g)
@@ -75,7 +80,9 @@ def scale_by_muon(momentum: Hyper = 0.95, nesterov: bool = True, ns_steps: int =
     restores the update RMS of tall matrices (it is pytorch_optimizer's ``use_adjusted_lr=False``;
     Moonlight's ``0.2 * sqrt(max(rows, cols))`` is not used). ``rows`` is the first dimension after
     the ``batch_dims`` instance dimensions, ``cols`` the product of the rest. Each instance is
-    orthogonalised on its own.
+    orthogonalised on its own. ``ns_dtype`` (e.g. ``torch.bfloat16``, what Keller Jordan's
+    reference and ``torch.optim.Muon`` use) runs the Newton–Schulz iteration in that dtype and
+    casts the result back; ``None`` keeps the parameters' dtype.
     """
 
     def init(params):
@@ -88,8 +95,8 @@ def scale_by_muon(momentum: Hyper = 0.95, nesterov: bool = True, ns_steps: int =
             u = g + momentum * (buf[k] - g) if nesterov else buf[k]
             m = _as_matrix(u, batch_dims)
             rows, cols = m.shape[-2], m.shape[-1]
-            o = zeropower_via_newtonschulz5(m, ns_steps) * math.sqrt(max(1.0, rows / cols))
-            out[k] = o.reshape(g.shape)
+            o = zeropower_via_newtonschulz5(m if ns_dtype is None else m.to(ns_dtype), ns_steps).to(m.dtype)
+            out[k] = (o * math.sqrt(max(1.0, rows / cols))).reshape(g.shape)
         return out, ScaleByMuonState(buf)
 
     return GradientTransformation(init, update)
@@ -108,6 +115,7 @@ def muon(
     adamw_weight_decay: Hyper = 0.0,
     batch_dims: int = 0,
     is_matrix: Callable[[str, Tensor], bool] | None = None,
+    ns_dtype: torch.dtype | None = None,
 ) -> GradientTransformation:
     """Muon for hidden weight matrices, AdamW for the rest (Keller Jordan's ``MuonWithAuxAdam``)::
 
@@ -119,6 +127,8 @@ def muon(
     takes every tensor with exactly 2 dimensions after ``batch_dims``. Embeddings and output heads
     are 2-d but should go to AdamW (Jordan 2024): pass ``is_matrix`` to exclude them by name. A
     custom ``is_matrix`` may also select conv filters (flattened to ``[out, in * k * k]``).
+    ``ns_dtype=torch.bfloat16`` runs Newton–Schulz in bfloat16 as the reference and
+    ``torch.optim.Muon`` do (faster; ``None``, the default, keeps the parameters' dtype).
     """
     if is_matrix is None:
         def is_matrix(name: str, x: Tensor) -> bool:
@@ -127,7 +137,7 @@ def muon(
     def decay(wd: Hyper) -> list[GradientTransformation]:
         return [add_decayed_weights(wd)] if nonzero(wd) else []
 
-    matrices = chain(scale_by_muon(momentum, nesterov, ns_steps, batch_dims), *decay(weight_decay),
+    matrices = chain(scale_by_muon(momentum, nesterov, ns_steps, batch_dims, ns_dtype), *decay(weight_decay),
                      scale_by_learning_rate(lr))
     rest = chain(scale_by_adam(adamw_betas[0], adamw_betas[1], adamw_eps), *decay(adamw_weight_decay),
                  scale_by_learning_rate(adamw_lr))
