@@ -125,6 +125,8 @@ PEERS: dict[str, tuple[Callable[[], lo.GradientTransformation], Maker, str]] = {
                   lambda ps: po.Lookahead(torch.optim.Adam(ps, foreach=True)),
                   "pytorch_optimizer Lookahead(torch Adam)"),
     "muon": (lambda: lo.muon(), _muon_peer, "torch Muon (2-d) + torch AdamW (rest)"),
+    "muon (bfloat16 NS)": (lambda: lo.muon(ns_dtype=torch.bfloat16), _muon_peer,
+                           "torch Muon (2-d, its Newton-Schulz in bfloat16 too) + torch AdamW (rest)"),
     "apollo": (lambda: lo.apollo(), lambda ps: po.ApolloDQN(ps, foreach=True), "pytorch_optimizer ApolloDQN"),
 }
 
