@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import learnopt
-from learnopt.learned import _native, CoordinatewiseLSTM
+from learnopt.learned import CoordinatewiseLSTM
 from learnopt.meta import FullBPTT, TruncatedBPTT
 from tasks.mlp import MLPFamily
 from tasks.quadratic import QuadraticFamily
@@ -29,24 +29,13 @@ def _lstm(dtype: torch.dtype, **kwargs) -> CoordinatewiseLSTM:
     return lopt
 
 
-@pytest.fixture(params=["native", "torch"])
-def tail(request, monkeypatch):
-    """Run the drop-in step with the native elementwise kernel and with torch operations."""
-    if request.param == "native":
-        if _native.lstm_tail(torch.float32) is None:
-            pytest.skip("the native LSTM kernel could not be built here (no C++ compiler or libmvec)")
-    else:
-        monkeypatch.setenv("LEARNOPT_NATIVE_KERNELS", "0")
-    return request.param
-
-
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
 @pytest.mark.parametrize("kwargs", [
     dict(hidden_size=20, num_layers=2, preprocess="log_sign", preprocess_p=10.0, output_scale=0.1),
     dict(hidden_size=7, num_layers=1, preprocess="none"),
     dict(hidden_size=5, num_layers=3, preprocess="log_sign", preprocess_p=5.0),
 ])
-def test_inplace_update_matches_functional_update(kwargs, dtype, tol, tail):
+def test_inplace_update_matches_functional_update(kwargs, dtype, tol):
     lopt = _lstm(dtype, **kwargs)
     g = torch.Generator().manual_seed(1)
     params = {"w": torch.zeros(13, 7, dtype=dtype), "b": torch.zeros(29, dtype=dtype)}
@@ -65,62 +54,6 @@ def test_inplace_update_matches_functional_update(kwargs, dtype, tol, tail):
             torch.testing.assert_close(fast[k], updates[k], rtol=tol, atol=tol)
         torch.testing.assert_close(inplace.h, functional.h, rtol=tol, atol=tol)
         torch.testing.assert_close(inplace.c, functional.c, rtol=tol, atol=tol)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_native_tail_matches_the_formulas_at_extreme_gates(dtype):
-    kernel = _native.lstm_tail(dtype)
-    if kernel is None:
-        pytest.skip("the native LSTM kernel could not be built here (no C++ compiler or libmvec)")
-    hidden, m = 3, 37
-    g = torch.Generator().manual_seed(0)
-    gates = torch.randn(4 * hidden, m, generator=g, dtype=dtype) * 30.0  # saturated sigmoids, exp overflow
-    gates[:, :4] = torch.tensor([1e30, -1e30, 0.0, 88.8], dtype=dtype)[None]
-    c = torch.randn(hidden, 2 * m, generator=g, dtype=dtype) * 50.0  # a view with row stride 2m, as in the state
-    c[0, :3] = torch.tensor([1e30, -1e30, 0.0], dtype=dtype)
-    h = torch.empty(hidden, m, dtype=dtype)
-    s = torch.sigmoid(gates)
-    i, f, o, gg = s[:hidden], s[hidden:2 * hidden], s[2 * hidden:3 * hidden], s[3 * hidden:]
-    c_ref = f * c[:, :m] + i * (1 - 2 * gg)
-    h_ref = o * torch.tanh(c_ref)
-    kernel(gates, c[:, :m], h)
-    torch.testing.assert_close(c[:, :m], c_ref)
-    torch.testing.assert_close(h, h_ref)
-    assert torch.isfinite(h).all()
-    with pytest.raises(ValueError, match="unit stride"):
-        kernel(gates.t().contiguous().t(), c[:, :m], h)
-
-
-def test_native_tail_is_used_only_with_one_torch_thread():
-    if _native.lstm_tail(torch.float32) is None:
-        pytest.skip("the native LSTM kernel could not be built here (no C++ compiler or libmvec)")
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)  # torch's own elementwise ops are parallel, the kernel is not
-        assert _native.lstm_tail(torch.float32) is None
-    finally:
-        torch.set_num_threads(threads)
-
-
-def test_native_kernel_falls_back_with_a_warning_and_can_be_turned_off(monkeypatch, tmp_path):
-    monkeypatch.setattr(_native, "_library", False)
-    monkeypatch.setenv("LEARNOPT_CACHE", str(tmp_path))
-    monkeypatch.setenv("CXX", "no-such-compiler-xyz")
-    with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler"):
-        assert _native.lstm_tail(torch.float32) is None
-    monkeypatch.setattr(_native, "_library", False)
-    monkeypatch.setenv("CXX", "false")  # a "compiler" that fails
-    with pytest.warns(RuntimeWarning, match="failed"):
-        assert _native.lstm_tail(torch.float32) is None
-    assert not list(tmp_path.glob("kernels/*.so"))
-    monkeypatch.setattr(_native, "_library", False)
-    monkeypatch.delenv("CXX")
-    monkeypatch.setattr(_native.ctypes, "CDLL", lambda path: (_ for _ in ()).throw(OSError("cannot open")))
-    with pytest.warns(RuntimeWarning, match="loading the native LSTM kernel"):
-        assert _native.lstm_tail(torch.float32) is None
-    monkeypatch.setattr(_native, "_library", False)
-    monkeypatch.setenv("LEARNOPT_NATIVE_KERNELS", "0")
-    assert _native.lstm_tail(torch.float32) is None and _native._library is False  # nothing was even tried
 
 
 def test_fused_stack_matches_nn_lstm_cells_values_and_gradients():

@@ -9,7 +9,6 @@ from typing import Any, Literal, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from learnopt.learned import _native
 from learnopt.learned.base import LearnedOptimizer
 from learnopt.learned.features import TransformFeatures
 from learnopt.learned.preprocess import log_and_sign
@@ -265,11 +264,9 @@ class CoordinatewiseLSTM(LearnedOptimizer):
         of rows with the bias as a weight column, and writes its new ``h`` back into its own
         rows: nothing is copied. ``block_rows`` defaults to ``INPLACE_BLOCK_ROWS`` on CPU and
         elsewhere to ``ACCELERATOR_BLOCK_ELEMENTS // (4 · hidden_size)``, but never fewer than
-        ``INPLACE_BLOCK_ROWS``. On CPU a native kernel (``learnopt.learned._native``, compiled
-        on first use) turns each block's gates into the new ``c`` and ``h`` in one pass;
-        without it, one in-place sigmoid over the gates gives the three gates and the cell input
-        (see ``FusedLSTMStack``), and each remaining formula is one ``addcmul`` over contiguous
-        rows. No tensor of the size of the state is allocated. A state made elsewhere (a copy, a
+        ``INPLACE_BLOCK_ROWS``. One in-place sigmoid over the gates gives the three gates and the
+        cell input (see ``FusedLSTMStack``), and each remaining formula is one ``addcmul`` over
+        contiguous rows. No tensor of the size of the state is allocated. A state made elsewhere (a copy, a
         loaded state dict) is moved into such a buffer on its first step (``Tensor.set_``: same
         tensor objects, same values).
         """
@@ -293,9 +290,7 @@ class CoordinatewiseLSTM(LearnedOptimizer):
                           else max(INPLACE_BLOCK_ROWS, ACCELERATOR_BLOCK_ELEMENTS // (4 * hidden)))
         cols = min(block_rows, n)
         gates = torch.empty(4 * hidden, cols, device=flat.device, dtype=self.dtype)
-        native_tail = _native.lstm_tail(self.dtype) if flat.device.type == "cpu" else None
-        if native_tail is None:
-            tanh_c = torch.empty(hidden, cols, device=flat.device, dtype=self.dtype)
+        tanh_c = torch.empty(hidden, cols, device=flat.device, dtype=self.dtype)
         for start in range(0, n, cols):
             end = min(start + cols, n)
             m = end - start
@@ -309,9 +304,6 @@ class CoordinatewiseLSTM(LearnedOptimizer):
                     torch.addmm(b, w, block[first:last], out=g)
                 c = state.c[layer, :, start:end]
                 row = k0 + 1 + layer * hidden
-                if native_tail is not None:  # the same formulas in one pass (learnopt.learned._native)
-                    native_tail(g, c, block[row: row + hidden])
-                    continue
                 g.sigmoid_()
                 i, f, o, s = g[:hidden], g[hidden: 2 * hidden], g[2 * hidden: 3 * hidden], g[3 * hidden:]
                 torch.addcmul(i, i, s, value=-2.0, out=s)  # i tanh(z_g) = i (1 − 2 σ(−2 z_g))

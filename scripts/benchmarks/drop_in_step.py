@@ -7,10 +7,7 @@ for every optimizer). Contenders, timed in turn each repetition (medians):
 
 * ``adam``: ``torch.optim.Adam(foreach=True)``;
 * ``lstm``: ``learnopt.load_optimizer("checkpoints/lstm_digits_mlp.pt", ...)``, the in-place
-  blocked step (``CoordinatewiseLSTM.update_``) with the native elementwise kernel
-  (``learnopt.learned._native``) where it builds;
-* ``lstm torch ops``: the same step with the kernel turned off (``LEARNOPT_NATIVE_KERNELS=0``
-  around each call), its elementwise tail in torch operations;
+  blocked step (``CoordinatewiseLSTM.update_``);
 * ``lstm functional``: the same checkpoint with ``inplace_update=None`` (the functional
   ``update``, which allocates a new state every step), up to ``--functional-max``;
 * ``lstm compiled``: the functional step through ``torch.compile``, up to ``--compile-max``;
@@ -36,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
 import sys
 from pathlib import Path
 
@@ -48,7 +44,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import learnopt  # noqa: E402
-from learnopt.learned import _native  # noqa: E402
 from common import ROOT, interleaved, machine, markdown_table, write_json  # noqa: E402
 
 # width d of Linear(d, d) -> ReLU -> Linear(d, d): 2 (d² + d) parameters
@@ -87,21 +82,6 @@ def make_model(width: int, device: str = "cpu") -> nn.Module:
     return model
 
 
-def without_native_kernel(step):
-    """``step`` with ``LEARNOPT_NATIVE_KERNELS=0`` set around each call."""
-    def run():
-        before = os.environ.get("LEARNOPT_NATIVE_KERNELS")
-        os.environ["LEARNOPT_NATIVE_KERNELS"] = "0"
-        try:
-            step()
-        finally:
-            if before is None:
-                del os.environ["LEARNOPT_NATIVE_KERNELS"]
-            else:
-                os.environ["LEARNOPT_NATIVE_KERNELS"] = before
-    return run
-
-
 def run_size(label: str, width: int, repeats: int, functional_max: int, compile_max: int,
              with_mlp_lopt: bool, device: str = "cpu") -> dict:
     model = make_model(width, device)
@@ -126,8 +106,6 @@ def run_size(label: str, width: int, repeats: int, functional_max: int, compile_
     fns = {}
     for k, opt in optimizers.items():
         fns[k] = opt.step
-        if k == "lstm" and device == "cpu":  # timed right after the native step, for the same cache state
-            fns["lstm torch ops"] = without_native_kernel(learnopt.load_optimizer(LSTM, model.parameters()).step)
     fns.update({"matmul": lambda: a @ b, "copy": lambda: dst.copy_(src)})
     seconds = interleaved(fns, repeats, warmup=1, desc=label, device=device)
     rate = 2 * RATE_N**3 / seconds.pop("matmul")
@@ -140,7 +118,6 @@ def run_size(label: str, width: int, repeats: int, functional_max: int, compile_
         "vs_adam": {k: s / seconds["adam"] for k, s in seconds.items()},
         "lstm_lower_bound_seconds": bound, "lstm_flop_bound": n * flops / rate, "lstm_byte_bound": n * nbytes / bandwidth,
         "lstm_over_bound": seconds["lstm"] / bound,
-        "lstm_torch_ops_over_bound": seconds["lstm torch ops"] / bound if "lstm torch ops" in seconds else None,
         "lstm_lower_bound_all_flops_seconds": bound_all, "lstm_over_bound_all_flops": seconds["lstm"] / bound_all,
         "matmul_flops_per_second": rate, "memory_bytes_per_second": bandwidth,
     }
@@ -162,12 +139,12 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     results = {"machine": machine(), "command": "OMP_NUM_THREADS=%d .venv/bin/python scripts/benchmarks/drop_in_step.py %s" % (
                    torch.get_num_threads(), " ".join(argv if argv is not None else sys.argv[1:])),
-               "native_lstm_kernel": _native.lstm_tail(torch.float32) is not None, "sizes": []}
+               "sizes": []}
     for label in tqdm(args.sizes, desc="model sizes"):
         results["sizes"].append(run_size(label, WIDTHS[label], args.repeats, args.functional_max, args.compile_max,
                                          not args.no_mlp_lopt, args.device))
         write_json(args.out, results)
-    names = ["adam", "lstm", "lstm torch ops", "lstm functional", "lstm compiled", "mlp_lopt"]
+    names = ["adam", "lstm", "lstm functional", "lstm compiled", "mlp_lopt"]
     rows = []
     for r in results["sizes"]:
         row = [r["model"], r["parameters"]]
@@ -176,11 +153,10 @@ def main(argv: list[str] | None = None) -> dict:
             row.append("—" if s is None else f"{s * 1e3:.3g} ms ({s / r['seconds']['adam']:.3g}×)")
         row += [f"{r['matmul_flops_per_second'] / 1e9:.0f}", f"{r['memory_bytes_per_second'] / 1e9:.0f}",
                 f"{r['lstm_lower_bound_seconds'] * 1e3:.3g} ms", f"{r['lstm_over_bound']:.2f}×",
-                "—" if r["lstm_torch_ops_over_bound"] is None else f"{r['lstm_torch_ops_over_bound']:.2f}×",
                 f"{r['lstm_over_bound_all_flops']:.2f}×"]
         rows.append(row)
     table = markdown_table(["model", "parameters", *[f"{k} (× adam)" for k in names], "matmul GFLOP/s",
-                            "copy GB/s", "LSTM lower bound", "LSTM / bound", "LSTM torch ops / bound",
+                            "copy GB/s", "LSTM lower bound", "LSTM / bound",
                             "LSTM / bound with elementwise FLOPs"], rows)
     results["table"] = table
     print(table)
