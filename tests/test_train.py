@@ -101,3 +101,23 @@ def test_cli_help_and_unknown_command(capsys):
     assert "meta-train" in capsys.readouterr().out
     assert main(["fly"]) == 2
     assert "unknown command" in capsys.readouterr().err
+
+
+def test_meta_train_runs_on_one_thread_unless_told_otherwise(in_tmp, monkeypatch):
+    from learnopt.train.cli import default_threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert default_threads() == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert default_threads() == 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "junk")
+    assert default_threads() == 1
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        meta_train(TINY + ["--trainer.max_steps", "1", "--threads", "1"])
+        assert torch.get_num_threads() == 1
+        with pytest.raises(ValueError, match="--threads must be >= 1"):
+            meta_train(TINY + ["--trainer.max_steps", "1", "--threads", "0"])
+    finally:
+        torch.set_num_threads(before)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 from pathlib import Path
 from typing import Any
 
+import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -81,9 +83,21 @@ class MetaTrainCLI(LightningCLI):
             "--ckpt_path", default=None,
             help="Lightning checkpoint to resume from ('last' resumes the latest periodic checkpoint)",
         )
+        parser.add_argument(
+            "--threads", type=int, default=default_threads(),
+            help="torch threads (default: $OMP_NUM_THREADS, else 1; see docs/benchmarks, section 6)",
+        )
         # Defaults name classes by import path, so `learnopt meta-train` with no config runs
         # the paper's quadratic experiment without learnopt importing tasks/.
         parser.set_defaults(PARSER_DEFAULTS)
+
+
+def default_threads() -> int:
+    """One thread unless ``OMP_NUM_THREADS`` says otherwise. With a second thread while another
+    process uses the other core, eager meta-training ran 50x slower on 2 cores (docs/benchmarks,
+    section 6); with one, it loses at most the second core on an idle machine."""
+    value = os.environ.get("OMP_NUM_THREADS", "")
+    return int(value) if value.isdigit() and int(value) >= 1 else 1
 
 
 def meta_train(args: list[str] | None = None) -> MetaTrainCLI:
@@ -111,6 +125,10 @@ def meta_train(args: list[str] | None = None) -> MetaTrainCLI:
         raise ValueError(explain(str(err))) from None
     finally:
         sys.argv = argv
+    threads = cli.config.get("threads")
+    if threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {threads}")
+    torch.set_num_threads(threads)
     use_atomic_checkpoints(cli.trainer)
     # Rank 0 holds the lock for the whole run; the other ranks of a distributed run share it.
     lock = RunLock(run_directories(cli.trainer) if rank_zero_only.rank == 0 else [])
