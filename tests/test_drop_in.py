@@ -219,7 +219,7 @@ def test_a_parameter_whose_grad_stays_none_is_bit_identical_after_100_steps(name
         loss.backward(create_graph=create_graph)
         return loss
 
-    for _ in range(100 if name not in ("lbfgs", "stochastic_lbfgs", "saga", "jacsketch", "svrg") else 10):
+    for _ in range(100):
         if name in ("lbfgs", "newton"):
             opt.step(closure)
         else:
