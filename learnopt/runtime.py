@@ -5,8 +5,7 @@ allocates and frees many tensors of a few MiB every unrolled step (gates, saved 
 their gradients). By default glibc serves each allocation above 128 KiB to 32 MiB with a
 fresh ``mmap`` or returns the top of its heap to the system once freed, so the next step
 touches new pages: page faults that, on a virtual machine, can cost more than the arithmetic
-(``docs/benchmarks``: 2.6× → 3.5× the reference implementation on the digits MLP with two
-threads). ``learnopt meta-train`` applies it at start-up; ``LEARNOPT_KEEP_FREED_MEMORY=0``
+(measured in ``docs/benchmarks``). ``learnopt meta-train`` applies it at start-up; ``LEARNOPT_KEEP_FREED_MEMORY=0``
 turns that off. It is the in-process equivalent of the environment variables
 ``MALLOC_MMAP_THRESHOLD_`` and ``MALLOC_TRIM_THRESHOLD_``, and a no-op where the C library is
 not glibc.

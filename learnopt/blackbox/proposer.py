@@ -47,8 +47,8 @@ small recurrent state keeps poorly; the fit is a cheap one (a ``(2D + 1)²`` sol
 local quadratic model (``learnopt.blackbox.refine``): the minimiser, within an adaptive trust
 region around the best point so far, of a full quadratic fitted to the observations nearest it.
 Learned optimizers commonly read features that hand-designed ones compute; this is the black-box
-counterpart, meant for refining inside a basin: the 6-d proposer ends its runs in the right basin
-about 0.01 above the minimum (``docs/blackbox/training.md``, stop 18, measures it). A gate
+counterpart, meant for refining inside a basin, where a proposer that found the right basin
+still ends above its minimum (``docs/blackbox/training.md``). A gate
 ``r = σ(·)`` computed from the state and a clock of the observations so far (``tanh(t/τ)`` for
 a few timescales τ, like the training-step features of learned_optimization's optimizers) sets
 the query ``x = r·s + (1 − r)·a``. The gate starts nearly closed (``r ≈ 0.02``), or, with

@@ -38,7 +38,7 @@ proposer trained with ``num_queries = q`` emits q queries per step and hands the
 Proposals run through a numpy snapshot of the proposer's weights taken when the session is
 created (``RNNProposer.numpy_stepper``): a sequential proposal is a few dozen operations on
 vectors of a few hundred numbers, and numpy's overhead per operation is a fraction of torch's
-(about 45 µs per proposal against 150 µs with torch). Training the proposer further does
+(``scripts/benchmarks/numpy_stepper.py``; ``docs/blackbox``). Training the proposer further does
 not change a session that already exists.
 
 Bad input is refused before anything changes, so a rejected call leaves the session as it was:
@@ -277,7 +277,7 @@ class AskTellSession:
         self.nonfinite = nonfinite
         self.seed = seed
         self.symmetry = box_symmetry(proposer.dim, seed)
-        self._stepper = proposer.numpy_stepper()  # the proposer's step in numpy: ~1 µs per operation, not ~5
+        self._stepper = proposer.numpy_stepper()  # the proposer's step in numpy (module docstring)
         self._lower, self._upper = self.bounds[0].numpy(), self.bounds[1].numpy()
         with np.errstate(over="ignore"):
             width = self._upper - self._lower

@@ -19,8 +19,8 @@ from learnopt.optim.torch_optimizer import TransformOptimizer
 # cost little next to its arithmetic, small enough that a block's gates stay in cache.
 INPLACE_BLOCK_ROWS = 8192
 # On an accelerator there is no cache to keep a block in, and each tensor operation is a kernel
-# launch (~5–20 µs): blocks of 8,192 made the 10M-parameter step 532× Adam's on an H200 (1,221
-# blocks × ~20 launches). There a block's gates may take this many elements (128 MiB in float32).
+# launch: small blocks make the step launch-bound (docs/benchmarks, section 4). There a block's
+# gates may take this many elements (128 MiB in float32).
 ACCELERATOR_BLOCK_ELEMENTS = 1 << 25
 
 
