@@ -54,19 +54,15 @@ from learnopt.optim.alias import (  # first-order optimizers
     rprop,
     sign_sgd,
 )
+from learnopt.optim.adam_family import scale_by_amsgrad, scale_by_belief, scale_by_eadam, scale_by_nadam, scale_by_radam
 from learnopt.optim.transforms import (  # their building blocks
     scale_by_adadelta,
     scale_by_adagrad,
     scale_by_adagrad_norm,
-    scale_by_amsgrad,
-    scale_by_belief,
-    scale_by_eadam,
     scale_by_generalized_sign,
     scale_by_lion,
     scale_by_lr_decay,
-    scale_by_nadam,
     scale_by_quickprop,
-    scale_by_radam,
     scale_by_rprop,
     scale_by_trust_ratio,
 )

@@ -13,6 +13,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from learnopt.optim.adam_family import scale_by_amsgrad, scale_by_belief, scale_by_eadam, scale_by_nadam, scale_by_radam
 from learnopt.optim.base import GradientTransformation, Hyper, Params, State, chain, rebuildable
 from learnopt.optim.numerics import count_like, nonzero
 from learnopt.optim.transforms import (
@@ -22,16 +23,11 @@ from learnopt.optim.transforms import (
     scale_by_adagrad,
     scale_by_adagrad_norm,
     scale_by_adam,
-    scale_by_amsgrad,
-    scale_by_belief,
-    scale_by_eadam,
     scale_by_generalized_sign,
     scale_by_learning_rate,
     scale_by_lion,
     scale_by_lr_decay,
-    scale_by_nadam,
     scale_by_quickprop,
-    scale_by_radam,
     scale_by_rms,
     scale_by_rprop,
     scale_by_trust_ratio,

@@ -42,3 +42,22 @@ def instance_norm(tree: Params, batch_dims: int = 0) -> Tensor:
         s = instance_sum(x * x, batch_dims).reshape(x.shape[:batch_dims])
         total = s if total is None else total + s
     return torch.sqrt(total)
+
+
+def float_count(count: Tensor, like: Tensor) -> Tensor:
+    # The step count in the parameters' precision (at least float32), see scale_by_adam.
+    return count.to(torch.promote_types(like.dtype, torch.float32))
+
+
+def div_or_zero(num: Tensor, den: Tensor) -> Tensor:
+    """``num / den`` where ``den != 0``, else 0, with finite derivatives everywhere (the divisor
+    of the unused branch is replaced, so backward never forms 0 * inf)."""
+    nonzero = den != 0
+    return torch.where(nonzero, num / torch.where(nonzero, den, torch.ones_like(den)), torch.zeros_like(num))
+
+
+def widest_float(params: Params) -> torch.dtype:
+    dtype = torch.float32
+    for p in params.values():
+        dtype = torch.promote_types(dtype, p.dtype)
+    return dtype

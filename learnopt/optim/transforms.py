@@ -12,7 +12,14 @@ import torch
 from torch import Tensor
 
 from learnopt.optim.base import EmptyState, GradientTransformation, Hyper, Params, zeros_like
-from learnopt.optim.numerics import count_like, instance_sum, safe_sqrt  # noqa: F401 (safe_sqrt: public here too)
+from learnopt.optim.numerics import (  # noqa: F401 (safe_sqrt: public here too)
+    count_like,
+    div_or_zero,
+    float_count,
+    instance_sum,
+    safe_sqrt,
+    widest_float,
+)
 
 
 def scale(factor: Hyper) -> GradientTransformation:
@@ -142,26 +149,6 @@ def scale_by_adam(
     return GradientTransformation(init, update)
 
 
-# -- shared numerics ------------------------------------------------------------------------------
-def _float_count(count: Tensor, like: Tensor) -> Tensor:
-    # The step count in the parameters' precision (at least float32), see scale_by_adam.
-    return count.to(torch.promote_types(like.dtype, torch.float32))
-
-
-def _div_or_zero(num: Tensor, den: Tensor) -> Tensor:
-    """``num / den`` where ``den != 0``, else 0, with finite derivatives everywhere (the divisor
-    of the unused branch is replaced, so backward never forms 0 * inf)."""
-    nonzero = den != 0
-    return torch.where(nonzero, num / torch.where(nonzero, den, torch.ones_like(den)), torch.zeros_like(num))
-
-
-def _widest_float(params: Params) -> torch.dtype:
-    dtype = torch.float32
-    for p in params.values():
-        dtype = torch.promote_types(dtype, p.dtype)
-    return dtype
-
-
 # -- sign-based and secant methods ---------------------------------------------------------------
 class ScaleByRpropState(NamedTuple):
     prev: Params
@@ -247,7 +234,7 @@ def scale_by_quickprop(lr: Hyper = 1e-2, mu: Hyper = 1.75) -> GradientTransforma
             gradient_term = torch.where(s * d_prev > 0, gradient_step, torch.zeros_like(s))
             capped = s * direction > shrink * s_prev * direction
             secant_ok = moving & ~capped & (s_prev != s)
-            secant = _div_or_zero(s, torch.where(secant_ok, s_prev - s, torch.zeros_like(s))) * d_prev
+            secant = div_or_zero(s, torch.where(secant_ok, s_prev - s, torch.zeros_like(s))) * d_prev
             quadratic = torch.where(capped, mu * d_prev, torch.where(secant_ok, secant, gradient_step))
             steps[k] = torch.where(moving, gradient_term + quadratic, gradient_step)
             slopes[k] = s
@@ -288,9 +275,9 @@ def scale_by_generalized_sign(
         for k in updates:
             m, v = mu[k], nu[k]
             if use_bias_correction:
-                t = _float_count(count, m)
+                t = float_count(count, m)
                 m, v = m / (1 - b1**t), v / (1 - b2**t)
-            out[k] = _div_or_zero(m, safe_sqrt(v) + eps)
+            out[k] = div_or_zero(m, safe_sqrt(v) + eps)
         return out, ScaleBySignState(count, mu, nu)
 
     return GradientTransformation(init, update)
@@ -350,7 +337,7 @@ def scale_by_lr_decay(lr_decay: Hyper) -> GradientTransformation:
         return ScaleByLrDecayState(count_like(params))
 
     def update(updates, state, params=None, **extra):
-        out = {k: u / (1 + _float_count(state.count, u) * lr_decay) for k, u in updates.items()}
+        out = {k: u / (1 + float_count(state.count, u) * lr_decay) for k, u in updates.items()}
         return out, ScaleByLrDecayState(state.count + 1)
 
     return GradientTransformation(init, update)
@@ -373,7 +360,7 @@ def scale_by_adagrad_norm(b0: Hyper = 1e-2, batch_dims: int = 0) -> GradientTran
     def init(params):
         first = next(iter(params.values()))
         return ScaleByAdagradNormState(
-            torch.zeros(first.shape[:batch_dims], dtype=_widest_float(params), device=first.device) + b0 * b0
+            torch.zeros(first.shape[:batch_dims], dtype=widest_float(params), device=first.device) + b0 * b0
         )
 
     def update(updates, state, params=None, **extra):
@@ -383,7 +370,7 @@ def scale_by_adagrad_norm(b0: Hyper = 1e-2, batch_dims: int = 0) -> GradientTran
         b = safe_sqrt(b_sq)
         out = {}
         for k, g in updates.items():
-            out[k] = _div_or_zero(g, b.reshape(b.shape + (1,) * (g.dim() - batch_dims)).to(g.dtype))
+            out[k] = div_or_zero(g, b.reshape(b.shape + (1,) * (g.dim() - batch_dims)).to(g.dtype))
         return out, ScaleByAdagradNormState(b_sq)
 
     return GradientTransformation(init, update)
@@ -409,179 +396,9 @@ def scale_by_adadelta(rho: Hyper = 0.9, eps: Hyper = 1e-6) -> GradientTransforma
         sq, acc, out = {}, {}, {}
         for k, g in updates.items():
             sq[k] = rho * state.square_avg[k] + (1 - rho) * g * g
-            out[k] = _div_or_zero(safe_sqrt(state.acc_delta[k] + eps), safe_sqrt(sq[k] + eps)) * g
+            out[k] = div_or_zero(safe_sqrt(state.acc_delta[k] + eps), safe_sqrt(sq[k] + eps)) * g
             acc[k] = rho * state.acc_delta[k] + (1 - rho) * out[k] * out[k]
         return out, ScaleByAdadeltaState(sq, acc)
-
-    return GradientTransformation(init, update)
-
-
-# -- Adam family ---------------------------------------------------------------------------------
-class ScaleByAmsgradState(NamedTuple):
-    count: Tensor
-    mu: Params
-    nu: Params
-    nu_max: Params
-
-
-def scale_by_amsgrad(b1: Hyper = 0.9, b2: Hyper = 0.999, eps: Hyper = 1e-8) -> GradientTransformation:
-    """AMSGrad (Reddi et al. 2018, ICLR, "On the convergence of Adam and beyond"), as
-    ``torch.optim.Adam(amsgrad=True)`` (the maximum is of the raw second moment)::
-
-        m_t, v_t as in Adam;  vmax_t = max(vmax_{t-1}, v_t)
-        u_t = (m_t / (1 - b1^t)) / (sqrt(vmax_t / (1 - b2^t)) + eps)
-    """
-
-    def init(params):
-        return ScaleByAmsgradState(count_like(params), zeros_like(params), zeros_like(params), zeros_like(params))
-
-    def update(updates, state, params=None, **extra):
-        count = state.count + 1
-        mu = {k: b1 * state.mu[k] + (1 - b1) * g for k, g in updates.items()}
-        nu = {k: b2 * state.nu[k] + (1 - b2) * g * g for k, g in updates.items()}
-        nu_max = {k: torch.maximum(state.nu_max[k], nu[k]) for k in updates}
-        out = {}
-        for k in updates:
-            t = _float_count(count, mu[k])
-            out[k] = (mu[k] / (1 - b1**t)) / (safe_sqrt(nu_max[k]) / torch.sqrt(1 - b2**t) + eps)
-        return out, ScaleByAmsgradState(count, mu, nu, nu_max)
-
-    return GradientTransformation(init, update)
-
-
-class ScaleByNadamState(NamedTuple):
-    count: Tensor
-    mu_product: Tensor
-    mu: Params
-    nu: Params
-
-
-def scale_by_nadam(
-    b1: Hyper = 0.9, b2: Hyper = 0.999, eps: Hyper = 1e-8, momentum_decay: Hyper = 4e-3
-) -> GradientTransformation:
-    """Nadam (Dozat 2016, "Incorporating Nesterov momentum into Adam", ICLR workshop), with the
-    momentum schedule of ``torch.optim.NAdam``::
-
-        mu_t = b1 (1 - 0.5 * 0.96^(t * momentum_decay));   P_t = mu_1 ... mu_t
-        m_t = b1 m + (1 - b1) g;   v_t = b2 v + (1 - b2) g^2;   d = sqrt(v_t / (1 - b2^t)) + eps
-        u_t = (1 - mu_t) / (1 - P_t) * g / d + mu_{t+1} / (1 - P_t mu_{t+1}) * m_t / d
-    """
-
-    def init(params):
-        first = next(iter(params.values()))
-        return ScaleByNadamState(
-            count_like(params), torch.ones((), dtype=_widest_float(params), device=first.device),
-            zeros_like(params), zeros_like(params),
-        )
-
-    def update(updates, state, params=None, **extra):
-        count = state.count + 1
-        t = _float_count(count, state.mu_product)
-        mu_t = b1 * (1 - 0.5 * 0.96 ** (t * momentum_decay))
-        mu_next = b1 * (1 - 0.5 * 0.96 ** ((t + 1) * momentum_decay))
-        mu_product = state.mu_product * mu_t
-        bc2 = 1 - b2**t
-        mu = {k: b1 * state.mu[k] + (1 - b1) * g for k, g in updates.items()}
-        nu = {k: b2 * state.nu[k] + (1 - b2) * g * g for k, g in updates.items()}
-        coef_g = (1 - mu_t) / (1 - mu_product)
-        coef_m = mu_next / (1 - mu_product * mu_next)
-        out = {}
-        for k, g in updates.items():
-            denom = safe_sqrt(nu[k] / bc2.to(g.dtype)) + eps
-            out[k] = coef_g.to(g.dtype) * g / denom + coef_m.to(g.dtype) * mu[k] / denom
-        return out, ScaleByNadamState(count, mu_product, mu, nu)
-
-    return GradientTransformation(init, update)
-
-
-def scale_by_radam(b1: Hyper = 0.9, b2: Hyper = 0.999, eps: Hyper = 1e-8) -> GradientTransformation:
-    """RAdam (Liu et al. 2020, arXiv 1908.03265), as ``torch.optim.RAdam``::
-
-        m_t, v_t as in Adam;  rho_inf = 2 / (1 - b2) - 1;  rho_t = rho_inf - 2 t b2^t / (1 - b2^t)
-        r_t = sqrt((rho_t - 4)(rho_t - 2) rho_inf / ((rho_inf - 4)(rho_inf - 2) rho_t))
-        u_t = m_t / (1 - b1^t) * (r_t * sqrt(1 - b2^t) / (sqrt(v_t) + eps)  if rho_t > 5  else  1)
-
-    (eps is added to the uncorrected ``sqrt(v_t)``, as torch does). The state is Adam's.
-    """
-
-    def init(params):
-        return ScaleByAdamState(count_like(params), zeros_like(params), zeros_like(params))
-
-    def update(updates, state, params=None, **extra):
-        count = state.count + 1
-        mu = {k: b1 * state.mu[k] + (1 - b1) * g for k, g in updates.items()}
-        nu = {k: b2 * state.nu[k] + (1 - b2) * g * g for k, g in updates.items()}
-        out = {}
-        for k in updates:
-            t = _float_count(count, mu[k])
-            bc1, bc2 = 1 - b1**t, 1 - b2**t
-            rho_inf = 2 / (1 - b2) - 1
-            rho_t = rho_inf - 2 * t * b2**t / bc2
-            rectify = rho_t > 5
-            # The rectifier's argument is negative for rho_t < 4; keep it out of the graph there.
-            arg = torch.where(
-                rectify, (rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t),
-                torch.ones_like(rho_t),
-            )
-            adaptive = safe_sqrt(arg) * torch.sqrt(bc2) / (safe_sqrt(nu[k]) + eps)
-            out[k] = mu[k] / bc1 * torch.where(rectify, adaptive, torch.ones_like(adaptive))
-        return out, ScaleByAdamState(count, mu, nu)
-
-    return GradientTransformation(init, update)
-
-
-def scale_by_eadam(b1: Hyper = 0.9, b2: Hyper = 0.999, eps: Hyper = 1e-8) -> GradientTransformation:
-    """EAdam (Yuan & Gao 2020, arXiv 2011.02150; the authors' ``EAdam.py``): Adam with eps added
-    to the second moment at every step, inside the accumulation, and none outside::
-
-        m_t = b1 m + (1 - b1) g;   v_t = b2 v + (1 - b2) g^2 + eps
-        u_t = (m_t / (1 - b1^t)) / sqrt(v_t / (1 - b2^t))
-
-    The state is Adam's.
-    """
-
-    def init(params):
-        return ScaleByAdamState(count_like(params), zeros_like(params), zeros_like(params))
-
-    def update(updates, state, params=None, **extra):
-        count = state.count + 1
-        mu = {k: b1 * state.mu[k] + (1 - b1) * g for k, g in updates.items()}
-        nu = {k: b2 * state.nu[k] + (1 - b2) * g * g + eps for k, g in updates.items()}
-        out = {}
-        for k in updates:
-            t = _float_count(count, mu[k])
-            out[k] = _div_or_zero(mu[k] / (1 - b1**t), safe_sqrt(nu[k]) / torch.sqrt(1 - b2**t))
-        return out, ScaleByAdamState(count, mu, nu)
-
-    return GradientTransformation(init, update)
-
-
-class ScaleByBeliefState(NamedTuple):
-    count: Tensor
-    mu: Params
-    nu: Params
-
-
-def scale_by_belief(b1: Hyper = 0.9, b2: Hyper = 0.999, eps: Hyper = 1e-16) -> GradientTransformation:
-    """AdaBelief (Zhuang et al. 2020, arXiv 2010.07468): the second moment is of the gradient's
-    deviation from its running mean, with eps inside and outside (as ``pytorch_optimizer``)::
-
-        m_t = b1 m + (1 - b1) g;   s_t = b2 s + (1 - b2) (g - m_t)^2 + eps
-        u_t = (m_t / (1 - b1^t)) / (sqrt(s_t / (1 - b2^t)) + eps)
-    """
-
-    def init(params):
-        return ScaleByBeliefState(count_like(params), zeros_like(params), zeros_like(params))
-
-    def update(updates, state, params=None, **extra):
-        count = state.count + 1
-        mu = {k: b1 * state.mu[k] + (1 - b1) * g for k, g in updates.items()}
-        nu = {k: b2 * state.nu[k] + (1 - b2) * (g - mu[k]) ** 2 + eps for k, g in updates.items()}
-        out = {}
-        for k in updates:
-            t = _float_count(count, mu[k])
-            out[k] = (mu[k] / (1 - b1**t)) / (safe_sqrt(nu[k]) / torch.sqrt(1 - b2**t) + eps)
-        return out, ScaleByBeliefState(count, mu, nu)
 
     return GradientTransformation(init, update)
 
