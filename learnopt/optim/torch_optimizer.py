@@ -24,6 +24,7 @@ from torch import Tensor
 from torch.utils import _pytree as pytree
 
 from learnopt.optim.base import GradientTransformation
+from learnopt.optim import foreach_more, foreach_torch  # noqa: F401 (importing them registers the kernels)
 from learnopt.optim.foreach import kernel_for
 from learnopt.optim.group_hyperparams import GroupHyperparameters, Resolved
 from learnopt.optim.param_state import check_splittable, gather, same_state, scatter, shared_keys, split_parameter_state
