@@ -186,7 +186,7 @@ def jacsketch_reference(prob, theta, lr, schedule, make_R, theta_s=None):
 
 def slbfgs_reference(prob, theta, lr, m, L, M, schedule):
     """Moritz, Nishihara & Jordan (2016), Algorithm 1 (option I), as documented in
-    learnopt.optim.quasi_newton.stochastic_lbfgs; explicit subsampled Hessians, textbook two-loop."""
+    learnopt.optim.stochastic_lbfgs.stochastic_lbfgs; explicit subsampled Hessians, textbook two-loop."""
     S_list, Y_list = [], []
     u_prev, acc = theta.clone(), torch.zeros_like(theta)
     out = []

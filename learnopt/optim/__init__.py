@@ -69,7 +69,8 @@ from learnopt.optim.transforms import (  # their building blocks
 from learnopt.optim.hessian import adahessian, apollo, hutchinson_diagonal, sophia  # second-order
 from learnopt.optim.muon import muon, scale_by_muon, zeropower_via_newtonschulz5
 from learnopt.optim.newton import conjugate_gradient, newton
-from learnopt.optim.quasi_newton import lbfgs, stochastic_lbfgs
+from learnopt.optim.quasi_newton import lbfgs
+from learnopt.optim.stochastic_lbfgs import stochastic_lbfgs
 from learnopt.optim.variance_reduced import jacsketch, saga, svrg
 
 __all__ = [
