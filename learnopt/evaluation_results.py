@@ -1,0 +1,222 @@
+"""What an evaluation produces: the per-optimizer results (``OptimizerResult``), the evaluation
+with its table and speedups (``Evaluation``), its loss-curve plot, and its W&B runs in the
+schema of ``learnopt.logging_schema``."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+from learnopt.meta.unroll import DIVERGED_LOG10, log10_losses
+from learnopt.metrics import speedup, t_interval
+
+
+@dataclass
+class OptimizerResult:
+    name: str
+    lr: float | None
+    final_losses: list[float]  # per instance, all test seeds
+    seed_means: list[float]  # mean log10 final loss per test seed
+    curve: list[float]  # mean log10 loss per step over all instances
+    tuning: dict[str, float] = field(default_factory=dict)
+    lr_at_grid_edge: bool = False
+    normalized_final_losses: list[float] = field(default_factory=list)  # task.normalize of final_losses
+    # seconds per inner step of the evaluation loop (all instances of a seed at once), the median
+    # over seeds, so the first seed's warm-up does not count
+    time_per_step: float | None = None
+
+    @property
+    def log10_final(self) -> Tensor:
+        return log10_losses(torch.tensor(self.final_losses, dtype=torch.float64))
+
+    def summary(self) -> dict[str, float]:
+        mean, half = t_interval(self.log10_final)
+        diverged = int((self.log10_final >= DIVERGED_LOG10).sum())
+        finals = torch.tensor(self.final_losses, dtype=torch.float64)
+        mean_loss = float(finals.mean()) if bool(torch.isfinite(finals).all()) else math.inf
+        normalized = (float(log10_losses(torch.tensor(self.normalized_final_losses, dtype=torch.float64)).mean())
+                      if self.normalized_final_losses else None)
+        return {"mean_log10_final_loss": mean, "ci95": half, "diverged": diverged, "mean_final_loss": mean_loss,
+                "mean_log10_normalized_loss": normalized, "time_per_step_s": self.time_per_step}
+
+
+@dataclass
+class Evaluation:
+    task: str
+    steps: int
+    num_instances: int
+    seeds: list[int]
+    results: list[OptimizerResult]
+    checkpoint: str | None = None
+
+    def result(self, name: str) -> OptimizerResult:
+        return next(r for r in self.results if r.name == name)
+
+    def adam_steps_to_match(self, r: OptimizerResult) -> int | None:
+        """Steps tuned Adam needs to reach ``r``'s final mean log10 loss (None: never within the run)."""
+        if not any(x.name == "adam" for x in self.results):
+            return None
+        adam = self.result("adam").curve
+        target = r.curve[-1]
+        return next((t for t, v in enumerate(adam) if v <= target), None)
+
+    def speedup(self, r: OptimizerResult) -> float | None:
+        """``learnopt.metrics.speedup`` of ``r``'s curve over tuned Adam's (None without Adam)."""
+        if not any(x.name == "adam" for x in self.results):
+            return None
+        return speedup(r.curve, self.result("adam").curve)
+
+    def table(self) -> str:
+        lines = [
+            f"Task `{self.task}`, {self.steps} steps, {self.num_instances} instances × seeds {self.seeds} "
+            "(held-out). Mean log10 final loss with 95% t-interval over instances; lower is better.",
+            "",
+            "| optimizer | tuned lr | mean log10 final loss | 95% CI | mean final loss | diverged | Adam steps to match "
+            "| speedup vs Adam |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for r in sorted(self.results, key=lambda r: r.summary()["mean_log10_final_loss"]):
+            s = r.summary()
+            lr = "—" if r.lr is None else f"{r.lr:.3g}" + (" (grid edge)" if r.lr_at_grid_edge else "")
+            match = self.adam_steps_to_match(r)
+            match_s = f">{self.steps}" if match is None else str(match)
+            speedup = self.speedup(r)
+            speedup_s = "—" if speedup is None else f"{speedup:.2f}×"
+            lines.append(
+                f"| {r.name} | {lr} | {s['mean_log10_final_loss']:.3f} | ±{s['ci95']:.3f} | {s['mean_final_loss']:.4g} "
+                f"| {s['diverged']} | {match_s} | {speedup_s} |"
+            )
+        return "\n".join(lines)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "task": self.task, "steps": self.steps, "num_instances": self.num_instances, "seeds": self.seeds,
+            "checkpoint": self.checkpoint,
+            "results": {
+                r.name: {**r.summary(), "lr": r.lr, "tuning": r.tuning, "seed_means": r.seed_means,
+                         "speedup_vs_adam": self.speedup(r), "adam_steps_to_match": self.adam_steps_to_match(r),
+                         "curve_mean_log10_loss": r.curve, "final_losses": r.final_losses}
+                for r in self.results
+            },
+        }
+
+
+def plot_curves(
+    evaluation: Evaluation, path: str | os.PathLike, title: str | None = None, command: str | None = None
+) -> Path:
+    """Mean log10 loss against inner step, one line per optimizer (PNG); ``command``, the
+    command that produced it, is printed under the plot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for r in evaluation.results:
+        label = r.name + ("" if r.lr is None else f" (lr {r.lr:.3g})")
+        ax.plot(range(len(r.curve)), r.curve, label=label, lw=2 if r.lr is None else 1.2)
+    ax.set_xlabel("inner step")
+    ax.set_ylabel("mean log10 loss (held-out instances)")
+    ax.set_title(title or f"{evaluation.task}: learned vs tuned baselines")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    if command:
+        fig.text(0.01, 0.005, command, fontsize=6, color="0.4", ha="left", va="bottom", wrap=True)
+    fig.tight_layout(rect=(0, 0.04 if command else 0, 1, 1))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def log_to_wandb(evaluation: Evaluation, group: str, project: str = "learnopt", save_dir: str = "runs",
+                 config: dict[str, Any] | None = None, tags: Sequence[str] = (),
+                 checkpoints: dict[str, str] | None = None, plot: str | os.PathLike | None = None,
+                 split: str = "test", fixed_lr: bool = False) -> list[str]:
+    """Log ``evaluation`` in the schema of ``learnopt.logging_schema``: one W&B run per optimizer
+    in ``group`` (job type ``evaluate``, or ``tune`` for ``split="tune"``; config: ``config``
+    under ``evaluate`` and the flat ``optimizer``/``task``/``kind``/``lr``/``fixed_lr``/``split``/``seeds`` keys; the inner-loss curve keyed by inner
+    step; the summary metrics; for the learned optimizers named in ``checkpoints`` their file as an
+    artifact), then, with more than one optimizer, a run ``<group>/summary`` holding the table as
+    a W&B Table, the curves as a W&B line plot and ``plot`` (the PNG). Offline unless W&B is set
+    up. Returns the run directories."""
+    from learnopt import logging_schema as ls
+
+    checkpoints = checkpoints or {}
+    base = {"evaluate": config or {}, "task": evaluation.task, "steps": evaluation.steps,
+            "num_instances": evaluation.num_instances, "seeds": evaluation.seeds, "split": split}
+    job_type = "tune" if split == "tune" else "evaluate"
+    run_dirs, rows = [], []
+    for r in evaluation.results:
+        s = r.summary()
+        kind = "learned" if r.name in checkpoints else "baseline"
+        run = ls.init_run(job_type, group=group, tags=tags, name=f"{group}/{r.name}", project=project,
+                          save_dir=save_dir, config={**base, "optimizer": r.name, "kind": kind, "lr": r.lr,
+                                                     "fixed_lr": fixed_lr and kind == "baseline"})
+        ls.log_inner_curve(run, r.curve)
+        final = {
+            ls.FINAL_LOG10: s["mean_log10_final_loss"], ls.FINAL_CI95: s["ci95"], ls.SEED_LOG10: r.seed_means,
+            ls.FINAL_LOSS: s["mean_final_loss"], ls.FINAL_NORMALIZED_LOG10: s["mean_log10_normalized_loss"],
+            ls.DIVERGED: s["diverged"], ls.SPEEDUP: evaluation.speedup(r),
+            ls.ADAM_STEPS_TO_MATCH: evaluation.adam_steps_to_match(r), ls.TIME_PER_STEP: r.time_per_step, "lr": r.lr,
+        }
+        ls.log_final(run, final)
+        if r.name in checkpoints:
+            ls.log_checkpoint_artifact(run, checkpoints[r.name], metadata={"task": evaluation.task, **final})
+        rows.append([r.name, kind, r.lr, s["mean_log10_final_loss"], s["ci95"], s["mean_log10_normalized_loss"],
+                     evaluation.speedup(r), r.time_per_step])
+        run_dirs.append(run.dir)
+        ls.finish_run(run)
+    if len(evaluation.results) > 1:
+        run_dirs.append(_log_summary_run(evaluation, rows, group, project, save_dir, base, tags, plot, job_type))
+    return run_dirs
+
+
+def _log_summary_run(evaluation: Evaluation, rows: list[list[Any]], group: str, project: str, save_dir: str,
+                     base: dict[str, Any], tags: Sequence[str], plot: str | os.PathLike | None,
+                     job_type: str = "evaluate") -> str:
+    """The group's table run: the evaluation table (W&B Table), overlaid curves (W&B plot), the PNG."""
+    import wandb
+
+    from learnopt import logging_schema as ls
+
+    run = ls.init_run(job_type, group=group, tags=tags, name=f"{group}/summary", project=project,
+                      save_dir=save_dir, config={**base, "kind": "summary"})
+    columns = ["optimizer", "kind", "lr", "mean_log10_final_loss", "ci95", "mean_log10_normalized_loss",
+               "speedup_vs_adam", "time_per_step_s"]
+    table = wandb.Table(columns=columns, data=[[_plain(x) for x in row] for row in rows])
+    steps = list(range(evaluation.steps + 1))
+    curves = wandb.plot.line_series(
+        xs=steps, ys=[r.curve for r in evaluation.results], keys=[r.name for r in evaluation.results],
+        title=f"{evaluation.task}: mean log10 loss", xname="inner step",
+    )
+    media: dict[str, Any] = {ls.TABLE_KEY: table, ls.CURVES_PLOT_KEY: curves}
+    if plot is not None and Path(plot).is_file():
+        media[ls.CURVES_IMAGE_KEY] = wandb.Image(str(plot))
+    run.log(media)
+    run_dir = run.dir
+    ls.finish_run(run)
+    return run_dir
+
+
+def _plain(x: Any) -> Any:
+    """A table cell W&B can store (non-finite floats as None)."""
+    return None if isinstance(x, float) and not math.isfinite(x) else x
+
+
+def check_sweep_run(num_optimizers: int, wandb_on: bool) -> None:
+    """Under ``wandb agent`` every ``wandb.init`` joins the agent's one run, so a sweep run must
+    evaluate exactly one optimizer."""
+    if wandb_on and os.environ.get("WANDB_SWEEP_ID") and num_optimizers != 1:
+        raise ValueError(
+            f"running under a W&B sweep agent, learnopt evaluate must evaluate one optimizer per run, got "
+            f"{num_optimizers}: give one baseline (--baselines '[adam]') and no --checkpoint, or a checkpoint and "
+            "--baselines '[]'"
+        )
