@@ -11,7 +11,7 @@ from torch import Tensor
 
 from learnopt.optim.base import GradientTransformation, Hyper, Params, zeros_like
 from learnopt.optim.numerics import count_like, div_or_zero, float_count, safe_sqrt, widest_float
-from learnopt.optim.transforms import ScaleByAdamState
+from learnopt.optim.transforms import ScaleByAdamState, adam_moments
 
 
 class ScaleByAmsgradState(NamedTuple):
@@ -33,9 +33,7 @@ def scale_by_amsgrad(b1: Hyper = 0.9, b2: Hyper = 0.999, eps: Hyper = 1e-8) -> G
         return ScaleByAmsgradState(count_like(params), zeros_like(params), zeros_like(params), zeros_like(params))
 
     def update(updates, state, params=None, **extra):
-        count = state.count + 1
-        mu = {k: b1 * state.mu[k] + (1 - b1) * g for k, g in updates.items()}
-        nu = {k: b2 * state.nu[k] + (1 - b2) * g * g for k, g in updates.items()}
+        count, mu, nu = adam_moments(updates, state, b1, b2)
         nu_max = {k: torch.maximum(state.nu_max[k], nu[k]) for k in updates}
         out = {}
         for k in updates:
@@ -105,9 +103,7 @@ def scale_by_radam(b1: Hyper = 0.9, b2: Hyper = 0.999, eps: Hyper = 1e-8) -> Gra
         return ScaleByAdamState(count_like(params), zeros_like(params), zeros_like(params))
 
     def update(updates, state, params=None, **extra):
-        count = state.count + 1
-        mu = {k: b1 * state.mu[k] + (1 - b1) * g for k, g in updates.items()}
-        nu = {k: b2 * state.nu[k] + (1 - b2) * g * g for k, g in updates.items()}
+        count, mu, nu = adam_moments(updates, state, b1, b2)
         out = {}
         for k in updates:
             t = float_count(count, mu[k])

@@ -6,7 +6,7 @@ that requires grad makes the hyperparameter meta-learnable). Everything is out o
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -114,6 +114,16 @@ class ScaleByAdamState(NamedTuple):
     nu: Params
 
 
+def adam_moments(updates: Params, state: Any, b1: Hyper, b2: Hyper) -> tuple[Tensor, Params, Params]:
+    """Adam's step count and moments after ``updates`` (``state`` has ``count``, ``mu``, ``nu``)::
+
+        t <- t + 1;   m <- b1 m + (1 - b1) g;   v <- b2 v + (1 - b2) g^2
+    """
+    mu = {k: b1 * state.mu[k] + (1 - b1) * g for k, g in updates.items()}
+    nu = {k: b2 * state.nu[k] + (1 - b2) * g * g for k, g in updates.items()}
+    return state.count + 1, mu, nu
+
+
 def scale_by_adam(
     b1: Hyper = 0.9, b2: Hyper = 0.999, eps: Hyper = 1e-8, bias_correction: bool = True
 ) -> GradientTransformation:
@@ -129,9 +139,7 @@ def scale_by_adam(
         return ScaleByAdamState(count_like(params), zeros_like(params), zeros_like(params))
 
     def update(updates, state, params=None, **extra):
-        count = state.count + 1
-        mu = {k: b1 * state.mu[k] + (1 - b1) * g for k, g in updates.items()}
-        nu = {k: b2 * state.nu[k] + (1 - b2) * g * g for k, g in updates.items()}
+        count, mu, nu = adam_moments(updates, state, b1, b2)
         out = {}
         for k in updates:
             # Bias corrections in the parameters' precision (at least float32): ``b ** count`` with
