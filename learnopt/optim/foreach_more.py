@@ -141,21 +141,15 @@ def sign_sgd_(params: list[Tensor], grads: list[Tensor], states: list[dict[str, 
         return False
     grads = l2_(grads, params, weight_decay)
     mu = [s["mu"] for s in states]
-    nu = [s["nu"] for s in states]
     torch._foreach_lerp_(mu, grads, 1 - b1)
+    t = float(new_count(states))
+    if eps == 0 and b2 == 0:  # signum / SignSGD: the step is sign(m) and no v is kept (transforms)
+        torch._foreach_add_(params, torch._foreach_sign(mu), alpha=-lr / (1 - b1**t if bias_correction else 1.0))
+        return True
+    nu = [s["nu"] for s in states]
     torch._foreach_mul_(nu, b2)
     torch._foreach_addcmul_(nu, mu, mu, 1 - b2)
-    t = float(new_count(states))
     bc1, bc2 = (1 - b1**t, 1 - b2**t) if bias_correction else (1.0, 1.0)
-    if eps == 0 and b2 == 0:
-        # signum / SignSGD: v = m^2 and sqrt(fl(m^2)) = |m| exactly, so m / sqrt(v) is sign(m)
-        # where v > 0 and 0 where v == 0 (m == 0, or m^2 underflowed): sign(sign(m) * v), in
-        # place. (Where m^2 overflows, the functional path's m / inf gives 0, this sign(m).)
-        direction = torch._foreach_sign(mu)
-        torch._foreach_mul_(direction, nu)
-        torch._foreach_sign_(direction)
-        torch._foreach_add_(params, direction, alpha=-lr / bc1)
-        return True
     denom = torch._foreach_sqrt(nu)
     if bc2 != 1:
         torch._foreach_div_(denom, bc2**0.5)

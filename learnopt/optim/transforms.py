@@ -17,6 +17,7 @@ from learnopt.optim.numerics import (  # noqa: F401 (safe_sqrt: public here too)
     div_or_zero,
     float_count,
     instance_sum,
+    nonzero,
     safe_sqrt,
     widest_float,
 )
@@ -269,15 +270,22 @@ def scale_by_generalized_sign(
 
     ``b2 = 0, eps = 0`` is SignSGD with momentum (signum, ``sign(m_t)``); ``b1 = b2 = 0`` too is
     SignSGD; ``b2 -> 1`` is close to Adam. Where ``sqrt(v) + eps == 0`` (no gradient yet) the
-    update is 0, like ``sign(0)``.
+    update is 0, like ``sign(0)``. With a literal ``b2 = 0`` and ``eps = 0`` the update is
+    ``sign(m_t)`` itself and no ``v`` is kept (``nu`` is empty), as signum keeps only the momentum.
     """
+    signum = not nonzero(b2) and not nonzero(eps)
 
     def init(params):
-        return ScaleBySignState(count_like(params), zeros_like(params), zeros_like(params))
+        return ScaleBySignState(count_like(params), zeros_like(params), {} if signum else zeros_like(params))
 
     def update(updates, state, params=None, **extra):
         count = state.count + 1
         mu = {k: b1 * state.mu[k] + (1 - b1) * g for k, g in updates.items()}
+        if signum:  # m / sqrt(m^2) with v = m^2 (b2 = 0): sign(m), over 1 - b1^t with bias correction
+            out = {k: torch.sign(m) for k, m in mu.items()}
+            if use_bias_correction:
+                out = {k: u / (1 - b1 ** float_count(count, u)) for k, u in out.items()}
+            return out, ScaleBySignState(count, mu, {})
         nu = {k: b2 * state.nu[k] + (1 - b2) * mu[k] * mu[k] for k in updates}
         out = {}
         for k in updates:
