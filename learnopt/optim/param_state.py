@@ -24,7 +24,6 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
-from torch.utils import _pytree as pytree
 
 
 class Slot(NamedTuple):
@@ -184,7 +183,3 @@ def check_splittable(joint: Any, skeletons: list[Skeleton], flats: list[dict[str
         return same_state(gather(skeletons, flats, names), joint)
     except (KeyError, IndexError, TypeError):
         return False
-
-
-def tensors_of(flat: dict[str, Any]) -> list[Tensor]:
-    return [x for x in pytree.tree_leaves(flat) if isinstance(x, Tensor)]

@@ -178,7 +178,7 @@ class TransformOptimizer(torch.optim.Optimizer):
             resolved = self.hyperparams.resolve(group, f"param group {i}")
             active = [p for p in group["params"] if p.grad is not None]
             for p in active:
-                self._check_layout(p)
+                self._check_dense(p)
             work.append((group, resolved, active))
         if self.check_finite:
             self._check_finite([p for _, _, active in work for p in active])
@@ -187,7 +187,7 @@ class TransformOptimizer(torch.optim.Optimizer):
                 self._step_group(group, resolved, active, closure, loss, extra)
         return loss
 
-    def _check_layout(self, p: Tensor) -> None:
+    def _check_dense(self, p: Tensor) -> None:
         if p.grad.is_sparse or p.grad.layout != torch.strided:
             raise RuntimeError(
                 f"parameter {self._names[p]!r} has a sparse gradient; {self.hyperparams.factory_name} needs "
@@ -226,17 +226,24 @@ class TransformOptimizer(torch.optim.Optimizer):
         missing = [p for p in active if p not in self._skeletons]
         if missing:
             self._init_states(missing, group, "", check=False)
-        cohorts: dict[int, list[Tensor]] = {}
-        for p in active:
-            cohorts.setdefault(self._cohort[p], []).append(p)
         scale = values["lr"] if self.hyperparams.multiplier else None
-        for members in cohorts.values():
-            runs = [[p] for p in members] if self.separable else [members]
-            for run in runs:
+        for members in self._cohorts(active):
+            for run in self._runs(members):
                 self._step_run(tx, run, scale, closure, loss, dict(extra))
             cohort = self._new_cohort()
             for p in members:
                 self._cohort[p] = cohort
+
+    def _cohorts(self, params: list[Tensor]) -> list[list[Tensor]]:
+        """``params`` (all with a state) by cohort: the parameters updated together so far."""
+        cohorts: dict[int, list[Tensor]] = {}
+        for p in params:
+            cohorts.setdefault(self._cohort[p], []).append(p)
+        return list(cohorts.values())
+
+    def _runs(self, members: list[Tensor]) -> list[list[Tensor]]:
+        """One call of the transform per cohort, or per parameter for a separable transform."""
+        return [[p] for p in members] if self.separable else [members]
 
     def _step_run(self, tx: GradientTransformation, run: list[Tensor], scale: Any, closure, loss,
                   extra: dict) -> None:
@@ -321,13 +328,9 @@ class TransformOptimizer(torch.optim.Optimizer):
         """The group's state as the transform keeps it: ``[(params, state), ...]``, one entry per
         set of parameters updated together (one per parameter for a separable transform).
         ``tx.update(grads, state, params)`` continues from it."""
-        cohorts: dict[int, list[Tensor]] = {}
-        for p in self.param_groups[group]["params"]:
-            if p in self._skeletons:
-                cohorts.setdefault(self._cohort[p], []).append(p)
         out = []
-        for members in cohorts.values():
-            for run in ([[p] for p in members] if self.separable else [members]):
+        for members in self._cohorts([p for p in self.param_groups[group]["params"] if p in self._skeletons]):
+            for run in self._runs(members):
                 names = [self._names[p] for p in run]
                 state = gather([self._skeletons[p] for p in run], [self.state[p] for p in run], names)
                 out.append((dict(zip(names, run)), state))
@@ -441,7 +444,7 @@ class TransformOptimizer(torch.optim.Optimizer):
                     continue
                 shared = [self.state[p][k] for k in shared_keys(self._skeletons[p])]
                 for values, cohort in representatives:
-                    if len(values) == len(shared) and all(same_state(a, b) for a, b in zip(values, shared)):
+                    if same_state(values, shared):
                         self._cohort[p] = cohort
                         break
                 else:
