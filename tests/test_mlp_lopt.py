@@ -23,6 +23,7 @@ from learnopt.meta import TruncatedBPTT, log10_losses, rollout
 from learnopt.optim import TransformOptimizer, apply_updates
 from learnopt.task import seeded_generator
 from tasks.quadratic import QuadraticFamily
+from conftest import directional_derivative
 
 DT = torch.float64
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "mlp_lopt_quadratic.yaml"
@@ -263,22 +264,6 @@ def _meta_loss(est, lopt, state) -> float:
     return est.unroll(lopt, state)[0].item()
 
 
-def _fd(est, lopt, state, direction, eps=1e-6) -> float:
-    named = dict(lopt.named_parameters())
-    with torch.no_grad():
-        for n, d in direction.items():
-            named[n].add_(eps * d)
-    plus = _meta_loss(est, lopt, state)
-    with torch.no_grad():
-        for n, d in direction.items():
-            named[n].sub_(2 * eps * d)
-    minus = _meta_loss(est, lopt, state)
-    with torch.no_grad():
-        for n, d in direction.items():
-            named[n].add_(eps * d)
-    return (plus - minus) / (2 * eps)
-
-
 def test_second_order_meta_gradient_matches_finite_differences():
     lopt = _lopt(seed=8, hidden_sizes=(4, 4), step_mult=0.1, exp_mult=0.5, output_init_scale=1.0,
                  step_timescales=(1, 3), batch_dims=1)
@@ -295,13 +280,14 @@ def test_second_order_meta_gradient_matches_finite_differences():
             idx = int(torch.randint(named[name].numel(), (1,), generator=g))
             d = torch.zeros_like(named[name]).view(-1)
             d[idx] = 1.0
-            fd = _fd(est, lopt, state, {name: d.view_as(named[name])})
+            fd = directional_derivative(lambda: _meta_loss(est, lopt, state), {name: named[name]},
+                                        {name: d.view_as(named[name])})
             analytic = res.meta_grads[name].reshape(-1)[idx].item()
             assert analytic == pytest.approx(fd, rel=1e-5, abs=1e-9), (name, idx)
             nonzero += abs(fd) > 1e-6
     assert nonzero >= len(named)
     direction = {n: torch.randn(p.shape, generator=g, dtype=DT) for n, p in named.items()}
-    fd = _fd(est, lopt, state, direction)
+    fd = directional_derivative(lambda: _meta_loss(est, lopt, state), named, direction)
     analytic = sum((res.meta_grads[n] * direction[n]).sum() for n in named).item()
     assert abs(fd) > 1e-4 and analytic == pytest.approx(fd, rel=1e-6)
 

@@ -17,6 +17,7 @@ from torch import nn
 from learnopt import optim as lo
 from learnopt.optim import transforms as lo_transforms
 from optim_helpers import grads as _grads, model_loss as _model_loss, problem as _problem, run_functional as _run_functional, tiny_model as _tiny_model
+from conftest import central_difference
 
 DT = torch.float64
 RTOL, ATOL = 1e-10, 1e-12
@@ -332,10 +333,8 @@ def test_hypergradient_wrt_lr_matches_finite_difference(name, make_tx, lr0):
     loss_fn, start = _problem(seed=4)
     lr = torch.tensor(lr0, dtype=DT, requires_grad=True)
     (hyper,) = torch.autograd.grad(_unrolled_loss(make_tx, lr, loss_fn, start), lr)
-    h = 1e-6
-    lp = _unrolled_loss(make_tx, torch.tensor(lr0 + h, dtype=DT), loss_fn, start).detach()
-    lm = _unrolled_loss(make_tx, torch.tensor(lr0 - h, dtype=DT), loss_fn, start).detach()
-    fd = (lp - lm) / (2 * h)
+    fd = torch.tensor(central_difference(
+        lambda v: _unrolled_loss(make_tx, torch.tensor(v, dtype=DT), loss_fn, start), lr0), dtype=DT)
     assert abs(fd.item()) > 1e-2  # a non-trivial hypergradient
     torch.testing.assert_close(hyper, fd, rtol=1e-6, atol=1e-8)
 
