@@ -68,6 +68,7 @@ together, and reads the q results at the next step.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import torch
@@ -80,9 +81,36 @@ from learnopt.blackbox.trend import quadratic_basis, quadratic_fit_minimum, ridg
 Objective = Callable[[Tensor], Tensor]  # unit-box queries [n, q, D] -> observations [n, q]
 
 
+def _safe_exponent(dtype: torch.dtype) -> int:
+    """``e`` such that sums of up to 2**40 squares of values in ``[2**-e, 2**e]`` neither overflow nor
+    underflow in ``dtype`` (480 for float64, the session's ``_SAFE``; 32 for float32)."""
+    max_exponent = math.frexp(torch.finfo(dtype).max)[1]
+    return max((max_exponent - 64) // 2, max_exponent // 4)
+
+
 class RunningStandardizer:
     """Running mean and standard deviation of the observations so far, per instance, used to
-    standardise observations before the proposer reads them (see the module docstring)."""
+    standardise observations before the proposer reads them (see the module docstring).
+
+    Sums are kept of ``(y − shift) / scale``, with ``shift`` the first observation (no cancellation
+    for large offsets) and ``scale`` a power of two per instance that keeps the largest magnitude
+    seen within ``[2**-e, 2**e]`` (``e`` = 480 in float64, 32 in float32): squares and sums then
+    neither overflow nor underflow whatever the scale of ``f`` (``1e300·f``, ``1e-300·f``).
+    Dividing by a power of two is exact, so the standardised values are those of ``f`` itself; for
+    ordinary magnitudes ``scale`` stays 1. ``learnopt.blackbox.session`` keeps the same sums for
+    one instance in numpy.
+
+    Args:
+        num_instances: Number of independent runs ``n`` standardised side by side.
+        dtype: Floating dtype of the observations and of the sums.
+        device: Device of the sums.
+
+    Attributes:
+        mean, std: ``[n]``, the mean and population standard deviation of the observations so
+            far in units of ``scale`` (None until there are two observations).
+        best, best_x: ``[n]`` best observation so far and ``[n, D]`` the query that made it.
+        shift, scale: ``[n]``, the offset and power-of-two unit of the sums.
+    """
 
     def __init__(self, num_instances: int, dtype: torch.dtype, device: torch.device) -> None:
         self.count = 0
@@ -91,22 +119,54 @@ class RunningStandardizer:
         self.best: Tensor | None = None
         self.best_x: Tensor | None = None  # [n, D], the query of the best observation (when given)
         self.shift = torch.zeros(num_instances, dtype=dtype, device=device)
-        self.mean: Tensor | None = None  # of the observations so far (set once there are two)
+        self.scale = torch.ones(num_instances, dtype=dtype, device=device)  # sums are of (y − shift) / scale
+        self.magnitude = torch.zeros(num_instances, dtype=dtype, device=device)  # largest |y|, |shift| seen
+        self.mean: Tensor | None = None  # of the observations so far, in units of scale (set once there are two)
         self.std: Tensor | None = None
 
     def clone(self) -> RunningStandardizer:
+        """A copy whose later updates leave this one unchanged.
+
+        Returns:
+            A new ``RunningStandardizer`` sharing the current (never mutated in place) tensors.
+        """
         new = RunningStandardizer.__new__(RunningStandardizer)
-        new.count, new.total, new.total_sq, new.best = self.count, self.total, self.total_sq, self.best
-        new.best_x, new.shift, new.mean, new.std = self.best_x, self.shift, self.mean, self.std
+        new.__dict__.update(self.__dict__)
         return new
 
+    def _rescale(self, y: Tensor) -> None:
+        """Adopt a new ``scale`` where the magnitudes seen leave ``[2**-e, 2**e]·scale``; without a
+        host sync (a factor of 1 leaves the sums exactly as they are)."""
+        e = _safe_exponent(self.total.dtype)
+        mag = torch.maximum(torch.maximum(self.magnitude, y.detach().abs().amax(1)), self.shift.abs())
+        self.magnitude = mag
+        ratio = mag / self.scale
+        out = ((ratio > 2.0 ** e) | ((ratio < 2.0 ** -e) & (mag > 0))) & torch.isfinite(mag)
+        # 2**(k−1) with mag / 2**k in [0.5, 1): representable even for the largest finite mag
+        new = torch.where(out, torch.ldexp(torch.ones_like(mag), torch.frexp(mag).exponent - 1), self.scale)
+        factor = self.scale / new  # a power of two: the rescaled sums are exact
+        self.total = self.total * factor
+        self.total_sq = self.total_sq * factor * factor  # (two products: factor² may underflow alone)
+        self.scale = new
+
     def update(self, y: Tensor, x: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """Add observations ``y`` ``[n, q]`` (made at ``x`` ``[n, q, D]``, if given, to track
-        ``best_x``); return them and the best value so far, standardised."""
+        """Add a step's observations and standardise them.
+
+        Args:
+            y: ``[n, q]`` observations.
+            x: ``[n, q, D]`` queries that made them, to track ``best_x`` (optional).
+
+        Returns:
+            ``y`` standardised ``[n, q]`` and the best value so far standardised ``[n]``, by the
+            mean and standard deviation of all observations so far, these included (zeros after
+            the first observation).
+        """
         if self.count == 0:
-            self.shift = y[:, 0].detach()  # sums of y − shift: no cancellation for large offsets
+            self.shift = y[:, 0].detach()
+        self._rescale(y)
+        s = self.scale[:, None]
         self.count += y.shape[1]
-        d = y - self.shift[:, None]
+        d = y / s - self.shift[:, None] / s
         self.total = self.total + d.sum(1)
         self.total_sq = self.total_sq + (d * d).sum(1)
         best, arg = y.min(1)
@@ -117,7 +177,7 @@ class RunningStandardizer:
             else:
                 self.best_x = torch.where((best < self.best)[:, None], x_of_best, self.best_x)
         self.best = best if self.best is None else torch.minimum(self.best, best)
-        mean = self.total / self.count  # of y − shift
+        mean = self.total / self.count  # of (y − shift) / scale
         if self.count < 2:
             zeros = torch.zeros_like(y)
             return zeros, zeros[:, 0]
@@ -125,9 +185,9 @@ class RunningStandardizer:
         # Constant observations have var exactly 0 (sums of y − shift): the floor makes them 0,
         # not 0/0, without changing any other standardised value (exact scale invariance).
         std = torch.sqrt(var.clamp_min(torch.finfo(var.dtype).tiny))
-        mean = mean + self.shift
+        mean = mean + self.shift / self.scale
         self.mean, self.std = mean, std
-        return (y - mean[:, None]) / std[:, None], (self.best - mean) / std
+        return (y / s - mean[:, None]) / std[:, None], (self.best / self.scale - mean) / std
 
 
 class QuadraticTrend:
@@ -136,8 +196,16 @@ class QuadraticTrend:
     ``[-1, 1]^D``) and a ridge ``ridge·‖(a, b)‖²`` (the intercept is free). The proposer reads
     its minimiser in the box and its value there, standardised (``RNNProposer(trend=True)``, our
     extension): the large-scale shape of the function, which a recurrent state summarises
-    poorly from single observations. Sums are kept of ``y − shift`` (the first observation), in
-    float64; the fit is linear in ``y``, so the features are invariant to ``f ↦ a·f + b``."""
+    poorly from single observations. Sums are kept of ``(y − shift) / scale`` (the first observation,
+    and ``RunningStandardizer``'s power-of-two unit), in float64; the fit is linear in ``y``, so the
+    features are invariant to ``f ↦ a·f + b``.
+
+    Args:
+        num_instances: Number of instances ``n`` fitted side by side.
+        dim: Dimension ``D`` of the queries.
+        device: Device of the sums.
+        ridge: Weight of the ridge on the linear and quadratic coefficients.
+    """
 
     def __init__(self, num_instances: int, dim: int, device: torch.device, ridge: float = 0.1) -> None:
         n, k = num_instances, 1 + 2 * dim
@@ -145,19 +213,46 @@ class QuadraticTrend:
         self.gram = torch.zeros(n, k, k, dtype=torch.float64, device=device)
         self.moment = torch.zeros(n, k, dtype=torch.float64, device=device)
         self.penalty = torch.as_tensor(ridge_penalty(dim, ridge), device=device)
+        self.scale: Tensor | None = None  # the unit of the sums, when given one (``update``)
 
-    def update(self, x: Tensor, y: Tensor, shift: Tensor) -> None:
-        """Add observations ``y`` ``[n, q]`` made at unit-box queries ``x`` ``[n, q, D]``."""
+    def update(self, x: Tensor, y: Tensor, shift: Tensor, scale: Tensor | None = None) -> None:
+        """Add a step's observations to the fit.
+
+        Args:
+            x: ``[n, q, D]`` unit-box queries.
+            y: ``[n, q]`` their observations.
+            shift: ``[n]`` offset subtracted from ``y`` (``RunningStandardizer.shift``).
+            scale: ``[n]`` power-of-two unit of the sums (``RunningStandardizer.scale``; None: 1);
+                when it changes, the sums kept so far are converted to it exactly.
+        """
         phi = quadratic_basis(x)  # [n, q, k]
-        d = (y - shift[:, None]).to(torch.float64)
+        if scale is None:
+            d = (y - shift[:, None]).to(torch.float64)
+        else:
+            if self.scale is not None:
+                self.moment = self.moment * (self.scale / scale.to(torch.float64))[:, None]
+            self.scale = scale.to(torch.float64)
+            d = (y / scale[:, None] - shift[:, None] / scale[:, None]).to(torch.float64)
         self.gram = self.gram + phi.transpose(1, 2) @ phi
         self.moment = self.moment + (phi * d[..., None]).sum(1)
 
-    def features(self, mean: Tensor, std: Tensor, shift: Tensor) -> Tensor:
-        """``[n, D + 1]``: the fit's minimiser in ``[-1, 1]^D`` and its value there standardised by
-        the observations' ``mean`` and ``std`` (clamped to ±10)."""
+    def features(self, mean: Tensor, std: Tensor, shift: Tensor, scale: Tensor | None = None) -> Tensor:
+        """The fit's minimiser and its value there, standardised.
+
+        Args:
+            mean: ``[n]`` mean of the observations (``RunningStandardizer.mean``, in units of ``scale``).
+            std: ``[n]`` their standard deviation (in units of ``scale``).
+            shift: ``[n]`` offset the fit's sums were taken from.
+            scale: ``[n]`` unit of ``mean``, ``std`` and the sums (None: 1).
+
+        Returns:
+            ``[n, D + 1]``: the minimiser in ``[-1, 1]^D`` and ``(min − mean) / std`` clamped to ±10.
+        """
         z, fit_min = quadratic_fit_minimum(self.gram, self.moment, self.penalty, self.dim)
-        fit_min = fit_min + shift.to(torch.float64)
+        if scale is None:
+            fit_min = fit_min + shift.to(torch.float64)
+        else:
+            fit_min = fit_min + shift.to(torch.float64) / scale.to(torch.float64)
         return torch.cat([z, ((fit_min - mean) / std).clamp(-10.0, 10.0)[:, None]], dim=1)
 
 
@@ -308,7 +403,7 @@ class RNNProposer(nn.Module):
             return None
         if stats.std is None:
             return torch.zeros(stats.shift.shape[0], self.dim + 1, dtype=torch.float64, device=stats.shift.device)
-        return fit.features(stats.mean, stats.std, stats.shift)
+        return fit.features(stats.mean, stats.std, stats.shift, stats.scale)
 
     def refine_weight(self, state: list[tuple[Tensor, Tensor]], count: int) -> Tensor:
         """The gate ``r`` ``[n, q]`` towards the model's suggestion, of the step that produced
@@ -386,7 +481,7 @@ class RNNProposer(nn.Module):
                 stats = RunningStandardizer(num_instances, y.dtype, y.device)
             y_std, best_std = stats.update(y, x[:, :take])
             if fit is not None:
-                fit.update(x[:, :take], y, stats.shift)
+                fit.update(x[:, :take], y, stats.shift, stats.scale)
             if model is not None:
                 weight = None if suggestion is None else self.refine_weight(state, done)[:, :take].mean(1)
                 model.update(x[:, :take], y, weight)

@@ -76,9 +76,10 @@ from learnopt.blackbox.refine import RHO_START, min_points, numpy_suggestion, nu
 _SAFE, _TINY = 2.0 ** 480, 2.0 ** -480
 
 
-def _power_of_two_above(m: float) -> float:
-    """The power of two ``2**e`` with ``m / 2**e`` in ``[0.5, 1)`` (``m > 0``, finite)."""
-    return math.ldexp(1.0, math.frexp(m)[1])
+def _power_of_two_below(m: float) -> float:
+    """The power of two ``2**e`` with ``m / 2**e`` in ``[1, 2)`` (``m > 0``, finite; representable
+    even for the largest float, where the power of two above it is not)."""
+    return math.ldexp(1.0, math.frexp(m)[1] - 1)
 
 
 class _Standardizer:
@@ -111,7 +112,7 @@ class _Standardizer:
         ratio = self.magnitude / self.scale
         if ratio <= _SAFE and (ratio >= _TINY or self.magnitude == 0.0):
             return
-        new = _power_of_two_above(self.magnitude)
+        new = _power_of_two_below(self.magnitude)
         factor = self.scale / new  # a power of two: the rescaled sums are exact
         self.total *= factor
         self.total_sq = self.total_sq * factor * factor  # (two products: factor² may underflow alone)
