@@ -2,6 +2,7 @@
 
 from learnopt.learned.base import LearnedOptimizer
 from learnopt.learned.general import NormalizedMLPOptimizer
+from learnopt.learned.general_compact import CompactNormalizedOptimizer
 from learnopt.learned.general_lstm import NormalizedLSTMOptimizer
 from learnopt.learned.hyperparams import LearnedHyperparameters
 from learnopt.learned.lstm import CoordinatewiseLSTM, LSTMOptimizerState
@@ -11,6 +12,7 @@ from learnopt.learned.preprocess import log_and_sign
 # Classes a checkpoint may name. Loading looks the name up here and never imports
 # anything the file names, so a checkpoint cannot run code.
 REGISTRY: dict[str, type[LearnedOptimizer]] = {
+    "CompactNormalizedOptimizer": CompactNormalizedOptimizer,
     "CoordinatewiseLSTM": CoordinatewiseLSTM,
     "FeatureMLPOptimizer": FeatureMLPOptimizer,
     "LearnedHyperparameters": LearnedHyperparameters,
@@ -20,6 +22,7 @@ REGISTRY: dict[str, type[LearnedOptimizer]] = {
 
 __all__ = [
     "REGISTRY",
+    "CompactNormalizedOptimizer",
     "CoordinatewiseLSTM",
     "FeatureMLPOptimizer",
     "LSTMOptimizerState",
