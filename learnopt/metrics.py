@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
+import torch
 from torch import Tensor
 
 
@@ -52,10 +53,19 @@ def speedup(curve: Sequence[float], reference: Sequence[float]) -> float:
     return ref_steps / steps
 
 
-def t_interval(x: Tensor, confidence: float = 0.95) -> tuple[float, float]:
-    """Mean and half-width of the two-sided t confidence interval."""
+def t_interval(x: Tensor | Sequence[float], confidence: float = 0.95) -> tuple[float, float]:
+    """Mean and half-width of the two-sided t confidence interval of the mean.
+
+    Args:
+        x: the samples (any shape; flattened), computed in float64.
+        confidence: the interval's coverage.
+
+    Returns:
+        ``(mean, half_width)``; the half-width is NaN for fewer than two samples.
+    """
     from scipy.stats import t as student_t
 
+    x = torch.as_tensor(x, dtype=torch.float64).reshape(-1)
     n = x.numel()
     mean = float(x.mean())
     if n < 2:

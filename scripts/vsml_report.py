@@ -24,7 +24,8 @@ from learnopt.checkpoint import update_metadata
 from learnopt.task import seeded_generator
 from learnopt.vsml import OnlineLinear
 from learnopt.vsml.clone import teacher_learning_rate
-from learnopt.vsml.evaluate import log_grid, mean_ci, online_correct, running_accuracy, summary, tune_learning_rate
+from learnopt.metrics import t_interval
+from learnopt.vsml.evaluate import log_grid, online_correct, running_accuracy, summary, tune_learning_rate
 from tasks.online import OnlineClassificationFamily, dataset_arrays, seeded_batches, vsml_meta_test_families
 
 
@@ -219,7 +220,7 @@ def main(out: Path) -> None:
         res, streams = raw["meta_test"][test], test_streams[test]
         rival = max(names[1:3], key=lambda n: res[n]["mean"])
         diff = torch.tensor(res[names[0]]["per_episode"]) - torch.tensor(res[rival]["per_episode"])
-        d_mean, d_ci = mean_ci(100 * diff)
+        d_mean, d_ci = t_interval(100 * diff)
         per_seed = [res[names[0]]["mean"]] + [float(online_correct(meta, streams, seed=s).mean()) for s in INIT_SEEDS[1:]]
         above = all(a > res[rival]["mean"] for a in per_seed)
         raw["seeds"][test] = {"paired_difference_points": [d_mean, d_ci], "rival": rival, "init_seeds": list(INIT_SEEDS),

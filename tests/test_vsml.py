@@ -466,10 +466,11 @@ def test_clone_family_runs_in_the_estimator():
 
 
 def test_evaluation_helpers_against_closed_forms():
-    from learnopt.vsml.evaluate import log_grid, mean_ci, running_accuracy, tune_learning_rate
+    from learnopt.metrics import t_interval
+    from learnopt.vsml.evaluate import log_grid, running_accuracy, tune_learning_rate
 
     assert log_grid(1e-2, 1.0) == pytest.approx([0.01, 0.01 * 10 ** 0.5, 0.1, 0.1 * 10 ** 0.5, 1.0])
-    mean, half = mean_ci([1.0, 2.0, 3.0])
+    mean, half = t_interval([1.0, 2.0, 3.0])
     assert mean == 2.0 and half == pytest.approx(4.302652729911275 * 1.0 / math.sqrt(3))  # t(0.975, 2)
     correct = torch.tensor([[1.0, 0.0, 1.0, 1.0], [0.0, 0.0, 1.0, 0.0]])
     torch.testing.assert_close(running_accuracy(correct), torch.tensor([0.5, 0.25, 0.5, 0.5]))

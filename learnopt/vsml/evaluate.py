@@ -10,10 +10,10 @@ import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
+from learnopt.metrics import t_interval
 from learnopt.vsml.online import OnlineLearner, online_episode
 
 Stream = tuple[Tensor, Tensor, int]
@@ -29,17 +29,6 @@ def online_correct(learner: OnlineLearner, streams: Iterable[Stream], seed: int 
             ok = (logits.argmax(-1) == y) & torch.isfinite(logits).all(-1)
             rows.append(ok.float())
     return torch.cat(rows)
-
-
-def mean_ci(values: Sequence[float] | Tensor) -> tuple[float, float]:
-    """Mean and the half-width of its 95% t-interval."""
-    from scipy import stats
-
-    v = np.asarray(values, dtype=np.float64)
-    if len(v) < 2:
-        return float(v.mean()), math.nan
-    half = stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v))
-    return float(v.mean()), float(half)
 
 
 def tune_learning_rate(make: Callable[[float], OnlineLearner], lrs: Sequence[float], streams: list[Stream],
@@ -64,7 +53,7 @@ def running_accuracy(correct: Tensor) -> Tensor:
 def summary(correct: Tensor) -> dict[str, Any]:
     """Mean online accuracy per episode, its mean and 95% CI, and the raw per-episode values."""
     per_episode = correct.mean(1)
-    mean, ci = mean_ci(per_episode)
+    mean, ci = t_interval(per_episode)
     return {"mean": mean, "ci95": ci, "episodes": len(per_episode), "per_episode": per_episode.tolist()}
 
 
