@@ -1,0 +1,63 @@
+"""The report logic that lives in ``scripts/`` (importable modules, not heredocs): the tables they
+write from evaluation results, checked on results written here and on the committed docs."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _script(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _results(path, entries):
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "results.json").write_text(json.dumps({"results": entries}))
+
+
+def test_andrychowicz_summary_marks_the_lowest_loss_of_each_row(tmp_path):
+    report = _script("andrychowicz_report")
+    _results(tmp_path / "base", {"lstm": {"mean_final_loss": 0.2, "mean_log10_final_loss": -0.7},
+                                 "adam": {"mean_final_loss": 0.1, "mean_log10_final_loss": -1.0}})
+    _results(tmp_path / "relu", {"lstm": {"mean_final_loss": 0.05, "mean_log10_final_loss": -1.3},
+                                 "adam": {"mean_final_loss": 0.3, "mean_log10_final_loss": -0.52}})
+    text = report.summary(tmp_path, ["base|", "relu|--task_family.init_args.activation relu"])
+    assert "| test | lstm | adam |" in text
+    assert "| base | 0.2000 (-0.70) | **0.1000 (-1.00)** |" in text
+    assert "| relu | **0.0500 (-1.30)** | 0.3000 (-0.52) |" in text
+
+
+def test_andrychowicz_summary_reproduces_the_committed_table():
+    report = _script("andrychowicz_report")
+    docs = ROOT / "docs" / "andrychowicz_mlp"
+    tests = ["base", "steps200", "hidden40", "two_layers", "relu"]
+    assert report.summary(docs, tests) == (docs / "README.md").read_text()
+
+
+def test_ablation_rows_reproduce_the_committed_table():
+    ablation = _script("ablation_row")
+    docs = ROOT / "docs" / "ablation_quadratic"
+    table = (docs / "table.md").read_text()
+    for name in ("identity", "log", "log_sign_p10"):
+        assert ablation.row(docs / name / "results.json", name) + "\n" in table
+
+
+def test_vsml_large_sample_chooses_the_open_comparisons():
+    sys.path.insert(0, str(ROOT))
+    chooser = _script("vsml_large_sample")
+    raw = {"seeds": {"a": {"paired_difference_points": [0.5, 1.0]},  # interval contains zero
+                     "b": {"paired_difference_points": [-2.0, 1.0]},
+                     "c": {"paired_difference_points": [-1.0, 1.0]}}}
+    families = {"a (x)": None, "b (y)": None, "breast": None}
+    assert chooser.chosen_sets(raw, families, []) == ["a", "c"]
+    assert chooser.chosen_sets(raw, families, ["b"]) == ["b (y)", "breast"]
+    with pytest.raises(SystemExit, match="no test set starts with"):
+        chooser.chosen_sets(raw, families, ["zzz"])
