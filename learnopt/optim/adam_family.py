@@ -27,6 +27,13 @@ def scale_by_amsgrad(b1: Hyper = 0.9, b2: Hyper = 0.999, eps: Hyper = 1e-8) -> G
 
         m_t, v_t as in Adam;  vmax_t = max(vmax_{t-1}, v_t)
         u_t = (m_t / (1 - b1^t)) / (sqrt(vmax_t / (1 - b2^t)) + eps)
+
+    Args:
+        b1: decay rate of the first moment.
+        b2: decay rate of the second moment.
+        eps: added to the denominator.
+    Returns:
+        A ``GradientTransformation``.
     """
 
     def init(params):
@@ -60,6 +67,14 @@ def scale_by_nadam(
         mu_t = b1 (1 - 0.5 * 0.96^(t * momentum_decay));   P_t = mu_1 ... mu_t
         m_t = b1 m + (1 - b1) g;   v_t = b2 v + (1 - b2) g^2;   d = sqrt(v_t / (1 - b2^t)) + eps
         u_t = (1 - mu_t) / (1 - P_t) * g / d + mu_{t+1} / (1 - P_t mu_{t+1}) * m_t / d
+
+    Args:
+        b1: decay rate of the first moment.
+        b2: decay rate of the second moment.
+        eps: added to the denominator.
+        momentum_decay: the schedule's ``momentum_decay``.
+    Returns:
+        A ``GradientTransformation``.
     """
 
     def init(params):
@@ -97,6 +112,13 @@ def scale_by_radam(b1: Hyper = 0.9, b2: Hyper = 0.999, eps: Hyper = 1e-8) -> Gra
         u_t = m_t / (1 - b1^t) * (r_t * sqrt(1 - b2^t) / (sqrt(v_t) + eps)  if rho_t > 5  else  1)
 
     (eps is added to the uncorrected ``sqrt(v_t)``, as torch does). The state is Adam's.
+
+    Args:
+        b1: decay rate of the first moment.
+        b2: decay rate of the second moment.
+        eps: added to the denominator.
+    Returns:
+        A ``GradientTransformation``.
     """
 
     def init(params):
@@ -131,6 +153,13 @@ def scale_by_eadam(b1: Hyper = 0.9, b2: Hyper = 0.999, eps: Hyper = 1e-8) -> Gra
         u_t = (m_t / (1 - b1^t)) / sqrt(v_t / (1 - b2^t))
 
     The state is Adam's.
+
+    Args:
+        b1: decay rate of the first moment.
+        b2: decay rate of the second moment.
+        eps: added to ``v`` at every step.
+    Returns:
+        A ``GradientTransformation``.
     """
 
     def init(params):
@@ -161,6 +190,13 @@ def scale_by_belief(b1: Hyper = 0.9, b2: Hyper = 0.999, eps: Hyper = 1e-16) -> G
 
         m_t = b1 m + (1 - b1) g;   s_t = b2 s + (1 - b2) (g - m_t)^2 + eps
         u_t = (m_t / (1 - b1^t)) / (sqrt(s_t / (1 - b2^t)) + eps)
+
+    Args:
+        b1: decay rate of the first moment.
+        b2: decay rate of the second moment.
+        eps: added to ``s`` at every step and to the denominator.
+    Returns:
+        A ``GradientTransformation``.
     """
 
     def init(params):

@@ -58,7 +58,17 @@ class GradientTransformation(NamedTuple):
 
 
 def named_arguments(signature: inspect.Signature, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """A call's arguments by name, defaults filled in and ``**kwargs`` merged in."""
+    """A call's arguments by name, defaults filled in and ``**kwargs`` merged in.
+
+    Args:
+        signature: the callee's signature.
+        args: positional arguments of the call.
+        kwargs: keyword arguments of the call.
+    Returns:
+        ``{name: value}`` for every parameter.
+    Raises:
+        TypeError: the arguments do not bind to ``signature``.
+    """
     bound = signature.bind(*args, **kwargs)
     bound.apply_defaults()
     arguments: dict[str, Any] = {}
@@ -72,7 +82,13 @@ def named_arguments(signature: inspect.Signature, args: tuple, kwargs: dict[str,
 
 def rebuildable(factory: Callable[..., GradientTransformation]) -> Callable[..., GradientTransformation]:
     """Decorate a factory so that the transforms it returns carry their ``Recipe``: the factory and
-    its arguments with the defaults filled in (``named_arguments``)."""
+    its arguments with the defaults filled in (``named_arguments``).
+
+    Args:
+        factory: a function returning a ``GradientTransformation``.
+    Returns:
+        The wrapped factory (same signature and docstring).
+    """
     signature = inspect.signature(factory)
 
     @functools.wraps(factory)
@@ -88,11 +104,22 @@ class EmptyState(NamedTuple):
 
 
 class ChainState(NamedTuple):
+    """``chain``'s state: the tuple of its members' states."""
+
     states: tuple
 
 
 def apply_updates(params: Params, updates: Updates) -> Params:
-    """Return ``params + updates`` key by key, out of place and keeping each parameter's dtype."""
+    """Return ``params + updates`` key by key, out of place and keeping each parameter's dtype.
+
+    Args:
+        params: the parameters.
+        updates: the updates, with the same keys.
+    Returns:
+        The new parameters.
+    Raises:
+        KeyError: the keys of ``params`` and ``updates`` differ.
+    """
     missing = params.keys() ^ updates.keys()
     if missing:
         raise KeyError(f"apply_updates: params and updates differ in keys {sorted(missing)}")
@@ -100,7 +127,13 @@ def apply_updates(params: Params, updates: Updates) -> Params:
 
 
 def chain(*transforms: GradientTransformation) -> GradientTransformation:
-    """Apply ``transforms`` one after another; the state is the tuple of their states."""
+    """Apply ``transforms`` one after another; the state is the tuple of their states.
+
+    Args:
+        *transforms: the transforms, in order of application.
+    Returns:
+        A ``GradientTransformation`` with state ``ChainState(states)``; ``extra`` goes to every member.
+    """
 
     def init(params: Params) -> ChainState:
         return ChainState(tuple(t.init(params) for t in transforms))
@@ -116,11 +149,26 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
 
 
 def tree_map(fn: Callable, tree: Any, *rest: Any) -> Any:
-    """Map ``fn`` over the tensor leaves of a pytree (dicts, tuples, NamedTuples)."""
+    """Map ``fn`` over the tensor leaves of a pytree (dicts, tuples, NamedTuples).
+
+    Args:
+        fn: applied to the leaves of ``tree`` (and the matching leaves of ``rest``).
+        tree: the pytree.
+        *rest: pytrees of the same structure.
+    Returns:
+        A pytree of the same structure holding ``fn``'s results.
+    """
     return pytree.tree_map(fn, tree, *rest)
 
 
 def tree_leaves(tree: Any) -> list:
+    """The leaves of a pytree (dicts, tuples, NamedTuples), in flattening order.
+
+    Args:
+        tree: the pytree.
+    Returns:
+        A list of its leaves.
+    """
     return pytree.tree_leaves(tree)
 
 
@@ -129,5 +177,11 @@ def zeros_like(params: Params) -> Params:
 
 
 def detach_state(tree: Any) -> Any:
-    """Cut the autograd history of every tensor leaf (truncation boundaries)."""
+    """Cut the autograd history of every tensor leaf (truncation boundaries).
+
+    Args:
+        tree: a pytree (optimizer state).
+    Returns:
+        The same structure with detached tensors.
+    """
     return tree_map(lambda x: x.detach() if isinstance(x, Tensor) else x, tree)

@@ -26,7 +26,13 @@ def _expand(scalar_per_instance: Tensor, like: Tensor, batch_dims: int) -> Tenso
 
 
 def clip(max_delta: Hyper) -> GradientTransformation:
-    """Clip every coordinate to ``[-max_delta, max_delta]``."""
+    """Clip every coordinate to ``[-max_delta, max_delta]``.
+
+    Args:
+        max_delta: the bound.
+    Returns:
+        A ``GradientTransformation``.
+    """
 
     def init(params):
         return EmptyState()
@@ -39,7 +45,14 @@ def clip(max_delta: Hyper) -> GradientTransformation:
 
 def clip_by_global_norm(max_norm: Hyper, batch_dims: int = 0) -> GradientTransformation:
     """Rescale the update so its norm over all parameters (per instance) is at most ``max_norm``,
-    as ``torch.nn.utils.clip_grad_norm_`` does."""
+    as ``torch.nn.utils.clip_grad_norm_`` does.
+
+    Args:
+        max_norm: the largest norm let through (the factor is ``max_norm / (norm + 1e-6)``, at most 1).
+        batch_dims: leading task-instance dimensions, each clipped on its own.
+    Returns:
+        A ``GradientTransformation``.
+    """
 
     def init(params):
         return EmptyState()
@@ -54,11 +67,26 @@ def clip_by_global_norm(max_norm: Hyper, batch_dims: int = 0) -> GradientTransfo
 
 # -- schedules: functions of the step count (0-based) ------------------------------------------
 def constant_schedule(value: float) -> Schedule:
+    """The constant ``value`` (float32).
+
+    Args:
+        value: the value.
+    Returns:
+        A schedule: the step count tensor -> ``value`` as a tensor.
+    """
     return lambda count: torch.as_tensor(value, dtype=torch.float32)
 
 
 def cosine_decay_schedule(init_value: float, decay_steps: int, alpha: float = 0.0) -> Schedule:
-    """``init_value * ((1 - alpha) * (1 + cos(pi * min(t, T) / T)) / 2 + alpha)`` (Loshchilov & Hutter 2016)."""
+    """``init_value * ((1 - alpha) * (1 + cos(pi * min(t, T) / T)) / 2 + alpha)`` (Loshchilov & Hutter 2016).
+
+    Args:
+        init_value: the value at step 0.
+        decay_steps: ``T``, after which the value stays at ``alpha * init_value``.
+        alpha: the final value as a fraction of ``init_value``.
+    Returns:
+        A schedule: the step count tensor -> the value (a tensor).
+    """
 
     def schedule(count):
         t = torch.clamp(count.float(), max=decay_steps) / decay_steps
@@ -68,6 +96,16 @@ def cosine_decay_schedule(init_value: float, decay_steps: int, alpha: float = 0.
 
 
 def linear_warmup_schedule(init_value: float, peak_value: float, warmup_steps: int) -> Schedule:
+    """Linear from ``init_value`` at step 0 to ``peak_value`` at ``warmup_steps``, constant after.
+
+    Args:
+        init_value: the value at step 0.
+        peak_value: the value from ``warmup_steps`` on.
+        warmup_steps: the length of the ramp.
+    Returns:
+        A schedule: the step count tensor -> the value (a tensor).
+    """
+
     def schedule(count):
         t = torch.clamp(count.float(), max=warmup_steps) / max(warmup_steps, 1)
         return init_value + (peak_value - init_value) * t
@@ -76,6 +114,15 @@ def linear_warmup_schedule(init_value: float, peak_value: float, warmup_steps: i
 
 
 def exponential_decay_schedule(init_value: float, decay_rate: float, transition_steps: int = 1) -> Schedule:
+    """``init_value * decay_rate ** (t / transition_steps)`` (continuous, not staircase).
+
+    Args:
+        init_value: the value at step 0.
+        decay_rate: the factor per ``transition_steps`` steps.
+        transition_steps: the steps over which the value falls by ``decay_rate``.
+    Returns:
+        A schedule: the step count tensor -> the value (a tensor).
+    """
     return lambda count: init_value * decay_rate ** (count.float() / transition_steps)
 
 
@@ -84,7 +131,13 @@ class ScaleByScheduleState(NamedTuple):
 
 
 def scale_by_schedule(schedule: Schedule) -> GradientTransformation:
-    """``u <- schedule(t) * u`` with ``t`` the number of previous updates."""
+    """``u <- schedule(t) * u`` with ``t`` the number of previous updates.
+
+    Args:
+        schedule: a function of the step count.
+    Returns:
+        A ``GradientTransformation``.
+    """
 
     def init(params):
         return ScaleByScheduleState(count_like(params))
@@ -105,9 +158,15 @@ def partition(transforms: dict[str, GradientTransformation], labels: Callable[[s
               ) -> GradientTransformation:
     """Route each parameter to one of ``transforms`` by label (optax's ``partition``).
 
-    ``labels`` maps a parameter name to a label, either as a dict or as a function
-    ``(name, tensor) -> label`` (e.g. Muon for 2-d hidden weights, AdamW for the rest).
-    Each transform sees only its own parameters; extra arguments reach all of them.
+    E.g. Muon for 2-d hidden weights, AdamW for the rest. Each transform sees only its own parameters; extra arguments reach all of them.
+
+    Args:
+        transforms: ``{label: transform}``.
+        labels: ``{name: label}`` or a function ``(name, tensor) -> label``.
+    Returns:
+        A ``GradientTransformation`` with state ``PartitionState({label: state})``.
+    Raises:
+        KeyError: (from ``init`` / ``update``) a parameter's label is not a key of ``transforms``.
     """
 
     def label_of(name: str, tensor: Tensor) -> str:

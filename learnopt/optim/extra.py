@@ -55,7 +55,18 @@ class MissingExtraArgument(TypeError):
 
 
 def require(extra: dict[str, Any], key: str, who: str) -> Any:
-    """``extra[key]``, or a ``MissingExtraArgument`` that says who needs it and what it is."""
+    """``extra[key]``, or a ``MissingExtraArgument`` that says who needs it and what it is.
+
+    Args:
+        extra: the ``update``'s extra keyword arguments.
+        key: one of ``EXTRA_KEYS``.
+        who: the method's name, for the message.
+    Returns:
+        ``extra[key]``.
+    Raises:
+        KeyError: ``key`` is not a documented extra argument.
+        MissingExtraArgument: ``extra[key]`` is missing or None.
+    """
     if key not in EXTRA_KEYS:
         raise KeyError(f"{key!r} is not a documented extra argument ({', '.join(EXTRA_KEYS)})")
     value = extra.get(key)
@@ -69,7 +80,16 @@ def require(extra: dict[str, Any], key: str, who: str) -> Any:
 def hessian_vector_product(loss_fn: Callable[[Params], Tensor], params: Params, v: Params,
                            create_graph: bool = False) -> Params:
     """H(params) · v by double backward through ``loss_fn`` (Pearlmutter 1994). With
-    ``create_graph`` the product stays differentiable (meta-training through it)."""
+    ``create_graph`` the product stays differentiable (meta-training through it).
+
+    Args:
+        loss_fn: ``loss_fn(params) -> Tensor``, twice differentiable.
+        params: the point at which the Hessian is taken.
+        v: the vector, with the keys of ``params``.
+        create_graph: keep the product differentiable.
+    Returns:
+        ``{name: (H v)[name]}`` (zeros for parameters the loss does not use).
+    """
     with torch.enable_grad():
         p = {k: x if x.requires_grad else x.detach().requires_grad_(True) for k, x in params.items()}
         loss = loss_fn(p)
@@ -86,7 +106,18 @@ def hvp_fn_from(extra: dict[str, Any], params: Params, who: str, create_graph: b
                 ) -> Callable[[Params], Params]:
     """The Hessian-vector product function: ``extra["hvp_fn"]`` or one built from ``loss_fn``.
     A product built from ``loss_fn`` stays differentiable (for meta-training through it) when
-    ``create_graph`` is true, by default whenever a parameter is part of an autograd graph."""
+    ``create_graph`` is true, by default whenever a parameter is part of an autograd graph.
+
+    Args:
+        extra: the ``update``'s extra keyword arguments.
+        params: the current parameters.
+        who: the method's name, for the message.
+        create_graph: keep products differentiable (None: whenever a parameter requires grad).
+    Returns:
+        ``hvp(v) -> Params``.
+    Raises:
+        MissingExtraArgument: neither ``hvp_fn`` nor ``loss_fn`` is given.
+    """
     if extra.get("hvp_fn") is not None:
         return extra["hvp_fn"]
     if extra.get("loss_fn") is None:
@@ -98,7 +129,16 @@ def hvp_fn_from(extra: dict[str, Any], params: Params, who: str, create_graph: b
 
 
 def value_and_grad_fn_from(extra: dict[str, Any], who: str) -> Callable[[Params], tuple[Tensor, Params]]:
-    """``extra["value_and_grad_fn"]``, or one built from ``extra["loss_fn"]``."""
+    """``extra["value_and_grad_fn"]``, or one built from ``extra["loss_fn"]``.
+
+    Args:
+        extra: the ``update``'s extra keyword arguments.
+        who: the method's name, for the message.
+    Returns:
+        ``value_and_grad(params) -> (loss, grads)``.
+    Raises:
+        MissingExtraArgument: neither ``value_and_grad_fn`` nor ``loss_fn`` is given.
+    """
     if extra.get("value_and_grad_fn") is not None:
         return extra["value_and_grad_fn"]
     if extra.get("loss_fn") is None:

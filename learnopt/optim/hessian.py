@@ -58,7 +58,14 @@ def _draw_probes(rng_state: Tensor, params: Params, num_samples: int, distributi
 
 def hutchinson_diagonal(hvp_fn: Callable[[Params], Params], probes: list[Params]) -> Params:
     """``mean_i z_i * (H z_i)``: an unbiased estimate of ``diag(H)`` when ``E[z z^T] = I``
-    (Hutchinson 1990; Bekas, Kokiopoulou & Saad 2007)."""
+    (Hutchinson 1990; Bekas, Kokiopoulou & Saad 2007).
+
+    Args:
+        hvp_fn: ``hvp_fn(v) -> H v``.
+        probes: the probe vectors ``z_i``.
+    Returns:
+        The estimate of ``diag(H)``, keyed as the probes.
+    """
     total: Params = {}
     for z in probes:
         hz = hvp_fn(z)
@@ -118,19 +125,10 @@ class AdaHessianState(NamedTuple):
 
 
 @rebuildable
-def adahessian(
-    lr: Hyper = 0.1,
-    betas: tuple[Hyper, Hyper] = (0.9, 0.999),
-    eps: Hyper = 1e-16,
-    weight_decay: Hyper = 0.0,
-    weight_decouple: bool = True,
-    fixed_decay: bool = False,
-    hessian_power: float = 1.0,
-    update_period: int = 1,
-    num_samples: int = 1,
-    hessian_distribution: str = "rademacher",
-    seed: int = 0,
-) -> GradientTransformation:
+def adahessian(lr: Hyper = 0.1, betas: tuple[Hyper, Hyper] = (0.9, 0.999), eps: Hyper = 1e-16,
+               weight_decay: Hyper = 0.0, weight_decouple: bool = True, fixed_decay: bool = False,
+               hessian_power: float = 1.0, update_period: int = 1, num_samples: int = 1,
+               hessian_distribution: str = "rademacher", seed: int = 0) -> GradientTransformation:
     """AdaHessian (Yao et al. 2020, arXiv 2006.00719), as ``pytorch_optimizer.AdaHessian``::
 
         every update_period steps (from the first):  D = mean_i z_i * (H z_i),  z_i Rademacher
@@ -144,6 +142,23 @@ def adahessian(
     over convolution kernels ("spatial averaging"). On steps without a new estimate ``v`` is kept
     but the bias correction still advances (as in the reference). Needs ``hvp_fn`` or ``loss_fn``
     in ``update(..., **extra)``; ``probes`` overrides the drawn probes (module docstring).
+
+    Args:
+        lr: learning rate.
+        betas: ``(b1, b2)``, decay rates of ``m`` and ``v``.
+        eps: added to the denominator.
+        weight_decay: weight decay coefficient.
+        weight_decouple: decoupled decay (else L2 into ``g``).
+        fixed_decay: with ``weight_decouple``, a decay not scaled by ``lr``.
+        hessian_power: the exponent ``k`` of ``v^(k/2)``.
+        update_period: steps between Hessian-diagonal estimates.
+        num_samples: probes per estimate.
+        hessian_distribution: ``"rademacher"`` or ``"gaussian"`` probes.
+        seed: seed of the probe generator.
+    Returns:
+        A ``GradientTransformation``.
+    Raises:
+        ValueError: an unknown ``hessian_distribution`` or a non-positive period or sample count.
     """
     _check(hessian_distribution, update_period, num_samples)
     b1, b2 = betas
@@ -182,19 +197,9 @@ class SophiaState(NamedTuple):
 
 
 @rebuildable
-def sophia(
-    lr: Hyper = 6e-2,
-    betas: tuple[Hyper, Hyper] = (0.96, 0.99),
-    eps: Hyper = 1e-12,
-    weight_decay: Hyper = 0.0,
-    weight_decouple: bool = True,
-    fixed_decay: bool = False,
-    p: Hyper = 1e-2,
-    update_period: int = 10,
-    num_samples: int = 1,
-    hessian_distribution: str = "gaussian",
-    seed: int = 0,
-) -> GradientTransformation:
+def sophia(lr: Hyper = 6e-2, betas: tuple[Hyper, Hyper] = (0.96, 0.99), eps: Hyper = 1e-12, weight_decay: Hyper = 0.0,
+           weight_decouple: bool = True, fixed_decay: bool = False, p: Hyper = 1e-2, update_period: int = 10,
+           num_samples: int = 1, hessian_distribution: str = "gaussian", seed: int = 0) -> GradientTransformation:
     """Sophia with Hutchinson's estimator, "Sophia-H" (Liu et al. 2023, arXiv 2305.14342), as
     ``pytorch_optimizer.SophiaH``::
 
@@ -207,6 +212,23 @@ def sophia(
     is this with ``p = gamma``, ``lr = lr_paper / gamma``, ``eps = eps_paper / gamma``. Gaussian
     probes by default, as in the paper's Algorithm 2 and the reference (``"rademacher"`` also
     works). Weight decay as in ``adahessian``. Needs ``hvp_fn`` or ``loss_fn`` on the estimate steps.
+
+    Args:
+        lr: learning rate (the reference's, ``lr_paper / p``).
+        betas: ``(b1, b2)``, decay rates of ``m`` and ``h``.
+        eps: floor of ``h`` in the denominator.
+        weight_decay: weight decay coefficient.
+        weight_decouple: decoupled decay (else L2 into ``g``).
+        fixed_decay: with ``weight_decouple``, a decay not scaled by ``lr``.
+        p: the clip bound (the paper's gamma).
+        update_period: steps between Hessian-diagonal estimates.
+        num_samples: probes per estimate.
+        hessian_distribution: ``"rademacher"`` or ``"gaussian"`` probes.
+        seed: seed of the probe generator.
+    Returns:
+        A ``GradientTransformation``.
+    Raises:
+        ValueError: an unknown ``hessian_distribution`` or a non-positive period or sample count.
     """
     _check(hessian_distribution, update_period, num_samples)
     b1, b2 = betas
@@ -248,17 +270,9 @@ def _expand_instance(x: Tensor, like: Tensor) -> Tensor:
 
 
 @rebuildable
-def apollo(
-    lr: Hyper = 1e-2,
-    init_lr: Hyper | None = 1e-5,
-    beta: Hyper = 0.9,
-    rebound: str = "constant",
-    weight_decay: Hyper = 0.0,
-    weight_decay_type: str = "l2",
-    warmup_steps: int = 500,
-    eps: Hyper = 1e-4,
-    batch_dims: int = 0,
-) -> GradientTransformation:
+def apollo(lr: Hyper = 1e-2, init_lr: Hyper | None = 1e-5, beta: Hyper = 0.9, rebound: str = "constant",
+           weight_decay: Hyper = 0.0, weight_decay_type: str = "l2", warmup_steps: int = 500, eps: Hyper = 1e-4,
+           batch_dims: int = 0) -> GradientTransformation:
     """Apollo (Ma 2021, arXiv 2009.13586): a diagonal quasi-Newton method whose diagonal ``B`` is the
     least-change update satisfying the weak secant equation; as ``pytorch_optimizer.ApolloDQN``
     (a transcription of the author's code), per tensor::
@@ -273,7 +287,22 @@ def apollo(
     ``d`` is the previous step's direction (the parameter change divided by ``-lr``). Weight decay:
     ``"l2"`` adds ``weight_decay * p`` to ``g``; ``"decoupled"`` adds it to ``d``; ``"stable"`` adds
     ``weight_decay / mean(max(|B|, rebound)) * p`` to ``d``. The norms, inner products and means are
-    per tensor, per instance (``batch_dims``). ``init_lr=None`` means ``lr / 1000``.
+    per tensor, per instance (``batch_dims``).
+
+    Args:
+        lr: learning rate after warmup.
+        init_lr: learning rate at step 0 of the warmup (None: ``lr / 1000``).
+        beta: decay rate of the gradient average.
+        rebound: ``"constant"`` or ``"belief"``.
+        weight_decay: weight decay coefficient.
+        weight_decay_type: ``"l2"``, ``"decoupled"`` or ``"stable"``.
+        warmup_steps: length of the linear warmup.
+        eps: the ``eps`` above (``eps'`` derives from it).
+        batch_dims: leading task-instance dimensions.
+    Returns:
+        A ``GradientTransformation``.
+    Raises:
+        ValueError: an unknown ``rebound`` or ``weight_decay_type``.
     """
     if rebound not in ("constant", "belief"):
         raise ValueError(f"rebound must be 'constant' or 'belief', got {rebound!r}")

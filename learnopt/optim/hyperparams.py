@@ -47,7 +47,17 @@ class InjectHyperparamsState(NamedTuple):
 def set_hyperparams(state: InjectHyperparamsState, **values: Any) -> InjectHyperparamsState:
     """A copy of ``state`` with the named hyperparameters replaced (floats are converted to the
     dtype and device of the value they replace). A scheduled hyperparameter is overwritten by
-    its schedule again at the next update."""
+    its schedule again at the next update.
+
+    Args:
+        state: an ``InjectHyperparamsState``.
+        **values: new values by hyperparameter name (a tuple for a tuple such as ``betas``).
+    Returns:
+        The new state.
+    Raises:
+        KeyError: a name is not an injected hyperparameter.
+        ValueError: a tuple hyperparameter is given a value of another length.
+    """
     hyperparams = dict(state.hyperparams)
     for name, value in values.items():
         if name not in hyperparams:
@@ -104,15 +114,23 @@ def inject_hyperparams(
         update(g, st):  h <- st.hyperparams, schedules evaluated at st.count
                         u, s <- factory(**h).update(g, st.inner_state, p);   count <- count + 1
 
-    ``inject_hyperparams(factory)(*args, **kwargs)`` takes ``factory``'s arguments (its
-    defaults are injected too) and returns a ``GradientTransformation`` with state
-    ``InjectHyperparamsState``. Floats become tensors of ``hyperparam_dtype`` (default: the
-    parameters' floating dtype, at least float32) on the parameters' device; tensors given
+    The wrapped factory takes ``factory``'s arguments (its defaults are injected too) and returns
+    a ``GradientTransformation`` with state ``InjectHyperparamsState``. Floats become tensors of
+    ``hyperparam_dtype`` on the parameters' device; tensors given
     by the caller are kept as they are; one that requires grad is meta-learnable and, like a
     schedule, is read at every update rather than from the state.
     Callables are schedules ``schedule(count) -> value`` with ``count`` the number of
     previous updates, also inside tuples (``betas=(schedule, 0.999)``); a callable argument
     that is not a schedule must be named in ``static_args``.
+
+    Args:
+        factory: a function returning a ``GradientTransformation``, called with keyword arguments.
+        static_args: names of arguments passed as given, never injected.
+        hyperparam_dtype: dtype of the injected values (None: the parameters', at least float32).
+    Returns:
+        ``wrapped(*args, **kwargs) -> GradientTransformation``, with ``factory``'s arguments and docstring.
+    Raises:
+        TypeError: ``factory`` takes ``*args``, or ``static_args`` names an argument it does not take.
     """
     static_names = frozenset(static_args)
     signature = inspect.signature(factory)

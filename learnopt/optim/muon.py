@@ -35,6 +35,15 @@ def zeropower_via_newtonschulz5(G: Tensor, steps: int = 5, eps: float = 1e-7) ->
     Keller Jordan's reference casts to bfloat16 for speed; here the input's dtype is kept (so
     float64 results are exact); cast before calling for speed. The Frobenius norm uses
     ``safe_sqrt`` so differentiating through a zero matrix gives 0, not NaN.
+
+    Args:
+        G: ``[..., rows, cols]``, at least 2-d.
+        steps: Newton–Schulz iterations.
+        eps: added to the norm.
+    Returns:
+        The approximately orthogonalised matrices, shape and dtype of ``G``.
+    Raises:
+        ValueError: ``G`` has fewer than 2 dimensions.
     """
     if G.dim() < 2:
         raise ValueError(f"zeropower_via_newtonschulz5 needs a matrix (or a batch of them), got shape {tuple(G.shape)}")
@@ -80,9 +89,17 @@ def scale_by_muon(momentum: Hyper = 0.95, nesterov: bool = True, ns_steps: int =
     restores the update RMS of tall matrices (it is pytorch_optimizer's ``use_adjusted_lr=False``;
     Moonlight's ``0.2 * sqrt(max(rows, cols))`` is not used). ``rows`` is the first dimension after
     the ``batch_dims`` instance dimensions, ``cols`` the product of the rest. Each instance is
-    orthogonalised on its own. ``ns_dtype`` (e.g. ``torch.bfloat16``, what Keller Jordan's
-    reference and ``torch.optim.Muon`` use) runs the Newton–Schulz iteration in that dtype and
-    casts the result back; ``None`` keeps the parameters' dtype.
+    orthogonalised on its own. ``ns_dtype=torch.bfloat16`` is what Keller Jordan's reference and
+    ``torch.optim.Muon`` use; the result is cast back.
+
+    Args:
+        momentum: momentum factor.
+        nesterov: use the Nesterov look-ahead.
+        ns_steps: Newton–Schulz iterations.
+        batch_dims: leading task-instance dimensions.
+        ns_dtype: dtype of the Newton–Schulz iteration (None: the parameters').
+    Returns:
+        A ``GradientTransformation``.
     """
 
     def init(params):
@@ -103,32 +120,38 @@ def scale_by_muon(momentum: Hyper = 0.95, nesterov: bool = True, ns_steps: int =
 
 
 @rebuildable
-def muon(
-    lr: Hyper = 0.02,
-    momentum: Hyper = 0.95,
-    nesterov: bool = True,
-    ns_steps: int = 5,
-    weight_decay: Hyper = 0.0,
-    adamw_lr: Hyper = 3e-4,
-    adamw_betas: tuple[Hyper, Hyper] = (0.9, 0.95),
-    adamw_eps: Hyper = 1e-8,
-    adamw_weight_decay: Hyper = 0.0,
-    batch_dims: int = 0,
-    is_matrix: Callable[[str, Tensor], bool] | None = None,
-    ns_dtype: torch.dtype | None = None,
-) -> GradientTransformation:
+def muon(lr: Hyper = 0.02, momentum: Hyper = 0.95, nesterov: bool = True, ns_steps: int = 5, weight_decay: Hyper = 0.0,
+         adamw_lr: Hyper = 3e-4, adamw_betas: tuple[Hyper, Hyper] = (0.9, 0.95), adamw_eps: Hyper = 1e-8,
+         adamw_weight_decay: Hyper = 0.0, batch_dims: int = 0, is_matrix: Callable[[str, Tensor], bool] | None = None,
+         ns_dtype: torch.dtype | None = None) -> GradientTransformation:
     """Muon for hidden weight matrices, AdamW for the rest (Keller Jordan's ``MuonWithAuxAdam``)::
 
         matrices:  p <- p - lr * (scale_by_muon(g) + weight_decay * p)
         the rest:  p <- p - adamw_lr * (adam(g; adamw_betas, adamw_eps) + adamw_weight_decay * p)
 
     Weight decay is decoupled in both groups (``p *= 1 - lr * wd``), as in the reference and
-    ``torch.optim.AdamW``. ``is_matrix(name, tensor)`` chooses the Muon parameters; the default
-    takes every tensor with exactly 2 dimensions after ``batch_dims``. Embeddings and output heads
-    are 2-d but should go to AdamW (Jordan 2024): pass ``is_matrix`` to exclude them by name. A
-    custom ``is_matrix`` may also select conv filters (flattened to ``[out, in * k * k]``).
-    ``ns_dtype=torch.bfloat16`` runs Newton–Schulz in bfloat16 as the reference and
-    ``torch.optim.Muon`` do (faster; ``None``, the default, keeps the parameters' dtype).
+    ``torch.optim.AdamW``. Embeddings and output heads are 2-d but should go to AdamW (Jordan
+    2024): pass ``is_matrix`` to exclude them by name. A custom ``is_matrix`` may also select conv
+    filters (flattened to ``[out, in * k * k]``). ``ns_dtype=torch.bfloat16`` is the reference's.
+
+    Args:
+        lr: learning rate of the Muon parameters.
+        momentum: Muon's momentum factor.
+        nesterov: Muon's Nesterov look-ahead.
+        ns_steps: Newton–Schulz iterations.
+        weight_decay: decoupled weight decay of the Muon parameters.
+        adamw_lr: learning rate of the other parameters.
+        adamw_betas: their Adam betas.
+        adamw_eps: their Adam eps.
+        adamw_weight_decay: their decoupled weight decay.
+        batch_dims: leading task-instance dimensions.
+        is_matrix: ``is_matrix(name, tensor)`` selects the Muon parameters (None: 2-d after ``batch_dims``).
+        ns_dtype: dtype of the Newton–Schulz iteration (None: the parameters').
+    Returns:
+        A ``GradientTransformation`` (a ``partition`` of the two groups).
+    References:
+        Jordan et al. 2024, "Muon: An optimizer for hidden layers in neural networks",
+        https://kellerjordan.github.io/posts/muon/
     """
     if is_matrix is None:
         def is_matrix(name: str, x: Tensor) -> bool:

@@ -78,6 +78,16 @@ def conjugate_gradient(hvp: Callable[[Params], Params], g: Params, damping: Tens
     An instance stops when its residual falls below ``tol`` times the first, or at non-positive
     curvature (a non-convex region); if that happens at once, its direction is ``g`` itself (a
     gradient step). Differentiable through the iterations it ran.
+
+    Args:
+        hvp: ``hvp(v) -> H v``.
+        g: the right-hand side.
+        damping: ``[*batch]`` damping per instance.
+        iters: the most CG iterations.
+        tol: relative residual at which an instance stops.
+        batch_dims: leading task-instance dimensions.
+    Returns:
+        The solution ``d``, keyed as ``g``.
     """
     x = {k: torch.zeros_like(v) for k, v in g.items()}
     r, p = dict(g), dict(g)
@@ -107,15 +117,8 @@ def conjugate_gradient(hvp: Callable[[Params], Params], g: Params, damping: Tens
 
 
 @rebuildable
-def newton(
-    lr: Hyper = 1.0,
-    damping: Hyper = 1e-4,
-    adaptive: bool = False,
-    min_damping: float = 1e-12,
-    cg_iters: int = 0,
-    cg_tol: float = 1e-10,
-    batch_dims: int = 0,
-) -> GradientTransformation:
+def newton(lr: Hyper = 1.0, damping: Hyper = 1e-4, adaptive: bool = False, min_damping: float = 1e-12,
+           cg_iters: int = 0, cg_tol: float = 1e-10, batch_dims: int = 0) -> GradientTransformation:
     """Damped Newton (module docstring): ``p <- p - lr d`` with ``(H + λ I) d = g``.
 
     Args:

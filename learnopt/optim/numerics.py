@@ -11,7 +11,13 @@ from learnopt.optim.base import Hyper, Params
 
 def safe_sqrt(x: Tensor) -> Tensor:
     """``sqrt(x)`` whose derivative at ``x == 0`` is 0 instead of inf, so no NaN appears when
-    differentiating through a zero second moment (double backward at zero gradients)."""
+    differentiating through a zero second moment (double backward at zero gradients).
+
+    Args:
+        x: a non-negative tensor (negative entries give 0).
+    Returns:
+        ``sqrt(x)``, elementwise.
+    """
     positive = x > 0
     return torch.where(positive, torch.sqrt(torch.where(positive, x, torch.ones_like(x))), torch.zeros_like(x))
 
@@ -23,20 +29,34 @@ def nonzero(x: Hyper) -> bool:
 
 
 def count_like(params: Params) -> Tensor:
+    """A zero int64 step count on the parameters' device."""
     device = next(iter(params.values())).device if params else None
     return torch.zeros((), dtype=torch.int64, device=device)
 
 
 def instance_sum(x: Tensor, batch_dims: int = 0) -> Tensor:
-    """Sum over all but the first ``batch_dims`` dimensions, keeping them for broadcasting."""
+    """Sum over all but the first ``batch_dims`` dimensions, keeping them for broadcasting.
+
+    Args:
+        x: the tensor.
+        batch_dims: leading task-instance dimensions.
+    Returns:
+        The sums, shape ``[*x.shape[:batch_dims], 1, ...]`` (``x`` itself if it has no other dimension).
+    """
     if x.dim() <= batch_dims:
         return x
     return x.sum(dim=tuple(range(batch_dims, x.dim())), keepdim=True)
 
 
 def instance_norm(tree: Params, batch_dims: int = 0) -> Tensor:
-    """Euclidean norm of all tensors in ``tree`` together, per instance (shape ``[*batch, 1...]``
-    broadcastable against each tensor when they share ``batch_dims``)."""
+    """Euclidean norm of all tensors in ``tree`` together, per instance.
+
+    Args:
+        tree: ``{name: tensor}``.
+        batch_dims: leading task-instance dimensions, shared by all tensors.
+    Returns:
+        The norms, shape ``x.shape[:batch_dims]``.
+    """
     total = None
     for x in tree.values():
         s = instance_sum(x * x, batch_dims).reshape(x.shape[:batch_dims])
@@ -57,6 +77,7 @@ def div_or_zero(num: Tensor, den: Tensor) -> Tensor:
 
 
 def widest_float(params: Params) -> torch.dtype:
+    """The widest floating dtype of ``params``, at least float32."""
     dtype = torch.float32
     for p in params.values():
         dtype = torch.promote_types(dtype, p.dtype)

@@ -297,16 +297,9 @@ class LBFGSState(NamedTuple):
 
 
 @rebuildable
-def lbfgs(
-    lr: Hyper = 1.0,
-    max_iter: int = 20,
-    max_eval: int | None = None,
-    tolerance_grad: float = 1e-7,
-    tolerance_change: float = 1e-9,
-    history_size: int = 10,
-    line_search_fn: str | None = None,
-    batch_dims: int = 0,
-) -> GradientTransformation:
+def lbfgs(lr: Hyper = 1.0, max_iter: int = 20, max_eval: int | None = None, tolerance_grad: float = 1e-7,
+          tolerance_change: float = 1e-9, history_size: int = 10, line_search_fn: str | None = None,
+          batch_dims: int = 0) -> GradientTransformation:
     """L-BFGS (Liu & Nocedal 1989), computing ``torch.optim.LBFGS``'s trajectory: one ``update`` is
     one ``LBFGS.step`` (up to ``max_iter`` inner iterations)::
 
@@ -330,7 +323,21 @@ def lbfgs(
     torch's lists grow as needed; pass 100 for torch's memory. The strong-Wolfe search is a
     transcription of torch's ``_strong_wolfe`` and ``_cubic_interpolate``. Hypergradients flow
     through the two-loop recursion and the step (``line_search_fn=None``), not through the line
-    search's choice of ``t``. ``batch_dims``: see the module docstring.
+    search's choice of ``t``.
+
+    Args:
+        lr: learning rate (the step ``t`` without a line search; the search's first trial with one).
+        max_iter: the most inner iterations per ``update``.
+        max_eval: the most function evaluations per ``update`` (None: ``max_iter * 5 // 4``).
+        tolerance_grad: stop when ``max|g|`` is at most this.
+        tolerance_change: stop on a step, directional derivative or loss change below this.
+        history_size: number of ``(y, s)`` pairs kept.
+        line_search_fn: None or ``"strong_wolfe"``.
+        batch_dims: leading task-instance dimensions (module docstring).
+    Returns:
+        A ``GradientTransformation``.
+    Raises:
+        ValueError: an unknown ``line_search_fn``, or a non-positive ``history_size`` or ``max_iter``.
     """
     if line_search_fn not in (None, "strong_wolfe"):
         raise ValueError(f"line_search_fn must be None or 'strong_wolfe', got {line_search_fn!r}")

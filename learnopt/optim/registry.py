@@ -37,12 +37,21 @@ class OptimizerNotAvailable(LookupError):
 class OptimizerInfo:
     """One row of the catalogue.
 
-    ``extras``: the ``update(..., **extra)`` keys the method cannot run without (alternatives
-    joined by ``|``, e.g. ``"hvp_fn|loss_fn"``). ``batched``: runs on parameters with leading
-    task-instance dimensions (elementwise, or per instance through ``batch_dims``).
-    ``differentiable_hyperparams``: tensor hyperparameters receive gradients through ``update``.
-    ``wraps``: the factory takes an inner ``GradientTransformation`` (Lookahead); the
-    catalogue's ``make`` builds it around ``wraps_default`` with the given ``lr``.
+    Attributes:
+        name: the catalogue name.
+        source: the paper (authors, year, arXiv id where there is one).
+        reference: the independent implementation the tests compare trajectories against.
+        extras: the ``update(..., **extra)`` keys the method cannot run without (alternatives
+            joined by ``|``, e.g. ``"hvp_fn|loss_fn"``).
+        batched: runs on parameters with leading task-instance dimensions (elementwise, or per
+            instance through ``batch_dims``).
+        differentiable_hyperparams: tensor hyperparameters receive gradients through ``update``.
+        attr: the factory's attribute name in ``module`` when it differs from ``name``.
+        module: the module that holds the factory.
+        wraps: the factory's argument for an inner ``GradientTransformation`` (Lookahead); ``make``
+            builds it around ``wraps_default`` with the given ``lr``.
+        wraps_default: the catalogue name of the default inner optimizer.
+        notes: a remark for ``docs/optimizers.md``.
     """
 
     name: str
@@ -59,14 +68,20 @@ class OptimizerInfo:
 
     @property
     def factory_name(self) -> str:
+        """The factory's attribute name in ``module``."""
         return self.attr or self.name
 
     @property
     def factory(self) -> Factory:
+        """The factory (imported from ``module``)."""
         return getattr(importlib.import_module(self.module), self.factory_name)
 
     def parameters(self) -> list[str]:
-        """The factory's keyword arguments (hyperparameter names)."""
+        """The factory's keyword arguments (hyperparameter names).
+
+        Returns:
+            The names, in signature order.
+        """
         return list(inspect.signature(self.factory).parameters)
 
     @property
@@ -77,7 +92,14 @@ class OptimizerInfo:
     def make(self, lr: Any = None, **kwargs: Any) -> GradientTransformation:
         """``factory(lr=lr, **kwargs)``; for a wrapper, ``factory(inner, **kwargs)`` with the inner
         optimizer ``kwargs.pop(wraps)`` (a transform or a catalogue name, default
-        ``wraps_default``) built with ``lr``."""
+        ``wraps_default``) built with ``lr``.
+
+        Args:
+            lr: the learning rate (None: the factory's default).
+            **kwargs: the factory's other arguments.
+        Returns:
+            The ``GradientTransformation``.
+        """
         if lr is not None and not self.wraps:
             kwargs["lr"] = lr
         if self.wraps:
@@ -154,7 +176,15 @@ OPTIMIZERS: dict[str, OptimizerInfo] = {
 
 
 def get_info(name: str) -> OptimizerInfo:
-    """The catalogue row for ``name`` (``OptimizerNotAvailable`` with suggestions if unknown)."""
+    """The catalogue row for ``name`` (``OptimizerNotAvailable`` with suggestions if unknown).
+
+    Args:
+        name: a catalogue name (``OPTIMIZERS``).
+    Returns:
+        Its ``OptimizerInfo``.
+    Raises:
+        OptimizerNotAvailable: ``name`` is not in the catalogue.
+    """
     info = OPTIMIZERS.get(name)
     if info is None:
         close = difflib.get_close_matches(name, list(OPTIMIZERS), n=3)
@@ -166,7 +196,15 @@ def get_info(name: str) -> OptimizerInfo:
 
 
 def get_optimizer(name: str) -> Factory:
-    """The factory of ``name``; ``OptimizerNotAvailable`` if unknown."""
+    """The factory of ``name``; ``OptimizerNotAvailable`` if unknown.
+
+    Args:
+        name: a catalogue name (``OPTIMIZERS``).
+    Returns:
+        The factory, e.g. ``learnopt.optim.lion``.
+    Raises:
+        OptimizerNotAvailable: ``name`` is not in the catalogue.
+    """
     return get_info(name).factory
 
 
@@ -175,13 +213,28 @@ def make_torch_optimizer(
 ) -> TransformOptimizer:
     """``as_torch_optimizer(factory(lr=lr, **kwargs), params)``: a registered optimizer as a
     drop-in ``torch.optim.Optimizer``. Options of ``TransformOptimizer`` (``check_finite``) may
-    be passed as ``options={...}``."""
+    be passed as ``options={...}``.
+
+    Args:
+        name: a catalogue name.
+        params: tensors or ``(name, tensor)`` pairs.
+        lr: the learning rate (for a wrapper, its inner optimizer's).
+        **kwargs: the factory's other hyperparameters, and ``options``.
+    Returns:
+        A ``TransformOptimizer``.
+    Raises:
+        OptimizerNotAvailable: ``name`` is not in the catalogue.
+    """
     options = kwargs.pop("options", {})
     return as_torch_optimizer(get_info(name).make(lr, **kwargs), params, **options)
 
 
 def markdown_table() -> str:
-    """``docs/optimizers.md``: the catalogue as a Markdown table (``scripts/optimizer_table.py``)."""
+    """``docs/optimizers.md``: the catalogue as a Markdown table (``scripts/optimizer_table.py``).
+
+    Returns:
+        The page's Markdown text.
+    """
     lines = [
         "# Hand-designed optimizers",
         "",

@@ -43,13 +43,8 @@ class StochasticLBFGSState(NamedTuple):
 
 
 @rebuildable
-def stochastic_lbfgs(
-    lr: Hyper = 1e-2,
-    history_size: int = 10,
-    hessian_period: int = 10,
-    epoch_length: int | None = None,
-    batch_dims: int = 0,
-) -> GradientTransformation:
+def stochastic_lbfgs(lr: Hyper = 1e-2, history_size: int = 10, hessian_period: int = 10,
+                     epoch_length: int | None = None, batch_dims: int = 0) -> GradientTransformation:
     """Stochastic L-BFGS with SVRG variance reduction (Moritz, Nishihara & Jordan 2016, "A
     Linearly-Convergent Stochastic L-BFGS Algorithm", AISTATS; arXiv 1508.02087), Algorithm 1 with
     option I. One ``update`` is one inner iteration; with ``c`` the number of previous updates::
@@ -63,14 +58,23 @@ def stochastic_lbfgs(
             s = u - u_prev;  y = Hessian(u) s on the Hessian subsample;  keep (s, y) if s.y > 0
             u_prev = u                                                (u_0 = the initial parameters)
 
-    Parameters (paper's names): ``lr`` = eta, ``history_size`` = M, ``hessian_period`` = L,
-    ``epoch_length`` = m (default ``num_examples // len(indices)``: one pass over the data, as in the
-    paper's experiments). The minibatch S is the extra ``indices`` (``grads`` is its mean gradient
+    The default epoch is one pass over the data, as in the paper's experiments. The minibatch S is the extra ``indices`` (``grads`` is its mean gradient
     at ``x``); ``batch_grad_fn`` gives the same minibatch's gradient at the snapshot, ``full_grad_fn``
     the full gradient at epoch starts. The Hessian subsample T is whatever the extra ``loss_fn`` sums
     over on the steps that form a pair: the product is taken at the averaged iterate ``u``, not at
     ``params``, so ``hvp_fn`` cannot serve. The ``s.y > 0`` test (always true for strictly convex
     problems) guards the two-loop recursion on non-convex ones.
+
+    Args:
+        lr: eta, the step size.
+        history_size: M, the number of curvature pairs kept.
+        hessian_period: L, updates between curvature pairs.
+        epoch_length: m, updates between snapshots (None: ``num_examples // len(indices)``, one pass).
+        batch_dims: leading task-instance dimensions.
+    Returns:
+        A ``GradientTransformation``.
+    Raises:
+        ValueError: a non-positive ``history_size`` or ``hessian_period``.
     """
     if history_size < 1 or hessian_period < 1:
         raise ValueError("history_size and hessian_period must be positive")

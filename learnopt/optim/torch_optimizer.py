@@ -3,12 +3,10 @@
 ``step(closure=None, **extra)`` supplies the extra ``update`` arguments that a torch training loop
 can provide (``learnopt.optim.extra``):
 
-* ``value_and_grad_fn`` when a ``closure`` is given: evaluating at trial parameters copies them
-  into the parameters, calls the closure (which, as in torch.optim, zeroes the gradients,
-  computes the loss and calls ``backward``), reads ``.grad`` and restores the parameters, the way
-  ``torch.optim.LBFGS`` evaluates its line search. The first evaluation, at the current
-  parameters, is the closure call that ``step`` makes anyway, so ``lbfgs`` costs the closure
-  calls ``torch.optim.LBFGS`` makes. ``step`` returns the loss of that first call, as torch does.
+* ``value_and_grad_fn`` when a ``closure`` is given: it copies trial parameters in, calls the
+  closure (which zeroes the gradients, computes the loss and calls ``backward``), reads ``.grad``
+  and restores the parameters, as ``torch.optim.LBFGS`` evaluates its line search; the first
+  evaluation is ``step``'s own closure call, whose loss ``step`` returns.
 * ``hvp_fn`` when the gradients carry a graph, i.e. ``loss.backward(create_graph=True)`` was used
   (as ``pytorch_optimizer.AdaHessian`` requires): ``H v`` by differentiating ``<grad, v>``.
 * any other keyword (``indices``, ``example_grads_fn``, ``probes``, ...) is passed through, and
@@ -34,34 +32,33 @@ class TransformOptimizer(torch.optim.Optimizer):
     """Runs ``tx`` on ordinary ``nn.Parameter``s as a ``torch.optim.Optimizer``, updating them in
     place after ``backward()``, with torch.optim's contract:
 
-    * ``params``: tensors, ``(name, tensor)`` pairs (``named_parameters()``) or a list of param
-      group dicts with per-group options, as for any torch optimizer. The transform sees a
-      ``dict[str, Tensor]`` keyed by the names (``"0"``, ``"1"``, ... for bare tensors).
     * ``param_groups[i]`` shows the transform's hyperparameters under torch.optim's names with the
       values ``tx`` was built with as defaults (``learnopt.optim.group_hyperparams``); they are read
       at every step, so schedulers, ``LearningRateMonitor`` and writing ``group["lr"]`` work. A
       transform without a recipe (a learned optimizer) shows ``lr``, a multiplier of its update.
-    * A parameter whose ``.grad`` is ``None`` is skipped: not moved, its state untouched.
-      Parameters that have been updated together share their step count and are updated as one
-      call of ``tx``; a parameter that was skipped carries on with its own count.
+    * A parameter whose ``.grad`` is ``None`` is skipped (not moved, state untouched). Parameters
+      updated together share their step count and one call of ``tx``; a skipped one keeps its own.
     * ``state[p]``: the parameter's state (``learnopt.optim.param_state``), made when the
       parameter is added, or at its first gradient if it did not require grad then.
       ``state_dict()`` has torch's layout and loads by position into an optimizer over a fresh
       copy of the model; a state of another shape is refused, naming the parameter and key.
-    * ``check_finite`` (default on): a NaN or infinite gradient raises ``FloatingPointError``
-      naming the parameter, and a sparse gradient a ``RuntimeError``, before anything changes.
-    * ``step(closure=None, **extra)``: the closure also serves transforms that evaluate the
-      objective elsewhere (``lbfgs``), gradients from ``backward(create_graph=True)`` give
-      Hessian-vector products (``adahessian``, ``sophia``), and keywords reach ``update`` (e.g.
-      ``indices=...`` for the finite-sum methods); see the module docstring.
-    * ``foreach`` (default ``None``: where available): steps with no extra arguments run the
-      catalogue factory's multi-tensor kernel (``learnopt.optim.foreach``); ``False`` runs ``tx``'s
-      functional ``update``.
-    * ``inplace_update`` (optional): ``f(grads, state, params) -> updates`` that overwrites the
-      state in place, for learned optimizers that have such a fast path (the coordinate-wise
-      LSTM); used for steps with no extra ``update`` arguments.
-    * ``separable``: ``tx`` treats each parameter tensor on its own (the coordinate-wise LSTM), so
-      it may run one parameter at a time; needed for a state that is not keyed by parameter name.
+    * ``step(closure=None, **extra)``: the closure serves transforms that evaluate the objective
+      elsewhere (``lbfgs``), ``backward(create_graph=True)`` gives Hessian-vector products
+      (``adahessian``), keywords reach ``update`` (``indices=...``); see the module docstring.
+
+    Args:
+        tx: the transform.
+        params: tensors, ``(name, tensor)`` pairs (``named_parameters()``) or param group dicts
+            with per-group options. ``tx`` sees a ``dict[str, Tensor]`` keyed by the names
+            (``"0"``, ``"1"``, ... for bare tensors).
+        check_finite: a NaN or infinite gradient raises ``FloatingPointError`` naming the
+            parameter, and a sparse gradient a ``RuntimeError``, before anything changes.
+        inplace_update: ``f(grads, state, params) -> updates`` that overwrites the state in place
+            (a learned optimizer's fast path), used for steps with no extra ``update`` arguments.
+        separable: ``tx`` treats each parameter tensor on its own (the coordinate-wise LSTM), so it
+            may run one parameter at a time; needed for a state not keyed by parameter name.
+        foreach: unless False, steps with no extra arguments run the catalogue factory's
+            multi-tensor kernel where one exists (``learnopt.optim.foreach``); False: ``tx.update``.
     """
 
     def __init__(
@@ -166,9 +163,14 @@ class TransformOptimizer(torch.optim.Optimizer):
     # -- the step --------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None, **extra: Any) -> Any:
-        """One update of every parameter that has a gradient. ``closure`` re-evaluates the model
-        and returns the loss (torch.optim's protocol); ``extra`` keywords reach the transform's
-        ``update`` (module docstring). Every check runs before anything changes."""
+        """One update of every parameter that has a gradient. Every check runs before anything changes.
+
+        Args:
+            closure: re-evaluates the model and returns the loss (torch.optim's protocol).
+            **extra: keywords for the transform's ``update`` (module docstring).
+        Returns:
+            The closure's loss, or None without a closure.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -325,9 +327,14 @@ class TransformOptimizer(torch.optim.Optimizer):
 
     # -- the transform's state -------------------------------------------------------------------
     def transform_states(self, group: int = 0) -> list[tuple[dict[str, Tensor], Any]]:
-        """The group's state as the transform keeps it: ``[(params, state), ...]``, one entry per
-        set of parameters updated together (one per parameter for a separable transform).
-        ``tx.update(grads, state, params)`` continues from it."""
+        """The group's state as the transform keeps it.
+
+        Args:
+            group: index of the param group.
+        Returns:
+            ``[(params, state), ...]``, one entry per set of parameters updated together (one per
+            parameter for a separable transform); ``tx.update(grads, state, params)`` continues from it.
+        """
         out = []
         for members in self._cohorts([p for p in self.param_groups[group]["params"] if p in self._skeletons]):
             for run in self._runs(members):
@@ -358,7 +365,13 @@ class TransformOptimizer(torch.optim.Optimizer):
         return runs[0]
 
     def param_name(self, p: Tensor) -> str:
-        """The name under which the transform sees ``p``."""
+        """The name under which the transform sees ``p``.
+
+        Args:
+            p: a parameter of this optimizer.
+        Returns:
+            Its name.
+        """
         return self._names[p]
 
     # -- state_dict ------------------------------------------------------------------------------
@@ -485,10 +498,15 @@ def _hvp_from_graph(grads: dict[str, Tensor | None], params: dict[str, Tensor]) 
     return hvp
 
 
-def as_torch_optimizer(
-    tx: GradientTransformation,
-    params: Iterable[Tensor] | Iterable[tuple[str, Tensor]],
-    **options: Any,
-) -> TransformOptimizer:
-    """Wrap ``tx`` as a ``torch.optim.Optimizer`` over ``params`` (see ``TransformOptimizer``)."""
+def as_torch_optimizer(tx: GradientTransformation, params: Iterable[Tensor] | Iterable[tuple[str, Tensor]],
+                       **options: Any) -> TransformOptimizer:
+    """Wrap ``tx`` as a ``torch.optim.Optimizer`` over ``params``.
+
+    Args:
+        tx: the transform.
+        params: tensors, ``(name, tensor)`` pairs or param group dicts.
+        **options: ``TransformOptimizer``'s keyword options.
+    Returns:
+        ``TransformOptimizer(tx, params, **options)``.
+    """
     return TransformOptimizer(tx, params, **options)

@@ -13,18 +13,17 @@ from torch import Tensor
 
 from learnopt.optim.base import EmptyState, GradientTransformation, Hyper, Params, zeros_like
 from learnopt.optim.numerics import (  # noqa: F401 (safe_sqrt: public here too)
-    count_like,
-    div_or_zero,
-    float_count,
-    instance_sum,
-    nonzero,
-    safe_sqrt,
-    widest_float,
-)
+    count_like, div_or_zero, float_count, instance_sum, nonzero, safe_sqrt, widest_float)
 
 
 def scale(factor: Hyper) -> GradientTransformation:
-    """``u <- factor * u``."""
+    """``u <- factor * u``.
+
+    Args:
+        factor: the multiplier (float or tensor).
+    Returns:
+        A ``GradientTransformation``.
+    """
 
     def init(params):
         return EmptyState()
@@ -36,13 +35,25 @@ def scale(factor: Hyper) -> GradientTransformation:
 
 
 def scale_by_learning_rate(lr: Hyper) -> GradientTransformation:
-    """``u <- -lr * u``: the descent step, with the sign convention that updates are added."""
+    """``u <- -lr * u``: the descent step, with the sign convention that updates are added.
+
+    Args:
+        lr: the learning rate.
+    Returns:
+        A ``GradientTransformation``.
+    """
     return scale(-lr)
 
 
 def add_decayed_weights(weight_decay: Hyper) -> GradientTransformation:
     """``u <- u + weight_decay * p``. Before a preconditioner this is torch.optim's L2 penalty;
-    after it (just before the learning rate) it is decoupled weight decay (AdamW)."""
+    after it (just before the learning rate) it is decoupled weight decay (AdamW).
+
+    Args:
+        weight_decay: the coefficient of ``p``.
+    Returns:
+        A ``GradientTransformation``.
+    """
 
     def init(params):
         return EmptyState()
@@ -65,6 +76,13 @@ def trace(momentum: Hyper, dampening: Hyper = 0.0, nesterov: bool = False) -> Gr
 
         b_1 = g_1;  b_t = momentum * b_{t-1} + (1 - dampening) * g_t
         u_t = g_t + momentum * b_t  if nesterov else  b_t
+
+    Args:
+        momentum: momentum factor.
+        dampening: dampening of the gradient term.
+        nesterov: return the Nesterov look-ahead ``g + momentum * b``.
+    Returns:
+        A ``GradientTransformation``.
     """
 
     def init(params):
@@ -92,6 +110,13 @@ def scale_by_rms(alpha: Hyper = 0.99, eps: Hyper = 1e-8, centered: bool = False)
         s_t = alpha * s_{t-1} + (1 - alpha) * g_t^2
         a_t = alpha * a_{t-1} + (1 - alpha) * g_t            (centered only)
         u_t = g_t / (sqrt(s_t - a_t^2) + eps)
+
+    Args:
+        alpha: decay rate of the averages.
+        eps: added to the denominator.
+        centered: subtract the squared mean gradient ``a_t^2``.
+    Returns:
+        A ``GradientTransformation``.
     """
 
     def init(params):
@@ -119,21 +144,35 @@ def adam_moments(updates: Params, state: Any, b1: Hyper, b2: Hyper) -> tuple[Ten
     """Adam's step count and moments after ``updates`` (``state`` has ``count``, ``mu``, ``nu``)::
 
         t <- t + 1;   m <- b1 m + (1 - b1) g;   v <- b2 v + (1 - b2) g^2
+
+    Args:
+        updates: the gradients ``g``.
+        state: the previous state.
+        b1, b2: the decay rates.
+    Returns:
+        ``(t, m, v)``.
     """
     mu = {k: b1 * state.mu[k] + (1 - b1) * g for k, g in updates.items()}
     nu = {k: b2 * state.nu[k] + (1 - b2) * g * g for k, g in updates.items()}
     return state.count + 1, mu, nu
 
 
-def scale_by_adam(
-    b1: Hyper = 0.9, b2: Hyper = 0.999, eps: Hyper = 1e-8, bias_correction: bool = True
-) -> GradientTransformation:
+def scale_by_adam(b1: Hyper = 0.9, b2: Hyper = 0.999, eps: Hyper = 1e-8,
+                  bias_correction: bool = True) -> GradientTransformation:
     """Adam's preconditioner (Kingma & Ba 2014, arXiv 1412.6980), as computed by ``torch.optim.Adam``::
 
         m_t = b1 m + (1 - b1) g;   v_t = b2 v + (1 - b2) g^2
         u_t = (m_t / (1 - b1^t)) / (sqrt(v_t / (1 - b2^t)) + eps)
 
     ``bias_correction=False`` drops both ``1 - b^t`` factors: ``u_t = m_t / (sqrt(v_t) + eps)``.
+
+    Args:
+        b1: decay rate of the first moment.
+        b2: decay rate of the second moment.
+        eps: added to the denominator.
+        bias_correction: divide the moments by ``1 - b^t``.
+    Returns:
+        A ``GradientTransformation``.
     """
 
     def init(params):
@@ -143,9 +182,8 @@ def scale_by_adam(
         count, mu, nu = adam_moments(updates, state, b1, b2)
         out = {}
         for k in updates:
-            # Bias corrections in the parameters' precision (at least float32): ``b ** count`` with
-            # the int64 count alone would be computed in the default dtype (float32) even for
-            # float64 parameters, making float64 trajectories drift from torch.optim.Adam by ~1e-6.
+            # Bias corrections in the parameters' precision (at least float32): ``b ** count`` of the
+            # int64 count alone is float32 even for float64 parameters, which torch.optim.Adam is not.
             if not bias_correction:
                 out[k] = mu[k] / (safe_sqrt(nu[k]) + eps)
                 continue
@@ -164,11 +202,8 @@ class ScaleByRpropState(NamedTuple):
     step_size: Params
 
 
-def scale_by_rprop(
-    lr: Hyper = 1e-2,
-    etas: tuple[Hyper, Hyper] = (0.5, 1.2),
-    step_sizes: tuple[Hyper, Hyper] = (1e-6, 50.0),
-) -> GradientTransformation:
+def scale_by_rprop(lr: Hyper = 1e-2, etas: tuple[Hyper, Hyper] = (0.5, 1.2),
+                   step_sizes: tuple[Hyper, Hyper] = (1e-6, 50.0)) -> GradientTransformation:
     """Rprop's per-coordinate step sizes (Riedmiller & Braun 1992), as ``torch.optim.Rprop``
     computes them (the variant without weight backtracking, often called Rprop-)::
 
@@ -177,8 +212,15 @@ def scale_by_rprop(
         g'_t = 0 if s < 0 else g_t   (after a sign change the next step adapts nothing)
         u_t = sign(g'_t) * d_t
 
-    ``lr`` is only the initial step size. ``sign`` has zero derivative, so hypergradients flow
+    ``sign`` has zero derivative, so hypergradients flow
     through ``d_t`` (the product of the etas times ``lr``) and not through the gradients.
+
+    Args:
+        lr: the initial step size ``d_0`` (only that).
+        etas: ``(etaminus, etaplus)``.
+        step_sizes: ``(step_min, step_max)``.
+    Returns:
+        A ``GradientTransformation``.
     """
     etaminus, etaplus = etas
     step_min, step_max = step_sizes
@@ -223,10 +265,14 @@ def scale_by_quickprop(lr: Hyper = 1e-2, mu: Hyper = 1.75) -> GradientTransforma
                 D_t += lr * s_t                                   (secant undefined: gradient step)
         u_t = -D_t
 
-    The last case (equal consecutive slopes that oppose the previous step, where the paper's
-    formula divides by zero) is this implementation's choice. ``u_t`` follows the sign
-    convention of the other ``scale_by_*`` blocks (a descent step is ``-u``), so the optimizer
-    is ``chain(scale_by_quickprop(...), scale(-1))``.
+    The last case (equal consecutive slopes opposing the previous step: the paper's formula
+    divides by zero) is our choice. A descent step is ``-u``, as for the other ``scale_by_*``.
+
+    Args:
+        lr: the gradient-term step size.
+        mu: the maximum growth factor of a step.
+    Returns:
+        A ``GradientTransformation``.
     """
 
     def init(params):
@@ -259,9 +305,8 @@ class ScaleBySignState(NamedTuple):
     nu: Params
 
 
-def scale_by_generalized_sign(
-    b1: Hyper = 0.9, b2: Hyper = 0.999, eps: Hyper = 1e-8, use_bias_correction: bool = False
-) -> GradientTransformation:
+def scale_by_generalized_sign(b1: Hyper = 0.9, b2: Hyper = 0.999, eps: Hyper = 1e-8,
+                              use_bias_correction: bool = False) -> GradientTransformation:
     """Generalized SignSGD (Crawshaw et al. 2022, arXiv 2208.11195, Algorithm 1; as in the
     authors' ``GeneralizedSignSGD``): Adam with the second moment taken of the *momentum*::
 
@@ -272,6 +317,14 @@ def scale_by_generalized_sign(
     SignSGD; ``b2 -> 1`` is close to Adam. Where ``sqrt(v) + eps == 0`` (no gradient yet) the
     update is 0, like ``sign(0)``. With a literal ``b2 = 0`` and ``eps = 0`` the update is
     ``sign(m_t)`` itself and no ``v`` is kept (``nu`` is empty), as signum keeps only the momentum.
+
+    Args:
+        b1: decay rate of the momentum.
+        b2: decay rate of ``v``.
+        eps: added to the denominator.
+        use_bias_correction: bias-correct ``m`` and ``v``.
+    Returns:
+        A ``GradientTransformation``.
     """
     signum = not nonzero(b2) and not nonzero(eps)
 
@@ -308,6 +361,12 @@ def scale_by_lion(b1: Hyper = 0.9, b2: Hyper = 0.99) -> GradientTransformation:
     optimization algorithms")::
 
         u_t = sign(b1 m + (1 - b1) g);   m_t = b2 m + (1 - b2) g
+
+    Args:
+        b1: interpolation rate of the update direction.
+        b2: decay rate of the momentum.
+    Returns:
+        A ``GradientTransformation``.
     """
 
     def init(params):
@@ -330,6 +389,12 @@ def scale_by_adagrad(initial_accumulator_value: Hyper = 0.0, eps: Hyper = 1e-10)
     """Adagrad's preconditioner (Duchi et al. 2011, JMLR), as ``torch.optim.Adagrad``::
 
         s_t = s_{t-1} + g_t^2   (s_0 = initial_accumulator_value);   u_t = g_t / (sqrt(s_t) + eps)
+
+    Args:
+        initial_accumulator_value: ``s_0``.
+        eps: added to the denominator.
+    Returns:
+        A ``GradientTransformation``.
     """
 
     def init(params):
@@ -347,7 +412,13 @@ class ScaleByLrDecayState(NamedTuple):
 
 
 def scale_by_lr_decay(lr_decay: Hyper) -> GradientTransformation:
-    """``u <- u / (1 + (t - 1) * lr_decay)`` at step ``t``: ``torch.optim.Adagrad``'s ``lr_decay``."""
+    """``u <- u / (1 + (t - 1) * lr_decay)`` at step ``t``: ``torch.optim.Adagrad``'s ``lr_decay``.
+
+    Args:
+        lr_decay: the decay rate.
+    Returns:
+        A ``GradientTransformation``.
+    """
 
     def init(params):
         return ScaleByLrDecayState(count_like(params))
@@ -368,9 +439,13 @@ def scale_by_adagrad_norm(b0: Hyper = 1e-2, batch_dims: int = 0) -> GradientTran
 
         b_t^2 = b_{t-1}^2 + ||g_t||^2   (norm over all parameters together);   u_t = g_t / b_t
 
-    One ``b`` per task instance: the norm runs over all but the first ``batch_dims``
-    dimensions, which all parameters must share. ``b_t = 0`` (``b0 = 0`` and no gradient yet)
-    gives ``u = 0``.
+    ``b_t = 0`` (``b0 = 0`` and no gradient yet) gives ``u = 0``.
+
+    Args:
+        b0: ``b_0``.
+        batch_dims: leading task-instance dimensions, shared by all parameters, each with its own ``b``.
+    Returns:
+        A ``GradientTransformation``.
     """
 
     def init(params):
@@ -403,6 +478,12 @@ def scale_by_adadelta(rho: Hyper = 0.9, eps: Hyper = 1e-6) -> GradientTransforma
         v_t = rho v + (1 - rho) g^2
         u_t = sqrt(a_{t-1} + eps) / sqrt(v_t + eps) * g
         a_t = rho a + (1 - rho) u_t^2
+
+    Args:
+        rho: decay rate of both averages.
+        eps: added inside both square roots.
+    Returns:
+        A ``GradientTransformation``.
     """
 
     def init(params):
@@ -420,14 +501,20 @@ def scale_by_adadelta(rho: Hyper = 0.9, eps: Hyper = 1e-6) -> GradientTransforma
 
 
 # -- layer-wise ----------------------------------------------------------------------------------
-def scale_by_trust_ratio(
-    eps: Hyper = 0.0, clamp_value: Hyper | None = None, batch_dims: int = 0
-) -> GradientTransformation:
+def scale_by_trust_ratio(eps: Hyper = 0.0, clamp_value: Hyper | None = None,
+                         batch_dims: int = 0) -> GradientTransformation:
     """LAMB's layer-wise trust ratio (You et al. 2020, arXiv 1904.00962), per parameter tensor
     and per task instance (norms over all but the first ``batch_dims`` dimensions)::
 
         w = min(||p||, clamp_value);  n = ||u||
         u <- u * (w / (n + eps)  if w > 0 and n > 0  else 1)
+
+    Args:
+        eps: added to ``n``.
+        clamp_value: upper bound on ``||p||`` (None: none).
+        batch_dims: leading task-instance dimensions.
+    Returns:
+        A ``GradientTransformation``.
     """
 
     def norm(x: Tensor) -> Tensor:

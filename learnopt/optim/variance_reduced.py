@@ -41,10 +41,15 @@ def svrg(lr: Hyper = 1e-2, epoch_length: int | None = None) -> GradientTransform
         every m updates (from the first):  w = x;  mu = full_grad_fn(w)
         x <- x - lr * (grads - batch_grad_fn(w, indices) + mu)
 
-    ``grads`` is the minibatch ``indices``' mean gradient at ``x``. ``epoch_length`` is ``m``
-    (default ``2 * num_examples // len(indices)``: the paper's ``m = 2n`` for convex problems, in
-    minibatch steps). Option I: the snapshot is the last iterate (the paper's option II, a random
+    ``grads`` is the minibatch ``indices``' mean gradient at ``x``. The default ``m`` is the paper's
+    ``m = 2n`` for convex problems, in minibatch steps. Option I: the snapshot is the last iterate (the paper's option II, a random
     earlier iterate, is not implemented).
+
+    Args:
+        lr: step size.
+        epoch_length: ``m`` (None: ``2 * num_examples // len(indices)``).
+    Returns:
+        A ``GradientTransformation``.
     """
 
     def init(params):
@@ -123,10 +128,19 @@ def saga(lr: Hyper = 1e-2, num_examples: int = 0, table_init: str = "full") -> G
         x <- x - lr * (sum_{j in B} (G_j - T_j) / |B| + mean_i T_i)
         T_j <- G_j for j in B
 
-    ``num_examples`` (n) sizes the table (``n`` copies of the parameters). ``table_init="full"``
+    The table holds ``n`` copies of the parameters. ``table_init="full"``
     starts from the paper's ``phi_i = x_0`` (all ``n`` example gradients at the first point, one
     extra pass); ``"zeros"`` starts from an empty table. A minibatch must not repeat an example.
     The ``grads`` argument is not used: SAGA needs the per-example gradients, whose mean it is.
+
+    Args:
+        lr: step size.
+        num_examples: ``n``, the size of the gradient table.
+        table_init: ``"full"`` or ``"zeros"``.
+    Returns:
+        A ``GradientTransformation``.
+    Raises:
+        ValueError: ``num_examples < 1`` or an unknown ``table_init``.
     """
     if num_examples < 1:
         raise ValueError("saga needs num_examples (the size of its gradient table)")
@@ -148,13 +162,8 @@ def saga(lr: Hyper = 1e-2, num_examples: int = 0, table_init: str = "full") -> G
 
 
 @rebuildable
-def jacsketch(
-    lr: Hyper = 1e-2,
-    num_examples: int = 0,
-    sketch: str | Callable[[Tensor], Tensor] = "saga",
-    theta: float | None = None,
-    table_init: str = "full",
-) -> GradientTransformation:
+def jacsketch(lr: Hyper = 1e-2, num_examples: int = 0, sketch: str | Callable[[Tensor], Tensor] = "saga",
+              theta: float | None = None, table_init: str = "full") -> GradientTransformation:
     """JacSketch (Gower, Richtárik & Bach 2018, "Stochastic quasi-gradient methods: variance reduction
     via Jacobian sketching", Math. Programming; arXiv 1805.02632) with sketches supported on the
     minibatch, ``S = I_{:,B} R`` and ``W = I``::
@@ -166,10 +175,20 @@ def jacsketch(
 
     ``sketch="saga"`` is ``R = I`` (replace the sampled columns): minibatch SAGA, computed exactly as
     ``saga`` computes it. ``"mean"`` is ``R = 1`` (one column: all sampled columns move by the mean
-    of their residuals). A callable maps ``indices`` to ``R`` (``|B| x r``). ``theta`` (the
-    bias-correction scalar) defaults to ``n / |B|``, which makes ``g`` unbiased for uniformly sampled
-    minibatches whenever ``1 in span(R)`` (then ``Pi e = 1_B``); ``theta = 1`` gives a SAG-like
-    biased estimate. ``num_examples`` and ``table_init`` as in ``saga``.
+    of their residuals). A callable maps ``indices`` to ``R`` (``|B| x r``). The default ``theta``
+    makes ``g`` unbiased for uniformly sampled minibatches whenever ``1 in span(R)`` (then
+    ``Pi e = 1_B``); ``theta = 1`` gives a SAG-like biased estimate.
+
+    Args:
+        lr: step size.
+        num_examples: ``n``, the number of columns of ``J``.
+        sketch: ``"saga"``, ``"mean"`` or a callable ``indices -> R``.
+        theta: the bias-correction scalar (None: ``n / |B|``).
+        table_init: ``"full"`` or ``"zeros"``, as in ``saga``.
+    Returns:
+        A ``GradientTransformation``.
+    Raises:
+        ValueError: ``num_examples < 1``, an unknown ``table_init`` or ``sketch``.
     """
     if num_examples < 1:
         raise ValueError("jacsketch needs num_examples (the size of its Jacobian estimate)")
