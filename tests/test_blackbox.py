@@ -199,7 +199,7 @@ def test_a_trained_proposer_can_be_grown_to_read_the_trend(tmp_path):
     fam = GPProposerEpisodes(dim=3, horizon=5, lengthscale_range=(0.3, 0.5))
     grown = proposer(dim=3, seed=1, dtype=torch.float32, trend=True)
     with pytest.warns(UserWarning, match="weights_from.*trend"):
-        MetaTrainModule(grown, fam, estimator="full_bptt", init_from=str(path))
+        MetaTrainModule(grown, fam, init_from=str(path))
     with torch.no_grad():  # the trend's input columns start at zero: the same queries
         torch.testing.assert_close(grown.rollout(f, 3, 15)[0], source.rollout(f, 3, 15)[0], rtol=0, atol=1e-6)
     assert grown.cells[0].weight_ih[:, grown.trend_at:grown.trend_at + 4].abs().max() == 0
@@ -209,15 +209,15 @@ def test_a_trained_proposer_can_be_grown_to_read_the_trend(tmp_path):
     assert grown.cells[0].weight_ih.grad[:, grown.trend_at:grown.trend_at + 4].abs().max() > 0
     with_local = RNNProposer(dim=3, hidden_size=16, num_layers=2, local=True, trend=True)
     with pytest.warns(UserWarning, match="local"):  # new heads keep their init
-        MetaTrainModule(with_local, fam, estimator="full_bptt", init_from=str(path))
+        MetaTrainModule(with_local, fam, init_from=str(path))
     assert torch.equal(with_local.head.weight, source.head.weight)
     with_refine = RNNProposer(dim=3, hidden_size=16, num_layers=2, refine=True)
     with pytest.warns(UserWarning, match="refine"):
-        MetaTrainModule(with_refine, fam, estimator="full_bptt", init_from=str(path))
+        MetaTrainModule(with_refine, fam, init_from=str(path))
     assert torch.equal(with_refine.head.weight, source.head.weight)
     assert float(with_refine.refine_gate.bias.detach()[0]) == -4.0  # nearly closed: starts as the source
     with pytest.raises(CheckpointError, match="only trend, local, refine and stretch may differ.*hidden_size"):
-        MetaTrainModule(RNNProposer(dim=3, hidden_size=8, trend=True), fam, estimator="full_bptt", init_from=str(path))
+        MetaTrainModule(RNNProposer(dim=3, hidden_size=8, trend=True), fam, init_from=str(path))
 
 
 def test_quadratic_model_step_is_the_trust_region_minimiser():
@@ -324,7 +324,7 @@ def test_stretched_proposer_reaches_the_faces_and_grows_from_a_plain_one(tmp_pat
     path = learnopt.export_checkpoint(plain, tmp_path / "plain.pt")
     fam = GPProposerEpisodes(dim=2, horizon=5, lengthscale_range=(0.3, 0.5))
     grown = RNNProposer(dim=2, hidden_size=8, stretch=0.05).double()
-    MetaTrainModule(grown, fam, estimator="full_bptt", init_from=str(path))
+    MetaTrainModule(grown, fam, init_from=str(path))
     assert float(grown.stretch) == pytest.approx(0.05) and torch.equal(grown.head.weight, plain.head.weight)
     loaded = learnopt.load(learnopt.export_checkpoint(grown, tmp_path / "grown.pt"))
     assert loaded.config()["stretch"] == 0.05 and float(loaded.stretch) == pytest.approx(0.05)
@@ -716,7 +716,8 @@ def test_meta_train_config_exports_a_loadable_proposer(in_tmp):
     meta_train([
         "--config", str(ROOT / "configs/rnn_proposer_d2.yaml"), "--trainer.max_steps=4",
         "--trainer.val_check_interval=2", "--trainer.logger=false", "--trainer.enable_progress_bar=false",
-        "--trainer.default_root_dir=runs", "--model.num_tasks=4", "--model.task_family.init_args.horizon=5",
+        "--trainer.default_root_dir=runs", "--model.estimator.num_episodes=4",
+        "--model.task_family.init_args.horizon=5",
         "--model.task_family.init_args.val_functions=8",
         '--trainer.callbacks=[{"class_path": "learnopt.train.callbacks.ExportLearnedOptimizer", '
         f'"init_args": {{"path": "{out}"}}}}]',
@@ -724,7 +725,8 @@ def test_meta_train_config_exports_a_loadable_proposer(in_tmp):
     p = learnopt.load(out)
     assert isinstance(p, RNNProposer) and p.dim == 2
     meta = p.checkpoint_metadata
-    assert "val/median_regret" in meta["validation"] and meta["estimator"] == "full_bptt"
+    assert "val/median_regret" in meta["validation"]
+    assert meta["estimator"]["class_path"] == "learnopt.meta.episodic.EpisodicBPTT"
     assert meta["task_family"]["class_path"] == "tasks.blackbox_episodes.GPProposerEpisodes"
     res = p.minimize(branin_fun, [(-5, 10), (0, 15)], budget=5)
     assert res.nfev == 5
@@ -800,8 +802,11 @@ def test_committed_proposers_load_and_beat_random_search(dim, name, config_name)
     config = yaml.safe_load((ROOT / f"configs/{config_name}.yaml").read_text())
     assert config["model"]["task_family"]["init_args"] == {k: family[k] for k in config["model"]["task_family"]["init_args"]}
     assert config["model"]["learned_optimizer"]["init_args"] == p.config()
-    for key in ("meta_lr", "num_tasks", "seed"):
+    for key in ("meta_lr", "seed"):
         assert config["model"][key] == meta["meta_training"][key]
+    # checkpoints exported before estimators were objects hold num_tasks flat in meta_training
+    trained = meta["meta_training"].get("num_tasks") or meta["estimator"]["init_args"]["num_episodes"]
+    assert config["model"]["estimator"]["init_args"]["num_episodes"] == trained
     if "init_from" in config["model"]:  # a later stage: it starts from a committed checkpoint
         start = learnopt.load(ROOT / config["model"]["init_from"])
         assert meta["meta_training"]["init_from"] is not None

@@ -183,7 +183,8 @@ def test_init_run_is_offline_without_credentials_and_checks_job_type(tmp_path, m
 # --------------------------------------------------------------------------- end to end
 
 TINY_META_TRAIN = [
-    "meta-train", "--model.num_tasks", "8", "--model.horizon", "10", "--model.unroll_length", "5",
+    "meta-train", "--model.estimator.num_tasks", "8", "--model.estimator.horizon", "10",
+    "--model.estimator.unroll_length", "5",
     "--model.val_tasks", "8", "--model.learned_optimizer.init_args.hidden_size", "4",
     "--model.task_family.init_args.dim", "10", "--trainer.max_steps", "4", "--trainer.val_check_interval", "2",
     "--trainer.log_every_n_steps", "1", "--trainer.enable_progress_bar", "false",
@@ -396,17 +397,18 @@ def test_baseline_lr_sweep_runs_as_the_agent_would_and_scores_like_grid_tuning(o
 
 def test_meta_train_sweep_runs_as_the_agent_would(offline):
     sweep_file = REPO / "configs/sweeps/meta_train_lstm_quadratic.yaml"
-    argv = _agent_command(sweep_file, {"model.meta_lr": 0.003, "model.unroll_length": 5,
-                                       "model.loss_transform": "log",
+    argv = _agent_command(sweep_file, {"model.meta_lr": 0.003, "model.estimator.init_args.unroll_length": 5,
+                                       "model.estimator.init_args.loss_transform": "log",
                                        "model.learned_optimizer.init_args.hidden_size": 4})
-    tiny = ["--trainer.max_steps=2", "--trainer.val_check_interval=2", "--model.num_tasks=4", "--model.horizon=10",
-            "--model.val_tasks=4", "--trainer.enable_progress_bar=false"]
+    tiny = ["--trainer.max_steps=2", "--trainer.val_check_interval=2", "--model.estimator.num_tasks=4",
+            "--model.estimator.horizon=10", "--model.val_tasks=4", "--trainer.enable_progress_bar=false"]
     assert main(argv + tiny) == 0
     ls.finish_run(wandb.run)
     (log,) = find_run_logs([offline / "runs"])
     run = read_offline_run(log)
     assert run.group == "sweep-lstm-quadratic" and run.job_type == "meta-train"
-    assert run.config["cli"]["model"]["meta_lr"] == 0.003 and run.config["cli"]["model"]["unroll_length"] == 5
+    model = run.config["cli"]["model"]
+    assert model["meta_lr"] == 0.003 and model["estimator"]["init_args"]["unroll_length"] == 5
     exported = list((offline / "runs/sweeps/lstm_quadratic").glob("*.pt"))
     assert [p.stem for p in exported] == [run.id]  # one checkpoint per sweep run, named by its W&B id
     assert learnopt.load(exported[0]).config()["hidden_size"] == 4

@@ -50,7 +50,8 @@ def _ddp_run(out: Path) -> None:
         def on_before_optimizer_step(self, trainer, module, optimizer) -> None:
             self.grads.append({n: p.grad.detach().clone() for n, p in module.learned_optimizer.named_parameters()})
 
-    module = MetaTrainModule(_lopt(), _family(), meta_lr=META_LR, grad_clip=1e12, val_tasks=2, **SETTINGS)
+    module = MetaTrainModule(_lopt(), _family(), TruncatedBPTT(**SETTINGS), meta_lr=META_LR, grad_clip=1e12,
+                             val_tasks=2)
     initial = {k: v.clone() for k, v in module.learned_optimizer.state_dict().items()}
     record = Record()
     trainer = pl.Trainer(

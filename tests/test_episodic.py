@@ -7,8 +7,10 @@ import pytest
 import torch
 from torch import nn
 
+from learnopt.meta import TruncatedBPTT
 from learnopt.meta.episodic import EpisodicBPTT, EpisodicES
 from learnopt.train.module import MetaTrainModule
+from tasks.quadratic import QuadraticFamily
 
 
 class Linear(nn.Module):
@@ -73,14 +75,18 @@ def test_nonfinite_meta_loss_is_skipped():
 
 def test_only_whole_episode_estimators_are_accepted():
     with pytest.raises(ValueError, match="episode family"):
-        MetaTrainModule(Linear(), RegressionEpisodes(), estimator="truncated_bptt")
+        MetaTrainModule(Linear(), RegressionEpisodes(), estimator=TruncatedBPTT())
+    with pytest.raises(TypeError, match="episode family"):
+        EpisodicBPTT(QuadraticFamily(3))
+    with pytest.raises(TypeError, match="estimator object"):
+        MetaTrainModule(Linear(), RegressionEpisodes(), estimator="full_bptt")
 
 
-@pytest.mark.parametrize("estimator", ["full_bptt", "es"])
+@pytest.mark.parametrize("estimator", [EpisodicBPTT(num_episodes=32), EpisodicES(num_episodes=32, sigma=0.01)],
+                         ids=["bptt", "es"])
 def test_shell_meta_trains_an_episode_family(estimator, tmp_path):
     family, model = RegressionEpisodes(), Linear()
-    module = MetaTrainModule(model, family, num_tasks=32, estimator=estimator, meta_lr=0.1, es_sigma=0.01,
-                             num_pairs=8, grad_clip=10.0)
+    module = MetaTrainModule(model, family, estimator, meta_lr=0.1, grad_clip=10.0)
     assert module.monitor_key == "val/mse"
     before = module.validation_score()
     trainer = pl.Trainer(max_steps=60, logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -89,3 +95,30 @@ def test_shell_meta_trains_an_episode_family(estimator, tmp_path):
     trainer.fit(module)
     assert module.validation_score() < 0.05 * before
     assert "val/mse" in trainer.callback_metrics
+
+
+def test_es_runs_members_through_functional_call_on_the_es_noise_stream():
+    """EpisodicES scores φ ± σz with ``call_with_weights`` (the module is never written to) and
+    draws z from ``("es-noise", split, seed, episode)`` as ES draws its perturbations; the
+    estimate is Σ z (L⁺ − L⁻)/(2σN), written out here with perturbed copies of the module."""
+    from learnopt.task import seeded_generator
+
+    family, model = RegressionEpisodes(), Linear()
+    with torch.no_grad():
+        model.w.copy_(torch.tensor([0.3, 0.1, -0.4], dtype=torch.float64))
+    sigma, pairs = 0.05, 3
+    est = EpisodicES(family, 8, seed=2, sigma=sigma, num_pairs=pairs)
+    version = model.w._version
+    out = est.estimate(model)
+    assert model.w._version == version  # never modified, not even restored
+    noise, expected = seeded_generator("es-noise", "train", 2, 0), torch.zeros(3, dtype=torch.float64)
+    for _ in range(pairs):
+        z = torch.randn(3, generator=noise, dtype=torch.float64)
+        losses = []
+        for sign in (1.0, -1.0):
+            member = Linear()
+            with torch.no_grad():
+                member.w.copy_(model.w + sign * sigma * z)
+            losses.append(family.meta_loss(member, 8, seeded_generator("train", 2, 0))[0])
+        expected += z * (losses[0] - losses[1]) / (2 * sigma * pairs)
+    torch.testing.assert_close(out.meta_grads["w"], expected, rtol=1e-12, atol=1e-15)

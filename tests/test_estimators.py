@@ -29,9 +29,11 @@ from learnopt.meta import (
     GradientEstimator,
     TruncatedBPTT,
     UniformSchedule,
-    make_schedule,
+    run_truncation,
     truncation_length,
 )
+from learnopt.meta.truncated_bptt import checkpointed_inner_step
+from learnopt.meta.unroll import inner_step
 from learnopt.task import seeded_generator
 from tasks.quadratic import QuadraticFamily
 
@@ -193,6 +195,56 @@ def test_es_estimate_is_the_antithetic_formula_written_out():
     assert torch.equal(_flat(again.meta_grads), _flat(res.meta_grads))
 
 
+@pytest.mark.parametrize("transform", ["identity", "log"])
+def test_truncated_bptt_and_es_run_the_same_truncation(transform):
+    """One core (``run_truncation``): truncated BPTT's meta-loss, losses and carried state equal,
+    bit for bit, those of ES's reference run on the same state, over schedule-drawn truncations
+    and an episode boundary; keeping the graph or checkpointing the steps changes no value."""
+    lopt = _lstm(seed=3)
+    kwargs = dict(num_tasks=3, unroll_length=3, horizon=7, seed=11, loss_transform=transform,
+                  schedule=UniformSchedule(1, 4))
+    tb, es = TruncatedBPTT(_family(), **kwargs), ES(_family(), num_pairs=1, **kwargs)
+    s_tb, s_es = tb.init_unroll(lopt), es.init_unroll(lopt)
+    for _ in range(4):
+        a, b = tb.estimate(lopt, s_tb), es.estimate(lopt, s_es)
+        assert torch.equal(a.meta_loss, b.meta_loss)
+        for key in ("inner_step", "inner_loss_first", "inner_loss_last"):
+            assert a.metrics[key] == b.metrics[key]
+        s_tb, s_es = a.unroll_state, b.unroll_state
+        assert torch.equal(s_tb.params["theta"], s_es.params["theta"])
+        assert torch.equal(s_tb.opt_state.h, s_es.opt_state.h) and s_tb.episode == s_es.episode
+    state = tb.init_unroll(lopt)
+    runs = [run_truncation(step, lopt, state.task, state.params, state.opt_state, copy.deepcopy(state.generator), 3,
+                           tb._transform, keep_graph=keep)
+            for step, keep in ((inner_step, False), (inner_step, True), (checkpointed_inner_step, True))]
+    for run in runs[1:]:
+        assert torch.equal(run.meta_loss, runs[0].meta_loss) and torch.equal(run.last_loss, runs[0].last_loss)
+        assert torch.equal(run.params["theta"], runs[0].params["theta"])
+    assert not runs[0].meta_loss.requires_grad and runs[1].meta_loss.requires_grad
+
+
+def test_estimators_are_objects_bound_to_their_task_family():
+    """Built from settings alone and bound later (what MetaTrainModule does) is the same estimator
+    as one given the family; the run's seed applies unless the estimator has its own."""
+    lopt = _lstm(seed=2)
+    unbound = PES(num_tasks=2, unroll_length=2, horizon=4, num_pairs=2, sigma=0.05)
+    with pytest.raises(ValueError, match="bind"):
+        unbound.init_unroll(lopt)
+    fam = _family()
+    bound = unbound.bind(fam, seed=3)
+    direct = PES(fam, num_tasks=2, unroll_length=2, horizon=4, num_pairs=2, sigma=0.05, seed=3)
+    a, b = bound.estimate(lopt), direct.estimate(lopt)
+    assert torch.equal(a.meta_loss, b.meta_loss) and torch.equal(_flat(a.meta_grads), _flat(b.meta_grads))
+    assert TruncatedBPTT(seed=5).bind(fam, seed=3).seed == 5
+    with pytest.raises(ValueError, match="another task family"):
+        direct.bind(_family())
+    spec = direct.spec()
+    assert spec["class_path"] == "learnopt.meta.pes.PES" and "task_family" not in spec["init_args"]
+    assert spec["init_args"]["schedule"] == {"class_path": "learnopt.meta.schedules.ConstantSchedule",
+                                             "init_args": {"length": 2}}
+    assert spec["init_args"]["num_pairs"] == 2 and spec["init_args"]["seed"] == 3
+
+
 def test_pes_accumulates_perturbations_and_keeps_each_particle_on_its_own_run():
     """Two truncations written out: particle i^± runs with φ ± ε_{1,i}, then continues from its
     own state with φ ± ε_{2,i}; the second estimate weights (L^+ − L^−) by ξ = ε_1 + ε_2."""
@@ -342,15 +394,10 @@ def test_geometric_schedule_has_the_geometric_distribution(mean, low):
     assert scipy.stats.chi2.sf(chi2, len(observed) - 1) > 1e-3
 
 
-def test_geometric_schedule_upper_bound_and_make_schedule():
+def test_geometric_schedule_upper_bound_and_invalid_schedules():
     assert _draws(GeometricSchedule(5.0, 1, high=6)).max() == 6
-    assert make_schedule("constant", 7) == ConstantSchedule(7)
-    assert make_schedule("uniform", 7, 3) == UniformSchedule(3, 11)  # mean 7
-    assert make_schedule("uniform", 7, 3, 9) == UniformSchedule(3, 9)
-    assert make_schedule("geometric", 7, 2, 20) == GeometricSchedule(7.0, 2, 20)
     for bad in (lambda: ConstantSchedule(0), lambda: UniformSchedule(3, 2), lambda: UniformSchedule(0, 2),
-                lambda: GeometricSchedule(1.0, 2), lambda: GeometricSchedule(3.0, 2, 1),
-                lambda: make_schedule("cyclic", 3)):
+                lambda: GeometricSchedule(1.0, 2), lambda: GeometricSchedule(3.0, 2, 1)):
         with pytest.raises(ValueError):
             bad()
 
@@ -457,12 +504,20 @@ def test_save_and_restore_unroll_continues_exactly(make, tmp_path):
 # --------------------------------------------------------------------------- the Lightning shell
 
 TINY = [
-    "--model.num_tasks", "4", "--model.horizon", "10", "--model.unroll_length", "4", "--model.val_tasks", "4",
+    "--model.val_tasks", "4",
     "--model.learned_optimizer.init_args.hidden_size", "2", "--model.learned_optimizer.init_args.num_layers", "1",
-    "--model.task_family.init_args.dim", "3", "--model.num_pairs", "2",
+    "--model.task_family.init_args.dim", "3",
     "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
     "--trainer.logger", "false", "--trainer.val_check_interval", "4",
 ]
+
+
+def _estimator(name: str, **init_args) -> list[str]:
+    """``--model.estimator`` as a config gives it: a class path (under ``learnopt.meta``) and init args."""
+    import json
+
+    init_args = {"num_tasks": 4, "horizon": 10, "unroll_length": 4, **init_args}
+    return ["--model.estimator", json.dumps({"class_path": f"learnopt.meta.{name}", "init_args": init_args})]
 
 
 def _callbacks(export: str) -> list[str]:
@@ -483,8 +538,8 @@ def test_pes_meta_training_resumes_exactly(in_tmp):
 
     from learnopt.train.cli import meta_train
 
-    common = TINY + ["--model.estimator", "pes", "--model.truncation_schedule", "uniform",
-                     "--model.min_unroll_length", "3", "--model.max_unroll_length", "5"]
+    schedule = {"class_path": "learnopt.meta.UniformSchedule", "init_args": {"low": 3, "high": 5}}
+    common = TINY + _estimator("PES", num_pairs=2, schedule=schedule)
     full = meta_train(common + ["--trainer.max_steps", "8"] + _callbacks("full.pt"))
     assert type(full.model.estimator).__name__ == "PES"
     w_full = {k: v.clone() for k, v in full.model.learned_optimizer.state_dict().items()}
@@ -503,21 +558,27 @@ def test_pes_meta_training_resumes_exactly(in_tmp):
         assert torch.equal(a[0]["theta"], b[0]["theta"])
 
 
-@pytest.mark.parametrize("name,cls", [("full_bptt", "FullBPTT"), ("es", "ES"), ("truncated_bptt", "TruncatedBPTT")])
-def test_meta_train_runs_with_each_estimator(in_tmp, name, cls):
+@pytest.mark.parametrize("cls,init_args", [("FullBPTT", {"unroll_length": None}), ("ES", {"num_pairs": 2}),
+                                            ("TruncatedBPTT", {})])
+def test_meta_train_runs_with_each_estimator(in_tmp, cls, init_args):
     import learnopt
     from learnopt.train.cli import meta_train
 
-    cli = meta_train(TINY + ["--model.estimator", name, "--trainer.max_steps", "3"] + _callbacks("lopt.pt"))
+    init_args = {k: v for k, v in {"num_tasks": 4, "horizon": 10, "unroll_length": 4, **init_args}.items() if v}
+    args = ["--model.estimator", f"learnopt.meta.{cls}"] + [f"--model.estimator.{k}={v}" for k, v in init_args.items()]
+    cli = meta_train(TINY + args + ["--trainer.max_steps", "3"] + _callbacks("lopt.pt"))
     assert type(cli.model.estimator).__name__ == cls and cli.trainer.global_step == 3
-    assert learnopt.load("lopt.pt").checkpoint_metadata["estimator"] == name
+    meta = learnopt.load("lopt.pt").checkpoint_metadata
+    assert meta["estimator"]["class_path"].rsplit(".", 1)[1] == cls
+    assert {k: meta["estimator"]["init_args"][k] for k in init_args} == init_args
+    assert cli.model.estimator.spec() == meta["estimator"]
 
 
 def test_unknown_estimator_is_an_error_naming_it(in_tmp, capsys):
     from learnopt.train.cli import meta_train
 
     with pytest.raises(ValueError, match="reinforce"):
-        meta_train(TINY + ["--model.estimator", "reinforce"])
+        meta_train(TINY + ["--model.estimator", "learnopt.meta.reinforce"])
 
 
 # --------------------------------------------------------------------------- GPU path
@@ -550,8 +611,8 @@ def test_pes_example_config_parses_and_runs(in_tmp):
 
     config = Path(__file__).resolve().parents[1] / "configs/lstm_quadratic_pes.yaml"
     cli = meta_train(["--config", str(config), "--trainer.max_steps", "2", "--trainer.logger", "false",
-                      "--trainer.enable_progress_bar", "false", "--model.num_tasks", "2", "--model.horizon", "12",
-                      "--model.val_tasks", "2", "--model.num_pairs", "1",
+                      "--trainer.enable_progress_bar", "false", "--model.estimator.num_tasks", "2",
+                      "--model.estimator.horizon", "12", "--model.val_tasks", "2", "--model.estimator.num_pairs", "1",
                       "--model.learned_optimizer.init_args.hidden_size", "2"])
     assert type(cli.model.estimator).__name__ == "PES" and cli.trainer.global_step == 2
-    assert cli.model.hparams.truncation_schedule == "uniform"
+    assert cli.model.estimator.schedule == UniformSchedule(10, 30)

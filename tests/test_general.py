@@ -385,8 +385,9 @@ def test_config_runs_end_to_end(in_tmp, name):
     cli = meta_train([
         "--config", str(CONFIG.with_name(f"{name}.yaml")), "--trainer.max_steps", "2", "--trainer.val_check_interval", "2",
         "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
-        "--model.num_tasks", "2", "--model.val_tasks", "2", "--model.horizon", "4", "--model.num_pairs", "1",
-        "--model.unroll_length", "2", "--model.min_unroll_length", "1", "--model.max_unroll_length", "2",
+        "--model.estimator.num_tasks", "2", "--model.val_tasks", "2", "--model.estimator.horizon", "4",
+        "--model.estimator.num_pairs", "1",
+        "--model.estimator.schedule.low", "1", "--model.estimator.schedule.high", "2",
         "--model.learned_optimizer.init_args.num_steps", "4",
     ])
     assert cli.trainer.global_step == 2

@@ -524,7 +524,8 @@ def test_meta_train_cli_with_the_shipped_config_exports_a_learned_lr(in_tmp):
     callbacks = [{"class_path": "learnopt.train.callbacks.ExportLearnedOptimizer", "init_args": {"path": "lr.pt"}}]
     cli = meta_train([
         "--config", str(CONFIG),
-        "--model.num_tasks", "8", "--model.horizon", "10", "--model.unroll_length", "5", "--model.val_tasks", "8",
+        "--model.estimator.num_tasks", "8", "--model.estimator.horizon", "10", "--model.estimator.unroll_length", "5",
+        "--model.val_tasks", "8",
         "--model.task_family.init_args.dim", "3", "--model.meta_lr", "0.3",
         "--trainer.max_steps", "6", "--trainer.val_check_interval", "3", "--trainer.logger", "false",
         "--trainer.callbacks", json.dumps(callbacks), "--trainer.enable_progress_bar", "false",

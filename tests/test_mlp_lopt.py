@@ -467,7 +467,8 @@ def test_config_runs_end_to_end(in_tmp):
     cli = meta_train([
         "--config", str(CONFIG), "--trainer.max_steps", "2", "--trainer.val_check_interval", "2",
         "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
-        "--model.num_tasks", "4", "--model.val_tasks", "4", "--model.horizon", "4", "--model.unroll_length", "2",
+        "--model.estimator.num_tasks", "4", "--model.val_tasks", "4", "--model.estimator.horizon", "4",
+        "--model.estimator.unroll_length", "2",
     ])
     assert cli.trainer.global_step == 2
     exported = list(in_tmp.glob("runs/**/*.pt"))

@@ -152,7 +152,8 @@ def test_files_written_before_the_digest_still_load(tmp_path):
 # --------------------------------------------------------------------------- meta-training
 
 TINY = [
-    "--model.num_tasks", "4", "--model.horizon", "6", "--model.unroll_length", "3", "--model.val_tasks", "4",
+    "--model.estimator.num_tasks", "4", "--model.estimator.horizon", "6", "--model.estimator.unroll_length", "3",
+    "--model.val_tasks", "4",
     "--model.learned_optimizer.init_args.hidden_size", "4", "--model.task_family.init_args.dim", "3",
     "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false", "--trainer.logger", "false",
     # a regression must fail the test, not hang the suite
@@ -257,10 +258,10 @@ def test_skipped_truncations_count_as_steps_and_an_untrained_optimizer_is_not_ex
     assert last["learnopt_counts"] == {"meta_updates": 0, "skipped_truncations": 6, "nonfinite_streak": 6}
 
 
-@pytest.mark.parametrize("key", ["num_tasks", "val_tasks"])
+@pytest.mark.parametrize("key", ["estimator.num_tasks", "val_tasks"])
 def test_zero_tasks_are_refused(run_dir, capsys, key):
     rc, err = _meta_train(capsys, f"--model.{key}", "0", "--trainer.max_steps", "2", *_callbacks())
-    assert rc == 1 and f"{key} must be an integer >= 1, got 0" in err, err
+    assert rc == 1 and f"{key.split('.')[-1]} must be an integer >= 1, got 0" in err, err
     assert not (run_dir / "lopt.pt").exists()
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +14,8 @@ from learnopt.cli import main
 from learnopt.train.cli import meta_train
 
 TINY = [
-    "--model.num_tasks", "8", "--model.horizon", "10", "--model.unroll_length", "5", "--model.val_tasks", "8",
+    "--model.estimator.num_tasks", "8", "--model.estimator.horizon", "10", "--model.estimator.unroll_length", "5",
+    "--model.val_tasks", "8",
     "--model.learned_optimizer.init_args.hidden_size", "4",
     "--model.task_family.init_args.dim", "3",
     "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
@@ -39,9 +41,14 @@ def test_meta_train_exports_a_loadable_checkpoint_and_logs_offline_to_wandb(in_t
     meta = lopt.checkpoint_metadata
     assert meta["meta_steps"] in (3, 6)
     assert meta["task_family"]["class_path"] == "tasks.quadratic.QuadraticFamily"
-    assert meta["meta_training"]["unroll_length"] == 5
+    estimator = {"class_path": "learnopt.meta.truncated_bptt.TruncatedBPTT", "init_args": {
+        "num_tasks": 8, "unroll_length": 5, "horizon": 10, "second_order": False, "loss_transform": "identity",
+        "seed": 0, "split": "train", "activation_checkpointing": False, "compile_update": False,
+        "schedule": {"class_path": "learnopt.meta.schedules.ConstantSchedule", "init_args": {"length": 5}}}}
+    assert meta["estimator"] == estimator and meta["meta_training"]["estimator"] == estimator
+    assert meta["meta_training"]["meta_lr"] == 1e-3 and json.loads(json.dumps(meta)) == meta
     assert "val/log10_final_loss" in meta["validation"]
-    assert meta["config"]["model"]["unroll_length"] == 5  # the full resolved config travels along
+    assert meta["config"]["model"]["estimator"]["init_args"]["unroll_length"] == 5  # the resolved config travels along
     assert (in_tmp / "runs/meta-train/config.yaml").exists()
     # the exported weights are the validated ones: loading them gives the recorded score
     assert lopt.config()["hidden_size"] == 4
@@ -121,3 +128,30 @@ def test_meta_train_runs_on_one_thread_unless_told_otherwise(in_tmp, monkeypatch
             meta_train(TINY + ["--trainer.max_steps", "1", "--threads", "0"])
     finally:
         torch.set_num_threads(before)
+
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted(p for p in (REPO / "configs").glob("*.yaml") if not p.name.startswith("evaluate"))
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_every_config_builds_its_meta_train_module(config, monkeypatch):
+    """Every meta-training config parses and builds: learned optimizer, task family and an
+    estimator object bound to that family, whose spec is JSON-able."""
+    import sys
+
+    from learnopt.meta import GradientEstimator
+    from learnopt.train.cli import MetaTrainCLI
+    from learnopt.train.module import MetaTrainModule
+
+    monkeypatch.chdir(REPO)  # configs name their init_from checkpoints relative to the repository
+    monkeypatch.setattr(sys, "argv", ["learnopt"])
+    cli = MetaTrainCLI(MetaTrainModule, run=False, save_config_callback=None, auto_configure_optimizers=False,
+                       parser_kwargs={"exit_on_error": False},
+                       args=["--config", str(config), "--trainer.logger", "false", "--trainer.callbacks", "[]",
+                             "--trainer.enable_checkpointing", "false"])
+    module = cli.model
+    assert isinstance(module.estimator, GradientEstimator)
+    assert module.estimator.task_family is module.task_family and module.estimator.seed == module.hparams.seed
+    spec = module.estimator.spec()
+    assert spec["class_path"].startswith("learnopt.meta.") and json.loads(json.dumps(spec)) == spec

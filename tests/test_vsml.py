@@ -383,19 +383,18 @@ def test_meta_training_can_start_from_an_exported_learner(tmp_path):
     path = learnopt.export_checkpoint(source, tmp_path / "start.pt")
     net = VSMLNetwork(state_size=4, message_size=2, micro_ticks=1)
     assert not torch.equal(net.layers[0].w_forward, source.layers[0].w_forward)
-    MetaTrainModule(net, fam, estimator="full_bptt", init_from=str(path))
+    MetaTrainModule(net, fam, init_from=str(path))
     for a, b in zip(net.state_dict().values(), source.state_dict().values()):
         assert torch.equal(a, b)
     with pytest.raises(CheckpointError, match="do not fit.*w_forward.*state_size"):
-        MetaTrainModule(VSMLNetwork(state_size=6, message_size=2, micro_ticks=1), fam, estimator="full_bptt",
-                        init_from=str(path))
+        MetaTrainModule(VSMLNetwork(state_size=6, message_size=2, micro_ticks=1), fam, init_from=str(path))
     biased = VSMLNetwork(state_size=4, message_size=2, micro_ticks=1, bias_input=True)
     with pytest.warns(UserWarning, match="bias_input"):
-        MetaTrainModule(biased, fam, estimator="full_bptt", init_from=str(path))
+        MetaTrainModule(biased, fam, init_from=str(path))
     assert torch.equal(biased.layers[0].w_hidden, source.layers[0].w_hidden)
     with pytest.raises(CheckpointError, match="holds a VSMLNetwork"):
         MetaTrainModule(BlackBoxOnlineLSTM(num_features=3, num_classes=3, hidden_size=4), fam,
-                        estimator="full_bptt", init_from=str(path))
+                        init_from=str(path))
 
 
 def test_bptt_meta_gradient_matches_finite_differences():
@@ -424,11 +423,10 @@ def test_shell_meta_trains_vsml_by_bptt_and_es(tmp_path):
 
     fam = OnlineClassificationFamily(datasets=["iris"], episode_length=8, num_features=3, max_classes=3,
                                      val_episodes=8)
-    for estimator in ("full_bptt", "es"):
+    for estimator in (EpisodicBPTT(num_episodes=2), EpisodicES(num_episodes=2, num_pairs=2, sigma=0.05)):
         net = VSMLNetwork(state_size=4, message_size=2, micro_ticks=1)
         before = [p.detach().clone() for p in net.parameters()]
-        module = MetaTrainModule(net, fam, num_tasks=2, estimator=estimator, num_pairs=2, es_sigma=0.05,
-                                 meta_lr=0.01)
+        module = MetaTrainModule(net, fam, estimator, meta_lr=0.01)
         assert module.monitor_key == "val/online_ce"
         trainer = pl.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                              enable_model_summary=False, inference_mode=False, num_sanity_val_steps=0,

@@ -3,6 +3,8 @@
 An estimator turns a learned optimizer ``lopt`` (an ``nn.Module`` whose parameters are the
 meta-parameters φ) and a carried inner run into one estimate of ∂(meta-loss)/∂φ::
 
+    estimator = PES(num_pairs=4, sigma=0.01, horizon=100)   # settings only
+    estimator.bind(task_family, seed=0)                # what MetaTrainModule does
     state = estimator.init_unroll(lopt, episode=0)     # tasks, θ_0, optimizer state
     est = estimator.estimate(lopt, state)              # GradientEstimate
     est.meta_loss, est.meta_grads, est.finite, est.metrics
@@ -10,12 +12,18 @@ meta-parameters φ) and a carried inner run into one estimate of ∂(meta-loss)/
 
 This is the shape of ``learned_optimization``'s gradient estimators (Metz et al. 2022,
 arXiv 2203.11860, ``outer_trainers/``): truncated BPTT, full BPTT, ES and PES all return the
-same record, so the training shell does not care which one runs. ``save_unroll`` /
+same record, so the training shell does not care which one runs. An estimator is built from
+its own settings alone (so that a config can give it as ``class_path`` + ``init_args``) and is
+bound to the task family by ``bind``; ``spec`` gives its class path and settings back, for
+checkpoint metadata. ``save_unroll`` /
 ``restore_unroll`` turn the carried state into plain tensors and back, for resuming.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +32,7 @@ from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
 from learnopt.meta.schedules import ConstantSchedule, truncation_length
+from learnopt.meta.unroll import inner_step
 from learnopt.optim.base import Params, tree_leaves
 from learnopt.task import Task, TaskFamily, seeded_generator
 
@@ -50,6 +59,51 @@ class GradientEstimate:
     unroll_state: UnrollState
     metrics: dict[str, float] = field(default_factory=dict)
     finite: bool = True
+
+
+def is_episodic(family: Any) -> bool:
+    """Whether ``family`` is an episode family (``learnopt.meta.episodic``): one scored as a
+    whole by ``meta_loss(model, num_episodes, generator)``, with no inner run to truncate."""
+    return callable(getattr(family, "meta_loss", None))
+
+
+_PLAIN = (int, float, str, bool, tuple, list, type(None))
+_ABSENT = object()
+
+
+def init_spec(obj: Any, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    """``{"class_path", "init_args"}`` of ``obj``, the form a config gives objects in.
+
+    The init args are the constructor's parameters that ``obj`` keeps under their own name as
+    plain values (numbers, strings, tuples, None) or as dataclasses, which are described the
+    same way (a truncation schedule); derived attributes are left out.
+
+    Args:
+        obj: the object to describe.
+        skip: constructor parameters to leave out.
+
+    Returns:
+        A JSON-able dict, e.g. ``{"class_path": "learnopt.meta.pes.PES", "init_args":
+        {"num_pairs": 4, ...}}``.
+    """
+    cls = type(obj)
+    params = inspect.signature(cls.__init__).parameters.values()
+    names = [p.name for p in params if p.name != "self" and p.name not in skip
+             and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    init_args = {}
+    for name in names:
+        value = getattr(obj, name, _ABSENT)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            init_args[name] = init_spec(value)
+        elif isinstance(value, _PLAIN):
+            init_args[name] = value
+    return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": init_args}
+
+
+def check_count(owner: str, name: str, value: Any, why: str) -> None:
+    """Refuse a count that is not an integer ≥ 1, saying what it is for."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{owner}: {name} must be an integer >= 1, got {value!r} ({why})")
 
 
 def task_stream(split: str, seed: int, episode: int, rank: int = 0) -> torch.Generator:
@@ -113,9 +167,17 @@ class GradientEstimator:
     Subclasses implement ``init_unroll(lopt, episode)`` and ``estimate(lopt, state)``; a
     subclass whose carried state holds more than ``UnrollState`` extends ``save_unroll`` and
     ``restore_unroll``. ``horizon`` is the length T of an inner run.
+
+    An estimator is constructed from its settings, with or without its task family
+    (``TruncatedBPTT(num_tasks=8)`` or ``TruncatedBPTT(family, num_tasks=8)``); ``bind`` gives
+    it the family and the run's seed before the first ``init_unroll``.
     """
 
     horizon: int
+    task_family: Any = None
+    _own_seed: bool = False
+    #: Whether the estimator needs an episode family (``is_episodic``) rather than a task family.
+    episodic: bool = False
     # Distributed meta-training (``distribute``): this process's rank among ``world_size``.
     rank: int = 0
     world_size: int = 1
@@ -135,22 +197,80 @@ class GradientEstimator:
             raise ValueError(f"{type(self).__name__}.distribute: need 0 <= rank < world_size, got {rank}, {world_size}")
         self.rank, self.world_size = int(rank), int(world_size)
 
-    def _configure(self, task_family: TaskFamily, num_tasks: int, unroll_length: int, horizon: int,
-                   loss_transform: str, seed: int, split: str, schedule: Any) -> None:
-        """Validate and store the settings every estimator shares."""
+    def bind(self, task_family: Any, seed: int | None = None) -> GradientEstimator:
+        """Give the estimator the family it meta-trains on and the run's seed.
+
+        Args:
+            task_family: a ``TaskFamily`` (truncated-unroll estimators) or an episode family
+                (``EpisodicBPTT``, ``EpisodicES``).
+            seed: the run's seed; used unless the estimator was constructed with a seed of
+                its own.
+
+        Returns:
+            The estimator itself.
+
+        Raises:
+            ValueError: the family is of the wrong kind for this estimator, or the estimator
+                was constructed with another family.
+        """
         name = type(self).__name__
+        if self.task_family is not None and self.task_family is not task_family:
+            raise ValueError(f"{name}: already bound to another task family ({type(self.task_family).__name__}); "
+                             "give the family once, to MetaTrainModule (model.task_family)")
+        if is_episodic(task_family) != self.episodic:
+            family = type(task_family).__name__
+            if self.episodic:
+                raise TypeError(f"{name} needs an episode family with meta_loss(model, n, generator); got {family}")
+            raise ValueError(f"{family} is an episode family: its estimator must be "
+                             "learnopt.meta.EpisodicBPTT (backpropagation through whole episodes) or "
+                             f"learnopt.meta.EpisodicES, got {name}")
+        self.task_family = task_family
+        if seed is not None and not self._own_seed:
+            self.seed = int(seed)
+        return self
+
+    def _bound_family(self) -> Any:
+        if self.task_family is None:
+            raise ValueError(f"{type(self).__name__}: no task family; pass one to the constructor or call "
+                             "bind(task_family) (MetaTrainModule does)")
+        return self.task_family
+
+    def spec(self) -> dict[str, Any]:
+        """The estimator's class path and settings (``init_spec``), for checkpoint metadata.
+
+        Returns:
+            ``{"class_path": ..., "init_args": {...}}``, JSON-able, with the seed in use.
+        """
+        return init_spec(self, skip=("task_family",))
+
+    def _set_seed(self, seed: int | None) -> None:
+        self._own_seed = seed is not None
+        self.seed = 0 if seed is None else int(seed)
+
+    def _configure(self, task_family: TaskFamily | None, num_tasks: int, unroll_length: int, horizon: int,
+                   loss_transform: str, seed: int | None, split: str, schedule: Any) -> None:
+        """Validate and store the settings every truncated-unroll estimator shares."""
+        name = type(self).__name__
+        check_count(name, "num_tasks", num_tasks, "each meta-step estimates on num_tasks task instances")
         if unroll_length < 1 or horizon < 1:
             raise ValueError(f"{name}: unroll_length and horizon must be >= 1")
         if loss_transform not in ("identity", "log"):
             raise ValueError(f"{name}: loss_transform must be 'identity' or 'log', got {loss_transform!r}")
-        self.task_family = task_family
+        self.task_family = None
         self.num_tasks = num_tasks
         self.unroll_length = unroll_length
         self.horizon = horizon
         self.loss_transform = loss_transform
-        self.seed = seed
+        self._set_seed(seed)
         self.split = split
         self.schedule = ConstantSchedule(unroll_length) if schedule is None else schedule
+        if task_family is not None:
+            self.bind(task_family)
+
+    def step_function(self) -> Callable[..., tuple[Tensor, Params, Any]]:
+        """The inner step the truncations run (``run_truncation``'s ``step``): ``inner_step``;
+        an estimator may plug in another function of the same signature."""
+        return inner_step
 
     def truncation_length(self, state: UnrollState) -> int:
         """Length of the truncation that starts at ``state.step`` (clipped to the horizon)."""

@@ -20,9 +20,10 @@ checkpointing:
 ``EpisodicBPTT``
     backpropagation through whole episodes (``autograd.grad`` of the meta-loss);
 ``EpisodicES``
-    antithetic evolution strategies: ``num_pairs`` pairs ``φ ± σε`` evaluated on the *same*
-    episodes (common random numbers), ``g = Σ (L⁺ − L⁻) ε / (2σ·num_pairs)``, which needs no
-    derivatives through the episode (Salimans et al. 2017; the estimator VSML's paper uses).
+    antithetic evolution strategies: ``num_pairs`` pairs ``φ ± σz`` evaluated on the *same*
+    episodes (common random numbers), ``g = Σ (L⁺ − L⁻) z / (2σ·num_pairs)``, which needs no
+    derivatives through the episode (Salimans et al. 2017; the estimator VSML's paper uses);
+    the members run through ``functional_call`` with the perturbation code of ``ES``.
 
 Episode ``k`` of a run draws from the seed stream ``("train", seed, k)``, so a resumed run
 draws exactly what the interrupted one would have. A family may also provide
@@ -40,11 +41,16 @@ from learnopt.meta.base import (
     GradientEstimate,
     GradientEstimator,
     UnrollState,
+    check_count,
     guarded_meta_grads,
+    is_episodic,
     meta_weights,
     task_stream,
 )
+from learnopt.meta.es import antithetic_scale, call_with_weights, check_perturbations, copy_generator, perturbation
 from learnopt.task import seeded_generator
+
+__all__ = ["EpisodeFamily", "EpisodicBPTT", "EpisodicES", "is_episodic"]
 
 
 @runtime_checkable
@@ -56,22 +62,28 @@ class EpisodeFamily(Protocol):
         """Mean meta-loss over ``num_episodes`` episodes drawn from ``generator``, and metrics."""
 
 
-def is_episodic(family: Any) -> bool:
-    return callable(getattr(family, "meta_loss", None))
-
-
 class _EpisodicEstimator(GradientEstimator):
-    def __init__(self, family: EpisodeFamily, num_episodes: int, seed: int = 0, split: str = "train") -> None:
-        if not is_episodic(family):
-            raise TypeError(f"{type(self).__name__} needs an episode family with meta_loss(model, n, generator); "
-                            f"got {type(family).__name__}")
-        if num_episodes < 1:
-            raise ValueError(f"{type(self).__name__}: num_episodes must be >= 1, got {num_episodes}")
-        self.task_family = family
-        self.num_tasks = num_episodes
-        self.seed = seed
+    episodic = True
+
+    def __init__(self, task_family: EpisodeFamily | None = None, num_episodes: int = 16, seed: int | None = None,
+                 split: str = "train") -> None:
+        check_count(type(self).__name__, "num_episodes", num_episodes, "each meta-step scores num_episodes episodes")
+        self.num_episodes = num_episodes
+        self._set_seed(seed)
         self.split = split
-        self.horizon = int(getattr(family, "horizon", 1))
+        self.horizon = 1
+        if task_family is not None:
+            self.bind(task_family)
+
+    @property
+    def num_tasks(self) -> int:
+        """The number of episodes per estimate (the name every estimator shares)."""
+        return self.num_episodes
+
+    def bind(self, task_family: EpisodeFamily, seed: int | None = None) -> GradientEstimator:
+        super().bind(task_family, seed)
+        self.horizon = int(getattr(task_family, "horizon", 1))
+        return self
 
     def init_unroll(self, lopt: nn.Module, episode: int = 0) -> UnrollState:
         # Under DDP each rank draws its own episodes (rank 0: the single-process stream).
@@ -89,12 +101,20 @@ class _EpisodicEstimator(GradientEstimator):
 
 
 class EpisodicBPTT(_EpisodicEstimator):
-    """Exact meta-gradient of the mean episode meta-loss by backpropagation through the episodes."""
+    """Exact meta-gradient of the mean episode meta-loss by backpropagation through the episodes.
+
+    Args:
+        task_family: the episode family; ``None`` when given to ``MetaTrainModule``, which
+            binds its own.
+        num_episodes: episodes scored per estimate.
+        seed: the seed of the episode stream (``None``: the run's seed, else 0).
+        split: the name of the episode stream.
+    """
 
     def estimate(self, lopt: nn.Module, state: UnrollState | None = None) -> GradientEstimate:
         state = state if state is not None else self.init_unroll(lopt, 0)
         names, weights = meta_weights(lopt)
-        loss, metrics = self.task_family.meta_loss(lopt, self.num_tasks, state.generator)
+        loss, metrics = self._bound_family().meta_loss(lopt, self.num_episodes, state.generator)
         grads, finite = guarded_meta_grads(loss, weights)
         metrics = dict(metrics)
         metrics["nonfinite"] = 0.0 if finite else 1.0
@@ -102,50 +122,57 @@ class EpisodicBPTT(_EpisodicEstimator):
 
 
 class EpisodicES(_EpisodicEstimator):
-    """Antithetic ES on the episode meta-loss: ``num_pairs`` pairs of perturbations of scale
-    ``sigma``, both members of a pair (and all pairs) scored on the same episodes."""
+    """Antithetic ES on the episode meta-loss: ``num_pairs`` pairs of perturbations φ ± ε,
+    ε = σ z, both members of a pair (and all pairs) scored on the same episodes::
 
-    def __init__(self, family: EpisodeFamily, num_episodes: int, seed: int = 0, split: str = "train",
-                 sigma: float = 0.05, num_pairs: int = 8) -> None:
-        super().__init__(family, num_episodes, seed, split)
-        if sigma <= 0 or num_pairs < 1:
-            raise ValueError(f"EpisodicES: sigma must be > 0 and num_pairs >= 1, got {sigma}, {num_pairs}")
+        ĝ = Σ_i ε_i (L(φ + ε_i) − L(φ − ε_i)) / (2σ² N)
+
+    The members run through ``call_with_weights`` (``torch.func.functional_call``), with the
+    draws (``perturbation``) and pair weights (``antithetic_scale``) of ``ES``. The z's come
+    from a generator seeded by ``("es-noise", split, seed, episode)`` (ranks > 0 of a DDP run
+    add ``("rank", rank)``: they score their own episodes with their own perturbations).
+
+    Args:
+        task_family, num_episodes, seed, split: as ``EpisodicBPTT``'s.
+        sigma: the perturbation scale σ.
+        num_pairs: N, the number of antithetic pairs.
+
+    References:
+        Salimans et al. 2017, "Evolution Strategies as a Scalable Alternative to Reinforcement
+        Learning", arXiv 1703.03864.
+    """
+
+    def __init__(self, task_family: EpisodeFamily | None = None, num_episodes: int = 16, seed: int | None = None,
+                 split: str = "train", sigma: float = 0.05, num_pairs: int = 8) -> None:
+        check_perturbations("EpisodicES", sigma, num_pairs)
+        super().__init__(task_family, num_episodes, seed, split)
         self.sigma = sigma
         self.num_pairs = num_pairs
 
-    def _score(self, lopt: nn.Module, weights: list[Tensor], shifts: list[Tensor], state: UnrollState) -> Tensor:
-        generator = torch.Generator(device=state.generator.device)
-        generator.set_state(state.generator.get_state())  # common random numbers for every member
+    def _score(self, lopt: nn.Module, weights: dict[str, Tensor], state: UnrollState) -> Tensor:
+        generator = copy_generator(state.generator)  # common random numbers for every member
         with torch.no_grad():
-            saved = [w.detach().clone() for w in weights]
-            for w, s in zip(weights, shifts):
-                w.add_(s)
-            try:
-                loss, _ = self.task_family.meta_loss(lopt, self.num_tasks, generator)
-            finally:  # copy back (w + s − s need not round to w)
-                for w, s in zip(weights, saved):
-                    w.copy_(s)
+            loss, _ = call_with_weights(lopt, weights, self._bound_family().meta_loss, self.num_episodes, generator)
         return loss.detach()
 
     def estimate(self, lopt: nn.Module, state: UnrollState | None = None) -> GradientEstimate:
         state = state if state is not None else self.init_unroll(lopt, 0)
         names, weights = meta_weights(lopt)
+        phi = {n: w.detach() for n, w in zip(names, weights)}
         keys = ("es-noise", self.split, self.seed, state.episode) + (("rank", self.rank) if self.rank else ())
         noise = seeded_generator(*keys)  # ranks > 0 of a DDP run: their own episodes and perturbations
-        grads = [torch.zeros_like(w) for w in weights]
+        grads = {n: torch.zeros_like(w) for n, w in phi.items()}
         losses = []
         for _ in range(self.num_pairs):
-            eps = [torch.randn(w.shape, generator=noise, dtype=w.dtype).to(w.device) for w in weights]
-            plus = self._score(lopt, weights, [self.sigma * e for e in eps], state)
-            minus = self._score(lopt, weights, [-self.sigma * e for e in eps], state)
-            losses += [plus, minus]
-            diff = plus - minus
-            if torch.isfinite(diff):
-                for g, e in zip(grads, eps):
-                    g.add_(diff / (2 * self.sigma * self.num_pairs) * e)
+            eps = perturbation(phi, self.sigma, noise)
+            pair = [self._score(lopt, {n: phi[n] + sign * eps[n] for n in phi}, state) for sign in (1.0, -1.0)]
+            losses += pair
+            scale = antithetic_scale(pair, self.sigma, self.num_pairs)
+            for n in phi:
+                grads[n] = grads[n] + scale.to(eps[n].dtype) * eps[n]
         stacked = torch.stack(losses)
-        finite = bool(torch.isfinite(stacked).all())
+        finite = bool(torch.isfinite(stacked).all()) and all(bool(torch.isfinite(g).all()) for g in grads.values())
         if not finite:
-            grads = [torch.zeros_like(w) for w in weights]
+            grads = {n: torch.zeros_like(g) for n, g in grads.items()}
         metrics = {"nonfinite": 0.0 if finite else 1.0}
-        return GradientEstimate(stacked.mean(), dict(zip(names, grads)), self._next(state), metrics, finite)
+        return GradientEstimate(stacked.mean(), grads, self._next(state), metrics, finite)

@@ -5,14 +5,17 @@ arXiv 2112.13835, §2), and the machinery ES and PES share.
 The learned optimizer is run with perturbed weights through ``torch.func.functional_call``,
 so the module itself is never modified, and without any graph with respect to its weights:
 evolution strategies need only meta-loss values, so memory does not grow with the unroll
-and non-differentiable inner steps are fine.
+and non-differentiable inner steps are fine. Each member runs the truncation of truncated
+BPTT (``learnopt.meta.truncation.run_truncation``) with the graph dropped between steps.
+``perturbation`` and ``antithetic_scale`` are the antithetic draws and weights that ES, PES
+and the episodic ES (``learnopt.meta.episodic.EpisodicES``) share.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -25,8 +28,8 @@ from learnopt.meta.base import (
     start_unroll,
 )
 from learnopt.meta.schedules import TruncationSchedule
-from learnopt.meta.unroll import inner_step
-from learnopt.optim.base import Params, detach_state
+from learnopt.meta.truncation import InnerStep, Truncation, run_truncation
+from learnopt.optim.base import Params
 from learnopt.task import Task, TaskFamily, seeded_generator
 
 
@@ -56,47 +59,47 @@ def copy_generator(generator: torch.Generator) -> torch.Generator:
     return g
 
 
-class Truncation(NamedTuple):
-    """The outcome of one forward-only truncation."""
+def perturbation(weights: dict[str, Tensor], sigma: float, noise: torch.Generator) -> dict[str, Tensor]:
+    """ε = σ z with z ~ N(0, I): one antithetic pair's perturbation of ``weights``.
 
-    meta_loss: Tensor
-    params: Params
-    opt_state: Any
-    first_loss: Tensor
-    last_loss: Tensor
+    Args:
+        weights: the meta-parameters, by name.
+        sigma: the perturbation scale σ.
+        noise: the generator of z; z is drawn on the CPU tensor by tensor, in the order of
+            ``weights`` and in each weight's dtype, so the draws are the same on any device.
+
+    Returns:
+        ε, a dict like ``weights`` (on their devices).
+    """
+    return {n: (sigma * torch.randn(w.shape, generator=noise, dtype=w.dtype)).to(w.device) for n, w in weights.items()}
 
 
-def forward_truncation(
-    lopt: nn.Module,
-    task: Task,
-    params: Params,
-    opt_state: Any,
-    generator: torch.Generator,
-    k: int,
-    transform: Callable[[Tensor], Tensor],
-) -> Truncation:
-    """K inner steps from ``(params, opt_state)`` and the truncation meta-loss of
-    ``TruncatedBPTT``: (1/K) Σ_{t=t0+1}^{t0+K} mean_instances transform(f(θ_t)), with the same
-    draws from ``generator`` (one batch per step and one for the last loss). No graph is kept
-    between steps: this is for estimators that need only the value."""
-    first = None
-    terms = []
-    for i in range(k):
-        batch = task.sample_batch(generator)
-        with torch.enable_grad():
-            p = {n: v.detach().requires_grad_(True) for n, v in params.items()}
-            loss, params, opt_state = inner_step(lopt, task, p, opt_state, batch)
-        params = {n: v.detach() for n, v in params.items()}
-        opt_state = detach_state(opt_state)
-        loss = loss.detach()
-        if i == 0:
-            first = loss
-        else:
-            terms.append(transform(loss).mean())
-    with torch.no_grad():
-        last = task.loss(params, task.sample_batch(generator))
-    terms.append(transform(last).mean())
-    return Truncation(torch.stack(terms).mean(), params, opt_state, first, last)
+def antithetic_scale(pair: list[Tensor], sigma: float, num_pairs: float) -> Tensor:
+    """(L⁺ − L⁻)/(2σ² N): the weight of one pair's perturbation ε in the ES estimate
+    ĝ = Σ_i ε_i (L_i⁺ − L_i⁻)/(2σ² N) = (1/N) Σ_i z_i (L_i⁺ − L_i⁻)/(2σ) (Salimans et al. 2017).
+
+    Args:
+        pair: the meta-losses ``[L⁺, L⁻]`` at φ + ε and φ − ε.
+        sigma: the perturbation scale σ.
+        num_pairs: N, the number of pairs the estimate averages over.
+
+    Returns:
+        The scalar weight.
+    """
+    return (pair[0] - pair[1]) / (2 * sigma**2 * num_pairs)
+
+
+def check_perturbations(owner: str, sigma: float, num_pairs: int) -> None:
+    """Refuse a perturbation scale ≤ 0 or fewer than one antithetic pair."""
+    if not sigma > 0:
+        raise ValueError(f"{owner}: sigma must be > 0, got {sigma}")
+    if num_pairs < 1:
+        raise ValueError(f"{owner}: num_pairs must be >= 1, got {num_pairs}")
+
+
+def _forward(lopt: nn.Module, step: InnerStep, task: Task, params: Params, opt_state: Any,
+             generator: torch.Generator, k: int, transform: Callable[[Tensor], Tensor]) -> Truncation:
+    return run_truncation(step, lopt, task, params, opt_state, generator, k, transform, keep_graph=False)
 
 
 @dataclass
@@ -123,30 +126,33 @@ class PerturbationEstimator(GradientEstimator):
     (pairs ``rank, rank + W, rank + 2W, …``), scaled by W so that the mean of the ranks'
     estimates is exactly the single-process estimate with ``num_pairs`` pairs. W ranks thus
     cut the time of an estimate by about W (2N/W + 1 truncations each).
+
+    Args:
+        task_family, num_tasks, unroll_length, horizon, loss_transform, seed, split, schedule:
+            as ``TruncatedBPTT``'s.
+        sigma: the perturbation scale σ (in the raw parameters).
+        num_pairs: N, the number of antithetic pairs per estimate.
+        noise_seed: changes the perturbations only, not the tasks.
     """
 
     kind = "perturbation"
 
     def __init__(
         self,
-        task_family: TaskFamily,
+        task_family: TaskFamily | None = None,
         num_tasks: int = 128,
         unroll_length: int = 20,
         horizon: int = 100,
         loss_transform: Literal["identity", "log"] = "identity",
-        seed: int = 0,
+        seed: int | None = None,
         split: str = "train",
         sigma: float = 0.01,
         num_pairs: int = 8,
         schedule: TruncationSchedule | None = None,
         noise_seed: int = 0,
     ) -> None:
-        name = type(self).__name__
+        check_perturbations(type(self).__name__, sigma, num_pairs)
         self._configure(task_family, num_tasks, unroll_length, horizon, loss_transform, seed, split, schedule)
-        if not sigma > 0:
-            raise ValueError(f"{name}: sigma must be > 0, got {sigma}")
-        if num_pairs < 1:
-            raise ValueError(f"{name}: num_pairs must be >= 1, got {num_pairs}")
         self.sigma = float(sigma)
         self.num_pairs = num_pairs
         self.noise_seed = noise_seed
@@ -165,19 +171,15 @@ class PerturbationEstimator(GradientEstimator):
 
     def _pair_scale(self, pair: list[Tensor]) -> Tensor:
         """(L+ − L−)/(2σ² N/W): one pair's weight in this rank's estimate (see the class docstring)."""
-        return (pair[0] - pair[1]) / (2 * self.sigma**2 * (self.num_pairs / self.world_size))
+        return antithetic_scale(pair, self.sigma, self.num_pairs / self.world_size)
 
     # -- shared pieces ---------------------------------------------------------------------------
     def _start(self, lopt: nn.Module, episode: int) -> tuple[UnrollState, torch.Generator]:
-        base = start_unroll(lopt, self.task_family, self.num_tasks, self.split, self.seed, episode)
+        base = start_unroll(lopt, self._bound_family(), self.num_tasks, self.split, self.seed, episode)
         return base, seeded_generator(self.split, self.seed, "noise", self.noise_seed, episode)
 
     def _perturbation(self, weights: dict[str, Tensor], noise: torch.Generator) -> dict[str, Tensor]:
-        """ε = σ z, z ~ N(0, I), drawn on the CPU in each weight's dtype."""
-        return {
-            n: (self.sigma * torch.randn(w.shape, generator=noise, dtype=w.dtype)).to(w.device)
-            for n, w in weights.items()
-        }
+        return perturbation(weights, self.sigma, noise)
 
     def _begin(self, lopt: nn.Module, state: ESState | None) -> tuple:
         """Start an estimate: the state (a new episode past the horizon), the truncation length,
@@ -197,8 +199,8 @@ class PerturbationEstimator(GradientEstimator):
 
     def _run(self, lopt: nn.Module, weights: dict[str, Tensor], task: Task, params: Params, opt_state: Any,
              generator: torch.Generator, k: int) -> Truncation:
-        return call_with_weights(lopt, weights, forward_truncation, task, params, opt_state, generator, k,
-                                 self._transform)
+        return call_with_weights(lopt, weights, _forward, self.step_function(), task, params, opt_state, generator,
+                                 k, self._transform)
 
     def _finish(self, lopt: nn.Module, names: list[str], grads: list[Tensor], losses: list[Tensor],
                 ref: Truncation, new_state: UnrollState, metrics: dict[str, float]) -> GradientEstimate:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -84,30 +84,6 @@ class GeometricSchedule:
             u = 1.0 - float(torch.rand((), generator=generator, dtype=torch.float64))
             k = self.low + max(1, math.ceil(math.log(u) / math.log1p(-p))) - 1
         return k if self.high is None else min(k, self.high)
-
-
-def make_schedule(
-    kind: Literal["constant", "uniform", "geometric"],
-    unroll_length: int,
-    min_unroll_length: int = 1,
-    max_unroll_length: int | None = None,
-) -> TruncationSchedule:
-    """A schedule from flat options (what the training shell and configs pass):
-
-    * ``"constant"``: ``unroll_length`` every time;
-    * ``"uniform"``: uniform on ``min_unroll_length`` … ``max_unroll_length`` (default
-      ``2 * unroll_length - min_unroll_length``, which makes the mean ``unroll_length``);
-    * ``"geometric"``: mean ``unroll_length``, at least ``min_unroll_length``, at most
-      ``max_unroll_length`` (default: no bound but the horizon).
-    """
-    if kind == "constant":
-        return ConstantSchedule(unroll_length)
-    if kind == "uniform":
-        high = max_unroll_length if max_unroll_length is not None else 2 * unroll_length - min_unroll_length
-        return UniformSchedule(min_unroll_length, high)
-    if kind == "geometric":
-        return GeometricSchedule(float(unroll_length), min_unroll_length, max_unroll_length)
-    raise ValueError(f"truncation schedule must be 'constant', 'uniform' or 'geometric', got {kind!r}")
 
 
 def truncation_length(

@@ -19,16 +19,16 @@ from learnopt.meta.base import (
     start_unroll,
 )
 from learnopt.meta.schedules import TruncationSchedule
+from learnopt.meta.truncation import InnerStep, run_truncation
 from learnopt.meta.unroll import inner_step
-from learnopt.optim.base import detach_state
-from learnopt.optim.base import GradientTransformation, Params
+from learnopt.optim.base import GradientTransformation, Params, detach_state
 from learnopt.task import Task, TaskFamily
 
 __all__ = ["FullBPTT", "GradientEstimate", "TruncatedBPTT", "UnrollState", "checkpointed_inner_step"]
 
 
-def checkpointed_inner_step(tx: nn.Module | GradientTransformation, task: Task, params: Params, opt_state: Any, batch: Any = None,
-                            second_order: bool = False) -> tuple[Tensor, Params, Any]:
+def checkpointed_inner_step(tx: nn.Module | GradientTransformation, task: Task, params: Params, opt_state: Any,
+                            batch: Any = None, second_order: bool = False) -> tuple[Tensor, Params, Any]:
     """``inner_step`` under activation checkpointing (``torch.utils.checkpoint``, non-reentrant):
     the step keeps only its inputs and outputs for the backward pass and recomputes its
     intermediates (the task's forward pass, the learned optimizer's gates) when the
@@ -77,17 +77,37 @@ class TruncatedBPTT(GradientEstimator):
     the learned optimizer's ``update`` through ``torch.compile`` (compiled on first use, tens of
     seconds; faster afterwards where the update is many small operations, see
     ``docs/benchmarks``).
+
+    Args:
+        task_family: the task family; ``None`` when the estimator is given to
+            ``MetaTrainModule``, which binds its own (``bind``).
+        num_tasks: task instances trained side by side in each truncation.
+        unroll_length: K, the length of every truncation when ``schedule`` is ``None``.
+        horizon: T, the length of an inner run.
+        second_order: differentiate through the gradients fed to the learned optimizer
+            (the paper drops ∇²f: ``False``).
+        loss_transform: ``"identity"`` or ``"log"``, applied to each loss in the meta-loss.
+        seed: the seed of the task and truncation streams (``None``: the run's seed, else 0).
+        split: the name of the task stream (``"train"``).
+        schedule: a truncation schedule (``learnopt.meta.schedules``) drawing each
+            truncation's length.
+        activation_checkpointing: recompute each step's intermediates in the backward pass.
+        compile_update: run the learned optimizer's ``update`` through ``torch.compile``.
+
+    References:
+        Andrychowicz et al. 2016, "Learning to learn by gradient descent by gradient descent",
+        arXiv 1606.04474.
     """
 
     def __init__(
         self,
-        task_family: TaskFamily,
+        task_family: TaskFamily | None = None,
         num_tasks: int = 128,
         unroll_length: int = 20,
         horizon: int = 100,
         second_order: bool = False,
         loss_transform: Literal["identity", "log"] = "identity",
-        seed: int = 0,
+        seed: int | None = None,
         split: str = "train",
         schedule: TruncationSchedule | None = None,
         activation_checkpointing: bool = False,
@@ -109,43 +129,42 @@ class TruncatedBPTT(GradientEstimator):
         return self._compiled[1]
 
     def init_unroll(self, lopt: nn.Module, episode: int = 0) -> UnrollState:
-        return start_unroll(lopt, self.task_family, self.num_tasks, self.split, self.seed, episode, self.rank)
+        """Draw episode ``episode``'s tasks and their initial state (``start_unroll``)."""
+        return start_unroll(lopt, self._bound_family(), self.num_tasks, self.split, self.seed, episode, self.rank)
+
+    def step_function(self) -> InnerStep:
+        """The inner step the truncations run: ``inner_step``, or ``checkpointed_inner_step``
+        with ``activation_checkpointing``."""
+        return checkpointed_inner_step if self.activation_checkpointing else inner_step
 
     def unroll(self, lopt: nn.Module, state: UnrollState) -> tuple[Tensor, UnrollState, dict[str, float]]:
-        """Run one truncation; returns the meta-loss (with its graph), the next carried state
-        (detached) and metrics."""
+        """Run one truncation (``run_truncation`` with the graph kept).
+
+        Args:
+            lopt: the learned optimizer.
+            state: the carried inner run (a new episode starts when it reached the horizon).
+
+        Returns:
+            The meta-loss (with its graph), the next carried state (detached) and metrics.
+        """
         if state.step >= self.horizon:
             state = self.init_unroll(lopt, state.episode + 1)
         k = self.truncation_length(state)
-        params = {name: p.detach().requires_grad_(True) for name, p in state.params.items()}
-        opt_state = detach_state(state.opt_state)
-        terms = []
-        tx = self._transform_of(lopt)
-        with torch.enable_grad():
-            first_loss = None
-            for i in range(k):
-                batch = state.task.sample_batch(state.generator)
-                step = checkpointed_inner_step if self.activation_checkpointing else inner_step
-                loss, params, opt_state = step(tx, state.task, params, opt_state, batch,
-                                               second_order=self.second_order)
-                if i == 0:
-                    first_loss = loss.detach()
-                else:
-                    terms.append(self._transform(loss).mean())
-            last = state.task.loss(params, state.task.sample_batch(state.generator))
-            terms.append(self._transform(last).mean())
-            meta_loss = torch.stack(terms).mean()
+        run = run_truncation(self.step_function(), self._transform_of(lopt), state.task, state.params,
+                             state.opt_state, state.generator, k, self._transform, keep_graph=True,
+                             second_order=self.second_order)
         new_state = UnrollState(
-            state.task, {n: p.detach() for n, p in params.items()}, detach_state(opt_state),
+            state.task, {n: p.detach() for n, p in run.params.items()}, detach_state(run.opt_state),
             state.step + k, state.episode, state.generator,
         )
+        last = run.last_loss.detach()
         metrics = {
             "inner_step": float(new_state.step),
-            "inner_loss_first": float(first_loss.mean()),
-            "inner_loss_last": float(last.detach().mean()),
-            "inner_log10_loss_last": float(torch.log10(last.detach().clamp_min(1e-30)).mean()),
+            "inner_loss_first": float(run.first_loss.mean()),
+            "inner_loss_last": float(last.mean()),
+            "inner_log10_loss_last": float(torch.log10(last.clamp_min(1e-30)).mean()),
         }
-        return meta_loss, new_state, metrics
+        return run.meta_loss, new_state, metrics
 
     def estimate(self, lopt: nn.Module, state: UnrollState | None = None) -> GradientEstimate:
         """Gradient of one truncation's meta-loss with respect to ``lopt``'s parameters."""
@@ -170,16 +189,18 @@ class FullBPTT(TruncatedBPTT):
     so nothing is cut and there is no truncation bias; each call starts a new episode. This is
     ``TruncatedBPTT`` with ``unroll_length = horizon`` (Andrychowicz et al. 2016 before
     truncation; learned_optimization's ``FullGrad``). Memory grows linearly in T.
+
+    Args: as ``TruncatedBPTT``'s, without ``unroll_length`` and ``schedule``.
     """
 
     def __init__(
         self,
-        task_family: TaskFamily,
+        task_family: TaskFamily | None = None,
         num_tasks: int = 128,
         horizon: int = 100,
         second_order: bool = False,
         loss_transform: Literal["identity", "log"] = "identity",
-        seed: int = 0,
+        seed: int | None = None,
         split: str = "train",
         activation_checkpointing: bool = False,
         compile_update: bool = False,

@@ -37,6 +37,7 @@ TRAINER_DEFAULTS: dict[str, Any] = {
 PARSER_DEFAULTS: dict[str, Any] = {
     "model.learned_optimizer": {"class_path": "learnopt.learned.CoordinatewiseLSTM"},
     "model.task_family": {"class_path": "tasks.quadratic.QuadraticFamily"},
+    "model.estimator": {"class_path": "learnopt.meta.TruncatedBPTT"},
     "trainer.logger": {
         "class_path": "learnopt.train.wandb_logging.WandbLogger",
         "init_args": {"project": "learnopt", "job_type": "meta-train"},

@@ -12,17 +12,11 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from torch import nn
 
-from learnopt.meta.base import GradientEstimator, UnrollState
-from learnopt.meta.episodic import EpisodeFamily, EpisodicBPTT, EpisodicES, is_episodic
-from learnopt.meta.es import ES
-from learnopt.meta.pes import PES
-from learnopt.meta.schedules import make_schedule
-from learnopt.meta.truncated_bptt import FullBPTT, TruncatedBPTT
+from learnopt.meta.base import GradientEstimator, UnrollState, check_count, init_spec
+from learnopt.meta.episodic import EpisodeFamily, EpisodicBPTT, is_episodic
+from learnopt.meta.truncated_bptt import TruncatedBPTT
 from learnopt.meta.unroll import log10_losses, rollout
 from learnopt.task import TaskFamily, seeded_generator
-
-ESTIMATORS = ("truncated_bptt", "full_bptt", "es", "pes")
-
 
 class NonFiniteMetaTraining(RuntimeError):
     """Meta-training stopped: too many consecutive truncations had a non-finite meta-gradient."""
@@ -36,54 +30,13 @@ class _Once(IterableDataset):
 def family_spec(family: Any) -> dict[str, Any]:
     """Import path and constructor arguments of a task family (those stored under their own
     name as plain values or tuples), for checkpoint metadata; derived attributes are left out."""
-    import inspect
-
-    cls = type(family)
-    names = [n for n in inspect.signature(cls.__init__).parameters if n != "self"]
-    plain = (int, float, str, bool, tuple, list, type(None))
-    attrs = {n: getattr(family, n) for n in names if isinstance(getattr(family, n, object()), plain)}
-    return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": attrs}
+    return init_spec(family)
 
 
-def build_estimator(
-    estimator: str,
-    task_family: TaskFamily,
-    num_tasks: int,
-    unroll_length: int,
-    horizon: int,
-    second_order: bool,
-    loss_transform: str,
-    seed: int,
-    es_sigma: float = 0.01,
-    num_pairs: int = 8,
-    truncation_schedule: str = "constant",
-    min_unroll_length: int = 1,
-    max_unroll_length: int | None = None,
-    activation_checkpointing: bool = False,
-    compile_update: bool = False,
-) -> GradientEstimator:
-    """The ``learnopt.meta`` estimator named by ``estimator``, from ``MetaTrainModule``'s flat options."""
-    if estimator not in ESTIMATORS:
-        raise ValueError(f"estimator must be one of {', '.join(ESTIMATORS)}, got {estimator!r}")
-    if is_episodic(task_family):
-        # No inner optimizer run to truncate: an episode is scored as a whole.
-        if estimator == "full_bptt":
-            return EpisodicBPTT(task_family, num_tasks, seed)
-        if estimator == "es":
-            return EpisodicES(task_family, num_tasks, seed, sigma=es_sigma, num_pairs=num_pairs)
-        raise ValueError(f"{type(task_family).__name__} is an episode family: its estimator must be "
-                         f"'full_bptt' (backpropagation through whole episodes) or 'es', got {estimator!r}")
-    if estimator == "full_bptt":
-        return FullBPTT(task_family, num_tasks, horizon, second_order, loss_transform, seed,
-                        activation_checkpointing=activation_checkpointing, compile_update=compile_update)
-    schedule = make_schedule(truncation_schedule, unroll_length, min_unroll_length, max_unroll_length)
-    if estimator == "truncated_bptt":
-        return TruncatedBPTT(task_family, num_tasks, unroll_length, horizon, second_order, loss_transform, seed,
-                             schedule=schedule, activation_checkpointing=activation_checkpointing,
-                             compile_update=compile_update)
-    cls = ES if estimator == "es" else PES
-    return cls(task_family, num_tasks, unroll_length, horizon, loss_transform, seed, sigma=es_sigma,
-               num_pairs=num_pairs, schedule=schedule)
+def default_estimator(task_family: Any) -> GradientEstimator:
+    """The estimator a module gets when none is given: ``TruncatedBPTT()`` (the paper's), or
+    ``EpisodicBPTT()`` for an episode family."""
+    return EpisodicBPTT() if is_episodic(task_family) else TruncatedBPTT()
 
 
 def _load_initial_weights(model: nn.Module, path: str) -> None:
@@ -98,7 +51,8 @@ def _load_initial_weights(model: nn.Module, path: str) -> None:
 
     source = load(path)
     if type(source) is not type(model):
-        raise CheckpointError(f"init_from {path}: holds a {type(source).__name__}, the run trains a {type(model).__name__}")
+        raise CheckpointError(f"init_from {path}: holds a {type(source).__name__}, "
+                              f"the run trains a {type(model).__name__}")
     mine, theirs = model.state_dict(), source.state_dict()
     wrong = sorted(k for k in mine.keys() | theirs.keys()
                    if k not in mine or k not in theirs or mine[k].shape != theirs[k].shape)
@@ -123,33 +77,23 @@ def _load_initial_weights(model: nn.Module, path: str) -> None:
 
 
 class MetaTrainModule(pl.LightningModule):
-    """Meta-trains ``learned_optimizer`` on ``task_family`` with a meta-gradient estimator of
-    ``learnopt.meta`` (default: truncated BPTT).
+    """Meta-trains ``learned_optimizer`` on ``task_family`` with the meta-gradient estimator
+    ``estimator`` (a ``learnopt.meta.GradientEstimator``; default ``TruncatedBPTT()``, or
+    ``EpisodicBPTT()`` for an episode family).
 
-    ``estimator``:
+    The estimator carries its own settings (tasks per estimate, truncation length and
+    schedule, horizon, loss transform, perturbations, ...); a config gives it as an object::
 
-    * ``"truncated_bptt"`` (``TruncatedBPTT``): backpropagation through truncations of
-      ``unroll_length`` steps inside inner runs of ``horizon`` steps (Andrychowicz et al. 2016);
-    * ``"full_bptt"`` (``FullBPTT``): backpropagation through the whole horizon in one step
-      (``unroll_length`` and the schedule options are ignored);
-    * ``"es"`` (``ES``): antithetic evolution strategies on each truncation, ``num_pairs``
-      pairs of perturbations of scale ``es_sigma`` (``second_order`` is ignored: ES needs no
-      derivatives through the unroll, it sees the true loss);
-    * ``"pes"`` (``PES``): persistent evolution strategies (Vicol et al. 2021), unbiased with
-      respect to the whole horizon; each of its 2 × ``num_pairs`` particles carries its own
-      inner run, saved in the Lightning checkpoint for resuming.
+        estimator:
+          class_path: learnopt.meta.PES
+          init_args: {num_pairs: 4, sigma: 0.01, num_tasks: 8, horizon: 500,
+                      schedule: {class_path: learnopt.meta.UniformSchedule, init_args: {low: 25, high: 75}}}
 
-    ``truncation_schedule``: ``"constant"`` (every truncation ``unroll_length`` steps),
-    ``"uniform"`` (uniform on ``min_unroll_length`` … ``max_unroll_length``, default upper
-    bound ``2 * unroll_length - min_unroll_length``) or ``"geometric"`` (mean
-    ``unroll_length``, at least ``min_unroll_length``, at most ``max_unroll_length``); see
-    ``learnopt.meta.schedules``. A truncation never crosses the horizon.
-
-    ``activation_checkpointing`` (BPTT estimators): recompute each inner step's intermediates
-    in the backward pass instead of storing them (``torch.utils.checkpoint``), trading about
-    one more forward pass per step for memory; the meta-gradient is the same.
-    ``compile_update`` (BPTT estimators): the learned optimizer's ``update`` through
-    ``torch.compile`` (see ``docs/benchmarks`` for where it pays).
+    and the module binds the task family and its ``seed`` into it (``GradientEstimator.bind``).
+    The choices: ``TruncatedBPTT`` (Andrychowicz et al. 2016), ``FullBPTT``, ``ES``, ``PES``
+    (Vicol et al. 2021) for task families; ``EpisodicBPTT`` and ``EpisodicES`` for episode
+    families (black-box proposers, VSML learners). What remains here is the meta-optimizer and
+    the shell around it.
 
     Distributed (Lightning's ``ddp`` strategy, any number of processes and nodes): every rank
     runs its own estimate (its own tasks for BPTT, its share of the antithetic pairs for
@@ -163,61 +107,65 @@ class MetaTrainModule(pl.LightningModule):
     update), counted in ``train/nonfinite`` and still count as meta-steps, so ``max_steps``
     bounds the run; ``max_nonfinite`` consecutive ones stop it with ``NonFiniteMetaTraining``
     (a task family whose loss is never finite would otherwise train nothing). ``meta_updates``
-    counts the updates actually applied; an optimizer with none is never exported. Validation runs the full horizon on fixed held-out instances
-    (split ``"val"``) and reports the mean log10 final loss, which the export callback uses
-    to keep the best learned optimizer (as the paper keeps the best validation checkpoint).
+    counts the updates actually applied; an optimizer with none is never exported. Validation
+    runs the estimator's full horizon on fixed held-out instances (split ``"val"``) and reports
+    the mean log10 final loss, which the export callback uses to keep the best learned
+    optimizer (as the paper keeps the best validation checkpoint).
 
     ``init_from``: an exported learnopt checkpoint (``checkpoints/*.pt``) whose weights start
     the meta-training (fine-tuning a learned optimizer on another task distribution). Its class
     and weight shapes must equal ``learned_optimizer``'s (config keys that leave the weights
     alike may differ, with a warning); it is read with ``weights_only`` like every checkpoint.
     Resuming a run (``--ckpt_path``) restores the run's own weights over it.
+
+    Args:
+        learned_optimizer: the learned optimizer (its parameters are the meta-parameters).
+        task_family: a ``TaskFamily``, or an episode family (``learnopt.meta.episodic``).
+        estimator: the meta-gradient estimator (see above).
+        meta_lr: Adam's learning rate on the meta-parameters.
+        meta_lr_schedule: ``"constant"`` or ``"cosine"`` (down to ``meta_lr *
+            meta_lr_final_ratio`` at ``trainer.max_steps``).
+        meta_lr_final_ratio: the cosine schedule's final fraction of ``meta_lr``.
+        grad_clip: the global-norm clip of the meta-gradient.
+        seed: the run's seed: the validation tasks', and the estimator's unless it has its own.
+        val_tasks: held-out task instances scored at each validation.
+        init_from: an exported checkpoint whose weights start meta-training.
+        max_nonfinite: consecutive non-finite truncations that stop meta-training.
+
+    References:
+        Andrychowicz et al. 2016, arXiv 1606.04474; Vicol et al. 2021, arXiv 2112.13835.
     """
 
     def __init__(
         self,
         learned_optimizer: nn.Module,
         task_family: TaskFamily | EpisodeFamily,
-        num_tasks: int = 128,
-        unroll_length: int = 20,
-        horizon: int = 100,
-        second_order: bool = False,
-        loss_transform: Literal["identity", "log"] = "identity",
+        estimator: GradientEstimator | None = None,
         meta_lr: float = 1e-3,
         meta_lr_schedule: Literal["constant", "cosine"] = "constant",
         meta_lr_final_ratio: float = 0.1,
         grad_clip: float = 1.0,
         seed: int = 0,
         val_tasks: int = 256,
-        estimator: Literal["truncated_bptt", "full_bptt", "es", "pes"] = "truncated_bptt",
-        es_sigma: float = 0.01,
-        num_pairs: int = 8,
-        truncation_schedule: Literal["constant", "uniform", "geometric"] = "constant",
-        min_unroll_length: int = 1,
-        max_unroll_length: int | None = None,
-        activation_checkpointing: bool = False,
-        compile_update: bool = False,
         init_from: str | None = None,
         max_nonfinite: int = 50,
     ) -> None:
         super().__init__()
-        for name, value in (("num_tasks", num_tasks), ("val_tasks", val_tasks), ("max_nonfinite", max_nonfinite)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                why = {"num_tasks": "each meta-step estimates on num_tasks task instances",
-                       "val_tasks": "validation on val_tasks instances chooses the exported learned optimizer",
-                       "max_nonfinite": "it is how many consecutive non-finite truncations stop meta-training"}[name]
-                raise ValueError(f"MetaTrainModule: {name} must be an integer >= 1, got {value!r} ({why})")
-        self.save_hyperparameters(ignore=["learned_optimizer", "task_family"])
+        check_count("MetaTrainModule", "val_tasks", val_tasks,
+                    "validation on val_tasks instances chooses the exported learned optimizer")
+        check_count("MetaTrainModule", "max_nonfinite", max_nonfinite,
+                    "it is how many consecutive non-finite truncations stop meta-training")
+        if estimator is None:
+            estimator = default_estimator(task_family)
+        if not isinstance(estimator, GradientEstimator):
+            raise TypeError(f"MetaTrainModule: estimator must be a learnopt.meta estimator object (e.g. "
+                            f"learnopt.meta.TruncatedBPTT(...)), got {estimator!r}")
+        self.estimator = estimator.bind(task_family, seed=seed)
+        self.save_hyperparameters(ignore=["learned_optimizer", "task_family", "estimator"])
         if init_from is not None:
             _load_initial_weights(learned_optimizer, init_from)
         self.learned_optimizer = learned_optimizer
         self.task_family = task_family
-        # ``self.estimator`` is the estimator object; ``self.hparams.estimator`` its name.
-        self.estimator = build_estimator(
-            estimator, task_family, num_tasks, unroll_length, horizon, second_order, loss_transform, seed,
-            es_sigma, num_pairs, truncation_schedule, min_unroll_length, max_unroll_length,
-            activation_checkpointing, compile_update,
-        )
         self.automatic_optimization = False
         self._unroll: UnrollState | None = None
         self._pending_unroll: dict[str, Any] | None = None
@@ -329,7 +277,7 @@ class MetaTrainModule(pl.LightningModule):
                 f"meta-training stopped at meta-step {self.global_step}: {limit} consecutive truncations had a "
                 f"non-finite meta-gradient (last meta-loss {float(meta_loss)}); {self.meta_updates} updates were "
                 f"applied in all. The task family's loss or the learned optimizer diverges: check the task family, "
-                f"lower --model.meta_lr or --model.unroll_length, or raise --model.max_nonfinite"
+                f"lower --model.meta_lr or the estimator's unroll_length, or raise --model.max_nonfinite"
             )
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
@@ -361,7 +309,7 @@ class MetaTrainModule(pl.LightningModule):
         if hasattr(task, "to"):
             task = task.to(self.device)
         with torch.inference_mode(False), torch.enable_grad():
-            losses = rollout(self.learned_optimizer.transform(), task, hp.horizon, generator=generator)
+            losses = rollout(self.learned_optimizer.transform(), task, self.estimator.horizon, generator=generator)
         return float(log10_losses(losses[-1]).mean())
 
     # -- resuming: the carried unroll is part of the Lightning checkpoint -----------------------
@@ -371,7 +319,8 @@ class MetaTrainModule(pl.LightningModule):
         # inner run and accumulated perturbation), so a resumed run continues bit for bit.
         if self._unroll is not None:
             checkpoint["learnopt_unroll"] = self.estimator.save_unroll(self._unroll)
-        checkpoint["learnopt_counts"] = {"meta_updates": self.meta_updates, "skipped_truncations": self.skipped_truncations,
+        checkpoint["learnopt_counts"] = {"meta_updates": self.meta_updates,
+                                         "skipped_truncations": self.skipped_truncations,
                                          "nonfinite_streak": self._nonfinite_streak}
         # Distributed: every rank's carried state (rank 0's is the one above), gathered on all
         # ranks because Lightning builds the checkpoint on all of them and writes rank 0's.
@@ -405,12 +354,18 @@ class MetaTrainModule(pl.LightningModule):
         return self.estimator.restore_unroll(self.learned_optimizer, saved)
 
     def export_metadata(self) -> dict[str, Any]:
+        """The metadata an exported checkpoint carries (JSON-able): the meta-training settings
+        (``meta_training``: the module's own, with ``estimator`` its ``spec``), counts, the task
+        family's and the estimator's class paths and init args, and the resolved CLI config.
+        Checkpoints written before estimators were objects hold the estimator's name under
+        ``estimator`` and its settings flat in ``meta_training``."""
+        estimator = self.estimator.spec()
         return {
-            "meta_training": dict(self.hparams),
+            "meta_training": {**dict(self.hparams), "estimator": estimator},
             "meta_steps": int(self.global_step),
             "meta_updates": self.meta_updates,
             "skipped_truncations": self.skipped_truncations,
             "task_family": family_spec(self.task_family),
-            "estimator": self.hparams.estimator,
+            "estimator": estimator,
             "config": self.resolved_config,
         }
