@@ -52,7 +52,15 @@ KIND_PACKAGES: dict[str, str] = {
 
 
 def registry(kind: str) -> dict[str, type[nn.Module]]:
-    """The classes a checkpoint of ``kind`` may name (``KeyError`` for an unknown kind)."""
+    """The classes a checkpoint of ``kind`` may name (``KeyError`` for an unknown kind).
+
+    Args:
+        kind: a checkpoint kind (``KIND_PACKAGES``).
+    Returns:
+        ``{class name: class}``.
+    Raises:
+        KeyError: an unknown kind.
+    """
     return importlib.import_module(KIND_PACKAGES[kind]).REGISTRY
 
 
@@ -74,7 +82,13 @@ MAX_EXTRA_BYTES = 2**28
 
 
 def weights_digest(state_dict: dict[str, Tensor]) -> str:
-    """``"sha256:<hex>"`` of the weights: each name, dtype, shape and raw bytes, in name order."""
+    """``"sha256:<hex>"`` of the weights: each name, dtype, shape and raw bytes, in name order.
+
+    Args:
+        state_dict: ``{name: tensor}``.
+    Returns:
+        The digest string.
+    """
     h = hashlib.sha256()
     for name in sorted(state_dict):
         t = state_dict[name]
@@ -91,7 +105,18 @@ def _plain(value: Any) -> Any:
 def export_checkpoint(obj: nn.Module, path: str | os.PathLike, metadata: dict[str, Any] | None = None) -> Path:
     """Write ``obj`` (a registered learned object with ``config()``) to ``path`` atomically:
     the file is written beside the target and renamed, so an interrupted export never leaves
-    a truncated checkpoint where a good one was."""
+    a truncated checkpoint where a good one was.
+
+    Args:
+        obj: the learned optimizer, proposer or VSML learner.
+        path: the file to write.
+        metadata: JSON-like metadata (meta-training config, evaluation, ...).
+    Returns:
+        ``path`` as a ``Path``.
+    Raises:
+        CheckpointError: ``obj``'s class is not registered for its kind.
+        OSError: the file cannot be written (``path`` is left as it was).
+    """
     from learnopt import __version__
 
     kind = getattr(obj, "kind", None)
@@ -121,7 +146,17 @@ def _atomic_save(payload: dict[str, Any], path: Path) -> Path:
 
 def update_metadata(path: str | os.PathLike, **fields: Any) -> Path:
     """Add or replace metadata fields of an existing checkpoint (e.g. its evaluation summary),
-    rewriting it atomically; weights and config are untouched."""
+    rewriting it atomically; weights and config are untouched.
+
+    Args:
+        path: the checkpoint.
+        **fields: metadata fields to add or replace.
+    Returns:
+        ``path`` as a ``Path``.
+    Raises:
+        CheckpointError: the file is not a valid, intact learnopt checkpoint (the message says why).
+        FileNotFoundError: there is no file at ``path``.
+    """
     payload = read_checkpoint(path)
     payload["metadata"] = {**payload["metadata"], **_plain(fields)}
     return _atomic_save(payload, Path(path))
@@ -131,7 +166,19 @@ def update_config(path: str | os.PathLike, note: str, **fields: Any) -> Path:
     """Change constructor options of an existing checkpoint that leave its weights as they are,
     such as a meta-test setting (``ensemble`` of a VSML learner), rewriting it atomically. The
     new config must build the class with exactly the saved weights' names and shapes; each
-    change is recorded, with ``note`` (why), in the metadata's ``config_changes``."""
+    change is recorded, with ``note`` (why), in the metadata's ``config_changes``.
+
+    Args:
+        path: the checkpoint.
+        note: why the config changes (required).
+        **fields: constructor options to change.
+    Returns:
+        ``path`` as a ``Path``.
+    Raises:
+        ValueError: an empty ``note``.
+        CheckpointError: the file is not a valid, intact learnopt checkpoint (the message says why).
+        FileNotFoundError: there is no file at ``path``.
+    """
     if not note:
         raise ValueError("update_config: say why the config changes (note)")
     path = Path(path)
@@ -149,7 +196,16 @@ def update_config(path: str | os.PathLike, note: str, **fields: Any) -> Path:
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Read and validate a checkpoint's dict without building anything."""
+    """Read and validate a checkpoint's dict without building anything.
+
+    Args:
+        path: the checkpoint.
+    Returns:
+        The checkpoint's dict (module docstring), on the CPU.
+    Raises:
+        CheckpointError: the file is not a valid, intact learnopt checkpoint (the message says why).
+        FileNotFoundError: there is no file at ``path``.
+    """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"learnopt checkpoint {path}: no such file")
@@ -301,24 +357,41 @@ def _shapes_on_meta(cls: type[nn.Module], config: dict[str, Any], state: dict[st
 
 def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> nn.Module:
     """Rebuild whatever the checkpoint holds (a learned optimizer, ...), in eval mode.
-    ``obj.checkpoint_metadata`` holds the file's metadata."""
+    ``obj.checkpoint_metadata`` holds the file's metadata.
+
+    Args:
+        path: the checkpoint.
+        map_location: the device to move the object to.
+    Returns:
+        The rebuilt ``nn.Module``.
+    Raises:
+        CheckpointError: the file is not a valid, intact learnopt checkpoint (the message says why).
+        FileNotFoundError: there is no file at ``path``.
+    """
     payload = read_checkpoint(path)
     obj = _build(payload, Path(path))
     obj.checkpoint_metadata = payload["metadata"]
     return obj.to(map_location).eval()
 
 
-def load_optimizer(
-    path: str | os.PathLike,
-    params: Iterable[Tensor] | Iterable[tuple[str, Tensor]] | Iterable[dict[str, Any]],
-    **options: Any,
-) -> torch.optim.Optimizer:
+def load_optimizer(path: str | os.PathLike,
+                   params: Iterable[Tensor] | Iterable[tuple[str, Tensor]] | Iterable[dict[str, Any]],
+                   **options: Any) -> torch.optim.Optimizer:
     """Load a learned-optimizer checkpoint as a drop-in ``torch.optim.Optimizer`` over ``params``
     (tensors, ``named_parameters()`` or param group dicts, whose ``lr`` multiplies the learned
-    update: 1.0 as meta-trained, 0 freezes the group).
+    update: 1.0 as meta-trained, 0 freezes the group). The learned optimizer is moved to the
+    device of the first parameter.
 
-    ``options`` go to ``learnopt.optim.TransformOptimizer`` (e.g. ``check_finite=False``). The
-    learned optimizer is moved to the device of the first parameter.
+    Args:
+        path: a learned-optimizer checkpoint.
+        params: tensors, ``named_parameters()`` or param group dicts.
+        **options: keyword options of the optimizer's ``as_torch_optimizer`` (e.g. ``check_finite``
+            of ``TransformOptimizer``; ``batch_dims`` for ``FeatureMLPOptimizer``).
+    Returns:
+        A ``torch.optim.Optimizer`` (a ``TransformOptimizer``).
+    Raises:
+        CheckpointError: the file is not a valid checkpoint or holds no learned optimizer.
+        FileNotFoundError: there is no file at ``path``.
     """
     # groups' params may be generators: read them once, here, and hand the lists on
     params = [{**item, "params": _as_list(item["params"])} if isinstance(item, dict) and "params" in item else item
@@ -346,4 +419,11 @@ def _first_tensor(params: list[Any]) -> Tensor | None:
 
 
 def payload_kind(obj: nn.Module) -> str:
+    """What ``obj`` is, for messages.
+
+    Args:
+        obj: a loaded object.
+    Returns:
+        ``"<kind> (<class>)"``.
+    """
     return f"{getattr(obj, 'kind', 'object')} ({type(obj).__name__})"

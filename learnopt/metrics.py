@@ -12,7 +12,14 @@ from torch import Tensor
 
 
 def steps_to_reach(curve: Sequence[float], level: float) -> int | None:
-    """First inner step at which ``curve`` is at or below ``level`` (None: never)."""
+    """First inner step at which ``curve`` is at or below ``level`` (None: never).
+
+    Args:
+        curve: one value per inner step, step 0 first.
+        level: the level.
+    Returns:
+        The step index, or None.
+    """
     return next((t for t, v in enumerate(curve) if v <= level), None)
 
 
@@ -37,6 +44,16 @@ def speedup(curve: Sequence[float], reference: Sequence[float]) -> float:
     Edge cases: an optimizer whose final value is not below its starting value (no progress)
     or not finite (diverged) gets 0; one that made progress against a reference that made none
     (or diverged) gets infinity.
+
+    Args:
+        curve: the optimizer's curve.
+        reference: the reference's curve.
+    Returns:
+        The speedup (0 or infinity in the edge cases above).
+    Raises:
+        ValueError: an empty curve.
+    References:
+        Metz et al. 2022, "VeLO: Training Versatile Learned Optimizers by Scaling Up", arXiv 2211.09760.
     """
     if not curve or not reference:
         raise ValueError("speedup needs two non-empty curves")

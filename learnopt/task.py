@@ -50,13 +50,32 @@ class Task(Protocol):
     """A batch of instances; ``num_instances`` tells how many."""
 
     def init(self, generator: torch.Generator | None = None) -> Params:
-        """Initial parameters, each with leading dimension ``num_instances``."""
+        """Initial parameters, each with leading dimension ``num_instances``.
+
+        Args:
+            generator: the source of random initial values (None: the global generator).
+        Returns:
+            ``{name: tensor}``.
+        """
 
     def loss(self, params: Params, batch: Any = None) -> Tensor:
-        """Per-instance loss, shape ``[num_instances]``."""
+        """Per-instance loss, shape ``[num_instances]``.
+
+        Args:
+            params: the parameters, as ``init`` returns them.
+            batch: the step's data from ``sample_batch``.
+        Returns:
+            ``[num_instances]``.
+        """
 
     def sample_batch(self, generator: torch.Generator | None = None) -> Any:
-        """The data for one inner step (``None`` for deterministic tasks)."""
+        """The data for one inner step (``None`` for deterministic tasks).
+
+        Args:
+            generator: the source of the draw.
+        Returns:
+            The batch, in the task's own format.
+        """
 
 
 @runtime_checkable
@@ -64,13 +83,27 @@ class TaskFamily(Protocol):
     """A distribution over tasks. Families also carry a ``name`` attribute for reports."""
 
     def sample(self, num_instances: int, generator: torch.Generator | None = None) -> Task:
-        """Draw ``num_instances`` task instances as one batched ``Task``."""
+        """Draw ``num_instances`` task instances as one batched ``Task``.
+
+        Args:
+            num_instances: how many.
+            generator: the source of the draw.
+        Returns:
+            A ``Task``.
+        """
 
 
 def seeded_generator(*keys: int | str, device: str | torch.device = "cpu") -> torch.Generator:
     """A generator seeded from a tuple of keys (e.g. ``("train", seed, episode)``), so that the
     splits used for meta-training, tuning and testing draw from disjoint seed streams and a
-    resumed run draws exactly what the interrupted one would have."""
+    resumed run draws exactly what the interrupted one would have.
+
+    Args:
+        *keys: the keys, joined as text and hashed (SHA-256).
+        device: the generator's device.
+    Returns:
+        A seeded ``torch.Generator``.
+    """
     import hashlib
 
     digest = hashlib.sha256("/".join(str(k) for k in keys).encode()).digest()
@@ -81,7 +114,14 @@ def seeded_generator(*keys: int | str, device: str | torch.device = "cpu") -> to
 
 def normalize_loss(task_or_family: Any, loss: Tensor) -> Tensor:
     """``task_or_family.normalize(loss)`` where it has one (see the module docstring), else
-    ``loss`` unchanged, so reports can normalise whatever task they are given."""
+    ``loss`` unchanged, so reports can normalise whatever task they are given.
+
+    Args:
+        task_or_family: a task or family.
+        loss: the loss.
+    Returns:
+        The normalised loss.
+    """
     normalize = getattr(task_or_family, "normalize", None)
     return loss if normalize is None else normalize(loss)
 
@@ -89,7 +129,13 @@ def normalize_loss(task_or_family: Any, loss: Tensor) -> Tensor:
 def generator_device(generator: torch.Generator | None) -> torch.device:
     """Where to draw random numbers from ``generator`` (its device; the CPU for the global one).
     Tasks draw there and move the result to their data's device, so a CPU generator serves a
-    task on a GPU and gives it the same numbers it gives the CPU copy."""
+    task on a GPU and gives it the same numbers it gives the CPU copy.
+
+    Args:
+        generator: a generator, or None.
+    Returns:
+        Its device.
+    """
     return generator.device if generator is not None else torch.device("cpu")
 
 
@@ -97,7 +143,16 @@ def haar_orthogonal(*batch: int, n: int, generator: torch.Generator | None,
                     dtype: torch.dtype = torch.float32) -> Tensor:
     """Haar-random orthogonal matrices ``[*batch, n, n]`` drawn from ``generator`` (on its
     device): the QR factor of a Gaussian matrix, with the signs of ``R``'s diagonal folded into
-    ``Q`` so the distribution is uniform (Mezzadri 2007)."""
+    ``Q`` so the distribution is uniform (Mezzadri 2007).
+
+    Args:
+        *batch: leading dimensions.
+        n: the matrix size.
+        generator: the source of the draw.
+        dtype: the dtype.
+    Returns:
+        ``[*batch, n, n]``.
+    """
     gauss = torch.randn(*batch, n, n, generator=generator, device=generator_device(generator), dtype=dtype)
     q, r = torch.linalg.qr(gauss)
     return q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).unsqueeze(-2)

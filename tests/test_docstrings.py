@@ -120,7 +120,9 @@ def _problems_of_class(cls: type) -> dict[str, list[str]]:
         out[""] = ["no docstring"]
     init = vars(cls).get("__init__")
     is_tuple = issubclass(cls, tuple)  # a NamedTuple's fields are its documentation
-    if init is not None and not is_tuple and not issubclass(cls, BaseException) and _takes_arguments(init, True):
+    is_protocol = getattr(cls, "_is_protocol", False)  # (its __init__ is typing's)
+    if (init is not None and not is_tuple and not is_protocol and not issubclass(cls, BaseException)
+            and _takes_arguments(init, True)):
         init_doc = inspect.getdoc(init) or ""
         if not (_section(doc, "Args", "Attributes") or _section(init_doc, "Args")):
             out.setdefault("", []).append("no Args: section for __init__")

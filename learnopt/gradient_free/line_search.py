@@ -48,7 +48,14 @@ class LineSearchResult(NamedTuple):
 
 
 def error_metric(labels: np.ndarray, num_candidates: int) -> DecisionMetric:
-    """The 0/1 error rate of decisions against ``labels`` (candidate indices)."""
+    """The 0/1 error rate of decisions against ``labels`` (candidate indices).
+
+    Args:
+      labels: ``[n]`` the correct candidate of each example.
+      num_candidates: ``C``.
+    Returns:
+      A ``DecisionMetric``.
+    """
     labels = np.asarray(labels)
     stats = (np.arange(num_candidates)[None, :] != labels[:, None]).astype(np.float64)[..., None]
     n = len(labels)
@@ -56,7 +63,16 @@ def error_metric(labels: np.ndarray, num_candidates: int) -> DecisionMetric:
 
 
 def decisions_at(a: np.ndarray, b: np.ndarray, t: float, mask: np.ndarray | None = None) -> np.ndarray:
-    """The argmax decision of every example at step ``t`` (lowest index among equal scores)."""
+    """The argmax decision of every example at step ``t`` (lowest index among equal scores).
+
+    Args:
+      a: ``[n, C]`` scores at ``t = 0``.
+      b: ``[n, C]`` slopes.
+      t: the step.
+      mask: ``[n, C]``, False for missing candidates.
+    Returns:
+      ``[n]`` candidate indices.
+    """
     scores = a + t * b
     if mask is not None:
         scores = np.where(mask, scores, -np.inf)

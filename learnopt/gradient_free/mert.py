@@ -90,7 +90,10 @@ class MERTClassifier:
     training 0/1 error, with scikit-learn's ``fit`` / ``predict`` / ``score``.
 
     Each class is a candidate whose features are ``[x, 1]`` placed in that class's block of
-    ``W``; the other keyword arguments go to ``mert``.
+    ``W``.
+
+    Args:
+        random_directions, max_sweeps, restarts, seed: ``mert``'s options.
     """
 
     def __init__(self, *, random_directions: int = 8, max_sweeps: int = 20, restarts: int = 3, seed: int = 0):
@@ -106,7 +109,17 @@ class MERTClassifier:
         return F
 
     def fit(self, X: np.ndarray, y: np.ndarray, weights: np.ndarray | None = None) -> MERTClassifier:
-        """Train on ``X`` ``[n, d]`` and labels ``y``; ``weights`` (``[C, d + 1]``) to start from."""
+        """Train on the training 0/1 error.
+
+        Args:
+            X: ``[n, d]`` inputs.
+            y: ``[n]`` labels (at least two classes).
+            weights: ``[C, d + 1]`` to start from (None: zeros).
+        Returns:
+            ``self``, with ``coef_``, ``training_error_`` and ``result_`` set.
+        Raises:
+            ValueError: ``y`` has fewer than two classes.
+        """
         self.classes_, labels = np.unique(np.asarray(y), return_inverse=True)
         if len(self.classes_) < 2:
             raise ValueError("MERTClassifier.fit: y has fewer than two classes")
@@ -118,11 +131,33 @@ class MERTClassifier:
         return self
 
     def decision_function(self, X: np.ndarray) -> np.ndarray:
+        """Scores of every class, ``[X, 1] @ coef_.T``.
+
+        Args:
+            X: ``[n, d]`` inputs.
+        Returns:
+            ``[n, C]``.
+        """
         X1 = np.hstack([np.asarray(X, dtype=np.float64), np.ones((len(X), 1))])
         return X1 @ self.coef_.T
 
     def predict(self, X: np.ndarray) -> np.ndarray:
+        """The class with the highest score.
+
+        Args:
+            X: ``[n, d]`` inputs.
+        Returns:
+            ``[n]`` labels.
+        """
         return self.classes_[np.argmax(self.decision_function(X), axis=1)]
 
     def score(self, X: np.ndarray, y: np.ndarray) -> float:
+        """Accuracy, as scikit-learn's ``score``.
+
+        Args:
+            X: ``[n, d]`` inputs.
+            y: ``[n]`` labels.
+        Returns:
+            The fraction predicted correctly.
+        """
         return float(np.mean(self.predict(X) == np.asarray(y)))

@@ -22,7 +22,16 @@ def _with_bias(X: np.ndarray) -> np.ndarray:
 
 def averaged_perceptron(X1: np.ndarray, signs: np.ndarray, epochs: int, rng: np.random.Generator) -> np.ndarray:
     """Weights of the averaged perceptron (Freund & Schapire 1999) after ``epochs`` passes in
-    random order; a starting point for RCD."""
+    random order; a starting point for RCD.
+
+    Args:
+        X1: ``[n, d + 1]`` inputs with the bias column.
+        signs: ``[n]`` labels as ±1.
+        epochs: passes over the data.
+        rng: the order of the examples.
+    Returns:
+        ``[d + 1]`` weights.
+    """
     w = np.zeros(X1.shape[1])
     total = np.zeros_like(w)
     for _ in range(epochs):
@@ -44,6 +53,8 @@ class RCDPerceptron:
       init: ``"zeros"``, ``"perceptron"`` (the averaged perceptron, 5 epochs), or weights
         ``[d + 1]`` (bias last), e.g. a logistic regression's.
       seed: the directions and the perceptron's order.
+    Raises:
+      ValueError: an unknown ``direction`` or ``init``, or ``iterations < 0``.
     """
 
     def __init__(self, iterations: int = 2000, direction: str = "gaussian", init: str | np.ndarray = "perceptron",
@@ -57,6 +68,16 @@ class RCDPerceptron:
         self.iterations, self.direction, self.init, self.seed = iterations, direction, init, seed
 
     def fit(self, X: np.ndarray, y: np.ndarray) -> RCDPerceptron:
+        """Train on the training 0/1 error.
+
+        Args:
+            X: ``[n, d]`` inputs.
+            y: ``[n]`` labels of exactly two classes.
+        Returns:
+            ``self``, with ``coef_``, ``intercept_``, ``training_error_`` and ``history_`` set.
+        Raises:
+            ValueError: ``y`` does not have two classes, or ``init`` weights of the wrong shape.
+        """
         self.classes_, labels = np.unique(np.asarray(y), return_inverse=True)
         if len(self.classes_) != 2:
             raise ValueError(f"RCDPerceptron.fit: y must have exactly two classes, got {len(self.classes_)}")
@@ -105,10 +126,32 @@ class RCDPerceptron:
         return d / np.linalg.norm(d)
 
     def decision_function(self, X: np.ndarray) -> np.ndarray:
+        """``X @ coef_ + intercept_``.
+
+        Args:
+            X: ``[n, d]`` inputs.
+        Returns:
+            ``[n]`` scores (positive: the second class).
+        """
         return np.asarray(X, dtype=np.float64) @ self.coef_ + self.intercept_
 
     def predict(self, X: np.ndarray) -> np.ndarray:
+        """The predicted class.
+
+        Args:
+            X: ``[n, d]`` inputs.
+        Returns:
+            ``[n]`` labels.
+        """
         return self.classes_[(self.decision_function(X) > 0).astype(int)]
 
     def score(self, X: np.ndarray, y: np.ndarray) -> float:
+        """Accuracy, as scikit-learn's ``score``.
+
+        Args:
+            X: ``[n, d]`` inputs.
+            y: ``[n]`` labels.
+        Returns:
+            The fraction predicted correctly.
+        """
         return float(np.mean(self.predict(X) == np.asarray(y)))

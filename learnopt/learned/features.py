@@ -97,12 +97,20 @@ def _stateless(fn: Callable[[str, Tensor, Params | None], Tensor]) -> GradientTr
 
 
 def gradient() -> GradientTransformation:
-    """The gradient itself."""
+    """The gradient itself.
+
+    Returns:
+        A ``GradientTransformation``.
+    """
     return _stateless(lambda k, g, params: g)
 
 
 def parameter() -> GradientTransformation:
-    """The current parameter value (``params`` must be passed)."""
+    """The current parameter value (``params`` must be passed).
+
+    Returns:
+        A ``GradientTransformation``.
+    """
 
     def value(k: str, g: Tensor, params: Params | None) -> Tensor:
         if params is None:
@@ -113,7 +121,11 @@ def parameter() -> GradientTransformation:
 
 
 def sign() -> GradientTransformation:
-    """``sign(g)`` (its derivative is 0 everywhere, so no NaN at ``g == 0``)."""
+    """``sign(g)`` (its derivative is 0 everywhere, so no NaN at ``g == 0``).
+
+    Returns:
+        A ``GradientTransformation``.
+    """
     return _stateless(lambda k, g, params: torch.sign(g))
 
 
@@ -123,7 +135,13 @@ class EmaState(NamedTuple):
 
 def ema(decay: Hyper) -> GradientTransformation:
     """Exponential moving average of the gradient, ``m <- decay m + (1 - decay) g``, zero start,
-    no bias correction (``learned_optimization``'s ``vec_rolling_mom``); the feature is ``m``."""
+    no bias correction (``learned_optimization``'s ``vec_rolling_mom``); the feature is ``m``.
+
+    Args:
+        decay: the decay rate.
+    Returns:
+        A ``GradientTransformation``.
+    """
 
     def init(params):
         return EmaState(zeros_like(params))
@@ -137,7 +155,14 @@ def ema(decay: Hyper) -> GradientTransformation:
 
 def rsqrt_second_moment(decay: Hyper, eps: Hyper = RSQRT_EPS) -> GradientTransformation:
     """``v <- decay v + (1 - decay) g^2``; the feature is ``1 / sqrt(v + eps)``: the normaliser
-    Adam-like methods divide by, finite (and smooth) at zero gradient thanks to ``eps``."""
+    Adam-like methods divide by, finite (and smooth) at zero gradient thanks to ``eps``.
+
+    Args:
+        decay: the decay rate of ``v``.
+        eps: added to ``v`` under the square root.
+    Returns:
+        A ``GradientTransformation``.
+    """
 
     def init(params):
         return EmaState(zeros_like(params))
@@ -154,7 +179,17 @@ def direction(optimizer: str | GradientTransformation, **kwargs: Any) -> Gradien
     at ``lr=1`` (``-updates`` of ``OPTIMIZERS[name].make(1.0, **kwargs)`` for a registered name, or of
     ``optimizer`` itself when a transform is given). For optimizers linear in ``lr`` this is
     the update with ``lr=-1``; taking ``lr=+1`` keeps step-size methods (Rprop, line
-    searches) in their valid range."""
+    searches) in their valid range.
+
+    Args:
+        optimizer: a catalogue name or a ``GradientTransformation``.
+        **kwargs: the named optimizer's hyperparameters.
+    Returns:
+        A ``GradientTransformation``.
+    Raises:
+        TypeError: keyword arguments with a transform.
+        OptimizerNotAvailable: an unknown name.
+    """
     if isinstance(optimizer, str):
         from learnopt.optim.registry import get_info
 
@@ -176,7 +211,15 @@ def step_embedding(count: Tensor | int, timescales: Sequence[float] = DEFAULT_TI
     """``tanh(t / s - 1)`` for each timescale ``s``: ``learned_optimization``'s ``_tanh_embedding``
     of the step ``t`` (0-based). Each entry goes from ``tanh(-1)`` at ``t = 0`` towards 1 once ``t``
     is several times ``s``, so together they tell the optimizer how far training has run on
-    scales from 1 to 10^4 steps. Returns ``[len(timescales)]``."""
+    scales from 1 to 10^4 steps.
+
+    Args:
+        count: the step ``t``.
+        timescales: the timescales ``s``.
+        dtype: the result's dtype (None: ``count``'s if floating, else the default dtype).
+    Returns:
+        ``[len(timescales)]``.
+    """
     count = torch.as_tensor(count)
     dtype = dtype or (count.dtype if count.is_floating_point() else torch.get_default_dtype())
     scales = torch.as_tensor(tuple(timescales), dtype=dtype, device=count.device)
@@ -192,7 +235,15 @@ _BUILTIN = {"grad": gradient, "param": parameter, "sign": sign}
 
 
 def preset(name: str) -> dict[str, GradientTransformation]:
-    """The named feature(s): ``{column name: transform}`` (see the module docstring)."""
+    """The named feature(s): ``{column name: transform}`` (see the module docstring).
+
+    Args:
+        name: a feature name (module docstring's table).
+    Returns:
+        ``{column name: transform}``.
+    Raises:
+        ValueError: an unknown name.
+    """
     if name in _BUILTIN:
         return {name: _BUILTIN[name]()}
     if name in _DECAYED:
@@ -246,6 +297,8 @@ def _resolve(transforms: FeatureSpec) -> dict[str, GradientTransformation]:
 
 # -- the feature extractor ------------------------------------------------------------------------
 class FeaturesState(NamedTuple):
+    """``TransformFeatures``' state."""
+
     count: Tensor  # number of previous calls (the step the embedding encodes)
     states: dict  # feature name -> that transform's state
 
@@ -253,8 +306,12 @@ class FeaturesState(NamedTuple):
 class TransformFeatures:
     """Per-coordinate features from named gradient transformations (module docstring).
 
-    ``transforms``: feature names and/or ``{name: GradientTransformation}`` (default
-    ``DEFAULT_FEATURES``); ``step_timescales``: add ``step_embedding`` columns (``None``: none).
+    Args:
+        transforms: feature names and/or ``{name: GradientTransformation}``.
+        step_timescales: timescales of ``step_embedding`` columns (None: none).
+    Raises:
+        ValueError: an unknown or repeated feature, or none at all.
+        TypeError: a value that is not a ``GradientTransformation``.
     """
 
     def __init__(self, transforms: FeatureSpec = DEFAULT_FEATURES,
@@ -265,16 +322,35 @@ class TransformFeatures:
 
     @property
     def num_features(self) -> int:
+        """``F``, the number of feature columns."""
         return len(self.names)
 
     def init(self, params: Params) -> FeaturesState:
+        """Every transform's state for ``params``, and a zero step count.
+
+        Args:
+            params: ``{name: tensor}``.
+        Returns:
+            A ``FeaturesState``.
+        """
         device = next(iter(params.values())).device if params else None
         count = torch.zeros((), dtype=torch.int64, device=device)
         return FeaturesState(count, {n: tx.init(params) for n, tx in self.transforms.items()})
 
     def features_per_tensor(self, grads: Params, state: FeaturesState, params: Params | None = None,
                             **extra: Any) -> tuple[dict[str, Tensor], FeaturesState]:
-        """``{name: [*grads[name].shape, F]}`` and the new state."""
+        """``{name: [*grads[name].shape, F]}`` and the new state.
+
+        Args:
+            grads: ``{name: gradient}``.
+            state: the state from ``init`` or the previous call.
+            params: the current parameters (needed by ``param`` and by some directions).
+            **extra: forwarded to every transform.
+        Returns:
+            ``({name: [*grads[name].shape, F]}, state)``.
+        Raises:
+            ValueError: a transform's output does not broadcast to its parameter's shape.
+        """
         columns: dict[str, list[Tensor]] = {k: [] for k in grads}
         new_states = {}
         for name, tx in self.transforms.items():
@@ -305,7 +381,16 @@ class TransformFeatures:
     @staticmethod
     def unflatten(flat: Tensor, like: Params) -> Params:
         """Split a per-coordinate vector ``[N]`` (e.g. a learned optimizer's output) back into
-        tensors shaped like ``like``, in the same order as the feature rows."""
+        tensors shaped like ``like``, in the same order as the feature rows.
+
+        Args:
+            flat: ``[N]`` values, ``N`` the number of coordinates of ``like``.
+            like: ``{name: tensor}`` giving names, shapes and order.
+        Returns:
+            ``{name: tensor}`` shaped like ``like``.
+        Raises:
+            ValueError: ``N`` is not the number of coordinates.
+        """
         total = sum(p.numel() for p in like.values())
         if flat.shape[0] != total:
             raise ValueError(f"unflatten: got {flat.shape[0]} values for {total} coordinates")

@@ -38,12 +38,27 @@ UNIT_INTERVAL = frozenset(
 
 
 def parametrization_of(name: str) -> str:
-    """``"logit_one_minus"`` for rates in (0, 1) (``UNIT_INTERVAL``), else ``"log"``."""
+    """``"logit_one_minus"`` for rates in (0, 1) (``UNIT_INTERVAL``), else ``"log"``.
+
+    Args:
+        name: a hyperparameter name.
+    Returns:
+        The parametrization's name.
+    """
     return LOGIT_ONE_MINUS if name in UNIT_INTERVAL else LOG
 
 
 def to_unconstrained(kind: str, value: Tensor | float) -> Tensor:
-    """``log x`` or ``logit(1 - x) = log(1 - x) - log(x)``."""
+    """``log x`` or ``logit(1 - x) = log(1 - x) - log(x)``.
+
+    Args:
+        kind: ``"log"`` or ``"logit_one_minus"``.
+        value: the constrained value.
+    Returns:
+        The raw value (float64 for a float).
+    Raises:
+        ValueError: an unknown ``kind``.
+    """
     x = torch.as_tensor(value, dtype=torch.float64) if not isinstance(value, Tensor) else value
     if kind == LOG:
         return torch.log(x)
@@ -53,7 +68,16 @@ def to_unconstrained(kind: str, value: Tensor | float) -> Tensor:
 
 
 def to_constrained(kind: str, raw: Tensor) -> Tensor:
-    """``exp(raw)`` or ``1 - sigmoid(raw) = sigmoid(-raw)`` (the latter keeps small rates precise)."""
+    """``exp(raw)`` or ``1 - sigmoid(raw) = sigmoid(-raw)`` (the latter keeps small rates precise).
+
+    Args:
+        kind: ``"log"`` or ``"logit_one_minus"``.
+        raw: the raw value.
+    Returns:
+        The constrained value.
+    Raises:
+        ValueError: an unknown ``kind``.
+    """
     if kind == LOG:
         return torch.exp(raw)
     if kind == LOGIT_ONE_MINUS:
@@ -63,7 +87,11 @@ def to_constrained(kind: str, raw: Tensor) -> Tensor:
 
 def optimizer_names() -> list[str]:
     """The factories of ``learnopt.optim`` that take a learning rate ``lr``: what
-    ``LearnedHyperparameters(optimizer=...)`` accepts."""
+    ``LearnedHyperparameters(optimizer=...)`` accepts.
+
+    Returns:
+        The sorted names.
+    """
     import learnopt.optim as lo
 
     names = []
@@ -79,7 +107,15 @@ def optimizer_names() -> list[str]:
 
 
 def resolve_optimizer(name: str) -> Callable[..., GradientTransformation]:
-    """``getattr(learnopt.optim, name)``, refusing anything that is not an optimizer factory."""
+    """``getattr(learnopt.optim, name)``, refusing anything that is not an optimizer factory.
+
+    Args:
+        name: a name from ``optimizer_names()``.
+    Returns:
+        The factory.
+    Raises:
+        ValueError: ``name`` is not such a factory.
+    """
     import learnopt.optim as lo
 
     if not isinstance(name, str):
@@ -123,17 +159,23 @@ def _leaf_names(name: str, value: Any) -> list[str]:
 class LearnedHyperparameters(LearnedOptimizer):
     """A hand-designed optimizer from ``learnopt.optim`` whose hyperparameters are meta-learned.
 
-    * ``optimizer``: the factory's name (``"adam"``, ``"sgd"``, ``"nesterov"``, ``"rmsprop"``,
-      ...; see ``optimizer_names()``).
-    * ``init``: initial hyperparameter values (keyword arguments of the factory, named as in
-      ``torch.optim``); those not in ``learn`` stay fixed at these values. Learned ones not
-      given start at the factory's default.
-    * ``learn``: which hyperparameters are meta-parameters (default ``["lr"]``); a tuple
-      such as ``betas`` is learned element by element.
-
     Each learned value is an ``nn.Parameter`` ``raw.<parametrization>_<name>``, e.g.
     ``raw.log_lr``, ``raw.logit_one_minus_beta1`` (see the module docstring).
     ``hyperparameters()`` gives the current values as floats.
+
+    Args:
+        optimizer: the factory's name (``"adam"``, ``"sgd"``, ``"nesterov"``, ``"rmsprop"``, ...;
+            see ``optimizer_names()``).
+        init: initial hyperparameter values (keyword arguments of the factory, named as in
+            ``torch.optim``); those not in ``learn`` stay fixed at these values. Learned ones not
+            given start at the factory's default.
+        learn: which hyperparameters are meta-parameters (None: ``["lr"]``); a tuple such as
+            ``betas`` is learned element by element.
+    Raises:
+        ValueError: an unknown optimizer or hyperparameter, an empty or repeated ``learn``, a
+            learned value outside its range or without a default, or a factory that fails.
+    References:
+        Maclaurin et al. 2015, arXiv 1502.03492; Baydin et al. 2017, arXiv 1703.04782.
     """
 
     def __init__(self, optimizer: str = "adam", init: dict[str, Any] | None = None, learn: list[str] | None = None):
@@ -209,7 +251,14 @@ class LearnedHyperparameters(LearnedOptimizer):
 
     def set_hyperparameters(self, **values: Any) -> None:
         """Set learned hyperparameters to the given constrained values (e.g. a tuned lr), computed
-        in float64 and stored in the raw parameters' dtype."""
+        in float64 and stored in the raw parameters' dtype.
+
+        Args:
+            **values: constrained values by hyperparameter name (a tuple or list for ``betas``).
+        Raises:
+            KeyError: a name is not learned.
+            ValueError: the wrong number of values, or a value outside its range.
+        """
         for name, value in values.items():
             if name not in self._slots:
                 raise KeyError(f"LearnedHyperparameters: {name!r} is not learned (learned: {self.learn})")
@@ -226,18 +275,43 @@ class LearnedHyperparameters(LearnedOptimizer):
 
     def current_transform(self) -> GradientTransformation:
         """The hand-designed optimizer built from the current hyperparameters (differentiable
-        with respect to the raw meta-parameters)."""
+        with respect to the raw meta-parameters).
+
+        Returns:
+            A ``GradientTransformation``.
+        """
         return self.factory(**self.fixed, **self._constrained())
 
     def init(self, params: Params) -> Any:
+        """The hand-designed optimizer's state for ``params``.
+
+        Args:
+            params: ``{name: tensor}``.
+        Returns:
+            ``current_transform().init(params)``.
+        """
         return self.current_transform().init(params)
 
     def update(self, grads: Params, state: Any, params: Params | None = None, **extra: Any):
+        """One step of the hand-designed optimizer at the current hyperparameters.
+
+        Args:
+            grads: ``{name: gradient}``.
+            state: the state from ``init`` or the previous ``update``.
+            params: the current parameters.
+            **extra: passed to the optimizer's ``update``.
+        Returns:
+            ``(updates, state)``, differentiable in the raw meta-parameters.
+        """
         return self.current_transform().update(grads, state, params, **extra)
 
     def hyperparameters(self) -> dict[str, Any]:
         """All hyperparameters given to the factory, as floats (tuples for ``betas``): the
-        fixed ones and the learned ones at their current values."""
+        fixed ones and the learned ones at their current values.
+
+        Returns:
+            ``{name: value}``.
+        """
         with torch.no_grad():
             learned = self._constrained()
         return {k: _floats(v) for k, v in {**self.fixed, **learned}.items()}
@@ -250,4 +324,5 @@ class LearnedHyperparameters(LearnedOptimizer):
         }
 
     def extra_repr(self) -> str:
+        """The optimizer, the learned names and the current values, for ``repr``."""
         return f"optimizer={self.optimizer!r}, learn={self.learn}, hyperparameters={self.hyperparameters()}"

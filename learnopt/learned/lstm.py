@@ -144,7 +144,17 @@ class FusedLSTMStack(torch.autograd.Function):
 def fused_lstm_stack(x: Tensor, h: Tensor, c: Tensor, output: tuple[Tensor, Tensor],
                      weights: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor, Tensor]:
     """``(out, h, c)`` after one step of ``FusedLSTMStack``; ``output`` is ``(out_w, out_b)``,
-    ``weights`` as ``_fused_weights()``."""
+    ``weights`` as ``_fused_weights()``.
+
+    Args:
+        x: ``[k, N]`` the first layer's inputs.
+        h: ``[L, H, N]`` hidden state.
+        c: ``[L, H, N]`` cell state.
+        output: ``(out_w [1, H], out_b [1])``.
+        weights: per layer ``(W, b)`` as ``CoordinatewiseLSTM._fused_weights()``.
+    Returns:
+        ``(out [N], h [L, H, N], c [L, H, N])``.
+    """
     return FusedLSTMStack.apply(x, h, c, *output, *(t for wb in weights for t in wb))
 
 
@@ -160,10 +170,19 @@ class CoordinatewiseLSTM(LearnedOptimizer):
     ``nn.LSTMCell`` modules, so checkpoints keep their layout). The state is
     ``[num_layers, hidden_size, coordinates]`` (``LSTMOptimizerState``).
 
-    Paper defaults: 2 layers of 20 units. ``preprocess="log_sign"`` feeds
-    ``log_and_sign(g, preprocess_p)`` (paper p = 10, authors' code p = 5); ``"none"`` feeds
-    the raw gradient (the paper's quadratic setting, output scale 1). Output scale: paper 0.1
-    on MNIST, the authors' code 0.01.
+    Args:
+        hidden_size: units per layer (paper: 20).
+        num_layers: LSTM layers (paper: 2).
+        preprocess: ``"log_sign"`` feeds ``log_and_sign(g, preprocess_p)``; ``"none"`` the raw
+            gradient (the paper's quadratic setting, output scale 1).
+        preprocess_p: ``p`` of ``log_and_sign`` (paper 10, the authors' code 5).
+        output_scale: multiplies the output (paper 0.1 on MNIST, the authors' code 0.01).
+    Raises:
+        ValueError: an unknown ``preprocess``, sizes below 1, or a non-finite or non-positive ``p``
+            or non-finite ``output_scale``.
+    References:
+        Andrychowicz et al. 2016, "Learning to learn by gradient descent by gradient descent",
+        arXiv 1606.04474.
     """
 
     def __init__(
@@ -204,6 +223,13 @@ class CoordinatewiseLSTM(LearnedOptimizer):
         }
 
     def init(self, params: Params) -> LSTMOptimizerState:
+        """Zero ``(h, c)`` for every coordinate of ``params``.
+
+        Args:
+            params: ``{name: tensor}``.
+        Returns:
+            ``LSTMOptimizerState`` with ``h, c`` of shape ``[num_layers, hidden_size, coordinates]``.
+        """
         n = sum(p.numel() for p in params.values())
         first = self._input_rows + 1
         h = self._scratch_buffer(n)[first: first + self.num_layers * self.hidden_size]
@@ -244,6 +270,18 @@ class CoordinatewiseLSTM(LearnedOptimizer):
             )
 
     def update(self, grads: Params, state: LSTMOptimizerState, params: Params | None = None, **extra: Any):
+        """One step of the LSTM on every coordinate, differentiable in its weights.
+
+        Args:
+            grads: ``{name: gradient}``.
+            state: the state from ``init`` or the previous ``update``.
+            params: unused (the protocol's argument).
+            **extra: ignored.
+        Returns:
+            ``(updates, state)``.
+        Raises:
+            ValueError: the state does not fit the number of coordinates.
+        """
         flat = torch.cat([g.reshape(-1).to(self.dtype) for g in grads.values()])
         self._check_state(state, flat.shape[0])
         output = (self.output.weight * self.output_scale, self.output.bias * self.output_scale)
@@ -266,9 +304,19 @@ class CoordinatewiseLSTM(LearnedOptimizer):
         elsewhere to ``ACCELERATOR_BLOCK_ELEMENTS // (4 · hidden_size)``, but never fewer than
         ``INPLACE_BLOCK_ROWS``. One in-place sigmoid over the gates gives the three gates and the
         cell input (see ``FusedLSTMStack``), and each remaining formula is one ``addcmul`` over
-        contiguous rows. No tensor of the size of the state is allocated. A state made elsewhere (a copy, a
-        loaded state dict) is moved into such a buffer on its first step (``Tensor.set_``: same
+        contiguous rows. No tensor of the size of the state is allocated. A state made elsewhere (a
+        copy, a loaded state dict) is moved into such a buffer on its first step (``Tensor.set_``: same
         tensor objects, same values).
+
+        Args:
+            grads: ``{name: gradient}``.
+            state: the state, overwritten in place.
+            params: unused (the protocol's argument).
+            block_rows: coordinates per block (None: the default above).
+        Returns:
+            ``{name: update}``.
+        Raises:
+            ValueError: the state does not fit the number of coordinates.
         """
         flat = torch.cat([g.reshape(-1).to(self.dtype) for g in grads.values()])
         n, hidden, layers, k0 = flat.shape[0], self.hidden_size, self.num_layers, self._input_rows
@@ -379,6 +427,13 @@ class CoordinatewiseLSTM(LearnedOptimizer):
                            **options: Any) -> TransformOptimizer:
         """A drop-in ``torch.optim.Optimizer`` that steps each parameter with the in-place
         ``update_`` (``inplace_update=None`` selects the functional ``update``). The LSTM is
-        coordinate-wise, so the drop-in runs it one parameter tensor at a time."""
+        coordinate-wise, so the drop-in runs it one parameter tensor at a time.
+
+        Args:
+            params: tensors, ``(name, tensor)`` pairs or param group dicts.
+            **options: ``TransformOptimizer``'s keyword options.
+        Returns:
+            A ``TransformOptimizer``.
+        """
         options.setdefault("inplace_update", self.update_)
         return TransformOptimizer(self.transform(), params, separable=True, **options)

@@ -67,7 +67,15 @@ def second_moment_normalize(x: Tensor, batch_dims: int = 0, eps: float = NORMALI
     """``x / sqrt(mean(x²) + eps)`` for features ``x: [*shape, F]``, the mean taken over the
     dimensions of ``shape`` after the first ``batch_dims`` (separately for each feature and
     each task instance). A tensor with no dimensions beyond ``batch_dims`` (one scalar per
-    instance) is normalised by its own square, as ``MLPLOpt`` does for scalar parameters."""
+    instance) is normalised by its own square, as ``MLPLOpt`` does for scalar parameters.
+
+    Args:
+        x: ``[*shape, F]`` features.
+        batch_dims: leading task-instance dimensions of ``shape``.
+        eps: added to the mean square.
+    Returns:
+        The normalised features, shape of ``x``.
+    """
     dims = tuple(range(batch_dims, x.dim() - 1))
     # torch.mean(dim=()) would reduce over everything, hence the explicit branch
     second = (x * x).mean(dim=dims, keepdim=True) if dims else x * x
@@ -76,7 +84,25 @@ def second_moment_normalize(x: Tensor, batch_dims: int = 0, eps: float = NORMALI
 
 class FeatureMLPOptimizer(LearnedOptimizer):
     """Per-coordinate MLP on normalised features, outputting a direction and a log-magnitude
-    (module docstring). ``config()`` returns the constructor arguments."""
+    (module docstring). ``config()`` returns the constructor arguments.
+
+    Args:
+        hidden_sizes: widths of the ReLU hidden layers.
+        momentum_decays: decays ``b`` of the momentum features.
+        second_moment_decay: decay ``β`` of ``v``.
+        param_feature: include the parameter value ``p`` as a feature.
+        step_timescales: timescales ``s`` of the training-step features.
+        exp_mult: multiplies the magnitude output inside the exponential.
+        step_mult: multiplies the step.
+        output_init_scale: scale of the last layer's initial weights (its bias starts at 0).
+        batch_dims: leading task-instance dimensions of the meta-training parameters.
+    Raises:
+        ValueError: a hidden size below 1, a decay outside ``[0, 1)`` or given twice, or a
+            negative ``batch_dims``.
+    References:
+        Metz et al. 2019, "Understanding and correcting pathologies in the training of learned
+        optimizers", arXiv 1810.10180.
+    """
 
     takes_batch_dims = True  # as_torch_optimizer / load_optimizer accept batch_dims=
 
@@ -137,6 +163,7 @@ class FeatureMLPOptimizer(LearnedOptimizer):
 
     @property
     def num_features(self) -> int:
+        """Number of MLP inputs per coordinate."""
         return len(self.feature_names)
 
     def config(self) -> dict[str, Any]:
@@ -154,10 +181,23 @@ class FeatureMLPOptimizer(LearnedOptimizer):
 
     # -- the optimizer ---------------------------------------------------------------------------
     def init(self, params: Params) -> FeaturesState:
+        """The feature state (moving averages and step count) for ``params``.
+
+        Args:
+            params: ``{name: tensor}``.
+        Returns:
+            A ``FeaturesState``.
+        """
         return self.features.init({k: p.detach().to(self.dtype) for k, p in params.items()})
 
     def mlp(self, x: Tensor) -> Tensor:
-        """``[..., F] -> [..., 2]``: (direction, magnitude)."""
+        """``[..., F] -> [..., 2]``: (direction, magnitude).
+
+        Args:
+            x: ``[..., F]`` input rows.
+        Returns:
+            ``[..., 2]``.
+        """
         for i, layer in enumerate(self.layers):
             x = layer(x)
             if i < len(self.layers) - 1:
@@ -167,7 +207,20 @@ class FeatureMLPOptimizer(LearnedOptimizer):
     def inputs(self, grads: Params, state: FeaturesState, params: Params | None = None,
                batch_dims: int | None = None, **extra: Any) -> tuple[Tensor, FeaturesState]:
         """The MLP's input rows ``[N, num_features]`` (coordinates in ``grads`` order, as
-        ``TransformFeatures``) and the new feature state."""
+        ``TransformFeatures``) and the new feature state.
+
+        Args:
+            grads: ``{name: gradient}``.
+            state: the feature state.
+            params: the current parameters (required with ``param_feature``).
+            batch_dims: leading task-instance dimensions (None: the constructor's).
+            **extra: passed to the feature transforms.
+        Returns:
+            ``(rows, state)``.
+        Raises:
+            ValueError: ``params`` is missing with ``param_feature``, or a parameter has fewer than
+                ``batch_dims`` dimensions.
+        """
         batch_dims = self.batch_dims if batch_dims is None else batch_dims
         if self.param_feature and params is None:
             raise ValueError(
@@ -191,26 +244,53 @@ class FeatureMLPOptimizer(LearnedOptimizer):
         return torch.cat(rows, dim=0), state
 
     def step_size(self, rows: Tensor) -> Tensor:
-        """``d · exp(m · exp_mult) · step_mult`` per row (the amount subtracted from θ)."""
+        """``d · exp(m · exp_mult) · step_mult`` per row (the amount subtracted from θ).
+
+        Args:
+            rows: ``[N, num_features]`` input rows.
+        Returns:
+            ``[N]`` step sizes.
+        """
         out = self.mlp(rows)
         direction, magnitude = out[:, 0], out[:, 1]
         return direction * torch.exp(magnitude * self.exp_mult) * self.step_mult
 
     def update(self, grads: Params, state: FeaturesState, params: Params | None = None,
                batch_dims: int | None = None, **extra: Any) -> tuple[Params, FeaturesState]:
-        """``(updates, state)`` with ``updates = -step`` (added to the parameters).
-        ``batch_dims`` defaults to the constructor's."""
+        """One step: ``updates = -step`` (added to the parameters).
+
+        Args:
+            grads: ``{name: gradient}``.
+            state: the feature state.
+            params: the current parameters.
+            batch_dims: leading task-instance dimensions (None: the constructor's).
+            **extra: passed to the feature transforms.
+        Returns:
+            ``(updates, state)``.
+        """
         rows, state = self.inputs(grads, state, params, batch_dims, **extra)
         return TransformFeatures.unflatten(-self.step_size(rows), grads), state
 
     def transform(self, batch_dims: int | None = None) -> GradientTransformation:
-        """This optimizer as a ``GradientTransformation``; ``batch_dims`` defaults to the
-        constructor's."""
+        """This optimizer as a ``GradientTransformation``.
+
+        Args:
+            batch_dims: leading task-instance dimensions (None: the constructor's).
+        Returns:
+            A ``GradientTransformation``.
+        """
         batch_dims = self.batch_dims if batch_dims is None else int(batch_dims)
         return GradientTransformation(self.init, partial(self.update, batch_dims=batch_dims))
 
     def as_torch_optimizer(self, params, batch_dims: int = 0, **options: Any) -> TransformOptimizer:
-        """A drop-in ``torch.optim.Optimizer`` over ``params``. ``batch_dims=0`` (an ordinary
-        model) unless given: the constructor's ``batch_dims`` describes the meta-training
-        tasks, not the model this is dropped into."""
+        """A drop-in ``torch.optim.Optimizer`` over ``params``, with ``batch_dims=0`` (an ordinary
+        model) unless given: the constructor's ``batch_dims`` describes the meta-training tasks.
+
+        Args:
+            params: tensors, ``(name, tensor)`` pairs or param group dicts.
+            batch_dims: leading task-instance dimensions of ``params``.
+            **options: ``TransformOptimizer``'s keyword options.
+        Returns:
+            A ``TransformOptimizer``.
+        """
         return TransformOptimizer(self.transform(batch_dims), params, **options)

@@ -15,8 +15,16 @@ def log_and_sign(g: Tensor, p: float = 10.0) -> Tensor:
         (-1, e^p g)            otherwise
 
     so gradients spanning many orders of magnitude reach the LSTM on one scale. The paper
-    uses p = 10, the authors' code p = 5. Returns ``[*g.shape, 2]``. The ``log`` is taken of
+    uses p = 10, the authors' code p = 5. The ``log`` is taken of
     a clamped value so no inf or NaN arises at ``g == 0``, in either branch's derivative.
+
+    Args:
+        g: the gradient, any shape.
+        p: the scale ``p`` above.
+    Returns:
+        ``[*g.shape, 2]``.
+    References:
+        Andrychowicz et al. 2016, "Learning to learn by gradient descent by gradient descent", arXiv 1606.04474.
     """
     threshold = math.exp(-p)
     big = g.abs() >= threshold
