@@ -29,6 +29,17 @@ Objective = Callable[[Tensor], Tensor]
 
 def random_search(objective: Objective, num_problems: int, dim: int, budget: int,
                   generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+    """Uniform random queries.
+
+    Args:
+        objective: ``[n, q, D] -> [n, q]`` on the unit box.
+        num_problems: ``n``.
+        dim: ``D``.
+        budget: ``T``, queries per problem.
+        generator: the source of the random queries.
+    Returns:
+        ``(xs [n, T, D], ys [n, T], seconds [T])``.
+    """
     xs, ys, times = [], [], []
     for _ in range(budget):
         start = time.perf_counter()
@@ -45,7 +56,21 @@ def gp_ei(objective: Objective, num_problems: int, dim: int, budget: int, genera
           fit_steps: int = 50, **propose_options) -> tuple[Tensor, Tensor, Tensor]:
     """GP-EI. ``hyperparameters`` given: fixed, on raw observations (the prior mean is 0). None:
     fitted at every step on standardised observations, from ``num_initial`` (default ``D + 1``)
-    uniform random queries; the fixed variant starts from one."""
+    uniform random queries; the fixed variant starts from one.
+
+    Args:
+        objective: ``[n, q, D] -> [n, q]`` on the unit box.
+        num_problems: ``n``.
+        dim: ``D``.
+        budget: ``T``, queries per problem.
+        generator: the source of the random queries.
+        hyperparameters: fixed GP hyperparameters (None: fitted at every step).
+        num_initial: random queries first (None: 1 when fixed, else ``D + 1``).
+        fit_steps: Adam steps of each hyperparameter fit.
+        **propose_options: ``propose_ei``'s options.
+    Returns:
+        ``(xs [n, T, D], ys [n, T], seconds [T])``.
+    """
     fixed = hyperparameters is not None
     if num_initial is None:
         num_initial = 1 if fixed else dim + 1
@@ -79,8 +104,20 @@ OPTUNA_SAMPLERS = ("tpe", "gp", "cmaes")
 def optuna_minimize(fun: Callable[[np.ndarray], float], dim: int, budget: int, sampler: str,
                     seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Minimise ``fun`` on ``[0, 1]^dim`` with optuna's ``sampler`` (``"tpe"``, ``"gp"`` or
-    ``"cmaes"``, default settings, seeded). Returns queries ``[T, D]``, observations ``[T]`` and
-    seconds per proposal ``[T]`` (the sampler's own time: ``ask`` plus ``tell``)."""
+    ``"cmaes"``, default settings, seeded); the seconds are the sampler's own time (``ask`` plus
+    ``tell``).
+
+    Args:
+        fun: ``fun(x) -> float`` for ``x`` ``[D]`` in the unit box.
+        dim: ``D``.
+        budget: ``T``.
+        sampler: ``"tpe"``, ``"gp"`` or ``"cmaes"``.
+        seed: the sampler's seed.
+    Returns:
+        ``(xs [T, D], ys [T], seconds [T])``.
+    Raises:
+        ValueError: an unknown sampler.
+    """
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)

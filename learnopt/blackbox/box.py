@@ -26,6 +26,11 @@ def as_bounds(bounds: Any, dim: int | None = None) -> Tensor:
     rows with ``D != 2``. A 2×2 array can be read either way, which gives two different boxes,
     so it is refused with the two spellings that are not ambiguous.
 
+    Args:
+        bounds: the box, in one of the forms above.
+        dim: the expected dimension (None: any).
+    Returns:
+        ``[2, D]`` float64.
     Raises:
         ValueError: a shape that is not a box, an ambiguous 2×2 array, a dimension other than
             ``dim``, a bound that is not finite, or ``lower >= upper`` somewhere.
@@ -76,7 +81,14 @@ def as_bounds(bounds: Any, dim: int | None = None) -> Tensor:
 def box_symmetry(dim: int, seed: int | None) -> tuple[np.ndarray, np.ndarray]:
     """The symmetry of the unit box a session with ``seed`` applies to the proposer's queries:
     a permutation of the coordinates and a reflection of each (``u[perm]``, then ``1 − u`` where
-    ``flip``). None: the identity."""
+    ``flip``).
+
+    Args:
+        dim: ``D``.
+        seed: the session's seed (None: the identity).
+    Returns:
+        ``(perm, flip)``: ``[D]`` int and ``[D]`` bool arrays.
+    """
     if seed is None:
         return np.arange(dim), np.zeros(dim, dtype=bool)
     rng = np.random.default_rng([0x5E55, int(seed)])  # its own stream, apart from the exploration draws

@@ -24,7 +24,16 @@ from learnopt.blackbox.losses import expected_improvement
 def se_kernel(x1: Tensor, x2: Tensor, lengthscales: Tensor, signal_variance: float | Tensor = 1.0) -> Tensor:
     """ARD SE kernel matrix ``[n, a, b]`` between ``x1`` ``[n, a, D]`` and ``x2`` ``[n, b, D]``,
     with per-instance lengthscales ``[n, D]`` and signal variance (a number or ``[n]``). Uses
-    explicit differences (exact zero distance for repeated points, well-defined gradients)."""
+    explicit differences (exact zero distance for repeated points, well-defined gradients).
+
+    Args:
+        x1: ``[n, a, D]``.
+        x2: ``[n, b, D]``.
+        lengthscales: ``[n, D]``.
+        signal_variance: a number or ``[n]``.
+    Returns:
+        ``[n, a, b]``.
+    """
     diff = (x1[:, :, None, :] - x2[:, None, :, :]) / lengthscales.to(x1.dtype)[:, None, None, :]
     if isinstance(signal_variance, Tensor):
         signal_variance = signal_variance[:, None, None]
@@ -33,7 +42,17 @@ def se_kernel(x1: Tensor, x2: Tensor, lengthscales: Tensor, signal_variance: flo
 
 def robust_cholesky(matrix: Tensor, jitter: float, tries: int = 5) -> Tensor:
     """Cholesky factor of a (batched) symmetric matrix; on failure adds ``jitter`` to the
-    diagonal, then 10× more each further try."""
+    diagonal, then 10× more each further try.
+
+    Args:
+        matrix: ``[..., t, t]`` symmetric.
+        jitter: the first diagonal increment.
+        tries: attempts with jitter.
+    Returns:
+        The lower Cholesky factor.
+    Raises:
+        RuntimeError: every attempt failed.
+    """
     matrix = 0.5 * (matrix + matrix.transpose(-1, -2))
     eye = torch.eye(matrix.shape[-1], dtype=matrix.dtype, device=matrix.device)
     extra = 0.0
@@ -47,13 +66,28 @@ def robust_cholesky(matrix: Tensor, jitter: float, tries: int = 5) -> Tensor:
 
 @dataclass
 class GPHyperparameters:
+    """Per-instance hyperparameters of the ARD SE kernel GP.
+
+    Attributes:
+        lengthscales: ``[n, D]``.
+        signal_variance: ``[n]``.
+        noise: ``[n]``, the observation-noise variance.
+    """
+
     lengthscales: Tensor     # [n, D]
     signal_variance: Tensor  # [n]
     noise: Tensor            # [n], observation-noise variance
 
 
 class GPPosterior:
-    """Posterior of the latent function given ``X``, ``Y`` (already standardised if wanted)."""
+    """Posterior of the latent function given ``X``, ``Y`` (already standardised if wanted).
+
+    Args:
+        X: ``[n, t, D]`` inputs.
+        Y: ``[n, t]`` observations.
+        hp: the hyperparameters.
+        jitter: added to the diagonal, relative to the signal variance.
+    """
 
     def __init__(self, X: Tensor, Y: Tensor, hp: GPHyperparameters, jitter: float = 1e-6) -> None:
         self.X, self.hp = X, hp
@@ -65,7 +99,13 @@ class GPPosterior:
         self.alpha = torch.cholesky_solve(Y.unsqueeze(-1), self.L)  # K⁻¹ y
 
     def predict(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Mean and variance ``[n, c]`` of the latent function at ``x`` ``[n, c, D]``."""
+        """Mean and variance ``[n, c]`` of the latent function at ``x`` ``[n, c, D]``.
+
+        Args:
+            x: ``[n, c, D]``.
+        Returns:
+            ``(mean, var)``, each ``[n, c]``.
+        """
         k = se_kernel(self.X, x, self.hp.lengthscales, self.hp.signal_variance)  # [n, t, c]
         mean = (k.transpose(-1, -2) @ self.alpha).squeeze(-1)
         v = torch.linalg.solve_triangular(self.L, k, upper=False)
@@ -74,7 +114,15 @@ class GPPosterior:
 
 
 def log_marginal_likelihood(X: Tensor, Y: Tensor, hp: GPHyperparameters) -> Tensor:
-    """``[n]`` log p(Y | X, hp)."""
+    """``[n]`` log p(Y | X, hp).
+
+    Args:
+        X: ``[n, t, D]`` inputs.
+        Y: ``[n, t]`` observations.
+        hp: the hyperparameters.
+    Returns:
+        ``[n]``.
+    """
     t = X.shape[1]
     post = GPPosterior(X, Y, hp)
     fit = -0.5 * (Y.unsqueeze(-1) * post.alpha).sum((1, 2))
@@ -85,7 +133,17 @@ def log_marginal_likelihood(X: Tensor, Y: Tensor, hp: GPHyperparameters) -> Tens
 def fit_hyperparameters(X: Tensor, Y: Tensor, init: GPHyperparameters, steps: int = 50,
                         lr: float = 0.05) -> GPHyperparameters:
     """Maximise the log marginal likelihood over log lengthscales (in [0.01, 10]), log σ² (in
-    [0.01, 100]) and log noise (in [1e-6, 1]) with Adam from ``init``; batched over problems."""
+    [0.01, 100]) and log noise (in [1e-6, 1]) with Adam from ``init``; batched over problems.
+
+    Args:
+        X: ``[n, t, D]`` inputs.
+        Y: ``[n, t]`` observations.
+        init: the starting hyperparameters.
+        steps: Adam steps.
+        lr: Adam's learning rate.
+    Returns:
+        The fitted ``GPHyperparameters`` (detached).
+    """
     raw = [torch.log(init.lengthscales).detach().clone().requires_grad_(True),
            torch.log(init.signal_variance).detach().clone().requires_grad_(True),
            torch.log(init.noise).detach().clone().requires_grad_(True)]
@@ -107,7 +165,19 @@ def fit_hyperparameters(X: Tensor, Y: Tensor, init: GPHyperparameters, steps: in
 @torch.no_grad()
 def propose_ei(post: GPPosterior, best: Tensor, generator: torch.Generator, num_candidates: int = 2048,
                num_local: int = 256, refine_steps: int = 20, refine_starts: int = 4) -> Tensor:
-    """The EI-maximising next query ``[n, 1, D]`` (see the module docstring)."""
+    """The EI-maximising next query ``[n, 1, D]`` (see the module docstring).
+
+    Args:
+        post: the GP posterior.
+        best: ``[n]`` the incumbent.
+        generator: the source of the random candidates.
+        num_candidates: uniform random candidates.
+        num_local: Gaussian perturbations of the incumbent (at scales 0.01, 0.05, 0.2).
+        refine_steps: Adam steps on EI from the best candidates.
+        refine_starts: the number of best candidates refined.
+    Returns:
+        ``[n, 1, D]``.
+    """
     n, _, d = post.X.shape
     dtype = post.X.dtype
     cand = torch.rand((n, num_candidates, d), generator=generator, dtype=dtype)

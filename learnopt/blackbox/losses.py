@@ -25,10 +25,24 @@ from torch import Tensor
 
 
 def sum_loss(ys: Tensor) -> Tensor:
+    """``L_sum`` (module docstring).
+
+    Args:
+        ys: ``[n, T]`` observations of a run, in order.
+    Returns:
+        The mean over instances, a scalar.
+    """
     return ys.mean()
 
 
 def observed_improvement_loss(ys: Tensor) -> Tensor:
+    """``L_OI = best_T`` (module docstring).
+
+    Args:
+        ys: ``[n, T]`` observations of a run, in order.
+    Returns:
+        The mean over instances, a scalar.
+    """
     prev_best = torch.cummin(ys, dim=1).values[:, :-1]
     gains = torch.clamp(ys[:, 1:] - prev_best, max=0.0)
     return (ys[:, 0] + gains.sum(1)).mean()
@@ -37,7 +51,15 @@ def observed_improvement_loss(ys: Tensor) -> Tensor:
 def expected_improvement(mean: Tensor, var: Tensor, best: Tensor) -> Tensor:
     """Closed-form EI for minimisation, ``E max(best − f, 0)`` with ``f ~ N(mean, var)``:
     ``(best − μ) Φ(z) + σ φ(z)``, ``z = (best − μ)/σ``; elementwise, differentiable, finite at
-    ``var = 0`` (where it is ``max(best − μ, 0)``)."""
+    ``var = 0`` (where it is ``max(best − μ, 0)``).
+
+    Args:
+        mean: posterior mean ``μ``.
+        var: posterior variance ``σ²``.
+        best: the incumbent, broadcast against ``mean``.
+    Returns:
+        EI, elementwise.
+    """
     sigma = torch.sqrt(var.clamp_min(1e-18))
     z = (best - mean) / sigma
     cdf = 0.5 * (1 + torch.erf(z / math.sqrt(2)))
@@ -46,7 +68,13 @@ def expected_improvement(mean: Tensor, var: Tensor, best: Tensor) -> Tensor:
 
 
 def expected_improvement_loss(eis: Tensor) -> Tensor:
-    """``eis`` ``[n, T]``: the EI of each query when it was made."""
+    """``L_EI`` from the EI of each query when it was made.
+
+    Args:
+        eis: ``[n, T]``.
+    Returns:
+        ``L_EI``, a scalar.
+    """
     return -eis.mean()
 
 

@@ -23,6 +23,9 @@ class NumpyStepper:
     o); sigmoids are written ``(1 + tanh(z / 2)) / 2``, which cannot overflow. Inputs may be
     float64 (they are cast); the queries come back as float64. Later changes to the proposer's
     weights do not reach an existing stepper.
+
+    Args:
+        proposer: the ``RNNProposer`` whose weights are copied.
     """
 
     def __init__(self, proposer: Any) -> None:
@@ -56,18 +59,31 @@ class NumpyStepper:
             self.refine_gate = (arr(proposer.refine_gate.weight) * 0.5, arr(proposer.refine_gate.bias) * 0.5)
 
     def initial_state(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """``RNNProposer.initial_state`` for one instance: per layer ``(h, c)``, zeros."""
         zeros = np.zeros(self.hidden_size, dtype=self.dtype)
         return [(zeros, zeros) for _ in self.layers]
 
     def start_input(self) -> np.ndarray:
+        """``RNNProposer.start_input`` for one instance: ``[input_size]``."""
         inp = np.zeros(self.input_size, dtype=self.dtype)
         inp[-1] = 1.0
         return inp
 
     def observation_input(self, x: np.ndarray, y_std: np.ndarray, best_std: float, best_x: np.ndarray,
                           trend: np.ndarray | None = None) -> np.ndarray:
-        """``RNNProposer.observation_input`` for one instance: ``x`` ``[q, D]``, ``y_std`` ``[q]``,
-        ``trend`` ``[D + 1]`` (required when the proposer reads the trend)."""
+        """``RNNProposer.observation_input`` for one instance.
+
+        Args:
+            x: ``[q, D]`` queries.
+            y_std: ``[q]`` standardised observations.
+            best_std: the standardised best value.
+            best_x: ``[D]`` its query.
+            trend: ``[D + 1]`` trend features (required with ``trend``).
+        Returns:
+            ``[input_size]``.
+        Raises:
+            ValueError: the proposer reads the trend and none is given.
+        """
         q = x.shape[0]
         per_query = np.concatenate([2 * x - 1, y_std[:, None], np.full((q, 1), best_std)], 1)
         parts = [per_query.ravel(), 2 * best_x - 1]
@@ -78,15 +94,33 @@ class NumpyStepper:
         return np.concatenate(parts + [[0.0]]).astype(self.dtype)
 
     def refine_weight(self, state: list[tuple[np.ndarray, np.ndarray]], count: int) -> np.ndarray:
-        """``RNNProposer.refine_weight`` for one instance: ``[q]``."""
+        """``RNNProposer.refine_weight`` for one instance.
+
+        Args:
+            state: per layer ``(h, c)``.
+            count: observations so far.
+        Returns:
+            ``[q]``.
+        """
         w, b = self.refine_gate
         return 0.5 + 0.5 * np.tanh(w @ np.concatenate([state[-1][0], clock(count).astype(self.dtype)]) + b)
 
     def step(self, inp: np.ndarray, state: list[tuple[np.ndarray, np.ndarray]], noise: np.ndarray | None = None,
              suggestion: np.ndarray | None = None, count: int = 0
              ) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
-        """The next queries ``[q, D]`` and the new state (``noise`` ``[q, D]`` when exploring,
-        ``suggestion`` ``[D]`` from the local model when there is one)."""
+        """``RNNProposer.step`` for one instance: the next queries and the new state.
+
+        Args:
+            inp: ``[input_size]``.
+            state: per layer ``(h, c)``.
+            noise: ``[q, D]`` uniform draws (required when exploring).
+            suggestion: ``[D]`` the local model's suggestion, if any.
+            count: observations so far.
+        Returns:
+            ``(x [q, D] float64, state)``.
+        Raises:
+            ValueError: an exploring proposer without ``noise``.
+        """
         hid, h, new_state = self.hidden_size, inp.astype(self.dtype, copy=False), []
         for (w, b), (h_prev, c_prev) in zip(self.layers, state):
             t = np.tanh(w @ np.concatenate([h, h_prev]) + b)

@@ -20,47 +20,28 @@ Two choices make one trained proposer usable on any box and any scale of ``f``:
   used in meta-training, so the proposer is invariant to ``f ↦ a·f + b`` (``a > 0``).
 
 Beside ``(x, y)`` the proposer reads the standardised best value so far and the query that
-found it, summaries the paper's RNN would otherwise have to carry in its state (our addition:
-with them, refining around the incumbent is a short step for the network).
+found it (our addition: refining around the incumbent is then a short step for the network).
+Our extensions (``docs/blackbox/training.md`` has the runs behind them):
 
-``explore=True`` (our extension) makes the proposer stochastic in a reparameterised way: each
-query is ``x = g·u + (1 − g)·m`` with ``u ~ U[0, 1]^D`` drawn fresh, ``m`` the network's
-proposal and the gate ``g = σ(·)`` computed from the state, so random search is one setting of
-the weights and the network learns when to explore and when to exploit. The draws come from a
-generator (``rollout(..., generator=)``, the session's ``seed``), so runs are reproducible and
-meta-training differentiates through ``g`` and ``m`` as usual.
-
-``local=True`` (our extension) lets the proposer place a query relative to the incumbent: beside
-the absolute query ``a = σ(W h)`` it emits an offset ``δ`` and a gate ``r = σ(·)``, and queries
-``x = r·σ(logit(x_best) + δ) + (1 − r)·a``. A step of any size around the best point so far is
-then a small output of the network, not a precise absolute position. The gate starts nearly
-closed (``r ≈ 0.02``): with ``r ≈ 0.5`` from the start, 2-d meta-training validated at 0.04
-instead of 0.007 by step 6,000.
-
-``trend=True`` (our extension) also feeds the proposer, after each observation, what a
-separable quadratic fitted by ridge regression to all observations so far says
-(``QuadraticTrend``): its minimiser in the box and its value there, standardised. Finding the
-global basin needs a summary of every observation, which GP-EI has in its posterior and a
-small recurrent state keeps poorly; the fit is a cheap one (a ``(2D + 1)²`` solve per step).
-
-``refine=True`` (our extension) lets the proposer mix into its queries the suggestion of a
-local quadratic model (``learnopt.blackbox.refine``): the minimiser, within an adaptive trust
-region around the best point so far, of a full quadratic fitted to the observations nearest it.
-Learned optimizers commonly read features that hand-designed ones compute; this is the black-box
-counterpart, meant for refining inside a basin, where a proposer that found the right basin
-still ends above its minimum (``docs/blackbox/training.md``). A gate
-``r = σ(·)`` computed from the state and a clock of the observations so far (``tanh(t/τ)`` for
-a few timescales τ, like the training-step features of learned_optimization's optimizers) sets
-the query ``x = r·s + (1 − r)·a``. The gate starts nearly closed (``r ≈ 0.02``), or, with
-``refine_schedule=(t0, t1)``, as a schedule of the clock alone that opens between ``t0`` and
-``t1`` observations (a start, which training then changes). There is no suggestion before
-``(D + 1)(D + 2)/2 + 1`` observations. The model is computed without gradient; meta-training
-learns when to follow it.
-
-``stretch=s`` (our extension) stretches the head's sigmoid past the box and clips it,
-``x = clamp((1 + s)·σ(·) − s/2, 0, 1)``, with ``s`` learned from its initial value, so that queries
-can lie exactly on the box's faces. Minima of GP samples lie there so often that GP-EI puts half
-of its query coordinates there in 6-d; a sigmoid can only approach them.
+* ``explore=True``: each query is ``x = g·u + (1 − g)·m``, ``u ~ U[0, 1]^D`` drawn fresh from a
+  generator (``rollout(..., generator=)``, the session's ``seed``), ``m`` the network's proposal,
+  ``g = σ(·)`` a gate from the state: random search is one setting of the weights.
+* ``local=True``: queries relative to the incumbent, ``x = r·σ(logit(x_best) + δ) + (1 − r)·a``
+  with ``a = σ(W h)`` the absolute query, ``δ`` an offset and ``r = σ(·)`` a gate that starts
+  nearly closed (``r ≈ 0.02``): a step of any size is a small output of the network.
+* ``trend=True``: after each observation, the minimiser in the box and the standardised value
+  there of a separable quadratic fitted by ridge regression to all observations
+  (``QuadraticTrend``, a ``(2D + 1)²`` solve): a summary of every observation, which GP-EI has in
+  its posterior and a small recurrent state keeps poorly.
+* ``refine=True``: the query ``x = r·s + (1 − r)·a`` mixes in the suggestion ``s`` of a local
+  quadratic model (``learnopt.blackbox.refine``: the minimiser, in an adaptive trust region
+  around the incumbent, of a full quadratic fitted to the nearest observations), for refining
+  inside a basin. The gate ``r = σ(·)`` reads the state and a clock ``tanh(t/τ)`` of the
+  observations so far; it starts nearly closed, or with ``refine_schedule=(t0, t1)`` as a
+  schedule of the clock that opens between ``t0`` and ``t1`` observations. There is no
+  suggestion before ``(D + 1)(D + 2)/2 + 1`` observations; the model has no gradient.
+* ``stretch=s``: ``x = clamp((1 + s)·σ(·) − s/2, 0, 1)`` with ``s`` learned, so queries can lie
+  exactly on the box's faces, where minima of GP samples often lie.
 
 ``num_queries`` (q) > 1 gives the parallel proposer: each step emits q queries, evaluated
 together, and reads the q results at the next step.
@@ -89,27 +70,18 @@ def _safe_exponent(dtype: torch.dtype) -> int:
 
 
 class RunningStandardizer:
-    """Running mean and standard deviation of the observations so far, per instance, used to
-    standardise observations before the proposer reads them (see the module docstring).
-
-    Sums are kept of ``(y − shift) / scale``, with ``shift`` the first observation (no cancellation
-    for large offsets) and ``scale`` a power of two per instance that keeps the largest magnitude
-    seen within ``[2**-e, 2**e]`` (``e`` = 480 in float64, 32 in float32): squares and sums then
-    neither overflow nor underflow whatever the scale of ``f`` (``1e300·f``, ``1e-300·f``).
-    Dividing by a power of two is exact, so the standardised values are those of ``f`` itself; for
-    ordinary magnitudes ``scale`` stays 1. ``learnopt.blackbox.session`` keeps the same sums for
-    one instance in numpy.
+    """Running mean and standard deviation of the observations so far, per instance (module
+    docstring). Sums are of ``(y − shift) / scale``: ``shift`` the first observation (no
+    cancellation for large offsets), ``scale`` a power of two keeping the largest magnitude seen in
+    ``[2**-e, 2**e]`` (480 in float64, 32 in float32), so squares and sums never overflow or
+    underflow, whatever the scale of ``f``. Division by a power of two is exact: the standardised
+    values are those of ``f``; for ordinary magnitudes ``scale`` stays 1. ``mean``, ``std``
+    (None until two observations) are in units of ``scale``. The session's numpy twin keeps the same sums.
 
     Args:
-        num_instances: Number of independent runs ``n`` standardised side by side.
-        dtype: Floating dtype of the observations and of the sums.
-        device: Device of the sums.
-
-    Attributes:
-        mean, std: ``[n]``, the mean and population standard deviation of the observations so
-            far in units of ``scale`` (None until there are two observations).
-        best, best_x: ``[n]`` best observation so far and ``[n, D]`` the query that made it.
-        shift, scale: ``[n]``, the offset and power-of-two unit of the sums.
+        num_instances: ``n``, runs standardised side by side.
+        dtype: dtype of the observations and sums.
+        device: device of the sums.
     """
 
     def __init__(self, num_instances: int, dtype: torch.dtype, device: torch.device) -> None:
@@ -257,10 +229,22 @@ class QuadraticTrend:
 
 
 class RNNProposer(nn.Module):
-    """LSTM proposer for functions on ``[0, 1]^dim``.
+    """LSTM proposer for functions on ``[0, 1]^dim``; its parameters are the meta-parameters.
 
-    ``hidden_size`` and ``num_layers`` size the LSTM (stacked ``nn.LSTMCell``s); ``num_queries``
-    is the number of queries per step (1: sequential). Its parameters are the meta-parameters.
+    Args:
+        dim: ``D``, the dimension of the unit box.
+        hidden_size: units per LSTM layer (stacked ``nn.LSTMCell``s).
+        num_layers: LSTM layers.
+        num_queries: ``q``, queries per step (1: sequential).
+        explore, local, trend, refine: the extensions of the module docstring.
+        refine_schedule: ``(t0, t1)``, the refine gate starts as a schedule opening between
+            ``t0`` and ``t1`` observations (needs ``refine``).
+        stretch: initial stretch ``s`` of the head's sigmoid (0: none, the paper's squash).
+    Raises:
+        ValueError: a size below 1, or a ``refine_schedule`` without ``refine`` or not ``t0 < t1``.
+    References:
+        Chen et al. 2017, "Learning to Learn without Gradient Descent by Gradient Descent",
+        arXiv 1611.03824.
     """
 
     kind = "blackbox_proposer"
@@ -325,6 +309,11 @@ class RNNProposer(nn.Module):
         self.refine_schedule = (int(closed), int(opened))
 
     def config(self) -> dict[str, Any]:
+        """The constructor arguments (JSON-able), what a checkpoint stores.
+
+        Returns:
+            ``{argument: value}``.
+        """
         config = {"dim": self.dim, "hidden_size": self.hidden_size, "num_layers": self.num_layers,
                   "num_queries": self.num_queries, "explore": self.explore, "local": self.local, "trend": self.trend,
                   "refine": self.refine}
@@ -341,7 +330,15 @@ class RNNProposer(nn.Module):
         weights, so the grown proposer computes exactly what ``source`` computes until training
         moves them; a ``local`` or ``refine`` head that ``source`` lacks keeps its fresh
         initialisation (gate nearly closed), and a new stretch starts at its initial value; one
-        this proposer lacks is dropped. Other differences raise ``ValueError``."""
+        this proposer lacks is dropped. Other differences raise ``ValueError``.
+
+        Args:
+            source: a trained proposer.
+        Returns:
+            A state dict for this proposer.
+        Raises:
+            ValueError: ``source`` is not an ``RNNProposer`` or differs in other options.
+        """
         if not isinstance(source, RNNProposer):
             raise ValueError(f"RNNProposer.weights_from: the source is a {type(source).__name__}")
         mine, theirs = self.config(), source.config()
@@ -364,28 +361,53 @@ class RNNProposer(nn.Module):
 
     @property
     def device(self) -> torch.device:
+        """The device of the weights."""
         return self.head.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
+        """The dtype of the weights."""
         return self.head.weight.dtype
 
     # -- one step ------------------------------------------------------------------------------
     def initial_state(self, num_instances: int) -> list[tuple[Tensor, Tensor]]:
+        """Zero LSTM state.
+
+        Args:
+            num_instances: ``n``.
+        Returns:
+            Per layer ``(h, c)``, each ``[n, hidden_size]``.
+        """
         zeros = torch.zeros(num_instances, self.hidden_size, dtype=self.dtype, device=self.device)
         return [(zeros, zeros) for _ in range(self.num_layers)]
 
     def start_input(self, num_instances: int) -> Tensor:
+        """The first step's input: zeros and the start flag.
+
+        Args:
+            num_instances: ``n``.
+        Returns:
+            ``[n, input_size]``.
+        """
         inp = torch.zeros(num_instances, self.input_size, dtype=self.dtype, device=self.device)
         inp[:, -1] = 1.0
         return inp
 
     def observation_input(self, x: Tensor, y_std: Tensor, best_std: Tensor, best_x: Tensor,
                           trend: Tensor | None = None) -> Tensor:
-        """The input after observing ``y_std`` ``[n, q]`` (standardised) at ``x`` ``[n, q, D]``
-        (unit box); ``best_std`` ``[n]`` is the standardised best value so far, ``best_x``
-        ``[n, D]`` the query that found it, ``trend`` ``[n, D + 1]`` the ``QuadraticTrend``
-        features (required when ``trend`` is on)."""
+        """The input after a step's observations.
+
+        Args:
+            x: ``[n, q, D]`` queries in the unit box.
+            y_std: ``[n, q]`` their standardised observations.
+            best_std: ``[n]`` the standardised best value so far.
+            best_x: ``[n, D]`` the query that found it.
+            trend: ``[n, D + 1]`` ``QuadraticTrend`` features (required with ``trend``).
+        Returns:
+            ``[n, input_size]`` in the proposer's dtype.
+        Raises:
+            ValueError: ``trend`` is on and no trend features are given.
+        """
         n, q, _ = x.shape
         per_query = torch.cat([2 * x - 1, y_std[..., None], best_std[:, None, None].expand(n, q, 1)], dim=-1)
         parts = [per_query.reshape(n, -1), 2 * best_x.to(x.dtype) - 1]
@@ -398,7 +420,14 @@ class RNNProposer(nn.Module):
 
     def trend_features(self, fit: QuadraticTrend | None, stats: RunningStandardizer) -> Tensor | None:
         """The trend input after the latest observations (None unless ``trend``; zeros until
-        there are two observations, like the standardised values)."""
+        there are two observations, like the standardised values).
+
+        Args:
+            fit: the run's ``QuadraticTrend`` (None without ``trend``).
+            stats: the run's ``RunningStandardizer``.
+        Returns:
+            ``[n, D + 1]`` float64, or None.
+        """
         if fit is None:
             return None
         if stats.std is None:
@@ -407,17 +436,33 @@ class RNNProposer(nn.Module):
 
     def refine_weight(self, state: list[tuple[Tensor, Tensor]], count: int) -> Tensor:
         """The gate ``r`` ``[n, q]`` towards the model's suggestion, of the step that produced
-        ``state`` after ``count`` observations (``refine`` only)."""
+        ``state`` after ``count`` observations (``refine`` only).
+
+        Args:
+            state: per layer ``(h, c)``, each ``[n, hidden_size]``.
+            count: observations so far.
+        Returns:
+            ``[n, q]``.
+        """
         h = state[-1][0]
         t = torch.as_tensor(clock(count), dtype=h.dtype, device=h.device).expand(h.shape[0], -1)
         return torch.sigmoid(self.refine_gate(torch.cat([h, t], 1)))
 
     def step(self, inp: Tensor, state: list[tuple[Tensor, Tensor]], noise: Tensor | None = None,
              suggestion: Tensor | None = None, count: int = 0) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
-        """The next queries ``[n, q, D]`` in the unit box, and the new state. ``noise``
-        (``[n, q, D]`` uniform draws) is required when ``explore`` is on; ``suggestion``
-        ``[n, D]`` is the local model's after ``count`` observations (``refine``; None: not yet,
-        the queries are the network's)."""
+        """The next queries in the unit box, and the new state.
+
+        Args:
+            inp: ``[n, input_size]`` from ``start_input`` or ``observation_input``.
+            state: per layer ``(h, c)``, each ``[n, hidden_size]``.
+            noise: ``[n, q, D]`` uniform draws (required with ``explore``).
+            suggestion: ``[n, D]`` the local model's suggestion (``refine``; None: none yet).
+            count: observations so far (the refine gate's clock).
+        Returns:
+            ``(x, state)``: queries ``[n, q, D]`` and the new state.
+        Raises:
+            ValueError: ``explore`` is on and ``noise`` is None.
+        """
         new_state, h = [], inp
         for cell, (h_prev, c_prev) in zip(self.cells, state):
             h, c = cell(h, (h_prev, c_prev))
@@ -444,7 +489,14 @@ class RNNProposer(nn.Module):
         return x, new_state
 
     def draw_noise(self, num_instances: int, generator: torch.Generator | None) -> Tensor | None:
-        """The uniform draws of one step (None unless ``explore``), from ``generator``."""
+        """The uniform draws of one step (None unless ``explore``), from ``generator``.
+
+        Args:
+            num_instances: ``n``.
+            generator: the source of the draws (None: the global generator, on the CPU).
+        Returns:
+            ``[n, q, D]`` on the proposer's device and dtype, or None.
+        """
         if not self.explore:
             return None
         dev = generator.device if generator is not None else torch.device("cpu")
@@ -456,11 +508,18 @@ class RNNProposer(nn.Module):
                 generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         """Run the proposer for ``budget`` evaluations on ``num_instances`` functions at once.
 
-        ``objective(x)`` takes unit-box queries ``[n, q, D]`` and returns observations ``[n, q]``.
-        Returns every query ``[n, budget, D]`` and observation ``[n, budget]`` in order. The
-        run is differentiable in the proposer's parameters wherever ``objective`` is
+        The run is differentiable in the proposer's parameters wherever ``objective`` is
         differentiable in ``x`` (meta-training); under ``torch.no_grad`` it is a plain run.
-        ``generator`` draws the exploration noise (``explore``; default: the global generator).
+
+        Args:
+            objective: ``objective(x) -> y``, unit-box queries ``[n, q, D]`` to observations ``[n, q]``.
+            num_instances: ``n``, functions minimised side by side.
+            budget: evaluations per function.
+            generator: draws the exploration noise (``explore``; None: the global generator).
+        Returns:
+            ``(xs, ys)``: every query ``[n, budget, D]`` and observation ``[n, budget]``, in order.
+        Raises:
+            ValueError: ``budget < 1`` or ``objective`` returns the wrong shape.
         """
         if budget < 1:
             raise ValueError(f"RNNProposer.rollout: budget must be >= 1, got {budget}")
@@ -496,18 +555,38 @@ class RNNProposer(nn.Module):
     # -- user-facing ----------------------------------------------------------------------------
     def minimize(self, fun: Callable[[Any], float], bounds: Any, budget: int, **options: Any):
         """Minimise the black-box ``fun`` over the box ``bounds`` with ``budget`` evaluations;
-        see ``learnopt.blackbox.minimize``."""
+        see ``learnopt.blackbox.minimize``.
+
+        Args:
+            fun: ``fun(x) -> float`` for ``x`` a float64 array in the box.
+            bounds: the box, ``[(lo, hi), ...]`` per dimension.
+            budget: evaluations.
+            **options: ``minimize``'s options.
+        Returns:
+            ``scipy.optimize.OptimizeResult`` (see ``learnopt.blackbox.minimize``).
+        """
         from learnopt.blackbox.session import minimize
 
         return minimize(fun, bounds, budget, proposer=self, **options)
 
     def ask_tell(self, bounds: Any, **options: Any):
-        """An ask/tell session over the box ``bounds``; see ``learnopt.blackbox.AskTellSession``."""
+        """An ask/tell session over the box ``bounds``; see ``learnopt.blackbox.AskTellSession``.
+
+        Args:
+            bounds: the box, ``[(lo, hi), ...]`` per dimension.
+            **options: ``AskTellSession``'s options (``nonfinite``, ``seed``).
+        Returns:
+            An ``AskTellSession``.
+        """
         from learnopt.blackbox.session import AskTellSession
 
         return AskTellSession(self, bounds, **options)
 
     def numpy_stepper(self) -> NumpyStepper:
         """A snapshot of the current weights that runs ``step`` for one instance in numpy (what
-        the ask/tell session uses); see ``NumpyStepper``."""
+        the ask/tell session uses).
+
+        Returns:
+            A ``NumpyStepper``.
+        """
         return NumpyStepper(self)

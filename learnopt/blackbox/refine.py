@@ -36,17 +36,35 @@ NEWTON_STEPS = 8
 
 
 def clock(count: int) -> np.ndarray:
-    """The clock the refine gate reads after ``count`` observations: ``tanh(count / τ)``."""
+    """The clock the refine gate reads after ``count`` observations: ``tanh(count / τ)``.
+
+    Args:
+        count: observations so far.
+    Returns:
+        ``[len(CLOCK_SCALES)]``.
+    """
     return np.tanh(count / np.asarray(CLOCK_SCALES))
 
 
 def basis_size(dim: int) -> int:
-    """Coefficients of a full quadratic in ``dim`` variables."""
+    """Coefficients of a full quadratic in ``dim`` variables.
+
+    Args:
+        dim: ``D``.
+    Returns:
+        ``(D + 1)(D + 2) / 2``.
+    """
     return (dim + 1) * (dim + 2) // 2
 
 
 def min_points(dim: int) -> int:
-    """Observations needed before there is a suggestion (one more than the coefficients)."""
+    """Observations needed before there is a suggestion (one more than the coefficients).
+
+    Args:
+        dim: ``D``.
+    Returns:
+        ``basis_size(D) + 1``.
+    """
     return basis_size(dim) + 1
 
 
@@ -71,7 +89,16 @@ def _zeros(xp: Any, like: Any, shape: tuple[int, ...]) -> Any:
 def quadratic_model_step(d: Any, y: Any, rho: Any, xp: Any) -> Any:
     """The trust-region step ``[..., D]`` from the best point, for observations ``y`` ``[..., M]``
     at offsets ``d`` ``[..., M, D]`` from it (the best point itself included, at 0) and radius
-    ``rho`` ``[...]``. Float64 arrays of ``xp`` (numpy or torch); batched over leading axes."""
+    ``rho`` ``[...]``. Float64 arrays of ``xp`` (numpy or torch); batched over leading axes.
+
+    Args:
+        d: ``[..., M, D]`` offsets from the best point.
+        y: ``[..., M]`` observations.
+        rho: ``[...]`` trust radius.
+        xp: ``numpy`` or ``torch``.
+    Returns:
+        ``[..., D]``.
+    """
     dim = d.shape[-1]
     rows, cols, diag = _pairs(dim)
     # Offsets scaled to unit size, so the linear and quadratic columns are of similar size.
@@ -117,14 +144,29 @@ def quadratic_model_step(d: Any, y: Any, rho: Any, xp: Any) -> Any:
 
 def update_radius(rho: Any, weight: Any, improved: Any, xp: Any) -> Any:
     """``rho`` after an observation made with gate ``weight`` (how much the query followed the
-    suggestion, in [0, 1]) that did (``improved``) or did not improve on the best so far."""
+    suggestion, in [0, 1]) that did (``improved``) or did not improve on the best so far.
+
+    Args:
+        rho: the radius.
+        weight: the gate, in [0, 1].
+        improved: whether the observation improved on the best.
+        xp: ``numpy`` or ``torch``.
+    Returns:
+        The new radius.
+    """
     factor = xp.where(improved, GROW ** weight, SHRINK ** weight)
     return xp.clip(rho * factor, RHO_MIN, RHO_MAX)
 
 
 class LocalQuadraticModel:
     """The batched history and trust radius behind ``RNNProposer(refine=True)``'s suggestion in
-    a meta-training rollout (torch, no gradient)."""
+    a meta-training rollout (torch, no gradient).
+
+    Args:
+        num_instances: ``n``.
+        dim: ``D``.
+        device: device of the radius.
+    """
 
     def __init__(self, num_instances: int, dim: int, device: torch.device) -> None:
         self.dim = dim
@@ -135,11 +177,17 @@ class LocalQuadraticModel:
 
     @property
     def count(self) -> int:
+        """Observations so far."""
         return sum(y.shape[1] for y in self.ys)
 
     def update(self, x: Tensor, y: Tensor, weight: Tensor | None) -> None:
-        """Add queries ``x`` ``[n, q, D]`` and observations ``y`` ``[n, q]``; ``weight`` ``[n]``
-        is how much they followed the suggestion (None: not at all)."""
+        """Add a step's queries and observations.
+
+        Args:
+            x: ``[n, q, D]`` queries.
+            y: ``[n, q]`` observations.
+            weight: ``[n]`` how much they followed the suggestion (None: not at all).
+        """
         x, y = x.detach().double(), y.detach().double()
         low = y.min(1).values
         if self.best is not None and weight is not None:
@@ -150,7 +198,11 @@ class LocalQuadraticModel:
 
     @torch.no_grad()
     def suggestion(self) -> Tensor | None:
-        """The model's next query ``[n, D]`` in the unit box (None until ``min_points``)."""
+        """The model's next query ``[n, D]`` in the unit box (None until ``min_points``).
+
+        Returns:
+            ``[n, D]``, or None.
+        """
         if self.count < min_points(self.dim):
             return None
         xs, ys = torch.cat(self.xs, 1), torch.cat(self.ys, 1)
@@ -165,7 +217,15 @@ class LocalQuadraticModel:
 
 
 def numpy_suggestion(xs: np.ndarray, ys: np.ndarray, rho: float) -> np.ndarray | None:
-    """``LocalQuadraticModel.suggestion`` for one instance in numpy: ``xs`` ``[t, D]``, ``ys`` ``[t]``."""
+    """``LocalQuadraticModel.suggestion`` for one instance in numpy.
+
+    Args:
+        xs: ``[t, D]`` queries.
+        ys: ``[t]`` observations.
+        rho: the trust radius.
+    Returns:
+        ``[D]``, or None before ``min_points``.
+    """
     t, dim = xs.shape
     if t < min_points(dim):
         return None
@@ -179,6 +239,7 @@ def numpy_suggestion(xs: np.ndarray, ys: np.ndarray, rho: float) -> np.ndarray |
 
 
 def numpy_update_radius(rho: float, weight: float, improved: bool) -> float:
+    """``update_radius`` for one instance, on Python numbers."""
     return float(update_radius(np.float64(rho), np.float64(weight), np.bool_(improved), np))
 
 

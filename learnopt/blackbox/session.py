@@ -17,9 +17,6 @@ behind the standardisation are kept in units of a power of two near the largest 
 largest float (``±1e308``) is mapped as ``lower·(1 − v) + upper·v``. A query that is not finite
 is never handed out (``RuntimeError``).
 
-Boxes: ``[(lower, upper), ...]`` tuples per dimension or ``scipy.optimize.Bounds`` (``as_bounds``);
-a 2×2 array is refused, since it reads as a different box as rows or as pairs.
-
 Restarts: ``seed=None`` runs the proposer in its own frame; an integer seed maps its queries
 through a random symmetry of the box (coordinates permuted and reflected), so a deterministic
 proposer gives a different, equally good run per seed. ``minimize(..., noisy=True)`` reports the
@@ -38,14 +35,10 @@ proposer trained with ``num_queries = q`` emits q queries per step and hands the
 Proposals run through a numpy snapshot of the proposer's weights taken when the session is
 created (``RNNProposer.numpy_stepper``): a sequential proposal is a few dozen operations on
 vectors of a few hundred numbers, and numpy's overhead per operation is a fraction of torch's
-(``scripts/benchmarks/numpy_stepper.py``; ``docs/blackbox``). Training the proposer further does
-not change a session that already exists.
+(``scripts/benchmarks/numpy_stepper.py``; ``docs/blackbox``). Later training does not change a session.
 
-Bad input is refused before anything changes, so a rejected call leaves the session as it was:
-a box with ``lower >= upper`` or the wrong dimension, a ``tell`` for a point never asked (or
-already told), and a NaN or infinite observation (``nonfinite="raise"``, the default) raise
-``ValueError``; with ``nonfinite="worst"`` a non-finite observation is recorded as the worst
-finite value seen so far (a failed evaluation counts as a bad one).
+Bad input (a box, a ``tell``, a non-finite observation: see ``as_bounds`` and ``tell``) is refused
+before anything changes, so a rejected call leaves the session as it was.
 """
 
 from __future__ import annotations
@@ -175,7 +168,15 @@ class _Standardizer:
 
 def check_proposer(proposer: Any, source: Any = None, caller: str = "minimize") -> None:
     """Raise ``TypeError`` unless ``proposer`` is a black-box proposer (an ``RNNProposer``), naming
-    what it is instead (``source``: the checkpoint it was loaded from, if any)."""
+    what it is instead (``source``: the checkpoint it was loaded from, if any).
+
+    Args:
+        proposer: the object to check.
+        source: the checkpoint it was loaded from, if any.
+        caller: the caller's name, for the message.
+    Raises:
+        TypeError: ``proposer`` is not a black-box proposer.
+    """
     if callable(getattr(proposer, "numpy_stepper", None)) and isinstance(getattr(proposer, "dim", None), int):
         return
     what = f"{source} holds" if source is not None else "the proposer given is"
@@ -191,12 +192,22 @@ def check_proposer(proposer: Any, source: Any = None, caller: str = "minimize") 
 class AskTellSession:
     """Ask/tell over the box ``bounds`` with a trained ``RNNProposer`` (see the module docstring).
 
-    ``seed``: None runs the proposer in its own frame (a deterministic proposer then asks the
+    With ``seed`` None the proposer runs in its own frame (a deterministic proposer then asks the
     same points every run). An integer draws a random symmetry of the box from it
     (``box_symmetry``: the coordinates permuted and each reflected or not) through which the
     proposer's queries are mapped, and seeds the exploration draws of an exploring proposer. The
     GP prior the proposer was meta-trained on is invariant under these symmetries, so each seed
-    is an equally good, independent restart."""
+    is an equally good, independent restart.
+
+    Args:
+        proposer: a trained ``RNNProposer``.
+        bounds: the box (``as_bounds``).
+        nonfinite: ``"raise"`` on a non-finite observation, or ``"worst"``: record the worst value seen.
+        seed: None, or an integer choosing the symmetry and the exploration draws (above).
+    Raises:
+        ValueError: an unknown ``nonfinite`` or bad ``bounds``.
+        TypeError: ``proposer`` is not a black-box proposer.
+    """
 
     def __init__(self, proposer: nn.Module, bounds: Any, nonfinite: str = "raise", seed: int | None = None) -> None:
         if nonfinite not in ("raise", "worst"):
@@ -228,7 +239,13 @@ class AskTellSession:
 
     def to_box(self, unit: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """A query ``unit`` ``[..., D]`` of the proposer's unit box → the user's unit box (through
-        the session's symmetry) and the user's box (clipped to it, so rounding never leaves it)."""
+        the session's symmetry) and the user's box (clipped to it, so rounding never leaves it).
+
+        Args:
+            unit: ``[..., D]`` points of the proposer's unit box.
+        Returns:
+            ``(v, x)``: the points in the user's unit box and in the user's box.
+        """
         perm, flip = self.symmetry
         v = unit[..., perm]
         v = np.where(flip, 1.0 - v, v)
@@ -239,7 +256,13 @@ class AskTellSession:
 
     # -- asking ---------------------------------------------------------------------------------
     def ask(self) -> np.ndarray:
-        """The next point to evaluate (float64 array in the user's box)."""
+        """The next point to evaluate (float64 array in the user's box).
+
+        Returns:
+            ``[D]`` float64.
+        Raises:
+            RuntimeError: the proposer produced a non-finite query (nothing is handed out).
+        """
         if not self._unasked:
             start = time.perf_counter()
             self._emit()
@@ -307,7 +330,15 @@ class AskTellSession:
         return tuple(float(v) for v in np.asarray(x, dtype=np.float64).ravel())
 
     def tell(self, x: Any, y: Any) -> None:
-        """Report the observation ``y`` of a point ``x`` returned by ``ask`` (in any order)."""
+        """Report the observation ``y`` of a point ``x`` returned by ``ask`` (in any order).
+
+        Args:
+            x: a point ``ask`` returned.
+            y: its observation, a real number.
+        Raises:
+            ValueError: ``x`` was never asked or already told, ``y`` is not a number, or ``y`` is not
+                finite (with ``nonfinite="raise"``, or before any finite value is known).
+        """
         key = self._key(x)
         if key not in self._pending:
             told = any(self._key(v) == key and self._ys[i] is not None for i, v in enumerate(self._xs))
@@ -332,6 +363,7 @@ class AskTellSession:
     # -- results --------------------------------------------------------------------------------
     @property
     def num_told(self) -> int:
+        """The number of observations told so far."""
         return sum(y is not None for y in self._ys)
 
     def result(self, noisy: bool = False) -> OptimizeResult:
@@ -346,6 +378,8 @@ class AskTellSession:
         Returns:
             ``scipy.optimize.OptimizeResult``: ``x``, ``fun``, ``xs`` ``[n, D]``, ``ys`` ``[n]``,
             ``nfev``, ``nit`` (proposer steps), ``success``, ``message``, ``time_per_proposal``.
+        Raises:
+            ValueError: nothing has been told yet.
         """
         done = [i for i, y in enumerate(self._ys) if y is not None]
         if not done:
@@ -369,7 +403,15 @@ def model_best(units: np.ndarray, ys: np.ndarray, steps: int = 100) -> tuple[int
     where a GP fitted to the observations has its lowest posterior mean, and that mean (in the
     units of ``ys``). The GP has an observation-noise variance, fitted with the lengthscales and
     signal variance by marginal likelihood (``learnopt.blackbox.gp``): the recommendation of
-    Bayesian optimisation under noise, which averages neighbours instead of trusting one draw."""
+    Bayesian optimisation under noise, which averages neighbours instead of trusting one draw.
+
+    Args:
+        units: ``[n, D]`` points in the unit box.
+        ys: ``[n]`` their observations.
+        steps: optimisation steps of the GP hyperparameter fit.
+    Returns:
+        ``(index, mean)``.
+    """
     # standardised after dividing by a power of two near the largest magnitude (exact, no overflow)
     _, exponent = np.frexp(np.abs(ys).max())
     y = np.ldexp(ys, -int(exponent))
@@ -389,7 +431,13 @@ def model_best(units: np.ndarray, ys: np.ndarray, steps: int = 100) -> tuple[int
 
 def training_horizon(proposer: Any) -> int | None:
     """The number of evaluations per episode the proposer was meta-trained with, read from the
-    metadata of the checkpoint it was loaded from (None for a proposer that was not loaded)."""
+    metadata of the checkpoint it was loaded from (None for a proposer that was not loaded).
+
+    Args:
+        proposer: a proposer, loaded or not.
+    Returns:
+        The horizon, or None.
+    """
     meta = getattr(proposer, "checkpoint_metadata", None) or {}
     horizon = ((meta.get("task_family") or {}).get("init_args") or {}).get("horizon")
     return int(horizon) if isinstance(horizon, int) and not isinstance(horizon, bool) else None
