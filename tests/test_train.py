@@ -151,6 +151,7 @@ def test_every_config_builds_its_meta_train_module(config, monkeypatch):
                        args=["--config", str(config), "--trainer.logger", "false", "--trainer.callbacks", "[]",
                              "--trainer.enable_checkpointing", "false"])
     module = cli.model
+    assert "task_family" not in cli.config.model.estimator.init_args  # given once, as model.task_family
     assert isinstance(module.estimator, GradientEstimator)
     assert module.estimator.task_family is module.task_family and module.estimator.seed == module.hparams.seed
     spec = module.estimator.spec()

@@ -283,9 +283,28 @@ class GradientEstimator:
         return loss
 
     def init_unroll(self, lopt: nn.Module, episode: int = 0) -> UnrollState:
+        """Start episode ``episode``: draw its tasks and their initial state.
+
+        Args:
+            lopt: the learned optimizer (its device is the state's).
+            episode: the episode's index in the seed stream.
+
+        Returns:
+            The carried state at inner step 0.
+        """
         raise NotImplementedError
 
     def estimate(self, lopt: nn.Module, state: UnrollState | None = None) -> GradientEstimate:
+        """One meta-gradient estimate, continuing ``state``.
+
+        Args:
+            lopt: the learned optimizer; its parameters that require grad are φ.
+            state: the carried state (``None``: ``init_unroll(lopt)``).
+
+        Returns:
+            A ``GradientEstimate``: meta-loss, ∂L/∂φ by parameter name, the next carried state,
+            metrics, and whether the estimate is finite (zero gradients when not).
+        """
         raise NotImplementedError
 
     def save_unroll(self, state: UnrollState) -> dict[str, Any]:

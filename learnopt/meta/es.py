@@ -47,7 +47,17 @@ class _BoundOptimizer(nn.Module):
 
 def call_with_weights(lopt: nn.Module, weights: dict[str, Tensor], fn: Callable[..., Any], *args: Any) -> Any:
     """``fn(lopt, *args)`` with ``lopt``'s parameters replaced by ``weights`` for the duration
-    of the call (``torch.func.functional_call``; ``lopt`` itself is not modified)."""
+    of the call (``torch.func.functional_call``; ``lopt`` itself is not modified).
+
+    Args:
+        lopt: the module whose parameters are replaced.
+        weights: replacement tensors by parameter name (a subset of ``named_parameters``).
+        fn: called as ``fn(lopt, *args)`` while the replacement holds.
+        *args: passed on to ``fn``.
+
+    Returns:
+        What ``fn`` returns.
+    """
     return torch.func.functional_call(
         _BoundOptimizer(lopt), {f"lopt.{n}": w for n, w in weights.items()}, (fn, *args)
     )

@@ -12,7 +12,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_only
 from jsonargparse import ArgumentError
 
@@ -78,7 +78,22 @@ class SaveConfigToRunDir(SaveConfigCallback):
                 experiment.config.update({"cli": plain}, allow_val_change=True)
 
 
+class MetaTrainParser(LightningArgumentParser):
+    """LightningCLI's parser, without the estimator's ``task_family`` among the options: the
+    family is given once, as ``model.task_family``, and ``MetaTrainModule`` binds it into the
+    estimator."""
+
+    def add_class_arguments(self, theclass: Any, nested_key: str | None = None, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(theclass, type) and issubclass(theclass, MetaTrainModule):
+            kwargs["skip"] = set(kwargs.get("skip") or ()) | {"estimator.init_args.task_family"}
+        return super().add_class_arguments(theclass, nested_key, *args, **kwargs)
+
+
 class MetaTrainCLI(LightningCLI):
+    def __init__(self, *args: Any, parser_class: type[LightningArgumentParser] = MetaTrainParser,
+                 **kwargs: Any) -> None:
+        super().__init__(*args, parser_class=parser_class, **kwargs)
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument(
             "--ckpt_path", default=None,
