@@ -1,0 +1,170 @@
+"""The compiled inner step (``learnopt.meta.compiled``) against the eager ``inner_step``: the same
+truncation meta-loss, meta-gradients to 1e-5 relative, the same forward-only runs under
+perturbed weights (what ES and PES run), and no recompilation as truncations advance or as
+the weights are perturbed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from learnopt.learned import CoordinatewiseLSTM, FeatureMLPOptimizer
+from learnopt.meta.compiled import compile_report, compiled_inner_step, compiled_steps, compiler_available
+from learnopt.meta.unroll import inner_step
+from learnopt.optim.base import detach_state
+from tasks.mlp import MLPTask
+from tasks.quadratic import QuadraticFamily
+
+pytestmark = pytest.mark.skipif(not compiler_available(),
+                                reason="torch.compile's CPU backend (inductor) needs a C++ compiler")
+
+K = 3
+RTOL = 1e-5
+
+
+def small_lstm() -> CoordinatewiseLSTM:
+    torch.manual_seed(0)
+    return CoordinatewiseLSTM(hidden_size=4, num_layers=2, preprocess="log_sign", output_scale=0.1)
+
+
+def small_mlp_lopt() -> FeatureMLPOptimizer:
+    torch.manual_seed(0)
+    return FeatureMLPOptimizer(hidden_sizes=(8,), momentum_decays=(0.5, 0.9), step_timescales=(1.0, 10.0),
+                               output_init_scale=1.0, step_mult=0.1, batch_dims=1)
+
+
+def quadratic_task(generator: torch.Generator):
+    return QuadraticFamily(dim=3).sample(2, generator)
+
+
+def mlp_task(generator: torch.Generator) -> MLPTask:
+    x = torch.randn(16, 4, generator=generator)
+    y = torch.randint(3, (16,), generator=generator)
+    return MLPTask((4, 5, 3), "tanh", x, y, batch_size=8, n=2)
+
+
+OPTIMIZERS = {"lstm": small_lstm, "mlp_lopt": small_mlp_lopt}
+TASKS = {"quadratic": quadratic_task, "mlp": mlp_task}
+
+
+def truncation(step, lopt, task, params, opt_state, generator, k=K):
+    """K steps from ``params``; returns the truncation meta-loss (mean loss after each step), the
+    carried (detached) parameters and state."""
+    params = {n: p.detach().requires_grad_(True) for n, p in params.items()}
+    terms = []
+    for _ in range(k):
+        loss, params, opt_state = step(lopt, task, params, opt_state, task.sample_batch(generator))
+        terms.append(loss.mean())
+    terms.append(task.loss(params, task.sample_batch(generator)).mean())
+    meta_loss = torch.stack(terms[1:]).mean()
+    return meta_loss, ({n: p.detach() for n, p in params.items()}, detach_state(opt_state))
+
+
+def relative_error(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    scale = max(float(x.abs().max()) for x in b)
+    return max(float((x - y).abs().max()) for x, y in zip(a, b)) / scale
+
+
+def graphs() -> int:
+    return sum(r["graphs"] for r in compile_report().values())
+
+
+def start(lopt_name, task_name):
+    lopt = OPTIMIZERS[lopt_name]()
+    generator = torch.Generator().manual_seed(1)
+    task = TASKS[task_name](generator)
+    params = task.init(generator)
+    with torch.no_grad():
+        opt_state = lopt.init(params)
+    return lopt, task, params, opt_state
+
+
+def generator_copy(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.mark.parametrize("lopt_name, task_name", [("lstm", "quadratic"), ("mlp_lopt", "quadratic"),
+                                                  ("lstm", "mlp"), ("mlp_lopt", "mlp")])
+def test_truncated_bptt_matches_eager_without_recompiles(lopt_name, task_name):
+    lopt, task, params, opt_state = start(lopt_name, task_name)
+    weights = list(lopt.parameters())
+    carried = {"eager": (params, opt_state), "compiled": (params, opt_state)}
+    for t in range(3):  # three truncations, each continuing the last
+        results = {}
+        for name, step in (("eager", inner_step), ("compiled", compiled_inner_step)):
+            before = graphs()
+            loss, carried[name] = truncation(step, lopt, task, *carried[name], generator_copy(t))
+            results[name] = (loss, torch.autograd.grad(loss, weights, allow_unused=True), graphs() - before)
+        (loss_e, grads_e, _), (loss_c, grads_c, compiled) = results["eager"], results["compiled"]
+        assert torch.allclose(loss_c, loss_e, rtol=RTOL, atol=0)
+        assert relative_error(grads_c, grads_e) < RTOL
+        if t > 0:
+            assert compiled == 0, "a later truncation recompiled"
+
+
+def perturbed_run(lopt, weights, task, params, opt_state, step):
+    def body(module, *args):
+        loss, _ = truncation(step, module, *args)
+        return loss
+
+    return torch.func.functional_call(lopt, weights, (), strict=True, tie_weights=False) if False else \
+        _call_with_weights(lopt, weights, body, task, params, opt_state, generator_copy(7))
+
+
+class _Bound(torch.nn.Module):
+    def __init__(self, lopt):
+        super().__init__()
+        self.lopt = lopt
+
+    def forward(self, fn, *args):
+        return fn(self.lopt, *args)
+
+
+def _call_with_weights(lopt, weights, fn, *args):
+    return torch.func.functional_call(_Bound(lopt), {f"lopt.{n}": w for n, w in weights.items()}, (fn, *args))
+
+
+@pytest.mark.parametrize("lopt_name", ["lstm", "mlp_lopt"])
+def test_forward_only_under_perturbed_weights_matches_eager_without_recompiles(lopt_name):
+    lopt, task, params, opt_state = start(lopt_name, "quadratic")
+    phi = {n: w.detach() for n, w in lopt.named_parameters()}
+    noise = torch.Generator().manual_seed(3)
+    for i in range(3):
+        eps = {n: 0.01 * torch.randn(w.shape, generator=noise) for n, w in phi.items()}
+        member = {n: phi[n] + eps[n] for n in phi}
+        eager = perturbed_run(lopt, member, task, params, opt_state, inner_step)
+        before = graphs()
+        compiled = perturbed_run(lopt, member, task, params, opt_state, compiled_inner_step)
+        assert torch.allclose(compiled, eager, rtol=RTOL, atol=0)
+        if i > 0:
+            assert graphs() == before, "perturbed weights recompiled"
+
+
+def test_compiled_steps_region_matches_eager():
+    lopt, task, params, opt_state = start("lstm", "quadratic")
+    weights = list(lopt.parameters())
+    p = {n: x.detach().requires_grad_(True) for n, x in params.items()}
+    losses, new_params, _ = compiled_steps(lopt, task, p, opt_state, [None] * K)
+    grads_c = torch.autograd.grad(losses.mean() + new_params["theta"].square().mean(), weights)
+    eager = []
+    q, s = p, opt_state
+    for _ in range(K):
+        loss, q, s = inner_step(lopt, task, q, s)
+        eager.append(loss)
+    grads_e = torch.autograd.grad(torch.stack(eager).mean() + q["theta"].square().mean(), weights)
+    assert torch.allclose(losses, torch.stack(eager), rtol=RTOL, atol=0)
+    assert relative_error(grads_c, grads_e) < RTOL
+
+
+def test_second_order_matches_eager():
+    lopt, task, params, opt_state = start("mlp_lopt", "quadratic")
+    weights = list(lopt.parameters())
+    grads = {}
+    for name, step in (("eager", inner_step), ("compiled", compiled_inner_step)):
+        p = {n: x.detach().requires_grad_(True) for n, x in params.items()}
+        s, terms = opt_state, []
+        for _ in range(K):
+            loss, p, s = step(lopt, task, p, s, None, True)
+            terms.append(loss.mean())
+        grads[name] = torch.autograd.grad(torch.stack(terms).mean(), weights)
+    assert relative_error(grads["compiled"], grads["eager"]) < RTOL
