@@ -268,6 +268,12 @@ class ES(PerturbationEstimator):
     truncations. ``sigma`` perturbs the raw parameters (a ``LearnedHyperparameters`` lr is
     perturbed in log space). A non-finite meta-loss of any member, or of the reference run,
     drops the estimate (``finite=False``, zero gradients) and starts a new episode.
+
+    Args: as ``PerturbationEstimator``'s, e.g. ``ES(num_pairs=8, sigma=0.01, unroll_length=20,
+    horizon=100)``.
+
+    References:
+        Salimans et al. 2017, arXiv 1703.03864; Metz et al. 2019, arXiv 1810.10180.
     """
 
     def init_unroll(self, lopt: nn.Module, episode: int = 0) -> ESState:

@@ -64,6 +64,12 @@ class PES(PerturbationEstimator):
     Distributed, each rank holds the particles of its own pairs only (``PerturbationEstimator``).
     A non-finite loss in any particle drops the estimate (``finite=False``, zero gradients)
     and restarts every particle in a new episode.
+
+    Args: as ``PerturbationEstimator``'s, e.g. ``PES(num_pairs=4, sigma=0.01, horizon=500,
+    schedule=UniformSchedule(25, 75))``.
+
+    References:
+        Vicol, Metz & Sohl-Dickstein 2021, arXiv 2112.13835.
     """
 
     def init_unroll(self, lopt: nn.Module, episode: int = 0) -> PESState:
