@@ -190,7 +190,8 @@ def update_config(path: str | os.PathLike, note: str, **fields: Any) -> Path:
         raise CheckpointError(f"learnopt checkpoint {path}: {fields} does not fit {payload['class']} "
                               f"or would change the weights' names or shapes: {e}") from e
     changes = payload["metadata"].get("config_changes", [])
-    payload["metadata"] = {**payload["metadata"], "config_changes": [*changes, _plain({"fields": fields, "note": note})]}
+    change = _plain({"fields": fields, "note": note})
+    payload["metadata"] = {**payload["metadata"], "config_changes": [*changes, change]}
     payload["config"] = _plain(obj.config())
     return _atomic_save(payload, path)
 
@@ -231,7 +232,8 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             f"(checkpoints are loaded with weights_only=True and never run code): {detail}"
         ) from e
     except Exception as e:  # truncated zip, random bytes, ...
-        raise CheckpointError(f"learnopt checkpoint {path}: corrupt or not a torch file ({type(e).__name__}: {e})") from e
+        raise CheckpointError(
+            f"learnopt checkpoint {path}: corrupt or not a torch file ({type(e).__name__}: {e})") from e
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         what = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
         raise CheckpointError(f"learnopt checkpoint {path}: not a learnopt checkpoint (format {what!r})")

@@ -33,14 +33,17 @@ class Benchmark:
 
     @property
     def dim(self) -> int:
+        """The dimension of the domain."""
         return len(self._bounds[0])
 
     @property
     def bounds(self) -> Tensor:
+        """``[2, dim]`` float64: lower row, upper row."""
         return torch.tensor(self._bounds, dtype=torch.float64)
 
     @property
     def minimizers(self) -> Tensor:
+        """``[k, dim]`` float64: the published global minimisers."""
         return torch.tensor(self._minimizers, dtype=torch.float64)
 
     def __call__(self, x: Tensor) -> Tensor:
@@ -49,10 +52,24 @@ class Benchmark:
         return self._f(x)
 
     def from_unit(self, u: Tensor) -> Tensor:
+        """``u`` in ``[0, 1]^dim`` mapped affinely onto the domain.
+
+        Args:
+            u: ``[..., dim]``.
+        Returns:
+            ``[..., dim]`` in the domain.
+        """
         b = self.bounds.to(dtype=u.dtype, device=u.device)
         return b[0] + u * (b[1] - b[0])
 
     def unit(self, u: Tensor) -> Tensor:
+        """``f(from_unit(u))``.
+
+        Args:
+            u: ``[..., dim]`` in the unit box.
+        Returns:
+            ``[...]``.
+        """
         return self(self.from_unit(u))
 
     def _f(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract

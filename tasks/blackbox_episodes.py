@@ -36,8 +36,15 @@ LOSS_SCALES = ("raw", "normalized", "log")
 
 
 def normalized_regret(best: Tensor, minimum: Tensor, median: Tensor) -> Tensor:
-    """``(best − minimum) / (median − minimum)`` per problem: ``best`` ``[n, ...]``, ``minimum``
-    and ``median`` ``[n]``."""
+    """``(best − minimum) / (median − minimum)`` per problem.
+
+    Args:
+        best: ``[n, ...]`` values.
+        minimum: ``[n]``.
+        median: ``[n]``.
+    Returns:
+        ``[n, ...]``.
+    """
     shape = (-1,) + (1,) * (best.dim() - 1)
     return (best - minimum.view(shape)) / (median - minimum).view(shape)
 
@@ -56,7 +63,13 @@ def _bowl(x: Tensor, a: Tensor, c: Tensor, m: Tensor | None = None) -> Tensor:
 
 @dataclass
 class HeldOutGP:
-    """``n`` deterministic GP-prior functions with their minimum and median estimates."""
+    """``n`` deterministic GP-prior functions with their minimum and median estimates.
+
+    Args:
+        functions: the RFF functions.
+        minimum: ``[n]`` estimates of their minima over the box.
+        median: ``[n]`` their medians over the box.
+    """
 
     functions: RFFSample
     minimum: Tensor  # [n]
@@ -66,11 +79,23 @@ class HeldOutGP:
         return self.functions(x.to(self.functions.omega.dtype))
 
     def normalized_regret(self, best: Tensor) -> Tensor:
-        """``best`` ``[n, ...]`` → ``(best − min) / (median − min)``."""
+        """``(best − min) / (median − min)``.
+
+        Args:
+            best: ``[n, ...]`` values.
+        Returns:
+            ``[n, ...]``.
+        """
         return normalized_regret(best, self.minimum, self.median)
 
     def to(self, device: torch.device | str) -> HeldOutGP:
-        """The same functions and estimates on ``device`` (the proposer's, for validation)."""
+        """The same functions and estimates on ``device`` (the proposer's, for validation).
+
+        Args:
+            device: the device.
+        Returns:
+            A ``HeldOutGP``.
+        """
         return HeldOutGP(self.functions.to(device), self.minimum.to(device), self.median.to(device))
 
 
@@ -82,7 +107,17 @@ def _device_of(model: nn.Module) -> torch.device:
 def held_out_gp(family: GPFunctionFamily, num_functions: int, split: str, seed: int = 0,
                 num_features: int | None = None) -> HeldOutGP:
     """``num_functions`` RFF functions from the seed stream ``(split, seed)`` with their minimum
-    (``tasks.gp_functions.min_estimate``) and median over the box."""
+    (``tasks.gp_functions.min_estimate``) and median over the box.
+
+    Args:
+        family: the GP prior.
+        num_functions: ``n``.
+        split: the seed stream's name (``"val"``, ``"test"``).
+        seed: the seed.
+        num_features: RFF features (None: the family's default).
+    Returns:
+        A ``HeldOutGP``.
+    """
     generator = seeded_generator(split, seed, family.dim)
     functions = family.rff(num_functions, generator, num_features=num_features)
     minimum, _ = functions.min_estimate(generator=generator)
@@ -99,6 +134,29 @@ class GPProposerEpisodes:
     (``tasks.gp_functions.GPFunctionFamily``). ``val_functions`` held-out RFF functions from the
     ``"val"`` stream give ``validation_score``: the median normalised regret at the horizon
     (lower is better; logged as ``val/median_regret``).
+
+    Args:
+        dim: the dimension of the box.
+        horizon: evaluations per episode.
+        loss: ``"sum"``, ``"oi"`` or ``"ei"`` (``learnopt.blackbox.losses``).
+        lengthscale_range: ``(low, high)`` of the GP lengthscales.
+        signal_variance: the GP's signal variance.
+        noise: observation-noise variance.
+        sampler: ``"lazy"`` (exact GP samples, queried lazily) or ``"rff"`` (random Fourier features).
+        val_functions: held-out functions of ``validation_score``.
+        seed: the validation seed.
+        bowl_fraction: fraction of episodes with an added bowl (``bowls``).
+        bowl_curvature: ``(low, high)`` of the bowl's curvature ``a``.
+        bowl_shape: ``"round"`` or ``"elongated"``.
+        warp_fraction: fraction of episodes with a warped observation (``warps``).
+        warp_strength: ``s``, the warp's range.
+        loss_scale: ``"raw"``, ``"normalized"`` (normalised regret) or ``"log"`` (log of the best).
+        log_eps: added before the log.
+    Raises:
+        ValueError: an unknown option, or options that do not go together (``"ei"`` needs
+            ``"lazy"`` and no bowls or warps; a scaled loss needs ``"rff"``; ``"log"`` needs ``"oi"``).
+    References:
+        Chen et al. 2017, arXiv 1611.03824.
     """
 
     validation_name = "median_regret"
@@ -179,7 +237,15 @@ class GPProposerEpisodes:
         round basins. A zero-mean stationary GP sample has its minimum over the box on the box's
         boundary far more often than a typical test function, and a proposer trained on those
         alone learns to search the faces and edges of the box (``docs/blackbox/training.md``).
-        Returns ``(a [n], c [n, dim], M [n, dim, dim] or None)`` or None."""
+
+        Returns:
+            ``(a [n], c [n, dim], M [n, dim, dim] or None)``, or None without bowls.
+
+        Args:
+            num_episodes: ``n``.
+            generator: the source of the draw.
+            dtype: the dtype.
+        """
         if self.bowl_fraction == 0.0:
             return None
         u = torch.rand(num_episodes, 2, generator=generator, dtype=dtype)
@@ -201,15 +267,35 @@ class GPProposerEpisodes:
         (``s = warp_strength``; ``k = 0`` elsewhere, ``w(f) = f``). ``w`` is increasing, so the
         minimiser is the same, but the observed values are skewed and heavy-tailed (``k > 0``:
         flat valleys and steep walls, as in Branin; ``k < 0``: a sharp minimum). The meta-loss is
-        scored on ``f`` itself, so every episode keeps the GP prior's scale. Returns ``k`` [n] or
-        None."""
+        scored on ``f`` itself, so every episode keeps the GP prior's scale.
+
+        Returns:
+            ``k`` ``[n]``, or None without warps.
+
+        Args:
+            num_episodes: ``n``.
+            generator: the source of the draw.
+            dtype: the dtype.
+        """
         if self.warp_fraction == 0.0:
             return None
         u = torch.rand(num_episodes, 2, generator=generator, dtype=dtype)
-        return torch.where(u[:, 0] < self.warp_fraction, self.warp_strength * (2 * u[:, 1] - 1), torch.zeros_like(u[:, 1]))
+        k = self.warp_strength * (2 * u[:, 1] - 1)
+        return torch.where(u[:, 0] < self.warp_fraction, k, torch.zeros_like(u[:, 1]))
 
     def meta_loss(self, model: nn.Module, num_episodes: int,
                   generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
+        """The meta-loss of one batch of episodes (``loss``, scaled by ``loss_scale``).
+
+        Args:
+            model: the proposer (``RNNProposer``).
+            num_episodes: episodes in the batch.
+            generator: draws the functions, bowls, warps and noise.
+        Returns:
+            ``(loss, metrics)``: a differentiable scalar and ``best_final``, ``mean_y`` (and ``regret_final``).
+        Raises:
+            ValueError: the proposer's dimension differs.
+        """
         self._check(model)
         eis: list[Tensor] = []
         unwarped: list[Tensor] = []
@@ -281,13 +367,27 @@ class GPProposerEpisodes:
         return loss.to(model.dtype) if hasattr(model, "dtype") else loss, metrics
 
     def validation_set(self) -> HeldOutGP:
+        """The held-out validation functions (built once, then cached).
+
+        Returns:
+            A ``HeldOutGP``.
+        """
         if self._val is None:
             self._val = held_out_gp(self.gp, self.val_functions, "val", self.seed)
         return self._val
 
     @torch.no_grad()
     def validation_score(self, model: nn.Module, generator: Any = None) -> float:
-        """Median normalised regret at the horizon on the fixed validation functions."""
+        """Median normalised regret at the horizon on the fixed validation functions.
+
+        Args:
+            model: the proposer.
+            generator: unused (the noise stream is fixed).
+        Returns:
+            The score.
+        Raises:
+            ValueError: the proposer's dimension differs.
+        """
         self._check(model)
         val = self.validation_set().to(_device_of(model))
         _, ys = model.rollout(val, self.val_functions, self.horizon, generator=seeded_generator("val-noise", self.seed))

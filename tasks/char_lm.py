@@ -32,7 +32,15 @@ MODELS = ("mlp", "rnn")
 
 def load_corpus(corpus: str) -> str:
     """The text of a bundled corpus (``"python_docs"`` is ``tasks/data/python_docs.txt``) or of a
-    text file at the path ``corpus``."""
+    text file at the path ``corpus``.
+
+    Args:
+        corpus: a bundled corpus name or a path.
+    Returns:
+        The text.
+    Raises:
+        FileNotFoundError: neither exists.
+    """
     path = DATA_DIR / f"{corpus}.txt"
     if not path.is_file():
         path = Path(corpus).expanduser()
@@ -49,7 +57,20 @@ class CharLMTask:
     A batch is ``[n, batch_size, context + 1]`` windows of tokens (instance ``k``'s own windows).
     Parameters (``V`` vocabulary, ``e`` embedding, ``h`` hidden, ``T`` context), all with a
     leading ``n``: ``embed`` [V, e]; ``"mlp"``: ``w0`` [T e, h], ``b0`` [h], ``w1`` [h, V], ``b1`` [V];
-    ``"rnn"``: ``w_ih`` [e, h], ``w_hh`` [h, h], ``b_h`` [h], ``w_out`` [h, V], ``b_out`` [V]."""
+    ``"rnn"``: ``w_ih`` [e, h], ``w_hh`` [h, h], ``b_h`` [h], ``w_out`` [h, V], ``b_out`` [V].
+
+    Args:
+        model: ``"mlp"`` or ``"rnn"``.
+        context: ``T``, characters read.
+        embed_dim: ``e``.
+        hidden_size: ``h``.
+        vocab_size: ``V``.
+        tokens: ``[N]`` int64, the corpus.
+        batch_size: windows per instance and step.
+        n: number of instances.
+        eval_windows: fixed windows of ``full_loss``.
+        dtype: dtype of the parameters.
+    """
 
     model: str
     context: int
@@ -64,6 +85,7 @@ class CharLMTask:
 
     @property
     def num_instances(self) -> int:
+        """Number of models ``n``."""
         return self.n
 
     @property
@@ -72,6 +94,13 @@ class CharLMTask:
         return math.log(self.vocab_size)
 
     def normalize(self, loss: Tensor) -> Tensor:
+        """The loss divided by ``loss_scale``.
+
+        Args:
+            loss: losses of this family's tasks.
+        Returns:
+            ``loss / loss_scale``.
+        """
         return loss / self.loss_scale
 
     def _shapes(self) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -86,12 +115,20 @@ class CharLMTask:
         return shapes
 
     def init(self, generator: torch.Generator | None = None) -> Params:
+        """torch.nn's default initialisation of each layer (``nn.Embedding``: N(0, 1)).
+
+        Args:
+            generator: the source of the draw (None: the global generator); drawn on its device.
+        Returns:
+            ``{name: [n, ...]}`` (the class docstring's shapes).
+        """
         params = {}
         for name, (shape, fan) in self._shapes().items():
             if fan == "normal":
                 p = torch.randn((self.n, *shape), generator=generator, device=generator_device(generator))
             else:
-                p = (torch.rand((self.n, *shape), generator=generator, device=generator_device(generator)) * 2 - 1) / math.sqrt(fan)
+                u = torch.rand((self.n, *shape), generator=generator, device=generator_device(generator))
+                p = (u * 2 - 1) / math.sqrt(fan)
             params[name] = p.to(device=self.tokens.device, dtype=self.dtype)
         return params
 
@@ -99,8 +136,16 @@ class CharLMTask:
         return self.tokens[starts[..., None] + torch.arange(self.context + 1, device=self.tokens.device)]
 
     def sample_batch(self, generator: torch.Generator | None = None) -> Tensor:
+        """Random windows, ``batch_size`` per instance.
+
+        Args:
+            generator: the source of the draw (None: the global generator); drawn on its device.
+        Returns:
+            ``[n, batch_size, context + 1]`` int64 windows.
+        """
         high = len(self.tokens) - self.context
-        starts = torch.randint(high, (self.n, self.batch_size), generator=generator, device=generator_device(generator)).to(self.tokens.device)
+        starts = torch.randint(high, (self.n, self.batch_size), generator=generator, device=generator_device(generator))
+        starts = starts.to(self.tokens.device)
         return self._windows(starts)
 
     def _embed(self, params: Params, idx: Tensor) -> Tensor:
@@ -111,8 +156,14 @@ class CharLMTask:
         return E[torch.arange(self.n, device=idx.device)[:, None, None], idx]
 
     def logits(self, params: Params, inputs: Tensor) -> Tensor:
-        """``"mlp"``: [n, B, V] for the character after ``inputs``; ``"rnn"``: [n, B, T, V], one per
-        position. ``inputs``: [n, B, T] or shared [B, T] token ids."""
+        """``"mlp"``: the logits of the character after ``inputs``; ``"rnn"``: one per position.
+
+        Args:
+            params: the parameters.
+            inputs: ``[n, B, T]`` or shared ``[B, T]`` token ids.
+        Returns:
+            ``[n, B, V]`` (``"mlp"``) or ``[n, B, T, V]`` (``"rnn"``).
+        """
         x = self._embed(params, inputs)
         n, B, T, e = x.shape
         if self.model == "mlp":
@@ -129,7 +180,14 @@ class CharLMTask:
 
     def loss(self, params: Params, batch: Any = None) -> Tensor:
         """Mean next-character cross-entropy of each instance on its windows (the evaluation
-        windows when ``batch`` is ``None``)."""
+        windows when ``batch`` is ``None``).
+
+        Args:
+            params: the parameters, as ``init`` returns them.
+            batch: ``[n, B, context + 1]`` or shared ``[B, context + 1]`` windows; None: the evaluation windows.
+        Returns:
+            ``[num_instances]`` losses.
+        """
         windows = self._eval_windows() if batch is None else batch
         logits = self.logits(params, windows[..., :-1])
         targets = windows[..., -1] if self.model == "mlp" else windows[..., 1:]
@@ -148,11 +206,24 @@ class CharLMTask:
     def full_loss(self, params: Params) -> Tensor:
         """Mean loss over ``eval_windows`` fixed windows spread evenly over the corpus, starting at
         ``floor(j * (T - context - 1) / (eval_windows - 1))`` (the same for every instance): all
-        125,000 windows at every step would dominate an evaluation."""
+        125,000 windows at every step would dominate an evaluation.
+
+        Args:
+            params: the parameters.
+        Returns:
+            ``[num_instances]`` losses on the evaluation windows.
+        """
         return self.loss(params, None)
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> CharLMTask:
-        """On ``device``; ``dtype`` is that of the parameters ``init`` returns (tokens stay integers)."""
+        """On ``device``; ``dtype`` is that of the parameters ``init`` returns (tokens stay integers).
+
+        Args:
+            device: the device of the data (None: unchanged).
+            dtype: the dtype of the parameters (None: unchanged).
+        Returns:
+            A ``CharLMTask`` with the same instances.
+        """
         return CharLMTask(self.model, self.context, self.embed_dim, self.hidden_size, self.vocab_size,
                           self.tokens.to(device), self.batch_size, self.n, self.eval_windows, dtype or self.dtype)
 
@@ -161,7 +232,22 @@ class CharLMFamily:
     """Character-level language models (``model="mlp"`` or ``"rnn"``, see the module docstring)
     on ``corpus`` (a bundled corpus name or a text file), reading ``context`` characters.
     Instances differ in initial weights and windows. The vocabulary is the corpus's sorted set
-    of characters (``vocab``). ``normalize`` divides by log V."""
+    of characters (``vocab``). ``normalize`` divides by log V.
+
+    Args:
+        model: ``"mlp"`` or ``"rnn"``.
+        context: characters read.
+        embed_dim: embedding size.
+        hidden_size: hidden units.
+        batch_size: windows per instance and step.
+        corpus: a bundled corpus name or a text file.
+        eval_windows: fixed windows of ``full_loss``.
+    Raises:
+        ValueError: an unknown model, a size below 1, or a corpus too short for ``context``.
+        FileNotFoundError: no such corpus.
+    References:
+        Bengio et al. 2003, JMLR 3 (``"mlp"``); Elman 1990 (``"rnn"``).
+    """
 
     def __init__(
         self,
@@ -192,10 +278,26 @@ class CharLMFamily:
         self.name = f"charlm_{Path(corpus).stem}_{model}{hidden_size}_ctx{context}"
 
     def normalize(self, loss: Tensor) -> Tensor:
+        """The loss divided by ``loss_scale``.
+
+        Args:
+            loss: losses of this family's tasks.
+        Returns:
+            ``loss / loss_scale``.
+        """
         return loss / self.loss_scale
 
     def sample(self, num_instances: int, generator: torch.Generator | None = None) -> Task:
-        """A ``CharLMTask`` of ``num_instances`` instances."""
+        """A ``CharLMTask`` of ``num_instances`` instances.
+
+        Args:
+            num_instances: ``n``.
+            generator: the source of the draw (None: the global generator); drawn on its device.
+        Returns:
+            A ``CharLMTask`` of ``n`` instances.
+        Raises:
+            ValueError: ``num_instances < 1``.
+        """
         if num_instances < 1:
             raise ValueError(f"CharLMFamily.sample: num_instances must be >= 1, got {num_instances}")
         return CharLMTask(self.model, self.context, self.embed_dim, self.hidden_size, len(self.vocab), self.tokens,

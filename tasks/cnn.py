@@ -25,7 +25,15 @@ ACTIVATIONS = {"relu": torch.relu, "tanh": torch.tanh, "sigmoid": torch.sigmoid}
 
 
 def conv_output_length(length: int, kernel_size: int, stride: int) -> int:
-    """Length after a ``Conv1d`` with padding ``kernel_size // 2``."""
+    """Length after a ``Conv1d`` with padding ``kernel_size // 2``.
+
+    Args:
+        length: input length.
+        kernel_size: the kernel size.
+        stride: the stride.
+    Returns:
+        The output length.
+    """
     return (length + 2 * (kernel_size // 2) - kernel_size) // stride + 1
 
 
@@ -35,7 +43,19 @@ class CNNTask:
 
     Parameters: ``conv{i}_w`` [n, c_out, c_in, k], ``conv{i}_b`` [n, c_out] (stride ``stride``,
     padding ``k // 2``, then the activation), ``fc_w`` [n, c_last * L_last, C], ``fc_b`` [n, C]
-    on the flattened (channel-major) feature map. Loss: mean cross-entropy."""
+    on the flattened (channel-major) feature map. Loss: mean cross-entropy.
+
+    Args:
+        channels: output channels of each convolution.
+        kernel_size: the kernel size.
+        stride: the stride.
+        activation: ``"relu"``, ``"tanh"`` or ``"sigmoid"``.
+        num_classes: ``C``.
+        x: ``[N, L]`` training signals.
+        y: ``[N]`` labels.
+        batch_size: ``B``.
+        n: number of instances.
+    """
 
     channels: tuple[int, ...]
     kernel_size: int
@@ -49,6 +69,7 @@ class CNNTask:
 
     @property
     def num_instances(self) -> int:
+        """Number of CNNs ``n``."""
         return self.n
 
     @property
@@ -57,6 +78,13 @@ class CNNTask:
         return math.log(self.num_classes)
 
     def normalize(self, loss: Tensor) -> Tensor:
+        """The loss divided by ``loss_scale``.
+
+        Args:
+            loss: losses of this family's tasks.
+        Returns:
+            ``loss / loss_scale``.
+        """
         return loss / self.loss_scale
 
     def _shapes(self) -> dict[str, tuple[tuple[int, ...], int]]:
@@ -72,15 +100,30 @@ class CNNTask:
         return shapes
 
     def init(self, generator: torch.Generator | None = None) -> Params:
+        """PyTorch's default initialisation of ``Conv1d`` and ``Linear``: U(±1/√fan_in).
+
+        Args:
+            generator: the source of the draw (None: the global generator); drawn on its device.
+        Returns:
+            ``{name: [n, ...]}`` (the class docstring's shapes).
+        """
         params = {}
         for name, (shape, fan_in) in self._shapes().items():
             bound = 1.0 / math.sqrt(fan_in)  # torch.nn.Conv1d's and Linear's default range
-            u = torch.rand((self.n, *shape), generator=generator, device=generator_device(generator), dtype=torch.float32)
+            u = torch.rand((self.n, *shape), generator=generator, device=generator_device(generator),
+                           dtype=torch.float32)
             params[name] = ((u * 2 - 1) * bound).to(self.x)
         return params
 
     def logits(self, params: Params, x: Tensor) -> Tensor:
-        """``x``: [n, B, L] (per-instance batches) or [B, L] (shared) -> logits [n, B, C]."""
+        """The logits of every instance.
+
+        Args:
+            params: the parameters.
+            x: ``[n, B, L]`` per-instance batches or ``[B, L]`` shared.
+        Returns:
+            ``[n, B, C]``.
+        """
         n = self.n
         h = x.transpose(0, 1) if x.dim() == 3 else x[:, None, :].expand(-1, n, -1)  # [B, n * 1, L]
         act = ACTIVATIONS[self.activation]
@@ -95,17 +138,46 @@ class CNNTask:
         return torch.bmm(features, params["fc_w"]) + params["fc_b"][:, None, :]
 
     def sample_batch(self, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """One minibatch per instance.
+
+        Args:
+            generator: the source of the draw (None: the global generator); drawn on its device.
+        Returns:
+            ``(x [n, B, L], y [n, B])``.
+        """
         return sample_minibatches(self.x, self.y, self.n, self.batch_size, generator)
 
     def loss(self, params: Params, batch: Any = None) -> Tensor:
+        """Mean cross-entropy per instance.
+
+        Args:
+            params: the parameters, as ``init`` returns them.
+            batch: ``(x, y)`` from ``sample_batch``; None: the whole training set.
+        Returns:
+            ``[num_instances]`` losses.
+        """
         x, y = batch if batch is not None else (self.x, self.y)
         return cross_entropy_per_instance(self.logits(params, x), y)
 
     def full_loss(self, params: Params) -> Tensor:
-        """Mean cross-entropy of each instance over the whole training set."""
+        """Mean cross-entropy of each instance over the whole training set.
+
+        Args:
+            params: the parameters.
+        Returns:
+            ``[num_instances]`` losses on the whole training set.
+        """
         return self.loss(params, None)
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> CNNTask:
+        """The same instances with their data on ``device`` / in ``dtype``.
+
+        Args:
+            device: the device of the data (None: unchanged).
+            dtype: the dtype of the floating data (None: unchanged).
+        Returns:
+            A ``CNNTask`` with the same instances.
+        """
         x = self.x.to(device=device, dtype=dtype)
         return CNNTask(self.channels, self.kernel_size, self.stride, self.activation, self.num_classes, x,
                        self.y.to(x.device), self.batch_size, self.n)
@@ -115,7 +187,21 @@ class CNNFamily:
     """1-d CNN classifiers on ``dataset`` (``mnist1d``: 4,000 training signals of length 40, 10
     classes): ``len(channels)`` convolutions of ``kernel_size`` with ``stride``, the activation,
     and a linear layer. Instances differ in initial weights and minibatches. ``normalize``
-    divides by log C."""
+    divides by log C.
+
+    Args:
+        dataset: ``"mnist1d"``.
+        channels: output channels of each convolution.
+        kernel_size: the kernel size.
+        stride: the stride.
+        activation: ``"relu"``, ``"tanh"`` or ``"sigmoid"``.
+        batch_size: minibatch size.
+        data_seed: seed of the generated dataset.
+    Raises:
+        ValueError: another dataset or activation, or a size below 1.
+    References:
+        Greydanus 2020, "Scaling down deep learning", arXiv 2011.14439.
+    """
 
     def __init__(
         self,
@@ -146,10 +232,26 @@ class CNNFamily:
         self.name = f"cnn_{dataset}_{'x'.join(map(str, self.channels))}_k{kernel_size}_{activation}"
 
     def normalize(self, loss: Tensor) -> Tensor:
+        """The loss divided by ``loss_scale``.
+
+        Args:
+            loss: losses of this family's tasks.
+        Returns:
+            ``loss / loss_scale``.
+        """
         return loss / self.loss_scale
 
     def sample(self, num_instances: int, generator: torch.Generator | None = None) -> Task:
-        """A ``CNNTask`` of ``num_instances`` instances."""
+        """A ``CNNTask`` of ``num_instances`` instances.
+
+        Args:
+            num_instances: ``n``.
+            generator: the source of the draw (None: the global generator); drawn on its device.
+        Returns:
+            A ``CNNTask`` of ``n`` instances.
+        Raises:
+            ValueError: ``num_instances < 1``.
+        """
         if num_instances < 1:
             raise ValueError(f"CNNFamily.sample: num_instances must be >= 1, got {num_instances}")
         return CNNTask(self.channels, self.kernel_size, self.stride, self.activation, self.num_classes,

@@ -45,7 +45,15 @@ _CIFAR_RECORD = 1 + 3 * 32 * 32
 
 def read_idx(path: str | Path) -> np.ndarray:
     """One IDX file (the MNIST format: two zero bytes, a type code, the number of dimensions,
-    the dimensions as big-endian int32, then the data), gzipped or not."""
+    the dimensions as big-endian int32, then the data), gzipped or not.
+
+    Args:
+        path: the file (``.gz``: gzipped).
+    Returns:
+        The array, in native byte order.
+    Raises:
+        ValueError: not an IDX file, or a size that does not match its header.
+    """
     path = Path(path)
     with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
         raw = f.read()
@@ -74,7 +82,17 @@ def _find(name: str, dirs: list[Path], what: str) -> Path:
 
 def load_mnist(data_dir: str | Path, name: str = "mnist") -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(x_train, y_train, x_test, y_test)`` of MNIST or Fashion-MNIST (``name="fashion_mnist"``)
-    from the IDX files in ``data_dir``: images uint8 ``[N, 28, 28]``, labels int64 ``[N]``."""
+    from the IDX files in ``data_dir``: images uint8 ``[N, 28, 28]``, labels int64 ``[N]``.
+
+    Args:
+        data_dir: the directory of the IDX files.
+        name: ``"mnist"`` or ``"fashion_mnist"``.
+    Returns:
+        ``(x_train, y_train, x_test, y_test)``.
+    Raises:
+        ValueError: another name, or malformed files.
+        FileNotFoundError: a missing directory or file.
+    """
     if name not in _TORCHVISION_DIR:
         raise ValueError(f"load_mnist: name must be 'mnist' or 'fashion_mnist', got {name!r}")
     root = _existing_dir(data_dir, name)
@@ -92,7 +110,16 @@ def load_mnist(data_dir: str | Path, name: str = "mnist") -> tuple[Tensor, Tenso
 
 def load_cifar10(data_dir: str | Path) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(x_train, y_train, x_test, y_test)`` of CIFAR-10 from the binary batches: images uint8
-    ``[N, 3, 32, 32]``, labels int64 ``[N]``."""
+    ``[N, 3, 32, 32]``, labels int64 ``[N]``.
+
+    Args:
+        data_dir: the directory of ``cifar-10-batches-bin``.
+    Returns:
+        ``(x_train, y_train, x_test, y_test)``.
+    Raises:
+        ValueError: malformed files.
+        FileNotFoundError: a missing directory or file.
+    """
     root = _existing_dir(data_dir, "cifar10")
     dirs = [root / "cifar-10-batches-bin", root]
     out = []
@@ -145,6 +172,16 @@ def load_dataset(name: str, seed: int = 0, data_dir: str | None = None) -> tuple
     ``mnist``, ``fashion_mnist``: 60,000 / 10,000 images of 28×28, flattened, /255.
     ``cifar10``: 50,000 / 10,000 images of 3×32×32 (channel-major), flattened, /255.
     The file datasets keep their official split and ignore ``seed``; they need ``data_dir``.
+
+    Args:
+        name: one of ``DATASETS``.
+        seed: the shuffle or generator seed.
+        data_dir: the directory of the file datasets.
+    Returns:
+        ``(x_train, y_train, x_test, y_test)``.
+    Raises:
+        ValueError: an unknown name, or a file dataset without ``data_dir``.
+        FileNotFoundError: missing files.
     """
     if name == "digits":
         from sklearn.datasets import load_digits
@@ -178,7 +215,14 @@ def load_dataset(name: str, seed: int = 0, data_dir: str | None = None) -> tuple
 
 
 def cross_entropy_per_instance(logits: Tensor, y: Tensor) -> Tensor:
-    """Mean cross-entropy of each instance: ``logits`` [n, B, C]; ``y`` [n, B] or shared [B]."""
+    """Mean cross-entropy of each instance.
+
+    Args:
+        logits: ``[n, B, C]``.
+        y: ``[n, B]`` or shared ``[B]`` labels.
+    Returns:
+        ``[n]``.
+    """
     import torch.nn.functional as F
 
     n, B, c = logits.shape
@@ -188,7 +232,17 @@ def cross_entropy_per_instance(logits: Tensor, y: Tensor) -> Tensor:
 
 def sample_minibatches(x: Tensor, y: Tensor, n: int, batch_size: int,
                        generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-    """Independent minibatches (with replacement) for ``n`` instances: ``x`` [n, B, ...], ``y`` [n, B]."""
+    """Independent minibatches (with replacement) for ``n`` instances.
+
+    Args:
+        x: ``[N, ...]`` inputs.
+        y: ``[N]`` labels.
+        n: number of instances.
+        batch_size: ``B``.
+        generator: the source of the draw (None: the global generator); drawn on its device.
+    Returns:
+        ``(x [n, B, ...], y [n, B])``.
+    """
     from learnopt.task import generator_device
 
     idx = torch.randint(len(y), (n, batch_size), generator=generator, device=generator_device(generator))

@@ -56,6 +56,13 @@ class LazyGPSample:
 
     The noise ``z`` comes from ``generator`` in query order, so two samples built with equally
     seeded generators and queried alike give identical values (common random numbers).
+
+    Args:
+        lengthscales: ``[n, dim]``.
+        signal_variance: the prior variance ``σ²``.
+        noise: observation-noise variance.
+        jitter: relative diagonal jitter.
+        generator: draws the observations.
     """
 
     lengthscales: Tensor
@@ -69,19 +76,28 @@ class LazyGPSample:
 
     @property
     def num_instances(self) -> int:
+        """Number of sample paths ``n``."""
         return self.lengthscales.shape[0]
 
     @property
     def dim(self) -> int:
+        """The dimension of the box."""
         return self.lengthscales.shape[1]
 
     @property
     def num_observed(self) -> int:
+        """Observations drawn so far per path."""
         return 0 if self.X is None else self.X.shape[1]
 
     def to(self, device: torch.device | str) -> LazyGPSample:
         """The same sample paths with their tensors on ``device`` (the model's, say); the noise
-        still comes from ``generator`` wherever that lives."""
+        still comes from ``generator`` wherever that lives.
+
+        Args:
+            device: the device.
+        Returns:
+            A ``LazyGPSample`` with the same history.
+        """
         moved = replace(self, lengthscales=self.lengthscales.to(device))
         moved.X, moved.Y, moved.L = (None if t is None else t.to(device) for t in (self.X, self.Y, self.L))
         return moved
@@ -100,15 +116,31 @@ class LazyGPSample:
 
     def predict(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Posterior mean ``[n, q]`` and covariance ``[n, q, q]`` of the latent ``f(x)`` given the
-        history; draws nothing and changes nothing."""
+        history; draws nothing and changes nothing.
+
+        Args:
+            x: ``[n, q, dim]`` points in the unit box.
+        Returns:
+            ``(mean [n, q], cov [n, q, q])``.
+        Raises:
+            ValueError: ``x`` of another shape.
+        """
         _check_x(x, self.num_instances, self.dim, "LazyGPSample.predict")
         k_xx, mean, A = self._conditional(x)
         cov = k_xx if A is None else k_xx - A.transpose(-1, -2) @ A
         return mean, cov
 
     def query(self, x: Tensor) -> Tensor:
-        """Observations ``y`` ``[n, q]`` at ``x`` ``[n, q, dim]``, drawn jointly given the history
-        and appended to it; differentiable w.r.t. ``x``."""
+        """Observations at ``x``, drawn jointly given the history and appended to it; differentiable
+        w.r.t. ``x``.
+
+        Args:
+            x: ``[n, q, dim]`` points in the unit box.
+        Returns:
+            ``[n, q]``.
+        Raises:
+            ValueError: ``x`` of another shape.
+        """
         _check_x(x, self.num_instances, self.dim, "LazyGPSample.query")
         x = x.to(self.lengthscales.dtype)
         n, q, _ = x.shape
@@ -135,7 +167,16 @@ class LazyGPSample:
 @dataclass
 class RFFSample:
     """``num_instances`` random-Fourier-feature GP approximations; ``omega`` ``[n, M, d]``,
-    ``phase`` ``[n, M]``, ``weights`` ``[n, M]``, ``lengthscales`` ``[n, d]``."""
+    ``phase`` ``[n, M]``, ``weights`` ``[n, M]``, ``lengthscales`` ``[n, d]``.
+
+    Args:
+        omega: ``[n, M, d]`` frequencies.
+        phase: ``[n, M]`` phases.
+        weights: ``[n, M]`` feature weights.
+        lengthscales: ``[n, d]``.
+        signal_variance: the prior variance ``σ²``.
+        noise: observation-noise variance (``observe``).
+    """
 
     omega: Tensor
     phase: Tensor
@@ -146,23 +187,40 @@ class RFFSample:
 
     @property
     def num_instances(self) -> int:
+        """Number of functions ``n``."""
         return self.omega.shape[0]
 
     @property
     def num_features(self) -> int:
+        """``M``, random features per function."""
         return self.omega.shape[1]
 
     def to(self, device: torch.device | str) -> RFFSample:
-        """The same functions with their tensors on ``device``."""
+        """The same functions with their tensors on ``device``.
+
+        Args:
+            device: the device.
+        Returns:
+            An ``RFFSample``.
+        """
         return replace(self, omega=self.omega.to(device), phase=self.phase.to(device),
                        weights=self.weights.to(device), lengthscales=self.lengthscales.to(device))
 
     @property
     def dim(self) -> int:
+        """The dimension of the box."""
         return self.omega.shape[2]
 
     def features(self, x: Tensor) -> Tensor:
-        """``sqrt(2σ²/M) cos(ω·(x/ℓ) + b)``, ``[n, q, M]``, so ``f = features @ weights``."""
+        """``sqrt(2σ²/M) cos(ω·(x/ℓ) + b)``, so ``f = features @ weights``.
+
+        Args:
+            x: ``[n, q, dim]`` points in the unit box.
+        Returns:
+            ``[n, q, M]``.
+        Raises:
+            ValueError: ``x`` of another shape.
+        """
         _check_x(x, self.num_instances, self.dim, "RFFSample")
         x = x.to(self.omega.dtype) / self.lengthscales[:, None, :]
         scale = math.sqrt(2.0 * self.signal_variance / self.num_features)
@@ -173,7 +231,16 @@ class RFFSample:
         return (self.features(x) @ self.weights.unsqueeze(-1)).squeeze(-1)
 
     def observe(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """``f(x) + ε``, ``ε ~ N(0, noise)``."""
+        """``f(x) + ε``, ``ε ~ N(0, noise)``.
+
+        Args:
+            x: ``[n, q, dim]`` points in the unit box.
+            generator: draws the noise.
+        Returns:
+            ``[n, q]``.
+        Raises:
+            ValueError: ``x`` of another shape.
+        """
         y = self(x)
         if self.noise == 0.0:
             return y
@@ -181,7 +248,13 @@ class RFFSample:
         return y + math.sqrt(self.noise) * eps.to(y.device)
 
     def min_estimate(self, **kwargs) -> tuple[Tensor, Tensor]:
-        """See the module-level ``min_estimate``."""
+        """See the module-level ``min_estimate``.
+
+        Args:
+            **kwargs: ``box_min_estimate``'s options.
+        Returns:
+            ``(values [n], points [n, dim])``.
+        """
         return min_estimate(self, **kwargs)
 
 
@@ -197,6 +270,12 @@ def min_estimate(sample: RFFSample, **options) -> tuple[Tensor, Tensor]:
     regret computed against it can therefore be slightly negative. ``options``: those of
     ``box_min_estimate`` (``num_candidates=4096, num_starts=8, steps=100, lr=0.1, generator,
     chunk=1024``).
+
+    Args:
+        sample: the functions.
+        **options: ``box_min_estimate``'s options.
+    Returns:
+        ``(values [n], points [n, dim])``, detached.
     """
     vals, pts, _ = box_min_estimate(sample, sample.num_instances, sample.dim, sample.lengthscales.detach(),
                                     dtype=sample.omega.dtype, device=sample.omega.device, **options)
@@ -221,7 +300,26 @@ def box_min_estimate(
     differentiable) on ``[0, 1]^dim``; Adam's step per coordinate is ``lr × step_scale``
     (``[n, dim]`` or a number). Returns ``(values [n], points [n, dim], candidate values
     [n, num_candidates])``, all detached; the candidate values are ``f`` at uniform points, so
-    their median estimates ``f``'s median over the box."""
+    their median estimates ``f``'s median over the box.
+
+    Args:
+        f: ``[n, q, dim] -> [n, q]``, differentiable.
+        n: number of functions.
+        dim: the dimension.
+        step_scale: ``[n, dim]`` or a number, multiplies ``lr``.
+        num_candidates: uniform random points per function.
+        num_starts: best candidates refined.
+        steps: Adam steps.
+        lr: Adam's step, relative to ``step_scale``.
+        generator: draws the candidates.
+        chunk: candidates evaluated per call of ``f``.
+        dtype: dtype of the points.
+        device: device of the points.
+    Returns:
+        ``(values [n], points [n, dim], candidate values [n, num_candidates])``, detached.
+    Raises:
+        ValueError: a count below its minimum.
+    """
     if num_candidates < 1 or num_starts < 1 or steps < 0 or chunk < 1:
         raise ValueError("min_estimate: num_candidates, num_starts, chunk must be >= 1 and steps >= 0")
     with torch.no_grad():
@@ -266,7 +364,20 @@ class GPFunctionFamily:
     are i.i.d. ``U[lo, hi]`` (``lo == hi`` fixes them); the default ``(0.1, 0.5)`` gives a few
     to about ten bumps per unit edge. ``noise`` is the observation-noise variance;
     ``num_features`` is M of the RFF sampler. Draws are in ``dtype`` (float64 by default: the
-    lazy sampler's growing Cholesky needs it)."""
+    lazy sampler's growing Cholesky needs it).
+
+    Args:
+        dim: the dimension of the box.
+        lengthscale_range: ``(lo, hi)`` of the lengthscales.
+        signal_variance: the prior variance ``σ²``.
+        noise: observation-noise variance.
+        num_features: ``M`` of the RFF sampler.
+        jitter: relative diagonal jitter of the lazy sampler.
+        dtype: dtype of the draws.
+    Raises:
+        ValueError: a non-positive dimension, variance, feature count or lengthscale range, or a
+            negative noise or jitter.
+    """
 
     def __init__(
         self,
@@ -302,7 +413,11 @@ class GPFunctionFamily:
 
     @property
     def bounds(self) -> Tensor:
-        """The search box, ``[2, dim]``: lower row zeros, upper row ones."""
+        """The search box, ``[2, dim]``: lower row zeros, upper row ones.
+
+        Returns:
+            ``[2, dim]``.
+        """
         return torch.stack([torch.zeros(self.dim, dtype=self.dtype), torch.ones(self.dim, dtype=self.dtype)])
 
     def _lengthscales(self, num_instances: int, generator: torch.Generator | None,
@@ -325,13 +440,34 @@ class GPFunctionFamily:
     def lazy(self, num_instances: int, generator: torch.Generator | None = None,
              lengthscales: Tensor | None = None) -> LazyGPSample:
         """``num_instances`` exact lazily-sampled GP functions; ``generator`` draws their
-        lengthscales (unless given) and, later, every query's noise."""
+        lengthscales (unless given) and, later, every query's noise.
+
+        Args:
+            num_instances: ``n``.
+            generator: draws the lengthscales and the noise.
+            lengthscales: ``[n, dim]`` or a scalar (None: drawn).
+        Returns:
+            A ``LazyGPSample``.
+        Raises:
+            ValueError: ``num_instances < 1`` or bad lengthscales.
+        """
         ls = self._lengthscales(num_instances, generator, lengthscales)
         return LazyGPSample(ls, self.signal_variance, self.noise, self.jitter, generator)
 
     def rff(self, num_instances: int, generator: torch.Generator | None = None,
             lengthscales: Tensor | None = None, num_features: int | None = None) -> RFFSample:
-        """``num_instances`` random-Fourier-feature GP approximations."""
+        """``num_instances`` random-Fourier-feature GP approximations.
+
+        Args:
+            num_instances: ``n``.
+            generator: draws the lengthscales and features.
+            lengthscales: ``[n, dim]`` or a scalar (None: drawn).
+            num_features: ``M`` (None: the family's).
+        Returns:
+            An ``RFFSample``.
+        Raises:
+            ValueError: ``num_instances < 1``, bad lengthscales or ``M < 1``.
+        """
         ls = self._lengthscales(num_instances, generator, lengthscales)
         M = self.num_features if num_features is None else num_features
         if M < 1:
@@ -343,5 +479,13 @@ class GPFunctionFamily:
         return RFFSample(omega, phase, weights, ls.to(dev), self.signal_variance, self.noise)
 
     def kernel(self, x1: Tensor, x2: Tensor, lengthscales: Tensor) -> Tensor:
-        """The family's SE kernel, ``[n, a, b]``."""
+        """The family's SE kernel, ``[n, a, b]``.
+
+        Args:
+            x1: ``[n, a, dim]``.
+            x2: ``[n, b, dim]``.
+            lengthscales: ``[n, dim]``.
+        Returns:
+            ``[n, a, b]``.
+        """
         return se_kernel(x1, x2, lengthscales, self.signal_variance)

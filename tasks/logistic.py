@@ -39,7 +39,15 @@ SOURCES = ("synthetic", "digits")
 class LogisticRegressionTask:
     """``x``: [n, m, d] features, ``y``: [n, m] labels in {0, 1} (floating); parameters ``w``: [n, d],
     ``b``: [n]. ``loss(params, indices)`` is each instance's mean of ``f_i`` over ``indices``
-    (all ``m`` examples when ``None``)."""
+    (all ``m`` examples when ``None``).
+
+    Args:
+        x: ``[n, m, d]`` features.
+        y: ``[n, m]`` labels in {0, 1}.
+        l2: the L2 coefficient on ``w``.
+        batch_size: indices per ``sample_batch``.
+        init_scale: standard deviation of the initial ``w``.
+    """
 
     x: Tensor
     y: Tensor
@@ -49,10 +57,12 @@ class LogisticRegressionTask:
 
     @property
     def num_instances(self) -> int:
+        """Number of problems ``n``."""
         return self.x.shape[0]
 
     @property
     def num_examples(self) -> int:
+        """Examples per problem ``m``."""
         return self.x.shape[1]
 
     @property
@@ -61,16 +71,38 @@ class LogisticRegressionTask:
         return math.log(2.0)
 
     def normalize(self, loss: Tensor) -> Tensor:
+        """The loss divided by ``loss_scale``.
+
+        Args:
+            loss: losses of this family's tasks.
+        Returns:
+            ``loss / loss_scale``.
+        """
         return loss / self.loss_scale
 
     def init(self, generator: torch.Generator | None = None) -> Params:
+        """``w`` from N(0, ``init_scale``²) (zero by default), ``b = 0``.
+
+        Args:
+            generator: the source of the draw (None: the global generator); drawn on its device.
+        Returns:
+            ``{"w": [n, d], "b": [n]}``.
+        """
         n, _, d = self.x.shape
-        w = self.init_scale * torch.randn(n, d, generator=generator, device=generator_device(generator), dtype=torch.float32)
+        w = self.init_scale * torch.randn(n, d, generator=generator, device=generator_device(generator),
+                                          dtype=torch.float32)
         return {"w": w.to(self.x), "b": torch.zeros(n, dtype=self.x.dtype, device=self.x.device)}
 
     def sample_batch(self, generator: torch.Generator | None = None) -> Tensor:
-        """``batch_size`` distinct example indices, shared by all instances."""
-        return torch.randperm(self.num_examples, generator=generator, device=generator_device(generator))[: self.batch_size].to(self.x.device)
+        """``batch_size`` distinct example indices, shared by all instances.
+
+        Args:
+            generator: the source of the draw (None: the global generator); drawn on its device.
+        Returns:
+            ``[batch_size]`` int64 indices.
+        """
+        order = torch.randperm(self.num_examples, generator=generator, device=generator_device(generator))
+        return order[: self.batch_size].to(self.x.device)
 
     def _logits(self, params: Params, indices: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
         x = self.x if indices is None else self.x[:, indices]
@@ -78,37 +110,87 @@ class LogisticRegressionTask:
         return torch.einsum("nmd,nd->nm", x, params["w"]) + params["b"][:, None], x, y
 
     def loss(self, params: Params, batch: Any = None) -> Tensor:
+        """Each instance's mean of ``f_i`` over ``batch``, plus the L2 term.
+
+        Args:
+            params: the parameters, as ``init`` returns them.
+            batch: example indices from ``sample_batch``; None: all ``m``.
+        Returns:
+            ``[num_instances]`` losses.
+        """
         z, _, y = self._logits(params, batch)
         data = (F.softplus(z) - y * z).mean(-1)
         return data + 0.5 * self.l2 * (params["w"] * params["w"]).sum(-1)
 
     def full_loss(self, params: Params) -> Tensor:
+        """The loss over all ``m`` examples.
+
+        Args:
+            params: the parameters.
+        Returns:
+            ``[num_instances]`` losses on the whole training set.
+        """
         return self.loss(params, None)
 
     def example_grads(self, params: Params, indices: Tensor) -> Params:
-        """Per-example gradients of ``f_i``: ``w``: [len(indices), n, d], ``b``: [len(indices), n]."""
+        """Per-example gradients of ``f_i``: ``w``: [len(indices), n, d], ``b``: [len(indices), n].
+
+        Args:
+            params: the parameters.
+            indices: example indices.
+        Returns:
+            ``{"w": [len(indices), n, d], "b": [len(indices), n]}``.
+        """
         z, x, y = self._logits(params, indices)
         r = torch.sigmoid(z) - y  # [n, B]
         gw = r[..., None] * x + self.l2 * params["w"][:, None, :]
         return {"w": gw.transpose(0, 1), "b": r.transpose(0, 1)}
 
     def batch_grad(self, params: Params, indices: Tensor | None) -> Params:
-        """The gradient of ``loss(params, indices)`` (mean over ``indices``, all when ``None``)."""
+        """The gradient of ``loss(params, indices)`` (mean over ``indices``, all when ``None``).
+
+        Args:
+            params: the parameters.
+            indices: example indices (None: all).
+        Returns:
+            ``{"w": [n, d], "b": [n]}``.
+        """
         z, x, y = self._logits(params, indices)
         r = torch.sigmoid(z) - y
         return {"w": torch.einsum("nm,nmd->nd", r, x) / r.shape[-1] + self.l2 * params["w"], "b": r.mean(-1)}
 
     def full_grad(self, params: Params) -> Params:
+        """The gradient of the loss over all ``m`` examples.
+
+        Args:
+            params: the parameters.
+        Returns:
+            ``{"w": [n, d], "b": [n]}``.
+        """
         return self.batch_grad(params, None)
 
     def extra_args(self, batch: Tensor) -> dict[str, Any]:
-        """The extra update arguments (``learnopt.optim.extra``) for a step on ``batch``."""
+        """The extra update arguments (``learnopt.optim.extra``) for a step on ``batch``.
+
+        Args:
+            batch: example indices from ``sample_batch``.
+        Returns:
+            ``indices``, ``example_grads_fn``, ``batch_grad_fn``, ``full_grad_fn``, ``num_examples``, ``loss_fn``.
+        """
         loss_fn: Callable[[Params], Tensor] = lambda p: self.loss(p, batch).sum()
         return {"indices": batch, "example_grads_fn": self.example_grads, "batch_grad_fn": self.batch_grad,
                 "full_grad_fn": self.full_grad, "num_examples": self.num_examples, "loss_fn": loss_fn}
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
            ) -> LogisticRegressionTask:
+        """The same problems on ``device`` / in ``dtype``.
+
+        Args:
+            device: the device of the data (None: unchanged).
+            dtype: the dtype of the floating data (None: unchanged).
+        Returns:
+            A ``LogisticRegressionTask`` with the same instances.
+        """
         return LogisticRegressionTask(self.x.to(device=device, dtype=dtype), self.y.to(device=device, dtype=dtype),
                                       self.l2, self.batch_size, self.init_scale)
 
@@ -122,6 +204,21 @@ class LogisticRegressionFamily:
     classes of scikit-learn's 8×8 digits at random and ``num_examples`` of their images (64
     features /16), label 1 for the second class; ``dim`` is then 64. ``l2`` > 0 makes every
     instance strongly convex (digit pairs are often separable). ``normalize`` divides by log 2.
+
+    Args:
+        data: ``"synthetic"`` or ``"digits"``.
+        num_examples: ``m``, examples per problem.
+        dim: ``d`` (synthetic; 64 for digits).
+        l2: the L2 coefficient.
+        batch_size: indices per ``sample_batch``.
+        signal: scale of the planted ``w°`` (synthetic).
+        init_scale: standard deviation of the initial ``w``.
+        dtype: dtype of the data.
+    Raises:
+        ValueError: an unknown source, ``l2 < 0``, a batch size outside ``[1, m]``, ``dim < 1``, or
+            more examples than a digit pair has.
+    References:
+        Johnson & Zhang 2013 (SVRG); Defazio et al. 2014, arXiv 1407.0202 (SAGA).
     """
 
     def __init__(
@@ -163,10 +260,26 @@ class LogisticRegressionFamily:
         self.loss_scale = math.log(2.0)
 
     def normalize(self, loss: Tensor) -> Tensor:
+        """The loss divided by ``loss_scale``.
+
+        Args:
+            loss: losses of this family's tasks.
+        Returns:
+            ``loss / loss_scale``.
+        """
         return loss / self.loss_scale
 
     def sample(self, num_instances: int, generator: torch.Generator | None = None) -> Task:
-        """A ``LogisticRegressionTask`` of ``num_instances`` instances."""
+        """A ``LogisticRegressionTask`` of ``num_instances`` instances.
+
+        Args:
+            num_instances: ``n``.
+            generator: the source of the draw (None: the global generator); drawn on its device.
+        Returns:
+            A ``LogisticRegressionTask`` of ``n`` instances.
+        Raises:
+            ValueError: ``num_instances < 1``.
+        """
         if num_instances < 1:
             raise ValueError(f"LogisticRegressionFamily.sample: num_instances must be >= 1, got {num_instances}")
         x, y = (self._synthetic if self.data == "synthetic" else self._digits)(num_instances, generator)
@@ -185,7 +298,8 @@ class LogisticRegressionFamily:
         for _ in range(n):
             neg, pos = torch.randperm(10, generator=generator, device=generator_device(generator))[:2].tolist()
             pool = torch.nonzero((self._labels == neg) | (self._labels == pos)).squeeze(-1)
-            pick = pool[torch.randperm(len(pool), generator=generator, device=generator_device(generator))[: self.num_examples]]
+            order = torch.randperm(len(pool), generator=generator, device=generator_device(generator))
+            pick = pool[order[: self.num_examples]]
             xs.append(self._images[pick])
             ys.append((self._labels[pick] == pos).float())
         return torch.stack(xs), torch.stack(ys)

@@ -34,7 +34,16 @@ ACTIVATIONS = {"sigmoid": torch.sigmoid, "relu": torch.relu, "tanh": torch.tanh,
 @dataclass
 class MLPTask:
     """``num_instances`` MLPs of one architecture. Parameters ``w{i}``: [n, fan_in, fan_out],
-    ``b{i}``: [n, fan_out]; ``loss`` is the mean cross-entropy of each instance on its batch."""
+    ``b{i}``: [n, fan_out]; ``loss`` is the mean cross-entropy of each instance on its batch.
+
+    Args:
+        sizes: layer widths, inputs first, classes last.
+        activation: a key of ``ACTIVATIONS``.
+        x: ``[N, d]`` training inputs.
+        y: ``[N]`` labels.
+        batch_size: ``B``.
+        n: number of instances.
+    """
 
     sizes: tuple[int, ...]
     activation: str
@@ -45,6 +54,7 @@ class MLPTask:
 
     @property
     def num_instances(self) -> int:
+        """Number of MLPs ``n``."""
         return self.n
 
     @property
@@ -53,20 +63,42 @@ class MLPTask:
         return math.log(self.sizes[-1])
 
     def normalize(self, loss: Tensor) -> Tensor:
+        """The loss divided by ``loss_scale``.
+
+        Args:
+            loss: losses of this family's tasks.
+        Returns:
+            ``loss / loss_scale``.
+        """
         return loss / self.loss_scale
 
     def init(self, generator: torch.Generator | None = None) -> Params:
+        """PyTorch's default ``Linear`` initialisation, U(±1/√fan_in), drawn in float32.
+
+        Args:
+            generator: the source of the draw (None: the global generator); drawn on its device.
+        Returns:
+            ``{"w{i}": [n, fan_in, fan_out], "b{i}": [n, fan_out]}``.
+        """
         params = {}
         for i, (fan_in, fan_out) in enumerate(zip(self.sizes[:-1], self.sizes[1:])):
             bound = 1.0 / math.sqrt(fan_in)  # torch.nn.Linear's default range
-            params[f"w{i}"] = (torch.rand(self.n, fan_in, fan_out, generator=generator, device=generator_device(generator)) * 2 - 1) * bound
-            params[f"b{i}"] = (torch.rand(self.n, fan_out, generator=generator, device=generator_device(generator)) * 2 - 1) * bound
+            where = generator_device(generator)
+            params[f"w{i}"] = (torch.rand(self.n, fan_in, fan_out, generator=generator, device=where) * 2 - 1) * bound
+            params[f"b{i}"] = (torch.rand(self.n, fan_out, generator=generator, device=where) * 2 - 1) * bound
         # drawn in float32 on the CPU whatever the data's dtype, so a float64 copy starts from
         # the same weights
         return {k: v.to(device=self.x.device, dtype=self.x.dtype) for k, v in params.items()}
 
     def logits(self, params: Params, x: Tensor) -> Tensor:
-        """``x``: [n, B, d] (per-instance batches) or [B, d] (shared)."""
+        """The logits of every instance.
+
+        Args:
+            params: the parameters.
+            x: ``[n, B, d]`` per-instance batches or ``[B, d]`` shared.
+        Returns:
+            ``[n, B, C]``.
+        """
         act = ACTIVATIONS[self.activation]
         h = x
         layers = len(self.sizes) - 1
@@ -78,17 +110,46 @@ class MLPTask:
         return h
 
     def sample_batch(self, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """One minibatch per instance.
+
+        Args:
+            generator: the source of the draw (None: the global generator); drawn on its device.
+        Returns:
+            ``(x [n, B, d], y [n, B])``.
+        """
         return sample_minibatches(self.x, self.y, self.n, self.batch_size, generator)
 
     def loss(self, params: Params, batch: Any = None) -> Tensor:
+        """Mean cross-entropy per instance.
+
+        Args:
+            params: the parameters, as ``init`` returns them.
+            batch: ``(x, y)`` from ``sample_batch``; None: the whole training set.
+        Returns:
+            ``[num_instances]`` losses.
+        """
         x, y = batch if batch is not None else (self.x, self.y)
         return cross_entropy_per_instance(self.logits(params, x), y)
 
     def full_loss(self, params: Params) -> Tensor:
-        """Mean cross-entropy of each instance over the whole training set."""
+        """Mean cross-entropy of each instance over the whole training set.
+
+        Args:
+            params: the parameters.
+        Returns:
+            ``[num_instances]`` losses on the whole training set.
+        """
         return cross_entropy_per_instance(self.logits(params, self.x), self.y)
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> MLPTask:
+        """The same instances with their data on ``device`` / in ``dtype``.
+
+        Args:
+            device: the device of the data (None: unchanged).
+            dtype: the dtype of the floating data (None: unchanged).
+        Returns:
+            A ``MLPTask`` with the same instances.
+        """
         x = self.x.to(device=device, dtype=dtype)
         return MLPTask(self.sizes, self.activation, x, self.y.to(x.device), self.batch_size, self.n)
 
@@ -140,6 +201,22 @@ class MLPFamily:
     ``dataset``: ``digits``, ``mnist1d``, or ``mnist`` / ``fashion_mnist`` / ``cifar10`` read from
     the standard files in ``data_dir`` (``tasks.datasets``; nothing downloads).
     ``normalize`` divides by log C (the loss of a uniform prediction).
+
+    Args:
+        dataset: the dataset's name.
+        hidden_sizes: widths of the hidden layers.
+        activation: a key of ``ACTIVATIONS``.
+        batch_size: minibatch size.
+        data_seed: seed of generated or split datasets.
+        width_choices: widths ``sample`` draws from (None: fixed).
+        depth_choices: depths ``sample`` draws from (None: fixed).
+        activation_choices: activations ``sample`` draws from (None: fixed).
+        data_dir: the directory of MNIST / Fashion-MNIST / CIFAR-10 files.
+    Raises:
+        ValueError: an unknown activation or dataset, a size below its minimum, an empty choice
+            list, or depth choices without a width.
+    References:
+        Andrychowicz et al. 2016, arXiv 1606.04474, §3.2.
     """
 
     def __init__(
@@ -190,10 +267,26 @@ class MLPFamily:
         return f"mlp_{self.dataset}_w{'-'.join(map(str, widths))}_d{'-'.join(map(str, depths))}_{'-'.join(acts)}"
 
     def normalize(self, loss: Tensor) -> Tensor:
+        """The loss divided by ``loss_scale``.
+
+        Args:
+            loss: losses of this family's tasks.
+        Returns:
+            ``loss / loss_scale``.
+        """
         return loss / self.loss_scale
 
     def sample(self, num_instances: int, generator: torch.Generator | None = None) -> Task:
-        """An ``MLPTask`` of ``num_instances`` instances."""
+        """An ``MLPTask`` of ``num_instances`` instances.
+
+        Args:
+            num_instances: ``n``.
+            generator: the source of the draw (None: the global generator); drawn on its device.
+        Returns:
+            A ``MLPTask`` of ``n`` instances.
+        Raises:
+            ValueError: ``num_instances < 1``.
+        """
         if num_instances < 1:
             raise ValueError(f"MLPFamily.sample: num_instances must be >= 1, got {num_instances}")
         hidden, activation = self.hidden_sizes, self.activation
@@ -218,7 +311,13 @@ class MLPFamily:
         al. 2016, §3.2): ``"wider"`` (twice the widest width: 20 → 40 units), ``"deeper"`` (one
         more hidden layer: 20 → 20-20) and ``"activation"`` (activations this family never uses;
         sigmoid → ReLU first, as in the paper). The longer-horizon test is an evaluation setting
-        (more steps on this family), not a family."""
+        (more steps on this family), not a family.
+
+        Returns:
+            ``{"wider", "deeper"[, "activation"]: MLPFamily}``.
+        Raises:
+            ValueError: the family has no hidden layer.
+        """
         others = [a for a in ("relu", "sigmoid", "tanh") if a not in (self.activation_choices or (self.activation,))]
         if not self.sampled:
             if not self.hidden_sizes:

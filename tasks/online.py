@@ -36,8 +36,18 @@ SYNTHETIC = "gaussian_classes"  # a new random task per episode, see OnlineClass
 @functools.cache
 def dataset_arrays(name: str, part: str, standardize: bool = True) -> tuple[Tensor, Tensor]:
     """Features (standardised, or as ``load_dataset`` scales them) and labels of ``name``:
-    ``part`` ``"train"`` / ``"test"`` / ``"all"``. ``digits`` and ``mnist1d`` use ``tasks.datasets.load_dataset``'s split (seed 0);
-    sklearn's small sets (``iris``, ``wine``, ``breast_cancer``) are used whole."""
+    ``part``. ``digits`` and ``mnist1d`` use ``tasks.datasets.load_dataset``'s split (seed 0);
+    sklearn's small sets (``iris``, ``wine``, ``breast_cancer``) are used whole.
+
+    Args:
+        name: a dataset name (``tasks.datasets`` or ``SKLEARN_SETS``).
+        part: ``"train"``, ``"test"`` or ``"all"``.
+        standardize: standardise each feature.
+    Returns:
+        ``(x [N, F] float32, y [N] int64)``.
+    Raises:
+        ValueError: an unknown part.
+    """
     if name in SKLEARN_SETS:
         import sklearn.datasets as skd
 
@@ -48,7 +58,8 @@ def dataset_arrays(name: str, part: str, standardize: bool = True) -> tuple[Tens
         from tasks.datasets import load_dataset
 
         x_tr, y_tr, x_te, y_te = load_dataset(name)
-        parts = {"train": (x_tr, y_tr), "test": (x_te, y_te), "all": (torch.cat([x_tr, x_te]), torch.cat([y_tr, y_te]))}
+        parts = {"train": (x_tr, y_tr), "test": (x_te, y_te),
+                 "all": (torch.cat([x_tr, x_te]), torch.cat([y_tr, y_te]))}
     if part not in parts:
         raise ValueError(f"dataset part must be train, test or all, got {part!r}")
     x, y = parts[part]
@@ -88,15 +99,6 @@ def _to_model(model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
 class OnlineClassificationFamily:
     """Episodes of online classification (see the module docstring).
 
-    ``datasets``: names drawn uniformly per call; ``part``: which part of each dataset the
-    examples come from; ``num_features``: the projected input size (with ``"subset"``, at
-    most the dataset's feature count; ignored with ``"permutation"`` and ``"none"``), or a
-    range ``[low, high]`` to draw it from uniformly per call; ``projection``: one of
-    ``PROJECTIONS`` or a list to draw from per call; ``class_concentration``: ``None`` draws
-    each episode's examples from the pool of its classes, a float α > 0 first draws the
-    episode's class proportions from Dirichlet(α, …, α) (imbalanced streams); ``seed`` keys
-    the validation episodes.
-
     The dataset name ``"gaussian_classes"`` is not a fixed dataset: each episode is a new
     random task of ``synthetic_features`` raw features, Gaussian classes with a shared
     covariance ``L Lᵀ`` (``L = U diag(√λ)``, ``U`` Haar-random, ``λ_i ∝ i^(−β)`` with
@@ -109,6 +111,28 @@ class OnlineClassificationFamily:
     ``k ~ U[−κ, κ]`` (skewed, heavy-tailed marginals whose tail carries the class, as in
     measurements such as sizes and areas), and is standardised again with its exact moments.
     Then the features are projected like any dataset's.
+
+    Args:
+        datasets: names drawn uniformly per call.
+        part: which part of each dataset the examples come from.
+        episode_length: ``T``.
+        num_features: the projected input size (with ``"subset"``, at most the dataset's feature
+            count; ignored with ``"permutation"`` and ``"none"``), or a range ``[low, high]`` to
+            draw it from uniformly per call.
+        min_classes: the fewest classes of an episode.
+        max_classes: the most classes of an episode.
+        projection: one of ``PROJECTIONS`` or a list to draw from per call.
+        standardize: standardise the features.
+        val_episodes: episodes of ``validation_score``.
+        seed: keys the validation episodes.
+        class_concentration: None draws each episode's examples from the pool of its classes; a
+            float α > 0 first draws the class proportions from Dirichlet(α, …, α).
+        synthetic_features: raw features of ``"gaussian_classes"``.
+        synthetic_separation: ``(low, high)`` of its log-uniform separation ``s``.
+        synthetic_skew: its skew ``κ`` (0: none).
+    Raises:
+        ValueError: an unknown projection, bad class or feature counts, a non-positive length
+            or concentration, bad synthetic options, or a dataset with fewer than ``min_classes``.
     """
 
     validation_name = "online_ce"
@@ -126,7 +150,8 @@ class OnlineClassificationFamily:
             raise ValueError(f"need 2 <= min_classes <= max_classes, got {min_classes}, {max_classes}")
         feature_range = (num_features, num_features) if isinstance(num_features, int) else tuple(num_features)
         if len(feature_range) != 2 or not 1 <= feature_range[0] <= feature_range[1]:
-            raise ValueError(f"num_features must be >= 1 or a range [low, high] with 1 <= low <= high, got {num_features}")
+            raise ValueError(f"num_features must be >= 1 or a range [low, high] with 1 <= low <= high, "
+                             f"got {num_features}")
         if episode_length < 1:
             raise ValueError(f"episode_length must be >= 1, got {episode_length}")
         if class_concentration is not None and not (math.isfinite(class_concentration) and class_concentration > 0):
@@ -155,8 +180,15 @@ class OnlineClassificationFamily:
 
     def sample(self, num_episodes: int, generator: torch.Generator,
                length: int | None = None) -> tuple[Tensor, Tensor, int]:
-        """``x`` [E, T, A], ``y`` [E, T] and the class count of one batch of episodes (``T`` is
-        ``episode_length`` unless ``length`` is given)."""
+        """One batch of episodes and their class count.
+
+        Args:
+            num_episodes: ``E``.
+            generator: the source of every draw.
+            length: ``T`` (None: ``episode_length``).
+        Returns:
+            ``(x [E, T, A], y [E, T], C)``.
+        """
         name = self.datasets[int(torch.randint(len(self.datasets), (1,), generator=generator))]
         if name == SYNTHETIC:
             available, F_in = self.max_classes, self.synthetic_features
@@ -257,6 +289,15 @@ class OnlineClassificationFamily:
 
     def meta_loss(self, model: nn.Module, num_episodes: int,
                   generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
+        """Mean online cross-entropy of the learner on one batch of episodes.
+
+        Args:
+            model: the learner (``learnopt.vsml``).
+            num_episodes: episodes in the batch.
+            generator: draws the episodes and the learner's initial state.
+        Returns:
+            ``(loss, metrics)``: the differentiable loss and floats to log.
+        """
         x, y, C = self.sample(num_episodes, generator)
         x, y = _to_model(model, x, y)
         logits = online_episode(model, x, y, C, generator)
@@ -265,7 +306,14 @@ class OnlineClassificationFamily:
 
     def validation_score(self, model: Any, generator: torch.Generator | None = None) -> float:
         """Mean online cross-entropy on fixed episodes (split ``val``, keyed by ``seed``), in
-        batches of 8 so every class count is represented."""
+        batches of 8 so every class count is represented.
+
+        Args:
+            model: the learner.
+            generator: unused (the episodes are seeded).
+        Returns:
+            The score.
+        """
         total, batches = 0.0, max(1, self.val_episodes // 8)
         with torch.no_grad():
             for k in range(batches):
@@ -278,14 +326,29 @@ class OnlineClassificationFamily:
 def seeded_batches(family: OnlineClassificationFamily, split: str, n: int, per: int = 8) -> list[Any]:
     """``n`` batches of ``per`` episodes from fixed seeds of ``split`` (``"tune"``, ``"test"``,
     ``"select"``, ...): batch ``k`` is the same whatever ``n`` is, so more batches extend the
-    same sample."""
+    same sample.
+
+    Args:
+        family: the family.
+        split: the seed stream's name.
+        n: number of batches.
+        per: episodes per batch.
+    Returns:
+        ``n`` results of ``family.sample``.
+    """
     return [family.sample(per, seeded_generator(split, family.name, k)) for k in range(n)]
 
 
 def vsml_meta_test_families(episode_length: int = 100) -> dict[str, OnlineClassificationFamily]:
     """The VSML meta-test protocol's sets (``scripts/reproduce_vsml``), fixed whatever the learner
     was meta-trained on: streams drawn from the pool of each episode's classes (the dataset's own
-    class proportions), projected to 16 features except raw mnist1d. Never-seen sets say so."""
+    class proportions), projected to 16 features except raw mnist1d. Never-seen sets say so.
+
+    Args:
+        episode_length: ``T``.
+    Returns:
+        ``{description: family}``.
+    """
     base = {"part": "train", "episode_length": episode_length, "num_features": 16, "min_classes": 2,
             "max_classes": 5, "projection": "gaussian", "standardize": True}
     return {
@@ -309,19 +372,38 @@ class SGDCloneFamily(OnlineClassificationFamily):
     cloning loss of a one-layer VSML network against online SGD (per-weight rate ``lr``,
     logit gain ``gain``) on the stream. Each batch first runs a random ``0 … max_burn_in``
     steps without gradient, so the clone is trained at late stream positions (grown weights)
-    too, then backpropagates through ``episode_length`` steps."""
+    too, then backpropagates through ``episode_length`` steps.
+
+    Args:
+        lr: the SGD teacher's per-weight rate.
+        gain: its logit gain.
+        max_burn_in: the most burn-in steps.
+        **kwargs: ``OnlineClassificationFamily``'s options.
+    Raises:
+        ValueError: ``lr`` or ``gain`` not positive, or ``max_burn_in < 0``.
+    """
 
     validation_name = "clone_loss"
 
     def __init__(self, lr: float = 0.1, gain: float = 32.0, max_burn_in: int = 0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if lr <= 0 or gain <= 0 or max_burn_in < 0:
-            raise ValueError(f"SGDCloneFamily: need lr > 0, gain > 0, max_burn_in >= 0; got {lr}, {gain}, {max_burn_in}")
+            raise ValueError(f"SGDCloneFamily: need lr > 0, gain > 0, max_burn_in >= 0; "
+                             f"got {lr}, {gain}, {max_burn_in}")
         self.lr, self.gain, self.max_burn_in = lr, gain, max_burn_in
         self.name = f"sgd_clone_{'_'.join(self.datasets)}"
 
     def meta_loss(self, model: nn.Module, num_episodes: int,
                   generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
+        """The cloning loss on one batch of streams, after a random burn-in.
+
+        Args:
+            model: the learner (``learnopt.vsml``).
+            num_episodes: episodes in the batch.
+            generator: draws the episodes and the learner's initial state.
+        Returns:
+            ``(loss, metrics)``: the differentiable loss and floats to log.
+        """
         from learnopt.vsml.clone import clone_loss
 
         burn_in = int(torch.randint(self.max_burn_in + 1, (1,), generator=generator))

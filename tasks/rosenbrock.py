@@ -22,15 +22,30 @@ _NORMALISER_DRAWS = 4096
 
 
 def rosenbrock(z: Tensor, b: float = 100.0) -> Tensor:
-    """The chained Rosenbrock function over the last dimension of ``z``."""
+    """The chained Rosenbrock function over the last dimension of ``z``.
+
+    Args:
+        z: ``[..., d]`` points, ``d >= 2``.
+        b: the valley coefficient.
+    Returns:
+        ``[...]``.
+    """
     head, tail = z[..., :-1], z[..., 1:]
     return (b * (tail - head * head) ** 2 + (1 - head) ** 2).sum(-1)
 
 
 @dataclass
 class RosenbrockTask:
-    """``num_instances`` Rosenbrock functions; ``shift``: [n, d] (the minimisers), ``scale``: [n];
-    parameter ``theta``: [n, d], initialised N(0, ``init_std``²) independently of the shift."""
+    """``num_instances`` Rosenbrock functions; parameter ``theta``: [n, d], initialised
+    N(0, ``init_std``²) independently of the shift.
+
+    Args:
+        shift: ``[n, d]``, the minimisers.
+        scale: ``[n]``, the output scales.
+        b: the valley coefficient.
+        init_std: standard deviation of the initial ``theta``.
+        loss_scale: what ``normalize`` divides by.
+    """
 
     shift: Tensor
     scale: Tensor
@@ -40,30 +55,72 @@ class RosenbrockTask:
 
     @property
     def num_instances(self) -> int:
+        """Number of functions ``n``."""
         return self.shift.shape[0]
 
     @property
     def dim(self) -> int:
+        """Dimension ``d`` of ``theta``."""
         return self.shift.shape[-1]
 
     def init(self, generator: torch.Generator | None = None) -> Params:
-        theta = torch.randn(self.shift.shape, generator=generator, device=generator_device(generator), dtype=torch.float32)
+        """``theta`` drawn from N(0, ``init_std``²).
+
+        Args:
+            generator: the source of the draw (None: the global generator); drawn on its device.
+        Returns:
+            ``{"theta": [n, d]}``.
+        """
+        theta = torch.randn(self.shift.shape, generator=generator, device=generator_device(generator),
+                            dtype=torch.float32)
         return {"theta": (self.init_std * theta).to(self.shift)}
 
     def loss(self, params: Params, batch: Any = None) -> Tensor:
+        """``scale · R(theta − shift + 1)`` per instance.
+
+        Args:
+            params: the parameters, as ``init`` returns them.
+            batch: unused.
+        Returns:
+            ``[num_instances]`` losses.
+        """
         return self.scale * rosenbrock(params["theta"] - self.shift + 1, self.b)
 
     def sample_batch(self, generator: torch.Generator | None = None) -> None:
+        """None: the loss is deterministic.
+
+        Args:
+            generator: unused.
+        """
         return None
 
     def optimum(self) -> Tensor:
-        """The closed-form minimiser ``θ* = shift`` ([n, d]); the minimum is 0."""
+        """The closed-form minimiser ``θ* = shift`` ([n, d]); the minimum is 0.
+
+        Returns:
+            ``[n, d]``.
+        """
         return self.shift.clone()
 
     def normalize(self, loss: Tensor) -> Tensor:
+        """The loss divided by ``loss_scale``.
+
+        Args:
+            loss: losses of this family's tasks.
+        Returns:
+            ``loss / loss_scale``.
+        """
         return loss / self.loss_scale
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> RosenbrockTask:
+        """The same functions on ``device`` / in ``dtype``.
+
+        Args:
+            device: the device of the data (None: unchanged).
+            dtype: the dtype of the floating data (None: unchanged).
+        Returns:
+            A ``RosenbrockTask`` with the same instances.
+        """
         return RosenbrockTask(self.shift.to(device=device, dtype=dtype), self.scale.to(device=device, dtype=dtype),
                               self.b, self.init_std, self.loss_scale)
 
@@ -75,6 +132,16 @@ class RosenbrockFamily:
 
     ``normalize`` divides by ``loss_scale``, the median initial loss of 4,096 instances drawn
     from a fixed seed (the median because the quartic makes the mean heavy-tailed).
+
+    Args:
+        dim: ``d >= 2``.
+        b: the valley coefficient.
+        shift_std: standard deviation of the minimisers.
+        scale_range: ``(low, high)`` of the log-uniform output scale.
+        init_std: standard deviation of θ₀.
+        dtype: dtype of the tasks' data.
+    Raises:
+        ValueError: ``dim < 2``, ``b <= 0``, a negative standard deviation or a bad ``scale_range``.
     """
 
     def __init__(
@@ -101,9 +168,12 @@ class RosenbrockFamily:
         self.loss_scale = self._median_initial_loss()
 
     def _draw(self, num_instances: int, generator: torch.Generator | None, dtype: torch.dtype) -> RosenbrockTask:
-        shift = self.shift_std * torch.randn(num_instances, self.dim, generator=generator, device=generator_device(generator), dtype=torch.float32)
+        where = generator_device(generator)
+        shift = self.shift_std * torch.randn(num_instances, self.dim, generator=generator, device=where,
+                                             dtype=torch.float32)
         lo, hi = torch.log(torch.tensor(self.scale_range))
-        scale = torch.exp(lo + (hi - lo) * torch.rand(num_instances, generator=generator, device=generator_device(generator), dtype=torch.float32))
+        scale = torch.exp(lo + (hi - lo) * torch.rand(num_instances, generator=generator, device=where,
+                                                      dtype=torch.float32))
         return RosenbrockTask(shift.to(dtype), scale.to(dtype), self.b, self.init_std)
 
     def _median_initial_loss(self) -> float:
@@ -112,10 +182,26 @@ class RosenbrockFamily:
         return float(task.loss(task.init(g)).median())
 
     def normalize(self, loss: Tensor) -> Tensor:
+        """The loss divided by ``loss_scale``.
+
+        Args:
+            loss: losses of this family's tasks.
+        Returns:
+            ``loss / loss_scale``.
+        """
         return loss / self.loss_scale
 
     def sample(self, num_instances: int, generator: torch.Generator | None = None) -> Task:
-        """A ``RosenbrockTask`` of ``num_instances`` instances."""
+        """A ``RosenbrockTask`` of ``num_instances`` instances.
+
+        Args:
+            num_instances: ``n``.
+            generator: the source of the draw (None: the global generator); drawn on its device.
+        Returns:
+            A ``RosenbrockTask`` of ``n`` instances.
+        Raises:
+            ValueError: ``num_instances < 1``.
+        """
         if num_instances < 1:
             raise ValueError(f"RosenbrockFamily.sample: num_instances must be >= 1, got {num_instances}")
         task = self._draw(num_instances, generator, self.dtype)

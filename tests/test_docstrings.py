@@ -27,8 +27,21 @@ MODULES = [
     "learnopt.learned",
     "learnopt.checkpoint",
     "learnopt.blackbox",
+    "learnopt.blackbox.baselines",
+    "learnopt.blackbox.box",
+    "learnopt.blackbox.gp",
+    "learnopt.blackbox.losses",
+    "learnopt.blackbox.refine",
+    "learnopt.blackbox.trend",
     "learnopt.vsml",
+    "learnopt.vsml.clone",
+    "learnopt.vsml.evaluate",
     "learnopt.gradient_free",
+    "learnopt.task",
+    "learnopt.metrics",
+    "learnopt.runtime",
+    *(f"tasks.{name}" for name in ("blackbox_benchmarks", "blackbox_episodes", "char_lm", "cnn", "datasets",
+                                   "gp_functions", "logistic", "mlp", "online", "quadratic", "rosenbrock")),
 ]
 # Modules whose objects are skipped even when a listed package re-exports them (being rewritten).
 SKIPPED_MODULES = ("learnopt.meta", "learnopt.train", "learnopt.learned.general", "learnopt.learned.general_lstm")

@@ -18,11 +18,11 @@ class NumpyStepper:
     weights (in the proposer's dtype).
 
     A sequential session proposes one query at a time, so each proposal is a few dozen
-    operations on vectors of a few hundred numbers. Torch spends several microseconds of
-    dispatch on each; numpy about one. The arithmetic is ``nn.LSTMCell``'s (gate order i, f, g,
-    o); sigmoids are written ``(1 + tanh(z / 2)) / 2``, which cannot overflow. Inputs may be
-    float64 (they are cast); the queries come back as float64. Later changes to the proposer's
-    weights do not reach an existing stepper.
+    operations on vectors of a few hundred numbers, where numpy's dispatch costs less than
+    torch's (``docs/blackbox/README.md`` has the timings). The arithmetic is ``nn.LSTMCell``'s
+    (gate order i, f, g, o); sigmoids are written ``(1 + tanh(z / 2)) / 2``, which cannot
+    overflow. Inputs may be float64 (they are cast); the queries come back as float64. Later
+    changes to the proposer's weights do not reach an existing stepper.
 
     Args:
         proposer: the ``RNNProposer`` whose weights are copied.

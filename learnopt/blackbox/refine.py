@@ -69,7 +69,13 @@ def min_points(dim: int) -> int:
 
 
 def fit_points(dim: int) -> int:
-    """How many observations nearest the best point the model is fitted to."""
+    """How many observations nearest the best point the model is fitted to.
+
+    Args:
+        dim: ``D``.
+    Returns:
+        ``2 · basis_size(D)``.
+    """
     return 2 * basis_size(dim)
 
 

@@ -51,9 +51,10 @@ class FusedLSTMStack(torch.autograd.Function):
     steps of whatever is saved, and this pass is bound by memory traffic). Backward: the gate
     derivatives written into one ``[4H, N]`` buffer, then one matmul each for the inputs and
     the weights. The output layer inside the node spares autograd a zero-filled
-    ``[L, H, N]`` gradient for the top layer's slice every step. Same values and gradients as ``nn.LSTMCell`` + ``nn.Linear`` up to rounding (tested
-    against them, and gradchecked). On CPU, ``torch.tanh``, elementwise work on strided gate
-    slices and the copies of a per-layer ``torch.stack`` cost several times more than this.
+    ``[L, H, N]`` gradient for the top layer's slice every step. Same values and gradients as
+    ``nn.LSTMCell`` + ``nn.Linear`` up to rounding (tested against them, and gradchecked). On CPU,
+    ``torch.tanh``, elementwise work on strided gate slices and the copies of a per-layer
+    ``torch.stack`` cost more than this (``docs/benchmarks``).
     Differentiable once (meta-gradients need no more: the inner gradients fed to the LSTM are
     constants or come from the task's graph, and their gradient is returned).
     """

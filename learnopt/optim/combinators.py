@@ -158,7 +158,8 @@ def partition(transforms: dict[str, GradientTransformation], labels: Callable[[s
               ) -> GradientTransformation:
     """Route each parameter to one of ``transforms`` by label (optax's ``partition``).
 
-    E.g. Muon for 2-d hidden weights, AdamW for the rest. Each transform sees only its own parameters; extra arguments reach all of them.
+    E.g. Muon for 2-d hidden weights, AdamW for the rest. Each transform sees only its own
+    parameters; extra arguments reach all of them.
 
     Args:
         transforms: ``{label: transform}``.

@@ -2,8 +2,8 @@
 
 ``adahessian`` and ``sophia`` estimate ``diag(H)`` with Hutchinson's estimator
 ``D = mean_i z_i * (H z_i)`` from Hessian-vector products (``hvp_fn``, or derived from ``loss_fn``;
-see ``learnopt.optim.extra``; a ``loss_fn`` returning per-instance losses is summed). ``apollo`` needs no Hessian-vector products: it fits a diagonal
-quasi-Newton matrix to gradient differences.
+see ``learnopt.optim.extra``; a ``loss_fn`` returning per-instance losses is summed). ``apollo``
+needs no Hessian-vector products: it fits a diagonal quasi-Newton matrix to gradient differences.
 
 Reproducible probes: the probe vectors ``z`` come from a ``torch.Generator`` seeded with ``seed``
 at construction; its state (a uint8 tensor) lives in the optimizer state, so a run is a pure

@@ -58,9 +58,10 @@ def stochastic_lbfgs(lr: Hyper = 1e-2, history_size: int = 10, hessian_period: i
             s = u - u_prev;  y = Hessian(u) s on the Hessian subsample;  keep (s, y) if s.y > 0
             u_prev = u                                                (u_0 = the initial parameters)
 
-    The default epoch is one pass over the data, as in the paper's experiments. The minibatch S is the extra ``indices`` (``grads`` is its mean gradient
-    at ``x``); ``batch_grad_fn`` gives the same minibatch's gradient at the snapshot, ``full_grad_fn``
-    the full gradient at epoch starts. The Hessian subsample T is whatever the extra ``loss_fn`` sums
+    The default epoch is one pass over the data, as in the paper's experiments. The minibatch S
+    is the extra ``indices`` (``grads`` is its mean gradient at ``x``); ``batch_grad_fn`` gives the
+    same minibatch's gradient at the snapshot, ``full_grad_fn`` the full gradient at epoch starts.
+    The Hessian subsample T is whatever the extra ``loss_fn`` sums
     over on the steps that form a pair: the product is taken at the averaged iterate ``u``, not at
     ``params``, so ``hvp_fn`` cannot serve. The ``s.y > 0`` test (always true for strictly convex
     problems) guards the two-loop recursion on non-convex ones.

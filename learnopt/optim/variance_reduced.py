@@ -42,8 +42,8 @@ def svrg(lr: Hyper = 1e-2, epoch_length: int | None = None) -> GradientTransform
         x <- x - lr * (grads - batch_grad_fn(w, indices) + mu)
 
     ``grads`` is the minibatch ``indices``' mean gradient at ``x``. The default ``m`` is the paper's
-    ``m = 2n`` for convex problems, in minibatch steps. Option I: the snapshot is the last iterate (the paper's option II, a random
-    earlier iterate, is not implemented).
+    ``m = 2n`` for convex problems, in minibatch steps. Option I: the snapshot is the last iterate
+    (the paper's option II, a random earlier iterate, is not implemented).
 
     Args:
         lr: step size.

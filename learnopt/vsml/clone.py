@@ -41,6 +41,13 @@ class CloneStream(NamedTuple):
 
 
 def check_clonable(network: VSMLNetwork) -> None:
+    """Refuse a network SGD cloning cannot target.
+
+    Args:
+        network: the learner.
+    Raises:
+        ValueError: hidden layers or no backward pass.
+    """
     if network.hidden_sizes or not network.reverse_pass:
         raise ValueError("SGD cloning needs a single VSML layer (hidden_sizes=[]) with the backward pass "
                          f"(reverse_pass=True); got hidden_sizes={network.hidden_sizes}, "
@@ -49,7 +56,19 @@ def check_clonable(network: VSMLNetwork) -> None:
 
 def start_streams(network: VSMLNetwork, episodes: int, num_features: int, num_classes: int,
                   generator: torch.Generator | None = None) -> CloneStream:
-    """Fresh sub-LSTMs (the network's initialisation) and the teacher weights they encode."""
+    """Fresh sub-LSTMs (the network's initialisation) and the teacher weights they encode.
+
+    Args:
+        network: a clonable ``VSMLNetwork``.
+        episodes: ``E``.
+        num_features: ``A``.
+        num_classes: ``B``.
+        generator: draws the initial cell states.
+    Returns:
+        A ``CloneStream``.
+    Raises:
+        ValueError: the network is not clonable (``check_clonable``).
+    """
     check_clonable(network)
     r = network.weight_readout
     layer = network.layers[0].init_state(episodes, num_features, num_classes, generator, r.device, r.dtype)
@@ -57,6 +76,15 @@ def start_streams(network: VSMLNetwork, episodes: int, num_features: int, num_cl
 
 
 def teacher_logits(w: Tensor, x: Tensor, gain: float) -> Tensor:
+    """The teacher's logits ``gain · x W / A``.
+
+    Args:
+        w: ``[E, A, B]`` weights.
+        x: ``[E, A]`` inputs.
+        gain: the logit gain.
+    Returns:
+        ``[E, B]``.
+    """
     return gain * torch.einsum("ea,eab->eb", x, w) / x.shape[-1]
 
 
@@ -64,7 +92,18 @@ def clone_step(network: VSMLNetwork, stream: CloneStream, x: Tensor, y: Tensor, 
                ) -> tuple[CloneStream, dict[str, Tensor]]:
     """One example per stream (``x`` [E, A], ``y`` [E]): the sub-LSTMs' forward tick(s),
     backward tick(s) and cell state against the teacher's forward message, backward message
-    and updated weight. Returns the new stream and the three relative squared errors."""
+    and updated weight, as relative squared errors.
+
+    Args:
+        network: a clonable ``VSMLNetwork``.
+        stream: the carried state.
+        x: ``[E, A]`` inputs.
+        y: ``[E]`` labels.
+        lr: the teacher's per-weight SGD rate.
+        gain: the teacher's logit gain.
+    Returns:
+        ``(stream, {"forward", "backward", "weight": error})``.
+    """
     layer, w = network.layers[0], stream.teacher_w
     onehot = F.one_hot(y, w.shape[-1]).to(x.dtype)
     delta = torch.softmax(teacher_logits(w, x, gain), -1) - onehot
@@ -91,7 +130,22 @@ def clone_loss(network: VSMLNetwork, x: Tensor, y: Tensor, num_classes: int, lr:
                generator: torch.Generator | None = None, burn_in: int = 0) -> tuple[Tensor, dict[str, float]]:
     """Mean cloning loss over streams ``x`` [E, T, A], ``y`` [E, T]; the first ``burn_in``
     steps are run without gradient (so training sees the states of late stream positions
-    without backpropagating through them)."""
+    without backpropagating through them).
+
+    Args:
+        network: a clonable ``VSMLNetwork``.
+        x: ``[E, T, A]`` inputs.
+        y: ``[E, T]`` labels.
+        num_classes: ``B``.
+        lr: the teacher's per-weight SGD rate.
+        gain: the teacher's logit gain.
+        generator: draws the initial cell states.
+        burn_in: steps run first without gradient.
+    Returns:
+        ``(loss, {"clone_<part>": mean error})``.
+    Raises:
+        ValueError: the network is not clonable.
+    """
     stream = start_streams(network, x.shape[0], x.shape[2], num_classes, generator)
     with torch.no_grad():
         for t in range(burn_in):
@@ -107,5 +161,13 @@ def clone_loss(network: VSMLNetwork, x: Tensor, y: Tensor, num_classes: int, lr:
 
 def teacher_learning_rate(lr: float, gain: float, num_features: int) -> float:
     """The learning rate of plain SGD on ``z = V x`` (``V = gain · W / A``) that a clone of
-    per-weight rate ``lr`` implements on ``num_features`` inputs."""
+    per-weight rate ``lr`` implements on ``num_features`` inputs.
+
+    Args:
+        lr: the per-weight rate.
+        gain: the logit gain.
+        num_features: ``A``.
+    Returns:
+        ``gain · lr / A``.
+    """
     return gain * lr / num_features

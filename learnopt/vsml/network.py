@@ -68,7 +68,12 @@ def _trunc_normal(*shape: int, std: float) -> Tensor:
 
 
 class VSMLLayer(nn.Module):
-    """One dense VSML layer: the shared sub-LSTM parameters ``V`` and the batched tick."""
+    """One dense VSML layer: the shared sub-LSTM parameters ``V`` and the batched tick.
+
+    Args:
+        state_size: ``H``, the sub-LSTM's state size.
+        message_size: ``M``, the message size.
+    """
 
     def __init__(self, state_size: int = 16, message_size: int = 8) -> None:
         super().__init__()
@@ -86,6 +91,18 @@ class VSMLLayer(nn.Module):
 
     def init_state(self, episodes: int, fan_in: int, fan_out: int, generator: torch.Generator | None = None,
                    device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> LayerState:
+        """Zero hidden states and random cell states (half of each) for every sub-LSTM.
+
+        Args:
+            episodes: ``E``.
+            fan_in: ``A``, input units.
+            fan_out: ``B``, output units.
+            generator: draws the cell states.
+            device: where the state lives.
+            dtype: its dtype.
+        Returns:
+            A ``LayerState``, ``[E, A, B, H]`` each.
+        """
         H = self.state_size
         h = torch.zeros(episodes, fan_in, fan_out, H, device=device, dtype=dtype)
         half = H // 2
@@ -95,7 +112,15 @@ class VSMLLayer(nn.Module):
         return LayerState(h, c)
 
     def cell(self, state: LayerState, forward_in: Tensor, backward_in: Tensor) -> LayerState:
-        """One LSTM tick of every sub-LSTM: ``forward_in`` [E, A, M], ``backward_in`` [E, B, M]."""
+        """One LSTM tick of every sub-LSTM.
+
+        Args:
+            state: ``[E, A, B, H]`` hidden and cell states.
+            forward_in: ``[E, A, M]`` forward messages.
+            backward_in: ``[E, B, M]`` backward messages.
+        Returns:
+            The new ``LayerState``.
+        """
         H = self.state_size
         gates = ((forward_in @ self.w_forward).unsqueeze(2) + (backward_in @ self.w_backward).unsqueeze(1)
                  + state.h @ self.w_hidden + self.bias)
@@ -105,8 +130,15 @@ class VSMLLayer(nn.Module):
         return LayerState(h, c)
 
     def tick(self, state: LayerState, forward_in: Tensor, backward_in: Tensor) -> tuple[LayerState, Tensor, Tensor]:
-        """A tick and the aggregated messages: forward [E, B, M] (mean over inputs) and
-        backward [E, A, M] (mean over outputs)."""
+        """A tick and the aggregated messages: forward (mean over inputs) and backward (mean over outputs).
+
+        Args:
+            state: the layer's state.
+            forward_in: ``[E, A, M]``.
+            backward_in: ``[E, B, M]``.
+        Returns:
+            ``(state, forward [E, B, M], backward [E, A, M])``.
+        """
         state = self.cell(state, forward_in, backward_in)
         return state, (state.h.mean(1) @ self.out_forward), (state.h.mean(2) @ self.out_backward)
 
@@ -114,32 +146,36 @@ class VSMLLayer(nn.Module):
 class VSMLNetwork(nn.Module):
     """A stack of VSML layers that learns online by message passing alone.
 
-    ``hidden_sizes``: widths of the hidden VSML layers (``[]``: a single layer from the inputs
-    straight to the class outputs). ``state_size`` / ``message_size``: the sub-LSTM's state
-    and message sizes (paper's code: 16 / 8). ``micro_ticks``: LSTM ticks per layer per pass
-    (paper: 2). ``reverse_pass``: a backward pass per example (else errors travel with the
-    next example's forward pass). ``label_feedback``: the label is part of the last layer's
-    backward message beside the error. ``output_bound``: ``ŷ = bound · tanh(m / bound)``.
-    ``bias_input``: every layer gets one more input unit whose forward message is the constant
-    1 (the bias of a dense layer); its sub-LSTMs share ``V`` with the others, so a learner
-    trained without it can be fine-tuned with it (``init_from``).
-    ``rotate_inputs``: each episode multiplies its inputs by a random orthogonal matrix (Haar,
-    drawn with the initial state), so the learner sees the features in a random basis. A
-    Gaussian random projection times an orthogonal matrix is again a Gaussian random
-    projection, so on projected inputs this changes nothing in distribution; on raw features
-    it removes their axis-aligned structure, which a learner meta-trained on projected inputs
-    handles worse (docs/vsml/experiments.md).
-    ``input_copies``: with ``rotate_inputs``, the first layer reads ``K`` copies of each
-    example, each in its own random basis: ``x [Q_1 … Q_K]``, ``K·A`` input units (and
-    ``K·A·C`` sub-LSTMs) whose forward messages the output units average. Since ``V`` is shared,
-    ``K`` is a meta-test setting too: a learner trained with one copy runs with more, as an
-    ensemble of differently rotated and initialised weights that share the errors it is fed back
-    (cost ``K`` times the first layer's).
-    ``ensemble``: ``R`` independent copies of the whole network per episode, each with its own
-    initial state and rotations and fed back its own error, whose predicted probabilities are
-    averaged: the logits returned are ``log mean_r softmax(logits_r)``. Unlike input copies,
-    the members share nothing but ``V``, so they err differently. Also a meta-test setting
-    (cost ``R`` times the network's).
+    Args:
+        hidden_sizes: widths of the hidden VSML layers (``[]``: a single layer from the inputs
+            straight to the class outputs).
+        state_size: the sub-LSTM's state size (paper's code: 16).
+        message_size: the message size (paper's code: 8).
+        micro_ticks: LSTM ticks per layer per pass (paper: 2).
+        reverse_pass: a backward pass per example (else errors travel with the next example's
+            forward pass).
+        label_feedback: the label is part of the last layer's backward message beside the error.
+        output_bound: ``ŷ = bound · tanh(m / bound)``.
+        bias_input: every layer gets one more input unit whose forward message is the constant 1
+            (the bias of a dense layer); its sub-LSTMs share ``V`` with the others, so a learner
+            trained without it can be fine-tuned with it (``init_from``).
+        rotate_inputs: each episode multiplies its inputs by a random orthogonal matrix (Haar,
+            drawn with the initial state), so the learner sees the features in a random basis. On
+            Gaussian-projected inputs this changes nothing in distribution; on raw features it
+            removes their axis-aligned structure (docs/vsml/experiments.md).
+        input_copies: with ``rotate_inputs``, the first layer reads ``K`` copies of each example,
+            each in its own random basis (``K·A`` input units whose forward messages the outputs
+            average). ``V`` is shared, so ``K`` is a meta-test setting too: an ensemble of
+            differently rotated weights that share the errors fed back (cost ``K`` times the
+            first layer's).
+        ensemble: ``R`` independent copies of the whole network per episode, each with its own
+            initial state, rotations and error; the logits returned are
+            ``log mean_r softmax(logits_r)``. A meta-test setting too (cost ``R`` times).
+    Raises:
+        ValueError: non-positive sizes, ``state_size`` or ``message_size`` below 2, ``micro_ticks``
+            below 1, ``input_copies`` > 1 without ``rotate_inputs``, or a non-integer copy count.
+    References:
+        Kirsch & Schmidhuber 2021, "Meta Learning Backpropagation And Improving It", arXiv 2012.14905.
     """
 
     kind = "vsml_learner"
@@ -180,6 +216,11 @@ class VSMLNetwork(nn.Module):
         self.weight_readout = nn.Parameter(readout)
 
     def config(self) -> dict[str, Any]:
+        """The constructor arguments, what a checkpoint stores.
+
+        Returns:
+            ``{argument: value}``.
+        """
         return {"hidden_sizes": list(self.hidden_sizes), "state_size": self.state_size,
                 "message_size": self.message_size, "micro_ticks": self.micro_ticks,
                 "reverse_pass": self.reverse_pass, "label_feedback": self.label_feedback,
@@ -190,7 +231,19 @@ class VSMLNetwork(nn.Module):
     def init_state(self, episodes: int, num_features: int, num_classes: int,
                    generator: torch.Generator | None = None, device: torch.device | str | None = None) -> VSMLState:
         """Fresh learners for ``episodes`` episodes: random initial "weights" (half cell states).
-        With ``ensemble = R``, member ``r`` of episode ``e`` is row ``e·R + r`` of the states."""
+        With ``ensemble = R``, member ``r`` of episode ``e`` is row ``e·R + r`` of the states.
+
+        Args:
+            episodes: ``E``.
+            num_features: ``A``, input features.
+            num_classes: ``C``.
+            generator: draws the initial cell states (and rotations).
+            device: where the state lives (None: the parameters' device).
+        Returns:
+            A ``VSMLState``.
+        Raises:
+            ValueError: no feature or fewer than 2 classes.
+        """
         if num_features < 1 or num_classes < 2:
             raise ValueError(f"VSMLNetwork: needs >= 1 feature and >= 2 classes, got {num_features}, {num_classes}")
         episodes = episodes * self.ensemble
@@ -228,7 +281,14 @@ class VSMLNetwork(nn.Module):
         return backward[:, :-1] if self.bias_input else backward
 
     def predict(self, state: VSMLState, x: Tensor) -> tuple[VSMLState, Tensor]:
-        """Forward pass for one example per episode, ``x`` [E, A] → logits [E, C]."""
+        """Forward pass for one example per episode.
+
+        Args:
+            state: the current state.
+            x: ``[E, A]``.
+        Returns:
+            ``(state, logits [E, C])``.
+        """
         if self.ensemble > 1:
             x = x.repeat_interleave(self.ensemble, 0)
         if state.rotation is not None:
@@ -238,7 +298,8 @@ class VSMLNetwork(nn.Module):
         for l, layer in enumerate(self.layers):
             message = self._with_bias(message)
             inputs.append(message)
-            backward = state.pending_backward[l] if not self.reverse_pass else torch.zeros_like(state.pending_backward[l])
+            waiting = state.pending_backward[l]
+            backward = waiting if not self.reverse_pass else torch.zeros_like(waiting)
             for _ in range(self.micro_ticks):
                 layers[l], out, below = layer.tick(layers[l], message, backward)
             if not self.reverse_pass:  # the lower layer's next backward message
@@ -255,8 +316,16 @@ class VSMLNetwork(nn.Module):
         return state._replace(member_logits=logits), torch.logsumexp(log_probs, 1) - math.log(self.ensemble)
 
     def feedback(self, state: VSMLState, logits: Tensor, y: Tensor) -> VSMLState:
-        """Tell the learner the labels ``y`` [E] of the example it just predicted. Ensemble
-        members each get their own error (``logits`` is then the ensemble's, not used)."""
+        """Tell the learner the labels of the example it just predicted. Ensemble
+        members each get their own error (``logits`` is then the ensemble's, not used).
+
+        Args:
+            state: the state after ``predict``.
+            logits: ``[E, C]`` what ``predict`` returned.
+            y: ``[E]`` the labels.
+        Returns:
+            The new state.
+        """
         if self.ensemble > 1:
             logits, y = state.member_logits, y.repeat_interleave(self.ensemble, 0)
         onehot = F.one_hot(y, logits.shape[-1]).to(logits.dtype)
@@ -275,16 +344,32 @@ class VSMLNetwork(nn.Module):
 
     # -- user-facing ------------------------------------------------------------------------------
     def forward(self, x: Tensor, y: Tensor, num_classes: int, generator: torch.Generator | None = None) -> Tensor:
-        """Online episodes: ``x`` [E, T, A], ``y`` [E, T] → logits [E, T, C], each predicted
-        before its label was fed back."""
+        """Online episodes, each step predicted before its label was fed back.
+
+        Args:
+            x: ``[E, T, A]`` inputs.
+            y: ``[E, T]`` labels.
+            num_classes: ``C``.
+            generator: draws the initial states.
+        Returns:
+            ``[E, T, C]`` logits.
+        """
         from learnopt.vsml.online import online_episode
 
         return online_episode(self, x, y, num_classes, generator)
 
     @torch.no_grad()
     def online(self, x: Any, y: Any, num_classes: int | None = None, seed: int = 0) -> Tensor:
-        """Learn online from one stream: ``x`` [N, features], ``y`` [N] class indices. Returns the
-        class predicted for each example before its label was seen ([N] int64)."""
+        """Learn online from one stream: the class predicted for each example before its label was seen.
+
+        Args:
+            x: ``[N, features]`` inputs.
+            y: ``[N]`` class indices.
+            num_classes: ``C`` (None: from ``y``).
+            seed: the episode's generator seed.
+        Returns:
+            ``[N]`` int64 predictions.
+        """
         from learnopt.vsml.online import online_predictions
 
         return online_predictions(self, x, y, num_classes, seed)

@@ -18,16 +18,58 @@ from torch import Tensor
 
 
 class OnlineLearner(Protocol):
+    """What ``online_episode`` runs: a learner that predicts before it sees each label."""
+
     def init_state(self, episodes: int, num_features: int, num_classes: int,
-                   generator: torch.Generator | None = None, device: Any = None) -> Any: ...
+                   generator: torch.Generator | None = None, device: Any = None) -> Any:
+        """The learner's state at the start of ``episodes`` parallel episodes.
 
-    def predict(self, state: Any, x: Tensor) -> tuple[Any, Tensor]: ...
+        Args:
+            episodes: ``E``.
+            num_features: ``A``, input features.
+            num_classes: ``C``.
+            generator: for random initial states, if any.
+            device: where the state lives.
+        Returns:
+            The state.
+        """
+        ...
 
-    def feedback(self, state: Any, logits: Tensor, y: Tensor) -> Any: ...
+    def predict(self, state: Any, x: Tensor) -> tuple[Any, Tensor]:
+        """Predict the step's labels.
+
+        Args:
+            state: the current state.
+            x: ``[E, A]`` the step's inputs.
+        Returns:
+            ``(state, logits [E, C])``.
+        """
+        ...
+
+    def feedback(self, state: Any, logits: Tensor, y: Tensor) -> Any:
+        """Learn from the step's labels.
+
+        Args:
+            state: the state after ``predict``.
+            logits: ``[E, C]`` what ``predict`` returned.
+            y: ``[E]`` the labels.
+        Returns:
+            The new state.
+        """
+        ...
 
 
 def check_stream(x: Tensor, y: Tensor, num_classes: int) -> None:
-    """Clear errors for streams that do not fit: ``x`` [E, T, A], ``y`` [E, T] in [0, C)."""
+    """Clear errors for streams that do not fit: ``x`` [E, T, A], ``y`` [E, T] in [0, C).
+
+    Args:
+        x: ``[E, T, A]`` inputs.
+        y: ``[E, T]`` labels.
+        num_classes: ``C``.
+    Raises:
+        ValueError: wrong shapes, non-integer or out-of-range labels, fewer than 2 classes, or
+            a non-finite ``x``.
+    """
     if x.dim() != 3 or y.dim() != 2 or x.shape[:2] != y.shape:
         raise ValueError(f"online episode: x must be [episodes, steps, features] and y [episodes, steps], "
                          f"got {tuple(x.shape)} and {tuple(y.shape)}")
@@ -44,8 +86,19 @@ def check_stream(x: Tensor, y: Tensor, num_classes: int) -> None:
 
 def online_episode(learner: OnlineLearner, x: Tensor, y: Tensor, num_classes: int,
                    generator: torch.Generator | None = None) -> Tensor:
-    """Run ``learner`` through episodes ``x`` [E, T, A], ``y`` [E, T]; logits [E, T, C] where
-    step ``t``'s logits were computed before ``y[:, t]`` was fed back."""
+    """Run ``learner`` through episodes; step ``t``'s logits are computed before ``y[:, t]`` is fed back.
+
+    Args:
+        learner: an ``OnlineLearner``.
+        x: ``[E, T, A]`` inputs.
+        y: ``[E, T]`` labels.
+        num_classes: ``C``.
+        generator: passed to ``learner.init_state``.
+    Returns:
+        ``[E, T, C]`` logits.
+    Raises:
+        ValueError: a stream that does not fit (``check_stream``).
+    """
     check_stream(x, y, num_classes)
     E, T, A = x.shape
     state = learner.init_state(E, A, num_classes, generator, x.device)
@@ -58,7 +111,14 @@ def online_episode(learner: OnlineLearner, x: Tensor, y: Tensor, num_classes: in
 
 
 def online_metrics(logits: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-    """Mean online cross-entropy (differentiable) and online accuracy of episodes."""
+    """Mean online cross-entropy (differentiable) and online accuracy of episodes.
+
+    Args:
+        logits: ``[E, T, C]`` from ``online_episode``.
+        y: ``[E, T]`` labels.
+    Returns:
+        ``(cross_entropy, accuracy)``, scalars.
+    """
     ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
     accuracy = (logits.argmax(-1) == y).to(logits.dtype).mean()
     return ce, accuracy
@@ -66,8 +126,20 @@ def online_metrics(logits: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
 
 def online_predictions(learner: OnlineLearner, x: Any, y: Any, num_classes: int | None = None,
                        seed: int = 0) -> Tensor:
-    """The user-facing ``learner.online(x, y)``: one stream ``x`` [N, F], ``y`` [N] (arrays or
-    tensors); returns the class predicted for each example before its label was seen."""
+    """The user-facing ``learner.online(x, y)``: the class predicted for each example of one stream
+    (arrays or tensors) before its label was seen.
+
+    Args:
+        learner: an ``OnlineLearner`` (an ``nn.Module``'s parameters give device and dtype).
+        x: ``[N, F]`` inputs.
+        y: ``[N]`` class indices.
+        num_classes: ``C`` (None: ``max(y) + 1``, at least 2).
+        seed: seeds the generator passed to ``init_state``.
+    Returns:
+        ``[N]`` predicted classes, on the CPU.
+    Raises:
+        ValueError: wrong shapes or non-integer labels.
+    """
     x = torch.as_tensor(np.asarray(x) if not isinstance(x, Tensor) else x)
     y = torch.as_tensor(np.asarray(y) if not isinstance(y, Tensor) else y)
     if x.dim() != 2 or y.dim() != 1 or len(x) != len(y):
