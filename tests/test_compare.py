@@ -303,7 +303,7 @@ def test_meta_train_run_follows_the_schema(experiment):
     runs = [read_offline_run(f) for f in logs]
     (meta,) = [r for r in runs if r.job_type == "meta-train"]
     assert meta.group == "mt" and meta.tags == ["tiny"] and meta.project == "learnopt"
-    assert meta.config["cli"]["model"]["horizon"] == 10  # the full resolved config
+    assert meta.config["cli"]["model"]["estimator"]["init_args"]["horizon"] == 10  # the full resolved config
     steps, losses = meta.curve(ls.META_LOSS, ls.META_STEP)
     assert len(losses) == 4 and all(math.isfinite(x) for x in losses)
     # the exported checkpoint travelled as a W&B artifact of the run
