@@ -173,6 +173,13 @@ def tree_leaves(tree: Any) -> list:
 
 
 def zeros_like(params: Params) -> Params:
+    """Zeros shaped like each parameter.
+
+    Args:
+        params: the parameters.
+    Returns:
+        ``{name: zeros}``.
+    """
     return {k: torch.zeros_like(p) for k, p in params.items()}
 
 

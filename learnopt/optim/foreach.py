@@ -38,7 +38,13 @@ _KERNELS: dict[Callable, Kernel] = {}
 
 
 def register_kernel(factory: Callable) -> Callable[[Kernel], Kernel]:
-    """Register the decorated function as ``factory``'s multi-tensor step."""
+    """Register the decorated function as ``factory``'s multi-tensor step.
+
+    Args:
+        factory: a catalogue factory (``learnopt.optim.adam``, ...).
+    Returns:
+        The decorator (it returns the kernel unchanged).
+    """
 
     def register(kernel: Kernel) -> Kernel:
         _KERNELS[factory] = kernel
@@ -48,13 +54,25 @@ def register_kernel(factory: Callable) -> Callable[[Kernel], Kernel]:
 
 
 def kernel_for(factory: Callable | None) -> Kernel | None:
-    """The kernel registered for ``factory``, if any."""
+    """The kernel registered for ``factory``, if any.
+
+    Args:
+        factory: a factory, or None.
+    Returns:
+        The kernel, or None.
+    """
     return _KERNELS.get(factory) if factory is not None else None
 
 
 def plain(*values: Any) -> bool:
     """Whether every hyperparameter is a Python number (or bool/None), not a tensor: the kernels
-    take numbers; a tensor hyperparameter (maybe meta-learned) takes the functional path."""
+    take numbers; a tensor hyperparameter (maybe meta-learned) takes the functional path.
+
+    Args:
+        *values: hyperparameters (tuples and lists are searched).
+    Returns:
+        Whether the kernels can take them.
+    """
     for v in values:
         if isinstance(v, (tuple, list)):
             if not plain(*v):
@@ -65,7 +83,14 @@ def plain(*values: Any) -> bool:
 
 
 def new_count(states: list[dict[str, Any]], key: str = "count") -> Tensor:
-    """``count + 1`` of a group updated together, as one new tensor written into every state."""
+    """``count + 1`` of a group updated together, as one new tensor written into every state.
+
+    Args:
+        states: the flat states of the group.
+        key: the count's key.
+    Returns:
+        The new count.
+    """
     count = states[0][key] + 1
     for s in states:
         s[key] = count
@@ -77,13 +102,30 @@ def new_count(states: list[dict[str, Any]], key: str = "count") -> Tensor:
 
 def l2_(grads: list[Tensor], params: list[Tensor], weight_decay: float) -> list[Tensor]:
     """``g + weight_decay * p`` as new tensors (torch.optim's L2 penalty); the gradients are the
-    user's ``.grad`` and are never written."""
+    user's ``.grad`` and are never written.
+
+    Args:
+        grads: the gradients.
+        params: the parameters.
+        weight_decay: the L2 coefficient.
+    Returns:
+        The penalised gradients (``grads`` itself when the decay is 0).
+    """
     return torch._foreach_add(grads, params, alpha=weight_decay) if weight_decay != 0 else grads
 
 
 def adam_moments(grads: list[Tensor], states: list[dict[str, Any]], b1: float, b2: float) -> tuple[list, list]:
     """Adam's moments updated in place, as torch.optim's multi-tensor Adam: ``m`` by ``lerp``,
-    ``v <- b2 v + (1 - b2) g^2``."""
+    ``v <- b2 v + (1 - b2) g^2``.
+
+    Args:
+        grads: the gradients.
+        states: the flat states (``mu``, ``nu``).
+        b1: decay rate of ``m``.
+        b2: decay rate of ``v``.
+    Returns:
+        ``(mu, nu)``, the state's lists.
+    """
     mu = [s["mu"] for s in states]
     nu = [s["nu"] for s in states]
     torch._foreach_lerp_(mu, grads, 1 - b1)
@@ -94,7 +136,18 @@ def adam_moments(grads: list[Tensor], states: list[dict[str, Any]], b1: float, b
 
 def adam_step(params: list[Tensor], mu: list[Tensor], nu: list[Tensor], lr: float, b1: float, b2: float,
                eps: float, step: float) -> None:
-    """``p <- p - lr (m / (1 - b1^t)) / (sqrt(v) / sqrt(1 - b2^t) + eps)``, torch.optim's order."""
+    """``p <- p - lr (m / (1 - b1^t)) / (sqrt(v) / sqrt(1 - b2^t) + eps)``, torch.optim's order.
+
+    Args:
+        params: the parameters, changed in place.
+        mu: first moments.
+        nu: second moments.
+        lr: learning rate.
+        b1: decay rate of ``m``.
+        b2: decay rate of ``v``.
+        eps: added to the denominator.
+        step: the step count ``t``.
+    """
     denom = torch._foreach_sqrt(nu)
     torch._foreach_div_(denom, (1 - b2**step) ** 0.5)
     torch._foreach_add_(denom, eps)
@@ -102,6 +155,11 @@ def adam_step(params: list[Tensor], mu: list[Tensor], nu: list[Tensor], lr: floa
 
 
 def decay_(params: list[Tensor], factor: float) -> None:
-    """``p <- factor * p``: decoupled weight decay applied before the step, as torch.optim does."""
+    """``p <- factor * p``: decoupled weight decay applied before the step, as torch.optim does.
+
+    Args:
+        params: the parameters, changed in place.
+        factor: the multiplier.
+    """
     if factor != 1:
         torch._foreach_mul_(params, factor)

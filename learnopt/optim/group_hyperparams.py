@@ -68,6 +68,9 @@ class GroupHyperparameters:
     ``defaults``: ``{key: value}`` as ``tx`` was built; ``resolve(group)``: ``tx`` built again
     from a group's values (kept while they stay the same); ``multiplier``: whether ``lr`` is a
     multiplier of a recipe-less transform's update rather than an argument of its factory.
+
+    Args:
+        tx: the transform.
     """
 
     def __init__(self, tx: GradientTransformation) -> None:
@@ -98,7 +101,15 @@ class GroupHyperparameters:
 
     def check(self, group: dict[str, Any], where: str, new: bool) -> None:
         """Refuse unknown keys (only in a group being added: schedulers add their own later) and
-        non-finite numbers, naming the group ``where`` and the key."""
+        non-finite numbers, naming the group ``where`` and the key.
+
+        Args:
+            group: a param group.
+            where: the group's name, for messages.
+            new: the group is being added (refuse unknown keys).
+        Raises:
+            ValueError: an unknown key (``new`` only) or a non-finite value.
+        """
         if new:
             unknown = set(group) - {"params"} - set(self.paths) - BOOKKEEPING_KEYS
             if unknown:
@@ -111,12 +122,28 @@ class GroupHyperparameters:
                 raise ValueError(f"{where}: {key}={group[key]!r} is not finite")
 
     def values(self, group: dict[str, Any]) -> dict[str, Any]:
+        """The group's current values of the transform's hyperparameters.
+
+        Args:
+            group: a param group.
+        Returns:
+            ``{key: value}``.
+        """
         return {key: group[key] for key in self.paths}
 
     def resolve(self, group: dict[str, Any], where: str) -> Resolved:
         """The group's current values, checked (``check``), and the transform and state layout
         they give. The result is kept per group and reused while the values stay the same (the
-        same numbers, the same tensor objects), so an unchanged group costs one comparison."""
+        same numbers, the same tensor objects), so an unchanged group costs one comparison.
+
+        Args:
+            group: a param group.
+            where: the group's name, for messages.
+        Returns:
+            A ``Resolved``.
+        Raises:
+            ValueError: a non-finite value.
+        """
         cached = self._resolved.get(id(group))
         if cached is not None and all(_same(group.get(k), v) for k, v in cached.values.items()):
             return cached
@@ -127,7 +154,13 @@ class GroupHyperparameters:
         return resolved
 
     def transform(self, values: dict[str, Any]) -> GradientTransformation:
-        """``tx`` with the group's ``values`` (for a multiplier, ``tx`` itself)."""
+        """``tx`` with the group's ``values`` (for a multiplier, ``tx`` itself).
+
+        Args:
+            values: ``{key: value}`` from ``values``.
+        Returns:
+            A ``GradientTransformation``.
+        """
         if self.multiplier:
             return self.tx
         # Factories may compute with a hyperparameter (``-lr``); a tensor that requires grad must keep
@@ -150,7 +183,13 @@ class GroupHyperparameters:
 
     def structure_key(self, values: dict[str, Any]) -> tuple:
         """What decides the layout of the transform's state: factories add or drop a stage for a
-        literal zero (``sgd``'s momentum), a flag or ``None``; other values only change numbers."""
+        literal zero (``sgd``'s momentum), a flag or ``None``; other values only change numbers.
+
+        Args:
+            values: ``{key: value}`` from ``values``.
+        Returns:
+            A hashable key; equal keys give states of one layout.
+        """
 
         def key(v: Any) -> Any:
             if isinstance(v, (tuple, list)):
@@ -164,4 +203,9 @@ class GroupHyperparameters:
         return tuple(key(values[k]) for k in sorted(self.paths))
 
     def factory_of(self) -> Callable[..., GradientTransformation] | None:
+        """The catalogue factory ``tx`` was built by.
+
+        Returns:
+            The factory, or None for a recipe-less transform.
+        """
         return None if self.multiplier else self.tx.recipe.factory

@@ -15,8 +15,8 @@ Importing this module registers ``TransformOptimizer`` (what ``lo.as_torch_optim
 ``DifferentiableTransformOptimizer._update`` runs the transform functionally, per param group
 and per set of parameters the torch optimizer updates together: its state is copied from the
 torch optimizer when the loop starts and then replaced (never modified) at every step, and
-nothing is detached (a gradient of ``None`` counts as zero here), so the meta-gradient flows through the gradients, the
-state, tensor hyperparameters captured by the transform, and the weights of a learned
+nothing is detached (a gradient of ``None`` counts as zero here), so the meta-gradient flows
+through the gradients, the state, tensor hyperparameters captured by the transform, and the weights of a learned
 optimizer (its ``update`` is a method of the ``nn.Module`` that holds them).
 
 Hyperparameters: a meta-learnable one is a tensor that requires grad, passed to the factory
@@ -50,7 +50,15 @@ def _hyperparam_state(state: Any) -> Any:
 
 
 class DifferentiableTransformOptimizer(higher.optim.DifferentiableOptimizer):
-    """``higher``'s differentiable counterpart of ``TransformOptimizer`` (see the module docstring)."""
+    """``higher``'s differentiable counterpart of ``TransformOptimizer`` (see the module docstring).
+
+    Args:
+        other: the ``TransformOptimizer`` to copy.
+        reference_params, fmodel, device, override, grad_callback, track_higher_grads, **kwargs:
+            ``higher.optim.DifferentiableOptimizer``'s.
+    Raises:
+        TypeError: ``other`` is not a ``TransformOptimizer``.
+    """
 
     def __init__(self, other: TransformOptimizer, reference_params, fmodel=None, device=None, override=None,
                  grad_callback=None, track_higher_grads: bool = True, **kwargs: Any) -> None:
@@ -101,7 +109,19 @@ class DifferentiableTransformOptimizer(higher.optim.DifferentiableOptimizer):
         self._overridden |= set(override)
 
     def step(self, loss: Tensor, params=None, override=None, grad_callback=None, **extra: Any):
-        """``higher``'s ``step``; keyword ``extra`` arguments reach the transform's ``update``."""
+        """``higher``'s ``step``; keyword ``extra`` arguments reach the transform's ``update``.
+
+        Args:
+            loss: the inner loss.
+            params: the fast weights (None: the model's).
+            override: param-group keys or injected hyperparameters to set, per group.
+            grad_callback: ``higher``'s gradient hook.
+            **extra: keywords for the transform's ``update``.
+        Returns:
+            The new fast weights, as ``higher``'s ``step``.
+        Raises:
+            ValueError: ``override`` names an unknown hyperparameter.
+        """
         self._check_override(override)
         self._extra = extra
         try:

@@ -24,12 +24,24 @@ def safe_sqrt(x: Tensor) -> Tensor:
 
 def nonzero(x: Hyper) -> bool:
     """Whether a hyperparameter can be nonzero: anything but a literal Python 0, so a factory may
-    drop a stage for ``weight_decay=0.0`` but keeps it for a tensor (which may be meta-learned)."""
+    drop a stage for ``weight_decay=0.0`` but keeps it for a tensor (which may be meta-learned).
+
+    Args:
+        x: a hyperparameter.
+    Returns:
+        False only for a literal 0.
+    """
     return not (isinstance(x, (int, float)) and x == 0)
 
 
 def count_like(params: Params) -> Tensor:
-    """A zero int64 step count on the parameters' device."""
+    """A zero int64 step count on the parameters' device.
+
+    Args:
+        params: the parameters.
+    Returns:
+        ``tensor(0)``, int64.
+    """
     device = next(iter(params.values())).device if params else None
     return torch.zeros((), dtype=torch.int64, device=device)
 
@@ -65,19 +77,39 @@ def instance_norm(tree: Params, batch_dims: int = 0) -> Tensor:
 
 
 def float_count(count: Tensor, like: Tensor) -> Tensor:
-    # The step count in the parameters' precision (at least float32), see scale_by_adam.
+    """The step count in the parameters' precision (at least float32), see ``scale_by_adam``.
+
+    Args:
+        count: the int64 step count.
+        like: a tensor of the parameters' dtype.
+    Returns:
+        ``count`` as a float tensor.
+    """
     return count.to(torch.promote_types(like.dtype, torch.float32))
 
 
 def div_or_zero(num: Tensor, den: Tensor) -> Tensor:
     """``num / den`` where ``den != 0``, else 0, with finite derivatives everywhere (the divisor
-    of the unused branch is replaced, so backward never forms 0 * inf)."""
+    of the unused branch is replaced, so backward never forms 0 * inf).
+
+    Args:
+        num: the numerator.
+        den: the denominator.
+    Returns:
+        The quotient, 0 where ``den == 0``.
+    """
     nonzero = den != 0
     return torch.where(nonzero, num / torch.where(nonzero, den, torch.ones_like(den)), torch.zeros_like(num))
 
 
 def widest_float(params: Params) -> torch.dtype:
-    """The widest floating dtype of ``params``, at least float32."""
+    """The widest floating dtype of ``params``, at least float32.
+
+    Args:
+        params: the parameters.
+    Returns:
+        The dtype.
+    """
     dtype = torch.float32
     for p in params.values():
         dtype = torch.promote_types(dtype, p.dtype)

@@ -108,7 +108,13 @@ def _rename(skel: Skeleton, renamed: dict[tuple, Slot]) -> Skeleton:
 
 
 def shared_keys(skeleton: Skeleton) -> list[str]:
-    """The keys of the leaves shared by parameters updated together (step counts and the like)."""
+    """The keys of the leaves shared by parameters updated together (step counts and the like).
+
+    Args:
+        skeleton: a parameter's skeleton.
+    Returns:
+        The keys.
+    """
     out: list[str] = []
 
     def visit(s: Skeleton) -> None:
@@ -130,7 +136,15 @@ def shared_keys(skeleton: Skeleton) -> list[str]:
 
 
 def gather(skeletons: list[Skeleton], flats: list[dict[str, Any]], names: list[str]) -> Any:
-    """The joint state of the parameters ``names`` (see the module docstring)."""
+    """The joint state of the parameters ``names`` (see the module docstring).
+
+    Args:
+        skeletons: each parameter's skeleton from ``split_parameter_state``.
+        flats: each parameter's flat state (``opt.state[p]``).
+        names: the parameters' names.
+    Returns:
+        The joint state, as ``tx.init`` of those parameters would give.
+    """
     s0 = skeletons[0]
     if isinstance(s0, Slot):
         return flats[0][s0.key]
@@ -146,7 +160,16 @@ def gather(skeletons: list[Skeleton], flats: list[dict[str, Any]], names: list[s
 
 
 def scatter(state: Any, skeletons: list[Skeleton], flats: list[dict[str, Any]], names: list[str]) -> None:
-    """Write the joint ``state`` of the parameters ``names`` back into their flat states."""
+    """Write the joint ``state`` of the parameters ``names`` back into their flat states.
+
+    Args:
+        state: the joint state.
+        skeletons: each parameter's skeleton from ``split_parameter_state``.
+        flats: each parameter's flat state (``opt.state[p]``).
+        names: the parameters' names.
+    Raises:
+        ValueError: the state's structure changed.
+    """
     s0 = skeletons[0]
     if isinstance(s0, Slot):
         for s, f in zip(skeletons, flats):
@@ -166,7 +189,14 @@ def scatter(state: Any, skeletons: list[Skeleton], flats: list[dict[str, Any]], 
 
 
 def same_state(a: Any, b: Any) -> bool:
-    """Whether two states have the same structure (dict keys in any order) and equal leaves."""
+    """Whether two states have the same structure (dict keys in any order) and equal leaves.
+
+    Args:
+        a: a state.
+        b: another.
+    Returns:
+        Whether they are the same.
+    """
     if _is_namedtuple(a) or isinstance(a, (tuple, list)):
         return type(a) is type(b) and len(a) == len(b) and all(same_state(x, y) for x, y in zip(a, b))
     if isinstance(a, dict):
@@ -178,7 +208,16 @@ def same_state(a: Any, b: Any) -> bool:
 
 
 def check_splittable(joint: Any, skeletons: list[Skeleton], flats: list[dict[str, Any]], names: list[str]) -> bool:
-    """Whether the per-parameter states, gathered, equal ``joint`` (``tx.init`` of all of them)."""
+    """Whether the per-parameter states, gathered, equal ``joint`` (``tx.init`` of all of them).
+
+    Args:
+        joint: ``tx.init`` of the parameters together.
+        skeletons: each parameter's skeleton from ``split_parameter_state``.
+        flats: each parameter's flat state (``opt.state[p]``).
+        names: the parameters' names.
+    Returns:
+        Whether the split states gather back to ``joint``.
+    """
     try:
         return same_state(gather(skeletons, flats, names), joint)
     except (KeyError, IndexError, TypeError):
