@@ -360,20 +360,18 @@ def box_min_estimate(
 
 class GPFunctionFamily:
     """GP-prior functions on ``[0, 1]^dim`` (Chen et al. 2017, arXiv 1611.03824); see the
-    module docstring. ``lengthscale_range=(lo, hi)``: each instance's per-dimension lengthscales
-    are i.i.d. ``U[lo, hi]`` (``lo == hi`` fixes them); the default ``(0.1, 0.5)`` gives a few
-    to about ten bumps per unit edge. ``noise`` is the observation-noise variance;
-    ``num_features`` is M of the RFF sampler. Draws are in ``dtype`` (float64 by default: the
-    lazy sampler's growing Cholesky needs it).
+    module docstring.
 
     Args:
         dim: the dimension of the box.
-        lengthscale_range: ``(lo, hi)`` of the lengthscales.
+        lengthscale_range: ``(lo, hi)``: each instance's per-dimension lengthscales are i.i.d.
+            ``U[lo, hi]`` (``lo == hi`` fixes them); ``(0.1, 0.5)`` gives a few to about ten bumps
+            per unit edge.
         signal_variance: the prior variance ``σ²``.
         noise: observation-noise variance.
         num_features: ``M`` of the RFF sampler.
         jitter: relative diagonal jitter of the lazy sampler.
-        dtype: dtype of the draws.
+        dtype: dtype of the draws (float64 by default: the lazy sampler's growing Cholesky needs it).
     Raises:
         ValueError: a non-positive dimension, variance, feature count or lengthscale range, or a
             negative noise or jitter.

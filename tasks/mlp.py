@@ -198,12 +198,11 @@ class MLPFamily:
     ``None`` is fixed at the constructor's value (width ``hidden_sizes[0]``, depth
     ``len(hidden_sizes)``, ``activation``). Without choices nothing is drawn.
 
-    ``dataset``: ``digits``, ``mnist1d``, or ``mnist`` / ``fashion_mnist`` / ``cifar10`` read from
-    the standard files in ``data_dir`` (``tasks.datasets``; nothing downloads).
     ``normalize`` divides by log C (the loss of a uniform prediction).
 
     Args:
-        dataset: the dataset's name.
+        dataset: ``digits``, ``mnist1d``, or ``mnist`` / ``fashion_mnist`` / ``cifar10`` read from the
+            standard files in ``data_dir`` (``tasks.datasets``; nothing downloads).
         hidden_sizes: widths of the hidden layers.
         activation: a key of ``ACTIVATIONS``.
         batch_size: minibatch size.
