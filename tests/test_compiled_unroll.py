@@ -1,7 +1,11 @@
 """The compiled inner step (``learnopt.meta.compiled``) against the eager ``inner_step``: the same
 truncation meta-loss, meta-gradients to 1e-5 relative, the same forward-only runs under
 perturbed weights (what ES and PES run), and no recompilation as truncations advance or as
-the weights are perturbed."""
+the weights are perturbed.
+
+Inductor (C++ kernels) compiles for tens of seconds per graph on this machine, so it runs the
+quadratic cases; the others trace the same graphs with the ``aot_eager`` backend (dynamo and
+AOTAutograd, the same guards and recompilations, kernels run op by op)."""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ import pytest
 import torch
 
 from learnopt.learned import CoordinatewiseLSTM, FeatureMLPOptimizer
+from learnopt.meta import compiled
 from learnopt.meta.compiled import compile_report, compiled_inner_step, compiled_steps, compiler_available
 from learnopt.meta.unroll import inner_step
 from learnopt.optim.base import detach_state
@@ -20,6 +25,12 @@ pytestmark = pytest.mark.skipif(not compiler_available(),
 
 K = 3
 RTOL = 1e-5
+
+
+@pytest.fixture
+def backend(request, monkeypatch):
+    monkeypatch.setattr(compiled, "BACKEND", request.param)
+    return request.param
 
 
 def small_lstm() -> CoordinatewiseLSTM:
@@ -83,9 +94,10 @@ def generator_copy(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-@pytest.mark.parametrize("lopt_name, task_name", [("lstm", "quadratic"), ("mlp_lopt", "quadratic"),
-                                                  ("lstm", "mlp"), ("mlp_lopt", "mlp")])
-def test_truncated_bptt_matches_eager_without_recompiles(lopt_name, task_name):
+@pytest.mark.parametrize("lopt_name, task_name, backend", [
+    ("lstm", "quadratic", "inductor"), ("mlp_lopt", "quadratic", "inductor"),
+    ("lstm", "mlp", "aot_eager"), ("mlp_lopt", "mlp", "aot_eager")], indirect=["backend"])
+def test_truncated_bptt_matches_eager_without_recompiles(lopt_name, task_name, backend):
     lopt, task, params, opt_state = start(lopt_name, task_name)
     weights = list(lopt.parameters())
     carried = {"eager": (params, opt_state), "compiled": (params, opt_state)}
@@ -102,16 +114,10 @@ def test_truncated_bptt_matches_eager_without_recompiles(lopt_name, task_name):
             assert compiled == 0, "a later truncation recompiled"
 
 
-def perturbed_run(lopt, weights, task, params, opt_state, step):
-    def body(module, *args):
-        loss, _ = truncation(step, module, *args)
-        return loss
+class Bound(torch.nn.Module):
+    """``forward(fn, *args) = fn(lopt, *args)``, so ``functional_call`` can swap ``lopt``'s weights
+    (as ES and PES run the learned optimizer)."""
 
-    return torch.func.functional_call(lopt, weights, (), strict=True, tie_weights=False) if False else \
-        _call_with_weights(lopt, weights, body, task, params, opt_state, generator_copy(7))
-
-
-class _Bound(torch.nn.Module):
     def __init__(self, lopt):
         super().__init__()
         self.lopt = lopt
@@ -120,12 +126,19 @@ class _Bound(torch.nn.Module):
         return fn(self.lopt, *args)
 
 
-def _call_with_weights(lopt, weights, fn, *args):
-    return torch.func.functional_call(_Bound(lopt), {f"lopt.{n}": w for n, w in weights.items()}, (fn, *args))
+def perturbed_run(lopt, weights, task, params, opt_state, step):
+    """A forward-only truncation with ``lopt``'s weights replaced by ``weights``."""
+
+    def body(module, *args):
+        return truncation(step, module, *args)[0].detach()
+
+    return torch.func.functional_call(Bound(lopt), {f"lopt.{n}": w for n, w in weights.items()},
+                                      (body, task, params, opt_state, generator_copy(7)))
 
 
-@pytest.mark.parametrize("lopt_name", ["lstm", "mlp_lopt"])
-def test_forward_only_under_perturbed_weights_matches_eager_without_recompiles(lopt_name):
+@pytest.mark.parametrize("lopt_name, backend", [("lstm", "inductor"), ("mlp_lopt", "aot_eager")],
+                         indirect=["backend"])
+def test_forward_only_under_perturbed_weights_matches_eager_without_recompiles(lopt_name, backend):
     lopt, task, params, opt_state = start(lopt_name, "quadratic")
     phi = {n: w.detach() for n, w in lopt.named_parameters()}
     noise = torch.Generator().manual_seed(3)
@@ -140,7 +153,8 @@ def test_forward_only_under_perturbed_weights_matches_eager_without_recompiles(l
             assert graphs() == before, "perturbed weights recompiled"
 
 
-def test_compiled_steps_region_matches_eager():
+@pytest.mark.parametrize("backend", ["aot_eager"], indirect=True)
+def test_compiled_steps_region_matches_eager(backend):
     lopt, task, params, opt_state = start("lstm", "quadratic")
     weights = list(lopt.parameters())
     p = {n: x.detach().requires_grad_(True) for n, x in params.items()}
@@ -156,7 +170,8 @@ def test_compiled_steps_region_matches_eager():
     assert relative_error(grads_c, grads_e) < RTOL
 
 
-def test_second_order_matches_eager():
+@pytest.mark.parametrize("backend", ["aot_eager"], indirect=True)
+def test_second_order_matches_eager(backend):
     lopt, task, params, opt_state = start("mlp_lopt", "quadratic")
     weights = list(lopt.parameters())
     grads = {}

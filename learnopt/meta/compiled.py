@@ -98,6 +98,10 @@ class CompileRecord:
 
 _CACHE: dict[tuple, CompileRecord] = {}
 
+# torch.compile's backend: "inductor" generates fused kernels (C++ on the CPU); "aot_eager" traces
+# the same graphs and runs them op by op (no C++ compiler needed, seconds to compile; for tests).
+BACKEND = "inductor"
+
 
 def compiler_available() -> bool:
     """Whether inductor can build CPU kernels here: it needs a C++ compiler (``torch._inductor``'s
@@ -117,14 +121,14 @@ def _own_code(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def _key(tx: Any, task: Task, second_order: bool, steps: int | None) -> tuple:
     return (type(tx).__module__, type(tx).__qualname__, type(task).__module__, type(task).__qualname__,
-            bool(second_order), steps)
+            bool(second_order), steps, BACKEND)
 
 
 def _record(key: tuple, body: Callable[..., Any], device: torch.device) -> CompileRecord:
     record = _CACHE.get(key)
     if record is None:
-        record = CompileRecord(torch.compile(_own_code(body), dynamic=False, fullgraph=True))
-        if device.type == "cpu" and not compiler_available():
+        record = CompileRecord(torch.compile(_own_code(body), backend=BACKEND, dynamic=False, fullgraph=True))
+        if BACKEND == "inductor" and device.type == "cpu" and not compiler_available():
             warnings.warn("learnopt.meta.compiled: no C++ compiler found for torch.compile's CPU backend; "
                           "running the eager inner step instead", RuntimeWarning, stacklevel=3)
             record.eager = True
@@ -225,11 +229,11 @@ def compiled_steps(
 
 
 def compile_report() -> dict[str, dict[str, Any]]:
-    """Per cache key (``"<optimizer>/<task>/<first|second>-order/<steps or 'step'>"``): the graphs
+    """Per cache key (``"<optimizer>/<task>/<first|second>-order/<steps or 'step'>/<backend>"``): the graphs
     compiled, the seconds they took (compilation plus first run) and whether the key runs eagerly."""
     report = {}
     for key, record in _CACHE.items():
-        name = f"{key[1]}/{key[3]}/{'second' if key[4] else 'first'}-order/{key[5] or 'step'}"
+        name = f"{key[1]}/{key[3]}/{'second' if key[4] else 'first'}-order/{key[5] or 'step'}/{key[6]}"
         report[name] = {"graphs": record.graphs, "compile_seconds": record.seconds, "eager": record.eager}
     return report
 
