@@ -9,8 +9,8 @@ can provide (``learnopt.optim.extra``):
   evaluation is ``step``'s own closure call, whose loss ``step`` returns.
 * ``hvp_fn`` when the gradients carry a graph, i.e. ``loss.backward(create_graph=True)`` was used
   (as ``pytorch_optimizer.AdaHessian`` requires): ``H v`` by differentiating ``<grad, v>``.
-* any other keyword (``indices``, ``example_grads_fn``, ``probes``, ...) is passed through, and
-  passing ``value_and_grad_fn`` / ``hvp_fn`` / ``loss_fn`` explicitly overrides the built ones.
+* any other keyword (``indices``, ``probes``, ...) is passed through; an explicit
+  ``value_and_grad_fn`` / ``hvp_fn`` / ``loss_fn`` overrides the built ones.
 """
 
 from __future__ import annotations
@@ -42,21 +42,18 @@ class TransformOptimizer(torch.optim.Optimizer):
       parameter is added, or at its first gradient if it did not require grad then.
       ``state_dict()`` has torch's layout and loads by position into an optimizer over a fresh
       copy of the model; a state of another shape is refused, naming the parameter and key.
-    * ``step(closure=None, **extra)``: the closure serves transforms that evaluate the objective
-      elsewhere (``lbfgs``), ``backward(create_graph=True)`` gives Hessian-vector products
-      (``adahessian``), keywords reach ``update`` (``indices=...``); see the module docstring.
+    * ``step(closure=None, **extra)`` serves transforms that need more than the gradient (module docstring).
 
     Args:
         tx: the transform.
-        params: tensors, ``(name, tensor)`` pairs (``named_parameters()``) or param group dicts
-            with per-group options. ``tx`` sees a ``dict[str, Tensor]`` keyed by the names
-            (``"0"``, ``"1"``, ... for bare tensors).
+        params: tensors, ``(name, tensor)`` pairs (``named_parameters()``) or param group dicts;
+            ``tx`` sees a dict keyed by the names (``"0"``, ``"1"``, ... for bare tensors).
         check_finite: a NaN or infinite gradient raises ``FloatingPointError`` naming the
             parameter, and a sparse gradient a ``RuntimeError``, before anything changes.
         inplace_update: ``f(grads, state, params) -> updates`` that overwrites the state in place
             (a learned optimizer's fast path), used for steps with no extra ``update`` arguments.
-        separable: ``tx`` treats each parameter tensor on its own (the coordinate-wise LSTM), so it
-            may run one parameter at a time; needed for a state not keyed by parameter name.
+        separable: ``tx`` treats each tensor on its own (the coordinate-wise LSTM) and may run one at
+            a time; needed for a state not keyed by parameter name.
         foreach: unless False, steps with no extra arguments run the catalogue factory's
             multi-tensor kernel where one exists (``learnopt.optim.foreach``); False: ``tx.update``.
     """
@@ -163,7 +160,7 @@ class TransformOptimizer(torch.optim.Optimizer):
     # -- the step --------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None, **extra: Any) -> Any:
-        """One update of every parameter that has a gradient. Every check runs before anything changes.
+        """One update of every parameter that has a gradient; every check runs before anything changes.
 
         Args:
             closure: re-evaluates the model and returns the loss (torch.optim's protocol).
@@ -197,10 +194,9 @@ class TransformOptimizer(torch.optim.Optimizer):
             )
 
     def _check_finite(self, params: list[Tensor]) -> None:
-        """``FloatingPointError`` naming the first parameter with a NaN or infinite gradient. NaN
-        and ±inf propagate into a sum, so one finite total of the gradients' sums (one read of
-        each gradient, one synchronisation) clears them all; only a non-finite total (or one
-        that overflows, or opposite infinities) needs the exact per-parameter check."""
+        """``FloatingPointError`` naming the first parameter with a NaN or infinite gradient. One finite
+        total of the gradients' sums (one synchronisation) clears them all, since NaN and ±inf
+        propagate into a sum; only a non-finite total needs the per-parameter check."""
         if not params:
             return
         grads = [p.grad.detach() for p in params]
@@ -467,9 +463,8 @@ class TransformOptimizer(torch.optim.Optimizer):
 
 def _unaliased(state: Any, tensors: Iterable[Tensor]) -> Any:
     """``state`` with copies of its tensors that share memory with ``tensors`` (the parameters and
-    their gradients). Transforms may keep what they were given (an SVRG snapshot, Lookahead's slow
-    weights, a previous gradient): functionally that is safe, but this optimizer then changes the
-    parameters, and the training loop the gradients, in place. Only aliased tensors are copied."""
+    gradients, which change in place after a step; a transform may keep what it was given, e.g. an
+    SVRG snapshot or a previous gradient). Only aliased tensors are copied."""
     storages = {t.untyped_storage().data_ptr() for t in tensors}
 
     def copy_if_aliased(x: Any) -> Any:
