@@ -17,12 +17,9 @@ behind the standardisation are kept in units of a power of two near the largest 
 largest float (``±1e308``) is mapped as ``lower·(1 − v) + upper·v``. A query that is not finite
 is never handed out (``RuntimeError``).
 
-Restarts: ``seed=None`` runs the proposer in its own frame; an integer seed maps its queries
-through a random symmetry of the box (coordinates permuted and reflected), so a deterministic
-proposer gives a different, equally good run per seed. ``minimize(..., noisy=True)`` reports the
-evaluated point with the lowest mean of a GP fitted to the observations, not the luckiest draw.
-When the objective raises, the exception carries the evaluations before it (``.result``,
-``.session``).
+Restarts: an integer ``seed`` maps the queries through a random symmetry of the box
+(``AskTellSession``). ``minimize(..., noisy=True)`` reports the point with the lowest GP mean, not
+the luckiest draw. When the objective raises, the exception carries the evaluations before it.
 
 Several asks in flight: the proposer's state is a deterministic function of the sequence of
 (query, observation) pairs, so each ``ask`` replays that sequence from the longest prefix whose
@@ -192,18 +189,15 @@ def check_proposer(proposer: Any, source: Any = None, caller: str = "minimize") 
 class AskTellSession:
     """Ask/tell over the box ``bounds`` with a trained ``RNNProposer`` (see the module docstring).
 
-    With ``seed`` None the proposer runs in its own frame (a deterministic proposer then asks the
-    same points every run). An integer draws a random symmetry of the box from it
-    (``box_symmetry``: the coordinates permuted and each reflected or not) through which the
-    proposer's queries are mapped, and seeds the exploration draws of an exploring proposer. The
-    GP prior the proposer was meta-trained on is invariant under these symmetries, so each seed
-    is an equally good, independent restart.
-
     Args:
         proposer: a trained ``RNNProposer``.
         bounds: the box (``as_bounds``).
         nonfinite: ``"raise"`` on a non-finite observation, or ``"worst"``: record the worst value seen.
-        seed: None, or an integer choosing the symmetry and the exploration draws (above).
+        seed: None runs the proposer in its own frame (a deterministic proposer asks the same points
+            every run). An integer draws a random symmetry of the box (``box_symmetry``: coordinates
+            permuted and reflected) through which the queries are mapped, and seeds the exploration
+            draws; the GP prior of meta-training is invariant under it, so each seed is an equally
+            good, independent restart.
     Raises:
         ValueError: an unknown ``nonfinite`` or bad ``bounds``.
         TypeError: ``proposer`` is not a black-box proposer.
