@@ -58,10 +58,11 @@ OPTIMIZERS = {"lstm": small_lstm, "mlp_lopt": small_mlp_lopt}
 TASKS = {"quadratic": quadratic_task, "mlp": mlp_task}
 
 
-def truncation(step, lopt, task, params, opt_state, generator, k=K):
+def truncation(step, lopt, task, params, opt_state, generator, k=K, inference=False):
     """K steps from ``params``; returns the truncation meta-loss (mean loss after each step), the
-    carried (detached) parameters and state."""
-    params = {n: p.detach().requires_grad_(True) for n, p in params.items()}
+    carried (detached) parameters and state. ``inference``: parameters that do not require grad
+    (a forward-only caller of the compiled step under ``torch.no_grad``)."""
+    params = {n: p.detach().requires_grad_(not inference) for n, p in params.items()}
     terms = []
     for _ in range(k):
         loss, params, opt_state = step(lopt, task, params, opt_state, task.sample_batch(generator))
@@ -126,11 +127,13 @@ class Bound(torch.nn.Module):
         return fn(self.lopt, *args)
 
 
-def perturbed_run(lopt, weights, task, params, opt_state, step):
-    """A forward-only truncation with ``lopt``'s weights replaced by ``weights``."""
+def perturbed_run(lopt, weights, task, params, opt_state, step, inference=False):
+    """A forward-only truncation with ``lopt``'s weights replaced by ``weights``; with ``inference``
+    under ``torch.no_grad`` and with parameters that do not require grad."""
 
     def body(module, *args):
-        return truncation(step, module, *args)[0].detach()
+        with torch.set_grad_enabled(not inference):
+            return truncation(step, module, *args, inference=inference)[0].detach()
 
     return torch.func.functional_call(Bound(lopt), {f"lopt.{n}": w for n, w in weights.items()},
                                       (body, task, params, opt_state, generator_copy(7)))
@@ -147,8 +150,9 @@ def test_forward_only_under_perturbed_weights_matches_eager_without_recompiles(l
         member = {n: phi[n] + eps[n] for n in phi}
         eager = perturbed_run(lopt, member, task, params, opt_state, inner_step)
         before = graphs()
-        compiled = perturbed_run(lopt, member, task, params, opt_state, compiled_inner_step)
-        assert torch.allclose(compiled, eager, rtol=RTOL, atol=0)
+        for inference in (False, True):
+            compiled = perturbed_run(lopt, member, task, params, opt_state, compiled_inner_step, inference)
+            assert torch.allclose(compiled, eager, rtol=RTOL, atol=0)
         if i > 0:
             assert graphs() == before, "perturbed weights recompiled"
 
@@ -183,3 +187,31 @@ def test_second_order_matches_eager(backend):
             terms.append(loss.mean())
         grads[name] = torch.autograd.grad(torch.stack(terms).mean(), weights)
     assert relative_error(grads["compiled"], grads["eager"]) < RTOL
+
+
+def test_falls_back_to_eager_with_a_warning(monkeypatch):
+    """No C++ compiler for inductor, or a step that cannot be one graph: a warning, then the eager
+    step's results."""
+    from learnopt import optim as lo
+    from learnopt.optim.base import GradientTransformation
+
+    monkeypatch.setattr(compiled, "_CACHE", {})
+    generator = torch.Generator().manual_seed(1)
+    task = quadratic_task(generator)
+    params = {n: p.requires_grad_(True) for n, p in task.init(generator).items()}
+    sgd = lo.sgd(lr=0.1)
+    expected = inner_step(sgd, task, params, sgd.init(params))[0]
+
+    monkeypatch.setattr(compiled, "compiler_available", lambda: False)
+    with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler"):
+        loss = compiled_inner_step(sgd, task, params, sgd.init(params))[0]
+    assert torch.equal(loss, expected)
+
+    def update(grads, state, params=None):  # a Python float of a tensor: a graph break
+        return {k: -0.1 * g * float(g.abs().sum() > 0) for k, g in grads.items()}, state
+
+    breaking = GradientTransformation(sgd.init, update)
+    monkeypatch.setattr(compiled, "BACKEND", "aot_eager")
+    with pytest.warns(RuntimeWarning, match="running it eagerly"):
+        loss = compiled_inner_step(breaking, task, params, sgd.init(params))[0]
+    assert torch.equal(loss, expected)

@@ -47,7 +47,7 @@ import torch
 from torch import Tensor
 
 from learnopt.meta.unroll import inner_step
-from learnopt.optim.base import GradientTransformation, Params, apply_updates
+from learnopt.optim.base import GradientTransformation, Params, apply_updates, detach_state
 from learnopt.task import Task
 
 __all__ = ["CompileRecord", "compile_report", "compiled_inner_step", "compiled_steps", "compiler_available",
@@ -161,6 +161,19 @@ def _call(record: CompileRecord, key: tuple, fallback: Callable[[], Any], *args:
     return out
 
 
+def _eager_step(tx: GradientTransformation, task: Task, params: Params, opt_state: Any, batch: Any,
+                second_order: bool) -> tuple[Tensor, Params, Any]:
+    """The fallback: ``inner_step``, also for a forward-only caller whose parameters do not require
+    grad (which the compiled step allows and ``torch.autograd.grad`` does not); the results of such
+    a call are detached."""
+    if torch.is_grad_enabled() and all(p.requires_grad for p in params.values()):
+        return inner_step(tx, task, params, opt_state, batch, second_order)
+    with torch.enable_grad():
+        leaves = {k: p.detach().requires_grad_(True) for k, p in params.items()}
+        loss, new_params, new_state = inner_step(tx, task, leaves, opt_state, batch, second_order)
+    return loss.detach(), {k: p.detach() for k, p in new_params.items()}, detach_state(new_state)
+
+
 def _device(params: Params) -> torch.device:
     return next(iter(params.values())).device
 
@@ -187,10 +200,14 @@ def compiled_inner_step(
 
     Returns:
         ``(loss [num_instances], new_params, new_opt_state)``; the loss keeps its graph.
+
+    A forward-only caller (ES, PES) may pass parameters that do not require grad and call it
+    under ``torch.no_grad()``: the task gradient comes from ``torch.func.grad``, so the step then
+    builds no autograd graph at all (an inference graph, cheaper than ``inner_step``'s).
     """
     key = _key(tx, task, second_order, None)
     record = _record(key, functional_step, _device(params))
-    return _call(record, key, lambda: inner_step(tx, task, params, opt_state, batch, second_order),
+    return _call(record, key, lambda: _eager_step(tx, task, params, opt_state, batch, second_order),
                  tx, task, params, opt_state, batch, second_order)
 
 
@@ -221,7 +238,7 @@ def compiled_steps(
     def eager() -> tuple[Tensor, Params, Any]:
         p, s, losses = params, opt_state, []
         for batch in batches:
-            loss, p, s = inner_step(tx, task, p, s, batch, second_order)
+            loss, p, s = _eager_step(tx, task, p, s, batch, second_order)
             losses.append(loss)
         return torch.stack(losses), p, s
 
