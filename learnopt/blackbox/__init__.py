@@ -7,8 +7,9 @@ random search and GP expected improvement (``learnopt.blackbox.gp``) and wraps o
 samplers; ``learnopt.blackbox.losses`` the meta-losses L_sum, L_OI and L_EI.
 """
 
-from learnopt.blackbox.proposer import RNNProposer, RunningStandardizer
+from learnopt.blackbox.proposer import RNNProposer
 from learnopt.blackbox.session import AskTellSession, as_bounds, minimize
+from learnopt.blackbox.standardizer import RunningStandardizer
 
 REGISTRY = {"RNNProposer": RNNProposer}
 

@@ -1,6 +1,6 @@
-"""The separable quadratic trend's algebra, shared by the proposer's batched ``QuadraticTrend``
-(torch, training) and the ask/tell session (numpy, one instance): a leaf module, so that the
-session does not import the proposer."""
+"""The separable quadratic trend (``RNNProposer(trend=True)``): the batched ``QuadraticTrend``
+(torch, training) and its algebra, shared with the ask/tell session (numpy, one instance): a
+leaf module, so that the session does not import the proposer."""
 
 from __future__ import annotations
 
@@ -79,3 +79,69 @@ def quadratic_fit_minimum(gram: Any, moment: Any, penalty: Any, dim: int) -> tup
     w = xp.linalg.solve(gram + xp.diag(penalty), moment)
     z, value = separable_quadratic_minimum(w[..., 1 + dim:], w[..., 1:1 + dim])
     return z, w[..., 0] + value.sum(-1)
+
+
+class QuadraticTrend:
+    """A separable quadratic fitted to all observations so far by ridge regression, per
+    instance: ``y ≈ w₀ + Σ_d b_d z_d + a_d z_d²`` with ``z = 2x − 1`` (the unit box as
+    ``[-1, 1]^D``) and a ridge ``ridge·‖(a, b)‖²`` (the intercept is free). The proposer reads
+    its minimiser in the box and its value there, standardised (``RNNProposer(trend=True)``, our
+    extension): the large-scale shape of the function, which a recurrent state summarises
+    poorly from single observations. Sums are kept of ``(y − shift) / scale`` (the first observation,
+    and ``RunningStandardizer``'s power-of-two unit), in float64; the fit is linear in ``y``, so the
+    features are invariant to ``f ↦ a·f + b``.
+
+    Args:
+        num_instances: Number of instances ``n`` fitted side by side.
+        dim: Dimension ``D`` of the queries.
+        device: Device of the sums.
+        ridge: Weight of the ridge on the linear and quadratic coefficients.
+    """
+
+    def __init__(self, num_instances: int, dim: int, device: torch.device, ridge: float = 0.1) -> None:
+        n, k = num_instances, 1 + 2 * dim
+        self.dim, self.ridge = dim, ridge
+        self.gram = torch.zeros(n, k, k, dtype=torch.float64, device=device)
+        self.moment = torch.zeros(n, k, dtype=torch.float64, device=device)
+        self.penalty = torch.as_tensor(ridge_penalty(dim, ridge), device=device)
+        self.scale: Tensor | None = None  # the unit of the sums, when given one (``update``)
+
+    def update(self, x: Tensor, y: Tensor, shift: Tensor, scale: Tensor | None = None) -> None:
+        """Add a step's observations to the fit.
+
+        Args:
+            x: ``[n, q, D]`` unit-box queries.
+            y: ``[n, q]`` their observations.
+            shift: ``[n]`` offset subtracted from ``y`` (``RunningStandardizer.shift``).
+            scale: ``[n]`` power-of-two unit of the sums (``RunningStandardizer.scale``; None: 1);
+                when it changes, the sums kept so far are converted to it exactly.
+        """
+        phi = quadratic_basis(x)  # [n, q, k]
+        if scale is None:
+            d = (y - shift[:, None]).to(torch.float64)
+        else:
+            if self.scale is not None:
+                self.moment = self.moment * (self.scale / scale.to(torch.float64))[:, None]
+            self.scale = scale.to(torch.float64)
+            d = (y / scale[:, None] - shift[:, None] / scale[:, None]).to(torch.float64)
+        self.gram = self.gram + phi.transpose(1, 2) @ phi
+        self.moment = self.moment + (phi * d[..., None]).sum(1)
+
+    def features(self, mean: Tensor, std: Tensor, shift: Tensor, scale: Tensor | None = None) -> Tensor:
+        """The fit's minimiser and its value there, standardised.
+
+        Args:
+            mean: ``[n]`` mean of the observations (``RunningStandardizer.mean``, in units of ``scale``).
+            std: ``[n]`` their standard deviation (in units of ``scale``).
+            shift: ``[n]`` offset the fit's sums were taken from.
+            scale: ``[n]`` unit of ``mean``, ``std`` and the sums (None: 1).
+
+        Returns:
+            ``[n, D + 1]``: the minimiser in ``[-1, 1]^D`` and ``(min − mean) / std`` clamped to ±10.
+        """
+        z, fit_min = quadratic_fit_minimum(self.gram, self.moment, self.penalty, self.dim)
+        if scale is None:
+            fit_min = fit_min + shift.to(torch.float64)
+        else:
+            fit_min = fit_min + shift.to(torch.float64) / scale.to(torch.float64)
+        return torch.cat([z, ((fit_min - mean) / std).clamp(-10.0, 10.0)[:, None]], dim=1)
