@@ -23,14 +23,15 @@ parameter tensor (``batch_dims`` leading instance dimensions excluded from every
 ``schedule`` is 1 without a run length T, else a linear warm-up over the first ``warmup`` of
 the run and a cosine decay to ``final_ratio`` at T (held after T). ``update_fast`` is the same
 arithmetic for a caller that needs no graph and has no instance dimension (the drop-in
-``torch.optim`` step; tested equal to ``update``): the features of a tensor are rows of one
-``[5, n]`` buffer, their per-tensor normalization is folded into the first layer's weights and
-the progress columns into its bias, so the MLP is one ``addmm`` and one ``addmv`` per tensor.
+``torch.optim`` step; tested equal to ``update``): the features of a tensor are rows of a
+reused scratch buffer, their per-tensor normalization is folded into the first layer's weights
+and the progress columns into its bias, so the MLP is one ``mm`` and one ``mv`` per tensor.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from functools import partial
 from typing import Any, NamedTuple
@@ -40,12 +41,7 @@ from torch import Tensor, nn
 from torch.nn import functional
 
 from learnopt.learned.base import LearnedOptimizer
-from learnopt.learned.general import (
-    DIRECTION_EPS,
-    GENERAL_TIMESCALES,
-    check_parameter,
-    progress_features,
-)
+from learnopt.learned.general import DIRECTION_EPS, GENERAL_TIMESCALES, check_parameter
 from learnopt.learned.mlp_lopt import second_moment_normalize
 from learnopt.optim.base import GradientTransformation, Params
 from learnopt.optim.torch_optimizer import TransformOptimizer
@@ -58,6 +54,11 @@ ADAM_EPS = 1e-8
 # the meta-training distribution's validation instances (docs/general.md); Celo2's 1e-3 is for
 # a rule without a schedule.
 COMPACT_STEP_MULT = 1e-2
+# Coordinates per block of the drop-in's MLP: its hidden units (5 × 64k floats) stay in cache.
+FAST_CHUNK = 1 << 16
+# Smaller tensors take the eager drop-in even with compile=True: a compiled call's guards cost
+# more than their arithmetic (and inductor specializes its loops at 4,097 elements).
+COMPILE_MIN_SIZE = 4097
 
 
 class CompactState(NamedTuple):
@@ -66,7 +67,7 @@ class CompactState(NamedTuple):
     second_moment: Params  # name -> [*shape]
 
 
-def warmup_cosine(count: Tensor | float, num_steps: int | None, warmup: float, final_ratio: float) -> Tensor:
+def warmup_cosine(count: float, num_steps: int | None, warmup: float, final_ratio: float) -> float:
     """The hand-designed schedule: ``min(1, (t + 1) / (warmup · T))`` times a cosine from 1 at
     the end of the warm-up to ``final_ratio`` at ``T`` (held after it); 1 when ``T`` is None.
 
@@ -77,15 +78,14 @@ def warmup_cosine(count: Tensor | float, num_steps: int | None, warmup: float, f
         final_ratio: the schedule's value at and after ``T``.
 
     Returns:
-        A 0-d tensor (float64 when ``count`` is a Python number).
+        The schedule's value (plain Python arithmetic: it is a per-step scalar).
     """
-    t = torch.as_tensor(count, dtype=torch.float64)
     if num_steps is None:
-        return torch.ones((), dtype=torch.float64)
+        return 1.0
     w = warmup * num_steps
-    ramp = torch.clamp((t + 1.0) / w, max=1.0) if w > 0 else torch.ones_like(t)
-    frac = torch.clamp((t - w) / max(num_steps - w, 1e-12), 0.0, 1.0)
-    return ramp * (final_ratio + (1.0 - final_ratio) * 0.5 * (1.0 + torch.cos(math.pi * frac)))
+    ramp = min((count + 1.0) / w, 1.0) if w > 0 else 1.0
+    frac = min(max((count - w) / max(num_steps - w, 1e-12), 0.0), 1.0)
+    return ramp * (final_ratio + (1.0 - final_ratio) * 0.5 * (1.0 + math.cos(math.pi * frac)))
 
 
 class CompactNormalizedOptimizer(LearnedOptimizer):
@@ -199,25 +199,33 @@ class CompactNormalizedOptimizer(LearnedOptimizer):
             {k: torch.zeros(p.shape, dtype=self.dtype, device=p.device) for k, p in params.items()},
         )
 
-    def progress(self, count: Tensor, num_steps: int | None) -> Tensor:
-        """The per-step inputs ``c`` (module docstring), ``[len(progress_names)]``."""
-        count = count.to(self.dtype)
-        cols = [torch.tanh(count / s - 1.0) for s in self.step_timescales]
-        parts = [torch.stack(cols)] if cols else []
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.layers[0].weight.dtype  # LearnedOptimizer's walks all parameters: per-step overhead
+
+    @property
+    def device(self) -> torch.device:
+        return self.layers[0].weight.device
+
+    def progress(self, count: float, num_steps: int | None) -> list[float]:
+        """The per-step inputs ``c`` (module docstring), as ``progress_features`` gives the last
+        two (plain Python arithmetic: they are per-step scalars)."""
+        cols = [math.tanh(count / s - 1.0) for s in self.step_timescales]
         if self.num_steps is not None:
-            parts.append(progress_features(count, num_steps or self.num_steps, self.dtype))
-        return torch.cat(parts).to(self.device) if parts else torch.zeros(0, dtype=self.dtype, device=self.device)
+            frac = min(count / float(num_steps or self.num_steps), 1.0)
+            cols += [2.0 * frac - 1.0, math.cos(math.pi * frac)]
+        return cols
 
-    def step_size(self, count: Tensor, num_steps: int | None) -> Tensor:
-        """``step_mult · schedule(t, T)`` before the learned per-tensor factor (0-d)."""
-        sched = warmup_cosine(count.detach().cpu(), num_steps or self.num_steps, self.warmup, self.final_ratio)
-        return (self.step_mult * sched).to(self.dtype).to(self.device)
+    def step_size(self, count: float, num_steps: int | None) -> float:
+        """``step_mult · schedule(t, T)`` before the learned per-tensor factor."""
+        return self.step_mult * warmup_cosine(count, num_steps or self.num_steps, self.warmup, self.final_ratio)
 
-    def _first_layer(self, count: Tensor, num_steps: int | None) -> tuple[Tensor, Tensor]:
+    def _first_layer(self, count: float, num_steps: int | None) -> tuple[Tensor, Tensor]:
         """The first layer's weight on the features and its bias with the progress folded in."""
         layer = self.layers[0]
         f = self.num_features
-        return layer.weight[:, :f], layer.bias + layer.weight[:, f:] @ self.progress(count, num_steps)
+        c = torch.tensor(self.progress(count, num_steps), dtype=self.dtype, device=self.device)
+        return layer.weight[:, :f], layer.bias + layer.weight[:, f:] @ c
 
     def _check(self, grads: Params, state: CompactState, batch_dims: int) -> None:
         for k, g in grads.items():
@@ -244,11 +252,11 @@ class CompactNormalizedOptimizer(LearnedOptimizer):
         batch_dims = self.batch_dims if batch_dims is None else batch_dims
         self._check(grads, state, batch_dims)
         count = state.count
-        t = (count + 1).to(self.dtype)
+        t = float(count)
         b2 = self.second_moment_decay
-        w1, b1 = self._first_layer(count, num_steps)
+        w1, b1 = self._first_layer(t, num_steps)
         w2, b2_out = self.layers[1].weight, self.layers[1].bias
-        base_step = self.step_size(count, num_steps)
+        base_step = self.step_size(t, num_steps)
         momenta, second, updates = {}, {}, {}
         for k, g in grads.items():
             g = g.to(self.dtype)
@@ -256,7 +264,7 @@ class CompactNormalizedOptimizer(LearnedOptimizer):
             decays = decays.view(-1, *([1] * g.dim()))
             m = decays * state.momenta[k] + (1.0 - decays) * g
             v = b2 * state.second_moment[k] + (1.0 - b2) * g * g
-            r = torch.rsqrt(v / (1.0 - b2 ** t) + ADAM_EPS**2)
+            r = torch.rsqrt(v / (1.0 - b2 ** (t + 1.0)) + ADAM_EPS**2)
             adam = [] if self._adam_row is None else [m[self._adam_row] * r]
             x = torch.stack([g, *m.unbind(0), r, *adam], dim=-1)
             x = second_moment_normalize(x, batch_dims, eps=FEATURE_EPS)
@@ -270,62 +278,215 @@ class CompactNormalizedOptimizer(LearnedOptimizer):
             momenta[k], second[k] = m, v
         return updates, CompactState(count + 1, momenta, second)
 
-    # -- the drop-in: no graph, no instance dimension ---------------------------------------------
+    # -- the drop-in: no graph, no instance dimension, state overwritten ---------------------------
+    def _scratch(self, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
+        """A buffer of this module reused by every step (a fresh one per step costs page faults
+        on CPU as large as the arithmetic); made again when the shape, dtype or device changes."""
+        buffers = self.__dict__.setdefault("_scratch_buffers", {})
+        buf = buffers.get(name)
+        if buf is None or buf.shape != shape or buf.dtype != self.dtype or buf.device != like.device:
+            buf = buffers[name] = torch.empty(shape, dtype=self.dtype, device=like.device)
+        return buf
+
     @torch.no_grad()
     def update_fast(self, grads: Params, state: CompactState, params: Params | None = None,
-                    num_steps: int | None = None, **extra: Any) -> tuple[Params, CompactState]:
-        """``update`` with ``batch_dims=0`` and no graph, arranged for speed (module docstring);
-        the same arithmetic up to rounding, out of place like ``update``."""
+                    num_steps: int | None = None, compiled: bool = False,
+                    **extra: Any) -> tuple[Params, CompactState]:
+        """``update`` with ``batch_dims=0`` and no graph, for a caller that owns ``state`` and
+        applies the updates at once (the drop-in ``torch.optim`` step). The same arithmetic up to
+        rounding (tested), arranged for speed: it overwrites ``state``'s moments in place and
+        returns updates that live in buffers of this module until its next call.
+
+        Per tensor, eagerly (``compiled=False``): the feature rows ``x`` and a row of ones (the
+        first layer's bias as a weight column) in one ``[num_features + 1, n]`` buffer; their
+        per-tensor normalization folded into the first layer's weights; then, ``FAST_CHUNK``
+        coordinates at a time so the hidden units stay in cache, ``h = relu(W [x, 1])`` (one
+        ``mm``) and ``d = nominal · x_adam + [w_dir, b_dir] · [h, 1]`` (one ``addmv``).
+        ``compiled=True``: two ``torch.compile``d loops per tensor instead
+        (``feature_square_sums``, ``direction_into``): the first reads the moments for the
+        features' per-tensor RMS (and the gradient's sum, the finiteness check of every tensor
+        before any state changes), the second writes them and the direction; where compiling
+        fails, this warns once and runs eagerly.
+        """
         self._check(grads, state, 0)
-        count = state.count
+        count = float(state.count)
+        dtype, device = self.dtype, self.device
         b2 = self.second_moment_decay
-        bias2 = 1.0 - b2 ** (float(count) + 1.0)
+        # rsqrt(v / bias2 + ε²) = sqrt(bias2) · rsqrt(v + ε² bias2); the normalization drops sqrt(bias2)
+        eps2 = ADAM_EPS**2 * (1.0 - b2 ** (count + 1.0))
         w1, b1 = self._first_layer(count, num_steps)
-        w_dir, w_mag = self.layers[1].weight[0], self.layers[1].weight[1]
-        b_dir, b_mag = float(self.layers[1].bias[0]), float(self.layers[1].bias[1])
-        base_step = float(self.step_size(count, num_steps))
+        w2, b2_out = self.layers[1].weight, self.layers[1].bias
+        base_step = self.step_size(count, num_steps)
         k_m, f = len(self.momentum_decays), self.num_features
-        momenta, second, updates = {}, {}, {}
+        decay_weight = torch.tensor([1.0 - b for b in self.momentum_decays], dtype=dtype, device=device)
+        kernels = compiled_kernels() if compiled else None
+        if kernels is not None:
+            scalars = torch.tensor([eps2, 0.0], dtype=dtype, device=device)
+            square_sums = self._square_sums(kernels[0], grads, state, decay_weight, scalars)
+        updates = {}
+        for k, grad in grads.items():
+            n = grad.numel()
+            g = grad.reshape(n).to(dtype)
+            d = self._scratch(f"update:{k}", (n,), g)
+            m, v = state.momenta[k].view(k_m, n), state.second_moment[k].view(n)
+            if kernels is not None and k in square_sums:
+                inv = torch.rsqrt(square_sums[k][1:] / n + FEATURE_EPS)
+                scalars[1] = self.nominal * inv[-1]
+                sums = kernels[1](d, g, list(m.unbind(0)), v, decay_weight, b2, scalars, w1 * inv, b1, w2, b2_out,
+                                  self._adam_row).tolist()
+            else:
+                x = self._scratch(f"features:{n}", (f + 1, n), g)
+                m.lerp_(g.expand(k_m, n), decay_weight[:, None])
+                v.mul_(b2).addcmul_(g, g, value=1.0 - b2)
+                x[0].copy_(g)
+                x[1: 1 + k_m].copy_(m)
+                torch.add(v, eps2, out=x[f - 2]).rsqrt_()
+                torch.mul(x[1 + self._adam_row], x[f - 2], out=x[f - 1])
+                x[f].fill_(1.0)
+                inv = torch.rsqrt(torch.linalg.vector_norm(x[:f], dim=1).square() / n + FEATURE_EPS)
+                hidden_sum = self._mlp_chunks(x, torch.cat([w1 * inv, b1[:, None]], dim=1),
+                                              torch.cat([w2[0], b2_out[:1]]), self.nominal * float(inv[f - 1]), d)
+                sums = [float(w2[1] @ hidden_sum), float(torch.dot(d, d))]
+            mu = sums[0] / n + float(b2_out[1])
+            scale = base_step * math.exp(self.magnitude_range * math.tanh(mu))
+            updates[k] = d.mul_(-scale / math.sqrt(sums[1] / n + DIRECTION_EPS)).view(grad.shape)
+        return updates, CompactState(state.count + 1, state.momenta, state.second_moment)
+
+    def _square_sums(self, kernel: Any, grads: Params, state: CompactState, decay_weight: Tensor,
+                     scalars: Tensor) -> dict[str, Tensor]:
+        """``feature_square_sums`` of every tensor of at least ``COMPILE_MIN_SIZE`` elements,
+        after checking every gradient (the compiled drop-in's own ``check_finite``).
+
+        Raises:
+            FloatingPointError: a gradient has a NaN or infinity (nothing has changed yet).
+        """
+        out, totals = {}, {}
         for k, grad in grads.items():
             n = grad.numel()
             g = grad.reshape(n).to(self.dtype)
-            rows = torch.empty(f, n, dtype=self.dtype, device=g.device)
-            rows[0].copy_(g)
-            weight = torch.tensor([1.0 - b for b in self.momentum_decays], dtype=self.dtype, device=g.device)
-            torch.lerp(state.momenta[k].reshape(k_m, n), g.expand(k_m, n), weight[:, None], out=rows[1: 1 + k_m])
-            v = torch.mul(state.second_moment[k].reshape(n), b2).addcmul_(g, g, value=1.0 - b2)
-            # rsqrt(v / bias2 + ε²) = sqrt(bias2) · rsqrt(v + ε² bias2); the normalization drops sqrt(bias2)
-            torch.add(v, ADAM_EPS**2 * bias2, out=rows[f - 2]).rsqrt_()
-            torch.mul(rows[1 + self._adam_row], rows[f - 2], out=rows[f - 1])
-            inv = torch.rsqrt(torch.linalg.vector_norm(rows, dim=1).square() / n + FEATURE_EPS)
-            h = torch.addmm(b1[:, None], w1 * inv, rows).relu_()
-            d = torch.addmv(rows[f - 1], h.t(), w_dir, beta=self.nominal * float(inv[f - 1])).add_(b_dir)
-            mu = float(w_mag @ h.mean(dim=1)) + b_mag
-            scale = base_step * math.exp(self.magnitude_range * math.tanh(mu))
-            rms = math.sqrt(float(torch.dot(d, d)) / n + DIRECTION_EPS)
-            updates[k] = d.mul_(-scale / rms).view(grad.shape)
-            momenta[k] = rows[1: 1 + k_m].clone().view(k_m, *grad.shape)
-            second[k] = v.view(grad.shape)
-        return updates, CompactState(count + 1, momenta, second)
+            if n < COMPILE_MIN_SIZE:
+                totals[k] = g.sum()
+                continue
+            out[k] = kernel(g, list(state.momenta[k].view(-1, n).unbind(0)), state.second_moment[k].view(n),
+                            decay_weight, self.second_moment_decay, scalars, self._adam_row)
+            totals[k] = out[k][0]
+        if totals and not bool(torch.isfinite(torch.stack(list(totals.values())).sum())):
+            bad = next(k for k, t in totals.items() if not bool(torch.isfinite(t)))
+            raise FloatingPointError(f"{type(self).__name__}: non-finite gradient in parameter {bad!r} "
+                                     f"(shape {tuple(grads[bad].shape)}); the parameters and optimizer state "
+                                     "were left unchanged")
+        return out
+
+    def _mlp_chunks(self, x: Tensor, w: Tensor, coef: Tensor, beta: float, d: Tensor) -> Tensor:
+        """``d = beta · x_adam + coef · [relu(w x), 1]`` over the feature rows ``x`` (last: ones),
+        ``FAST_CHUNK`` columns at a time; returns the hidden units' sums ``[hidden_size]``."""
+        n, hidden, f = x.shape[1], self.hidden_size, self.num_features
+        chunk = min(n, FAST_CHUNK)
+        h = self._scratch("hidden", (hidden + 1, FAST_CHUNK), x)[:, :chunk]
+        h[hidden].fill_(1.0)  # b_dir's weight column
+        hidden_sum = torch.zeros(hidden, dtype=x.dtype, device=x.device)
+        for start in range(0, n, chunk):
+            end = min(start + chunk, n)
+            hc = h[:, : end - start]
+            torch.mm(w, x[:, start:end], out=hc[:hidden])
+            hc[:hidden].relu_()
+            hidden_sum += hc[:hidden].sum(dim=1)
+            torch.addmv(x[f - 1, start:end], hc.t(), coef, beta=beta, out=d[start:end])
+        return hidden_sum
 
     def transform(self, batch_dims: int | None = None, num_steps: int | None = None,
-                  fast: bool = False) -> GradientTransformation:
+                  fast: bool = False, compiled: bool = False) -> GradientTransformation:
         """This rule as a ``GradientTransformation`` for tensors with ``batch_dims`` instance
         dimensions (default: the constructor's) and runs of ``num_steps`` steps; ``fast``:
-        ``update_fast`` (no graph, ``batch_dims=0`` only)."""
+        ``update_fast`` (no graph, ``batch_dims=0`` only), ``compiled``: its compiled loops."""
         batch_dims = self.batch_dims if batch_dims is None else int(batch_dims)
         if fast and batch_dims != 0:
             raise ValueError(f"{type(self).__name__}: the fast update has no instance dimension (batch_dims=0)")
         # update_fast is written for the shipped rule; the ablations (no Adam feature, no
         # normalization) take the reference path.
         fast = fast and self.adam_decay is not None and self.normalize
-        update = (partial(self.update_fast, num_steps=num_steps) if fast
+        update = (partial(self.update_fast, num_steps=num_steps, compiled=compiled) if fast
                   else partial(self.update, batch_dims=batch_dims, num_steps=num_steps))
         return GradientTransformation(partial(self.init, batch_dims=batch_dims), update)
 
     def as_torch_optimizer(self, params, batch_dims: int = 0, num_steps: int | None = None,
-                           **options: Any) -> TransformOptimizer:
+                           compile: bool = False, **options: Any) -> TransformOptimizer:
         """A drop-in ``torch.optim.Optimizer`` over ``params`` (``update_fast`` when
         ``batch_dims=0``); ``num_steps``: the length of the user's run (default: the
-        meta-training horizon stored in the config)."""
-        return TransformOptimizer(self.transform(batch_dims, num_steps, fast=batch_dims == 0), params, **options)
+        meta-training horizon stored in the config); ``compile``: its ``torch.compile``d loops
+        (within 3x of Adam's step on a CPU, docs/general.md; the first step compiles them)."""
+        tx = self.transform(batch_dims, num_steps, fast=batch_dims == 0, compiled=compile)
+        if compile and batch_dims == 0:
+            options.setdefault("check_finite", False)  # update_fast checks in its first loop
+        return TransformOptimizer(tx, params, **options)
+
+
+# -- the compiled drop-in: two loops per tensor ---------------------------------------------------
+def _features(g: Tensor, m: list[Tensor], v: Tensor, decay_weight: Tensor, beta2: float, eps2: Tensor,
+              adam_row: int) -> tuple[list[Tensor], Tensor]:
+    """The features ``[g, m …, r, m[adam_row] · r]`` of the updated momenta, ``r = rsqrt(v +
+    eps2)``, and the updated ``v``. The momenta come as a list of ``[n]`` rows: a ``[K, n]``
+    tensor makes inductor add loops over both dimensions."""
+    rows = [torch.lerp(m_i, g, decay_weight[i]) for i, m_i in enumerate(m)]
+    v_new = v * beta2 + (1.0 - beta2) * g * g
+    r = torch.rsqrt(v_new + eps2)
+    return [g, *rows, r, rows[adam_row] * r], v_new
+
+
+def feature_square_sums(g: Tensor, m: list[Tensor], v: Tensor, decay_weight: Tensor, beta2: float, scalars: Tensor,
+                        adam_row: int) -> Tensor:
+    """``[Σ g, Σ x_i² for the features x_i]`` of one tensor's next step, from the gradient
+    ``g [n]``, the momenta ``m`` (``K`` rows ``[n]``) and second moment ``v [n]`` before it; ``scalars[0]``:
+    ``eps2`` (one read-only loop once compiled; ``Σ g`` is non-finite exactly when
+    the gradient is, up to overflow)."""
+    xs, _ = _features(g, m, v, decay_weight, beta2, scalars[0], adam_row)
+    return torch.stack([g.sum(), *[(x * x).sum() for x in xs]])
+
+
+def direction_into(d: Tensor, g: Tensor, m: list[Tensor], v: Tensor, decay_weight: Tensor, beta2: float,
+                   scalars: Tensor, w: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, adam_row: int) -> Tensor:
+    """Update ``m`` and ``v`` in place and write the direction before its normalization,
+    ``d = scalars[1] · x_adam + w2[0] · relu(w x + b1) + b2[0]`` over the features ``x``
+    (``_features``), the features' normalization folded into ``w`` and ``scalars[1]`` by the
+    caller (left to inductor, it recomputes them at every coordinate); returns
+    ``[Σ_coordinates w2[1] · h, Σ d²]`` (one loop once compiled: the hidden units never reach
+    memory)."""
+    xs, v_new = _features(g, m, v, decay_weight, beta2, scalars[0], adam_row)
+    out = scalars[1] * xs[-1] + b2[0]
+    magnitude = torch.zeros((), dtype=g.dtype, device=g.device)
+    for j in range(w.shape[0]):
+        z = b1[j] + w[j, 0] * xs[0]
+        for i in range(1, len(xs)):
+            z = z + w[j, i] * xs[i]
+        h = torch.relu(z)
+        magnitude = magnitude + w2[1, j] * h.sum()
+        out = out + w2[0, j] * h
+    for i, m_i in enumerate(m):
+        m_i.copy_(xs[1 + i])
+    v.copy_(v_new)
+    d.copy_(out)
+    return torch.stack([magnitude, (out * out).sum()])
+
+
+_KERNELS: list[Any] = []
+
+
+def compiled_kernels() -> tuple[Any, Any] | None:
+    """``torch.compile``d ``feature_square_sums`` and ``direction_into`` (dynamic shapes:
+    one compilation serves every tensor size), tried once on a small input; None, with a
+    warning, where inductor cannot build them (no C++ compiler, a backend failure)."""
+    if not _KERNELS:
+        kernels = (torch.compile(feature_square_sums, dynamic=True), torch.compile(direction_into, dynamic=True))
+        try:
+            n, g = COMPILE_MIN_SIZE, torch.linspace(-1.0, 1.0, COMPILE_MIN_SIZE)
+            m, v = [torch.zeros(n), torch.zeros(n)], torch.zeros(n)
+            scalars, decay = torch.tensor([1e-16, 1.0]), torch.tensor([0.1, 0.01])
+            kernels[0](g, m, v, decay, 0.999, scalars, 0)
+            kernels[1](torch.empty(n), g, m, v, decay, 0.999, scalars, torch.ones(4, 5), torch.ones(4),
+                       torch.ones(2, 4), torch.ones(2), 0)
+        except Exception as error:  # no C++ compiler, an inductor failure: the eager path serves
+            warnings.warn(f"CompactNormalizedOptimizer: torch.compile failed ({type(error).__name__}: {error}); "
+                          "running the drop-in eagerly", RuntimeWarning, stacklevel=3)
+            kernels = None
+        _KERNELS.append(kernels)
+    return _KERNELS[0]
