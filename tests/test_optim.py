@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from learnopt import optim as lo
-from learnopt.optim import transforms as lo_transforms
+from learnopt.optim import numerics as lo_numerics
 from optim_helpers import grads as _grads, model_loss as _model_loss, problem as _problem, run_functional as _run_functional, tiny_model as _tiny_model
 from conftest import central_difference
 
@@ -383,7 +383,7 @@ def test_no_nan_in_double_backward_at_zero_gradient(name, make_tx):
 
 def test_zero_gradient_check_detects_plain_sqrt(monkeypatch):
     """Control for the test above: with a plain ``torch.sqrt`` the same computation gives NaN."""
-    monkeypatch.setattr(lo_transforms, "safe_sqrt", torch.sqrt)
+    monkeypatch.setattr(lo_numerics, "safe_sqrt", torch.sqrt)  # Adam's sqrt (numerics.adam_direction)
     out = _double_backward_at_zero_grad(lambda: lo.adam(lr=0.1))
     assert any(not torch.isfinite(t).all() for t in out)
 

@@ -10,8 +10,9 @@ import torch
 from torch import Tensor
 
 from learnopt.optim.base import GradientTransformation, Hyper, Params, zeros_like
-from learnopt.optim.numerics import count_like, div_or_zero, float_count, safe_sqrt, widest_float
-from learnopt.optim.transforms import ScaleByAdamState, adam_moments
+from learnopt.optim.numerics import (
+    adam_direction, adam_moments, count_like, div_or_zero, float_count, safe_sqrt, widest_float)
+from learnopt.optim.transforms import ScaleByAdamState
 
 
 class ScaleByAmsgradState(NamedTuple):
@@ -42,10 +43,7 @@ def scale_by_amsgrad(b1: Hyper = 0.9, b2: Hyper = 0.999, eps: Hyper = 1e-8) -> G
     def update(updates, state, params=None, **extra):
         count, mu, nu = adam_moments(updates, state, b1, b2)
         nu_max = {k: torch.maximum(state.nu_max[k], nu[k]) for k in updates}
-        out = {}
-        for k in updates:
-            t = float_count(count, mu[k])
-            out[k] = (mu[k] / (1 - b1**t)) / (safe_sqrt(nu_max[k]) / torch.sqrt(1 - b2**t) + eps)
+        out = {k: adam_direction(mu[k], nu_max[k], count, b1, b2, eps) for k in updates}
         return out, ScaleByAmsgradState(count, mu, nu, nu_max)
 
     return GradientTransformation(init, update)
@@ -206,10 +204,7 @@ def scale_by_belief(b1: Hyper = 0.9, b2: Hyper = 0.999, eps: Hyper = 1e-16) -> G
         count = state.count + 1
         mu = {k: b1 * state.mu[k] + (1 - b1) * g for k, g in updates.items()}
         nu = {k: b2 * state.nu[k] + (1 - b2) * (g - mu[k]) ** 2 + eps for k, g in updates.items()}
-        out = {}
-        for k in updates:
-            t = float_count(count, mu[k])
-            out[k] = (mu[k] / (1 - b1**t)) / (safe_sqrt(nu[k]) / torch.sqrt(1 - b2**t) + eps)
+        out = {k: adam_direction(mu[k], nu[k], count, b1, b2, eps) for k in updates}
         return out, ScaleByBeliefState(count, mu, nu)
 
     return GradientTransformation(init, update)

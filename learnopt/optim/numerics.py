@@ -1,7 +1,10 @@
-"""Numerics shared by the transforms: per-instance reductions, a safe square root and the
-step counter (a leaf module: it imports nothing of learnopt but the core types)."""
+"""Numerics shared by the transforms: per-instance reductions, a safe square root, the step
+counter, and Adam's moments and bias correction (a leaf module: it imports nothing of learnopt
+but the core types)."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -114,3 +117,42 @@ def widest_float(params: Params) -> torch.dtype:
     for p in params.values():
         dtype = torch.promote_types(dtype, p.dtype)
     return dtype
+
+
+def adam_moments(updates: Params, state: Any, b1: Hyper, b2: Hyper) -> tuple[Tensor, Params, Params]:
+    """Adam's step count and moments after ``updates`` (``state`` has ``count``, ``mu``, ``nu``)::
+
+        t <- t + 1;   m <- b1 m + (1 - b1) g;   v <- b2 v + (1 - b2) g^2
+
+    Args:
+        updates: the gradients ``g``.
+        state: the previous state.
+        b1, b2: the decay rates.
+    Returns:
+        ``(t, m, v)``.
+    """
+    mu = {k: b1 * state.mu[k] + (1 - b1) * g for k, g in updates.items()}
+    nu = {k: b2 * state.nu[k] + (1 - b2) * g * g for k, g in updates.items()}
+    return state.count + 1, mu, nu
+
+
+def adam_direction(m: Tensor, v: Tensor, count: Tensor, b1: Hyper, b2: Hyper, eps: Hyper) -> Tensor:
+    """Adam's bias-corrected step direction, as ``torch.optim.Adam`` computes it::
+
+        (m / (1 - b1^t)) / (sqrt(v) / sqrt(1 - b2^t) + eps)
+
+    The bias corrections are in the parameters' precision (at least float32, ``float_count``):
+    ``b ** count`` of the int64 count alone is float32 even for float64 parameters, which
+    ``torch.optim.Adam`` is not.
+
+    Args:
+        m: the first moment.
+        v: the second moment (or its running maximum, AMSGrad).
+        count: the int64 step count ``t`` (after this step's increment).
+        b1, b2: the decay rates.
+        eps: added to the denominator.
+    Returns:
+        The direction, shaped like ``m``.
+    """
+    t = float_count(count, m)
+    return (m / (1 - b1**t)) / (safe_sqrt(v) / torch.sqrt(1 - b2**t) + eps)

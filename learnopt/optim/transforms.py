@@ -6,14 +6,15 @@ that requires grad makes the hyperparameter meta-learnable). Everything is out o
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from learnopt.optim.base import EmptyState, GradientTransformation, Hyper, Params, zeros_like
-from learnopt.optim.numerics import (  # noqa: F401 (safe_sqrt: public here too)
-    count_like, div_or_zero, float_count, instance_sum, nonzero, safe_sqrt, widest_float)
+from learnopt.optim.numerics import (  # noqa: F401 (safe_sqrt, adam_moments: public here too)
+    adam_direction, adam_moments, count_like, div_or_zero, float_count, instance_sum, nonzero, safe_sqrt,
+    widest_float)
 
 
 def scale(factor: Hyper) -> GradientTransformation:
@@ -140,23 +141,6 @@ class ScaleByAdamState(NamedTuple):
     nu: Params
 
 
-def adam_moments(updates: Params, state: Any, b1: Hyper, b2: Hyper) -> tuple[Tensor, Params, Params]:
-    """Adam's step count and moments after ``updates`` (``state`` has ``count``, ``mu``, ``nu``)::
-
-        t <- t + 1;   m <- b1 m + (1 - b1) g;   v <- b2 v + (1 - b2) g^2
-
-    Args:
-        updates: the gradients ``g``.
-        state: the previous state.
-        b1, b2: the decay rates.
-    Returns:
-        ``(t, m, v)``.
-    """
-    mu = {k: b1 * state.mu[k] + (1 - b1) * g for k, g in updates.items()}
-    nu = {k: b2 * state.nu[k] + (1 - b2) * g * g for k, g in updates.items()}
-    return state.count + 1, mu, nu
-
-
 def scale_by_adam(b1: Hyper = 0.9, b2: Hyper = 0.999, eps: Hyper = 1e-8,
                   bias_correction: bool = True) -> GradientTransformation:
     """Adam's preconditioner (Kingma & Ba 2014, arXiv 1412.6980), as computed by ``torch.optim.Adam``::
@@ -180,17 +164,10 @@ def scale_by_adam(b1: Hyper = 0.9, b2: Hyper = 0.999, eps: Hyper = 1e-8,
 
     def update(updates, state, params=None, **extra):
         count, mu, nu = adam_moments(updates, state, b1, b2)
-        out = {}
-        for k in updates:
-            # Bias corrections in the parameters' precision (at least float32): ``b ** count`` of the
-            # int64 count alone is float32 even for float64 parameters, which torch.optim.Adam is not.
-            if not bias_correction:
-                out[k] = mu[k] / (safe_sqrt(nu[k]) + eps)
-                continue
-            t = count.to(torch.promote_types(mu[k].dtype, torch.float32))
-            bc1 = 1 - b1**t
-            bc2 = 1 - b2**t
-            out[k] = (mu[k] / bc1) / (safe_sqrt(nu[k]) / torch.sqrt(bc2) + eps)
+        if bias_correction:
+            out = {k: adam_direction(mu[k], nu[k], count, b1, b2, eps) for k in updates}
+        else:
+            out = {k: mu[k] / (safe_sqrt(nu[k]) + eps) for k in updates}
         return out, ScaleByAdamState(count, mu, nu)
 
     return GradientTransformation(init, update)
