@@ -26,8 +26,8 @@ MODULES = [
     "learnopt.optim",
     *(f"learnopt.optim.{name}" for name in (
         "adam_family", "alias", "base", "combinators", "extra", "foreach", "group_hyperparams", "hessian",
-        "hyperparams", "muon", "newton", "numerics", "param_state", "quasi_newton", "registry", "stochastic_lbfgs",
-        "torch_optimizer", "transforms", "variance_reduced")),  # (the foreach kernels follow foreach's protocol)
+        "hyperparams", "muon", "newton", "numerics", "param_state", "quasi_newton", "registry", "sign_secant",
+        "stochastic_lbfgs", "torch_optimizer", "transforms", "variance_reduced")),  # (the foreach kernels follow foreach's protocol)
     "learnopt.learned",
     *(f"learnopt.learned.{name}" for name in ("base", "features", "hyperparams", "lstm", "mlp_lopt", "preprocess")),
     "learnopt.checkpoint",
@@ -37,6 +37,7 @@ MODULES = [
     "learnopt.blackbox.gp",
     "learnopt.blackbox.losses",
     "learnopt.blackbox.refine",
+    "learnopt.blackbox.standardizer",
     "learnopt.blackbox.trend",
     "learnopt.vsml",
     "learnopt.vsml.clone",

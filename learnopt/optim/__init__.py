@@ -59,13 +59,10 @@ from learnopt.optim.transforms import (  # their building blocks
     scale_by_adadelta,
     scale_by_adagrad,
     scale_by_adagrad_norm,
-    scale_by_generalized_sign,
-    scale_by_lion,
     scale_by_lr_decay,
-    scale_by_quickprop,
-    scale_by_rprop,
     scale_by_trust_ratio,
 )
+from learnopt.optim.sign_secant import scale_by_generalized_sign, scale_by_lion, scale_by_quickprop, scale_by_rprop
 from learnopt.optim.hessian import adahessian, apollo, hutchinson_diagonal, sophia  # second-order
 from learnopt.optim.muon import muon, scale_by_muon, zeropower_via_newtonschulz5
 from learnopt.optim.newton import conjugate_gradient, newton

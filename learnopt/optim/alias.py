@@ -23,16 +23,13 @@ from learnopt.optim.transforms import (
     scale_by_adagrad,
     scale_by_adagrad_norm,
     scale_by_adam,
-    scale_by_generalized_sign,
     scale_by_learning_rate,
-    scale_by_lion,
     scale_by_lr_decay,
-    scale_by_quickprop,
     scale_by_rms,
-    scale_by_rprop,
     scale_by_trust_ratio,
     trace,
 )
+from learnopt.optim.sign_secant import scale_by_generalized_sign, scale_by_lion, scale_by_quickprop, scale_by_rprop
 
 
 def _decay(weight_decay: Hyper) -> list[GradientTransformation]:
