@@ -1,5 +1,6 @@
 """Tests of ``learnopt.learned.general`` (the normalized per-parameter MLP rule and its
-orthogonalized composition), ``learnopt.meta.augmentation`` and ``tasks.group``.
+orthogonalized composition), ``learnopt.meta.augmentation``, ``tasks.group`` and the issue's
+configs (the compact rule has its own tests, ``test_general_compact``).
 
 References: the rule's first step written out from its formulas (moving averages, Adam's
 bias-corrected first step, per-tensor normalisation, explicit matmuls with the module's
@@ -18,7 +19,13 @@ import torch
 
 import learnopt
 from learnopt.checkpoint import export_checkpoint
-from learnopt.learned import REGISTRY, NormalizedLSTMOptimizer, NormalizedMLPOptimizer
+from learnopt.learned import (
+    REGISTRY,
+    CompactLSTMOptimizer,
+    CompactNormalizedOptimizer,
+    NormalizedLSTMOptimizer,
+    NormalizedMLPOptimizer,
+)
 from learnopt.learned.general import orthogonalized_learned_optimizer, progress_features
 from learnopt.meta.augmentation import ReparameterizedFamily
 from learnopt.optim import apply_updates
@@ -392,8 +399,8 @@ def test_config_runs_end_to_end(in_tmp, name):
     ])
     assert cli.trainer.global_step == 2
     lopt = learnopt.load(in_tmp / f"runs/{name}/{name}.pt")
-    assert isinstance(lopt, NormalizedMLPOptimizer) and lopt.batch_dims == 1 and lopt.num_steps == 4
-    assert isinstance(lopt, NormalizedLSTMOptimizer) == (name == "general_lstm")
+    assert isinstance(lopt, CompactNormalizedOptimizer) and lopt.batch_dims == 1 and lopt.num_steps == 4
+    assert isinstance(lopt, CompactLSTMOptimizer) == (name == "general_lstm")
     assert lopt.normalize == (name != "general_no_normalization")
     assert ("adam" in lopt.feature_names) == (name != "general_no_features")
     assert (in_tmp / f"runs/{name}/lightning/last.ckpt").exists()

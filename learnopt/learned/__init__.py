@@ -3,7 +3,7 @@
 from learnopt.learned.base import LearnedOptimizer
 from learnopt.learned.general import NormalizedMLPOptimizer
 from learnopt.learned.general_compact import CompactNormalizedOptimizer
-from learnopt.learned.general_lstm import NormalizedLSTMOptimizer
+from learnopt.learned.general_lstm import CompactLSTMOptimizer, NormalizedLSTMOptimizer
 from learnopt.learned.hyperparams import LearnedHyperparameters
 from learnopt.learned.lstm import CoordinatewiseLSTM, LSTMOptimizerState
 from learnopt.learned.mlp_lopt import FeatureMLPOptimizer
@@ -12,6 +12,7 @@ from learnopt.learned.preprocess import log_and_sign
 # Classes a checkpoint may name. Loading looks the name up here and never imports
 # anything the file names, so a checkpoint cannot run code.
 REGISTRY: dict[str, type[LearnedOptimizer]] = {
+    "CompactLSTMOptimizer": CompactLSTMOptimizer,
     "CompactNormalizedOptimizer": CompactNormalizedOptimizer,
     "CoordinatewiseLSTM": CoordinatewiseLSTM,
     "FeatureMLPOptimizer": FeatureMLPOptimizer,
@@ -22,6 +23,7 @@ REGISTRY: dict[str, type[LearnedOptimizer]] = {
 
 __all__ = [
     "REGISTRY",
+    "CompactLSTMOptimizer",
     "CompactNormalizedOptimizer",
     "CoordinatewiseLSTM",
     "FeatureMLPOptimizer",

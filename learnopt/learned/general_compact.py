@@ -31,7 +31,6 @@ and the progress columns into its bias, so the MLP is one ``mm`` and one ``mv`` 
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Sequence
 from functools import partial
 from typing import Any, NamedTuple
@@ -41,6 +40,7 @@ from torch import Tensor, nn
 from torch.nn import functional
 
 from learnopt.learned.base import LearnedOptimizer
+from learnopt.learned.general_compact_kernels import COMPILE_MIN_SIZE, compiled_kernels
 from learnopt.learned.general import DIRECTION_EPS, GENERAL_TIMESCALES, check_parameter
 from learnopt.learned.mlp_lopt import second_moment_normalize
 from learnopt.optim.base import GradientTransformation, Params
@@ -56,9 +56,6 @@ ADAM_EPS = 1e-8
 COMPACT_STEP_MULT = 1e-2
 # Coordinates per block of the drop-in's MLP: its hidden units (5 × 64k floats) stay in cache.
 FAST_CHUNK = 1 << 16
-# Smaller tensors take the eager drop-in even with compile=True: a compiled call's guards cost
-# more than their arithmetic (and inductor specializes its loops at 4,097 elements).
-COMPILE_MIN_SIZE = 4097
 
 
 class CompactState(NamedTuple):
@@ -94,6 +91,7 @@ class CompactNormalizedOptimizer(LearnedOptimizer):
     arguments."""
 
     takes_batch_dims = True  # as_torch_optimizer / load_optimizer accept batch_dims=
+    has_fast_path = True  # update_fast computes this class's update
 
     def __init__(
         self,
@@ -250,14 +248,18 @@ class CompactNormalizedOptimizer(LearnedOptimizer):
             The updates and the new state.
         """
         batch_dims = self.batch_dims if batch_dims is None else batch_dims
+        rows, momenta, second = self.feature_rows(grads, state, batch_dims)
+        t = float(state.count)
+        out = self.network(torch.cat([x.reshape(-1, self.num_features) for x in rows.values()]), t, num_steps)
+        return self.updates_from(out, rows, t, num_steps, batch_dims), CompactState(state.count + 1, momenta, second)
+
+    def feature_rows(self, grads: Params, state: CompactState, batch_dims: int) -> tuple[Params, Params, Params]:
+        """Per tensor, the normalized features ``[*shape, num_features]``, and the new momenta
+        and second moments (gradients checked with ``check_parameter``)."""
         self._check(grads, state, batch_dims)
-        count = state.count
-        t = float(count)
+        t = float(state.count)
         b2 = self.second_moment_decay
-        w1, b1 = self._first_layer(t, num_steps)
-        w2, b2_out = self.layers[1].weight, self.layers[1].bias
-        base_step = self.step_size(t, num_steps)
-        momenta, second, updates = {}, {}, {}
+        rows, momenta, second = {}, {}, {}
         for k, g in grads.items():
             g = g.to(self.dtype)
             decays = torch.tensor(self.momentum_decays, dtype=self.dtype, device=g.device)
@@ -267,16 +269,31 @@ class CompactNormalizedOptimizer(LearnedOptimizer):
             r = torch.rsqrt(v / (1.0 - b2 ** (t + 1.0)) + ADAM_EPS**2)
             adam = [] if self._adam_row is None else [m[self._adam_row] * r]
             x = torch.stack([g, *m.unbind(0), r, *adam], dim=-1)
-            x = second_moment_normalize(x, batch_dims, eps=FEATURE_EPS)
-            o = functional.linear(torch.relu(functional.linear(x, w1, b1)), w2, b2_out)
+            rows[k] = second_moment_normalize(x, batch_dims, eps=FEATURE_EPS)
+            momenta[k], second[k] = m, v
+        return rows, momenta, second
+
+    def network(self, x: Tensor, count: float, num_steps: int | None) -> Tensor:
+        """``[N, num_features] -> [N, 2]`` (direction, log-magnitude) at step ``count``."""
+        w1, b1 = self._first_layer(count, num_steps)
+        return self.layers[1](torch.relu(functional.linear(x, w1, b1)))
+
+    def updates_from(self, out: Tensor, rows: Params, count: float, num_steps: int | None,
+                     batch_dims: int) -> Params:
+        """The updates ``−step · d`` from the network's output ``[N, 2]`` (rows in ``rows`` order)."""
+        base_step = self.step_size(count, num_steps)
+        updates, offset = {}, 0
+        for k, x in rows.items():
+            shape = x.shape[:-1]
+            o = out[offset: offset + shape.numel()].reshape(*shape, 2)
+            offset += shape.numel()
             d = o[..., 0] + self.nominal * x[..., -1] if self.nominal != 0.0 else o[..., 0]
-            dims = tuple(range(batch_dims, g.dim()))
+            dims = tuple(range(batch_dims, len(shape)))
             if self.normalize:
                 d = d * torch.rsqrt((d * d).mean(dim=dims, keepdim=True) + DIRECTION_EPS)
             log_mag = self.magnitude_range * torch.tanh(o[..., 1].mean(dim=dims, keepdim=True))
             updates[k] = -(base_step * torch.exp(log_mag)) * d
-            momenta[k], second[k] = m, v
-        return updates, CompactState(count + 1, momenta, second)
+        return updates
 
     # -- the drop-in: no graph, no instance dimension, state overwritten ---------------------------
     def _scratch(self, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
@@ -404,7 +421,7 @@ class CompactNormalizedOptimizer(LearnedOptimizer):
             raise ValueError(f"{type(self).__name__}: the fast update has no instance dimension (batch_dims=0)")
         # update_fast is written for the shipped rule; the ablations (no Adam feature, no
         # normalization) take the reference path.
-        fast = fast and self.adam_decay is not None and self.normalize
+        fast = fast and self.has_fast_path and self.adam_decay is not None and self.normalize
         update = (partial(self.update_fast, num_steps=num_steps, compiled=compiled) if fast
                   else partial(self.update, batch_dims=batch_dims, num_steps=num_steps))
         return GradientTransformation(partial(self.init, batch_dims=batch_dims), update)
@@ -419,74 +436,3 @@ class CompactNormalizedOptimizer(LearnedOptimizer):
         if compile and batch_dims == 0:
             options.setdefault("check_finite", False)  # update_fast checks in its first loop
         return TransformOptimizer(tx, params, **options)
-
-
-# -- the compiled drop-in: two loops per tensor ---------------------------------------------------
-def _features(g: Tensor, m: list[Tensor], v: Tensor, decay_weight: Tensor, beta2: float, eps2: Tensor,
-              adam_row: int) -> tuple[list[Tensor], Tensor]:
-    """The features ``[g, m …, r, m[adam_row] · r]`` of the updated momenta, ``r = rsqrt(v +
-    eps2)``, and the updated ``v``. The momenta come as a list of ``[n]`` rows: a ``[K, n]``
-    tensor makes inductor add loops over both dimensions."""
-    rows = [torch.lerp(m_i, g, decay_weight[i]) for i, m_i in enumerate(m)]
-    v_new = v * beta2 + (1.0 - beta2) * g * g
-    r = torch.rsqrt(v_new + eps2)
-    return [g, *rows, r, rows[adam_row] * r], v_new
-
-
-def feature_square_sums(g: Tensor, m: list[Tensor], v: Tensor, decay_weight: Tensor, beta2: float, scalars: Tensor,
-                        adam_row: int) -> Tensor:
-    """``[Σ g, Σ x_i² for the features x_i]`` of one tensor's next step, from the gradient
-    ``g [n]``, the momenta ``m`` (``K`` rows ``[n]``) and second moment ``v [n]`` before it; ``scalars[0]``:
-    ``eps2`` (one read-only loop once compiled; ``Σ g`` is non-finite exactly when
-    the gradient is, up to overflow)."""
-    xs, _ = _features(g, m, v, decay_weight, beta2, scalars[0], adam_row)
-    return torch.stack([g.sum(), *[(x * x).sum() for x in xs]])
-
-
-def direction_into(d: Tensor, g: Tensor, m: list[Tensor], v: Tensor, decay_weight: Tensor, beta2: float,
-                   scalars: Tensor, w: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, adam_row: int) -> Tensor:
-    """Update ``m`` and ``v`` in place and write the direction before its normalization,
-    ``d = scalars[1] · x_adam + w2[0] · relu(w x + b1) + b2[0]`` over the features ``x``
-    (``_features``), the features' normalization folded into ``w`` and ``scalars[1]`` by the
-    caller (left to inductor, it recomputes them at every coordinate); returns
-    ``[Σ_coordinates w2[1] · h, Σ d²]`` (one loop once compiled: the hidden units never reach
-    memory)."""
-    xs, v_new = _features(g, m, v, decay_weight, beta2, scalars[0], adam_row)
-    out = scalars[1] * xs[-1] + b2[0]
-    magnitude = torch.zeros((), dtype=g.dtype, device=g.device)
-    for j in range(w.shape[0]):
-        z = b1[j] + w[j, 0] * xs[0]
-        for i in range(1, len(xs)):
-            z = z + w[j, i] * xs[i]
-        h = torch.relu(z)
-        magnitude = magnitude + w2[1, j] * h.sum()
-        out = out + w2[0, j] * h
-    for i, m_i in enumerate(m):
-        m_i.copy_(xs[1 + i])
-    v.copy_(v_new)
-    d.copy_(out)
-    return torch.stack([magnitude, (out * out).sum()])
-
-
-_KERNELS: list[Any] = []
-
-
-def compiled_kernels() -> tuple[Any, Any] | None:
-    """``torch.compile``d ``feature_square_sums`` and ``direction_into`` (dynamic shapes:
-    one compilation serves every tensor size), tried once on a small input; None, with a
-    warning, where inductor cannot build them (no C++ compiler, a backend failure)."""
-    if not _KERNELS:
-        kernels = (torch.compile(feature_square_sums, dynamic=True), torch.compile(direction_into, dynamic=True))
-        try:
-            n, g = COMPILE_MIN_SIZE, torch.linspace(-1.0, 1.0, COMPILE_MIN_SIZE)
-            m, v = [torch.zeros(n), torch.zeros(n)], torch.zeros(n)
-            scalars, decay = torch.tensor([1e-16, 1.0]), torch.tensor([0.1, 0.01])
-            kernels[0](g, m, v, decay, 0.999, scalars, 0)
-            kernels[1](torch.empty(n), g, m, v, decay, 0.999, scalars, torch.ones(4, 5), torch.ones(4),
-                       torch.ones(2, 4), torch.ones(2), 0)
-        except Exception as error:  # no C++ compiler, an inductor failure: the eager path serves
-            warnings.warn(f"CompactNormalizedOptimizer: torch.compile failed ({type(error).__name__}: {error}); "
-                          "running the drop-in eagerly", RuntimeWarning, stacklevel=3)
-            kernels = None
-        _KERNELS.append(kernels)
-    return _KERNELS[0]

@@ -1,7 +1,8 @@
 """The coordinate-wise LSTM of Andrychowicz et al. 2016 fed the features of
-``NormalizedMLPOptimizer``: the ablation of issue 23 that swaps the per-parameter MLP for a
+``NormalizedMLPOptimizer`` (``NormalizedLSTMOptimizer``) or of ``CompactNormalizedOptimizer``
+(``CompactLSTMOptimizer``): the ablation of issue 23 that swaps the per-parameter MLP for a
 recurrent network and keeps everything else (features, nominal term, per-tensor normalized
-direction, bounded step).
+direction, bounded step, and for the compact rule its schedule).
 
 Every coordinate of every tensor is one row of a stack of ``num_layers`` ``LSTMCell``s of
 ``hidden_size`` units (two layers of 20 in the paper), whose hidden and cell states persist
@@ -18,6 +19,7 @@ from torch import Tensor, nn
 
 from learnopt.learned.features import FeaturesState
 from learnopt.learned.general import NormalizedMLPOptimizer
+from learnopt.learned.general_compact import CompactNormalizedOptimizer, CompactState
 from learnopt.optim.base import Params
 
 
@@ -87,3 +89,74 @@ class NormalizedLSTMOptimizer(NormalizedMLPOptimizer):
         out, h, c = self.lstm(flat, state.h, state.c)
         directions, scales = self.directions_from(out, rows, batch_dims)
         return {k: -scales[k] * d for k, d in directions.items()}, NormalizedLSTMState(features, h, c)
+
+
+class CompactLSTMState(NamedTuple):
+    moments: CompactState
+    h: tuple[Tensor, ...]  # per layer, [coordinates, hidden_size]
+    c: tuple[Tensor, ...]
+
+
+class CompactLSTMOptimizer(CompactNormalizedOptimizer):
+    """``CompactNormalizedOptimizer`` with a coordinate-wise LSTM instead of its MLP: the same
+    features (the progress columns appended to every row), nominal term, normalized direction
+    and scheduled, bounded step. ``hidden_size``: the LSTM's units per layer. ``config()``
+    returns the constructor arguments."""
+
+    has_fast_path = False  # update_fast is the MLP's
+
+    def __init__(self, hidden_size: int = 20, num_layers: int = 2, **kwargs: Any) -> None:
+        if int(num_layers) < 1:
+            raise ValueError(f"CompactLSTMOptimizer: num_layers must be >= 1, got {num_layers}")
+        super().__init__(hidden_size=hidden_size, **kwargs)
+        self.num_layers = int(num_layers)
+        del self.layers
+        inputs = self.num_features + len(self.progress_names)
+        self.cells = nn.ModuleList(nn.LSTMCell(inputs if i == 0 else self.hidden_size, self.hidden_size)
+                                   for i in range(self.num_layers))
+        self.readout = nn.Linear(self.hidden_size, 2)
+        with torch.no_grad():
+            self.readout.weight.mul_(self.output_init_scale)
+            self.readout.bias.zero_()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.readout.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.readout.weight.device
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "num_layers": self.num_layers}
+
+    def init(self, params: Params, batch_dims: int | None = None) -> CompactLSTMState:
+        """Zero moments and zero LSTM states for every coordinate of ``params``."""
+        moments = super().init(params, batch_dims)
+        n = sum(p.numel() for p in params.values())
+        zeros = tuple(torch.zeros(n, self.hidden_size, dtype=self.dtype, device=self.device)
+                      for _ in range(self.num_layers))
+        return CompactLSTMState(moments, zeros, zeros)
+
+    def update(self, grads: Params, state: CompactLSTMState, params: Params | None = None,
+               batch_dims: int | None = None, num_steps: int | None = None,
+               **extra: Any) -> tuple[Params, CompactLSTMState]:
+        """``(updates, state)`` as ``CompactNormalizedOptimizer.update``, the LSTM states carried."""
+        batch_dims = self.batch_dims if batch_dims is None else batch_dims
+        rows, momenta, second = self.feature_rows(grads, state.moments, batch_dims)
+        t = float(state.moments.count)
+        flat = torch.cat([r.reshape(-1, self.num_features) for r in rows.values()])
+        if flat.shape[0] != state.h[0].shape[0]:
+            raise ValueError(f"CompactLSTMOptimizer: the state holds {state.h[0].shape[0]} coordinates, "
+                             f"the gradients have {flat.shape[0]}; init the state for these parameters")
+        progress = torch.tensor(self.progress(t, num_steps), dtype=self.dtype, device=self.device)
+        x = torch.cat([flat, progress.expand(flat.shape[0], -1)], dim=-1)
+        new_h, new_c = [], []
+        for cell, h_i, c_i in zip(self.cells, state.h, state.c):
+            h_i, c_i = cell(x, (h_i, c_i))
+            new_h.append(h_i)
+            new_c.append(c_i)
+            x = h_i
+        updates = self.updates_from(self.readout(x), rows, t, num_steps, batch_dims)
+        moments = CompactState(state.moments.count + 1, momenta, second)
+        return updates, CompactLSTMState(moments, tuple(new_h), tuple(new_c))
