@@ -15,15 +15,17 @@ of them would lay it out, and ``scatter`` writes an updated joint state back:
 
 A shared leaf is taken from the first parameter: only parameters updated together so far (whose
 shared leaves are equal) may be gathered together. ``check_splittable`` verifies, on a group's
-initial state, that a transform's state splits this way at all.
+initial state, that a transform's state splits this way at all, and ``unaliased`` copies the
+tensors a state shares with the parameters or gradients, which the optimizer changes in place.
 """
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, Iterable, NamedTuple
 
 import torch
 from torch import Tensor
+from torch.utils import _pytree as pytree
 
 
 class Slot(NamedTuple):
@@ -222,3 +224,24 @@ def check_splittable(joint: Any, skeletons: list[Skeleton], flats: list[dict[str
         return same_state(gather(skeletons, flats, names), joint)
     except (KeyError, IndexError, TypeError):
         return False
+
+
+def unaliased(state: Any, tensors: Iterable[Tensor]) -> Any:
+    """``state`` with copies of its tensors that share memory with ``tensors`` (the parameters and
+    gradients, which change in place after a step; a transform may keep what it was given, e.g. an
+    SVRG snapshot or a previous gradient). Only aliased tensors are copied.
+
+    Args:
+        state: a transform's state (any tree of tensors).
+        tensors: the tensors the drop-in optimizer changes in place.
+    Returns:
+        ``state`` with the aliased tensors replaced by copies.
+    """
+    storages = {t.untyped_storage().data_ptr() for t in tensors}
+
+    def copy_if_aliased(x: Any) -> Any:
+        if isinstance(x, Tensor) and x.numel() and x.untyped_storage().data_ptr() in storages:
+            return x.clone()
+        return x
+
+    return pytree.tree_map(copy_if_aliased, state)

@@ -19,13 +19,13 @@ from typing import Any, Callable, Iterable
 
 import torch
 from torch import Tensor
-from torch.utils import _pytree as pytree
 
 from learnopt.optim.base import GradientTransformation
 from learnopt.optim import foreach_more, foreach_torch  # noqa: F401 (importing them registers the kernels)
 from learnopt.optim.foreach import kernel_for
 from learnopt.optim.group_hyperparams import GroupHyperparameters, Resolved
-from learnopt.optim.param_state import check_splittable, gather, same_state, scatter, shared_keys, split_parameter_state
+from learnopt.optim.param_state import (
+    check_splittable, gather, same_state, scatter, shared_keys, split_parameter_state, unaliased)
 
 
 class TransformOptimizer(torch.optim.Optimizer):
@@ -135,7 +135,7 @@ class TransformOptimizer(torch.optim.Optimizer):
         names = [self._names[p] for p in params]
         flats, skeletons = [], []
         for n, p in zip(names, params):
-            flat, skeleton = split_parameter_state(_unaliased(tx.init({n: p}), [p]), n)
+            flat, skeleton = split_parameter_state(unaliased(tx.init({n: p}), [p]), n)
             flats.append(flat)
             skeletons.append(skeleton)
         if check and not self.separable and len(params) > 1:
@@ -264,7 +264,7 @@ class TransformOptimizer(torch.optim.Optimizer):
         else:
             updates, state = tx.update(grads, state, params, **extra)
             # .grad and the parameters change in place after this step; the state must not share them.
-            scatter(_unaliased(state, [*run, *grads.values()]), skeletons, flats, names)
+            scatter(unaliased(state, [*run, *grads.values()]), skeletons, flats, names)
         if scale is not None and not isinstance(scale, Tensor) and scale == 0:
             return
         for n, p in params.items():
@@ -283,7 +283,7 @@ class TransformOptimizer(torch.optim.Optimizer):
             if p not in self._skeletons:
                 continue
             name = self._names[p]
-            fresh, skeleton = split_parameter_state(_unaliased(tx.init({name: p}), [p]), name)
+            fresh, skeleton = split_parameter_state(unaliased(tx.init({name: p}), [p]), name)
             old = self.state[p]
             for key, value in fresh.items():
                 kept = old.get(key)
@@ -349,7 +349,7 @@ class TransformOptimizer(torch.optim.Optimizer):
     @tx_state.setter
     def tx_state(self, state: Any) -> None:
         run = list(self._single_run()[0].values())
-        scatter(_unaliased(state, run), [self._skeletons[p] for p in run], [self.state[p] for p in run],
+        scatter(unaliased(state, run), [self._skeletons[p] for p in run], [self.state[p] for p in run],
                 [self._names[p] for p in run])
 
     def _single_run(self) -> tuple[dict[str, Tensor], Any]:
@@ -459,20 +459,6 @@ class TransformOptimizer(torch.optim.Optimizer):
                 else:
                     self._cohort[p] = self._new_cohort()
                     representatives.append((shared, self._cohort[p]))
-
-
-def _unaliased(state: Any, tensors: Iterable[Tensor]) -> Any:
-    """``state`` with copies of its tensors that share memory with ``tensors`` (the parameters and
-    gradients, which change in place after a step; a transform may keep what it was given, e.g. an
-    SVRG snapshot or a previous gradient). Only aliased tensors are copied."""
-    storages = {t.untyped_storage().data_ptr() for t in tensors}
-
-    def copy_if_aliased(x: Any) -> Any:
-        if isinstance(x, Tensor) and x.numel() and x.untyped_storage().data_ptr() in storages:
-            return x.clone()
-        return x
-
-    return pytree.tree_map(copy_if_aliased, state)
 
 
 def _detached(loss: Any) -> Tensor:
