@@ -74,8 +74,9 @@ class DifferentiableTransformOptimizer(higher.optim.DifferentiableOptimizer):
             position = {id(p): i for i, p in enumerate(group["params"])}
             runs = []
             for params, state in other.transform_states(len(self.runs)):
-                copied = tree_map(lambda x: x.detach().clone().to(device) if isinstance(x, Tensor) and device is not None
-                                  else (x.detach().clone() if isinstance(x, Tensor) else x), state)
+                copied = tree_map(
+                    lambda x: x.detach().clone().to(device) if isinstance(x, Tensor) and device is not None
+                    else (x.detach().clone() if isinstance(x, Tensor) else x), state)
                 runs.append(([position[id(p)] for p in params.values()], list(params), copied))
             self.runs.append(runs)
         self._overridden: set[str] = set()

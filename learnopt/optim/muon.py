@@ -70,8 +70,9 @@ def _as_matrix(x: Tensor, batch_dims: int) -> Tensor:
     """``[*batch, rows, ...] -> [*batch, rows, prod(...)]`` (conv filters are flattened, as in the reference)."""
     if x.dim() - batch_dims < 2:
         raise ValueError(
-            f"scale_by_muon orthogonalises matrices; got a tensor of shape {tuple(x.shape)} with batch_dims={batch_dims}"
-            " (route vectors to another transform, e.g. with learnopt.optim.muon's partition)"
+            f"scale_by_muon orthogonalises matrices; got a tensor of shape {tuple(x.shape)} "
+            f"with batch_dims={batch_dims} (route vectors to another transform, e.g. with learnopt.optim.muon's "
+            "partition)"
         )
     return x.reshape(*x.shape[: batch_dims + 1], -1)
 
@@ -106,7 +107,8 @@ def scale_by_muon(momentum: Hyper = 0.95, nesterov: bool = True, ns_steps: int =
         return ScaleByMuonState(zeros_like(params))
 
     def update(updates, state, params=None, **extra):
-        buf = {k: state.momentum_buffer[k] + (1 - momentum) * (g - state.momentum_buffer[k]) for k, g in updates.items()}
+        buf = {k: state.momentum_buffer[k] + (1 - momentum) * (g - state.momentum_buffer[k])
+               for k, g in updates.items()}
         out = {}
         for k, g in updates.items():
             u = g + momentum * (buf[k] - g) if nesterov else buf[k]
