@@ -22,12 +22,13 @@ from typing import Any
 import pytest
 
 # Packages and modules whose public API is checked; add a name to put it under the test.
+# (The foreach kernels follow foreach's protocol.)
 MODULES = [
     "learnopt.optim",
     *(f"learnopt.optim.{name}" for name in (
         "adam_family", "alias", "base", "combinators", "extra", "foreach", "group_hyperparams", "hessian",
         "hyperparams", "muon", "newton", "numerics", "param_state", "quasi_newton", "registry", "sign_secant",
-        "stochastic_lbfgs", "torch_optimizer", "transforms", "variance_reduced")),  # (the foreach kernels follow foreach's protocol)
+        "stochastic_lbfgs", "torch_optimizer", "transforms", "variance_reduced")),
     "learnopt.learned",
     *(f"learnopt.learned.{name}" for name in ("base", "features", "hyperparams", "lstm", "mlp_lopt", "preprocess")),
     "learnopt.checkpoint",
