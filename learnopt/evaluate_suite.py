@@ -18,6 +18,12 @@ Stability: the learned optimizer is also run ``stability_factor`` times as long 
 length) on ``stability_seeds``; it passes if the long run stays finite and ends no worse than
 the ordinary run of the same seed did.
 
+Baselines do not depend on the checkpoint: each problem's baseline results are cached in
+``baseline_cache`` (default ``<out_dir>/baselines.json``), keyed by a hash of everything they
+depend on (``baseline_key``: the problem's name and task family, steps, seeds, instances, the
+tuning grid, the baseline set's version, torch's version), so a later run of the same suite
+with another checkpoint only trains the learned optimizers.
+
 Across problems: the fraction of problems on which each learned optimizer ends with a lower
 mean log10 training loss than ``adam_1e-3``, ``adam`` and ``adam_cosine``; the speedup over
 tuned ``adam`` and over ``adam_cosine`` (``learnopt.compare.speedup``) and their interquartile
@@ -26,6 +32,8 @@ means (IQM: the mean of the middle half, as Celo and rliable report).
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import math
 import sys
@@ -41,6 +49,7 @@ from learnopt.evaluate import (
     DEFAULT_LR_GRID,
     Evaluation,
     LearnoptBaseline,
+    OptimizerResult,
     evaluate_optimizers,
     plot_curves,
     train_with_optimizer,
@@ -50,6 +59,9 @@ from learnopt.task import TaskFamily, seeded_generator
 
 TUNED = ("adam", "adam_cosine", "adamw", "sgd_momentum", "muon")
 REFERENCES = ("adam_1e-3", "adam", "adam_cosine")  # what the summary compares the learned optimizers with
+# Bump when suite_baselines or the evaluation protocol changes: cached baseline results of an
+# older version are then recomputed.
+BASELINES_VERSION = 1
 
 
 class ScheduledOptimizer:
@@ -125,15 +137,67 @@ def stability(make: Callable[..., Any], family: TaskFamily, steps: int, factor: 
             "diverged": int((losses[-1] >= DIVERGED_LOG10).sum())}
 
 
+def describe(obj: Any, depth: int = 0) -> Any:
+    """A JSON description of ``obj`` that is the same in every process: public attributes of
+    objects (recursively), tensors by shape, dtype and sum, callables by qualified name."""
+    if obj is None or isinstance(obj, (str, int, float, bool)):
+        return obj
+    if isinstance(obj, (list, tuple)):
+        return [describe(x, depth + 1) for x in obj]
+    if isinstance(obj, dict):
+        return {str(k): describe(v, depth + 1) for k, v in sorted(obj.items(), key=lambda kv: str(kv[0]))}
+    if isinstance(obj, Tensor):
+        return {"shape": list(obj.shape), "dtype": str(obj.dtype), "sum": float(obj.detach().double().sum())}
+    name = f"{type(obj).__module__}.{type(obj).__qualname__}"
+    if callable(obj) and hasattr(obj, "__qualname__"):
+        return f"{getattr(obj, '__module__', '')}.{obj.__qualname__}"
+    if not hasattr(obj, "__dict__") or depth > 4:
+        return name
+    return {"type": name, **{k: describe(v, depth + 1) for k, v in sorted(vars(obj).items()) if not k.startswith("_")}}
+
+
+def baseline_key(name: str, family: TaskFamily, steps: int, seeds: Sequence[int], num_instances: int,
+                 tune_instances: int, lr_grid: Sequence[float]) -> str:
+    """SHA-256 of what one problem's baseline results depend on (module docstring)."""
+    spec = {"problem": name, "family": describe(family), "steps": steps, "seeds": list(seeds),
+            "num_instances": num_instances, "tune_instances": tune_instances, "lr_grid": list(lr_grid),
+            "baselines": sorted(suite_baselines(steps)), "tuned": list(TUNED), "version": BASELINES_VERSION,
+            "torch": torch.__version__}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+
+
+def baseline_results(cache: Path | None, key: str, run: Callable[[], Evaluation]) -> list[OptimizerResult]:
+    """The baselines' results under ``key`` in the JSON file ``cache``, or ``run()``'s, which
+    are then added to the file (None: no cache)."""
+    stored = json.loads(cache.read_text()) if cache is not None and cache.exists() else {}
+    if key in stored:
+        return [OptimizerResult(**r) for r in stored[key]]
+    results = run().results
+    if cache is not None:
+        stored = json.loads(cache.read_text()) if cache.exists() else {}  # another run may have added some
+        stored[key] = [dataclasses.asdict(r) for r in results]
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(".tmp")
+        tmp.write_text(json.dumps(stored))
+        tmp.replace(cache)
+    return results
+
+
 def evaluate_problem(checkpoint: str, name: str, family: TaskFamily, steps: int, seeds: Sequence[int],
                      num_instances: int, tune_instances: int, lr_grid: Sequence[float], orthogonalize: bool,
-                     stability_factor: int, stability_seeds: Sequence[int], out_dir: Path) -> dict[str, Any]:
+                     stability_factor: int, stability_seeds: Sequence[int], out_dir: Path,
+                     baseline_cache: Path | None = None) -> dict[str, Any]:
     """One problem of the suite: the evaluation (``table.md``, ``results.json``, ``curves.png``
-    in ``out_dir / name``) and the stability runs; returns the problem's record."""
+    in ``out_dir / name``) and the stability runs; returns the problem's record. The baselines
+    come from ``baseline_cache`` where it holds them (``baseline_results``)."""
     learned = learned_factories(checkpoint, steps, orthogonalize)
-    optimizers = {**learned, **suite_baselines(steps)}
-    evaluation = evaluate_optimizers(optimizers, family, steps, num_instances, seeds, tune=TUNED, lr_grid=lr_grid,
-                                     tune_instances=tune_instances, progress=False)
+    evaluate = lambda optimizers: evaluate_optimizers(  # noqa: E731
+        optimizers, family, steps, num_instances, seeds, tune=TUNED, lr_grid=lr_grid, tune_instances=tune_instances,
+        progress=False)
+    key = baseline_key(name, family, steps, seeds, num_instances, tune_instances, lr_grid)
+    baselines = baseline_results(baseline_cache, key, lambda: evaluate(suite_baselines(steps)))
+    evaluation = evaluate(learned)
+    evaluation.results += baselines
     evaluation.task = name
     out = out_dir / name
     out.mkdir(parents=True, exist_ok=True)
@@ -231,13 +295,16 @@ def evaluate_suite(
     stability_seeds: list[int] = [0],  # noqa: B006
     out_dir: str = "runs/evaluate_suite",
     record_in_checkpoint: bool = False,
+    baseline_cache: str | None = "",
 ) -> dict[str, Any]:
     """Evaluate ``checkpoint`` on every problem of ``problems`` (``{name: task family}``), each for
     ``steps`` steps on the ``"test"`` seeds ``seeds`` × ``num_instances`` instances, with the
     baselines of the module docstring tuned on ``tune_instances`` ``"tune"`` instances over
     ``lr_grid`` (default: half decades 1e-4 … 10). Writes per-problem results under ``out_dir``
     and ``suite.md`` / ``suite.json`` there; ``record_in_checkpoint`` stores the summary in the
-    checkpoint's metadata (``evaluation_suite``). Returns ``{"problems", "summary", ...}``."""
+    checkpoint's metadata (``evaluation_suite``). Baseline results are read from and added to
+    ``baseline_cache`` (``""``: ``<out_dir>/baselines.json``; None: no cache). Returns
+    ``{"problems", "summary", ...}``."""
     from learnopt.checkpoint import read_checkpoint, update_metadata
 
     read_checkpoint(checkpoint)  # fail early, naming the file
@@ -247,11 +314,12 @@ def evaluate_suite(
         raise ValueError(f"stability_seeds {stability_seeds} must be among the seeds {seeds}")
     out = Path(out_dir)
     grid = tuple(lr_grid) if lr_grid else DEFAULT_LR_GRID
+    cache = None if baseline_cache is None else Path(baseline_cache or out / "baselines.json")
     records = {}
     for name, family in problems.items():
         print(f"[suite] {name}", file=sys.stderr, flush=True)
         records[name] = evaluate_problem(checkpoint, name, family, steps, seeds, num_instances, tune_instances, grid,
-                                         orthogonalize, stability_factor, stability_seeds, out)
+                                         orthogonalize, stability_factor, stability_seeds, out, cache)
     summary = summarize(records)
     result = {"checkpoint": str(checkpoint), "steps": steps, "seeds": list(seeds), "num_instances": num_instances,
               "problems": records, "summary": summary}

@@ -100,3 +100,35 @@ def test_suite_runs_end_to_end(in_tmp):
     saved = json.loads((in_tmp / "suite" / "suite.json").read_text())
     assert saved["summary"] == json.loads(json.dumps(result["summary"]))
     assert "speedup IQM" in (in_tmp / "suite" / "suite.md").read_text()
+
+
+def test_baselines_are_cached_by_what_they_depend_on(in_tmp, monkeypatch):
+    import learnopt.evaluate_suite as suite
+
+    calls = []
+    original = suite.suite_baselines
+
+    def counted(steps):
+        def wrap(name, make):
+            return lambda *a: calls.append(name) or make(*a)
+        return {name: wrap(name, make) for name, make in original(steps).items()}
+
+    monkeypatch.setattr(suite, "suite_baselines", counted)
+    assert suite.baseline_key("p", MLPFamily("digits", (), "relu"), 4, [0], 2, 2, [1e-3]) == \
+        suite.baseline_key("p", MLPFamily("digits", (), "relu"), 4, [0], 2, 2, [1e-3])  # a fresh family, same key
+    assert suite.baseline_key("p", MLPFamily("digits", (), "relu"), 4, [0], 2, 2, [1e-3]) != \
+        suite.baseline_key("p", MLPFamily("digits", (), "tanh"), 4, [0], 2, 2, [1e-3])
+    first = export_checkpoint(NormalizedMLPOptimizer(num_steps=4, batch_dims=1), in_tmp / "first.pt")
+    second = export_checkpoint(NormalizedMLPOptimizer(num_steps=4, batch_dims=1, nominal=0.5), in_tmp / "second.pt")
+    kw = dict(steps=4, seeds=[0], num_instances=2, tune_instances=2, lr_grid=[1e-3, 1e-2], orthogonalize=False,
+              stability_factor=2, out_dir="suite")
+    a = evaluate_suite(str(first), {"linear": MLPFamily("digits", (), "relu")}, **kw)
+    assert calls and (in_tmp / "suite" / "baselines.json").exists()
+    calls.clear()
+    b = evaluate_suite(str(second), {"linear": MLPFamily("digits", (), "relu")}, **kw)
+    assert calls == []  # only the learned optimizer trained
+    for name in ("adam_1e-3", "adam", "adam_cosine", "adamw", "sgd_momentum", "muon"):
+        assert b["problems"]["linear"]["results"][name] == a["problems"]["linear"]["results"][name]
+    assert "second" in b["summary"]
+    evaluate_suite(str(second), {"linear": MLPFamily("digits", (), "relu")}, **{**kw, "steps": 3})
+    assert calls  # another run length: the baselines ran again
