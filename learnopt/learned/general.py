@@ -348,7 +348,7 @@ def is_hidden_matrix(name: str, x: Tensor, batch_dims: int = 0) -> bool:
 
 
 def orthogonalized_learned_optimizer(
-    lopt: NormalizedMLPOptimizer,
+    lopt: LearnedOptimizer,
     lr: float = 1.0,
     adamw_lr: float = 1e-3,
     adamw_betas: tuple[float, float] = (0.9, 0.999),
@@ -364,7 +364,8 @@ def orthogonalized_learned_optimizer(
         the rest:         p <- p − adamw_lr · (adam(g) + adamw_weight_decay · p)
 
     Args:
-        lopt: the learned rule (its weights are used as they are at each call).
+        lopt: the learned rule, any with ``transform(batch_dims, num_steps)`` (``NormalizedMLPOptimizer``,
+            ``CompactNormalizedOptimizer``); its weights are used as they are at each call.
         lr: multiplier of the learned update.
         adamw_lr, adamw_betas, adamw_weight_decay: AdamW for the non-matrix parameters.
         batch_dims: leading instance dimensions of every tensor.
