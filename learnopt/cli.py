@@ -30,7 +30,8 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             meta_train(rest)
-        except (CheckpointError, FileNotFoundError, NoExport, NonFiniteMetaTraining, RunDirectoryLocked, ValueError) as err:
+        except (CheckpointError, FileNotFoundError, NoExport, NonFiniteMetaTraining, RunDirectoryLocked,
+                ValueError) as err:
             print(f"learnopt meta-train: error: {explain(str(err))}", file=sys.stderr)
             return 1
         return 0

@@ -133,7 +133,8 @@ def compare_cli(args: list[str] | None = None) -> Comparison:
                         "or .wandb files (default: runs/wandb or wandb)")
     parser.add_argument("--project", help="an online project entity/project (needs a W&B login)")
     parser.add_argument("--group", action="append", default=[], help="keep runs of this group (repeatable)")
-    parser.add_argument("--tag", action="append", default=[], help="keep runs carrying this tag (repeatable; all must match)")
+    parser.add_argument("--tag", action="append", default=[],
+                        help="keep runs carrying this tag (repeatable; all must match)")
     parser.add_argument("--task", action="append", default=[], help="keep runs on this task (repeatable)")
     parser.add_argument("--job_type", action="append", default=[], help="keep runs of this job type (repeatable)")
     parser.add_argument("--reference", default="adam", help="optimizer the speedup is measured against")

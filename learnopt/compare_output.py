@@ -35,8 +35,9 @@ META_COLUMNS = ["run", "group", "task", "meta-steps", "last meta-loss", "best va
 
 
 def _eval_cells(c: Comparison) -> list[list[str]]:
-    return [[r.task, "—" if r.steps is None else str(r.steps), r.optimizer, _lr(r), str(len(r.seed_values)), _fmt(r.mean), "±" + _fmt(r.ci95),
-             _fmt(r.normalized), _fmt(r.speedup, ".2f") + ("×" if r.speedup is not None else ""),
+    return [[r.task, "—" if r.steps is None else str(r.steps), r.optimizer, _lr(r), str(len(r.seed_values)),
+             _fmt(r.mean), "±" + _fmt(r.ci95), _fmt(r.normalized),
+             _fmt(r.speedup, ".2f") + ("×" if r.speedup is not None else ""),
              _fmt(None if r.time_per_step is None else 1000 * r.time_per_step, ".3g"), str(len(r.runs))]
             for r in c.rows]
 
@@ -59,7 +60,8 @@ def format_markdown(c: Comparison) -> str:
             *("| " + " | ".join(cells) + " |" for cells in _eval_cells(c)),
         ]
     if c.meta_rows:
-        parts += ["", "Meta-training runs:", "", "| " + " | ".join(META_COLUMNS) + " |", "|" + "---|" * len(META_COLUMNS),
+        parts += ["", "Meta-training runs:", "",
+                  "| " + " | ".join(META_COLUMNS) + " |", "|" + "---|" * len(META_COLUMNS),
                   *("| " + " | ".join(cells) + " |" for cells in _meta_cells(c))]
     if not parts:
         read = "" if c.runs_read is None else (f" ({c.runs_read} runs read, {len(c.skipped)} skipped below; none of "
@@ -82,9 +84,9 @@ def format_csv(c: Comparison) -> str:
         writer.writerow(fields)
         for r in c.rows:
             d = r.as_dict()
-            writer.writerow([d["task"], d["steps"], d["optimizer"], d["kind"], _lr(r), d["seeds"], d["mean_log10_final_loss"],
-                             d["ci95"], d["mean_log10_normalized_loss"], d["speedup_vs_reference"],
-                             d["time_per_step_s"], ";".join(d["runs"])])
+            writer.writerow([d["task"], d["steps"], d["optimizer"], d["kind"], _lr(r), d["seeds"],
+                             d["mean_log10_final_loss"], d["ci95"], d["mean_log10_normalized_loss"],
+                             d["speedup_vs_reference"], d["time_per_step_s"], ";".join(d["runs"])])
     if c.meta_rows:
         if c.rows:
             buf.write("\n")

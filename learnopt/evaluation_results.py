@@ -77,8 +77,8 @@ class Evaluation:
             f"Task `{self.task}`, {self.steps} steps, {self.num_instances} instances × seeds {self.seeds} "
             "(held-out). Mean log10 final loss with 95% t-interval over instances; lower is better.",
             "",
-            "| optimizer | tuned lr | mean log10 final loss | 95% CI | mean final loss | diverged | Adam steps to match "
-            "| speedup vs Adam |",
+            "| optimizer | tuned lr | mean log10 final loss | 95% CI | mean final loss | diverged "
+            "| Adam steps to match | speedup vs Adam |",
             "|---|---|---|---|---|---|---|---|",
         ]
         for r in sorted(self.results, key=lambda r: r.summary()["mean_log10_final_loss"]):
@@ -142,11 +142,11 @@ def log_to_wandb(evaluation: Evaluation, group: str, project: str = "learnopt", 
                  split: str = "test", fixed_lr: bool = False) -> list[str]:
     """Log ``evaluation`` in the schema of ``learnopt.logging_schema``: one W&B run per optimizer
     in ``group`` (job type ``evaluate``, or ``tune`` for ``split="tune"``; config: ``config``
-    under ``evaluate`` and the flat ``optimizer``/``task``/``kind``/``lr``/``fixed_lr``/``split``/``seeds`` keys; the inner-loss curve keyed by inner
-    step; the summary metrics; for the learned optimizers named in ``checkpoints`` their file as an
-    artifact), then, with more than one optimizer, a run ``<group>/summary`` holding the table as
-    a W&B Table, the curves as a W&B line plot and ``plot`` (the PNG). Offline unless W&B is set
-    up. Returns the run directories."""
+    under ``evaluate`` and the flat ``optimizer``/``task``/``kind``/``lr``/``fixed_lr``/``split``/``seeds``
+    keys; the inner-loss curve keyed by inner step; the summary metrics; for the learned optimizers
+    named in ``checkpoints`` their file as an artifact), then, with more than one optimizer, a run
+    ``<group>/summary`` holding the table as a W&B Table, the curves as a W&B line plot and ``plot``
+    (the PNG). Offline unless W&B is set up. Returns the run directories."""
     from learnopt import logging_schema as ls
 
     checkpoints = checkpoints or {}

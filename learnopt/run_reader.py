@@ -268,8 +268,8 @@ def triage_runs(runs: Sequence[RunRecord], project: str | None = None, all_proje
             project = next(iter(counts))
         else:
             listed = ", ".join(f"{name!r} ({n} runs)" for name, n in sorted(counts.items()))
-            raise RunReadError(f"the runs belong to several W&B projects, {listed}: choose one with --run_project NAME, "
-                               "or merge them with --all_projects")
+            raise RunReadError(f"the runs belong to several W&B projects, {listed}: choose one with "
+                               "--run_project NAME, or merge them with --all_projects")
     ours = [r for r in kept if r.project == project]
     skipped += [SkippedRun(r.path or "", r.name or r.id,
                            f"other project {r.project!r} (comparing {project!r}; --run_project {r.project} or "

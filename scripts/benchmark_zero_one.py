@@ -46,7 +46,8 @@ def tasks() -> dict[str, tuple[np.ndarray, np.ndarray]]:
 def methods(iterations: int, seed: int) -> dict:
     def rcd_from_lr(Xtr, ytr):
         lr = LogisticRegression(max_iter=10000).fit(Xtr, ytr)
-        return RCDPerceptron(iterations=iterations, init=np.append(lr.coef_[0], lr.intercept_[0]), seed=seed).fit(Xtr, ytr)
+        return RCDPerceptron(iterations=iterations, init=np.append(lr.coef_[0], lr.intercept_[0]),
+                             seed=seed).fit(Xtr, ytr)
 
     return {
         "RCD-0/1 (perceptron init)": lambda X, y: RCDPerceptron(iterations=iterations, seed=seed).fit(X, y),
@@ -83,7 +84,8 @@ def table(results: dict) -> str:
     for task, rows in results.items():
         for name, r in rows.items():
             tr, te = 100 * np.array(r["train"]), 100 * np.array(r["test"])
-            lines.append(f"| {task} | {name} | {tr.mean():.2f} ± {tr.std(ddof=1):.2f} | {te.mean():.2f} ± {te.std(ddof=1):.2f} "
+            lines.append(f"| {task} | {name} | {tr.mean():.2f} ± {tr.std(ddof=1):.2f} "
+                         f"| {te.mean():.2f} ± {te.std(ddof=1):.2f} "
                          f"| {np.mean(r['seconds']):.2f} |")
     return "\n".join(lines)
 
@@ -94,7 +96,8 @@ def comparison(results: dict) -> list[str]:
     for task, rows in results.items():
         rcd = np.mean(rows["RCD-0/1 (perceptron init)"]["train"])
         lr = np.mean(rows["logistic regression"]["train"])
-        wins = sum(a < b for a, b in zip(rows["RCD-0/1 (perceptron init)"]["train"], rows["logistic regression"]["train"]))
+        wins = sum(a < b for a, b in zip(rows["RCD-0/1 (perceptron init)"]["train"],
+                                         rows["logistic regression"]["train"]))
         out.append(f"- {task}: RCD-0/1 {100 * rcd:.2f}% vs logistic regression {100 * lr:.2f}% training error "
                    f"(lower at {wins} of {len(rows['logistic regression']['train'])} seeds)")
     return out

@@ -23,7 +23,8 @@ def chosen_sets(raw: dict, families: dict, prefixes: list[str]) -> list[str]:
         if not chosen:
             raise SystemExit(f"vsml_large_sample: no test set starts with {prefixes}; sets: {list(families)}")
         return chosen
-    return [t for t, v in raw["seeds"].items() if abs(v["paired_difference_points"][0]) <= v["paired_difference_points"][1]]
+    return [t for t, v in raw["seeds"].items()
+            if abs(v["paired_difference_points"][0]) <= v["paired_difference_points"][1]]
 
 
 def main(argv: list[str]) -> None:
@@ -53,7 +54,8 @@ def main(argv: list[str]) -> None:
           f"contains zero there, the same comparison is re-measured here on the first {N} episodes of the same test "
           "seeds (the 256 included). Same learners, same learning rates, the VSML at its seed 0. Mean online accuracy "
           "over the 100 examples (%), and per-episode differences (points, mean ± 95% t-interval).", "",
-          "| test set | episodes | " + " | ".join(names) + " | VSML − Adam | VSML − SGD |", "|---" * (len(names) + 4) + "|"]
+          "| test set | episodes | " + " | ".join(names) + " | VSML − Adam | VSML − SGD |",
+          "|---" * (len(names) + 4) + "|"]
     result = {"episodes": N, "checkpoint": meta_path, "sets": {}}
     if not chosen:
         md.append("| (none: every never-seen set's 256-episode interval excludes zero) |" + " |" * (len(names) + 3))
@@ -61,7 +63,8 @@ def main(argv: list[str]) -> None:
         streams = seeded_batches(families[test], "test", n=N // 8)
         per = {n: online_correct(learner, tqdm(streams, desc=f"{test.split(' (')[0]}: {n}")).mean(1)
                for n, learner in learners.items()}
-        d_adam, d_sgd = t_interval(100 * (per[names[0]] - per[names[2]])), t_interval(100 * (per[names[0]] - per[names[1]]))
+        d_adam = t_interval(100 * (per[names[0]] - per[names[2]]))
+        d_sgd = t_interval(100 * (per[names[0]] - per[names[1]]))
         result["sets"][test] = {"means": {n: float(v.mean()) for n, v in per.items()},
                                 "vsml_minus_adam": d_adam, "vsml_minus_sgd": d_sgd}
         md.append(f"| {test} | {N} | " + " | ".join(f"{100 * float(v.mean()):.2f}" for v in per.values())

@@ -38,7 +38,8 @@ def main(out: Path) -> None:
                    "its label was seen; mean ± 95% t-interval over episodes. Raw per-episode numbers: "
                    "`results.json`.", "",
                    "Scale and deviations from the paper: sub-LSTMs with messages 8 and state 16 (the authors' "
-                   "code) for the clone, 32 for the meta-learner; the clone uses 1 micro-tick, the meta-learner 2. The backward ticks see the same "
+                   "code) for the clone, 32 for the meta-learner; the clone uses 1 micro-tick, the meta-learner 2. "
+                   "The backward ticks see the same "
                    "example's forward message again, so an update can combine x and δ. There is no LayerNorm "
                    "on messages. Episodes are 100 examples (the paper uses 500) from sklearn's digits instead of "
                    "MNIST, with 2–5 classes: projected to 16 features (the meta-learner's first stage), then also "
@@ -68,7 +69,8 @@ def main(out: Path) -> None:
     sgd_lr = teacher_learning_rate(clone_args["lr"], clone_args["gain"], x.shape[1])
     clone_rows = {
         "VSML SGD clone (forward only)": online_correct(clone, tqdm(streams, desc="clone on digits")),
-        f"online SGD, lr {sgd_lr:.3g} (the cloned rule)": online_correct(OnlineLinear("sgd", lr=sgd_lr, bias=False), streams),
+        f"online SGD, lr {sgd_lr:.3g} (the cloned rule)":
+            online_correct(OnlineLinear("sgd", lr=sgd_lr, bias=False), streams),
     }
     init = OnlineLinear("sgd", lr=0.0, bias=False)
     clone_rows["no learning (lr 0)"] = online_correct(init, streams)
@@ -135,8 +137,8 @@ def main(out: Path) -> None:
         chain += "; the first stage saw balanced streams of digits projected to 16 features"
         for change in metadata.get("config_changes", []):
             if "ensemble" in change["fields"]:
-                chain += (f"; at meta-test it runs {change['fields']['ensemble']} independent copies of the network per "
-                          "episode and averages their probabilities (`ensemble`, " + change["note"] + ")")
+                chain += (f"; at meta-test it runs {change['fields']['ensemble']} independent copies of the "
+                          "network per episode and averages their probabilities (`ensemble`, " + change["note"] + ")")
         return chain
 
 
@@ -221,10 +223,11 @@ def main(out: Path) -> None:
         rival = max(names[1:3], key=lambda n: res[n]["mean"])
         diff = torch.tensor(res[names[0]]["per_episode"]) - torch.tensor(res[rival]["per_episode"])
         d_mean, d_ci = t_interval(100 * diff)
-        per_seed = [res[names[0]]["mean"]] + [float(online_correct(meta, streams, seed=s).mean()) for s in INIT_SEEDS[1:]]
+        per_seed = [res[names[0]]["mean"]] + [float(online_correct(meta, streams, seed=s).mean())
+                                              for s in INIT_SEEDS[1:]]
         above = all(a > res[rival]["mean"] for a in per_seed)
-        raw["seeds"][test] = {"paired_difference_points": [d_mean, d_ci], "rival": rival, "init_seeds": list(INIT_SEEDS),
-                              "vsml_mean_per_seed": per_seed, "all_seeds_above": above}
+        raw["seeds"][test] = {"paired_difference_points": [d_mean, d_ci], "rival": rival,
+                              "init_seeds": list(INIT_SEEDS), "vsml_mean_per_seed": per_seed, "all_seeds_above": above}
         md.append(f"| {test} | {d_mean:+.2f} ± {d_ci:.2f} (vs {rival.split(' (')[0]}) | "
                   + " / ".join(f"{100 * a:.2f}" for a in per_seed) + f" | {'yes' if above else 'no'} |")
     md += [""]
@@ -237,7 +240,8 @@ def main(out: Path) -> None:
            f"- Cloned SGD within 5 points of real SGD after one pass on digits: "
            f"{'yes' if abs(gap) <= 5 else 'no'} ({gap:+.1f} points).",
            f"- Meta-learned VSML above both tuned SGD and tuned Adam on never-seen datasets: "
-           f"{len(wins)} of {len(never_seen)} ({', '.join(w.split(' (')[0] + ' ' + w.split('), ')[-1] for w in wins) or 'none'}).",
+           f"{len(wins)} of {len(never_seen)} "
+           f"({', '.join(w.split(' (')[0] + ' ' + w.split('), ')[-1] for w in wins) or 'none'}).",
            f"- Black-box meta-learner behind the VSML on never-seen datasets: {len(bb_behind)} of {len(bb_runs)} "
            "where it can run at all.",
            f"- Above both tuned baselines at every one of the VSML's {len(INIT_SEEDS)} seeds: "

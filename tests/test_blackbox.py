@@ -800,7 +800,8 @@ def test_committed_proposers_load_and_beat_random_search(dim, name, config_name)
     import yaml
 
     config = yaml.safe_load((ROOT / f"configs/{config_name}.yaml").read_text())
-    assert config["model"]["task_family"]["init_args"] == {k: family[k] for k in config["model"]["task_family"]["init_args"]}
+    init_args = config["model"]["task_family"]["init_args"]
+    assert init_args == {k: family[k] for k in init_args}
     assert config["model"]["learned_optimizer"]["init_args"] == p.config()
     for key in ("meta_lr", "seed"):
         assert config["model"][key] == meta["meta_training"][key]

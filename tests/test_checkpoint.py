@@ -339,7 +339,8 @@ def _set(key, value):
         (lambda p: p["state_dict"].update(extra=torch.zeros(2)), ["unexpected", "extra"]),
         (lambda p: p["state_dict"].update({"output.weight": torch.zeros(1, 6)}), ["output.weight", "shape", "(1, 6)"]),
         (lambda p: p["config"].update(hidden_size=6), ["shape"]),  # config and weights disagree
-        (lambda p: p["state_dict"]["cells.0.weight_hh"].view(-1).__setitem__(3, float("nan")), ["cells.0.weight_hh", "nan"]),
+        (lambda p: p["state_dict"]["cells.0.weight_hh"].view(-1).__setitem__(3, float("nan")),
+         ["cells.0.weight_hh", "nan"]),
         (lambda p: p["state_dict"]["output.bias"].fill_(float("inf")), ["output.bias", "inf"]),
     ],
     ids=[
@@ -450,7 +451,8 @@ def test_update_config_changes_a_setting_and_keeps_the_weights(tmp_path):
     update_config(path, note="chosen on held-out streams", ensemble=3)
     got = learnopt.load(path)
     assert got.ensemble == 3 and got.checkpoint_metadata["meta_steps"] == 7
-    assert got.checkpoint_metadata["config_changes"] == [{"fields": {"ensemble": 3}, "note": "chosen on held-out streams"}]
+    assert got.checkpoint_metadata["config_changes"] == [{"fields": {"ensemble": 3},
+                                                          "note": "chosen on held-out streams"}]
     for k, v in net.state_dict().items():
         assert torch.equal(got.state_dict()[k], v)
     net.ensemble = 3  # the same learner as setting the option by hand

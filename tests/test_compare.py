@@ -391,7 +391,8 @@ def test_baseline_lr_sweep_runs_as_the_agent_would_and_scores_like_grid_tuning(o
     # compare shows one row per rate, apart from any held-out evaluation of adam
     comparison, _ = compare([offline / "runs"], out_dir=None)
     rows = {r.optimizer: r.mean for r in comparison.rows}
-    assert rows == pytest.approx({"adam @ lr 0.01 [tune split]": scores[0.01], "adam @ lr 0.1 [tune split]": scores[0.1]})
+    assert rows == pytest.approx({"adam @ lr 0.01 [tune split]": scores[0.01],
+                                  "adam @ lr 0.1 [tune split]": scores[0.1]})
     assert {read_offline_run(f).job_type for f in find_run_logs([offline / "runs"])} == {"tune"}
 
 

@@ -162,7 +162,8 @@ def _every_drop_in():
     out = []
     for name, info in OPTIMIZERS.items():
         kwargs = {"num_examples": 4} if name in ("saga", "jacsketch") else {}
-        out.append((name, lambda params, info=info, kwargs=kwargs: lo.as_torch_optimizer(info.make(0.01, **kwargs), params)))
+        out.append((name, lambda params, info=info, kwargs=kwargs:
+                    lo.as_torch_optimizer(info.make(0.01, **kwargs), params)))
     torch.manual_seed(0)
     lstm = CoordinatewiseLSTM(hidden_size=4, num_layers=1).to(DT)
     out.append(("lstm", lambda params: lstm.as_torch_optimizer(params)))
@@ -181,9 +182,11 @@ def _step_extras(name: str, model: nn.Module, X, Y):
         @torch.enable_grad()
         def batch_grad_fn(params, indices):
             p = {k: v.detach().requires_grad_(True) for k, v in params.items()}
-            return dict(zip(p, torch.autograd.grad(loss_of({**dict(model.named_parameters()), **p}, indices), list(p.values()))))
+            return dict(zip(p, torch.autograd.grad(loss_of({**dict(model.named_parameters()), **p}, indices),
+                                                   list(p.values()))))
         full = lambda params: batch_grad_fn(params, torch.arange(4))  # noqa: E731
-        extra = {"indices": torch.tensor([0, 1]), "batch_grad_fn": batch_grad_fn, "full_grad_fn": full, "num_examples": 4}
+        extra = {"indices": torch.tensor([0, 1]), "batch_grad_fn": batch_grad_fn, "full_grad_fn": full,
+                 "num_examples": 4}
         if name == "stochastic_lbfgs":
             extra["loss_fn"] = lambda params: loss_of({**dict(model.named_parameters()), **params})
         return extra
@@ -193,7 +196,8 @@ def _step_extras(name: str, model: nn.Module, X, Y):
             out = {k: [] for k in params}
             for i in indices.tolist():
                 p = {k: v.detach().requires_grad_(True) for k, v in params.items()}
-                g = torch.autograd.grad(loss_of({**dict(model.named_parameters()), **p}, torch.tensor([i])), list(p.values()))
+                g = torch.autograd.grad(loss_of({**dict(model.named_parameters()), **p}, torch.tensor([i])),
+                                        list(p.values()))
                 for k, gi in zip(p, g):
                     out[k].append(gi)
             return {k: torch.stack(v) for k, v in out.items()}
@@ -321,7 +325,8 @@ def test_sparse_gradient_is_refused_naming_the_parameter_and_nothing_changes():
     (lambda m: [{"params": m[0].parameters()}, {"params": [m[0].weight]}], ValueError,
      ["param group 1", "already in another param group"]),
     (lambda m: [{"params": m[0].parameters(), "lr": float("nan")}], ValueError, ["param group 0", "lr=nan", "finite"]),
-    (lambda m: [{"params": m[0].parameters()}, {"params": [], "lr": 0.1}], ValueError, ["param group 1", "no parameters"]),
+    (lambda m: [{"params": m[0].parameters()}, {"params": [], "lr": 0.1}], ValueError,
+     ["param group 1", "no parameters"]),
     (lambda m: [{"lr": 0.1}], ValueError, ["param group 0", "no 'params'"]),
     (lambda m: [{"params": [m[0].weight, m[0].weight]}], ValueError, ["param group 0", "twice"]),
 ])

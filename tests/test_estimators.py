@@ -417,7 +417,8 @@ def test_truncation_length_is_clipped_to_the_horizon_and_reproducible():
     lambda s: ES(_family(), num_tasks=2, unroll_length=3, horizon=11, num_pairs=1, schedule=s),
     lambda s: PES(_family(), num_tasks=2, unroll_length=3, horizon=11, num_pairs=1, schedule=s),
 ], ids=["truncated_bptt", "es", "pes"])
-@pytest.mark.parametrize("schedule", [UniformSchedule(2, 5), GeometricSchedule(3.0, 2, 6)], ids=["uniform", "geometric"])
+@pytest.mark.parametrize("schedule", [UniformSchedule(2, 5), GeometricSchedule(3.0, 2, 6)],
+                         ids=["uniform", "geometric"])
 def test_estimators_follow_the_schedule_and_never_cross_the_horizon(make, schedule):
     est = make(schedule)
     lopt = LearnedHyperparameters("sgd", {"lr": 0.01}).double()
@@ -548,7 +549,8 @@ def test_pes_meta_training_resumes_exactly(in_tmp):
     assert 0 < part.model._unroll.step < 10  # mid-episode
     saved = torch.load("ckpts/last.ckpt", weights_only=False)["learnopt_unroll"]
     assert len(saved["particles"]) == 4 and len(saved["accum"]) == 2
-    resumed = meta_train(common + ["--trainer.max_steps", "8", "--ckpt_path", "ckpts/last.ckpt"] + _callbacks("part.pt"))
+    resumed = meta_train(common + ["--trainer.max_steps", "8", "--ckpt_path", "ckpts/last.ckpt"]
+                         + _callbacks("part.pt"))
     assert resumed.trainer.global_step == 8
     assert (resumed.model._unroll.episode, resumed.model._unroll.step) == (full.model._unroll.episode,
                                                                            full.model._unroll.step)

@@ -69,7 +69,8 @@ def test_interval_values_are_the_metric_inside_each_interval():
     a, b = rng.normal(size=(7, 4)), rng.normal(size=(7, 4))
     metric = error_metric(rng.integers(0, 4, 7), 4)
     r = exact_line_search(a, b, metric)
-    inside = np.concatenate([[r.breakpoints[0] - 1], 0.5 * (r.breakpoints[:-1] + r.breakpoints[1:]), [r.breakpoints[-1] + 1]])
+    inside = np.concatenate([[r.breakpoints[0] - 1], 0.5 * (r.breakpoints[:-1] + r.breakpoints[1:]),
+                             [r.breakpoints[-1] + 1]])
     assert [metric(decisions_at(a, b, t)) for t in inside] == pytest.approx(list(r.interval_values))
 
 

@@ -16,7 +16,8 @@ from torch import nn
 
 from learnopt import optim as lo
 from learnopt.optim import numerics as lo_numerics
-from optim_helpers import grads as _grads, model_loss as _model_loss, problem as _problem, run_functional as _run_functional, tiny_model as _tiny_model
+from optim_helpers import (grads as _grads, model_loss as _model_loss, problem as _problem,
+                           run_functional as _run_functional, tiny_model as _tiny_model)
 from conftest import central_difference
 
 DT = torch.float64
@@ -240,7 +241,8 @@ def test_as_torch_optimizer_missing_grad_and_frozen_params():
     a = torch.ones(2, dtype=DT, requires_grad=True)
     b = torch.ones(3, dtype=DT, requires_grad=True)
     frozen = torch.ones(1, dtype=DT)
-    opt = lo.as_torch_optimizer(lo.sgd(lr=0.5, weight_decay=1.0, momentum=0.9), [("a", a), ("frozen", frozen), ("b", b)])
+    opt = lo.as_torch_optimizer(lo.sgd(lr=0.5, weight_decay=1.0, momentum=0.9),
+                                [("a", a), ("frozen", frozen), ("b", b)])
     assert [opt.param_name(p) for p in opt.param_groups[0]["params"]] == ["a", "frozen", "b"]
     assert frozen not in opt.state and set(opt.state[b]) == {"count", "trace"}
     b_state = {k: v.clone() for k, v in opt.state[b].items()}

@@ -32,8 +32,8 @@ class LogisticRegression:
     def __init__(self, seed=0):
         g = torch.Generator().manual_seed(seed)
         self.A = torch.randn(N, D, generator=g, dtype=DT)
-        self.y = torch.where(self.A @ torch.randn(D, generator=g, dtype=DT) + 0.5 * torch.randn(N, generator=g, dtype=DT)
-                             > 0, 1.0, -1.0).to(DT)
+        self.y = torch.where(self.A @ torch.randn(D, generator=g, dtype=DT)
+                             + 0.5 * torch.randn(N, generator=g, dtype=DT) > 0, 1.0, -1.0).to(DT)
         self.start = {"w": torch.randn(D, generator=g, dtype=DT), "c": torch.randn(1, generator=g, dtype=DT)}
 
     # library oracles (vectorised, differentiable)
@@ -195,7 +195,8 @@ def slbfgs_reference(prob, theta, lr, m, L, M, schedule):
         if c % m == 0:
             w_snap = theta.clone()
             mu = sum(prob.grad_i(w_snap, i) for i in range(N)) / N
-        v = (sum(prob.grad_i(theta, i) for i in B.tolist()) - sum(prob.grad_i(w_snap, i) for i in B.tolist())) / len(B) + mu
+        v = (sum(prob.grad_i(theta, i) for i in B.tolist())
+             - sum(prob.grad_i(w_snap, i) for i in B.tolist())) / len(B) + mu
         if S_list:
             q, alphas = v.clone(), []
             for s, y in reversed(list(zip(S_list, Y_list))):
@@ -286,7 +287,8 @@ CONVERGENCE_CASES = [
     ("svrg", lambda: lo.svrg(lr=0.3), 600),
     ("saga", lambda: lo.saga(lr=0.2, num_examples=N), 600),
     ("jacsketch_saga", lambda: lo.jacsketch(lr=0.2, num_examples=N), 600),
-    ("jacsketch_random", lambda: lo.jacsketch(lr=0.2, num_examples=N, sketch=_random_R), 1200),  # less information per step
+    # less information per step
+    ("jacsketch_random", lambda: lo.jacsketch(lr=0.2, num_examples=N, sketch=_random_R), 1200),
     ("stochastic_lbfgs", lambda: lo.stochastic_lbfgs(lr=0.2, hessian_period=5), 300),
 ]
 

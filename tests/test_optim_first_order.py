@@ -22,7 +22,8 @@ import torch
 
 from learnopt import optim as lo
 from learnopt.optim import transforms as lo_transforms
-from optim_helpers import grads as _grads, model_loss as _model_loss, problem as _problem, run_functional as _run_functional, tiny_model as _tiny_model
+from optim_helpers import (grads as _grads, model_loss as _model_loss, problem as _problem,
+                           run_functional as _run_functional, tiny_model as _tiny_model)
 from conftest import central_difference
 
 DT = torch.float64

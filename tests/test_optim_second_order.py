@@ -213,7 +213,8 @@ def test_muon_trajectory_matches_pytorch_optimizer_muon(monkeypatch):
 def test_muon_scaling_and_routing():
     """Tall matrices are scaled by sqrt(rows / cols) (Keller Jordan), wide ones by 1; vectors go to AdamW;
     ``is_matrix`` can send a matrix to AdamW."""
-    params = {"wide": torch.zeros(2, 6, dtype=DT), "tall": torch.zeros(8, 2, dtype=DT), "bias": torch.zeros(3, dtype=DT)}
+    params = {"wide": torch.zeros(2, 6, dtype=DT), "tall": torch.zeros(8, 2, dtype=DT),
+              "bias": torch.zeros(3, dtype=DT)}
     g = torch.Generator().manual_seed(0)
     grads = {k: torch.randn(p.shape, generator=g, dtype=DT) for k, p in params.items()}
     tx = lo.muon(lr=1.0, momentum=0.0, nesterov=False, adamw_lr=1.0)

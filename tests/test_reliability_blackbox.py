@@ -348,7 +348,8 @@ def test_scipy_bounds_are_accepted_and_ambiguous_shapes_refused():
     with pytest.raises(ValueError, match="finite"):
         as_bounds(scipy.optimize.Bounds([0, 0], [1, np.inf]))
     # a 2x2 array may be [lower, upper] rows or per-dimension pairs: refused, with both spellings
-    for ambiguous in (np.array([[-5.0, 0.0], [10.0, 15.0]]), [[-5, 0], [10, 15]], torch.tensor([[0.0, 1.0], [0.0, 1.0]])):
+    for ambiguous in (np.array([[-5.0, 0.0], [10.0, 15.0]]), [[-5, 0], [10, 15]],
+                      torch.tensor([[0.0, 1.0], [0.0, 1.0]])):
         with pytest.raises(ValueError, match="ambiguous") as info:
             minimize(_bowl, ambiguous, budget=3, proposer=p)
         assert "scipy.optimize.Bounds" in str(info.value) and "(lower, upper) tuples" in str(info.value)

@@ -80,7 +80,8 @@ def test_resume_from_lightning_checkpoint_matches_uninterrupted_run(in_tmp):
     shutil.rmtree("ckpts")
     meta_train(common + ["--trainer.max_steps", "4"] + _callbacks("part.pt", 4))
     assert (in_tmp / "ckpts/last.ckpt").exists()
-    resumed = meta_train(common + ["--trainer.max_steps", "8", "--ckpt_path", "ckpts/last.ckpt"] + _callbacks("part.pt", 4))
+    resumed = meta_train(common + ["--trainer.max_steps", "8", "--ckpt_path", "ckpts/last.ckpt"]
+                         + _callbacks("part.pt", 4))
     assert resumed.trainer.global_step == 8
     assert resumed.model._unroll.step == full.model._unroll.step
     assert resumed.model._unroll.episode == full.model._unroll.episode

@@ -536,7 +536,8 @@ def test_meta_test_families_are_the_protocols_sets():
         x, y, C = family.sample(4, seeded_generator("test", family.name, 0))
         raw_mnist1d = "raw 40" in test
         assert x.shape == (4, 20, 40 if raw_mnist1d else 16) and y.shape == (4, 20)
-        assert (C == 10) if raw_mnist1d else (2 <= C <= (2 if "breast" in test else 3 if "iris" in test or "wine" in test else 5))
+        assert (C == 10) if raw_mnist1d else (
+            2 <= C <= (2 if "breast" in test else 3 if "iris" in test or "wine" in test else 5))
         assert int(y.max()) < C
     # seeded batches: a longer sample starts with the shorter one (the protocol's 256 inside 4,096)
     from tasks.online import seeded_batches
@@ -544,4 +545,5 @@ def test_meta_test_families_are_the_protocols_sets():
     iris = families["iris (never seen), 16-d projection, 2–3 classes"]
     short, long = seeded_batches(iris, "test", n=2, per=3), seeded_batches(iris, "test", n=4, per=3)
     assert len(long) == 4 and all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(short, long))
-    assert not torch.equal(long[0][0], long[1][0]) and not torch.equal(short[0][0], seeded_batches(iris, "tune", 1, 3)[0][0])
+    assert not torch.equal(long[0][0], long[1][0])
+    assert not torch.equal(short[0][0], seeded_batches(iris, "tune", 1, 3)[0][0])

@@ -116,7 +116,8 @@ def run_size(label: str, width: int, repeats: int, functional_max: int, compile_
     result = {
         "model": label, "parameters": n, "seconds": seconds,
         "vs_adam": {k: s / seconds["adam"] for k, s in seconds.items()},
-        "lstm_lower_bound_seconds": bound, "lstm_flop_bound": n * flops / rate, "lstm_byte_bound": n * nbytes / bandwidth,
+        "lstm_lower_bound_seconds": bound, "lstm_flop_bound": n * flops / rate,
+        "lstm_byte_bound": n * nbytes / bandwidth,
         "lstm_over_bound": seconds["lstm"] / bound,
         "lstm_lower_bound_all_flops_seconds": bound_all, "lstm_over_bound_all_flops": seconds["lstm"] / bound_all,
         "matmul_flops_per_second": rate, "memory_bytes_per_second": bandwidth,
@@ -132,12 +133,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--functional-max", type=int, default=1_100_000,
                         help="largest model for the functional LSTM step (it allocates ~10 state-sized tensors)")
-    parser.add_argument("--compile-max", type=int, default=1_100_000, help="largest model for the compiled step; 0: none")
+    parser.add_argument("--compile-max", type=int, default=1_100_000,
+                        help="largest model for the compiled step; 0: none")
     parser.add_argument("--no-mlp-lopt", action="store_true")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default="drop_in_step")
     args = parser.parse_args(argv)
-    results = {"machine": machine(), "command": "OMP_NUM_THREADS=%d .venv/bin/python scripts/benchmarks/drop_in_step.py %s" % (
+    results = {"machine": machine(),
+               "command": "OMP_NUM_THREADS=%d .venv/bin/python scripts/benchmarks/drop_in_step.py %s" % (
                    torch.get_num_threads(), " ".join(argv if argv is not None else sys.argv[1:])),
                "sizes": []}
     for label in tqdm(args.sizes, desc="model sizes"):

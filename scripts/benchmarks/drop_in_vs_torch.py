@@ -334,8 +334,9 @@ def main(argv: list[str] | None = None) -> dict:
         if args.guard_only:
             for size in results["sizes"]:
                 size["finite_guard_seconds"] = finite_guard_seconds(size["width"], REPEATS[size["model"]])
-            results["guard_command"] = "OMP_NUM_THREADS=%d .venv/bin/python scripts/benchmarks/drop_in_vs_torch.py %s" % (
-                torch.get_num_threads(), " ".join(argv if argv is not None else sys.argv[1:]))
+            results["guard_command"] = (
+                "OMP_NUM_THREADS=%d .venv/bin/python scripts/benchmarks/drop_in_vs_torch.py %s" % (
+                    torch.get_num_threads(), " ".join(argv if argv is not None else sys.argv[1:])))
         write_outputs(results, args.out)
         print(results["table"])
         return results

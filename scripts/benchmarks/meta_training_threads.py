@@ -50,7 +50,8 @@ def measure(threads: int, problem: str) -> float:
 
 
 def main() -> None:
-    print(f"load average at the start: {__import__('os').getloadavg()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    print(f"load average at the start: {__import__('os').getloadavg()}, "
+          f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     print("| problem | threads | inner steps/s (two runs) |")
     print("|---|---|---|")
     for problem in ("quadratic10 (128 tasks)", "digits MLP (8 tasks)"):

@@ -208,7 +208,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--problems", nargs="+", default=list(PROBLEMS), choices=list(PROBLEMS))
     parser.add_argument("--default-allocator", action="store_true",
                         help="leave glibc malloc as it is; by default the process keeps freed memory for reuse "
-                             "(learnopt.runtime.keep_freed_memory, what `learnopt meta-train` applies), for every contender")
+                             "(learnopt.runtime.keep_freed_memory, what `learnopt meta-train` applies), "
+                             "for every contender")
     parser.add_argument("--out", default="meta_training_throughput")
     args = parser.parse_args(argv)
     tuned = False if args.default_allocator else keep_freed_memory()
