@@ -20,21 +20,25 @@ on their values)::
 ``len(batches)`` steps): less overhead per step, a compile time that grows with the number of
 steps (``docs/benchmarks``, section 7, measures both).
 
-Compiled graphs are cached by ``torch.compile`` per (learned optimizer class, task class,
-``second_order``, number of steps) — each such key gets its own code object, hence its own
-cache of graphs, so keys do not use up each other's recompile limit — and within a key by
-dynamo's guards (tensor shapes, dtypes, which inputs require grad). A truncation therefore
-compiles at most twice (its first step, whose carried state does not require grad, and the
-others) and never again as the unroll advances: step counters are tensors in the optimizer
-state, not Python integers. ``compile_report()`` gives the graphs compiled and the seconds
+Compiled graphs are cached by ``torch.compile`` per (optimizer class, task class, parameter
+names, shapes, dtypes and device, ``second_order``, number of steps, backend) — each such key
+gets its own code object, hence its own cache of graphs, so keys do not use up each other's
+recompile limit — and within a key by dynamo's guards (the task's tensors, the optimizer's
+weights and state, which inputs require grad; the weights are graph inputs, not constants).
+A truncation therefore compiles at most twice (its first step, whose carried state does not
+require grad, and the others) and never again as the unroll advances: step counters are
+tensors in the optimizer state, not Python integers. ``compile_report()`` gives the graphs compiled and the seconds
 spent per key.
 
-Where compilation fails (no C++ compiler for inductor on the CPU, an unsupported operation)
-the key falls back to the eager ``inner_step`` with a warning, so meta-training still runs.
+The step is compiled with ``fullgraph=True``: a graph break is an error, not a silent split.
+Where compilation fails (no C++ compiler for inductor on the CPU, a graph break, more graphs
+than dynamo's recompile limit) the key falls back to the eager ``inner_step`` with a
+``RuntimeWarning``, so meta-training still runs, at eager speed.
 """
 
 from __future__ import annotations
 
+import math
 import shutil
 import time
 import types
@@ -101,6 +105,9 @@ _CACHE: dict[tuple, CompileRecord] = {}
 # torch.compile's backend: "inductor" generates fused kernels (C++ on the CPU); "aot_eager" traces
 # the same graphs and runs them op by op (no C++ compiler needed, seconds to compile; for tests).
 BACKEND = "inductor"
+# torch.compile's mode: None (the default), or e.g. "max-autotune-no-cudagraphs" (inductor's own
+# GEMM kernels where they time faster; compiles for much longer).
+MODE: str | None = None
 
 
 def compiler_available() -> bool:
@@ -119,15 +126,17 @@ def _own_code(fn: Callable[..., Any]) -> Callable[..., Any]:
     return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
 
 
-def _key(tx: Any, task: Task, second_order: bool, steps: int | None) -> tuple:
+def _key(tx: Any, task: Task, params: Params, second_order: bool, steps: int | None) -> tuple:
+    shapes = tuple((k, tuple(p.shape), p.dtype, p.device) for k, p in params.items())
     return (type(tx).__module__, type(tx).__qualname__, type(task).__module__, type(task).__qualname__,
-            bool(second_order), steps, BACKEND)
+            bool(second_order), steps, BACKEND, shapes, MODE)
 
 
 def _record(key: tuple, body: Callable[..., Any], device: torch.device) -> CompileRecord:
     record = _CACHE.get(key)
     if record is None:
-        record = CompileRecord(torch.compile(_own_code(body), backend=BACKEND, dynamic=False, fullgraph=True))
+        record = CompileRecord(torch.compile(_own_code(body), backend=BACKEND, mode=MODE, dynamic=False,
+                                             fullgraph=True))
         if BACKEND == "inductor" and device.type == "cpu" and not compiler_available():
             warnings.warn("learnopt.meta.compiled: no C++ compiler found for torch.compile's CPU backend; "
                           "running the eager inner step instead", RuntimeWarning, stacklevel=3)
@@ -149,7 +158,8 @@ def _call(record: CompileRecord, key: tuple, fallback: Callable[[], Any], *args:
     start = time.perf_counter()
     try:
         out = record.fn(*args)
-    except torch._dynamo.exc.TorchDynamoException as error:  # a graph break, a backend failure
+    except (torch._dynamo.exc.TorchDynamoException, torch._dynamo.exc.FailOnRecompileLimitHit) as error:
+        # a graph break, a backend failure, more graphs than dynamo's recompile limit
         warnings.warn(f"learnopt.meta.compiled: compiling the inner step for {key} failed ({error}); "
                       "running it eagerly", RuntimeWarning, stacklevel=3)
         record.eager = True
@@ -205,7 +215,7 @@ def compiled_inner_step(
     under ``torch.no_grad()``: the task gradient comes from ``torch.func.grad``, so the step then
     builds no autograd graph at all (an inference graph, cheaper than ``inner_step``'s).
     """
-    key = _key(tx, task, second_order, None)
+    key = _key(tx, task, params, second_order, None)
     record = _record(key, functional_step, _device(params))
     return _call(record, key, lambda: _eager_step(tx, task, params, opt_state, batch, second_order),
                  tx, task, params, opt_state, batch, second_order)
@@ -232,7 +242,7 @@ def compiled_steps(
         loss before step ``i``, with its graph, as ``inner_step`` returns it.
     """
     batches = list(batches)
-    key = _key(tx, task, second_order, len(batches))
+    key = _key(tx, task, params, second_order, len(batches))
     record = _record(key, functional_steps, _device(params))
 
     def eager() -> tuple[Tensor, Params, Any]:
@@ -246,11 +256,14 @@ def compiled_steps(
 
 
 def compile_report() -> dict[str, dict[str, Any]]:
-    """Per cache key (``"<optimizer>/<task>/<first|second>-order/<steps or 'step'>/<backend>"``): the graphs
-    compiled, the seconds they took (compilation plus first run) and whether the key runs eagerly."""
+    """Per cache key (``"<optimizer>/<task>/<n> coordinates/<first|second>-order/<steps or
+    'step'>/<backend>"``): the graphs compiled, the seconds they took (compilation plus first
+    run) and whether the key runs eagerly."""
     report = {}
     for key, record in _CACHE.items():
-        name = f"{key[1]}/{key[3]}/{'second' if key[4] else 'first'}-order/{key[5] or 'step'}/{key[6]}"
+        coordinates = sum(math.prod(shape) for _, shape, _, _ in key[7])
+        name = (f"{key[1]}/{key[3]}/{coordinates} coordinates/{'second' if key[4] else 'first'}-order/"
+                f"{key[5] or 'step'}/{key[6]}" + (f"/{key[8]}" if key[8] else ""))
         report[name] = {"graphs": record.graphs, "compile_seconds": record.seconds, "eager": record.eager}
     return report
 
