@@ -1,6 +1,7 @@
 """Meta-training throughput, eager against compiled (``learnopt.meta.compiled``): inner steps per
-second of one truncation of K inner steps on the 10-d quadratics, for 1, 8, 32 and 128 tasks,
-the coordinate-wise LSTM (the shipped ``lstm_quadratic.pt``) and the MLP learned optimizer
+second of one truncation of K inner steps on the 10-d quadratics (``--problem digits``: the
+digits MLP of ``configs/lstm_digits_mlp.yaml``), for 1, 8, 32 and 128 tasks, the
+coordinate-wise LSTM (the shipped checkpoint meta-trained on the problem) and the MLP learned optimizer
 (``FeatureMLPOptimizer``, 1,794 meta-parameters, learned_optimization's ``MLPLOpt``):
 
 * ``bptt``: K steps forward and the meta-backward to the learned optimizer's weights (truncated
@@ -48,17 +49,26 @@ from learnopt.meta.compiled import compile_report, compiled_inner_step, compiled
 from learnopt.meta.unroll import inner_step  # noqa: E402
 from learnopt.optim.base import detach_state  # noqa: E402
 from learnopt.runtime import keep_freed_memory  # noqa: E402
+from tasks.mlp import MLPFamily  # noqa: E402
 from tasks.quadratic import QuadraticFamily  # noqa: E402
 
 DIM = 10
 AUTOTUNE = "max-autotune-no-cudagraphs"  # the step-autotune contender's torch.compile mode
+# problem -> (task family, the LSTM checkpoint meta-trained on it, matmul FLOPs of the task per
+# coordinate: forward and gradient, meta-backward)
+PROBLEMS = {
+    "quadratic": (lambda: QuadraticFamily(dim=DIM), "lstm_quadratic.pt", (4 * DIM, 2 * DIM)),
+    # digits MLP, batch B = 128: each weight does 2B FLOPs forward, 4B in the gradient, 4B in the
+    # meta-backward (biases counted as weights)
+    "digits": (lambda: MLPFamily(hidden_sizes=(20,), batch_size=128), "lstm_digits_mlp.pt", (6 * 128, 4 * 128)),
+}
 OPTIMIZERS = {
-    "lstm": lambda: learnopt.load(ROOT / "checkpoints" / "lstm_quadratic.pt"),
-    "mlp": lambda: FeatureMLPOptimizer(batch_dims=1),
+    "lstm": lambda problem: learnopt.load(ROOT / "checkpoints" / PROBLEMS[problem][1]),
+    "mlp": lambda problem: FeatureMLPOptimizer(batch_dims=1),
 }
 
 
-def matmul_flops_per_coordinate(lopt, backward: bool) -> int:
+def matmul_flops_per_coordinate(lopt, backward: bool, problem: str = "quadratic") -> int:
     """Matmul FLOPs per coordinate per inner step: the learned optimizer's (the LSTM's layer
     matmuls with the bias column, or the MLP's layers) and the quadratic's (``W θ`` and the
     gradient ``Wᵀ r``, 2d each per coordinate). With ``backward``, the meta-backward's too: the
@@ -79,7 +89,7 @@ def matmul_flops_per_coordinate(lopt, backward: bool) -> int:
         sizes = [lopt.num_features, *lopt.hidden_sizes, 2]
         forward = sum(2 * a * b for a, b in zip(sizes[:-1], sizes[1:]))
         backward_flops = 2 * forward  # weight and input gradients of every layer (the features depend on φ)
-    task_forward, task_backward = 4 * DIM, 2 * DIM
+    task_forward, task_backward = PROBLEMS[problem][2]
     return forward + task_forward + (backward_flops + task_backward if backward else 0)
 
 
@@ -108,6 +118,8 @@ def truncation(lopt, task, params, opt_state, k: int, backward: bool, contender:
     compiled ones run under ``torch.no_grad`` with parameters that do not require grad (their
     task gradient comes from ``torch.func.grad``, so no autograd graph is built at all)."""
     weights = [p for p in lopt.parameters() if p.requires_grad]
+    data = torch.Generator().manual_seed(1)
+    batches = [task.sample_batch(data) for _ in range(k + 1)]  # the same batches for every contender
     size = int(contender[len("region"):]) if contender.startswith("region") else 1
     inference = not backward and contender != "eager"
     losses, done = [], 0
@@ -117,17 +129,17 @@ def truncation(lopt, task, params, opt_state, k: int, backward: bool, contender:
                 params = {n: p.detach().requires_grad_(not inference) for n, p in params.items()}
                 opt_state = detach_state(opt_state)
             if contender.startswith("region"):
-                rows, params, opt_state = compiled_steps(lopt, task, params, opt_state, [None] * min(size, k - done))
+                rows, params, opt_state = compiled_steps(lopt, task, params, opt_state, batches[done: done + size])
                 losses.extend((rows if backward else rows.detach()).unbind(0))
             else:
                 step = inner_step if contender == "eager" else compiled_inner_step
                 compiled.MODE = AUTOTUNE if contender == "step-autotune" else None
-                loss, params, opt_state = step(lopt, task, params, opt_state, None)
+                loss, params, opt_state = step(lopt, task, params, opt_state, batches[done])
                 compiled.MODE = None
                 losses.append(loss if backward else loss.detach())
             done += min(size, k - done)
     with torch.set_grad_enabled(backward):
-        terms = [loss.mean() for loss in losses[1:]] + [task.loss(params, None).mean()]
+        terms = [loss.mean() for loss in losses[1:]] + [task.loss(params, batches[k]).mean()]
         meta_loss = torch.stack(terms).mean()
     if backward:
         return meta_loss.detach(), torch.autograd.grad(meta_loss, weights)
@@ -165,12 +177,13 @@ def probes() -> dict:
     return {"probe: matmul": lambda: a @ b, "probe: copy": lambda: dst.copy_(src)}
 
 
-def run_config(name: str, num_tasks: int, mode: str, k: int, regions: list[int], repeats: int) -> dict:
+def run_config(name: str, num_tasks: int, mode: str, k: int, regions: list[int], repeats: int,
+               problem: str = "quadratic") -> dict:
     torch.manual_seed(0)
-    lopt = OPTIMIZERS[name]()
+    lopt = OPTIMIZERS[name](problem)
     lopt_forward = copy.deepcopy(lopt).requires_grad_(False)
     generator = torch.Generator().manual_seed(0)
-    task = QuadraticFamily(dim=DIM).sample(num_tasks, generator)
+    task = PROBLEMS[problem][0]().sample(num_tasks, generator)
     params = task.init(generator)
     with torch.no_grad():
         opt_state = lopt.init(params)
@@ -185,15 +198,17 @@ def run_config(name: str, num_tasks: int, mode: str, k: int, regions: list[int],
     seconds = interleaved({**fns, **probes()}, repeats, warmup=1, desc=f"{name} {num_tasks} tasks {mode}")
     rate = 2 * MATMUL_N**3 / seconds.pop("probe: matmul")
     bandwidth = 2 * 4 * COPY_NUMEL / seconds.pop("probe: copy")
-    coords = num_tasks * DIM
-    flops = matmul_flops_per_coordinate(lopt, mode == "bptt") * coords * k
+    per_flops = matmul_flops_per_coordinate(lopt, mode == "bptt", problem)
+    coords = sum(p.numel() for p in params.values())
+    flops = per_flops * coords * k
     moved = bytes_per_coordinate(lopt, mode == "bptt") * coords * k
     return {
-        "optimizer": name, "num_tasks": num_tasks, "mode": mode, "unroll_length": k,
+        "problem": problem, "optimizer": name, "num_tasks": num_tasks, "mode": mode, "unroll_length": k,
+        "coordinates_per_task": coords // num_tasks,
         "seconds": seconds, "inner_steps_per_second": {c: num_tasks * k / s for c, s in seconds.items()},
         "speedup_vs_eager": {c: seconds["eager"] / s for c, s in seconds.items()},
         "first_call_seconds": compile_seconds,
-        "matmul_flops_per_coordinate": matmul_flops_per_coordinate(lopt, mode == "bptt"),
+        "matmul_flops_per_coordinate": per_flops,
         "bytes_per_coordinate": bytes_per_coordinate(lopt, mode == "bptt"),
         "fraction_of_matmul_bound": {c: flops / rate / s for c, s in seconds.items()},
         "fraction_of_memory_bound": {c: moved / bandwidth / s for c, s in seconds.items()},
@@ -204,6 +219,7 @@ def run_config(name: str, num_tasks: int, mode: str, k: int, regions: list[int],
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--problem", default="quadratic", choices=list(PROBLEMS))
     parser.add_argument("--tasks", type=int, nargs="+", default=[1, 8, 32, 128])
     parser.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=list(OPTIMIZERS))
     parser.add_argument("--modes", nargs="+", default=["bptt", "forward"], choices=["bptt", "forward"])
@@ -223,7 +239,8 @@ def main(argv: list[str] | None = None) -> dict:
         for mode in args.modes:
             for n in args.tasks:
                 regions = args.regions if n in args.region_tasks else []
-                results["runs"].append(run_config(name, n, mode, args.unroll_length, regions, args.repeats))
+                results["runs"].append(run_config(name, n, mode, args.unroll_length, regions, args.repeats,
+                                                  args.problem))
                 write_json(args.out, results)
     results["compile_report"] = compile_report()
     rows = []
@@ -258,7 +275,8 @@ def plot(results: dict, path: Path) -> None:
         for c in sorted({c for r in runs for c in r["inner_steps_per_second"]}):
             points = [(r["num_tasks"], r["inner_steps_per_second"][c]) for r in runs if c in r["inner_steps_per_second"]]
             ax.plot(*zip(*points), "o-", label=c)
-        bound = [r["matmul_flops_per_second"] / (r["matmul_flops_per_coordinate"] * DIM) for r in runs]
+        bound = [r["matmul_flops_per_second"] / (r["matmul_flops_per_coordinate"] * r.get("coordinates_per_task", DIM))
+                 for r in runs]
         ax.plot([r["num_tasks"] for r in runs], bound, "k:", label="matmul bound")
         ax.set(xscale="log", yscale="log", xlabel="tasks", ylabel="inner steps / s", title=f"{name}, {mode}")
         ax.legend(fontsize=7)
