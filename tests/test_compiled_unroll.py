@@ -215,3 +215,26 @@ def test_falls_back_to_eager_with_a_warning(monkeypatch):
     with pytest.warns(RuntimeWarning, match="running it eagerly"):
         loss = compiled_inner_step(breaking, task, params, sgd.init(params))[0]
     assert torch.equal(loss, expected)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager"], indirect=True)
+def test_truncation_core_runs_the_compiled_steps(backend):
+    """``run_truncation`` (the core of TruncatedBPTT, ES and PES) with the compiled steps: the
+    same meta-loss and meta-gradient as with ``inner_step``, for the graph-keeping truncation
+    (``compiled_inner_step``) and the forward-only one (``compiled_forward_step``)."""
+    from learnopt.meta.compiled import compiled_forward_step
+    from learnopt.meta.truncation import run_truncation
+
+    lopt, task, params, opt_state = start("mlp_lopt", "mlp")
+    weights = list(lopt.parameters())
+
+    def run(step, keep_graph):
+        return run_truncation(step, lopt, task, params, opt_state, generator_copy(2), K, torch.log, keep_graph)
+
+    eager, compiled_run = run(inner_step, True), run(compiled_inner_step, True)
+    assert torch.allclose(compiled_run.meta_loss, eager.meta_loss, rtol=RTOL, atol=0)
+    assert relative_error(torch.autograd.grad(compiled_run.meta_loss, weights),
+                          torch.autograd.grad(eager.meta_loss, weights)) < RTOL
+    forward = run(compiled_forward_step, False)
+    assert torch.allclose(forward.meta_loss, run(inner_step, False).meta_loss, rtol=RTOL, atol=0)
+    assert not forward.meta_loss.requires_grad

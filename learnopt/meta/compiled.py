@@ -13,6 +13,7 @@ on their values)::
 
     step = compiled_inner_step                      # drop-in for inner_step
     loss, params, opt_state = step(lopt, task, params, opt_state, batch, second_order)
+    step = compiled_forward_step                    # the same, values only (ES, PES)
 
     losses, params, opt_state = compiled_steps(lopt, task, params, opt_state, batches)
 
@@ -54,8 +55,8 @@ from learnopt.meta.unroll import inner_step
 from learnopt.optim.base import GradientTransformation, Params, apply_updates, detach_state
 from learnopt.task import Task
 
-__all__ = ["CompileRecord", "compile_report", "compiled_inner_step", "compiled_steps", "compiler_available",
-           "reset_compiled"]
+__all__ = ["CompileRecord", "compile_report", "compiled_forward_step", "compiled_inner_step", "compiled_steps",
+           "compiler_available", "reset_compiled"]
 
 
 def functional_step(tx: GradientTransformation, task: Task, params: Params, opt_state: Any, batch: Any = None,
@@ -219,6 +220,29 @@ def compiled_inner_step(
     record = _record(key, functional_step, _device(params))
     return _call(record, key, lambda: _eager_step(tx, task, params, opt_state, batch, second_order),
                  tx, task, params, opt_state, batch, second_order)
+
+
+def compiled_forward_step(
+    tx: GradientTransformation,
+    task: Task,
+    params: Params,
+    opt_state: Any,
+    batch: Any = None,
+    second_order: bool = False,
+) -> tuple[Tensor, Params, Any]:
+    """``compiled_inner_step`` for a caller that needs values only (the forward truncations of
+    ES and PES): the same signature, run under ``torch.no_grad`` on detached inputs, so the
+    compiled graph is an inference graph with no autograd bookkeeping.
+
+    Args:
+        tx, task, params, opt_state, batch, second_order: as ``compiled_inner_step``.
+
+    Returns:
+        ``(loss [num_instances], new_params, new_opt_state)``, all detached.
+    """
+    with torch.no_grad():
+        return compiled_inner_step(tx, task, {k: p.detach() for k, p in params.items()}, detach_state(opt_state),
+                                   batch, second_order)
 
 
 def compiled_steps(
