@@ -238,3 +238,52 @@ def test_truncation_core_runs_the_compiled_steps(backend):
     forward = run(compiled_forward_step, False)
     assert torch.allclose(forward.meta_loss, run(inner_step, False).meta_loss, rtol=RTOL, atol=0)
     assert not forward.meta_loss.requires_grad
+
+
+# --------------------------------------------------------------------------- the estimators' option
+
+
+def _estimates(make_estimator, lopt, truncations=2):
+    est = make_estimator()
+    state = est.init_unroll(lopt)
+    out = []
+    for _ in range(truncations):
+        res = est.estimate(lopt, state)
+        out.append(res)
+        state = res.unroll_state
+    return out
+
+
+@pytest.mark.parametrize("backend", ["aot_eager"], indirect=True)
+@pytest.mark.parametrize("estimator", ["truncated_bptt", "pes"])
+def test_estimators_compile_unroll_matches_eager(estimator, backend):
+    """``compile_unroll=True`` (chunks of 2 steps, so K = 5 runs two regions and one single
+    compiled step) gives the eager estimator's meta-losses, meta-gradients and carried state."""
+    from learnopt.meta import PES, TruncatedBPTT
+
+    lopt = small_lstm()
+    family = QuadraticFamily(dim=3)
+
+    def make(**compile_kw):
+        if estimator == "pes":
+            return PES(family, num_tasks=2, unroll_length=5, horizon=10, num_pairs=2, sigma=0.01, seed=3, **compile_kw)
+        return TruncatedBPTT(family, num_tasks=2, unroll_length=5, horizon=10, seed=3, **compile_kw)
+
+    eager = _estimates(make, lopt)
+    fast = _estimates(lambda: make(compile_unroll=True, compile_chunk=2), lopt)
+    for e, f in zip(eager, fast):
+        assert f.finite and e.finite
+        torch.testing.assert_close(f.meta_loss, e.meta_loss, rtol=RTOL, atol=0)
+        assert relative_error(list(f.meta_grads.values()), list(e.meta_grads.values())) < RTOL
+        for n in e.unroll_state.params:
+            torch.testing.assert_close(f.unroll_state.params[n], e.unroll_state.params[n], rtol=RTOL, atol=1e-7)
+    assert any("/2/" in key for key in compile_report())  # the two-step region was compiled
+
+
+def test_compile_unroll_refuses_activation_checkpointing():
+    from learnopt.meta import TruncatedBPTT
+
+    with pytest.raises(ValueError, match="activation_checkpointing and compile_unroll"):
+        TruncatedBPTT(num_tasks=2, activation_checkpointing=True, compile_unroll=True)
+    with pytest.raises(ValueError, match="compile_chunk"):
+        TruncatedBPTT(num_tasks=2, compile_unroll=True, compile_chunk=0)

@@ -196,13 +196,13 @@ def test_activation_checkpointing_on_minibatched_mlps_with_full_bptt():
 
 
 @pytest.mark.slow
-def test_compiled_update_gives_the_same_meta_gradient():
-    # torch.compile takes ~10 s even for this tiny optimizer, so one small case
+def test_compiled_unroll_gives_the_same_meta_gradient():
+    # inductor takes ~10 s even for this tiny optimizer, so one small case (a region of 3 steps)
     family = QuadraticFamily(dim=3, dtype=torch.float64)
     grads = []
     for compiled in (False, True):
         lopt = _lstm(torch.float64, hidden_size=4)
-        est = TruncatedBPTT(family, num_tasks=2, unroll_length=3, horizon=6, compile_update=compiled)
+        est = TruncatedBPTT(family, num_tasks=2, unroll_length=3, horizon=6, compile_unroll=compiled, compile_chunk=3)
         grads.append(est.estimate(lopt).meta_grads)
     for k, g in grads[0].items():
         torch.testing.assert_close(grads[1][k], g, rtol=1e-9, atol=1e-12)

@@ -43,7 +43,7 @@ def test_meta_train_exports_a_loadable_checkpoint_and_logs_offline_to_wandb(in_t
     assert meta["task_family"]["class_path"] == "tasks.quadratic.QuadraticFamily"
     estimator = {"class_path": "learnopt.meta.truncated_bptt.TruncatedBPTT", "init_args": {
         "num_tasks": 8, "unroll_length": 5, "horizon": 10, "second_order": False, "loss_transform": "identity",
-        "seed": 0, "split": "train", "activation_checkpointing": False, "compile_update": False,
+        "seed": 0, "split": "train", "activation_checkpointing": False, "compile_unroll": False, "compile_chunk": 4,
         "schedule": {"class_path": "learnopt.meta.schedules.ConstantSchedule", "init_args": {"length": 5}}}}
     assert meta["estimator"] == estimator and meta["meta_training"]["estimator"] == estimator
     assert meta["meta_training"]["meta_lr"] == 1e-3 and json.loads(json.dumps(meta)) == meta

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
+from learnopt.meta.compiled import compiled_forward_step, compiled_inner_step, compiled_steps
 from learnopt.meta.schedules import ConstantSchedule, truncation_length
 from learnopt.meta.unroll import inner_step
 from learnopt.optim.base import Params, tree_leaves
@@ -248,9 +249,13 @@ class GradientEstimator:
         self.seed = 0 if seed is None else int(seed)
 
     def _configure(self, task_family: TaskFamily | None, num_tasks: int, unroll_length: int, horizon: int,
-                   loss_transform: str, seed: int | None, split: str, schedule: Any) -> None:
+                   loss_transform: str, seed: int | None, split: str, schedule: Any,
+                   compile_unroll: bool = False, compile_chunk: int = 4) -> None:
         """Validate and store the settings every truncated-unroll estimator shares."""
         name = type(self).__name__
+        check_count(name, "compile_chunk", compile_chunk, "the inner steps compiled as one region")
+        self.compile_unroll = bool(compile_unroll)
+        self.compile_chunk = int(compile_chunk)
         check_count(name, "num_tasks", num_tasks, "each meta-step estimates on num_tasks task instances")
         if unroll_length < 1 or horizon < 1:
             raise ValueError(f"{name}: unroll_length and horizon must be >= 1")
@@ -267,10 +272,21 @@ class GradientEstimator:
         if task_family is not None:
             self.bind(task_family)
 
+    # Whether the truncations need only values (ES, PES): the compiled path then builds no graph.
+    forward_only = False
+
     def step_function(self) -> Callable[..., tuple[Tensor, Params, Any]]:
-        """The inner step the truncations run (``run_truncation``'s ``step``): ``inner_step``;
-        an estimator may plug in another function of the same signature."""
+        """The inner step the truncations run (``run_truncation``'s ``step``): ``inner_step``, or
+        with ``compile_unroll`` its compiled twin (``learnopt.meta.compiled``); an estimator may
+        plug in another function of the same signature."""
+        if getattr(self, "compile_unroll", False):
+            return compiled_forward_step if self.forward_only else compiled_inner_step
         return inner_step
+
+    def chunk_function(self) -> Callable[..., tuple[Tensor, Params, Any]] | None:
+        """With ``compile_unroll``, ``compiled_steps``: ``compile_chunk`` inner steps as one
+        compiled region (``run_truncation``'s ``chunk_steps``); else ``None``."""
+        return compiled_steps if getattr(self, "compile_unroll", False) and self.compile_chunk > 1 else None
 
     def truncation_length(self, state: UnrollState) -> int:
         """Length of the truncation that starts at ``state.step`` (clipped to the horizon)."""

@@ -28,7 +28,7 @@ from learnopt.meta.base import (
     start_unroll,
 )
 from learnopt.meta.schedules import TruncationSchedule
-from learnopt.meta.truncation import InnerStep, Truncation, run_truncation
+from learnopt.meta.truncation import ChunkSteps, InnerStep, Truncation, run_truncation
 from learnopt.optim.base import Params
 from learnopt.task import Task, TaskFamily, seeded_generator
 
@@ -107,9 +107,11 @@ def check_perturbations(owner: str, sigma: float, num_pairs: int) -> None:
         raise ValueError(f"{owner}: num_pairs must be >= 1, got {num_pairs}")
 
 
-def _forward(lopt: nn.Module, step: InnerStep, task: Task, params: Params, opt_state: Any,
-             generator: torch.Generator, k: int, transform: Callable[[Tensor], Tensor]) -> Truncation:
-    return run_truncation(step, lopt, task, params, opt_state, generator, k, transform, keep_graph=False)
+def _forward(lopt: nn.Module, step: InnerStep, chunk_steps: ChunkSteps | None, chunk: int, task: Task,
+             params: Params, opt_state: Any, generator: torch.Generator, k: int,
+             transform: Callable[[Tensor], Tensor]) -> Truncation:
+    return run_truncation(step, lopt, task, params, opt_state, generator, k, transform, keep_graph=False,
+                          chunk_steps=chunk_steps, chunk=chunk)
 
 
 @dataclass
@@ -143,9 +145,13 @@ class PerturbationEstimator(GradientEstimator):
         sigma: the perturbation scale σ (in the raw parameters).
         num_pairs: N, the number of antithetic pairs per estimate.
         noise_seed: changes the perturbations only, not the tasks.
+        compile_unroll: run every truncation's inner steps through ``torch.compile``
+            (``learnopt.meta.compiled``, values only: no autograd graph).
+        compile_chunk: the inner steps per compiled region (1: one step per graph).
     """
 
     kind = "perturbation"
+    forward_only = True
 
     def __init__(
         self,
@@ -160,9 +166,12 @@ class PerturbationEstimator(GradientEstimator):
         num_pairs: int = 8,
         schedule: TruncationSchedule | None = None,
         noise_seed: int = 0,
+        compile_unroll: bool = False,
+        compile_chunk: int = 4,
     ) -> None:
         check_perturbations(type(self).__name__, sigma, num_pairs)
-        self._configure(task_family, num_tasks, unroll_length, horizon, loss_transform, seed, split, schedule)
+        self._configure(task_family, num_tasks, unroll_length, horizon, loss_transform, seed, split, schedule,
+                        compile_unroll, compile_chunk)
         self.sigma = float(sigma)
         self.num_pairs = num_pairs
         self.noise_seed = noise_seed
@@ -209,8 +218,8 @@ class PerturbationEstimator(GradientEstimator):
 
     def _run(self, lopt: nn.Module, weights: dict[str, Tensor], task: Task, params: Params, opt_state: Any,
              generator: torch.Generator, k: int) -> Truncation:
-        return call_with_weights(lopt, weights, _forward, self.step_function(), task, params, opt_state, generator,
-                                 k, self._transform)
+        return call_with_weights(lopt, weights, _forward, self.step_function(), self.chunk_function(),
+                                 self.compile_chunk, task, params, opt_state, generator, k, self._transform)
 
     def _finish(self, lopt: nn.Module, names: list[str], grads: list[Tensor], losses: list[Tensor],
                 ref: Truncation, new_state: UnrollState, metrics: dict[str, float]) -> GradientEstimate:

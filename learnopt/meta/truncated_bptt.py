@@ -73,10 +73,11 @@ class TruncatedBPTT(GradientEstimator):
 
     ``activation_checkpointing=True`` runs each inner step under ``torch.utils.checkpoint``
     (``checkpointed_inner_step``): the same meta-gradient with memory per unrolled step cut to
-    the carried state, for about one more forward pass per step. ``compile_update=True`` runs
-    the learned optimizer's ``update`` through ``torch.compile`` (compiled on first use, tens of
-    seconds; faster afterwards where the update is many small operations, see
-    ``docs/benchmarks``).
+    the carried state, for about one more forward pass per step. ``compile_unroll=True`` runs
+    the inner steps — task loss, gradient, learned update — as compiled regions of
+    ``compile_chunk`` steps each (``learnopt.meta.compiled``; the same values and meta-gradients,
+    compiled on first use, from seconds to about a minute; ``docs/benchmarks`` section 7 measures
+    where it pays).
 
     Args:
         task_family: the task family; ``None`` when the estimator is given to
@@ -92,7 +93,9 @@ class TruncatedBPTT(GradientEstimator):
         schedule: a truncation schedule (``learnopt.meta.schedules``) drawing each
             truncation's length.
         activation_checkpointing: recompute each step's intermediates in the backward pass.
-        compile_update: run the learned optimizer's ``update`` through ``torch.compile``.
+        compile_unroll: run the inner steps through ``torch.compile`` (not together with
+            ``activation_checkpointing``).
+        compile_chunk: the inner steps per compiled region (1: one step per graph).
 
     References:
         Andrychowicz et al. 2016, "Learning to learn by gradient descent by gradient descent",
@@ -111,22 +114,16 @@ class TruncatedBPTT(GradientEstimator):
         split: str = "train",
         schedule: TruncationSchedule | None = None,
         activation_checkpointing: bool = False,
-        compile_update: bool = False,
+        compile_unroll: bool = False,
+        compile_chunk: int = 4,
     ) -> None:
-        self._configure(task_family, num_tasks, unroll_length, horizon, loss_transform, seed, split, schedule)
+        if activation_checkpointing and compile_unroll:
+            raise ValueError(f"{type(self).__name__}: activation_checkpointing and compile_unroll do not combine "
+                             "(the compiled region would be recomputed eagerly); choose one")
+        self._configure(task_family, num_tasks, unroll_length, horizon, loss_transform, seed, split, schedule,
+                        compile_unroll, compile_chunk)
         self.second_order = second_order
         self.activation_checkpointing = activation_checkpointing
-        self.compile_update = compile_update
-        self._compiled: tuple[nn.Module, GradientTransformation] | None = None
-
-    def _transform_of(self, lopt: nn.Module) -> nn.Module | GradientTransformation:
-        """What the inner steps call ``update`` on: ``lopt`` itself, or with ``compile_update``
-        its ``update`` compiled by ``torch.compile`` (built once per learned optimizer)."""
-        if not self.compile_update:
-            return lopt
-        if self._compiled is None or self._compiled[0] is not lopt:
-            self._compiled = (lopt, GradientTransformation(lopt.init, torch.compile(lopt.update)))
-        return self._compiled[1]
 
     def init_unroll(self, lopt: nn.Module, episode: int = 0) -> UnrollState:
         """Draw episode ``episode``'s tasks and their initial state (``start_unroll``)."""
@@ -135,7 +132,7 @@ class TruncatedBPTT(GradientEstimator):
     def step_function(self) -> InnerStep:
         """The inner step the truncations run: ``inner_step``, or ``checkpointed_inner_step``
         with ``activation_checkpointing``."""
-        return checkpointed_inner_step if self.activation_checkpointing else inner_step
+        return checkpointed_inner_step if self.activation_checkpointing else super().step_function()
 
     def unroll(self, lopt: nn.Module, state: UnrollState) -> tuple[Tensor, UnrollState, dict[str, float]]:
         """Run one truncation (``run_truncation`` with the graph kept).
@@ -150,9 +147,9 @@ class TruncatedBPTT(GradientEstimator):
         if state.step >= self.horizon:
             state = self.init_unroll(lopt, state.episode + 1)
         k = self.truncation_length(state)
-        run = run_truncation(self.step_function(), self._transform_of(lopt), state.task, state.params,
-                             state.opt_state, state.generator, k, self._transform, keep_graph=True,
-                             second_order=self.second_order)
+        run = run_truncation(self.step_function(), lopt, state.task, state.params, state.opt_state,
+                             state.generator, k, self._transform, keep_graph=True, second_order=self.second_order,
+                             chunk_steps=self.chunk_function(), chunk=self.compile_chunk)
         new_state = UnrollState(
             state.task, {n: p.detach() for n, p in run.params.items()}, detach_state(run.opt_state),
             state.step + k, state.episode, state.generator,
@@ -203,7 +200,9 @@ class FullBPTT(TruncatedBPTT):
         seed: int | None = None,
         split: str = "train",
         activation_checkpointing: bool = False,
-        compile_update: bool = False,
+        compile_unroll: bool = False,
+        compile_chunk: int = 4,
     ) -> None:
         super().__init__(task_family, num_tasks, horizon, horizon, second_order, loss_transform, seed, split,
-                         activation_checkpointing=activation_checkpointing, compile_update=compile_update)
+                         activation_checkpointing=activation_checkpointing, compile_unroll=compile_unroll,
+                         compile_chunk=compile_chunk)

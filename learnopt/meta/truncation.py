@@ -37,6 +37,14 @@ class InnerStep(Protocol):
                  batch: Any = None, second_order: bool = False) -> tuple[Tensor, Params, Any]: ...
 
 
+class ChunkSteps(Protocol):
+    """The signature of ``learnopt.meta.compiled.compiled_steps``: ``len(batches)`` inner steps at
+    once, returning the stacked per-step losses ``[len(batches), num_instances]``."""
+
+    def __call__(self, tx: nn.Module | GradientTransformation, task: Task, params: Params, opt_state: Any,
+                 batches: list[Any], second_order: bool = False) -> tuple[Tensor, Params, Any]: ...
+
+
 class Truncation(NamedTuple):
     """The outcome of one truncation.
 
@@ -66,6 +74,8 @@ def run_truncation(
     transform: Callable[[Tensor], Tensor],
     keep_graph: bool,
     second_order: bool = False,
+    chunk_steps: ChunkSteps | None = None,
+    chunk: int = 4,
 ) -> Truncation:
     """Run K inner steps from ``(params, opt_state)`` and return the truncation meta-loss.
 
@@ -87,6 +97,11 @@ def run_truncation(
             computed without a graph (ES and PES need only values).
         second_order: differentiate through the gradients fed to the optimizer as well
             (only meaningful with ``keep_graph``).
+        chunk_steps: runs ``chunk`` consecutive steps at once (``learnopt.meta.compiled.compiled_steps``:
+            one compiled region for all of them), called as ``chunk_steps(tx, task, params,
+            opt_state, batches, second_order)``; the steps left over when K is not a multiple of
+            ``chunk`` run through ``step``. The batches are drawn in the same order either way.
+        chunk: the number of steps per ``chunk_steps`` call.
 
     Returns:
         A ``Truncation`` (meta-loss, parameters and optimizer state after K steps, first and
@@ -97,21 +112,34 @@ def run_truncation(
         opt_state = detach_state(opt_state)
     first, terms = None, []
     with torch.enable_grad() if keep_graph else nullcontext():
-        for i in range(k):
-            batch = task.sample_batch(generator)
-            if keep_graph:
-                loss, params, opt_state = step(tx, task, params, opt_state, batch, second_order=second_order)
+        done = 0
+        while done < k:
+            n = chunk if chunk_steps is not None and chunk > 1 and k - done >= chunk else 1
+            batches = [task.sample_batch(generator) for _ in range(n)]
+            if n > 1 and keep_graph:
+                rows, params, opt_state = chunk_steps(tx, task, params, opt_state, batches, second_order)
+                losses = list(rows.unbind(0))
+            elif n > 1:
+                with torch.no_grad():
+                    rows, params, opt_state = chunk_steps(tx, task, {m: v.detach() for m, v in params.items()},
+                                                          detach_state(opt_state), batches, second_order)
+                losses = list(rows.unbind(0))
+            elif keep_graph:
+                loss, params, opt_state = step(tx, task, params, opt_state, batches[0], second_order=second_order)
+                losses = [loss]
             else:
                 with torch.enable_grad():
-                    p = {n: v.detach().requires_grad_(True) for n, v in params.items()}
-                    loss, params, opt_state = step(tx, task, p, opt_state, batch, second_order=second_order)
-                params = {n: v.detach() for n, v in params.items()}
+                    p = {m: v.detach().requires_grad_(True) for m, v in params.items()}
+                    loss, params, opt_state = step(tx, task, p, opt_state, batches[0], second_order=second_order)
+                params = {m: v.detach() for m, v in params.items()}
                 opt_state = detach_state(opt_state)
-                loss = loss.detach()
-            if i == 0:
-                first = loss.detach()
-            else:
-                terms.append(transform(loss).mean())
+                losses = [loss.detach()]
+            for loss in losses:
+                if done == 0:
+                    first = loss.detach()
+                else:
+                    terms.append(transform(loss).mean())
+                done += 1
         with nullcontext() if keep_graph else torch.no_grad():
             last = task.loss(params, task.sample_batch(generator))
         terms.append(transform(last).mean())

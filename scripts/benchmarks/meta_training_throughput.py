@@ -11,7 +11,7 @@ weights), learnopt against two other ways of writing the same computation:
   meta-gradient);
 * ``learnopt``: ``TruncatedBPTT.estimate``: every coordinate of every tensor of every task is
   a row of one matmul per LSTM layer and step; ``learnopt+compile`` the same with
-  ``compile_update=True``.
+  ``compile_unroll=True`` (compiled regions of 4 inner steps, ``learnopt.meta.compiled``).
 
 All contenders start from the same carried state, see the same minibatches and must give the
 same meta-gradient (checked before timing). Problems: the 10-d quadratics of
@@ -155,7 +155,7 @@ def run_problem(name: str, spec: dict, k: int, repeats: int, with_compile: bool,
     transform = transform_fn(spec["transform"])
     est = TruncatedBPTT(family, num_tasks=n, unroll_length=k, horizon=100, loss_transform=spec["transform"])
     compiled = TruncatedBPTT(family, num_tasks=n, unroll_length=k, horizon=100, loss_transform=spec["transform"],
-                             compile_update=True)
+                             compile_unroll=True)
     start = est.init_unroll(lopt)
 
     def fresh():
