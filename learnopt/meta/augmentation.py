@@ -30,7 +30,14 @@ LEVELS = ("global", "tensor")
 
 
 class ReparameterizedTask:
-    """``task`` seen through θ' = θ / s (module docstring); ``scales(params)`` gives s."""
+    """``task`` seen through θ' = θ / s (module docstring); ``scales(params)`` gives s.
+
+    Args:
+        task: the wrapped task (parameters with a leading instance dimension).
+        seed: the seed the scales are drawn from.
+        scale_range: ``(low, high)``: s is log-uniform between them.
+        level: ``"global"`` (one s per instance) or ``"tensor"`` (one per tensor and instance).
+    """
 
     def __init__(self, task: Task, seed: int, scale_range: tuple[float, float], level: str) -> None:
         self.task = task
@@ -41,10 +48,19 @@ class ReparameterizedTask:
 
     @property
     def num_instances(self) -> int:
+        """The wrapped task's number of instances."""
         return self.task.num_instances
 
     def scale_of(self, name: str, like: Tensor) -> Tensor:
-        """s for parameter ``name``: ``[num_instances, 1, ...]``, broadcastable against ``like``."""
+        """s for parameter ``name``: ``[num_instances, 1, ...]``, broadcastable against ``like``.
+
+        Args:
+            name: the parameter's name (the seed of its scales at ``level="tensor"``).
+            like: the parameter (gives the number of instances, rank, device and dtype).
+
+        Returns:
+            The scales, cached per name, instance count, device and dtype.
+        """
         n = like.shape[0]
         key = (name, n, like.device, like.dtype)
         if key not in self._cache:
@@ -56,33 +72,96 @@ class ReparameterizedTask:
         return self._cache[key]
 
     def scales(self, params: Params) -> Params:
-        """``{name: s}`` for every tensor of ``params``."""
+        """``{name: s}`` for every tensor of ``params``.
+
+        Args:
+            params: parameters θ' (or θ: only names and shapes are used).
+
+        Returns:
+            The scales by name.
+        """
         return {k: self.scale_of(k, p) for k, p in params.items()}
 
     def to_task(self, params: Params) -> Params:
-        """θ = s · θ': the parameters the wrapped task's loss sees."""
+        """θ = s · θ': the parameters the wrapped task's loss sees.
+
+        Args:
+            params: the reparameterised parameters θ'.
+
+        Returns:
+            θ by name.
+        """
         return {k: p * self.scale_of(k, p) for k, p in params.items()}
 
     def init(self, generator: torch.Generator | None = None) -> Params:
+        """The wrapped task's initial parameters, as θ' = θ / s.
+
+        Args:
+            generator: the source of the wrapped task's initialization.
+
+        Returns:
+            θ'_0 by name.
+        """
         return {k: p / self.scale_of(k, p) for k, p in self.task.init(generator).items()}
 
     def sample_batch(self, generator: torch.Generator | None = None) -> Any:
+        """The wrapped task's minibatch (the data are not reparameterised).
+
+        Args:
+            generator: the source of the batch.
+
+        Returns:
+            The batch.
+        """
         return self.task.sample_batch(generator)
 
     def loss(self, params: Params, batch: Any = None) -> Tensor:
+        """The wrapped task's loss at θ = s · θ'.
+
+        Args:
+            params: θ'.
+            batch: the minibatch (``None``: the task's own).
+
+        Returns:
+            The per-instance losses.
+        """
         return self.task.loss(self.to_task(params), batch)
 
     def full_loss(self, params: Params) -> Tensor:
         """The wrapped task's ``full_loss`` at θ = s · θ' (its minibatch ``loss`` on ``None``
-        where it has none)."""
+        where it has none).
+
+        Args:
+            params: θ'.
+
+        Returns:
+            The per-instance losses.
+        """
         full = getattr(self.task, "full_loss", None)
         return full(self.to_task(params)) if full is not None else self.loss(params)
 
     def normalize(self, loss: Tensor) -> Tensor:
+        """The wrapped task's ``normalize`` of ``loss`` (the identity where it has none).
+
+        Args:
+            loss: losses of this task.
+
+        Returns:
+            The normalized losses.
+        """
         normalize = getattr(self.task, "normalize", None)
         return loss if normalize is None else normalize(loss)
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> ReparameterizedTask:
+        """This task with the wrapped task moved (when it has ``to``); same seed and scales.
+
+        Args:
+            device: the target device.
+            dtype: the target dtype.
+
+        Returns:
+            A new ``ReparameterizedTask``.
+        """
         inner = self.task.to(device=device, dtype=dtype) if hasattr(self.task, "to") else self.task
         return ReparameterizedTask(inner, self.seed, self.scale_range, self.level)
 
@@ -109,12 +188,28 @@ class ReparameterizedFamily:
         self.name = f"reparam_{level}_{lo:g}-{hi:g}_{getattr(family, 'name', type(family).__name__)}"
 
     def normalize(self, loss: Tensor) -> Tensor:
+        """The wrapped family's ``normalize`` of ``loss`` (the identity where it has none).
+
+        Args:
+            loss: losses of a task of this family.
+
+        Returns:
+            The normalized losses.
+        """
         normalize = getattr(self.family, "normalize", None)
         return loss if normalize is None else normalize(loss)
 
     def sample(self, num_instances: int, generator: torch.Generator | None = None) -> Task:
         """A task of the wrapped family with its own reparameterisation seed (drawn from
-        ``generator`` after the task)."""
+        ``generator`` after the task).
+
+        Args:
+            num_instances: the number of task instances.
+            generator: the source of the task and of its reparameterisation seed.
+
+        Returns:
+            A ``ReparameterizedTask``.
+        """
         task = self.family.sample(num_instances, generator)
         seed = int(torch.randint(0, 2**62, (), generator=generator))
         return ReparameterizedTask(task, seed, self.scale_range, self.level)

@@ -41,7 +41,16 @@ from learnopt.task import Task, TaskFamily, seeded_generator
 @dataclass
 class UnrollState:
     """What is carried from one truncation to the next: the tasks being trained, their
-    parameters, the learned optimizer's state, and the position in the inner run."""
+    parameters, the learned optimizer's state, and the position in the inner run.
+
+    Attributes:
+        task: the sampled tasks (a batch of ``num_tasks`` instances).
+        params: their current parameters θ_t, by name.
+        opt_state: the learned optimizer's state for ``params``.
+        step: the inner step t the next truncation starts at.
+        episode: the episode's index in the seed stream.
+        generator: the episode's data generator (batches, and any later draws).
+    """
 
     task: Task
     params: Params
@@ -53,7 +62,15 @@ class UnrollState:
 
 @dataclass
 class GradientEstimate:
-    """The record every gradient estimator returns."""
+    """The record every gradient estimator returns.
+
+    Attributes:
+        meta_loss: the (transformed) meta-loss the estimate is of.
+        meta_grads: ∂(meta-loss)/∂φ by parameter name (zeros when not ``finite``).
+        unroll_state: the state to carry to the next estimate.
+        metrics: scalars to log.
+        finite: whether the meta-loss and every gradient were finite.
+    """
 
     meta_loss: Tensor
     meta_grads: dict[str, Tensor]
@@ -64,7 +81,14 @@ class GradientEstimate:
 
 def is_episodic(family: Any) -> bool:
     """Whether ``family`` is an episode family (``learnopt.meta.episodic``): one scored as a
-    whole by ``meta_loss(model, num_episodes, generator)``, with no inner run to truncate."""
+    whole by ``meta_loss(model, num_episodes, generator)``, with no inner run to truncate.
+
+    Args:
+        family: a task family or an episode family.
+
+    Returns:
+        True when ``family`` has a callable ``meta_loss``.
+    """
     return callable(getattr(family, "meta_loss", None))
 
 
@@ -102,7 +126,17 @@ def init_spec(obj: Any, skip: tuple[str, ...] = ()) -> dict[str, Any]:
 
 
 def check_count(owner: str, name: str, value: Any, why: str) -> None:
-    """Refuse a count that is not an integer ≥ 1, saying what it is for."""
+    """Refuse a count that is not an integer ≥ 1, saying what it is for.
+
+    Args:
+        owner: who asks (the class name), for the message.
+        name: the setting's name.
+        value: the value given.
+        why: what the count is for, for the message.
+
+    Raises:
+        ValueError: ``value`` is a bool, not an int, or < 1.
+    """
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{owner}: {name} must be an integer >= 1, got {value!r} ({why})")
 
@@ -111,7 +145,17 @@ def task_stream(split: str, seed: int, episode: int, rank: int = 0) -> torch.Gen
     """The seed stream of episode ``episode``'s tasks: ``(split, seed, episode)`` for rank 0 (and
     a single process, so single-process runs and their checkpoints stay reproducible), and
     ``(split, seed, "rank", rank, episode)`` for the other ranks of a distributed run, so every
-    rank trains its own task instances."""
+    rank trains its own task instances.
+
+    Args:
+        split: the task split (``"train"``, ``"valid"``, ...).
+        seed: the run's seed.
+        episode: the episode's index.
+        rank: this process's rank in a distributed run.
+
+    Returns:
+        A seeded ``torch.Generator``.
+    """
     if rank == 0:
         return seeded_generator(split, seed, episode)
     return seeded_generator(split, seed, "rank", rank, episode)
@@ -121,7 +165,20 @@ def start_unroll(
     lopt: nn.Module, task_family: TaskFamily, num_tasks: int, split: str, seed: int, episode: int, rank: int = 0
 ) -> UnrollState:
     """Sample episode ``episode``'s tasks from the seed stream ``task_stream(split, seed,
-    episode, rank)`` and their initial parameters and optimizer state, on ``lopt``'s device."""
+    episode, rank)`` and their initial parameters and optimizer state, on ``lopt``'s device.
+
+    Args:
+        lopt: the learned optimizer (gives the device and ``init`` of the optimizer state).
+        task_family: the family the tasks are sampled from.
+        num_tasks: how many task instances to sample.
+        split: the task split of the seed stream.
+        seed: the run's seed.
+        episode: the episode's index.
+        rank: this process's rank in a distributed run.
+
+    Returns:
+        The ``UnrollState`` at inner step 0.
+    """
     generator = task_stream(split, seed, episode, rank)
     task = task_family.sample(num_tasks, generator)
     if hasattr(task, "to"):
@@ -133,7 +190,14 @@ def start_unroll(
 
 
 def meta_weights(lopt: nn.Module) -> tuple[list[str], list[Tensor]]:
-    """Names and tensors of the meta-parameters (those that require grad)."""
+    """Names and tensors of the meta-parameters (those that require grad).
+
+    Args:
+        lopt: the learned optimizer.
+
+    Returns:
+        ``(names, tensors)``, in ``named_parameters`` order.
+    """
     named = [(n, p) for n, p in lopt.named_parameters() if p.requires_grad]
     return [n for n, _ in named], [p for _, p in named]
 
@@ -141,7 +205,15 @@ def meta_weights(lopt: nn.Module) -> tuple[list[str], list[Tensor]]:
 def guarded_meta_grads(meta_loss: Tensor, weights: list[Tensor]) -> tuple[list[Tensor], bool]:
     """``∂ meta_loss / ∂ weights`` (zeros for weights the loss does not reach) and whether the
     loss and every gradient are finite; when not, the gradients are all zeros, so a caller can
-    skip the update without NaNs reaching the meta-parameters."""
+    skip the update without NaNs reaching the meta-parameters.
+
+    Args:
+        meta_loss: the scalar meta-loss.
+        weights: the meta-parameters to differentiate by.
+
+    Returns:
+        ``(grads, finite)``: one gradient per weight, and whether all were finite.
+    """
     finite = bool(torch.isfinite(meta_loss))
     if finite:
         grads = torch.autograd.grad(meta_loss, weights, allow_unused=True)
@@ -153,11 +225,28 @@ def guarded_meta_grads(meta_loss: Tensor, weights: list[Tensor]) -> tuple[list[T
 
 
 def cpu_leaves(tree: Any) -> list[Tensor]:
+    """The tensor leaves of a pytree, detached and on the CPU (for saving).
+
+    Args:
+        tree: a pytree of tensors (an optimizer state).
+
+    Returns:
+        Its leaves, in ``tree_leaves`` order.
+    """
     return [x.detach().cpu() for x in tree_leaves(tree)]
 
 
 def restore_leaves(like: Any, leaves: list[Tensor], device: torch.device) -> Any:
-    """The pytree ``like`` with its leaves replaced by ``leaves`` (moved to ``device``)."""
+    """The pytree ``like`` with its leaves replaced by ``leaves`` (moved to ``device``).
+
+    Args:
+        like: a pytree of the saved structure.
+        leaves: the saved leaves, in its flattening order (``cpu_leaves``).
+        device: where to put them.
+
+    Returns:
+        The rebuilt pytree.
+    """
     _, spec = pytree.tree_flatten(like)
     return pytree.tree_unflatten([x.to(device) for x in leaves], spec)
 
@@ -193,6 +282,13 @@ class GradientEstimator:
         all W · ``num_tasks`` instances would; ES and PES share the tasks and split their
         antithetic pairs across ranks (see ``PerturbationEstimator``). Call before
         ``init_unroll``; rank 0 of any world draws what a single process draws.
+
+        Args:
+            rank: this replica's rank, ``0 <= rank < world_size``.
+            world_size: the number of replicas.
+
+        Raises:
+            ValueError: the rank or world size is out of range.
         """
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"{type(self).__name__}.distribute: need 0 <= rank < world_size, got {rank}, {world_size}")
@@ -278,18 +374,33 @@ class GradientEstimator:
     def step_function(self) -> Callable[..., tuple[Tensor, Params, Any]]:
         """The inner step the truncations run (``run_truncation``'s ``step``): ``inner_step``, or
         with ``compile_unroll`` its compiled twin (``learnopt.meta.compiled``); an estimator may
-        plug in another function of the same signature."""
+        plug in another function of the same signature.
+
+        Returns:
+            A function ``(tx, task, params, opt_state, batch, second_order) -> (loss, params, opt_state)``.
+        """
         if getattr(self, "compile_unroll", False):
             return compiled_forward_step if self.forward_only else compiled_inner_step
         return inner_step
 
     def chunk_function(self) -> Callable[..., tuple[Tensor, Params, Any]] | None:
         """With ``compile_unroll``, ``compiled_steps``: ``compile_chunk`` inner steps as one
-        compiled region (``run_truncation``'s ``chunk_steps``); else ``None``."""
+        compiled region (``run_truncation``'s ``chunk_steps``); else ``None``.
+
+        Returns:
+            ``compiled_steps`` or ``None``.
+        """
         return compiled_steps if getattr(self, "compile_unroll", False) and self.compile_chunk > 1 else None
 
     def truncation_length(self, state: UnrollState) -> int:
-        """Length of the truncation that starts at ``state.step`` (clipped to the horizon)."""
+        """Length of the truncation that starts at ``state.step`` (clipped to the horizon).
+
+        Args:
+            state: the carried state.
+
+        Returns:
+            The number of inner steps to run, drawn from the schedule (≥ 1 before the horizon).
+        """
         return truncation_length(self.schedule, state.step, self.horizon, self.split, self.seed, state.episode)
 
     def _transform(self, loss: Tensor) -> Tensor:
@@ -325,7 +436,14 @@ class GradientEstimator:
 
     def save_unroll(self, state: UnrollState) -> dict[str, Any]:
         """The carried state as CPU tensors and plain values (the tasks are not saved: they are
-        re-drawn from their seed stream)."""
+        re-drawn from their seed stream).
+
+        Args:
+            state: the carried state.
+
+        Returns:
+            A dict of the episode, step, parameters, optimizer-state leaves and generator state.
+        """
         return {
             "episode": state.episode,
             "step": state.step,
@@ -336,7 +454,15 @@ class GradientEstimator:
 
     def restore_unroll(self, lopt: nn.Module, saved: dict[str, Any]) -> UnrollState:
         """Inverse of ``save_unroll``: re-draws the episode's tasks, then puts back the saved
-        parameters, optimizer state and data-generator state."""
+        parameters, optimizer state and data-generator state.
+
+        Args:
+            lopt: the learned optimizer (its device is the state's).
+            saved: what ``save_unroll`` returned.
+
+        Returns:
+            The carried state, as it was saved.
+        """
         fresh = self.init_unroll(lopt, episode=saved["episode"])
         device = lopt.device
         fresh.generator.set_state(saved["generator"])

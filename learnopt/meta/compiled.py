@@ -93,7 +93,14 @@ def functional_steps(tx: GradientTransformation, task: Task, params: Params, opt
 @dataclass
 class CompileRecord:
     """One cache key's compiled function, the graphs compiled for it so far, the seconds those
-    calls took (compilation and their first run), and whether it fell back to eager."""
+    calls took (compilation and their first run), and whether it fell back to eager.
+
+    Attributes:
+        fn: the compiled function.
+        graphs: the graphs compiled for the key so far.
+        seconds: the seconds those compiling calls took.
+        eager: whether the key fell back to the eager step.
+    """
 
     fn: Callable[..., Any]
     graphs: int = 0
@@ -113,7 +120,11 @@ MODE: str | None = None
 
 def compiler_available() -> bool:
     """Whether inductor can build CPU kernels here: it needs a C++ compiler (``torch._inductor``'s
-    configured ``cpp.cxx``, else ``g++``/``clang++`` on the ``PATH``)."""
+    configured ``cpp.cxx``, else ``g++``/``clang++`` on the ``PATH``).
+
+    Returns:
+        True when one of those compilers is found.
+    """
     from torch._inductor import config as inductor_config
 
     configured = inductor_config.cpp.cxx
@@ -282,7 +293,11 @@ def compiled_steps(
 def compile_report() -> dict[str, dict[str, Any]]:
     """Per cache key (``"<optimizer>/<task>/<n> coordinates/<first|second>-order/<steps or
     'step'>/<backend>"``): the graphs compiled, the seconds they took (compilation plus first
-    run) and whether the key runs eagerly."""
+    run) and whether the key runs eagerly.
+
+    Returns:
+        ``{key name: {"graphs": int, "compile_seconds": float, "eager": bool}}``.
+    """
     report = {}
     for key, record in _CACHE.items():
         coordinates = sum(math.prod(shape) for _, shape, _, _ in key[7])

@@ -59,7 +59,16 @@ class EpisodeFamily(Protocol):
 
     def meta_loss(self, model: nn.Module, num_episodes: int,
                   generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
-        """Mean meta-loss over ``num_episodes`` episodes drawn from ``generator``, and metrics."""
+        """Mean meta-loss over ``num_episodes`` episodes drawn from ``generator``, and metrics.
+
+        Args:
+            model: the learned model being meta-trained.
+            num_episodes: the number of episodes to draw.
+            generator: the source of the episodes.
+
+        Returns:
+            ``(meta_loss, metrics)``: a scalar differentiable in ``model``'s parameters, and scalars to log.
+        """
 
 
 class _EpisodicEstimator(GradientEstimator):
@@ -94,9 +103,26 @@ class _EpisodicEstimator(GradientEstimator):
         return self.init_unroll(None, state.episode + 1)
 
     def save_unroll(self, state: UnrollState) -> dict[str, Any]:
+        """The episode index: nothing else is carried between estimates.
+
+        Args:
+            state: the carried state.
+
+        Returns:
+            ``{"episode": ...}``.
+        """
         return {"episode": state.episode}
 
     def restore_unroll(self, lopt: nn.Module, saved: dict[str, Any]) -> UnrollState:
+        """The state of the saved episode, its generator re-seeded (``init_unroll``).
+
+        Args:
+            lopt: the learned model (unused).
+            saved: what ``save_unroll`` returned.
+
+        Returns:
+            The carried state.
+        """
         return self.init_unroll(lopt, int(saved["episode"]))
 
 

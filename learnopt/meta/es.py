@@ -64,6 +64,14 @@ def call_with_weights(lopt: nn.Module, weights: dict[str, Tensor], fn: Callable[
 
 
 def copy_generator(generator: torch.Generator) -> torch.Generator:
+    """A new generator in the state of ``generator`` (which is left as it is).
+
+    Args:
+        generator: the generator to copy.
+
+    Returns:
+        The copy, on the same device.
+    """
     g = torch.Generator(device=generator.device)
     g.set_state(generator.get_state())
     return g
@@ -100,7 +108,16 @@ def antithetic_scale(pair: list[Tensor], sigma: float, num_pairs: float) -> Tens
 
 
 def check_perturbations(owner: str, sigma: float, num_pairs: int) -> None:
-    """Refuse a perturbation scale ≤ 0 or fewer than one antithetic pair."""
+    """Refuse a perturbation scale ≤ 0 or fewer than one antithetic pair.
+
+    Args:
+        owner: who asks (the class name), for the message.
+        sigma: the perturbation scale σ.
+        num_pairs: the number of antithetic pairs.
+
+    Raises:
+        ValueError: ``sigma`` is not > 0 or ``num_pairs`` < 1.
+    """
     if not sigma > 0:
         raise ValueError(f"{owner}: sigma must be > 0, got {sigma}")
     if num_pairs < 1:
@@ -116,7 +133,11 @@ def _forward(lopt: nn.Module, step: InnerStep, chunk_steps: ChunkSteps | None, c
 
 @dataclass
 class ESState(UnrollState):
-    """``UnrollState`` plus the generator of the perturbations."""
+    """``UnrollState`` plus the generator of the perturbations.
+
+    Attributes:
+        noise: the generator of the perturbations z (on the CPU).
+    """
 
     noise: torch.Generator
 
@@ -185,7 +206,11 @@ class PerturbationEstimator(GradientEstimator):
         super().distribute(rank, world_size)
 
     def local_pairs(self) -> range:
-        """Indices of the antithetic pairs this rank evaluates."""
+        """Indices of the antithetic pairs this rank evaluates.
+
+        Returns:
+            ``range(rank, num_pairs, world_size)``.
+        """
         return range(self.rank, self.num_pairs, self.world_size)
 
     def _pair_scale(self, pair: list[Tensor]) -> Tensor:

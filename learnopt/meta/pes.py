@@ -23,6 +23,10 @@ class PESState(ESState):
     ``particles[2i]`` / ``particles[2i + 1]``: ``(params, opt_state)`` of pair i's members
     with weights φ + ε and φ − ε; ``accum[i]``: ξ_i, a dict like the meta-parameters.
     ``params`` / ``opt_state`` are the reference run with the unperturbed φ (for metrics).
+
+    Attributes:
+        particles: ``(params, opt_state)`` of every member, 2N of them.
+        accum: ξ_i of every pair, N of them.
     """
 
     particles: list[tuple[Params, Any]]

@@ -24,13 +24,26 @@ from learnopt.task import seeded_generator
 
 @runtime_checkable
 class TruncationSchedule(Protocol):
+    """What a truncation schedule is: anything with ``sample(generator) -> int``."""
+
     def sample(self, generator: torch.Generator) -> int:
-        """A truncation length ≥ 1 (before clipping to the horizon)."""
+        """A truncation length ≥ 1 (before clipping to the horizon).
+
+        Args:
+            generator: the seeded generator of this truncation's draw.
+
+        Returns:
+            The length.
+        """
 
 
 @dataclass(frozen=True)
 class ConstantSchedule:
-    """Always ``length`` steps."""
+    """Always ``length`` steps.
+
+    Attributes:
+        length: the truncation length, ≥ 1.
+    """
 
     length: int
 
@@ -39,12 +52,25 @@ class ConstantSchedule:
             raise ValueError(f"ConstantSchedule: length must be >= 1, got {self.length}")
 
     def sample(self, generator: torch.Generator) -> int:
+        """``length``.
+
+        Args:
+            generator: unused.
+
+        Returns:
+            The length.
+        """
         return self.length
 
 
 @dataclass(frozen=True)
 class UniformSchedule:
-    """A length drawn uniformly from the integers ``low`` … ``high`` (both included)."""
+    """A length drawn uniformly from the integers ``low`` … ``high`` (both included).
+
+    Attributes:
+        low: the shortest length, ≥ 1.
+        high: the longest length, ≥ ``low``.
+    """
 
     low: int
     high: int
@@ -54,6 +80,14 @@ class UniformSchedule:
             raise ValueError(f"UniformSchedule: need 1 <= low <= high, got low={self.low}, high={self.high}")
 
     def sample(self, generator: torch.Generator) -> int:
+        """A uniform draw from ``low`` … ``high``.
+
+        Args:
+            generator: the source of the draw.
+
+        Returns:
+            The length.
+        """
         return int(torch.randint(self.low, self.high + 1, (), generator=generator))
 
 
@@ -62,7 +96,13 @@ class GeometricSchedule:
     """``low + G − 1`` with ``G`` geometric on {1, 2, …} with success probability
     ``p = 1 / (mean − low + 1)``, so the length has mean ``mean`` before it is clipped to
     ``high`` (``None``: no upper bound but the horizon). Short truncations are frequent and
-    long ones rare, with a memoryless chance of stopping at every step."""
+    long ones rare, with a memoryless chance of stopping at every step.
+
+    Attributes:
+        mean: the mean length before clipping, ≥ ``low``.
+        low: the shortest length, ≥ 1.
+        high: the longest length (``None``: unbounded).
+    """
 
     mean: float
     low: int = 1
@@ -76,6 +116,14 @@ class GeometricSchedule:
             )
 
     def sample(self, generator: torch.Generator) -> int:
+        """A draw of ``low + G − 1``, clipped to ``high``.
+
+        Args:
+            generator: the source of the draw.
+
+        Returns:
+            The length.
+        """
         p = 1.0 / (self.mean - self.low + 1.0)
         if p >= 1.0:
             k = self.low
@@ -90,7 +138,22 @@ def truncation_length(
     schedule: TruncationSchedule, step: int, horizon: int, split: str, seed: int, episode: int
 ) -> int:
     """The length of the truncation starting at inner step ``step``: the schedule's draw,
-    clipped to ``horizon - step`` so it never crosses the horizon."""
+    clipped to ``horizon - step`` so it never crosses the horizon.
+
+    Args:
+        schedule: the truncation schedule.
+        step: the inner step the truncation starts at.
+        horizon: the length T of the inner run.
+        split: the task split of the draw's seed stream.
+        seed: the run's seed.
+        episode: the episode's index.
+
+    Returns:
+        The truncation length, 1 … ``horizon - step``.
+
+    Raises:
+        ValueError: ``step`` is not before the horizon, or the schedule drew a length < 1.
+    """
     left = horizon - step
     if left < 1:
         raise ValueError(f"truncation_length: step {step} is not before the horizon {horizon}")

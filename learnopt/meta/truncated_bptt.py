@@ -33,7 +33,14 @@ def checkpointed_inner_step(tx: nn.Module | GradientTransformation, task: Task, 
     the step keeps only its inputs and outputs for the backward pass and recomputes its
     intermediates (the task's forward pass, the learned optimizer's gates) when the
     meta-gradient needs them. Same values and gradients; memory per unrolled step drops to
-    the carried state, at the price of running each step's forward twice."""
+    the carried state, at the price of running each step's forward twice.
+
+    Args:
+        tx, task, params, opt_state, batch, second_order: as ``inner_step``'s.
+
+    Returns:
+        ``(loss, new_params, new_opt_state)``, as ``inner_step``'s.
+    """
     names = list(params)
     leaves, spec = pytree.tree_flatten(opt_state)
 
@@ -126,12 +133,25 @@ class TruncatedBPTT(GradientEstimator):
         self.activation_checkpointing = activation_checkpointing
 
     def init_unroll(self, lopt: nn.Module, episode: int = 0) -> UnrollState:
-        """Draw episode ``episode``'s tasks and their initial state (``start_unroll``)."""
+        """Draw episode ``episode``'s tasks and their initial state (``start_unroll``), from this
+        rank's seed stream.
+
+        Args:
+            lopt: the learned optimizer (its device is the state's).
+            episode: the episode's index in the seed stream.
+
+        Returns:
+            The carried state at inner step 0.
+        """
         return start_unroll(lopt, self._bound_family(), self.num_tasks, self.split, self.seed, episode, self.rank)
 
     def step_function(self) -> InnerStep:
         """The inner step the truncations run: ``inner_step``, or ``checkpointed_inner_step``
-        with ``activation_checkpointing``."""
+        with ``activation_checkpointing`` (which takes precedence over ``compile_unroll``).
+
+        Returns:
+            A function with ``inner_step``'s signature.
+        """
         return checkpointed_inner_step if self.activation_checkpointing else super().step_function()
 
     def unroll(self, lopt: nn.Module, state: UnrollState) -> tuple[Tensor, UnrollState, dict[str, float]]:
@@ -164,7 +184,16 @@ class TruncatedBPTT(GradientEstimator):
         return run.meta_loss, new_state, metrics
 
     def estimate(self, lopt: nn.Module, state: UnrollState | None = None) -> GradientEstimate:
-        """Gradient of one truncation's meta-loss with respect to ``lopt``'s parameters."""
+        """Gradient of one truncation's meta-loss with respect to ``lopt``'s parameters.
+
+        Args:
+            lopt: the learned optimizer; its parameters that require grad are φ.
+            state: the carried state (``None``: ``init_unroll(lopt)``).
+
+        Returns:
+            A ``GradientEstimate``; when it is not finite, the gradients are zeros and the next
+            state starts a new episode.
+        """
         if state is None:
             state = self.init_unroll(lopt)
         names, weights = meta_weights(lopt)
@@ -187,7 +216,10 @@ class FullBPTT(TruncatedBPTT):
     ``TruncatedBPTT`` with ``unroll_length = horizon`` (Andrychowicz et al. 2016 before
     truncation; learned_optimization's ``FullGrad``). Memory grows linearly in T.
 
-    Args: as ``TruncatedBPTT``'s, without ``unroll_length`` and ``schedule``.
+    Args:
+        task_family, num_tasks, horizon, second_order, loss_transform, seed, split,
+            activation_checkpointing, compile_unroll, compile_chunk: as ``TruncatedBPTT``'s (there is
+            no ``unroll_length`` or ``schedule``).
     """
 
     def __init__(

@@ -15,7 +15,14 @@ DIVERGED_LOG10 = 30.0
 
 def log10_losses(losses: Tensor) -> Tensor:
     """log10 of losses, with non-finite or huge values scored as diverged (+30) rather than
-    dropped, and losses below 1e-30 floored there."""
+    dropped, and losses below 1e-30 floored there.
+
+    Args:
+        losses: losses of any shape.
+
+    Returns:
+        Their log10, elementwise, in [-30, 30].
+    """
     finite = torch.isfinite(losses) & (losses < 10**DIVERGED_LOG10)
     safe = torch.where(finite, losses, torch.ones_like(losses)).clamp_min(1e-30)
     return torch.where(finite, torch.log10(safe), torch.full_like(losses, DIVERGED_LOG10))
@@ -35,6 +42,17 @@ def inner_step(
     the gradient fed to the optimizer is a constant (Andrychowicz et al. 2016 drop the second
     derivatives ∇²f); with ``True`` the step is differentiated through the gradient as well.
     The loss keeps its graph, so it can enter a meta-loss.
+
+    Args:
+        tx: the optimizer (a learned optimizer or a ``GradientTransformation``).
+        task: the tasks being trained.
+        params: their parameters, requiring grad.
+        opt_state: the optimizer's state for ``params``.
+        batch: the minibatch (``None``: the task's own).
+        second_order: whether to differentiate through the gradient.
+
+    Returns:
+        ``(loss, new_params, new_opt_state)``.
     """
     loss = task.loss(params, batch)
     names = list(params)
@@ -60,6 +78,16 @@ def rollout(
     the last). The entry after the last step is the loss on the whole training set when the task
     has ``full_loss`` (what validation and evaluation score), else on a minibatch. Non-finite
     losses are kept as they are: a divergent optimizer shows as inf/NaN.
+
+    Args:
+        tx: the optimizer.
+        task: the tasks to train.
+        steps: the number of optimizer steps.
+        params: the initial parameters (``None``: ``task.init(generator)``).
+        generator: the source of the initialization and the minibatches.
+
+    Returns:
+        The detached losses ``[steps + 1, num_instances]``.
     """
     if params is None:
         params = task.init(generator)
