@@ -35,6 +35,10 @@ class ExportLearnedOptimizer(pl.Callback):
     otherwise let a worse learned optimizer overwrite it). A learned optimizer that no
     meta-update has changed is never exported, and a run that ends with nothing exported (every
     validation score NaN) raises ``NoExport`` rather than finishing quietly.
+
+    Args:
+        path: where to export (may contain ``{run_id}``).
+        monitor: the validation metric to minimize (``None``: the module's own choice).
     """
 
     def __init__(self, path: str = "runs/meta-train/learned_optimizer.pt", monitor: str | None = None):

@@ -30,14 +30,27 @@ def _is_local(path: Any) -> bool:
 def atomic_write(data: bytes, path: str | os.PathLike) -> None:
     """Write ``data`` to ``path`` through a temp file in the same directory, flushed to disk and
     renamed over ``path``. On failure the temp file is removed, ``path`` is as it was, and the
-    ``OSError`` names ``path``."""
+    ``OSError`` names ``path``.
+
+    Args:
+        data: the bytes to write.
+        path: the target, a local path (a ``file://`` prefix is dropped).
+    """
     write_atomically(Path(str(path).removeprefix("file://")), lambda f: f.write(data), "the Lightning checkpoint")
 
 
 def check_resume_file(path: str | os.PathLike) -> None:
     """Refuse, naming ``path``, a file that cannot be a Lightning checkpoint: missing, a
     directory, not a zip archive as ``torch.save`` writes (truncated, garbage) or with a member
-    whose CRC fails."""
+    whose CRC fails.
+
+    Args:
+        path: the checkpoint to resume from.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        CheckpointError: it is a directory, not a zip archive, or corrupt.
+    """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"--ckpt_path {path}: no such file")

@@ -58,7 +58,11 @@ PARSER_DEFAULTS: dict[str, Any] = {
 class SaveConfigToRunDir(SaveConfigCallback):
     """Save the resolved config as ``<default_root_dir>/config.yaml`` (beside the run's
     checkpoints, not in the shared W&B folder), record it in the W&B run, and hand it to the
-    module so the exported checkpoint's metadata carries it."""
+    module so the exported checkpoint's metadata carries it.
+
+    Args:
+        *args, **kwargs: ``SaveConfigCallback``'s (``save_to_log_dir`` is always False).
+    """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs["save_to_log_dir"] = False
@@ -90,6 +94,14 @@ class MetaTrainParser(LightningArgumentParser):
 
 
 class MetaTrainCLI(LightningCLI):
+    """LightningCLI for ``learnopt meta-train``: ``MetaTrainParser``, ``--ckpt_path`` and ``--threads``
+    options, and ``PARSER_DEFAULTS`` (the quadratic experiment with no config).
+
+    Args:
+        *args, **kwargs: ``LightningCLI``'s.
+        parser_class: the parser (default ``MetaTrainParser``).
+    """
+
     def __init__(self, *args: Any, parser_class: type[LightningArgumentParser] = MetaTrainParser,
                  **kwargs: Any) -> None:
         super().__init__(*args, parser_class=parser_class, **kwargs)
@@ -109,16 +121,30 @@ class MetaTrainCLI(LightningCLI):
 
 
 def default_threads() -> int:
-    """One thread unless ``OMP_NUM_THREADS`` says otherwise. With a second thread while another
-    process uses the other core, eager meta-training ran 50x slower on 2 cores (docs/benchmarks,
-    section 6); with one, it loses at most the second core on an idle machine."""
+    """One thread unless ``OMP_NUM_THREADS`` says otherwise. A second thread while another
+    process uses the other core slows eager meta-training down badly (docs/benchmarks, section 6);
+    with one, it loses at most the second core on an idle machine.
+
+    Returns:
+        ``OMP_NUM_THREADS`` when it is an integer ≥ 1, else 1.
+    """
     value = os.environ.get("OMP_NUM_THREADS", "")
     return int(value) if value.isdigit() and int(value) >= 1 else 1
 
 
 def meta_train(args: list[str] | None = None) -> MetaTrainCLI:
     """Parse ``args`` (default: the command line after ``meta-train``), build the module and
-    trainer, and fit."""
+    trainer, and fit, holding the run directories' lock (``RunLock``) for the whole run.
+
+    Args:
+        args: command-line arguments (``None``: ``sys.argv[1:]``).
+
+    Returns:
+        The CLI, after fitting (``cli.model``, ``cli.trainer``, ``cli.config``).
+
+    Raises:
+        ValueError: a config or flag was refused (the message from ``explain``), or ``--threads`` < 1.
+    """
     if args is None:
         args = sys.argv[1:]
     apply_defaults()  # keep freed memory for reuse (learnopt.runtime; LEARNOPT_KEEP_FREED_MEMORY=0: off)
@@ -155,7 +181,11 @@ def meta_train(args: list[str] | None = None) -> MetaTrainCLI:
 
 def use_atomic_checkpoints(trainer: Trainer) -> None:
     """Give ``trainer`` the atomic writer for its Lightning checkpoints
-    (``learnopt.train.checkpoint_io``), unless a config chose a checkpoint plugin of its own."""
+    (``learnopt.train.checkpoint_io``), unless a config chose a checkpoint plugin of its own.
+
+    Args:
+        trainer: the Lightning trainer (its strategy's ``checkpoint_io`` is replaced).
+    """
     if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
         trainer.strategy.checkpoint_io = AtomicCheckpointIO()
 
@@ -163,7 +193,14 @@ def use_atomic_checkpoints(trainer: Trainer) -> None:
 def run_directories(trainer: Trainer) -> list[str]:
     """The directories a meta-training run writes: its root (``config.yaml``), its Lightning
     checkpoint directories and the directories of its exports (a ``{run_id}`` in the path
-    makes the export per run, so it is not shared)."""
+    makes the export per run, so it is not shared).
+
+    Args:
+        trainer: the Lightning trainer, with its callbacks.
+
+    Returns:
+        The directories, as paths (``RunLock`` resolves and deduplicates them).
+    """
     dirs = [trainer.default_root_dir]
     for callback in trainer.callbacks:
         if isinstance(callback, ModelCheckpoint) and callback.dirpath is not None:

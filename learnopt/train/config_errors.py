@@ -18,7 +18,14 @@ _PROTOCOL = re.compile(r"Import path does not implement protocol (\w+)")
 
 def explain(message: str) -> str:
     """A short message for a jsonargparse error ``message`` (unchanged if it is not one of the
-    forms above)."""
+    forms above).
+
+    Args:
+        message: the error message.
+
+    Returns:
+        The key, what could not be built and the causes; for a protocol, the method that differs.
+    """
     if "Does not validate against any of the Union subtypes" not in message:
         return message
     key = re.search(r'Parser key "([^"]+)"', message)

@@ -29,13 +29,27 @@ class _Once(IterableDataset):
 
 def family_spec(family: Any) -> dict[str, Any]:
     """Import path and constructor arguments of a task family (those stored under their own
-    name as plain values or tuples), for checkpoint metadata; derived attributes are left out."""
+    name as plain values or tuples), for checkpoint metadata; derived attributes are left out.
+
+    Args:
+        family: the task family (or episode family).
+
+    Returns:
+        ``{"class_path": ..., "init_args": {...}}`` (``learnopt.meta.base.init_spec``).
+    """
     return init_spec(family)
 
 
 def default_estimator(task_family: Any) -> GradientEstimator:
     """The estimator a module gets when none is given: ``TruncatedBPTT()`` (the paper's), or
-    ``EpisodicBPTT()`` for an episode family."""
+    ``EpisodicBPTT()`` for an episode family.
+
+    Args:
+        task_family: the family the module meta-trains on.
+
+    Returns:
+        A new, unbound estimator.
+    """
     return EpisodicBPTT() if is_episodic(task_family) else TruncatedBPTT()
 
 
@@ -293,7 +307,11 @@ class MetaTrainModule(pl.LightningModule):
         return "val/log10_final_loss"
 
     def validation_score(self) -> float:
-        """The current model's score on the fixed validation split (see ``monitor_key``)."""
+        """The current model's score on the fixed validation split (see ``monitor_key``).
+
+        Returns:
+            The episode family's ``validation_score``, else ``validation_log10_final_loss()``; lower is better.
+        """
         if is_episodic(self.task_family):
             generator = seeded_generator("val", self.hparams.seed)
             with torch.inference_mode(False), torch.enable_grad():
@@ -302,7 +320,11 @@ class MetaTrainModule(pl.LightningModule):
 
     def validation_log10_final_loss(self) -> float:
         """Mean log10 final loss of the current learned optimizer on the fixed validation tasks
-        (a diverged instance counts as +30)."""
+        (a diverged instance counts as +30).
+
+        Returns:
+            The mean over ``val_tasks`` instances after an inner run of the estimator's horizon.
+        """
         hp = self.hparams
         generator = seeded_generator("val", hp.seed)
         task = self.task_family.sample(hp.val_tasks, generator)
@@ -358,7 +380,12 @@ class MetaTrainModule(pl.LightningModule):
         (``meta_training``: the module's own, with ``estimator`` its ``spec``), counts, the task
         family's and the estimator's class paths and init args, and the resolved CLI config.
         Checkpoints written before estimators were objects hold the estimator's name under
-        ``estimator`` and its settings flat in ``meta_training``."""
+        ``estimator`` and its settings flat in ``meta_training``.
+
+        Returns:
+            A dict with ``meta_training``, ``meta_steps``, ``meta_updates``, ``skipped_truncations``,
+            ``task_family``, ``estimator`` and ``config``.
+        """
         estimator = self.estimator.spec()
         return {
             "meta_training": {**dict(self.hparams), "estimator": estimator},

@@ -22,13 +22,26 @@ class RunDirectoryLocked(RuntimeError):
 
 class RunLock:
     """Exclusive locks on ``directories`` (created if missing), taken by ``acquire`` and
-    released by ``release``; also a context manager."""
+    released by ``release``; also a context manager.
+
+    Args:
+        directories: the run's directories (duplicates are locked once, in sorted order).
+    """
 
     def __init__(self, directories: list[str | os.PathLike]) -> None:
         self.directories = sorted({Path(d).resolve() for d in directories})
         self._fds: list[int] = []
 
     def acquire(self) -> RunLock:
+        """Lock every directory, writing this process's PID and host into its lock file; on any
+        failure the locks taken so far are released.
+
+        Returns:
+            The lock itself.
+
+        Raises:
+            RunDirectoryLocked: another live process holds one of the locks.
+        """
         try:
             for directory in self.directories:
                 self._fds.append(_lock(directory))
@@ -38,6 +51,7 @@ class RunLock:
         return self
 
     def release(self) -> None:
+        """Drop the locks this object holds (the lock files stay, unlocked)."""
         for fd in self._fds:
             os.close(fd)  # closing the descriptor drops the flock; the file stays, unlocked
         self._fds = []

@@ -23,7 +23,19 @@ class WandbLogger(_LightningWandbLogger):
     """Lightning's ``WandbLogger`` with learnopt's defaults: project ``learnopt``, files under
     ``runs/``, the mode from ``wandb_mode()`` (offline unless W&B is set up), and the schema
     marker in the run's config (``learnopt.logging_schema.SCHEMA_KEY``), also on a run that was
-    already started when the logger took it over."""
+    already started when the logger took it over.
+
+    Args:
+        project: the W&B project.
+        save_dir: where W&B writes its files (made absolute, created if missing).
+        name: the run's name.
+        group: the run's group.
+        job_type: the run's job type.
+        tags: the run's tags.
+        notes: the run's notes.
+        mode: ``"online"``, ``"offline"`` or ``"disabled"`` (``None``: ``wandb_mode()``).
+        **kwargs: further ``wandb.init`` arguments, through ``wandb_init_kwargs``.
+    """
 
     def __init__(
         self,
