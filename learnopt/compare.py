@@ -74,7 +74,23 @@ def compare(
     ``include_foreign``); every other run
     read is listed with its reason in the comparison (``skipped``), in the text and on stderr.
 
+    Args:
+        paths: offline run directories, ``wandb/`` folders, folders holding one, or ``.wandb`` files
+            (empty: ``runs/wandb`` or ``wandb``).
+        project: an online project ``entity/project`` instead of ``paths``.
+        groups, tags, tasks, job_types: keep only these runs (``select_runs``).
+        reference: the optimizer speedups are measured against.
+        fmt: the returned text's format, ``"markdown"``, ``"csv"`` or ``"json"``.
+        out_dir: where the files go (None: write nothing).
+        backend: how offline logs are read, ``"python"`` or ``"leet"`` (``read_offline_run``).
+        command: the command line, shown on the plots and the HTML page.
+        run_project, all_projects, include_unfinished, include_foreign: as ``triage_runs``'s.
+
+    Returns:
+        ``(comparison, text)``.
+
     Raises:
+        ValueError: both ``paths`` and ``project`` were given.
         RunReadError: no runs could be found or read, or every run read was skipped (the
             message lists why), or the runs span several projects and none was chosen.
     """
@@ -123,7 +139,16 @@ def compare(
 
 
 def compare_cli(args: list[str] | None = None) -> Comparison:
-    """``learnopt compare [PATH ...] [--project ENTITY/PROJECT] [--group G] [--tag T] [--task T] ...``"""
+    """``learnopt compare [PATH ...] [--project ENTITY/PROJECT] [--group G] [--tag T] [--task T] ...``
+
+    Prints the comparison; an error in reading or comparing exits with status 2 and its message.
+
+    Args:
+        args: the command-line arguments after ``compare`` (``None``: ``sys.argv[1:]``).
+
+    Returns:
+        The comparison.
+    """
     parser = argparse.ArgumentParser(
         prog="learnopt compare",
         description="Compare optimizers across W&B runs: a table (optimizers × tasks, mean ± 95% CI over seeds, "

@@ -48,7 +48,14 @@ def _meta_cells(c: Comparison) -> list[list[str]]:
 
 
 def format_markdown(c: Comparison) -> str:
-    """Both tables as GitHub markdown."""
+    """Both tables as GitHub markdown.
+
+    Args:
+        c: the comparison.
+
+    Returns:
+        The tables, with the notes and the skipped runs.
+    """
     parts = []
     if c.rows:
         head = [h.format(ref=c.reference) for h in EVAL_COLUMNS]
@@ -75,7 +82,14 @@ def format_markdown(c: Comparison) -> str:
 
 
 def format_csv(c: Comparison) -> str:
-    """The evaluation rows as CSV (full precision); meta-training rows follow after a blank line."""
+    """The evaluation rows as CSV (full precision); meta-training rows follow after a blank line.
+
+    Args:
+        c: the comparison.
+
+    Returns:
+        The CSV text.
+    """
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     if c.rows:
@@ -98,6 +112,19 @@ def format_csv(c: Comparison) -> str:
 
 
 def format_comparison(c: Comparison, fmt: str) -> str:
+    """The comparison in one of ``learnopt compare``'s formats.
+
+    Args:
+        c: the comparison.
+        fmt: ``"markdown"``, ``"csv"`` or ``"json"`` (strict JSON: NaN as null, an infinite
+            speedup as ``"inf"``).
+
+    Returns:
+        The text.
+
+    Raises:
+        ValueError: an unknown format.
+    """
     if fmt == "markdown":
         return format_markdown(c)
     if fmt == "csv":
@@ -138,7 +165,16 @@ def plot_comparison(c: Comparison, out_dir: str | os.PathLike, command: str | No
     """One PNG per task and step count (mean log10 loss against inner step, one line per
     optimizer, the reference dashed; ``curves_<task>.png``, ``curves_<task>_<steps>.png`` where a
     task was run for several step counts) and one of meta-loss and validation score against
-    meta-step (``meta_train.png``)."""
+    meta-step (``meta_train.png``). Tuning-split rows get their own files (``_<split>`` suffix).
+
+    Args:
+        c: the comparison.
+        out_dir: where the PNGs go (created if missing).
+        command: the command line, written in each figure's footer.
+
+    Returns:
+        The paths written.
+    """
     plt = _plt()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -191,7 +227,17 @@ def _slug(text: str) -> str:
 
 
 def write_html(c: Comparison, plots: Sequence[Path], path: str | os.PathLike, command: str | None = None) -> Path:
-    """A self-contained page: the tables and the plots (embedded), and the command that made them."""
+    """A self-contained page: the tables and the plots (embedded), and the command that made them.
+
+    Args:
+        c: the comparison.
+        plots: the PNGs to embed.
+        path: the page's path (its directory is created if missing).
+        command: the command line shown at the top.
+
+    Returns:
+        ``path``.
+    """
     import base64
 
     def table(head: list[str], rows: list[list[str]]) -> str:

@@ -14,7 +14,23 @@ from learnopt.run_reader import RunRecord, SkippedRun, as_float, run_task
 
 @dataclass
 class Row:
-    """One optimizer on one task, pooled over its runs."""
+    """One optimizer on one task, pooled over its runs.
+
+    Attributes:
+        task: the task's name (``run_task``).
+        optimizer: the optimizer column (``row_label``).
+        kind: ``"learned"`` or ``"baseline"``.
+        runs: the names of the runs that provide its seeds.
+        lrs: the distinct learning rates those runs used.
+        seed_values: the mean log10 final loss of each seed (``"seed N"``, or ``"run ID"`` for a run
+            that logged only its pooled mean).
+        curve: the mean log10 inner-loss curve, the runs weighted by their seeds (cut to the shortest).
+        normalized: the mean log10 normalised final loss, weighted the same way.
+        time_per_step: seconds per inner step, weighted the same way.
+        speedup: the speedup over the reference optimizer on the same task, steps and split.
+        split: ``"test"`` or ``"tune"``.
+        steps: the inner steps of the runs (None: not logged).
+    """
 
     task: str
     optimizer: str
@@ -31,11 +47,13 @@ class Row:
 
     @property
     def mean(self) -> float:
+        """The mean over seeds of ``seed_values`` (NaN for none)."""
         values = list(self.seed_values.values())
         return sum(values) / len(values) if values else math.nan
 
     @property
     def ci95(self) -> float:
+        """The 95% t-interval half-width over seeds (NaN for fewer than two)."""
         import torch
 
         values = list(self.seed_values.values())
@@ -44,6 +62,11 @@ class Row:
         return t_interval(torch.tensor(values, dtype=torch.float64))[1]
 
     def as_dict(self) -> dict[str, Any]:
+        """The row for JSON output (a single learning rate unwrapped from its list).
+
+        Returns:
+            The fields, ``mean`` and ``ci95`` under their output keys (without the curve).
+        """
         return {
             "task": self.task, "steps": self.steps, "optimizer": self.optimizer, "kind": self.kind, "runs": self.runs,
             "lr": self.lrs[0] if len(self.lrs) == 1 else self.lrs, "seeds": len(self.seed_values),
@@ -55,7 +78,20 @@ class Row:
 
 @dataclass
 class MetaRow:
-    """One meta-training run."""
+    """One meta-training run.
+
+    Attributes:
+        run: the run's name (else its id).
+        group: its group.
+        task: its task family (``run_task``).
+        meta_steps: the meta-steps it ran (None: not logged).
+        meta_loss: its last meta-loss.
+        best_val: its best finite validation score.
+        time_per_step: seconds per meta-step.
+        checkpoint: the path of its exported checkpoint.
+        curve: ``(meta-steps, meta-losses)``.
+        val_curve: ``(meta-steps, validation scores)``.
+    """
 
     run: str
     group: str
@@ -69,6 +105,11 @@ class MetaRow:
     val_curve: tuple[list[float], list[float]] = field(default_factory=lambda: ([], []))
 
     def as_dict(self) -> dict[str, Any]:
+        """The row for JSON output.
+
+        Returns:
+            The fields under their output keys, without the curves.
+        """
         return {"run": self.run, "group": self.group, "task": self.task, "meta_steps": self.meta_steps,
                 "last_meta_loss": self.meta_loss, "best_val_log10_final_loss": self.best_val,
                 "time_per_meta_step_s": self.time_per_step, "checkpoint": self.checkpoint}
@@ -76,6 +117,17 @@ class MetaRow:
 
 @dataclass
 class Comparison:
+    """What ``learnopt compare`` reports.
+
+    Attributes:
+        rows: one ``Row`` per task, inner steps and optimizer, sorted by task, steps and mean.
+        meta_rows: one ``MetaRow`` per meta-training run.
+        reference: the optimizer speedups are measured against.
+        skipped: the runs read and left out (``triage_runs``).
+        notes: what the reader should know (a missing reference).
+        runs_read: the runs read before filtering (None: not counted).
+    """
+
     rows: list[Row]
     meta_rows: list[MetaRow]
     reference: str
@@ -84,6 +136,11 @@ class Comparison:
     runs_read: int | None = None                             # runs read before filtering (None: not counted)
 
     def to_json(self) -> dict[str, Any]:
+        """The comparison as JSON.
+
+        Returns:
+            ``{"reference", "evaluation", "meta_train", "notes", "skipped"}``.
+        """
         return {"reference": self.reference, "evaluation": [r.as_dict() for r in self.rows],
                 "meta_train": [m.as_dict() for m in self.meta_rows], "notes": self.notes,
                 "skipped": [s.as_dict() for s in self.skipped]}
@@ -94,7 +151,15 @@ def build_comparison(runs: Sequence[RunRecord], reference: str = "adam") -> Comp
     runs. A seed logged by several runs of one row counts once, from the last of them (runs in
     the order given); a run none of whose seeds survive adds nothing to the row's curve. The
     speedup of each row is ``speedup(row curve, reference curve)`` on the same task, steps and
-    split."""
+    split.
+
+    Args:
+        runs: the runs to compare (optimizer runs, meta-training runs; others are ignored).
+        reference: the optimizer column speedups are measured against.
+
+    Returns:
+        The ``Comparison``, with a note for each task where the reference has no run.
+    """
     pooled: dict[tuple[str, int | None, str], Row] = {}
     members: dict[tuple[str, int | None, str], list[tuple[list[str], RunRecord]]] = {}
     meta_rows = []
@@ -156,7 +221,14 @@ def row_label(run: RunRecord) -> str:
     """The optimizer column of a run: its name, with ``@ lr X`` when the run used a fixed rate
     instead of a tuned one, and ``[tune split]`` when it scored on the tuning instances (a
     tuning sweep's runs), so such runs never pool with the held-out evaluation of the same
-    optimizer."""
+    optimizer.
+
+    Args:
+        run: an optimizer run (its config has ``optimizer``).
+
+    Returns:
+        The label.
+    """
     label = str(run.config["optimizer"])
     if run.config.get("fixed_lr") and run.config.get("lr") is not None:
         label += f" @ lr {float(run.config['lr']):.3g}"

@@ -58,12 +58,7 @@ from torch import Tensor
 
 from learnopt.meta.unroll import DIVERGED_LOG10, log10_losses  # noqa: F401 (DIVERGED_LOG10: public here too)
 from learnopt.evaluation_results import (  # noqa: F401 (public here too)
-    Evaluation,
-    OptimizerResult,
-    check_sweep_run,
-    log_to_wandb,
-    plot_curves,
-)
+    Evaluation, OptimizerResult, check_sweep_run, log_to_wandb, plot_curves)
 from learnopt.metrics import speedup, t_interval  # noqa: F401 (public here too)
 from learnopt.task import TaskFamily, normalize_loss, seeded_generator
 
@@ -88,7 +83,13 @@ _CLOSURE_EXTRAS = {"loss_fn", "value_and_grad_fn", "hvp_fn"}
 class LearnoptBaseline:
     """``(params, lr) -> torch.optim.Optimizer`` for the learnopt optimizer ``name``: the registry's
     factory with ``lr`` (and ``batch_dims=1`` where the factory reduces over tensors) wrapped by
-    ``as_torch_optimizer``. ``needs_closure``: step it with ``opt.step(closure)``."""
+    ``as_torch_optimizer``. ``needs_closure``: step it with ``opt.step(closure)``.
+
+    Args:
+        name: the registry name.
+        label: the name given by the user, for error messages (default ``name``).
+        **kwargs: further arguments of the factory.
+    """
 
     def __init__(self, name: str, label: str | None = None, **kwargs: Any) -> None:
         from learnopt.optim.registry import OptimizerNotAvailable, get_info
@@ -125,7 +126,14 @@ class LearnoptBaseline:
 
 
 def baseline_factory(name: str) -> MakeOptimizer:
-    """The ``(params, lr)`` factory for a baseline name (naming rule in the module docstring)."""
+    """The ``(params, lr)`` factory for a baseline name (naming rule in the module docstring).
+
+    Args:
+        name: ``sgd``, ``nag``, ``rmsprop``, ``adam``, ``lo:<name>`` or another registry name.
+
+    Returns:
+        ``BASELINES[name]`` or a ``LearnoptBaseline``.
+    """
     if name.startswith(LEARNOPT_PREFIX):
         return LearnoptBaseline(name[len(LEARNOPT_PREFIX):], label=name)
     if name in BASELINES:
@@ -137,13 +145,22 @@ def train_with_optimizer(
     make: Callable[[list[Tensor]], torch.optim.Optimizer], task: Any, steps: int, generator: torch.Generator,
     closure: bool = False, create_graph: bool = False,
 ) -> Tensor:
-    """Train ``task`` with an ordinary torch optimizer loop; per-instance losses ``[steps + 1, n]``,
-    on the whole training set when the task has ``full_loss`` (what "training loss" means in the
-    tables), else on each step's minibatch.
-    A step that raises ``FloatingPointError`` (a non-finite gradient) ends the run as diverged.
-    ``closure``: call ``opt.step(closure)`` with a closure that recomputes the loss and its
-    gradients on this step's batch (line searches need it); ``create_graph``: those gradients
-    carry a graph (Hessian-vector products need it)."""
+    """Train ``task`` with an ordinary torch optimizer loop. A non-finite loss, or a step that
+    raises ``FloatingPointError`` (a non-finite gradient), ends the run as diverged.
+
+    Args:
+        make: builds the optimizer from the parameter list.
+        task: the tasks (parameters with a leading instance dimension).
+        steps: the optimizer steps.
+        generator: the source of the initialization and the minibatches.
+        closure: call ``opt.step(closure)`` with a closure that recomputes the loss and its
+            gradients on this step's batch (line searches need it).
+        create_graph: those gradients carry a graph (Hessian-vector products need it).
+
+    Returns:
+        Per-instance losses ``[steps + 1, n]`` (+inf after a divergence), on the whole training set when
+        the task has ``full_loss`` (what "training loss" means in the tables), else on the minibatch.
+    """
     params = {k: p.detach().clone().requires_grad_(True) for k, p in task.init(generator).items()}
     opt = make(list(params.values()))
     full_loss = getattr(task, "full_loss", None)
@@ -203,7 +220,14 @@ def _step_mode(make: Any) -> dict[str, bool]:
 
 
 def score(losses: Tensor) -> float:
-    """Mean log10 final loss (diverged instances count +30): the tuning and ranking criterion."""
+    """Mean log10 final loss (diverged instances count +30): the tuning and ranking criterion.
+
+    Args:
+        losses: ``[steps + 1, n]`` from ``train_with_optimizer``.
+
+    Returns:
+        The score (lower is better).
+    """
     return float(log10_losses(losses[-1]).mean())
 
 
@@ -215,7 +239,17 @@ def tune_learning_rate(
     lr_grid: Sequence[float] = DEFAULT_LR_GRID,
     seed: int = 0,
 ) -> tuple[float, dict[float, float]]:
-    """Choose the rate with the lowest mean log10 final loss on ``"tune"`` instances."""
+    """Choose the rate with the lowest mean log10 final loss on ``"tune"`` instances.
+
+    Args:
+        make: the ``(params, lr)`` factory.
+        family, steps: the task family and the inner steps of each run.
+        num_instances, seed: the number and the seed of the tuning instances (the same for every rate).
+        lr_grid: the rates to try.
+
+    Returns:
+        The best rate, and the score (``score``) of every rate.
+    """
     scores = {}
     for lr in lr_grid:
         generator = seeded_generator("tune", seed)
@@ -240,7 +274,20 @@ def evaluate_optimizers(
 ) -> Evaluation:
     """Run every optimizer on the held-out instances (split ``split``); those named in ``tune``
     take ``(params, lr)`` and get their rate tuned first (or run at ``fixed_lr`` when given), the
-    others take ``(params)``."""
+    others take ``(params)``.
+
+    Args:
+        optimizers: the factories by name.
+        family, steps: the task family and the inner steps of each run.
+        num_instances, seeds: the instances per seed and the seeds of the held-out instances.
+        tune, lr_grid, tune_instances: the names whose rate is tuned, the rates tried, the tuning instances.
+        progress: show a progress bar.
+        fixed_lr: run the ``tune`` optimizers at this rate instead of tuning them.
+        split: the instances' split, ``"test"`` or ``"tune"``.
+
+    Returns:
+        The ``Evaluation``, one ``OptimizerResult`` per optimizer in order.
+    """
     from tqdm.auto import tqdm
 
     results = []
@@ -284,7 +331,14 @@ def learned_optimizer_factory(checkpoint: str, **options: Any) -> Callable[[list
     """The drop-in path users take: ``learnopt.load_optimizer`` on each fresh set of parameters.
     ``check_finite`` is off so one diverging instance scores as diverged without stopping the others.
     The task's parameters carry one leading instance dimension, which learned optimizers that
-    reduce over tensors (``takes_batch_dims``) are told, as in meta-training."""
+    reduce over tensors (``takes_batch_dims``) are told, as in meta-training.
+
+    Args:
+        checkpoint, **options: the exported learned optimizer, and further ``load_optimizer`` arguments.
+
+    Returns:
+        A function of the parameter list that builds the optimizer.
+    """
     from learnopt.checkpoint import load, load_optimizer
 
     options.setdefault("check_finite", False)
@@ -316,15 +370,37 @@ def evaluate(
 ) -> Evaluation:
     """Evaluate the learned optimizer in ``checkpoint`` against tuned baselines on held-out
     instances of ``task_family``; write ``table.md``, ``results.json`` (raw per-instance numbers)
-    and ``curves.png`` to ``out_dir``; log to W&B (``learnopt.logging_schema``: one run per
-    optimizer in ``group``, with ``tags``, in ``project``). ``baselines``: torch.optim's sgd, nag,
-    rmsprop, adam, or any learnopt optimizer by name (``lion``, ``lo:adam``; see the module
-    docstring); ``checkpoint`` may be left out to evaluate baselines only. ``lr``: run the
-    baselines at this rate instead of tuning them on ``lr_grid``; ``split``: ``"test"``
-    (held-out instances) or ``"tune"`` (the tuning instances, needs ``lr``: the sweep form of
-    tuning, one rate per run). ``command`` is printed under the plot (default: the command line);
-    ``record_in_checkpoint`` stores the summary in the checkpoint's metadata.
-    ``compare_checkpoints``: more learned optimizers run side by side (named by file stem)."""
+    and ``curves.png`` to ``out_dir``; log to W&B (``learnopt.logging_schema``).
+
+    Args:
+        checkpoint: the learned optimizer; may be left out to evaluate baselines only.
+        task_family: the task family (required).
+        steps: the inner steps of each run.
+        num_instances: the held-out instances per seed.
+        seeds: the seeds of the held-out instances.
+        baselines: torch.optim's sgd, nag, rmsprop, adam, or any learnopt optimizer by name (``lion``,
+            ``lo:adam``; see the module docstring).
+        lr_grid: the tuning grid (None: ``DEFAULT_LR_GRID``).
+        tune_instances: the tuning instances.
+        lr: run the baselines at this rate instead of tuning them on ``lr_grid``.
+        split: ``"test"`` (held-out instances) or ``"tune"`` (the tuning instances, needs ``lr``: the
+            sweep form of tuning, one rate per run).
+        name: the learned optimizer's name in the table (default: the checkpoint's file stem).
+        out_dir: where the files go.
+        wandb: log to W&B, one run per optimizer.
+        group: the W&B runs' group (default ``evaluate-<name>``).
+        tags: the W&B runs' tags.
+        project: the W&B project.
+        command: printed under the plot (default: the command line).
+        record_in_checkpoint: store the summary in the checkpoint's metadata.
+        compare_checkpoints: more learned optimizers run side by side (named by file stem).
+
+    Returns:
+        The ``Evaluation``.
+
+    Raises:
+        ValueError: a missing task family, a bad split, rate or baseline, or nothing to evaluate.
+    """
     config = {k: v for k, v in locals().items() if k not in ("task_family", "command")}
     if task_family is None:
         raise ValueError("evaluate needs a task_family (e.g. tasks.quadratic.QuadraticFamily())")
@@ -402,7 +478,14 @@ def evaluate(
 
 
 def evaluate_cli(args: list[str] | None = None) -> Evaluation:
-    """``learnopt evaluate --checkpoint FILE [--config YAML] [--task_family CLASS_PATH] ...``"""
+    """``learnopt evaluate --checkpoint FILE [--config YAML] [--task_family CLASS_PATH] ...``
+
+    Args:
+        args: the arguments after ``evaluate`` (``None``: ``sys.argv[1:]``): ``evaluate``'s, as options.
+
+    Returns:
+        The ``Evaluation``.
+    """
     from jsonargparse import ActionConfigFile, ArgumentParser
 
     parser = ArgumentParser(prog="learnopt evaluate", description=evaluate.__doc__)

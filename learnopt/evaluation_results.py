@@ -19,6 +19,20 @@ from learnopt.metrics import speedup, t_interval
 
 @dataclass
 class OptimizerResult:
+    """One optimizer's results on the held-out instances.
+
+    Attributes:
+        name: the optimizer's name in the table.
+        lr: its tuned (or fixed) learning rate; None for a learned optimizer.
+        final_losses: the final loss of every instance, all test seeds.
+        seed_means: the mean log10 final loss of each test seed.
+        curve: the mean log10 loss per inner step over all instances.
+        tuning: the tuning score of each rate tried, by rate.
+        lr_at_grid_edge: whether the tuned rate is the smallest or largest of the grid.
+        normalized_final_losses: ``task.normalize`` of the final losses.
+        time_per_step: seconds per inner step (all instances of a seed at once), the median over seeds.
+    """
+
     name: str
     lr: float | None
     final_losses: list[float]  # per instance, all test seeds
@@ -33,9 +47,17 @@ class OptimizerResult:
 
     @property
     def log10_final(self) -> Tensor:
+        """log10 of the final losses (``log10_losses``: a diverged instance counts +30)."""
         return log10_losses(torch.tensor(self.final_losses, dtype=torch.float64))
 
     def summary(self) -> dict[str, float]:
+        """The summary statistics of the final losses.
+
+        Returns:
+            ``mean_log10_final_loss`` and its 95% t-interval half-width ``ci95`` over instances,
+            ``diverged`` (instances), ``mean_final_loss`` (inf when any is not finite),
+            ``mean_log10_normalized_loss`` (None without normalized losses) and ``time_per_step_s``.
+        """
         mean, half = t_interval(self.log10_final)
         diverged = int((self.log10_final >= DIVERGED_LOG10).sum())
         finals = torch.tensor(self.final_losses, dtype=torch.float64)
@@ -48,6 +70,17 @@ class OptimizerResult:
 
 @dataclass
 class Evaluation:
+    """An evaluation: every optimizer's results on one task family.
+
+    Attributes:
+        task: the task family's name.
+        steps: the inner steps of each run.
+        num_instances: the instances per seed.
+        seeds: the test seeds.
+        results: one ``OptimizerResult`` per optimizer.
+        checkpoint: the learned optimizer's checkpoint, if any.
+    """
+
     task: str
     steps: int
     num_instances: int
@@ -56,10 +89,29 @@ class Evaluation:
     checkpoint: str | None = None
 
     def result(self, name: str) -> OptimizerResult:
+        """The result of the optimizer ``name``.
+
+        Args:
+            name: its name in the table.
+
+        Returns:
+            The first result of that name.
+
+        Raises:
+            StopIteration: there is none.
+        """
         return next(r for r in self.results if r.name == name)
 
     def adam_steps_to_match(self, r: OptimizerResult) -> int | None:
-        """Steps tuned Adam needs to reach ``r``'s final mean log10 loss (None: never within the run)."""
+        """Steps tuned Adam needs to reach ``r``'s final mean log10 loss.
+
+        Args:
+            r: a result of this evaluation.
+
+        Returns:
+            The first step of Adam's curve at or below it; None when Adam never gets there within the
+            run, or was not evaluated.
+        """
         if not any(x.name == "adam" for x in self.results):
             return None
         adam = self.result("adam").curve
@@ -67,12 +119,24 @@ class Evaluation:
         return next((t for t, v in enumerate(adam) if v <= target), None)
 
     def speedup(self, r: OptimizerResult) -> float | None:
-        """``learnopt.metrics.speedup`` of ``r``'s curve over tuned Adam's (None without Adam)."""
+        """``learnopt.metrics.speedup`` of ``r``'s curve over tuned Adam's.
+
+        Args:
+            r: a result of this evaluation.
+
+        Returns:
+            The speedup, or None when Adam was not evaluated.
+        """
         if not any(x.name == "adam" for x in self.results):
             return None
         return speedup(r.curve, self.result("adam").curve)
 
     def table(self) -> str:
+        """The results as a markdown table, best mean log10 final loss first.
+
+        Returns:
+            The table with its caption.
+        """
         lines = [
             f"Task `{self.task}`, {self.steps} steps, {self.num_instances} instances × seeds {self.seeds} "
             "(held-out). Mean log10 final loss with 95% t-interval over instances; lower is better.",
@@ -95,6 +159,12 @@ class Evaluation:
         return "\n".join(lines)
 
     def to_json(self) -> dict[str, Any]:
+        """The evaluation as JSON (``results.json``), with the raw per-instance final losses.
+
+        Returns:
+            The settings and, by optimizer, its summary, rate, tuning scores, seed means, speedup,
+            Adam steps to match, curve and final losses.
+        """
         return {
             "task": self.task, "steps": self.steps, "num_instances": self.num_instances, "seeds": self.seeds,
             "checkpoint": self.checkpoint,
@@ -111,7 +181,17 @@ def plot_curves(
     evaluation: Evaluation, path: str | os.PathLike, title: str | None = None, command: str | None = None
 ) -> Path:
     """Mean log10 loss against inner step, one line per optimizer (PNG); ``command``, the
-    command that produced it, is printed under the plot."""
+    command that produced it, is printed under the plot.
+
+    Args:
+        evaluation: the evaluation.
+        path: the PNG's path (its directory is created if missing).
+        title: the plot's title (default: the task, learned vs tuned baselines).
+        command: the command line.
+
+    Returns:
+        ``path``.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -146,7 +226,23 @@ def log_to_wandb(evaluation: Evaluation, group: str, project: str = "learnopt", 
     keys; the inner-loss curve keyed by inner step; the summary metrics; for the learned optimizers
     named in ``checkpoints`` their file as an artifact), then, with more than one optimizer, a run
     ``<group>/summary`` holding the table as a W&B Table, the curves as a W&B line plot and ``plot``
-    (the PNG). Offline unless W&B is set up. Returns the run directories."""
+    (the PNG). Offline unless W&B is set up.
+
+    Args:
+        evaluation: the evaluation.
+        group: the W&B group.
+        project: the W&B project.
+        save_dir: the directory W&B's files go under.
+        config: the evaluation's resolved configuration.
+        tags: the runs' tags.
+        checkpoints: the learned optimizers' checkpoint files, by name (the others are baselines).
+        plot: the curves PNG for the summary run.
+        split: ``"test"`` or ``"tune"``.
+        fixed_lr: whether the baselines ran at a fixed rate.
+
+    Returns:
+        The run directories, the summary run's last.
+    """
     from learnopt import logging_schema as ls
 
     checkpoints = checkpoints or {}
@@ -213,7 +309,15 @@ def _plain(x: Any) -> Any:
 
 def check_sweep_run(num_optimizers: int, wandb_on: bool) -> None:
     """Under ``wandb agent`` every ``wandb.init`` joins the agent's one run, so a sweep run must
-    evaluate exactly one optimizer."""
+    evaluate exactly one optimizer.
+
+    Args:
+        num_optimizers: the optimizers the run would evaluate.
+        wandb_on: whether the run logs to W&B.
+
+    Raises:
+        ValueError: under a sweep agent (``WANDB_SWEEP_ID``) with W&B on, and not one optimizer.
+    """
     if wandb_on and os.environ.get("WANDB_SWEEP_ID") and num_optimizers != 1:
         raise ValueError(
             f"running under a W&B sweep agent, learnopt evaluate must evaluate one optimizer per run, got "

@@ -73,7 +73,11 @@ ARTIFACT_TYPE = "learned-optimizer"
 
 def wandb_mode() -> str:
     """``WANDB_MODE`` if the user set it; ``"online"`` if they are logged in (an API key in the
-    environment or in ``~/.netrc``); otherwise ``"offline"``."""
+    environment or in ``~/.netrc``); otherwise ``"offline"``.
+
+    Returns:
+        The mode.
+    """
     if os.environ.get("WANDB_MODE"):
         return os.environ["WANDB_MODE"]
     return "online" if logged_in() else "offline"
@@ -81,7 +85,11 @@ def wandb_mode() -> str:
 
 def logged_in() -> bool:
     """Whether W&B credentials exist (``WANDB_API_KEY`` or an ``api.wandb.ai`` entry in the netrc
-    file); checked without the network."""
+    file); checked without the network.
+
+    Returns:
+        True when credentials are found.
+    """
     if os.environ.get("WANDB_API_KEY"):
         return True
     try:
@@ -93,7 +101,15 @@ def logged_in() -> bool:
 
 def wandb_init_kwargs(**kwargs: Any) -> dict[str, Any]:
     """Keyword arguments for ``wandb.init`` with the mode resolved, a bounded start-up and the
-    schema marker in the config (a ``config`` given as a dict keeps its keys)."""
+    schema marker in the config (a ``config`` given as a dict keeps its keys).
+
+    Args:
+        **kwargs: ``wandb.init`` arguments; ``mode`` defaults to ``wandb_mode()``, ``settings`` to a
+            60 s start-up timeout, silent.
+
+    Returns:
+        The arguments, completed.
+    """
     import wandb
 
     kwargs.setdefault("mode", wandb_mode())
@@ -106,7 +122,11 @@ def wandb_init_kwargs(**kwargs: Any) -> dict[str, Any]:
 
 def mark_run(run: Any) -> None:
     """Put the schema marker in the config of a W&B run learnopt logs into but did not start
-    with ``wandb_init_kwargs`` (one a user or ``wandb agent`` started)."""
+    with ``wandb_init_kwargs`` (one a user or ``wandb agent`` started).
+
+    Args:
+        run: the W&B run.
+    """
     if run.config.get(SCHEMA_KEY) != SCHEMA_VERSION:
         run.config.update({SCHEMA_KEY: SCHEMA_VERSION}, allow_val_change=True)
 
@@ -123,11 +143,9 @@ def init_run(
 ) -> Any:
     """Start a W&B run in the schema and return it (a ``wandb.Run``; end it with ``finish_run``).
 
-    ``job_type``: one of ``JOB_TYPES``; ``group``: the experiment; ``tags``: labels to filter
-    on; ``config``: the full resolved configuration (put ``optimizer``, ``task``, ``kind`` and
-    ``lr`` at its top level where the run is one optimizer on one task). Files go to
-    ``<save_dir>/wandb``. Offline unless W&B is set up; an online start that fails falls back to
-    offline with a warning. Inner-loss keys (``inner/*``) are plotted against ``INNER_STEP``.
+    Files go to ``<save_dir>/wandb``. Offline unless W&B is set up; an online start that fails
+    falls back to offline with a warning. Inner-loss keys (``inner/*``) are plotted against
+    ``INNER_STEP``.
 
     Usage from any script (a benchmark, say)::
 
@@ -137,6 +155,23 @@ def init_run(
         ls.log_inner_curve(run, mean_log10_losses)          # one value per inner step
         ls.log_final(run, {ls.FINAL_LOG10: -3.2, ls.TIME_PER_STEP: 1e-4})
         ls.finish_run(run)   # run.finish(), then wait until the run's log is complete
+
+    Args:
+        job_type: one of ``JOB_TYPES``.
+        group: the experiment.
+        tags: labels to filter on.
+        config: the full resolved configuration (put ``optimizer``, ``task``, ``kind`` and ``lr`` at
+            its top level where the run is one optimizer on one task).
+        name: the run's display name.
+        project: the W&B project.
+        save_dir: the directory W&B's files go under (made absolute, created if missing).
+        **kwargs: further ``wandb.init`` arguments.
+
+    Returns:
+        The started run, with the schema marker in its config.
+
+    Raises:
+        ValueError: ``job_type`` is not one of ``JOB_TYPES``.
     """
     import wandb
 
@@ -166,7 +201,12 @@ def finish_run(run: Any, timeout: float = 10.0) -> None:
     """``run.finish()``, then wait (at most ``timeout`` seconds) until the run's transaction log
     holds its exit record. W&B writes the log from its service process shortly after
     ``finish`` returns; waiting lets a reader in the same process (``learnopt compare``, a
-    script, a test) see the whole run."""
+    script, a test) see the whole run.
+
+    Args:
+        run: the W&B run.
+        timeout: the longest wait, in seconds (a disabled run is not waited for).
+    """
     import time
 
     sync_file = getattr(getattr(run, "settings", None), "sync_file", None)
@@ -182,14 +222,25 @@ def finish_run(run: Any, timeout: float = 10.0) -> None:
 
 
 def log_inner_curve(run: Any, curve: Sequence[float], key: str = INNER_LOSS) -> None:
-    """Log ``curve`` (one value per inner step, step 0 first) keyed by ``INNER_STEP``."""
+    """Log ``curve`` (one value per inner step, step 0 first) keyed by ``INNER_STEP``.
+
+    Args:
+        run: the W&B run.
+        curve: the values.
+        key: the metric they are logged under.
+    """
     for step, value in enumerate(curve):
         run.log({key: float(value), INNER_STEP: step})
 
 
 def log_final(run: Any, metrics: dict[str, Any]) -> None:
     """Put summary metrics (the ``FINAL_*``, ``SPEEDUP``, ``TIME_PER_STEP`` keys) in the run's
-    summary, where the W&B runs table and ``learnopt compare`` read them."""
+    summary, where the W&B runs table and ``learnopt compare`` read them.
+
+    Args:
+        run: the W&B run.
+        metrics: the summary metrics by key.
+    """
     run.summary.update(metrics)
 
 
@@ -199,7 +250,21 @@ def log_checkpoint_artifact(
 ) -> Any:
     """Log a learned optimizer's exported checkpoint as a W&B artifact of type ``ARTIFACT_TYPE``
     (named after the file unless ``name``), so a run's result can be fetched and loaded with
-    ``learnopt.load_optimizer``. Returns the artifact."""
+    ``learnopt.load_optimizer``.
+
+    Args:
+        run: the W&B run.
+        path: the exported checkpoint.
+        name: the artifact's name (W&B's allowed characters; others become ``-``).
+        metadata: the artifact's metadata (values W&B cannot store are kept as their repr).
+        aliases: the artifact's aliases.
+
+    Returns:
+        The logged ``wandb.Artifact``.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+    """
     import wandb
 
     path = Path(path)

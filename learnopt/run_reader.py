@@ -19,7 +19,14 @@ from learnopt import logging_schema as ls
 from learnopt.wandb_files import RunReadError, _scan_log
 
 def as_float(x: Any) -> float:
-    """``float(x)``, or NaN for what is not a number (a W&B value may be a string or None)."""
+    """``float(x)``, or NaN for what is not a number (a W&B value may be a string or None).
+
+    Args:
+        x: a logged value.
+
+    Returns:
+        The float.
+    """
     try:
         return float(x)
     except (TypeError, ValueError):
@@ -28,7 +35,23 @@ def as_float(x: Any) -> float:
 
 @dataclass
 class RunRecord:
-    """What ``learnopt compare`` needs of one W&B run."""
+    """What ``learnopt compare`` needs of one W&B run.
+
+    Attributes:
+        id: the W&B run id.
+        name: the run's display name.
+        project: its W&B project.
+        group: its group ("" for none).
+        job_type: its job type.
+        tags: its tags.
+        config: its config (without W&B's ``_wandb``).
+        summary: its summary metrics.
+        history: its logged rows, in order.
+        path: its directory (offline) or URL (online).
+        exit_code: the exit code of its exit record (None: none, or an online run).
+        state: ``"finished"``, ``"crashed"``, ``"running"`` or ``"truncated"``.
+        truncated_at: the byte offset of the partial record a truncated log ends in.
+    """
 
     id: str
     name: str
@@ -47,7 +70,15 @@ class RunRecord:
     truncated_at: int | None = None  # byte offset of the partial record a truncated log ends in
 
     def curve(self, key: str, step_key: str) -> tuple[list[float], list[float]]:
-        """``(steps, values)`` of the history rows that hold both ``step_key`` and ``key``, sorted by step."""
+        """``(steps, values)`` of the history rows that hold both ``step_key`` and ``key``, sorted by step.
+
+        Args:
+            key: the metric.
+            step_key: the step it is plotted against.
+
+        Returns:
+            The steps and the values (NaN where not a number).
+        """
         pairs = sorted((float(r[step_key]), as_float(r[key])) for r in self.history if key in r and step_key in r)
         return [p[0] for p in pairs], [p[1] for p in pairs]
 
@@ -147,7 +178,19 @@ def _record(meta: dict[str, Any], run: dict[str, Any], path: Path) -> RunRecord:
 def read_offline_run(path: str | os.PathLike, backend: str = "python") -> RunRecord:
     """Read one offline (or synced) run: its directory or its ``.wandb`` file.
     ``backend``: ``"python"`` (parse the transaction log here) or ``"leet"`` (W&B's
-    ``wandb leet inspect --json``)."""
+    ``wandb leet inspect --json``).
+
+    Args:
+        path: a run directory (its first ``*.wandb`` file is read) or a ``.wandb`` file.
+        backend: ``"python"`` or ``"leet"``.
+
+    Returns:
+        The run's record.
+
+    Raises:
+        RunReadError: no such file, or not a readable W&B run log.
+        ValueError: an unknown backend.
+    """
     path = Path(path)
     if path.is_dir():
         files = sorted(path.glob("*.wandb"))
@@ -165,7 +208,17 @@ def read_offline_run(path: str | os.PathLike, backend: str = "python") -> RunRec
 
 def find_run_logs(paths: Iterable[str | os.PathLike]) -> list[Path]:
     """The ``.wandb`` files under ``paths``: run directories, ``wandb/`` folders, folders that
-    hold a ``wandb/`` folder (``runs/``), or ``.wandb`` files. A path with none is an error."""
+    hold a ``wandb/`` folder (``runs/``), or ``.wandb`` files. A path with none is an error.
+
+    Args:
+        paths: the paths to search.
+
+    Returns:
+        The log files, each once, in the order found.
+
+    Raises:
+        RunReadError: a path does not exist or holds no run log.
+    """
     found: list[Path] = []
     for p in map(Path, paths):
         if p.is_file() and p.suffix == ".wandb":
@@ -184,7 +237,20 @@ def find_run_logs(paths: Iterable[str | os.PathLike]) -> list[Path]:
 def read_online_runs(project: str, groups: Sequence[str] = (), tags: Sequence[str] = (),
                      timeout: int = 30) -> list[RunRecord]:
     """Runs of the online project ``entity/project`` through ``wandb.Api`` (needs a login; a
-    missing one is an error, never a prompt)."""
+    missing one is an error, never a prompt).
+
+    Args:
+        project: ``entity/project``.
+        groups: only runs in one of these groups (empty: all).
+        tags: only runs with all of these tags.
+        timeout: ``wandb.Api``'s timeout in seconds.
+
+    Returns:
+        The records, with their full history; a state other than finished or running is ``"crashed"``.
+
+    Raises:
+        RuntimeError: no W&B login.
+    """
     if not ls.logged_in():
         raise RuntimeError(
             f"reading the online W&B project {project!r} needs a W&B login (`wandb login` or WANDB_API_KEY); "
@@ -211,20 +277,40 @@ def read_online_runs(project: str, groups: Sequence[str] = (), tags: Sequence[st
 
 @dataclass
 class SkippedRun:
-    """A run ``learnopt compare`` read but left out, and why."""
+    """A run ``learnopt compare`` read but left out, and why.
+
+    Attributes:
+        path: the run's directory or URL ("" if unknown).
+        run: its name (else its id).
+        reason: why it was left out.
+    """
 
     path: str
     run: str
     reason: str
 
     def as_dict(self) -> dict[str, str]:
+        """The record as a dict (for JSON output).
+
+        Returns:
+            ``{"path", "run", "reason"}``.
+        """
         return {"path": self.path, "run": self.run, "reason": self.reason}
 
 
 def skip_reason(run: RunRecord, include_unfinished: bool = False, include_foreign: bool = False) -> str | None:
     """Why ``run`` must not be compared (None: it may be): unless ``include_foreign``, not
     written by learnopt's logging (no ``ls.SCHEMA_KEY`` in its config); unless
-    ``include_unfinished``, not finished."""
+    ``include_unfinished``, not finished.
+
+    Args:
+        run: the run.
+        include_unfinished: accept runs that are not finished.
+        include_foreign: accept runs without learnopt's schema marker.
+
+    Returns:
+        The reason, with the flag that would accept the run, or None.
+    """
     if ls.SCHEMA_KEY not in run.config and not include_foreign:
         return (f"foreign: no {ls.SCHEMA_KEY} marker in its config: not written by learnopt's W&B logging (or by a "
                 "learnopt older than the marker), so its keys may mean something else; --include_foreign compares "
@@ -247,8 +333,20 @@ def triage_runs(runs: Sequence[RunRecord], project: str | None = None, all_proje
     """Split runs into those to compare and those skipped with the reason (``skip_reason``, or
     another W&B project). Runs of one project are compared: ``project`` if given, else
     ``ls.PROJECT`` if any run is in it, else the only project there is (several and none
-    chosen is an error); ``all_projects`` merges them. Returns the runs kept, the runs
-    skipped and the project compared (None with ``all_projects``)."""
+    chosen is an error); ``all_projects`` merges them.
+
+    Args:
+        runs: the runs read.
+        project: the project to compare (None: chosen as above).
+        all_projects: compare the runs of every project.
+        include_unfinished, include_foreign: as ``skip_reason``'s.
+
+    Returns:
+        The runs kept, the runs skipped and the project compared (None with ``all_projects``).
+
+    Raises:
+        RunReadError: the runs span several projects and none was chosen.
+    """
     kept, skipped = [], []
     for run in runs:
         reason = skip_reason(run, include_unfinished, include_foreign)
@@ -280,7 +378,19 @@ def triage_runs(runs: Sequence[RunRecord], project: str | None = None, all_proje
 def select_runs(runs: Iterable[RunRecord], groups: Sequence[str] = (), tags: Sequence[str] = (),
                 tasks: Sequence[str] = (), job_types: Sequence[str] = ()) -> list[RunRecord]:
     """Runs in any of ``groups``, carrying all of ``tags``, on any of ``tasks`` (the config's
-    ``task``; meta-training runs match by their task family), of any of ``job_types``."""
+    ``task``; meta-training runs match by their task family), of any of ``job_types``. An empty
+    filter accepts every run.
+
+    Args:
+        runs: the runs.
+        groups: the groups to accept.
+        tags: the tags a run must all carry.
+        tasks: the tasks to accept (``run_task``).
+        job_types: the job types to accept.
+
+    Returns:
+        The runs selected, in order.
+    """
     out = []
     for r in runs:
         if groups and r.group not in groups:
@@ -297,7 +407,14 @@ def select_runs(runs: Iterable[RunRecord], groups: Sequence[str] = (), tags: Seq
 
 def run_task(run: RunRecord) -> str:
     """The task a run is about: ``config["task"]``, or for meta-training the task family's class
-    name with its ``dim``/``distribution`` if given."""
+    name with its ``dim``/``distribution`` if given.
+
+    Args:
+        run: the run.
+
+    Returns:
+        The task's name, or ``"?"`` when the config names none.
+    """
     if run.config.get("task"):
         return str(run.config["task"])
     family = ((run.config.get("cli") or {}).get("model") or {}).get("task_family") or {}

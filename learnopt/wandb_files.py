@@ -77,7 +77,14 @@ def _scan_log(path: Path) -> tuple[list[bytes], int | None]:
 
 def log_is_complete(path: str | os.PathLike) -> bool:
     """Whether the ``.wandb`` file at ``path`` holds its run's exit record (the run finished and
-    W&B wrote it out)."""
+    W&B wrote it out).
+
+    Args:
+        path: the ``.wandb`` file.
+
+    Returns:
+        False when it has no exit record, or cannot be read or decoded.
+    """
     from wandb.proto import wandb_internal_pb2 as pb
 
     try:

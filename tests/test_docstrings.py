@@ -47,11 +47,20 @@ MODULES = [
     "learnopt.task",
     "learnopt.metrics",
     "learnopt.runtime",
+    "learnopt.meta",
+    *(f"learnopt.meta.{name}" for name in (
+        "augmentation", "base", "compiled", "episodic", "es", "pes", "schedules", "truncated_bptt", "truncation",
+        "unroll")),
+    *(f"learnopt.train.{name}" for name in (
+        "callbacks", "checkpoint_io", "cli", "config_errors", "module", "run_lock", "wandb_logging")),
+    *(f"learnopt.{name}" for name in (
+        "atomic_file", "compare", "compare_output", "comparison", "evaluate", "evaluation_results", "logging_schema",
+        "run_reader", "wandb_files")),
     *(f"tasks.{name}" for name in ("blackbox_benchmarks", "blackbox_episodes", "char_lm", "cnn", "datasets",
                                    "gp_functions", "logistic", "mlp", "online", "quadratic", "rosenbrock")),
 ]
 # Modules whose objects are skipped even when a listed package re-exports them (being rewritten).
-SKIPPED_MODULES = ("learnopt.meta", "learnopt.train", "learnopt.learned.general", "learnopt.learned.general_lstm")
+SKIPPED_MODULES = ("learnopt.learned.general", "learnopt.learned.general_lstm")
 
 
 def _section(doc: str, *names: str) -> bool:
