@@ -390,7 +390,8 @@ def test_config_runs_end_to_end(in_tmp, name):
     from learnopt.train.cli import meta_train
 
     cli = meta_train([
-        "--config", str(CONFIG.with_name(f"{name}.yaml")), "--trainer.max_steps", "2", "--trainer.val_check_interval", "2",
+        "--config", str(CONFIG.with_name(f"{name}.yaml")), "--trainer.max_steps", "2",
+        "--trainer.val_check_interval", "2",
         "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
         "--model.estimator.num_tasks", "2", "--model.val_tasks", "2", "--model.estimator.horizon", "4",
         "--model.estimator.num_pairs", "1",

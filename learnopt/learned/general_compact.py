@@ -127,7 +127,8 @@ class CompactNormalizedOptimizer(LearnedOptimizer):
         self.normalize = bool(normalize)
         self._validate()
         moments = [f"momentum_{b:g}" for b in self.momentum_decays]
-        self.feature_names = ["grad", *moments, "rsqrt_second_moment"] + (["adam"] if self.adam_decay is not None else [])
+        adam = ["adam"] if self.adam_decay is not None else []
+        self.feature_names = ["grad", *moments, "rsqrt_second_moment", *adam]
         self.progress_names = [f"step_tanh_{s:g}" for s in self.step_timescales]
         if self.num_steps is not None:
             self.progress_names += ["progress", "progress_cos"]

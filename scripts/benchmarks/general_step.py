@@ -117,8 +117,8 @@ def main() -> None:
             for name, t in times.items()]
     print(f"{count:,} parameters, {torch.get_num_threads()} thread(s), {args.clock} clock")
     print(markdown_table(["optimizer", "ms per step", "× Adam (foreach)", "× Muon"], rows))
-    path = write_json("general_step", {"machine": machine(), "parameters": count, "repeats": args.repeats, "clock": args.clock,
-                                       "seconds": times})
+    path = write_json("general_step", {"machine": machine(), "parameters": count, "repeats": args.repeats,
+                                       "clock": args.clock, "seconds": times})
     print(f"wrote {path}")
 
 

@@ -273,7 +273,8 @@ def plot(results: dict, path: Path) -> None:
         runs = sorted((r for r in results["runs"] if (r["optimizer"], r["mode"]) == (name, mode)),
                       key=lambda r: r["num_tasks"])
         for c in sorted({c for r in runs for c in r["inner_steps_per_second"]}):
-            points = [(r["num_tasks"], r["inner_steps_per_second"][c]) for r in runs if c in r["inner_steps_per_second"]]
+            points = [(r["num_tasks"], r["inner_steps_per_second"][c])
+                      for r in runs if c in r["inner_steps_per_second"]]
             ax.plot(*zip(*points), "o-", label=c)
         bound = [r["matmul_flops_per_second"] / (r["matmul_flops_per_coordinate"] * r.get("coordinates_per_task", DIM))
                  for r in runs]
