@@ -66,15 +66,33 @@ BASELINES_VERSION = 1
 
 class ScheduledOptimizer:
     """An optimizer stepped together with its learning-rate scheduler (``opt.step()`` then
-    ``scheduler.step()``), for loops that only call ``zero_grad`` and ``step``."""
+    ``scheduler.step()``), for loops that only call ``zero_grad`` and ``step``.
+
+    Args:
+        optimizer: the wrapped optimizer.
+        scheduler: its learning-rate scheduler, stepped once after every optimizer step.
+    """
 
     def __init__(self, optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
         self.optimizer, self.scheduler = optimizer, scheduler
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        """The optimizer's ``zero_grad``.
+
+        Args:
+            set_to_none: passed to ``torch.optim.Optimizer.zero_grad``.
+        """
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
     def step(self, closure: Callable[[], Tensor] | None = None) -> Any:
+        """One optimizer step, then one scheduler step.
+
+        Args:
+            closure: passed to the optimizer's ``step``.
+
+        Returns:
+            What the optimizer's ``step`` returns (the closure's loss, or None).
+        """
         out = self.optimizer.step(closure)
         self.scheduler.step()
         return out
@@ -82,7 +100,14 @@ class ScheduledOptimizer:
 
 def suite_baselines(steps: int) -> dict[str, Callable[..., Any]]:
     """The baselines of the module docstring for runs of ``steps`` steps: ``adam_1e-3`` takes
-    ``(params)``, the tuned ones ``(params, lr)``."""
+    ``(params)``, the tuned ones ``(params, lr)``.
+
+    Args:
+        steps: the run length (the cosine schedule's ``T_max``).
+
+    Returns:
+        ``{name: factory}`` for ``adam_1e-3`` and the ``TUNED`` baselines.
+    """
 
     def adam_cosine(ps: list[Tensor], lr: float) -> ScheduledOptimizer:
         opt = torch.optim.Adam(ps, lr=lr)
@@ -100,7 +125,16 @@ def suite_baselines(steps: int) -> dict[str, Callable[..., Any]]:
 
 def learned_factories(checkpoint: str, steps: int, orthogonalize: bool) -> dict[str, Callable[..., Any]]:
     """``{name: (params) -> optimizer}`` for the checkpoint's learned optimizer (and its
-    orthogonalized composition), told the run length ``steps`` where it takes one."""
+    orthogonalized composition), told the run length ``steps`` where it takes one.
+
+    Args:
+        checkpoint: path of the learned optimizer's checkpoint; its stem names the optimizer.
+        steps: the run length passed as ``num_steps`` to a rule whose config has one.
+        orthogonalize: also add ``<name>+ns`` (``orthogonalized_learned_optimizer``, ``batch_dims=1``).
+
+    Returns:
+        ``{name: factory}``: the learned optimizer and, with ``orthogonalize``, its composition.
+    """
     from learnopt.checkpoint import load
     from learnopt.evaluate import learned_optimizer_factory
     from learnopt.optim.torch_optimizer import as_torch_optimizer
@@ -119,7 +153,14 @@ def learned_factories(checkpoint: str, steps: int, orthogonalize: bool) -> dict[
 
 def iqm(values: Sequence[float]) -> float:
     """Interquartile mean: the mean of the middle 50% of ``values`` (``scipy.stats.trim_mean``
-    cutting 25% at each end; infinities count by their rank)."""
+    cutting 25% at each end; infinities count by their rank).
+
+    Args:
+        values: the numbers; NaNs are left out.
+
+    Returns:
+        The interquartile mean, NaN when no value is left.
+    """
     from scipy.stats import trim_mean
 
     x = [v for v in values if not math.isnan(v)]
@@ -129,7 +170,19 @@ def iqm(values: Sequence[float]) -> float:
 def stability(make: Callable[..., Any], family: TaskFamily, steps: int, factor: int, num_instances: int,
               seed: int) -> dict[str, float]:
     """Mean log10 training loss of a ``factor × steps`` run at step ``steps`` and at its end, and
-    how many instances diverged."""
+    how many instances diverged.
+
+    Args:
+        make: the optimizer factory, ``(params) -> optimizer``.
+        family: the task family; instances are drawn from the ``"test"`` generator of ``seed``.
+        steps: the ordinary run length.
+        factor: the long run is ``factor × steps`` steps.
+        num_instances: instances trained at once.
+        seed: the ``"test"`` seed.
+
+    Returns:
+        ``{"log10_at_1x", "log10_final", "diverged"}``.
+    """
     generator = seeded_generator("test", seed)
     task = family.sample(num_instances, generator)
     losses = log10_losses(train_with_optimizer(make, task, factor * steps, generator))
@@ -139,7 +192,15 @@ def stability(make: Callable[..., Any], family: TaskFamily, steps: int, factor: 
 
 def describe(obj: Any, depth: int = 0) -> Any:
     """A JSON description of ``obj`` that is the same in every process: public attributes of
-    objects (recursively), tensors by shape, dtype and sum, callables by qualified name."""
+    objects (recursively), tensors by shape, dtype and sum, callables by qualified name.
+
+    Args:
+        obj: what to describe.
+        depth: the recursion depth so far; objects deeper than 4 are described by type name.
+
+    Returns:
+        JSON-serializable data: scalars, lists, dicts and strings.
+    """
     if obj is None or isinstance(obj, (str, int, float, bool)):
         return obj
     if isinstance(obj, (list, tuple)):
@@ -158,7 +219,16 @@ def describe(obj: Any, depth: int = 0) -> Any:
 
 def baseline_key(name: str, family: TaskFamily, steps: int, seeds: Sequence[int], num_instances: int,
                  tune_instances: int, lr_grid: Sequence[float]) -> str:
-    """SHA-256 of what one problem's baseline results depend on (module docstring)."""
+    """SHA-256 of what one problem's baseline results depend on (module docstring).
+
+    Args:
+        name: the problem's name.
+        family: its task family (``describe``d).
+        steps, seeds, num_instances, tune_instances, lr_grid: the evaluation's settings.
+
+    Returns:
+        The hex digest.
+    """
     spec = {"problem": name, "family": describe(family), "steps": steps, "seeds": list(seeds),
             "num_instances": num_instances, "tune_instances": tune_instances, "lr_grid": list(lr_grid),
             "baselines": sorted(suite_baselines(steps)), "tuned": list(TUNED), "version": BASELINES_VERSION,
@@ -168,7 +238,16 @@ def baseline_key(name: str, family: TaskFamily, steps: int, seeds: Sequence[int]
 
 def baseline_results(cache: Path | None, key: str, run: Callable[[], Evaluation]) -> list[OptimizerResult]:
     """The baselines' results under ``key`` in the JSON file ``cache``, or ``run()``'s, which
-    are then added to the file (None: no cache)."""
+    are then added to the file (None: no cache).
+
+    Args:
+        cache: the JSON file ``{key: [result, ...]}``, or None.
+        key: the problem's ``baseline_key``.
+        run: evaluates the baselines when the cache lacks ``key``.
+
+    Returns:
+        The baselines' results.
+    """
     stored = json.loads(cache.read_text()) if cache is not None and cache.exists() else {}
     if key in stored:
         return [OptimizerResult(**r) for r in stored[key]]
@@ -189,7 +268,21 @@ def evaluate_problem(checkpoint: str, name: str, family: TaskFamily, steps: int,
                      baseline_cache: Path | None = None) -> dict[str, Any]:
     """One problem of the suite: the evaluation (``table.md``, ``results.json``, ``curves.png``
     in ``out_dir / name``) and the stability runs; returns the problem's record. The baselines
-    come from ``baseline_cache`` where it holds them (``baseline_results``)."""
+    come from ``baseline_cache`` where it holds them (``baseline_results``).
+
+    Args:
+        checkpoint: the learned optimizer's checkpoint.
+        name: the problem's name (its folder under ``out_dir``).
+        family: the problem's task family.
+        steps, seeds, num_instances, tune_instances, lr_grid, orthogonalize, stability_factor,
+            stability_seeds: as ``evaluate_suite``.
+        out_dir: the suite's output folder.
+        baseline_cache: the JSON file of cached baseline results (None: no cache).
+
+    Returns:
+        ``{"family", "results": {optimizer: {"lr", "mean_log10_final_loss", "seed_means", ...}}}``,
+        the learned optimizers' entries with their comparisons and ``"stability"`` records.
+    """
     learned = learned_factories(checkpoint, steps, orthogonalize)
     evaluate = lambda optimizers: evaluate_optimizers(  # noqa: E731
         optimizers, family, steps, num_instances, seeds, tune=TUNED, lr_grid=lr_grid, tune_instances=tune_instances,
@@ -247,7 +340,15 @@ def _comparisons(evaluation: Evaluation, name: str) -> dict[str, Any]:
 
 def summarize(problems: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Per learned optimizer, across problems: the fraction of problems beating each reference,
-    the speedup IQMs and whether every stability run passed."""
+    the speedup IQMs and whether every stability run passed.
+
+    Args:
+        problems: ``{problem: record}`` as ``evaluate_problem`` returns them (at least one).
+
+    Returns:
+        ``{learned optimizer: {"fraction_beating_<ref>", "speedup_iqm_vs_adam",
+        "speedup_iqm_vs_adam_cosine", "stable_everywhere", "problems"}}``.
+    """
     names = [n for n, r in next(iter(problems.values()))["results"].items() if "speedup_vs_adam" in r]
     summary = {}
     for name in names:
@@ -263,7 +364,15 @@ def summarize(problems: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 
 def suite_table(problems: dict[str, dict[str, Any]], summary: dict[str, dict[str, Any]]) -> str:
-    """Markdown: mean log10 final training loss per problem and optimizer, then the summary."""
+    """Markdown: mean log10 final training loss per problem and optimizer, then the summary.
+
+    Args:
+        problems: ``{problem: record}`` as ``evaluate_problem`` returns them.
+        summary: as ``summarize`` returns it.
+
+    Returns:
+        The two Markdown tables.
+    """
     names = list(next(iter(problems.values()))["results"])
     lines = ["| problem | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for pname, p in problems.items():
@@ -303,8 +412,29 @@ def evaluate_suite(
     ``lr_grid`` (default: half decades 1e-4 … 10). Writes per-problem results under ``out_dir``
     and ``suite.md`` / ``suite.json`` there; ``record_in_checkpoint`` stores the summary in the
     checkpoint's metadata (``evaluation_suite``). Baseline results are read from and added to
-    ``baseline_cache`` (``""``: ``<out_dir>/baselines.json``; None: no cache). Returns
-    ``{"problems", "summary", ...}``."""
+    ``baseline_cache`` (``""``: ``<out_dir>/baselines.json``; None: no cache).
+
+    Args:
+        checkpoint: the learned optimizer's checkpoint.
+        problems: ``{name: task family}``, at least one.
+        steps: the run length.
+        seeds: the ``"test"`` seeds.
+        num_instances: instances per seed.
+        tune_instances: ``"tune"`` instances for the learning-rate search.
+        lr_grid: the learning rates tried (None or empty: ``DEFAULT_LR_GRID``).
+        orthogonalize: also evaluate the learned rule with Newton–Schulz orthogonalization.
+        stability_factor: the stability runs are this many times as long.
+        stability_seeds: the seeds of the stability runs, among ``seeds``.
+        out_dir: where the results are written.
+        record_in_checkpoint: store the result in the checkpoint's metadata.
+        baseline_cache: the cache of baseline results.
+
+    Returns:
+        ``{"checkpoint", "steps", "seeds", "num_instances", "problems", "summary"}``.
+
+    Raises:
+        ValueError: no problem, or a stability seed not among ``seeds``.
+    """
     from learnopt.checkpoint import read_checkpoint, update_metadata
 
     read_checkpoint(checkpoint)  # fail early, naming the file
@@ -334,7 +464,14 @@ def evaluate_suite(
 
 
 def evaluate_suite_cli(args: list[str] | None = None) -> dict[str, Any]:
-    """``learnopt evaluate --suite --config configs/evaluate_general_suite.yaml --checkpoint FILE``"""
+    """``learnopt evaluate --suite --config configs/evaluate_general_suite.yaml --checkpoint FILE``
+
+    Args:
+        args: the command-line arguments (default: ``sys.argv[1:]``).
+
+    Returns:
+        What ``evaluate_suite`` returns.
+    """
     from jsonargparse import ActionConfigFile, ArgumentParser
 
     parser = ArgumentParser(prog="learnopt evaluate --suite", description=evaluate_suite.__doc__)

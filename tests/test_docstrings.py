@@ -31,6 +31,7 @@ MODULES = [
         "stochastic_lbfgs", "torch_optimizer", "transforms", "variance_reduced")),
     "learnopt.learned",
     *(f"learnopt.learned.{name}" for name in ("base", "features", "hyperparams", "lstm", "mlp_lopt", "preprocess")),
+    *(f"learnopt.learned.{name}" for name in ("general", "general_lstm", "general_compact", "general_compact_kernels")),
     "learnopt.checkpoint",
     "learnopt.blackbox",
     "learnopt.blackbox.baselines",
@@ -55,12 +56,12 @@ MODULES = [
         "callbacks", "checkpoint_io", "cli", "config_errors", "module", "run_lock", "wandb_logging")),
     *(f"learnopt.{name}" for name in (
         "atomic_file", "compare", "compare_output", "comparison", "evaluate", "evaluation_results", "logging_schema",
-        "run_reader", "wandb_files")),
+        "run_reader", "wandb_files", "evaluate_suite")),
     *(f"tasks.{name}" for name in ("blackbox_benchmarks", "blackbox_episodes", "char_lm", "cnn", "datasets",
                                    "gp_functions", "logistic", "mlp", "online", "quadratic", "rosenbrock")),
 ]
 # Modules whose objects are skipped even when a listed package re-exports them (being rewritten).
-SKIPPED_MODULES = ("learnopt.learned.general", "learnopt.learned.general_lstm")
+SKIPPED_MODULES = ()
 
 
 def _section(doc: str, *names: str) -> bool:

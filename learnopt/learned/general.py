@@ -61,6 +61,11 @@ DIRECTION_EPS = 1e-12  # keeps d / rms(d) differentiable when the MLP outputs ze
 def check_parameter(name: str, x: Tensor, batch_dims: int) -> None:
     """Refuse what a per-tensor normalized rule cannot handle, naming the parameter.
 
+    Args:
+        name: the parameter's name, for the message.
+        x: its value or gradient.
+        batch_dims: leading instance dimensions of ``x``.
+
     Raises:
         ValueError: ``x`` is sparse, complex, or has no dimension beyond ``batch_dims``.
     """
@@ -94,14 +99,38 @@ def orthogonalized_momentum(batch_dims: int = 0, momentum: float = 0.9) -> Gradi
 
 def progress_features(count: Tensor, num_steps: int, dtype: torch.dtype) -> Tensor:
     """``[2 f − 1, cos(π f)]`` with ``f = min(t / T, 1)``: where a run of ``T`` steps stands
-    (``t`` 0-based). Returns ``[2]``."""
+    (``t`` 0-based).
+
+    Args:
+        count: ``t``, a scalar tensor.
+        num_steps: the run length ``T``.
+        dtype: the result's dtype.
+
+    Returns:
+        A ``[2]`` tensor.
+    """
     frac = torch.clamp(count.to(dtype) / float(num_steps), max=1.0)
     return torch.stack([2.0 * frac - 1.0, torch.cos(math.pi * frac)])
 
 
 class NormalizedMLPOptimizer(LearnedOptimizer):
     """Per-parameter MLP over hand-designed features with a per-tensor normalized output and a
-    global step size (module docstring). ``config()`` returns the constructor arguments."""
+    global step size (module docstring). ``config()`` returns the constructor arguments.
+
+    Args:
+        hidden_sizes: the MLP's hidden layer widths.
+        momentum_decays: decays of the momentum features ``m_b``.
+        second_moment_decay: decay of the second moment ``v``.
+        directions: hand-designed directions among the features: ``"adam"``, ``"sign"``, ``"muon"``.
+        step_timescales: the timescales ``s`` of the ``tanh(t / s − 1)`` features.
+        num_steps: the run length T of the progress features (None: no progress features).
+        step_mult: the global step multiplier.
+        magnitude_range: bound of the learned log step factor (0: a fixed step).
+        nominal: weight of the Adam direction added to the network's direction.
+        output_init_scale: initial scale of the last layer relative to PyTorch's default.
+        batch_dims: default leading instance dimensions of every tensor.
+        normalize: normalize the direction to unit RMS per tensor.
+    """
 
     takes_batch_dims = True  # as_torch_optimizer / load_optimizer accept batch_dims=
 
@@ -194,11 +223,19 @@ class NormalizedMLPOptimizer(LearnedOptimizer):
 
     @property
     def num_features(self) -> int:
+        """Columns of the network's input (``len(feature_names)``)."""
         return len(self.feature_names)
 
     def features(self, batch_dims: int) -> TransformFeatures:
         """The feature extractor for tensors with ``batch_dims`` instance dimensions (the
-        orthogonalized direction depends on it; the state's structure does not)."""
+        orthogonalized direction depends on it; the state's structure does not).
+
+        Args:
+            batch_dims: leading instance dimensions of every tensor.
+
+        Returns:
+            The (cached) ``TransformFeatures`` of this rule's base features.
+        """
         if batch_dims not in self._features:
             transforms: dict[str, GradientTransformation | str] = {"grad": "grad", "param": "param"}
             transforms.update({f"momentum_{b:g}": ema(b) for b in self.momentum_decays})
@@ -210,14 +247,29 @@ class NormalizedMLPOptimizer(LearnedOptimizer):
 
     # -- the optimizer ---------------------------------------------------------------------------
     def init(self, params: Params, batch_dims: int | None = None) -> FeaturesState:
-        """Feature state for ``params`` (checked with ``check_parameter``)."""
+        """Feature state for ``params`` (checked with ``check_parameter``).
+
+        Args:
+            params: the parameters, ``{name: tensor}``.
+            batch_dims: leading instance dimensions (default: the constructor's).
+
+        Returns:
+            The initial ``FeaturesState``.
+        """
         batch_dims = self.batch_dims if batch_dims is None else batch_dims
         for k, p in params.items():
             check_parameter(k, p, batch_dims)
         return self.features(batch_dims).init({k: p.detach().to(self.dtype) for k, p in params.items()})
 
     def mlp(self, x: Tensor) -> Tensor:
-        """``[..., F] -> [..., 2]``: (direction, log-magnitude)."""
+        """``[..., F] -> [..., 2]``: (direction, log-magnitude).
+
+        Args:
+            x: the feature rows ``[..., num_features]``.
+
+        Returns:
+            The network's output ``[..., 2]``.
+        """
         for i, layer in enumerate(self.layers):
             x = layer(x)
             if i < len(self.layers) - 1:
@@ -242,7 +294,18 @@ class NormalizedMLPOptimizer(LearnedOptimizer):
     def feature_rows(self, grads: Params, state: FeaturesState, params: Params, batch_dims: int,
                      num_steps: int | None = None) -> tuple[Params, FeaturesState]:
         """The network's inputs per tensor, ``{name: [*shape, num_features]}``, and the new
-        feature state (parameters checked with ``check_parameter``)."""
+        feature state (parameters checked with ``check_parameter``).
+
+        Args:
+            grads: the gradients, ``{name: tensor}``.
+            state: the feature state.
+            params: the parameter values (a feature).
+            batch_dims: leading instance dimensions.
+            num_steps: the run length T for the progress features (default: the constructor's).
+
+        Returns:
+            ``(rows, new_state)``.
+        """
         for k, g in grads.items():
             check_parameter(k, g, batch_dims)
         grads = {k: g.to(self.dtype) for k, g in grads.items()}
@@ -254,7 +317,14 @@ class NormalizedMLPOptimizer(LearnedOptimizer):
                               batch_dims: int, num_steps: int | None = None,
                               ) -> tuple[Params, Params, FeaturesState]:
         """Per tensor: the direction ``d`` (unit RMS unless ``normalize=False``) and the step
-        ``step_mult · exp(...)`` (broadcastable, one per instance), and the new feature state."""
+        ``step_mult · exp(...)`` (broadcastable, one per instance), and the new feature state.
+
+        Args:
+            grads, state, params, batch_dims, num_steps: as ``feature_rows``.
+
+        Returns:
+            ``(directions, scales, new_state)``.
+        """
         rows, new_state = self.feature_rows(grads, state, params, batch_dims, num_steps)
         out = self.mlp(torch.cat([r.reshape(-1, self.num_features) for r in rows.values()]))
         directions, scales = self.directions_from(out, rows, batch_dims)
@@ -262,7 +332,16 @@ class NormalizedMLPOptimizer(LearnedOptimizer):
 
     def directions_from(self, out: Tensor, rows: Params, batch_dims: int) -> tuple[Params, Params]:
         """Split the network's output ``[N, 2]`` (rows in ``rows`` order) into per-tensor
-        directions (plus the nominal term; normalized) and bounded step sizes."""
+        directions (plus the nominal term; normalized) and bounded step sizes.
+
+        Args:
+            out: the network's output ``[N, 2]``.
+            rows: the feature rows per tensor, ``{name: [*shape, num_features]}``.
+            batch_dims: leading instance dimensions, left out of the per-tensor means.
+
+        Returns:
+            ``(directions, scales)``, per tensor.
+        """
         directions, scales, offset = {}, {}, 0
         for k, r in rows.items():
             shape = r.shape[:-1]
@@ -302,7 +381,15 @@ class NormalizedMLPOptimizer(LearnedOptimizer):
 
     def transform(self, batch_dims: int | None = None, num_steps: int | None = None) -> GradientTransformation:
         """This rule as a ``GradientTransformation`` for tensors with ``batch_dims`` instance
-        dimensions (default: the constructor's) and runs of ``num_steps`` steps."""
+        dimensions (default: the constructor's) and runs of ``num_steps`` steps.
+
+        Args:
+            batch_dims: leading instance dimensions (default: the constructor's).
+            num_steps: the run length T for the progress features (default: the constructor's).
+
+        Returns:
+            A ``GradientTransformation`` of ``init`` and ``update``.
+        """
         batch_dims = self.batch_dims if batch_dims is None else int(batch_dims)
         return GradientTransformation(partial(self.init, batch_dims=batch_dims),
                                       partial(self.update, batch_dims=batch_dims, num_steps=num_steps))
@@ -311,7 +398,17 @@ class NormalizedMLPOptimizer(LearnedOptimizer):
                            **options: Any) -> TransformOptimizer:
         """A drop-in ``torch.optim.Optimizer`` over ``params``; ``batch_dims=0`` (an ordinary
         model) unless given, ``num_steps``: the length of the user's run (default: the
-        meta-training horizon stored in the config)."""
+        meta-training horizon stored in the config).
+
+        Args:
+            params: the parameters (as ``torch.optim.Optimizer`` takes them).
+            batch_dims: leading instance dimensions of every parameter.
+            num_steps: the run length T.
+            **options: passed to ``TransformOptimizer``.
+
+        Returns:
+            A ``TransformOptimizer`` of ``transform(batch_dims, num_steps)``.
+        """
         return TransformOptimizer(self.transform(batch_dims, num_steps), params, **options)
 
 
@@ -320,6 +417,10 @@ def orthogonalize_matching_rms(batch_dims: int = 0, ns_steps: int = 5) -> Gradie
     flattened to ``[out, rest]``) by its Newton–Schulz orthogonalization
     (``zeropower_via_newtonschulz5``) rescaled to ``u``'s own RMS per instance, so the
     learned rule keeps choosing the step size and Newton–Schulz only the direction.
+
+    Args:
+        batch_dims: leading instance dimensions of every update.
+        ns_steps: Newton–Schulz iterations.
 
     Returns:
         A stateless ``GradientTransformation``.
@@ -343,7 +444,16 @@ def orthogonalize_matching_rms(batch_dims: int = 0, ns_steps: int = 5) -> Gradie
 
 def is_hidden_matrix(name: str, x: Tensor, batch_dims: int = 0) -> bool:
     """Default routing of ``orthogonalized_learned_optimizer``: tensors with two or more
-    dimensions beyond ``batch_dims`` whose name does not mention an embedding."""
+    dimensions beyond ``batch_dims`` whose name does not mention an embedding.
+
+    Args:
+        name: the parameter's name.
+        x: the parameter.
+        batch_dims: leading instance dimensions of ``x``.
+
+    Returns:
+        Whether ``x`` takes the orthogonalized learned update.
+    """
     return x.dim() - batch_dims >= 2 and "embed" not in name.lower()
 
 

@@ -1,14 +1,11 @@
 """A compact normalized per-parameter MLP rule with a hand-designed schedule as its prior.
 
-``NormalizedMLPOptimizer`` (``learnopt.learned.general``) reads 24 feature columns per
-coordinate through a width-32 MLP; as a drop-in it costs hundreds of Adam steps. This rule keeps
-its recipe (features normalized per tensor, a per-coordinate MLP, the nominal Adam term, the
-output normalized to unit RMS per tensor, a bounded per-tensor magnitude) with per-coordinate
-work close to Adam's: five features, one hidden layer of four units, and the progress features
-(per-step scalars) entering as a bias rather than as columns. Its step size follows a
-hand-designed warm-up + cosine schedule that the network corrects, so the untrained rule is
-per-tensor-normalized Adam on a good schedule and meta-training starts from there. For every
-parameter tensor (``batch_dims`` leading instance dimensions excluded from every reduction)::
+``NormalizedMLPOptimizer`` (``learnopt.learned.general``) reads 24 feature columns per coordinate through a width-32
+MLP. This rule keeps its recipe (per-tensor normalized features, a per-coordinate MLP, the nominal Adam term, a
+unit-RMS output per tensor, a bounded per-tensor magnitude) with per-coordinate work close to Adam's: five features,
+one hidden layer of four units, the per-step progress features entering as a bias. Its step size follows a
+hand-designed warm-up + cosine schedule that the network corrects: untrained, the rule is per-tensor-normalized Adam
+on a good schedule. For every tensor (``batch_dims`` leading instance dimensions left out of every reduction)::
 
     m_b   = b m_b + (1 − b) g            for b in momentum_decays     (zero start)
     v     = β₂ v + (1 − β₂) g²,   r = 1 / sqrt(v / (1 − β₂ᵗ) + ε²)
@@ -20,12 +17,9 @@ parameter tensor (``batch_dims`` leading instance dimensions excluded from every
     step  = step_mult · schedule(t, T) · exp(magnitude_range · tanh(mean_tensor(μ)))
     θ_{t+1} = θ_t − step · d
 
-``schedule`` is 1 without a run length T, else a linear warm-up over the first ``warmup`` of
-the run and a cosine decay to ``final_ratio`` at T (held after T). ``update_fast`` is the same
-arithmetic for a caller that needs no graph and has no instance dimension (the drop-in
-``torch.optim`` step; tested equal to ``update``): the features of a tensor are rows of a
-reused scratch buffer, their per-tensor normalization is folded into the first layer's weights
-and the progress columns into its bias, so the MLP is one ``mm`` and one ``mv`` per tensor.
+``schedule`` is 1 without a run length T, else a linear warm-up over the first ``warmup`` of the run and a cosine
+decay to ``final_ratio`` at T (held after T). ``update_fast`` is the same arithmetic for a caller that needs no
+graph and has no instance dimension (the drop-in ``torch.optim`` step; tested equal to ``update``).
 """
 
 from __future__ import annotations
@@ -50,9 +44,8 @@ from learnopt.optim.torch_optimizer import TransformOptimizer
 # normal down to ~1e-19 RMS); only an all-zero feature stays zero.
 FEATURE_EPS = 1e-24
 ADAM_EPS = 1e-8
-# Peak step (per-coordinate RMS of the update): the best of 5e-3 … 1e-1 for the untrained rule on
-# the meta-training distribution's validation instances (docs/general.md); Celo2's 1e-3 is for
-# a rule without a schedule.
+# Peak step (per-coordinate RMS of the update): the best of 5e-3 … 1e-1 for the untrained rule on the
+# meta-training distribution's validation instances (docs/general.md); Celo2's 1e-3 is for a rule without a schedule.
 COMPACT_STEP_MULT = 1e-2
 # Coordinates per block of the drop-in's MLP: its hidden units (5 × 64k floats) stay in cache.
 FAST_CHUNK = 1 << 16
@@ -69,8 +62,7 @@ def warmup_cosine(count: float, num_steps: int | None, warmup: float, final_rati
     the end of the warm-up to ``final_ratio`` at ``T`` (held after it); 1 when ``T`` is None.
 
     Args:
-        count: ``t``, the number of previous steps (0-based).
-        num_steps: the run length ``T``.
+        count, num_steps: ``t``, the number of previous steps (0-based), and the run length ``T``.
         warmup: the warm-up's share of the run, in [0, 1).
         final_ratio: the schedule's value at and after ``T``.
 
@@ -86,9 +78,19 @@ def warmup_cosine(count: float, num_steps: int | None, warmup: float, final_rati
 
 
 class CompactNormalizedOptimizer(LearnedOptimizer):
-    """A normalized per-parameter MLP over five features with a learned correction of a
-    warm-up + cosine step schedule (module docstring). ``config()`` returns the constructor
-    arguments."""
+    """A normalized per-parameter MLP over five features with a learned correction of a warm-up + cosine step
+    schedule (module docstring). ``config()`` returns the constructor arguments.
+
+    Args:
+        hidden_size: the MLP's hidden units; ``output_init_scale``: its last layer's initial scale (× PyTorch's).
+        momentum_decays, second_moment_decay: decays of the momenta ``m_b`` and of ``v``.
+        adam_decay: the momentum decay of the Adam feature (one of ``momentum_decays``; None: no such feature).
+        step_timescales: the timescales ``s`` of the ``tanh(t / s − 1)`` inputs.
+        num_steps: the run length T of the schedule and progress inputs (None: a constant schedule).
+        step_mult: the peak step; ``warmup``, ``final_ratio``: the schedule's (``warmup_cosine``).
+        magnitude_range, nominal: bound of the learned log step factor, weight of ``x_adam`` in ``d``.
+        batch_dims: default leading instance dimensions; ``normalize``: scale the direction to unit RMS per tensor.
+    """
 
     takes_batch_dims = True  # as_torch_optimizer / load_optimizer accept batch_dims=
     has_fast_path = True  # update_fast computes this class's update
@@ -187,7 +189,14 @@ class CompactNormalizedOptimizer(LearnedOptimizer):
 
     # -- shared pieces ------------------------------------------------------------------------------
     def init(self, params: Params, batch_dims: int | None = None) -> CompactState:
-        """Zero moments for ``params`` (checked with ``check_parameter``)."""
+        """Zero moments for ``params`` (checked with ``check_parameter``).
+
+        Args:
+            params: the parameters; ``batch_dims``: their instance dimensions (default: the constructor's).
+
+        Returns:
+            A ``CompactState``.
+        """
         batch_dims = self.batch_dims if batch_dims is None else batch_dims
         for k, p in params.items():
             check_parameter(k, p, batch_dims)
@@ -207,8 +216,14 @@ class CompactNormalizedOptimizer(LearnedOptimizer):
         return self.layers[0].weight.device
 
     def progress(self, count: float, num_steps: int | None) -> list[float]:
-        """The per-step inputs ``c`` (module docstring), as ``progress_features`` gives the last
-        two (plain Python arithmetic: they are per-step scalars)."""
+        """The per-step inputs ``c`` (module docstring), as ``progress_features`` gives the last two.
+
+        Args:
+            count, num_steps: the step ``t`` (0-based) and the run length T (default: the constructor's).
+
+        Returns:
+            The values of ``progress_names`` (plain Python arithmetic: they are per-step scalars).
+        """
         cols = [math.tanh(count / s - 1.0) for s in self.step_timescales]
         if self.num_steps is not None:
             frac = min(count / float(num_steps or self.num_steps), 1.0)
@@ -216,7 +231,14 @@ class CompactNormalizedOptimizer(LearnedOptimizer):
         return cols
 
     def step_size(self, count: float, num_steps: int | None) -> float:
-        """``step_mult · schedule(t, T)`` before the learned per-tensor factor."""
+        """``step_mult · schedule(t, T)`` before the learned per-tensor factor.
+
+        Args:
+            count, num_steps: the step ``t`` (0-based) and the run length T (default: the constructor's).
+
+        Returns:
+            The step size.
+        """
         return self.step_mult * warmup_cosine(count, num_steps or self.num_steps, self.warmup, self.final_ratio)
 
     def _first_layer(self, count: float, num_steps: int | None) -> tuple[Tensor, Tensor]:
@@ -255,8 +277,15 @@ class CompactNormalizedOptimizer(LearnedOptimizer):
         return self.updates_from(out, rows, t, num_steps, batch_dims), CompactState(state.count + 1, momenta, second)
 
     def feature_rows(self, grads: Params, state: CompactState, batch_dims: int) -> tuple[Params, Params, Params]:
-        """Per tensor, the normalized features ``[*shape, num_features]``, and the new momenta
-        and second moments (gradients checked with ``check_parameter``)."""
+        """Per tensor, the normalized features and the new momenta and second moments.
+
+        Args:
+            grads, state: the gradients (checked with ``check_parameter``) and the ``CompactState``.
+            batch_dims: leading instance dimensions.
+
+        Returns:
+            ``(rows, momenta, second_moments)``, each ``{name: tensor}``; rows ``[*shape, num_features]``.
+        """
         self._check(grads, state, batch_dims)
         t = float(state.count)
         b2 = self.second_moment_decay
@@ -275,13 +304,28 @@ class CompactNormalizedOptimizer(LearnedOptimizer):
         return rows, momenta, second
 
     def network(self, x: Tensor, count: float, num_steps: int | None) -> Tensor:
-        """``[N, num_features] -> [N, 2]`` (direction, log-magnitude) at step ``count``."""
+        """``[N, num_features] -> [N, 2]`` (direction, log-magnitude) at step ``count``.
+
+        Args:
+            x, count, num_steps: the feature rows, the step ``t`` and the run length T.
+
+        Returns:
+            The network's output ``[N, 2]``.
+        """
         w1, b1 = self._first_layer(count, num_steps)
         return self.layers[1](torch.relu(functional.linear(x, w1, b1)))
 
     def updates_from(self, out: Tensor, rows: Params, count: float, num_steps: int | None,
                      batch_dims: int) -> Params:
-        """The updates ``−step · d`` from the network's output ``[N, 2]`` (rows in ``rows`` order)."""
+        """The updates ``−step · d`` from the network's output ``[N, 2]`` (rows in ``rows`` order).
+
+        Args:
+            out, rows: the network's output and the feature rows per tensor (``feature_rows``).
+            count, num_steps, batch_dims: the step ``t``, the run length T and the instance dimensions.
+
+        Returns:
+            The updates, ``{name: tensor}``.
+        """
         base_step = self.step_size(count, num_steps)
         updates, offset = {}, 0
         for k, x in rows.items():
@@ -310,21 +354,25 @@ class CompactNormalizedOptimizer(LearnedOptimizer):
     def update_fast(self, grads: Params, state: CompactState, params: Params | None = None,
                     num_steps: int | None = None, compiled: bool = False,
                     **extra: Any) -> tuple[Params, CompactState]:
-        """``update`` with ``batch_dims=0`` and no graph, for a caller that owns ``state`` and
-        applies the updates at once (the drop-in ``torch.optim`` step). The same arithmetic up to
-        rounding (tested), arranged for speed: it overwrites ``state``'s moments in place and
-        returns updates that live in buffers of this module until its next call.
+        """``update`` with ``batch_dims=0`` and no graph, for a caller that owns ``state`` and applies the
+        updates at once (the drop-in ``torch.optim`` step): the same arithmetic up to rounding (tested), arranged
+        for speed. It overwrites ``state``'s moments; its updates live in this module's buffers until its next call.
 
-        Per tensor, eagerly (``compiled=False``): the feature rows ``x`` and a row of ones (the
-        first layer's bias as a weight column) in one ``[num_features + 1, n]`` buffer; their
-        per-tensor normalization folded into the first layer's weights; then, ``FAST_CHUNK``
-        coordinates at a time so the hidden units stay in cache, ``h = relu(W [x, 1])`` (one
-        ``mm``) and ``d = nominal · x_adam + [w_dir, b_dir] · [h, 1]`` (one ``addmv``).
-        ``compiled=True``: two ``torch.compile``d loops per tensor instead
-        (``feature_square_sums``, ``direction_into``): the first reads the moments for the
-        features' per-tensor RMS (and the gradient's sum, the finiteness check of every tensor
-        before any state changes), the second writes them and the direction; where compiling
-        fails, this warns once and runs eagerly.
+        Per tensor, eagerly: the feature rows ``x`` and a row of ones (the first layer's bias as a weight column)
+        in one ``[num_features + 1, n]`` buffer; their per-tensor normalization folded into the first layer's
+        weights; then, ``FAST_CHUNK`` coordinates at a time so the hidden units stay in cache,
+        ``h = relu(W [x, 1])`` (one ``mm``) and ``d = nominal · x_adam + [w_dir, b_dir] · [h, 1]`` (one ``addmv``).
+
+        Args:
+            grads, state, params: as ``update`` (``state`` is overwritten, ``params`` unused).
+            num_steps: the run length T (default: the constructor's).
+            compiled: two ``torch.compile``d loops per tensor instead (``feature_square_sums``,
+                ``direction_into``): the first reads the moments for the features' per-tensor RMS (and the
+                gradient's sum, the finiteness check of every tensor before any state changes), the second writes
+                them and the direction; where compiling fails, this warns once and runs eagerly.
+
+        Returns:
+            The updates (in this module's buffers) and the new state (sharing ``state``'s moments).
         """
         self._check(grads, state, 0)
         count = float(state.count)
@@ -414,9 +462,15 @@ class CompactNormalizedOptimizer(LearnedOptimizer):
 
     def transform(self, batch_dims: int | None = None, num_steps: int | None = None,
                   fast: bool = False, compiled: bool = False) -> GradientTransformation:
-        """This rule as a ``GradientTransformation`` for tensors with ``batch_dims`` instance
-        dimensions (default: the constructor's) and runs of ``num_steps`` steps; ``fast``:
-        ``update_fast`` (no graph, ``batch_dims=0`` only), ``compiled``: its compiled loops."""
+        """This rule as a ``GradientTransformation``.
+
+        Args:
+            batch_dims, num_steps: the tensors' instance dimensions and the run length T (default: the constructor's).
+            fast: ``update_fast`` (no graph, ``batch_dims=0`` only); ``compiled``: its compiled loops.
+
+        Returns:
+            A ``GradientTransformation`` of ``init`` and ``update`` (or ``update_fast``).
+        """
         batch_dims = self.batch_dims if batch_dims is None else int(batch_dims)
         if fast and batch_dims != 0:
             raise ValueError(f"{type(self).__name__}: the fast update has no instance dimension (batch_dims=0)")
@@ -429,10 +483,17 @@ class CompactNormalizedOptimizer(LearnedOptimizer):
 
     def as_torch_optimizer(self, params, batch_dims: int = 0, num_steps: int | None = None,
                            compile: bool = False, **options: Any) -> TransformOptimizer:
-        """A drop-in ``torch.optim.Optimizer`` over ``params`` (``update_fast`` when
-        ``batch_dims=0``); ``num_steps``: the length of the user's run (default: the
-        meta-training horizon stored in the config); ``compile``: its ``torch.compile``d loops
-        (within 3x of Adam's step on a CPU, docs/general.md; the first step compiles them)."""
+        """A drop-in ``torch.optim.Optimizer`` over ``params`` (``update_fast`` when ``batch_dims=0``).
+
+        Args:
+            params, batch_dims: the parameters (as ``torch.optim.Optimizer`` takes them) and their instance dimensions.
+            num_steps: the length of the user's run (default: the meta-training horizon stored in the config).
+            compile: ``update_fast``'s ``torch.compile``d loops (the first step compiles them).
+            **options: passed to ``TransformOptimizer``.
+
+        Returns:
+            A ``TransformOptimizer``.
+        """
         tx = self.transform(batch_dims, num_steps, fast=batch_dims == 0, compiled=compile)
         if compile and batch_dims == 0:
             options.setdefault("check_finite", False)  # update_fast checks in its first loop

@@ -40,7 +40,20 @@ def feature_square_sums(g: Tensor, m: list[Tensor], v: Tensor, decay_weight: Ten
     """``[Σ g, Σ x_i² for the features x_i]`` of one tensor's next step, from the gradient
     ``g [n]``, the momenta ``m`` (``K`` rows ``[n]``) and second moment ``v [n]`` before it; ``scalars[0]``:
     ``eps2`` (one read-only loop once compiled; ``Σ g`` is non-finite exactly when
-    the gradient is, up to overflow)."""
+    the gradient is, up to overflow).
+
+    Args:
+        g: the gradient ``[n]``.
+        m: the momenta, ``K`` tensors ``[n]`` (read only).
+        v: the second moment ``[n]`` (read only).
+        decay_weight: ``[K]``, ``1 − b`` per momentum decay ``b``.
+        beta2: the second moment's decay.
+        scalars: ``[eps2, ...]``.
+        adam_row: index in ``m`` of the Adam direction's momentum.
+
+    Returns:
+        ``[1 + K + 3]``: ``Σ g`` then the features' sums of squares.
+    """
     xs, _ = _features(g, m, v, decay_weight, beta2, scalars[0], adam_row)
     return torch.stack([g.sum(), *[(x * x).sum() for x in xs]])
 
@@ -52,7 +65,20 @@ def direction_into(d: Tensor, g: Tensor, m: list[Tensor], v: Tensor, decay_weigh
     (``_features``), the features' normalization folded into ``w`` and ``scalars[1]`` by the
     caller (left to inductor, it recomputes them at every coordinate); returns
     ``[Σ_coordinates w2[1] · h, Σ d²]`` (one loop once compiled: the hidden units never reach
-    memory)."""
+    memory).
+
+    Args:
+        d: the output ``[n]``, overwritten with the direction.
+        g, m, v, decay_weight, beta2, adam_row: as ``feature_square_sums`` (``m`` and ``v`` updated in place).
+        scalars: ``[eps2, nominal weight of x_adam]``.
+        w: the first layer's weight on the features ``[hidden, K + 3]``, normalization folded in.
+        b1: the first layer's bias ``[hidden]``, progress folded in.
+        w2: the second layer's weight ``[2, hidden]``.
+        b2: the second layer's bias ``[2]``.
+
+    Returns:
+        ``[Σ w2[1] · h, Σ d²]``.
+    """
     xs, v_new = _features(g, m, v, decay_weight, beta2, scalars[0], adam_row)
     out = scalars[1] * xs[-1] + b2[0]
     magnitude = torch.zeros((), dtype=g.dtype, device=g.device)
@@ -76,7 +102,11 @@ _KERNELS: list[Any] = []
 def compiled_kernels() -> tuple[Any, Any] | None:
     """``torch.compile``d ``feature_square_sums`` and ``direction_into`` (dynamic shapes:
     one compilation serves every tensor size), tried once on a small input; None, with a
-    warning, where inductor cannot build them (no C++ compiler, a backend failure)."""
+    warning, where inductor cannot build them (no C++ compiler, a backend failure).
+
+    Returns:
+        ``(feature_square_sums, direction_into)`` compiled, or None.
+    """
     if not _KERNELS:
         kernels = (torch.compile(feature_square_sums, dynamic=True), torch.compile(direction_into, dynamic=True))
         try:

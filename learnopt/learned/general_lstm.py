@@ -31,7 +31,13 @@ class NormalizedLSTMState(NamedTuple):
 
 class NormalizedLSTMOptimizer(NormalizedMLPOptimizer):
     """``NormalizedMLPOptimizer`` with a coordinate-wise LSTM instead of the MLP (module
-    docstring). ``config()`` returns the constructor arguments."""
+    docstring). ``config()`` returns the constructor arguments.
+
+    Args:
+        hidden_size: the LSTM's units per layer.
+        num_layers: stacked ``LSTMCell``s.
+        **kwargs: the other arguments of ``NormalizedMLPOptimizer`` (not ``hidden_sizes``).
+    """
 
     def __init__(self, hidden_size: int = 20, num_layers: int = 2, **kwargs: Any) -> None:
         if int(hidden_size) < 1 or int(num_layers) < 1:
@@ -56,7 +62,15 @@ class NormalizedLSTMOptimizer(NormalizedMLPOptimizer):
         return {"hidden_size": self.hidden_size, "num_layers": self.num_layers, **config}
 
     def init(self, params: Params, batch_dims: int | None = None) -> NormalizedLSTMState:
-        """Feature state and zero LSTM states for every coordinate of ``params``."""
+        """Feature state and zero LSTM states for every coordinate of ``params``.
+
+        Args:
+            params: the parameters, ``{name: tensor}``.
+            batch_dims: leading instance dimensions (default: the constructor's).
+
+        Returns:
+            A ``NormalizedLSTMState``.
+        """
         features = super().init(params, batch_dims)
         n = sum(p.numel() for p in params.values())
         zeros = tuple(torch.zeros(n, self.hidden_size, dtype=self.dtype, device=self.device)
@@ -64,7 +78,15 @@ class NormalizedLSTMOptimizer(NormalizedMLPOptimizer):
         return NormalizedLSTMState(features, zeros, zeros)
 
     def lstm(self, x: Tensor, h: tuple[Tensor, ...], c: tuple[Tensor, ...]) -> tuple[Tensor, tuple, tuple]:
-        """One step of the stacked cells on rows ``x [N, F]``: ``(out [N, 2], h, c)``."""
+        """One step of the stacked cells on rows ``x [N, F]``: ``(out [N, 2], h, c)``.
+
+        Args:
+            x: the feature rows ``[N, num_features]``.
+            h, c: the hidden and cell states per layer, each ``[N, hidden_size]``.
+
+        Returns:
+            ``(out, new_h, new_c)``: the read-out (direction, log-magnitude) and the new states.
+        """
         new_h, new_c = [], []
         for cell, h_i, c_i in zip(self.cells, h, c):
             h_i, c_i = cell(x, (h_i, c_i))
@@ -76,7 +98,16 @@ class NormalizedLSTMOptimizer(NormalizedMLPOptimizer):
     def update(self, grads: Params, state: NormalizedLSTMState, params: Params | None = None,
                batch_dims: int | None = None, num_steps: int | None = None,
                **extra: Any) -> tuple[Params, NormalizedLSTMState]:
-        """``(updates, state)`` as ``NormalizedMLPOptimizer.update``, the LSTM states carried."""
+        """``(updates, state)`` as ``NormalizedMLPOptimizer.update``, the LSTM states carried.
+
+        Args:
+            grads, state, params: as every ``GradientTransformation`` (``params`` is required).
+            batch_dims: leading instance dimensions (default: the constructor's).
+            num_steps: the run length T for the progress features (default: the constructor's).
+
+        Returns:
+            The updates and the new ``NormalizedLSTMState``.
+        """
         if params is None:
             raise ValueError("NormalizedLSTMOptimizer: the parameter-value feature needs params: "
                              "update(grads, state, params)")
@@ -100,8 +131,13 @@ class CompactLSTMState(NamedTuple):
 class CompactLSTMOptimizer(CompactNormalizedOptimizer):
     """``CompactNormalizedOptimizer`` with a coordinate-wise LSTM instead of its MLP: the same
     features (the progress columns appended to every row), nominal term, normalized direction
-    and scheduled, bounded step. ``hidden_size``: the LSTM's units per layer. ``config()``
-    returns the constructor arguments."""
+    and scheduled, bounded step. ``config()`` returns the constructor arguments.
+
+    Args:
+        hidden_size: the LSTM's units per layer.
+        num_layers: stacked ``LSTMCell``s.
+        **kwargs: the other arguments of ``CompactNormalizedOptimizer``.
+    """
 
     has_fast_path = False  # update_fast is the MLP's
 
@@ -131,7 +167,15 @@ class CompactLSTMOptimizer(CompactNormalizedOptimizer):
         return {**super().config(), "num_layers": self.num_layers}
 
     def init(self, params: Params, batch_dims: int | None = None) -> CompactLSTMState:
-        """Zero moments and zero LSTM states for every coordinate of ``params``."""
+        """Zero moments and zero LSTM states for every coordinate of ``params``.
+
+        Args:
+            params: the parameters, ``{name: tensor}``.
+            batch_dims: leading instance dimensions (default: the constructor's).
+
+        Returns:
+            A ``CompactLSTMState``.
+        """
         moments = super().init(params, batch_dims)
         n = sum(p.numel() for p in params.values())
         zeros = tuple(torch.zeros(n, self.hidden_size, dtype=self.dtype, device=self.device)
@@ -141,7 +185,16 @@ class CompactLSTMOptimizer(CompactNormalizedOptimizer):
     def update(self, grads: Params, state: CompactLSTMState, params: Params | None = None,
                batch_dims: int | None = None, num_steps: int | None = None,
                **extra: Any) -> tuple[Params, CompactLSTMState]:
-        """``(updates, state)`` as ``CompactNormalizedOptimizer.update``, the LSTM states carried."""
+        """``(updates, state)`` as ``CompactNormalizedOptimizer.update``, the LSTM states carried.
+
+        Args:
+            grads, state, params: as every ``GradientTransformation`` (``params`` is unused).
+            batch_dims: leading instance dimensions (default: the constructor's).
+            num_steps: the run length T for the schedule and progress (default: the constructor's).
+
+        Returns:
+            The updates and the new ``CompactLSTMState``.
+        """
         batch_dims = self.batch_dims if batch_dims is None else batch_dims
         rows, momenta, second = self.feature_rows(grads, state.moments, batch_dims)
         t = float(state.moments.count)
