@@ -23,6 +23,62 @@ from learnopt.learned.general_compact import CompactNormalizedOptimizer, Compact
 from learnopt.optim.base import Params
 
 
+def lstm_stack(inputs: int, hidden_size: int, num_layers: int,
+               output_init_scale: float) -> tuple[nn.ModuleList, nn.Linear]:
+    """Stacked ``LSTMCell``s and the (direction, log-magnitude) read-out.
+
+    Args:
+        inputs: features per row of the first cell.
+        hidden_size: units per layer.
+        num_layers: stacked cells.
+        output_init_scale: scales the read-out's initial weights (its bias starts at zero).
+
+    Returns:
+        ``(cells, readout)``.
+    """
+    cells = nn.ModuleList(nn.LSTMCell(inputs if i == 0 else hidden_size, hidden_size) for i in range(num_layers))
+    readout = nn.Linear(hidden_size, 2)
+    with torch.no_grad():
+        readout.weight.mul_(output_init_scale)
+        readout.bias.zero_()
+    return cells, readout
+
+
+def zero_states(n: int, module: nn.Module) -> tuple[Tensor, ...]:
+    """Zero LSTM states for ``n`` coordinates.
+
+    Args:
+        n: the coordinates (rows).
+        module: an LSTM optimizer (its ``hidden_size``, ``num_layers``, dtype and device).
+
+    Returns:
+        One ``[n, hidden_size]`` zero tensor per layer.
+    """
+    return tuple(torch.zeros(n, module.hidden_size, dtype=module.dtype, device=module.device)
+                 for _ in range(module.num_layers))
+
+
+def run_stack(cells: nn.ModuleList, readout: nn.Linear, x: Tensor, h: tuple[Tensor, ...],
+              c: tuple[Tensor, ...]) -> tuple[Tensor, tuple, tuple]:
+    """One step of the stacked cells on rows ``x [N, F]``.
+
+    Args:
+        cells, readout: from ``lstm_stack``.
+        x: the input rows.
+        h, c: the hidden and cell states per layer, each ``[N, hidden_size]``.
+
+    Returns:
+        ``(out [N, 2], new_h, new_c)``: the read-out and the new states.
+    """
+    new_h, new_c = [], []
+    for cell, h_i, c_i in zip(cells, h, c):
+        h_i, c_i = cell(x, (h_i, c_i))
+        new_h.append(h_i)
+        new_c.append(c_i)
+        x = h_i
+    return readout(x), tuple(new_h), tuple(new_c)
+
+
 class NormalizedLSTMState(NamedTuple):
     features: FeaturesState
     h: tuple[Tensor, ...]  # per layer, [coordinates, hidden_size]
@@ -49,12 +105,8 @@ class NormalizedLSTMOptimizer(NormalizedMLPOptimizer):
         super().__init__(hidden_sizes=(self.hidden_size,), **kwargs)
 
     def _build_network(self) -> None:
-        self.cells = nn.ModuleList(nn.LSTMCell(self.num_features if i == 0 else self.hidden_size, self.hidden_size)
-                                   for i in range(self.num_layers))
-        self.readout = nn.Linear(self.hidden_size, 2)
-        with torch.no_grad():
-            self.readout.weight.mul_(self.output_init_scale)
-            self.readout.bias.zero_()
+        self.cells, self.readout = lstm_stack(self.num_features, self.hidden_size, self.num_layers,
+                                              self.output_init_scale)
 
     def config(self) -> dict[str, Any]:
         config = super().config()
@@ -72,9 +124,7 @@ class NormalizedLSTMOptimizer(NormalizedMLPOptimizer):
             A ``NormalizedLSTMState``.
         """
         features = super().init(params, batch_dims)
-        n = sum(p.numel() for p in params.values())
-        zeros = tuple(torch.zeros(n, self.hidden_size, dtype=self.dtype, device=self.device)
-                      for _ in range(self.num_layers))
+        zeros = zero_states(sum(p.numel() for p in params.values()), self)
         return NormalizedLSTMState(features, zeros, zeros)
 
     def lstm(self, x: Tensor, h: tuple[Tensor, ...], c: tuple[Tensor, ...]) -> tuple[Tensor, tuple, tuple]:
@@ -87,13 +137,7 @@ class NormalizedLSTMOptimizer(NormalizedMLPOptimizer):
         Returns:
             ``(out, new_h, new_c)``: the read-out (direction, log-magnitude) and the new states.
         """
-        new_h, new_c = [], []
-        for cell, h_i, c_i in zip(self.cells, h, c):
-            h_i, c_i = cell(x, (h_i, c_i))
-            new_h.append(h_i)
-            new_c.append(c_i)
-            x = h_i
-        return self.readout(x), tuple(new_h), tuple(new_c)
+        return run_stack(self.cells, self.readout, x, h, c)
 
     def update(self, grads: Params, state: NormalizedLSTMState, params: Params | None = None,
                batch_dims: int | None = None, num_steps: int | None = None,
@@ -148,12 +192,7 @@ class CompactLSTMOptimizer(CompactNormalizedOptimizer):
         self.num_layers = int(num_layers)
         del self.layers
         inputs = self.num_features + len(self.progress_names)
-        self.cells = nn.ModuleList(nn.LSTMCell(inputs if i == 0 else self.hidden_size, self.hidden_size)
-                                   for i in range(self.num_layers))
-        self.readout = nn.Linear(self.hidden_size, 2)
-        with torch.no_grad():
-            self.readout.weight.mul_(self.output_init_scale)
-            self.readout.bias.zero_()
+        self.cells, self.readout = lstm_stack(inputs, self.hidden_size, self.num_layers, self.output_init_scale)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -177,9 +216,7 @@ class CompactLSTMOptimizer(CompactNormalizedOptimizer):
             A ``CompactLSTMState``.
         """
         moments = super().init(params, batch_dims)
-        n = sum(p.numel() for p in params.values())
-        zeros = tuple(torch.zeros(n, self.hidden_size, dtype=self.dtype, device=self.device)
-                      for _ in range(self.num_layers))
+        zeros = zero_states(sum(p.numel() for p in params.values()), self)
         return CompactLSTMState(moments, zeros, zeros)
 
     def update(self, grads: Params, state: CompactLSTMState, params: Params | None = None,
@@ -204,12 +241,7 @@ class CompactLSTMOptimizer(CompactNormalizedOptimizer):
                              f"the gradients have {flat.shape[0]}; init the state for these parameters")
         progress = torch.tensor(self.progress(t, num_steps), dtype=self.dtype, device=self.device)
         x = torch.cat([flat, progress.expand(flat.shape[0], -1)], dim=-1)
-        new_h, new_c = [], []
-        for cell, h_i, c_i in zip(self.cells, state.h, state.c):
-            h_i, c_i = cell(x, (h_i, c_i))
-            new_h.append(h_i)
-            new_c.append(c_i)
-            x = h_i
-        updates = self.updates_from(self.readout(x), rows, t, num_steps, batch_dims)
+        out, h, c = run_stack(self.cells, self.readout, x, state.h, state.c)
+        updates = self.updates_from(out, rows, t, num_steps, batch_dims)
         moments = CompactState(state.moments.count + 1, momenta, second)
-        return updates, CompactLSTMState(moments, tuple(new_h), tuple(new_c))
+        return updates, CompactLSTMState(moments, h, c)
