@@ -72,3 +72,23 @@ def all_partial_derivatives(fn, tensor, eps=1e-6) -> torch.Tensor:
 
     picks = [(0, idx) for idx in np.ndindex(*tensor.shape)]
     return partial_derivatives(fn, [tensor], picks, eps).to(tensor.dtype).reshape(tensor.shape)
+
+
+def assert_instances_independent(tx, params, grads, rtol=1e-10, atol=1e-13) -> None:
+    """Steps of ``tx`` on parameters with one leading instance dimension (``batch_dims=1``) equal
+    the same steps taken one instance at a time (``batch_dims=0``), for the gradients ``grads``
+    (a list of dicts like ``params``)."""
+    from learnopt.optim import apply_updates
+
+    state, batched = tx.init(params, batch_dims=1), params
+    for g in grads:
+        u, state = tx.update(g, state, batched, batch_dims=1)
+        batched = apply_updates(batched, u)
+    for i in range(next(iter(params.values())).shape[0]):
+        single = {k: v[i] for k, v in params.items()}
+        state = tx.init(single, batch_dims=0)
+        for g in grads:
+            u, state = tx.update({k: v[i] for k, v in g.items()}, state, single, batch_dims=0)
+            single = apply_updates(single, u)
+        for k in params:
+            torch.testing.assert_close(batched[k][i], single[k], rtol=rtol, atol=atol)

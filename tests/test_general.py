@@ -28,6 +28,7 @@ from learnopt.learned import (
 )
 from learnopt.learned.general import orthogonalized_learned_optimizer, progress_features
 from learnopt.meta.augmentation import ReparameterizedFamily
+from conftest import assert_instances_independent
 from learnopt.optim import apply_updates
 from learnopt.task import seeded_generator
 from tasks.group import TaskGroupFamily
@@ -115,20 +116,7 @@ def test_fixed_step_gives_update_rms_step_mult():
 def test_instances_do_not_mix():
     lopt = _lopt(num_steps=7, output_init_scale=1.0)
     p = _params(batch=(2,))
-    grads = [{k: torch.randn_like(v) for k, v in p.items()} for _ in range(3)]
-    state = lopt.init(p, batch_dims=1)
-    batched = p
-    for g in grads:
-        u, state = lopt.update(g, state, batched, batch_dims=1)
-        batched = apply_updates(batched, u)
-    for i in range(2):
-        single = {k: v[i] for k, v in p.items()}
-        state = lopt.init(single, batch_dims=0)
-        for g in grads:
-            u, state = lopt.update({k: v[i] for k, v in g.items()}, state, single, batch_dims=0)
-            single = apply_updates(single, u)
-        for k in p:
-            torch.testing.assert_close(batched[k][i], single[k], rtol=1e-10, atol=1e-13)
+    assert_instances_independent(lopt, p, [{k: torch.randn_like(v) for k, v in p.items()} for _ in range(3)])
 
 
 def test_progress_features_closed_form():

@@ -18,7 +18,7 @@ import learnopt
 from learnopt.checkpoint import export_checkpoint
 from learnopt.learned import REGISTRY, CompactLSTMOptimizer, CompactNormalizedOptimizer, general_compact_kernels
 from learnopt.learned.general_compact import FAST_CHUNK, warmup_cosine
-from learnopt.optim import apply_updates
+from conftest import assert_instances_independent
 
 DT = torch.float64
 
@@ -74,19 +74,7 @@ def test_first_step_matches_formulas_written_out():
 def test_instances_do_not_mix_and_directions_have_unit_rms():
     lopt = _lopt(num_steps=7)
     p = {"w": torch.randn(2, 5, 3, dtype=DT), "b": torch.randn(2, 3, dtype=DT)}
-    grads = [_grads(p, s) for s in range(3)]
-    state, batched = lopt.init(p, batch_dims=1), p
-    for g in grads:
-        u, state = lopt.update(g, state, batched, batch_dims=1)
-        batched = apply_updates(batched, u)
-    for i in range(2):
-        single = {k: v[i] for k, v in p.items()}
-        state = lopt.init(single, batch_dims=0)
-        for g in grads:
-            u, state = lopt.update({k: v[i] for k, v in g.items()}, state, single, batch_dims=0)
-            single = apply_updates(single, u)
-        for k in p:
-            torch.testing.assert_close(batched[k][i], single[k], rtol=1e-10, atol=1e-13)
+    assert_instances_independent(lopt, p, [_grads(p, s) for s in range(3)])
     fixed = _lopt(num_steps=None, magnitude_range=0.0, step_mult=3e-3)
     u, _ = fixed.update(_grads(p, 5), fixed.init(p, batch_dims=1), p, batch_dims=1)
     for x in u.values():  # no schedule, no learned factor: every instance moves by RMS step_mult
