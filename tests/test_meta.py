@@ -13,6 +13,7 @@ import math
 import pytest
 import torch
 
+from conftest import directional_derivative
 from learnopt import optim as lo
 from learnopt.learned import CoordinatewiseLSTM
 from learnopt.meta import GradientEstimate, TruncatedBPTT, inner_step, rollout
@@ -41,19 +42,9 @@ def _meta_loss_at(est: TruncatedBPTT, lopt, state) -> float:
 
 def _fd_along(est, lopt, state, direction: dict[str, torch.Tensor], eps=FD_EPS) -> float:
     """Central difference of the truncation's meta-loss along ``direction`` in weight space."""
-    params = dict(lopt.named_parameters())
-    with torch.no_grad():
-        for n, d in direction.items():
-            params[n].add_(eps * d)
-    plus = _meta_loss_at(est, lopt, state)
-    with torch.no_grad():
-        for n, d in direction.items():
-            params[n].sub_(2 * eps * d)
-    minus = _meta_loss_at(est, lopt, state)
-    with torch.no_grad():
-        for n, d in direction.items():
-            params[n].add_(eps * d)
-    return (plus - minus) / (2 * eps)
+    named = dict(lopt.named_parameters())
+    return directional_derivative(lambda: _meta_loss_at(est, lopt, state), {n: named[n] for n in direction},
+                                  direction, eps)
 
 
 def _check_against_fd(est, lopt, state, meta_grads, n_single=8, seed=0):

@@ -370,6 +370,9 @@ class GradientEstimator:
 
     # Whether the truncations need only values (ES, PES): the compiled path then builds no graph.
     forward_only = False
+    # Estimators that run truncations set these in _configure; the episodic ones keep the defaults.
+    compile_unroll = False
+    compile_chunk = 1
 
     def step_function(self) -> Callable[..., tuple[Tensor, Params, Any]]:
         """The inner step the truncations run (``run_truncation``'s ``step``): ``inner_step``, or
@@ -379,7 +382,7 @@ class GradientEstimator:
         Returns:
             A function ``(tx, task, params, opt_state, batch, second_order) -> (loss, params, opt_state)``.
         """
-        if getattr(self, "compile_unroll", False):
+        if self.compile_unroll:
             return compiled_forward_step if self.forward_only else compiled_inner_step
         return inner_step
 
@@ -390,7 +393,7 @@ class GradientEstimator:
         Returns:
             ``compiled_steps`` or ``None``.
         """
-        return compiled_steps if getattr(self, "compile_unroll", False) and self.compile_chunk > 1 else None
+        return compiled_steps if self.compile_unroll and self.compile_chunk > 1 else None
 
     def truncation_length(self, state: UnrollState) -> int:
         """Length of the truncation that starts at ``state.step`` (clipped to the horizon).
