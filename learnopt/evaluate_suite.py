@@ -267,8 +267,10 @@ def evaluate_problem(checkpoint: str, name: str, family: TaskFamily, steps: int,
                      stability_factor: int, stability_seeds: Sequence[int], out_dir: Path,
                      baseline_cache: Path | None = None) -> dict[str, Any]:
     """One problem of the suite: the evaluation (``table.md``, ``results.json``, ``curves.png``
-    in ``out_dir / name``) and the stability runs; returns the problem's record. The baselines
-    come from ``baseline_cache`` where it holds them (``baseline_results``).
+    in ``out_dir / name``) and the stability runs; returns the problem's record, also kept in
+    ``out_dir / name / record.json`` so that a suite run that was stopped resumes where it was
+    (the record is reused while the checkpoint's bytes and the settings are the same). The
+    baselines come from ``baseline_cache`` where it holds them (``baseline_results``).
 
     Args:
         checkpoint: the learned optimizer's checkpoint.
@@ -283,11 +285,18 @@ def evaluate_problem(checkpoint: str, name: str, family: TaskFamily, steps: int,
         ``{"family", "results": {optimizer: {"lr", "mean_log10_final_loss", "seed_means", ...}}}``,
         the learned optimizers' entries with their comparisons and ``"stability"`` records.
     """
+    key = baseline_key(name, family, steps, seeds, num_instances, tune_instances, lr_grid)
+    done = out_dir / name / "record.json"
+    record_key = hashlib.sha256(json.dumps(
+        [key, _file_digest(checkpoint), orthogonalize, stability_factor, list(stability_seeds)]).encode()).hexdigest()
+    if done.exists():
+        stored = json.loads(done.read_text())
+        if stored.get("key") == record_key:
+            return stored["record"]
     learned = learned_factories(checkpoint, steps, orthogonalize)
     evaluate = lambda optimizers: evaluate_optimizers(  # noqa: E731
         optimizers, family, steps, num_instances, seeds, tune=TUNED, lr_grid=lr_grid, tune_instances=tune_instances,
         progress=False)
-    key = baseline_key(name, family, steps, seeds, num_instances, tune_instances, lr_grid)
     baselines = baseline_results(baseline_cache, key, lambda: evaluate(suite_baselines(steps)))
     evaluation = evaluate(learned)
     evaluation.results += baselines
@@ -311,7 +320,16 @@ def evaluate_problem(checkpoint: str, name: str, family: TaskFamily, steps: int,
             _stability_record(make, family, steps, stability_factor, num_instances, seed, ordinary[seed])
             for seed in stability_seeds
         ]
+    tmp = done.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"key": record_key, "record": record}))
+    tmp.replace(done)
     return record
+
+
+def _file_digest(path: str) -> str:
+    """SHA-256 of a file's bytes."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _stability_record(make: Callable[..., Any], family: TaskFamily, steps: int, factor: int, num_instances: int,

@@ -132,3 +132,36 @@ def test_baselines_are_cached_by_what_they_depend_on(in_tmp, monkeypatch):
     assert "second" in b["summary"]
     evaluate_suite(str(second), {"linear": MLPFamily("digits", (), "relu")}, **{**kw, "steps": 3})
     assert calls  # another run length: the baselines ran again
+
+
+def test_a_stopped_suite_resumes_from_the_finished_problems(in_tmp, monkeypatch):
+    import learnopt.evaluate_suite as suite
+
+    path = export_checkpoint(NormalizedMLPOptimizer(num_steps=4, batch_dims=1), in_tmp / "lopt.pt")
+    problems = {"first": MLPFamily("digits", (), "relu"), "second": MLPFamily("digits", (), "tanh")}
+    kw = dict(steps=4, seeds=[0], num_instances=2, tune_instances=2, lr_grid=[1e-3], orthogonalize=False,
+              stability_factor=2, out_dir="suite")
+    trained, original = [], suite.learned_factories
+
+    def killed_on_second(checkpoint, steps, orthogonalize):
+        trained.append(steps)
+        if len(trained) == 3:  # the second problem's ordinary run: the process dies there
+            raise KeyboardInterrupt
+        return original(checkpoint, steps, orthogonalize)
+
+    monkeypatch.setattr(suite, "learned_factories", killed_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_suite(str(path), problems, **kw)
+    assert (in_tmp / "suite" / "first" / "record.json").exists()
+    assert not (in_tmp / "suite" / "second" / "record.json").exists()
+    trained.clear()
+    counted = lambda *a: trained.append(a[1]) or original(*a)  # noqa: E731
+    monkeypatch.setattr(suite, "learned_factories", counted)
+    resumed = evaluate_suite(str(path), problems, **kw)
+    assert trained == [4, 8]  # only the second problem trained (its ordinary and its stability run)
+    fresh = evaluate_suite(str(path), problems, **{**kw, "out_dir": "fresh"})
+    assert json.loads(json.dumps(resumed["problems"])) == json.loads(json.dumps(fresh["problems"]))
+    trained.clear()
+    export_checkpoint(NormalizedMLPOptimizer(num_steps=4, batch_dims=1, nominal=0.5), path)
+    evaluate_suite(str(path), problems, **kw)
+    assert trained == [4, 8, 4, 8]  # another checkpoint in the same file: every problem again
