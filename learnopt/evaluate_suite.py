@@ -18,11 +18,10 @@ Stability: the learned optimizer is also run ``stability_factor`` times as long 
 length) on ``stability_seeds``; it passes if the long run stays finite and ends no worse than
 the ordinary run of the same seed did.
 
-Baselines do not depend on the checkpoint: each problem's baseline results are cached in
-``baseline_cache`` (default ``<out_dir>/baselines.json``), keyed by a hash of everything they
-depend on (``baseline_key``: the problem's name and task family, steps, seeds, instances, the
-tuning grid, the baseline set's version, torch's version), so a later run of the same suite
-with another checkpoint only trains the learned optimizers.
+Baselines do not depend on the checkpoint: they are cached in ``baseline_cache`` (default
+``<out_dir>/baselines.json``) under a hash of what they depend on (``baseline_key``), so a run
+with another checkpoint trains only the learned optimizers; a stopped run resumes from the
+problems it finished (``<out_dir>/<problem>/record.json``).
 
 Across problems: the fraction of problems on which each learned optimizer ends with a lower
 mean log10 training loss than ``adam_1e-3``, ``adam`` and ``adam_cosine``; the speedup over
@@ -59,9 +58,7 @@ from learnopt.task import TaskFamily, seeded_generator
 
 TUNED = ("adam", "adam_cosine", "adamw", "sgd_momentum", "muon")
 REFERENCES = ("adam_1e-3", "adam", "adam_cosine")  # what the summary compares the learned optimizers with
-# Bump when suite_baselines or the evaluation protocol changes: cached baseline results of an
-# older version are then recomputed.
-BASELINES_VERSION = 1
+BASELINES_VERSION = 1  # bump when suite_baselines or the protocol changes: cached results are then recomputed
 
 
 class ScheduledOptimizer:
@@ -269,7 +266,7 @@ def evaluate_problem(checkpoint: str, name: str, family: TaskFamily, steps: int,
     """One problem of the suite: the evaluation (``table.md``, ``results.json``, ``curves.png``
     in ``out_dir / name``) and the stability runs; returns the problem's record, also kept in
     ``out_dir / name / record.json`` so that a suite run that was stopped resumes where it was
-    (the record is reused while the checkpoint's bytes and the settings are the same). The
+    (the record is reused while the learned optimizer and the settings are the same). The
     baselines come from ``baseline_cache`` where it holds them (``baseline_results``).
 
     Args:
@@ -287,12 +284,10 @@ def evaluate_problem(checkpoint: str, name: str, family: TaskFamily, steps: int,
     """
     key = baseline_key(name, family, steps, seeds, num_instances, tune_instances, lr_grid)
     done = out_dir / name / "record.json"
-    record_key = hashlib.sha256(json.dumps(
-        [key, _file_digest(checkpoint), orthogonalize, stability_factor, list(stability_seeds)]).encode()).hexdigest()
-    if done.exists():
-        stored = json.loads(done.read_text())
-        if stored.get("key") == record_key:
-            return stored["record"]
+    settings = [key, _optimizer_digest(checkpoint), orthogonalize, stability_factor, list(stability_seeds)]
+    record_key = hashlib.sha256(json.dumps(settings).encode()).hexdigest()
+    if done.exists() and (stored := json.loads(done.read_text())).get("key") == record_key:
+        return stored["record"]
     learned = learned_factories(checkpoint, steps, orthogonalize)
     evaluate = lambda optimizers: evaluate_optimizers(  # noqa: E731
         optimizers, family, steps, num_instances, seeds, tune=TUNED, lr_grid=lr_grid, tune_instances=tune_instances,
@@ -320,16 +315,20 @@ def evaluate_problem(checkpoint: str, name: str, family: TaskFamily, steps: int,
             _stability_record(make, family, steps, stability_factor, num_instances, seed, ordinary[seed])
             for seed in stability_seeds
         ]
-    tmp = done.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"key": record_key, "record": record}))
-    tmp.replace(done)
+    done.with_suffix(".tmp").write_text(json.dumps({"key": record_key, "record": record}))
+    done.with_suffix(".tmp").replace(done)
     return record
 
 
-def _file_digest(path: str) -> str:
-    """SHA-256 of a file's bytes."""
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+def _optimizer_digest(path: str) -> str:
+    """SHA-256 of the checkpoint's learned optimizer (class, config, weights), not of its metadata."""
+    from learnopt.checkpoint import load
+
+    lopt = load(path)
+    h = hashlib.sha256(json.dumps([type(lopt).__qualname__, lopt.config()], sort_keys=True).encode())
+    for k, v in lopt.state_dict().items():
+        h.update(k.encode() + v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def _stability_record(make: Callable[..., Any], family: TaskFamily, steps: int, factor: int, num_instances: int,

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from learnopt.checkpoint import export_checkpoint
+from learnopt.checkpoint import export_checkpoint, update_metadata
 from learnopt.evaluate_suite import ScheduledOptimizer, evaluate_suite, iqm, summarize
 from learnopt.learned import NormalizedMLPOptimizer
 from learnopt.task import seeded_generator
@@ -161,7 +161,10 @@ def test_a_stopped_suite_resumes_from_the_finished_problems(in_tmp, monkeypatch)
     assert trained == [4, 8]  # only the second problem trained (its ordinary and its stability run)
     fresh = evaluate_suite(str(path), problems, **{**kw, "out_dir": "fresh"})
     assert json.loads(json.dumps(resumed["problems"])) == json.loads(json.dumps(fresh["problems"]))
+    update_metadata(path, note="metadata only")
     trained.clear()
+    evaluate_suite(str(path), problems, **kw)
+    assert trained == []  # the same learned optimizer: nothing trains again
     export_checkpoint(NormalizedMLPOptimizer(num_steps=4, batch_dims=1, nominal=0.5), path)
     evaluate_suite(str(path), problems, **kw)
-    assert trained == [4, 8, 4, 8]  # another checkpoint in the same file: every problem again
+    assert trained == [4, 8, 4, 8]  # another learned optimizer in the same file: every problem again

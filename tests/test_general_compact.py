@@ -211,3 +211,28 @@ def test_lstm_variant_matches_lstm_cells_run_by_hand():
     opt = lopt.as_torch_optimizer([("w", torch.nn.Parameter(p["w"].clone()))], num_steps=6)
     opt.param_groups[0]["params"][0].grad = torch.ones(3, 2, dtype=DT)
     opt.step()
+
+
+def test_orthogonalized_drop_in_is_the_composition():
+    from learnopt.learned.general import orthogonalized_learned_optimizer
+    from learnopt.optim.torch_optimizer import TransformOptimizer
+
+    lopt = CompactNormalizedOptimizer(num_steps=10, output_init_scale=1.0)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(5, 4), torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 1))
+    twin = torch.nn.Sequential(torch.nn.Embedding(5, 4), torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 1))
+    twin.load_state_dict(model.state_dict())
+    named = lambda m: [(k.replace("0.", "embed.", 1) if k.startswith("0.") else k, p)  # noqa: E731
+                       for k, p in m.named_parameters()]
+    a = lopt.as_torch_optimizer(named(model), orthogonalize=True)
+    b = TransformOptimizer(orthogonalized_learned_optimizer(lopt), named(twin))
+    x, y = torch.tensor([0, 1, 2, 3]), torch.randn(4, 1)
+    for _ in range(3):
+        for m, opt in ((model, a), (twin, b)):
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(m(x), y).backward()
+            opt.step()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="compile"):
+        lopt.as_torch_optimizer(named(model), orthogonalize=True, compile=True)

@@ -36,6 +36,7 @@ from torch.nn import functional
 from learnopt.learned.base import LearnedOptimizer
 from learnopt.learned.general_compact_kernels import COMPILE_MIN_SIZE, compiled_kernels
 from learnopt.learned.general import DIRECTION_EPS, GENERAL_TIMESCALES, check_parameter
+from learnopt.learned.general import orthogonalized_learned_optimizer
 from learnopt.learned.mlp_lopt import second_moment_normalize
 from learnopt.optim.base import GradientTransformation, Params
 from learnopt.optim.torch_optimizer import TransformOptimizer
@@ -49,6 +50,10 @@ ADAM_EPS = 1e-8
 COMPACT_STEP_MULT = 1e-2
 # Coordinates per block of the drop-in's MLP: its hidden units (5 × 64k floats) stay in cache.
 FAST_CHUNK = 1 << 16
+
+
+CONFIG_KEYS = tuple("hidden_size momentum_decays adam_decay second_moment_decay step_timescales num_steps step_mult "
+                    "warmup final_ratio magnitude_range nominal output_init_scale batch_dims normalize".split())
 
 
 class CompactState(NamedTuple):
@@ -165,22 +170,7 @@ class CompactNormalizedOptimizer(LearnedOptimizer):
             raise ValueError(f"{name}: batch_dims must be >= 0, got {self.batch_dims}")
 
     def config(self) -> dict[str, Any]:
-        return {
-            "hidden_size": self.hidden_size,
-            "momentum_decays": list(self.momentum_decays),
-            "adam_decay": self.adam_decay,
-            "second_moment_decay": self.second_moment_decay,
-            "step_timescales": list(self.step_timescales),
-            "num_steps": self.num_steps,
-            "step_mult": self.step_mult,
-            "warmup": self.warmup,
-            "final_ratio": self.final_ratio,
-            "magnitude_range": self.magnitude_range,
-            "nominal": self.nominal,
-            "output_init_scale": self.output_init_scale,
-            "batch_dims": self.batch_dims,
-            "normalize": self.normalize,
-        }
+        return {k: list(v) if isinstance(v := getattr(self, k), list) else v for k in CONFIG_KEYS}
 
     @property
     def num_features(self) -> int:
@@ -482,18 +472,28 @@ class CompactNormalizedOptimizer(LearnedOptimizer):
         return GradientTransformation(partial(self.init, batch_dims=batch_dims), update)
 
     def as_torch_optimizer(self, params, batch_dims: int = 0, num_steps: int | None = None,
-                           compile: bool = False, **options: Any) -> TransformOptimizer:
+                           compile: bool = False, orthogonalize: bool = False, **options: Any) -> TransformOptimizer:
         """A drop-in ``torch.optim.Optimizer`` over ``params`` (``update_fast`` when ``batch_dims=0``).
 
         Args:
             params, batch_dims: the parameters (as ``torch.optim.Optimizer`` takes them) and their instance dimensions.
             num_steps: the length of the user's run (default: the meta-training horizon stored in the config).
             compile: ``update_fast``'s ``torch.compile``d loops (the first step compiles them).
+            orthogonalize: Celo2's practical variant, ``orthogonalized_learned_optimizer``: Newton–Schulz on the
+                rule's update of hidden matrices, AdamW for vectors and parameters named ``*embed*``.
             **options: passed to ``TransformOptimizer``.
 
         Returns:
             A ``TransformOptimizer``.
+
+        Raises:
+            ValueError: ``compile`` with ``orthogonalize`` (the composition runs the reference update).
         """
+        if orthogonalize:
+            if compile:
+                raise ValueError(f"{type(self).__name__}: compile=True is for the rule alone, not orthogonalize=True")
+            tx = orthogonalized_learned_optimizer(self, batch_dims=batch_dims, num_steps=num_steps)
+            return TransformOptimizer(tx, params, **options)
         tx = self.transform(batch_dims, num_steps, fast=batch_dims == 0, compiled=compile)
         if compile and batch_dims == 0:
             options.setdefault("check_finite", False)  # update_fast checks in its first loop
