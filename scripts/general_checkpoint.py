@@ -5,6 +5,11 @@ the held-out suite (``configs/evaluate_general_suite.yaml``) and record its summ
 
     OMP_NUM_THREADS=1 .venv/bin/python scripts/general_checkpoint.py            # all of it
     OMP_NUM_THREADS=1 .venv/bin/python scripts/general_checkpoint.py --skip-suite
+
+The shipped file of 2026-12-06 (docs/general.md) came from the meta-learning-rate 3e-4 run:
+
+    OMP_NUM_THREADS=1 .venv/bin/python scripts/general_checkpoint.py --run-dir runs/general_metalr3e-4 \
+        --run-name general_metalr3e-4/meta-train --suite-out runs/suite/metalr3e-4_step800
 """
 
 from __future__ import annotations
@@ -41,6 +46,25 @@ def curves(run: RunRecord) -> dict[str, dict[str, list[float]]]:
     return out
 
 
+def plot_curves(measured: dict[str, dict[str, list[float]]], path: Path, title: str) -> None:
+    """One panel per metric of ``measured`` against the meta-step, saved as a PNG at ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(measured), figsize=(4 * len(measured), 3.2))
+    for ax, (key, c) in zip(axes, measured.items()):
+        ax.plot(c["meta_step"], c["value"], marker="o" if key.startswith("val/") else None, lw=1)
+        ax.set_title(key, fontsize=9)
+        ax.set_xlabel("meta-step")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run-dir", default="runs/general", help="default_root_dir of the meta-training run")
@@ -48,6 +72,9 @@ def main() -> None:
     parser.add_argument("--run-name", default="general/meta-train", help="the W&B run's name in the config")
     parser.add_argument("--out", default="checkpoints/general.pt")
     parser.add_argument("--suite", default="configs/evaluate_general_suite.yaml")
+    parser.add_argument("--suite-out", default=None, help="the suite's out_dir (default: the suite config's); "
+                        "finished problems there are reused while the learned optimizer is the same")
+    parser.add_argument("--plot", default="docs/general/meta_training.png", help="the meta-training curves' plot")
     parser.add_argument("--skip-suite", action="store_true")
     args = parser.parse_args()
     src, dst = ROOT / args.run_dir / "general.pt", ROOT / args.out
@@ -56,13 +83,17 @@ def main() -> None:
     run = meta_training_run(ROOT / args.wandb_dir, args.run_name)
     log = Path(run.path).resolve()
     where = str(log.relative_to(ROOT)) if log.is_relative_to(ROOT) else str(log)
-    update_metadata(dst, meta_training_curves=curves(run), meta_training_wandb_run=where)
-    print(f"{src} -> {dst}; curves from {run.path}")
+    measured = curves(run)
+    update_metadata(dst, meta_training_curves=measured, meta_training_wandb_run=where,
+                    selected_by="best validation score (val/log10_final_loss) of the run")
+    plot_curves(measured, ROOT / args.plot, title=f"{args.run_name} ({where})")
+    print(f"{src} -> {dst}; curves from {run.path}; plot {args.plot}")
     if not args.skip_suite:
         from learnopt.cli import main as learnopt_main
 
+        extra = ["--out_dir", str(ROOT / args.suite_out)] if args.suite_out else []
         learnopt_main(["evaluate", "--suite", "--config", str(ROOT / args.suite), "--checkpoint", str(dst),
-                       "--record_in_checkpoint", "true"])
+                       "--record_in_checkpoint", "true", *extra])
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@
 recorded with the code of commit 782b0f5, before the drop-in rewrite and the refactors: the
 losses of a small MLP trained by each learned optimizer, the values a black-box proposer
 observes, a VSML learner's online logits. The float32 LSTM paths now sum in another order, so
-the comparison allows 1e-5 relative (the largest difference seen was 3.3e-6).
+the comparison allows 1e-5 relative (the largest difference seen was 3.3e-6). ``general.pt``
+(issue 23) was added later, recorded when it shipped.
 """
 
 import importlib.util

@@ -58,25 +58,26 @@ GENERAL_TIMESCALES = (1, 3, 10, 30, 100, 300)  # absolute steps: warm-up of the 
 DIRECTION_EPS = 1e-12  # keeps d / rms(d) differentiable when the MLP outputs zeros
 
 
-def check_parameter(name: str, x: Tensor, batch_dims: int) -> None:
+def check_parameter(name: str, x: Tensor, batch_dims: int, owner: str) -> None:
     """Refuse what a per-tensor normalized rule cannot handle, naming the parameter.
 
     Args:
         name: the parameter's name, for the message.
         x: its value or gradient.
         batch_dims: leading instance dimensions of ``x``.
+        owner: the rule's class name, for the message.
 
     Raises:
         ValueError: ``x`` is sparse, complex, or has no dimension beyond ``batch_dims``.
     """
     if x.is_sparse or x.layout != torch.strided:
-        raise ValueError(f"NormalizedMLPOptimizer: parameter {name!r} has a sparse gradient or value; "
+        raise ValueError(f"{owner}: parameter {name!r} has a sparse gradient or value; "
                          "the rule needs dense tensors")
     if x.is_complex():
-        raise ValueError(f"NormalizedMLPOptimizer: parameter {name!r} is complex ({x.dtype}); "
+        raise ValueError(f"{owner}: parameter {name!r} is complex ({x.dtype}); "
                          "the rule handles real tensors only (view it as real pairs with torch.view_as_real)")
     if x.dim() <= batch_dims:
-        raise ValueError(f"NormalizedMLPOptimizer: parameter {name!r} has shape {tuple(x.shape)}, no dimension "
+        raise ValueError(f"{owner}: parameter {name!r} has shape {tuple(x.shape)}, no dimension "
                          f"beyond batch_dims={batch_dims}; a per-tensor normalized update of a scalar is only "
                          "its sign (reshape it to [1] or give it to another optimizer)")
 
@@ -258,7 +259,7 @@ class NormalizedMLPOptimizer(LearnedOptimizer):
         """
         batch_dims = self.batch_dims if batch_dims is None else batch_dims
         for k, p in params.items():
-            check_parameter(k, p, batch_dims)
+            check_parameter(k, p, batch_dims, type(self).__name__)
         return self.features(batch_dims).init({k: p.detach().to(self.dtype) for k, p in params.items()})
 
     def mlp(self, x: Tensor) -> Tensor:
@@ -307,7 +308,7 @@ class NormalizedMLPOptimizer(LearnedOptimizer):
             ``(rows, new_state)``.
         """
         for k, g in grads.items():
-            check_parameter(k, g, batch_dims)
+            check_parameter(k, g, batch_dims, type(self).__name__)
         grads = {k: g.to(self.dtype) for k, g in grads.items()}
         params = {k: params[k].to(self.dtype) for k in grads}
         raw, new_state = self.features(batch_dims).features_per_tensor(grads, state, params)

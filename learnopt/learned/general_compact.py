@@ -189,7 +189,7 @@ class CompactNormalizedOptimizer(LearnedOptimizer):
         """
         batch_dims = self.batch_dims if batch_dims is None else batch_dims
         for k, p in params.items():
-            check_parameter(k, p, batch_dims)
+            check_parameter(k, p, batch_dims, type(self).__name__)
         k_m = len(self.momentum_decays)
         return CompactState(
             torch.zeros((), dtype=torch.int64, device=self.device),
@@ -240,7 +240,7 @@ class CompactNormalizedOptimizer(LearnedOptimizer):
 
     def _check(self, grads: Params, state: CompactState, batch_dims: int) -> None:
         for k, g in grads.items():
-            check_parameter(k, g, batch_dims)
+            check_parameter(k, g, batch_dims, type(self).__name__)
             if k not in state.second_moment or state.second_moment[k].shape != g.shape:
                 raise ValueError(f"{type(self).__name__}: the state has no moments of shape {tuple(g.shape)} "
                                  f"for parameter {k!r}; make it with init(params)")
