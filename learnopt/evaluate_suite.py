@@ -284,7 +284,8 @@ def evaluate_problem(checkpoint: str, name: str, family: TaskFamily, steps: int,
     """
     key = baseline_key(name, family, steps, seeds, num_instances, tune_instances, lr_grid)
     done = out_dir / name / "record.json"
-    settings = [key, _optimizer_digest(checkpoint), orthogonalize, stability_factor, list(stability_seeds)]
+    settings = [key, Path(checkpoint).stem, _optimizer_digest(checkpoint), orthogonalize, stability_factor,
+                list(stability_seeds)]
     record_key = hashlib.sha256(json.dumps(settings).encode()).hexdigest()
     if done.exists() and (stored := json.loads(done.read_text())).get("key") == record_key:
         return stored["record"]
