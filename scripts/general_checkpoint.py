@@ -65,6 +65,34 @@ def plot_curves(measured: dict[str, dict[str, list[float]]], path: Path, title: 
     plt.close(fig)
 
 
+def plot_suite(result: dict, path: Path) -> None:
+    """Per problem, each optimizer's mean log10 final training loss minus tuned Adam's (left of 0:
+    better than tuned Adam), as horizontal bars, saved as a PNG at ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    problems = list(result["problems"])
+    names = list(next(iter(result["problems"].values()))["results"])
+    shown = [n for n in names if n.startswith(Path(result["checkpoint"]).stem)] + ["adam_1e-3", "adam_cosine", "muon"]
+    fig, ax = plt.subplots(figsize=(10, 0.6 * len(problems) + 1.5))
+    height = 0.8 / len(shown)
+    for i, name in enumerate(shown):
+        delta = [p["results"][name]["mean_log10_final_loss"] - p["results"]["adam"]["mean_log10_final_loss"]
+                 for p in result["problems"].values()]
+        ax.barh([j + i * height for j in range(len(problems))], [max(min(d, 1.5), -3.5) for d in delta],
+                height=height, label=name)
+    ax.axvline(0.0, color="k", lw=0.8)
+    ax.set_yticks([j + 0.4 - height / 2 for j in range(len(problems))], problems, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("mean log10 final training loss − tuned Adam's (clipped to [−3.5, 1.5]; left is better)")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run-dir", default="runs/general", help="default_root_dir of the meta-training run")
@@ -89,11 +117,12 @@ def main() -> None:
     plot_curves(measured, ROOT / args.plot, title=f"{args.run_name} ({where})")
     print(f"{src} -> {dst}; curves from {run.path}; plot {args.plot}")
     if not args.skip_suite:
-        from learnopt.cli import main as learnopt_main
+        from learnopt.evaluate_suite import evaluate_suite_cli
 
         extra = ["--out_dir", str(ROOT / args.suite_out)] if args.suite_out else []
-        learnopt_main(["evaluate", "--suite", "--config", str(ROOT / args.suite), "--checkpoint", str(dst),
-                       "--record_in_checkpoint", "true", *extra])
+        result = evaluate_suite_cli(["--config", str(ROOT / args.suite), "--checkpoint", str(dst),
+                                     "--record_in_checkpoint", "true", *extra])
+        plot_suite(result, ROOT / Path(args.plot).with_name("suite.png"))
 
 
 if __name__ == "__main__":
