@@ -73,7 +73,7 @@ def main() -> None:
     for name, make in runs.items():
         g = seeded_generator("test", args.seed)
         losses = log10_losses(train_with_optimizer(make, family.sample(args.instances, g), args.steps, g)).mean(1)
-        curves[name] = [float(v) for v in losses]
+        curves[name] = [round(float(v), 4) for v in losses]
         print(name, [round(curves[name][t], 2) for t in range(0, args.steps + 1, args.every)], flush=True)
     if args.out:
         import matplotlib
