@@ -45,6 +45,15 @@ def _train(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, 
         return float(functional.cross_entropy(model(x), y))
 
 
+def test_metadata_holds_config_curves_and_suite_summary():
+    meta = learnopt.load(CHECKPOINT).checkpoint_metadata
+    assert "CompactNormalizedOptimizer" in str(meta["config"]) and meta["validation"]["meta_step"] > 0
+    val = meta["meta_training_curves"]["val/log10_final_loss"]
+    assert meta["validation"]["val/log10_final_loss"] == pytest.approx(min(val["value"]), abs=1e-6)
+    summary = meta["evaluation_suite"]["summary"]
+    assert len(meta["evaluation_suite"]["problems"]) >= 8 and set(summary) == {"general", "general+ns"}
+
+
 @pytest.mark.parametrize("options", [{}, {"orthogonalize": True}], ids=["rule", "orthogonalized"])
 def test_trains_a_model_in_a_plain_loop_better_than_default_adam(options):
     x, y = _digits()
