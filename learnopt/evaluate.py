@@ -58,7 +58,7 @@ from torch import Tensor
 
 from learnopt.meta.unroll import DIVERGED_LOG10, log10_losses  # noqa: F401 (DIVERGED_LOG10: public here too)
 from learnopt.evaluation_results import (  # noqa: F401 (public here too)
-    Evaluation, OptimizerResult, check_sweep_run, log_to_wandb, plot_curves)
+    Evaluation, OptimizerResult, add_test_metrics, check_sweep_run, log_to_wandb, plot_curves)
 from learnopt.metrics import speedup, t_interval  # noqa: F401 (public here too)
 from learnopt.task import TaskFamily, normalize_loss, seeded_generator
 
@@ -143,7 +143,7 @@ def baseline_factory(name: str) -> MakeOptimizer:
 
 def train_with_optimizer(
     make: Callable[[list[Tensor]], torch.optim.Optimizer], task: Any, steps: int, generator: torch.Generator,
-    closure: bool = False, create_graph: bool = False,
+    closure: bool = False, create_graph: bool = False, on_end: Callable[[dict[str, Tensor]], None] | None = None,
 ) -> Tensor:
     """Train ``task`` with an ordinary torch optimizer loop. A non-finite loss, or a step that
     raises ``FloatingPointError`` (a non-finite gradient), ends the run as diverged.
@@ -156,6 +156,7 @@ def train_with_optimizer(
         closure: call ``opt.step(closure)`` with a closure that recomputes the loss and its
             gradients on this step's batch (line searches need it).
         create_graph: those gradients carry a graph (Hessian-vector products need it).
+        on_end: called once with the final (detached) parameters when the run ends, finished or diverged.
 
     Returns:
         Per-instance losses ``[steps + 1, n]`` (+inf after a divergence), on the whole training set when
@@ -188,6 +189,8 @@ def train_with_optimizer(
         with torch.no_grad():
             last = full_loss(params) if full_loss is not None else task.loss(params, task.sample_batch(generator))
             losses.append(last.detach().clone())
+    if on_end is not None:
+        on_end({k: p.detach() for k, p in params.items()})
     while len(losses) < steps + 1:
         losses.append(torch.full_like(losses[0], math.inf))
     return torch.stack(losses)
@@ -306,22 +309,21 @@ def evaluate_optimizers(
         else:
             run = make
         bar.set_postfix_str(f"testing {name}")
-        finals, normalized, seed_means, curves, seconds = [], [], [], [], []
+        finals, normalized, seed_means, curves, seconds, tested = [], [], [], [], [], {}
         for seed in seeds:
             generator = seeded_generator(split, seed)
             task = family.sample(num_instances, generator)
-            start = time.perf_counter()
-            losses = train_with_optimizer(run, task, steps, generator, **_step_mode(make))
+            start, ends = time.perf_counter(), []
+            losses = train_with_optimizer(run, task, steps, generator, on_end=ends.append, **_step_mode(make))
             seconds.append(time.perf_counter() - start)
+            add_test_metrics(tested, task, ends[0])  # after the timer: not part of a step's cost
             finals.append(losses[-1])
             normalized.append(normalize_loss(task, losses[-1]))
             seed_means.append(score(losses))
             curves.append(log10_losses(losses))
-        curve = torch.cat(curves, dim=1).mean(dim=1)
-        results.append(OptimizerResult(
-            name, lr, torch.cat(finals).tolist(), seed_means, curve.tolist(), tuning, edge,
-            torch.cat(normalized).tolist(), statistics.median(seconds) / max(1, steps),
-        ))
+        curve, per_step = torch.cat(curves, dim=1).mean(dim=1), statistics.median(seconds) / max(1, steps)
+        results.append(OptimizerResult(name, lr, torch.cat(finals).tolist(), seed_means, curve.tolist(), tuning, edge,
+                                       torch.cat(normalized).tolist(), per_step, tested))
         bar.update()
     bar.close()
     return Evaluation(getattr(family, "name", type(family).__name__), steps, num_instances, list(seeds), results)
@@ -418,10 +420,8 @@ def evaluate(
         except ValueError as e:
             problems.append(str(e))
     if problems:
-        raise ValueError(
-            "; ".join(problems)
-            + f" (torch.optim baselines: {sorted(BASELINES)}; learnopt ones: any registered name or lo:<name>)"
-        )
+        raise ValueError("; ".join(problems) + f" (torch.optim baselines: {sorted(BASELINES)}; learnopt ones: "
+                         "any registered name or lo:<name>)")
     if len(set(baselines)) != len(baselines):
         raise ValueError(f"baselines {baselines} name one optimizer twice")
     if checkpoint is None and compare_checkpoints:

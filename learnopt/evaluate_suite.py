@@ -58,7 +58,7 @@ from learnopt.task import TaskFamily, seeded_generator
 
 TUNED = ("adam", "adam_cosine", "adamw", "sgd_momentum", "muon")
 REFERENCES = ("adam_1e-3", "adam", "adam_cosine")  # what the summary compares the learned optimizers with
-BASELINES_VERSION = 1  # bump when suite_baselines or the protocol changes: cached results are then recomputed
+BASELINES_VERSION = 2  # bump when suite_baselines or the protocol changes: cached results are then recomputed
 
 
 class ScheduledOptimizer:
@@ -306,7 +306,7 @@ def evaluate_problem(checkpoint: str, name: str, family: TaskFamily, steps: int,
     record = {"family": getattr(family, "name", type(family).__name__), "results": {}}
     for r in evaluation.results:
         record["results"][r.name] = {"lr": r.lr, "mean_log10_final_loss": r.summary()["mean_log10_final_loss"],
-                                     "seed_means": r.seed_means}
+                                     "seed_means": r.seed_means, "test_metrics": r.mean_test_metrics()}
     for lname in learned:
         record["results"][lname].update(_comparisons(evaluation, lname))
     long = learned_factories(checkpoint, stability_factor * steps, orthogonalize)

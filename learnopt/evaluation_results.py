@@ -17,6 +17,10 @@ from learnopt.meta.unroll import DIVERGED_LOG10, log10_losses
 from learnopt.metrics import speedup, t_interval
 
 
+# held-out metrics shown by ``Evaluation.table``, with their column titles
+_TEST_COLUMNS = {"test_loss": "test loss", "test_accuracy": "test accuracy"}
+
+
 @dataclass
 class OptimizerResult:
     """One optimizer's results on the held-out instances.
@@ -31,6 +35,8 @@ class OptimizerResult:
         lr_at_grid_edge: whether the tuned rate is the smallest or largest of the grid.
         normalized_final_losses: ``task.normalize`` of the final losses.
         time_per_step: seconds per inner step (all instances of a seed at once), the median over seeds.
+        test_metrics: the task's held-out metrics (``test_loss``, ``test_accuracy``) of every instance's
+            final parameters, all test seeds, by metric; empty when the task has no test split.
     """
 
     name: str
@@ -44,11 +50,25 @@ class OptimizerResult:
     # seconds per inner step of the evaluation loop (all instances of a seed at once), the median
     # over seeds, so the first seed's warm-up does not count
     time_per_step: float | None = None
+    test_metrics: dict[str, list[float]] = field(default_factory=dict)  # per instance, all test seeds
 
     @property
     def log10_final(self) -> Tensor:
         """log10 of the final losses (``log10_losses``: a diverged instance counts +30)."""
         return log10_losses(torch.tensor(self.final_losses, dtype=torch.float64))
+
+    def mean_test_metrics(self) -> dict[str, float]:
+        """The mean over instances of each held-out metric.
+
+        Returns:
+            ``{metric: mean}`` for the metrics of ``test_metrics`` (inf when any value is not finite,
+            as a diverged instance's test loss is); empty without them.
+        """
+        out = {}
+        for key, values in self.test_metrics.items():
+            v = torch.tensor(values, dtype=torch.float64)
+            out[key] = float(v.mean()) if len(v) and bool(torch.isfinite(v).all()) else math.inf
+        return out
 
     def summary(self) -> dict[str, float]:
         """The summary statistics of the final losses.
@@ -56,7 +76,9 @@ class OptimizerResult:
         Returns:
             ``mean_log10_final_loss`` and its 95% t-interval half-width ``ci95`` over instances,
             ``diverged`` (instances), ``mean_final_loss`` (inf when any is not finite),
-            ``mean_log10_normalized_loss`` (None without normalized losses) and ``time_per_step_s``.
+            ``mean_log10_normalized_loss`` (None without normalized losses), ``time_per_step_s`` and,
+            where the task has a test split, ``mean_test_loss`` / ``mean_test_accuracy``
+            (``mean_test_metrics``).
         """
         mean, half = t_interval(self.log10_final)
         diverged = int((self.log10_final >= DIVERGED_LOG10).sum())
@@ -65,7 +87,24 @@ class OptimizerResult:
         normalized = (float(log10_losses(torch.tensor(self.normalized_final_losses, dtype=torch.float64)).mean())
                       if self.normalized_final_losses else None)
         return {"mean_log10_final_loss": mean, "ci95": half, "diverged": diverged, "mean_final_loss": mean_loss,
-                "mean_log10_normalized_loss": normalized, "time_per_step_s": self.time_per_step}
+                "mean_log10_normalized_loss": normalized, "time_per_step_s": self.time_per_step,
+                **{f"mean_{k}": v for k, v in self.mean_test_metrics().items()}}
+
+
+def add_test_metrics(into: dict[str, list[float]], task: Any, params: dict[str, Tensor]) -> None:
+    """Append ``task.test_metrics(params)`` (per instance) to ``into``, by metric; nothing when the
+    task has no ``test_metrics``.
+
+    Args:
+        into: ``{metric: values}``, extended in place.
+        task: the task the parameters were trained on.
+        params: its final parameters (leading instance dimension).
+    """
+    metrics = getattr(task, "test_metrics", None)
+    if metrics is None:
+        return
+    for key, value in metrics(params).items():
+        into.setdefault(key, []).extend(value.detach().double().cpu().tolist())
 
 
 @dataclass
@@ -132,18 +171,23 @@ class Evaluation:
         return speedup(r.curve, self.result("adam").curve)
 
     def table(self) -> str:
-        """The results as a markdown table, best mean log10 final loss first.
+        """The results as a markdown table, best mean log10 final loss first. Where some result has
+        held-out metrics, a "test loss" and / or "test accuracy" column holds their means over
+        instances (``"—"`` for a result without them).
 
         Returns:
             The table with its caption.
         """
+        held_out = [k for k in _TEST_COLUMNS if any(k in r.test_metrics for r in self.results)]
         lines = [
             f"Task `{self.task}`, {self.steps} steps, {self.num_instances} instances × seeds {self.seeds} "
-            "(held-out). Mean log10 final loss with 95% t-interval over instances; lower is better.",
+            "(held-out). Mean log10 final loss with 95% t-interval over instances; lower is better."
+            + (" Test loss / accuracy: the final parameters on the task's test split, mean over instances."
+               if held_out else ""),
             "",
             "| optimizer | tuned lr | mean log10 final loss | 95% CI | mean final loss | diverged "
-            "| Adam steps to match | speedup vs Adam |",
-            "|---|---|---|---|---|---|---|---|",
+            "| Adam steps to match | speedup vs Adam |" + "".join(f" {_TEST_COLUMNS[k]} |" for k in held_out),
+            "|---|---|---|---|---|---|---|---|" + "---|" * len(held_out),
         ]
         for r in sorted(self.results, key=lambda r: r.summary()["mean_log10_final_loss"]):
             s = r.summary()
@@ -152,9 +196,11 @@ class Evaluation:
             match_s = f">{self.steps}" if match is None else str(match)
             speedup = self.speedup(r)
             speedup_s = "—" if speedup is None else f"{speedup:.2f}×"
+            tests = r.mean_test_metrics()
             lines.append(
                 f"| {r.name} | {lr} | {s['mean_log10_final_loss']:.3f} | ±{s['ci95']:.3f} | {s['mean_final_loss']:.4g} "
                 f"| {s['diverged']} | {match_s} | {speedup_s} |"
+                + "".join(f" {tests[k]:.4g} |" if k in tests else " — |" for k in held_out)
             )
         return "\n".join(lines)
 
@@ -163,7 +209,7 @@ class Evaluation:
 
         Returns:
             The settings and, by optimizer, its summary, rate, tuning scores, seed means, speedup,
-            Adam steps to match, curve and final losses.
+            Adam steps to match, curve, final losses and per-instance held-out metrics (``test_metrics``).
         """
         return {
             "task": self.task, "steps": self.steps, "num_instances": self.num_instances, "seeds": self.seeds,
@@ -171,7 +217,8 @@ class Evaluation:
             "results": {
                 r.name: {**r.summary(), "lr": r.lr, "tuning": r.tuning, "seed_means": r.seed_means,
                          "speedup_vs_adam": self.speedup(r), "adam_steps_to_match": self.adam_steps_to_match(r),
-                         "curve_mean_log10_loss": r.curve, "final_losses": r.final_losses}
+                         "curve_mean_log10_loss": r.curve, "final_losses": r.final_losses,
+                         "test_metrics": r.test_metrics}
                 for r in self.results
             },
         }

@@ -46,10 +46,23 @@ class AutoencoderTask(MLPTask):
         """Mean squared reconstruction error of each instance over the whole training set."""
         return self._error(params, self.x)
 
+    def test_metrics(self, params: Params) -> dict[str, Tensor]:
+        """Mean squared reconstruction error of each instance over the whole test split (no accuracy).
+
+        Args:
+            params: the parameters.
+        Returns:
+            ``{"test_loss": [n]}``; empty without a test split.
+        """
+        if self.x_test is None:
+            return {}
+        with torch.no_grad():
+            return {"test_loss": self._error(params, self.x_test)}
+
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> AutoencoderTask:
         x = self.x.to(device=device, dtype=dtype)
         return AutoencoderTask(self.sizes, self.activation, x, self.y.to(x.device), self.batch_size, self.n,
-                               self.data_scale)
+                               data_scale=self.data_scale, **self._test_to(x))
 
 
 class AutoencoderFamily:
@@ -68,8 +81,8 @@ class AutoencoderFamily:
                              f"got {hidden_sizes}, {batch_size}")
         self.dataset, self.activation, self.batch_size, self.data_seed = dataset, activation, batch_size, data_seed
         self.data_dir = data_dir
-        x, y, _, _ = load_dataset(dataset, data_seed, data_dir)
-        self._x, self._y = x, y
+        x, y, x_test, y_test = load_dataset(dataset, data_seed, data_dir)
+        self._x, self._y, self._x_test, self._y_test = x, y, x_test, y_test
         self.loss_scale = float((x * x).mean())
         self.name = f"autoencoder_{dataset}_{'x'.join(map(str, self.hidden_sizes))}_{activation}"
 
@@ -82,4 +95,4 @@ class AutoencoderFamily:
             raise ValueError(f"AutoencoderFamily.sample: num_instances must be >= 1, got {num_instances}")
         d = self._x.shape[1]
         return AutoencoderTask((d, *self.hidden_sizes, d), self.activation, self._x, self._y, self.batch_size,
-                               num_instances, self.loss_scale)
+                               num_instances, self._x_test, self._y_test, data_scale=self.loss_scale)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from learnopt.task import Params, Task, generator_device
-from tasks.datasets import cross_entropy_per_instance, load_dataset, sample_minibatches
+from tasks.datasets import cross_entropy_per_instance, held_out_classification, load_dataset, sample_minibatches
 
 ACTIVATIONS = {"relu": torch.relu, "tanh": torch.tanh, "sigmoid": torch.sigmoid}
 
@@ -55,6 +55,8 @@ class CNNTask:
         y: ``[N]`` labels.
         batch_size: ``B``.
         n: number of instances.
+        x_test: ``[M, L]`` held-out signals (None: no test split).
+        y_test: ``[M]`` held-out labels.
     """
 
     channels: tuple[int, ...]
@@ -66,6 +68,8 @@ class CNNTask:
     y: Tensor
     batch_size: int
     n: int
+    x_test: Tensor | None = None
+    y_test: Tensor | None = None
 
     @property
     def num_instances(self) -> int:
@@ -169,6 +173,18 @@ class CNNTask:
         """
         return self.loss(params, None)
 
+    def test_metrics(self, params: Params) -> dict[str, Tensor]:
+        """Mean cross-entropy and accuracy of each instance over the whole test split.
+
+        Args:
+            params: the parameters.
+        Returns:
+            ``{"test_loss": [n], "test_accuracy": [n]}``; empty without a test split.
+        """
+        if self.x_test is None:
+            return {}
+        return held_out_classification(lambda x: self.logits(params, x), self.x_test, self.y_test)
+
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> CNNTask:
         """The same instances with their data on ``device`` / in ``dtype``.
 
@@ -179,8 +195,10 @@ class CNNTask:
             A ``CNNTask`` with the same instances.
         """
         x = self.x.to(device=device, dtype=dtype)
+        x_test = None if self.x_test is None else self.x_test.to(device=x.device, dtype=x.dtype)
+        y_test = None if self.y_test is None else self.y_test.to(x.device)
         return CNNTask(self.channels, self.kernel_size, self.stride, self.activation, self.num_classes, x,
-                       self.y.to(x.device), self.batch_size, self.n)
+                       self.y.to(x.device), self.batch_size, self.n, x_test, y_test)
 
 
 class CNNFamily:
@@ -225,8 +243,8 @@ class CNNFamily:
                              f"got {kernel_size}, {stride}, {batch_size}")
         self.dataset, self.kernel_size, self.stride, self.activation = dataset, kernel_size, stride, activation
         self.batch_size, self.data_seed = batch_size, data_seed
-        x, y, _, _ = load_dataset(dataset, data_seed)
-        self._x, self._y = x, y
+        x, y, x_test, y_test = load_dataset(dataset, data_seed)
+        self._x, self._y, self._x_test, self._y_test = x, y, x_test, y_test
         self.num_classes = int(y.max()) + 1
         self.loss_scale = math.log(self.num_classes)
         self.name = f"cnn_{dataset}_{'x'.join(map(str, self.channels))}_k{kernel_size}_{activation}"
@@ -255,4 +273,4 @@ class CNNFamily:
         if num_instances < 1:
             raise ValueError(f"CNNFamily.sample: num_instances must be >= 1, got {num_instances}")
         return CNNTask(self.channels, self.kernel_size, self.stride, self.activation, self.num_classes,
-                       self._x, self._y, self.batch_size, num_instances)
+                       self._x, self._y, self.batch_size, num_instances, self._x_test, self._y_test)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import gzip
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -248,3 +249,28 @@ def sample_minibatches(x: Tensor, y: Tensor, n: int, batch_size: int,
     idx = torch.randint(len(y), (n, batch_size), generator=generator, device=generator_device(generator))
     idx = idx.to(x.device)
     return x[idx], y[idx]
+
+
+def held_out_classification(logits: Callable[[Tensor], Tensor], x: Tensor, y: Tensor,
+                            chunk: int = 4096) -> dict[str, Tensor]:
+    """Mean cross-entropy and accuracy of every instance on a held-out split, under
+    ``torch.no_grad()``. The split goes through ``logits`` in chunks of ``chunk`` examples, so the
+    ``[n, N, C]`` logits of a large test set never exist at once.
+
+    Args:
+        logits: ``[B, ...]`` shared inputs -> ``[n, B, C]`` logits.
+        x: ``[N, ...]`` held-out inputs.
+        y: ``[N]`` held-out labels.
+        chunk: examples per forward pass.
+    Returns:
+        ``{"test_loss": [n], "test_accuracy": [n]}`` over the whole split.
+    """
+    loss_sum, correct = None, None
+    with torch.no_grad():
+        for start in range(0, len(y), chunk):
+            out, labels = logits(x[start:start + chunk]), y[start:start + chunk]
+            part_loss = cross_entropy_per_instance(out, labels) * len(labels)
+            part_correct = (out.argmax(-1) == labels).sum(-1)
+            loss_sum = part_loss if loss_sum is None else loss_sum + part_loss
+            correct = part_correct if correct is None else correct + part_correct
+    return {"test_loss": loss_sum / len(y), "test_accuracy": correct.to(loss_sum.dtype) / len(y)}

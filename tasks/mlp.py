@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from learnopt.task import Params, Task, generator_device
-from tasks.datasets import cross_entropy_per_instance, load_dataset, sample_minibatches
+from tasks.datasets import cross_entropy_per_instance, held_out_classification, load_dataset, sample_minibatches
 
 __all__ = ["ACTIVATIONS", "MLPFamily", "MLPTask", "load_dataset"]
 
@@ -43,6 +43,8 @@ class MLPTask:
         y: ``[N]`` labels.
         batch_size: ``B``.
         n: number of instances.
+        x_test: ``[M, d]`` held-out inputs (None: no test split).
+        y_test: ``[M]`` held-out labels.
     """
 
     sizes: tuple[int, ...]
@@ -51,6 +53,8 @@ class MLPTask:
     y: Tensor
     batch_size: int
     n: int
+    x_test: Tensor | None = None
+    y_test: Tensor | None = None
 
     @property
     def num_instances(self) -> int:
@@ -141,6 +145,24 @@ class MLPTask:
         """
         return cross_entropy_per_instance(self.logits(params, self.x), self.y)
 
+    def test_metrics(self, params: Params) -> dict[str, Tensor]:
+        """Mean cross-entropy and accuracy of each instance over the whole test split.
+
+        Args:
+            params: the parameters.
+        Returns:
+            ``{"test_loss": [n], "test_accuracy": [n]}``; empty without a test split.
+        """
+        if self.x_test is None:
+            return {}
+        return held_out_classification(lambda x: self.logits(params, x), self.x_test, self.y_test)
+
+    def _test_to(self, x: Tensor) -> dict[str, Tensor | None]:
+        """The test split on ``x``'s device and (inputs) dtype, as keyword arguments."""
+        if self.x_test is None:
+            return {"x_test": None, "y_test": None}
+        return {"x_test": self.x_test.to(device=x.device, dtype=x.dtype), "y_test": self.y_test.to(x.device)}
+
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> MLPTask:
         """The same instances with their data on ``device`` / in ``dtype``.
 
@@ -151,7 +173,7 @@ class MLPTask:
             A ``MLPTask`` with the same instances.
         """
         x = self.x.to(device=device, dtype=dtype)
-        return MLPTask(self.sizes, self.activation, x, self.y.to(x.device), self.batch_size, self.n)
+        return MLPTask(self.sizes, self.activation, x, self.y.to(x.device), self.batch_size, self.n, **self._test_to(x))
 
 
 def _check_activation(name: str) -> None:
@@ -246,8 +268,8 @@ class MLPFamily:
         self.batch_size = batch_size
         self.data_seed = data_seed
         self.data_dir = None if data_dir is None else str(data_dir)
-        x, y, _, _ = load_dataset(dataset, data_seed, self.data_dir)
-        self._x, self._y = x, y
+        x, y, x_test, y_test = load_dataset(dataset, data_seed, self.data_dir)
+        self._x, self._y, self._x_test, self._y_test = x, y, x_test, y_test
         self.num_classes = int(y.max()) + 1
         self.loss_scale = math.log(self.num_classes)
         self.name = self._name()
@@ -296,7 +318,7 @@ class MLPFamily:
                 activation = _draw(self.activation_choices, generator)
             hidden = (int(width),) * int(depth)
         sizes = (self._x.shape[1], *hidden, self.num_classes)
-        return MLPTask(sizes, activation, self._x, self._y, self.batch_size, num_instances)
+        return MLPTask(sizes, activation, self._x, self._y, self.batch_size, num_instances, self._x_test, self._y_test)
 
     def _variant(self, **changes: Any) -> MLPFamily:
         kwargs = {"dataset": self.dataset, "hidden_sizes": self.hidden_sizes, "activation": self.activation,
