@@ -116,10 +116,18 @@ def main() -> None:
     parser.add_argument("--baseline-cache", default="runs/suite/metalr3e-4_step800/baselines.json")
     parser.add_argument("--wandb-dir", default="runs/wandb")
     parser.add_argument("--out", default="docs/general/ablations")
+    parser.add_argument("--rules", nargs="*", choices=list(RUNS), default=list(RUNS),
+                        help="the rules to (re)measure; the others keep their rows in <out>.json")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    out = ROOT / args.out
+    kept = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").exists() else {}
     results = {}
     for name, (config, checkpoint, run_name) in RUNS.items():
+        if name not in args.rules:
+            if name in kept:
+                results[name] = kept[name]
+            continue
         r = scores(config, checkpoint)
         steps, values = meta_training_run(ROOT / args.wandb_dir, run_name).curve("val/log10_final_loss",
                                                                                  "trainer/global_step")
@@ -128,7 +136,6 @@ def main() -> None:
             r["suite"] = suite(name, checkpoint, args.baseline_cache)
         results[name] = r
         print(name, {k: v for k, v in r.items() if k != "val_curve"}, flush=True)
-    out = ROOT / args.out
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(results, indent=1))
     out.with_suffix(".md").write_text(table(results) + "\n")
