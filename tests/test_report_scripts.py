@@ -61,3 +61,49 @@ def test_vsml_large_sample_chooses_the_open_comparisons():
     assert chooser.chosen_sets(raw, families, ["b"]) == ["b (y)", "breast"]
     with pytest.raises(SystemExit, match="no test set starts with"):
         chooser.chosen_sets(raw, families, ["zzz"])
+
+
+def test_general_long_run_drives_adam_with_the_rules_schedule(tmp_path, monkeypatch):
+    import torch
+
+    from learnopt.evaluate import train_with_optimizer
+    from learnopt.learned.general_compact import warmup_cosine
+    from learnopt.task import seeded_generator
+
+    script = _script("general_long_run")
+    out = tmp_path / "long"
+    monkeypatch.setattr(sys, "argv", ["general_long_run", "--problem", "logreg_mnist1d", "--steps", "6",
+                                      "--instances", "2", "--every", "3", "--peaks", "0.003", "--out", str(out)])
+    script.main()
+    curves = json.loads(out.with_suffix(".json").read_text())["curves"]
+    assert out.with_suffix(".png").exists() and len(curves) == 3
+    assert all(len(c) == 7 for c in curves.values())
+    assert len({c[0] for c in curves.values()}) == 1  # the same initial weights for every run
+    family = script.problem("logreg_mnist1d", ROOT / "configs" / "evaluate_general_suite.yaml")
+
+    def adam(ps):  # written out: Adam at lr 1e-2 times the warm-up + cosine factor of each step
+        opt = torch.optim.Adam(ps, lr=1e-2)
+        return _Scheduled(opt, lambda t: warmup_cosine(t, 6, 0.05, 0.01))
+
+    g = seeded_generator("test", 0)
+    expected = torch.log10(train_with_optimizer(adam, family.sample(2, g), 6, g)).mean(1)
+    [adam_curve] = [c for name, c in curves.items() if name.startswith("Adam")]
+    assert adam_curve == pytest.approx(expected.tolist(), abs=1e-4)
+
+
+class _Scheduled:
+    def __init__(self, opt, factor):
+        self.opt, self.factor, self.t = opt, factor, 0
+        self._set()
+
+    def _set(self):
+        for group in self.opt.param_groups:
+            group["lr"] = 1e-2 * self.factor(self.t)
+
+    def zero_grad(self):
+        self.opt.zero_grad()
+
+    def step(self):
+        self.opt.step()
+        self.t += 1
+        self._set()
