@@ -107,3 +107,12 @@ class _Scheduled:
         self.opt.step()
         self.t += 1
         self._set()
+
+
+def test_general_ablations_table_reproduces_the_committed_one():
+    report = _script("general_ablations")
+    results = json.loads((ROOT / "docs" / "general" / "ablations.json").read_text())
+    assert report.table(results) + "\n" == (ROOT / "docs" / "general" / "ablations.md").read_text()
+    row = report.table({"x": {"untrained": -1.0, "trained": -2.0, "meta_step": 200,
+                              "val_curve": [[100, 200], [-1.5, -2.0]]}}).splitlines()[-1]
+    assert row == "| `x` | -1.000 | -2.000 (200) | -1.500 / -2.000 / — | — | — | — | — |"
