@@ -467,6 +467,7 @@ def orthogonalized_learned_optimizer(
     batch_dims: int = 0,
     num_steps: int | None = None,
     is_matrix: Callable[[str, Tensor], bool] | None = None,
+    fast: bool = False,
 ) -> GradientTransformation:
     """The learned rule with Newton–Schulz orthogonalization for hidden matrices and AdamW for
     the rest (Celo2's practical variant)::
@@ -483,11 +484,14 @@ def orthogonalized_learned_optimizer(
         num_steps: run length for the rule's progress features (default: its config's).
         is_matrix: ``(name, tensor) -> bool`` choosing the orthogonalized parameters
             (default ``is_hidden_matrix``).
+        fast: the rule's ``update_fast`` (no graph, ``batch_dims=0``; rules with ``has_fast_path``),
+            for drop-in use.
 
     Returns:
         A ``GradientTransformation`` built with ``partition`` and ``chain``.
     """
     choose = is_matrix or partial(is_hidden_matrix, batch_dims=batch_dims)
-    learned = chain(lopt.transform(batch_dims, num_steps), orthogonalize_matching_rms(batch_dims), scale(lr))
+    inner = lopt.transform(batch_dims, num_steps, fast=True) if fast else lopt.transform(batch_dims, num_steps)
+    learned = chain(inner, orthogonalize_matching_rms(batch_dims), scale(lr))
     rest = adamw(lr=adamw_lr, betas=adamw_betas, weight_decay=adamw_weight_decay)
     return partition({"learned": learned, "adamw": rest}, lambda name, x: "learned" if choose(name, x) else "adamw")

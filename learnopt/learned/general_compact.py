@@ -487,14 +487,12 @@ class CompactNormalizedOptimizer(LearnedOptimizer):
             A ``TransformOptimizer``.
 
         Raises:
-            ValueError: ``compile`` with ``orthogonalize`` (the composition runs the reference update).
+            ValueError: ``compile`` with ``orthogonalize`` (the composition runs the eager update).
         """
-        if orthogonalize:
-            if compile:
-                raise ValueError(f"{type(self).__name__}: compile=True is for the rule alone, not orthogonalize=True")
-            tx = orthogonalized_learned_optimizer(self, batch_dims=batch_dims, num_steps=num_steps)
-            return TransformOptimizer(tx, params, **options)
-        tx = self.transform(batch_dims, num_steps, fast=batch_dims == 0, compiled=compile)
+        if orthogonalize and compile:
+            raise ValueError(f"{type(self).__name__}: compile=True is for the rule alone, not orthogonalize=True")
+        tx = (orthogonalized_learned_optimizer(self, batch_dims=batch_dims, num_steps=num_steps, fast=batch_dims == 0)
+              if orthogonalize else self.transform(batch_dims, num_steps, fast=batch_dims == 0, compiled=compile))
         if compile and batch_dims == 0:
             options.setdefault("check_finite", False)  # update_fast checks in its first loop
         return TransformOptimizer(tx, params, **options)

@@ -15,7 +15,9 @@ do not change the time). Contenders:
 - ``muon``: ``torch.optim.Muon`` on the two weight matrices and ``torch.optim.Adam(foreach=True)``
   on the biases, the reference of the ``× Muon`` column;
 - ``compact+ns`` / ``general+ns``: each rule composed with Newton–Schulz orthogonalization for
-  the hidden matrices and AdamW for the rest (``orthogonalized_learned_optimizer``).
+  the hidden matrices and AdamW for the rest (``orthogonalized_learned_optimizer``); ``compact+ns``
+  as the drop-in builds it (``as_torch_optimizer(..., orthogonalize=True)``: the rule's fast update),
+  ``compact+ns, reference path`` with the rule's reference update.
 
     OMP_NUM_THREADS=1 .venv/bin/python scripts/benchmarks/general_step.py [--clock cpu]
 """
@@ -74,7 +76,10 @@ def contenders(width: int, slow: bool) -> tuple[int, dict]:
     steps["muon"] = lambda: (muon.step(), vectors.step())
     m = model()
     tx = orthogonalized_learned_optimizer(CompactNormalizedOptimizer(num_steps=STEPS))
-    steps["compact+ns"] = as_torch_optimizer(tx, m.named_parameters()).step
+    steps["compact+ns, reference path"] = as_torch_optimizer(tx, m.named_parameters()).step
+    m = model()
+    steps["compact+ns"] = CompactNormalizedOptimizer(num_steps=STEPS).as_torch_optimizer(
+        m.named_parameters(), num_steps=STEPS, orthogonalize=True).step
     if slow:
         m = model()
         steps["general"] = NormalizedMLPOptimizer(num_steps=STEPS).as_torch_optimizer(
