@@ -17,6 +17,7 @@ import torch
 import learnopt
 from learnopt.checkpoint import export_checkpoint
 from learnopt.learned import REGISTRY, CompactLSTMOptimizer, CompactNormalizedOptimizer, general_compact_kernels
+from learnopt.learned.general_lstm import NormalizedLSTMOptimizer
 from learnopt.learned.general_compact import FAST_CHUNK, warmup_cosine
 from conftest import assert_instances_independent
 
@@ -241,3 +242,27 @@ def test_orthogonalized_drop_in_is_the_composition(monkeypatch):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="compile"):
         lopt.as_torch_optimizer(named(model), orthogonalize=True, compile=True)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: CompactLSTMOptimizer(hidden_size=5, num_steps=10, output_init_scale=1.0),
+    lambda: NormalizedLSTMOptimizer(hidden_size=5, num_steps=10, output_init_scale=1.0),
+], ids=["compact", "normalized"])
+def test_lstm_variants_load_as_drop_ins_equal_to_their_joint_update(make, tmp_path):
+    torch.manual_seed(0)
+    lopt = make()
+    path = export_checkpoint(lopt, tmp_path / "lstm.pt")
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 1))
+    params = {k: p.detach().clone() for k, p in model.named_parameters()}
+    opt = learnopt.load_optimizer(path, model.named_parameters(), num_steps=10)
+    x, y = torch.randn(16, 4), torch.randn(16, 1)
+    state = lopt.init(params)
+    for _ in range(3):
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        grads = {k: p.grad.clone() for k, p in model.named_parameters()}
+        opt.step()
+        updates, state = lopt.update(grads, state, params, num_steps=10)  # every tensor at once
+        params = {k: params[k] + updates[k] for k in params}
+    for k, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), params[k], rtol=1e-5, atol=1e-6)
