@@ -116,3 +116,16 @@ def test_general_ablations_table_reproduces_the_committed_one():
     row = report.table({"x": {"untrained": -1.0, "trained": -2.0, "meta_step": 200,
                               "val_curve": [[100, 200], [-1.5, -2.0]]}}).splitlines()[-1]
     assert row == "| `x` | -1.000 | -2.000 (200) | -1.500 / -2.000 / — | — | — | — | — |"
+
+
+def test_general_held_out_table_reproduces_the_committed_one():
+    report = _script("general_held_out")
+    saved = json.loads((ROOT / "docs" / "general" / "held_out.json").read_text())
+    assert saved["max_train_log10_difference_from_suite"] == 0.0  # the reruns are the suite's runs
+    text = (ROOT / "docs" / "general" / "held_out.md").read_text()
+    assert text.endswith(report.table(saved["problems"]) + "\n")
+    rows = report.table({"p": {"a": {"lr": 0.01, "train_log10": -1.0, "test_loss": 0.5, "test_accuracy": 0.9},
+                               "b": {"lr": None, "train_log10": -2.0, "test_loss": 0.7}},
+                         "q": {"c": {"lr": None, "train_log10": 0.4}}}).splitlines()[2:]
+    assert rows == ["| `p` | a | 0.01 | -1.000 | 0.5 | 0.900 |", "| `p` | b | — | -2.000 | 0.7 | — |",
+                    "| `q` | c | — | 0.400 | — | — |"]  # rows by test loss (training loss without a test split)
