@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from learnopt.task import Params, Task, generator_device
-from tasks.datasets import cross_entropy_per_instance, held_out_classification, load_dataset, sample_minibatches
+from tasks.datasets import HeldOutClassifier, cross_entropy_per_instance, load_dataset, sample_minibatches
 
 ACTIVATIONS = {"relu": torch.relu, "tanh": torch.tanh, "sigmoid": torch.sigmoid}
 
@@ -38,7 +38,7 @@ def conv_output_length(length: int, kernel_size: int, stride: int) -> int:
 
 
 @dataclass
-class CNNTask:
+class CNNTask(HeldOutClassifier):
     """``num_instances`` CNNs of one architecture on signals ``x``: [N, L] (one input channel).
 
     Parameters: ``conv{i}_w`` [n, c_out, c_in, k], ``conv{i}_b`` [n, c_out] (stride ``stride``,
@@ -172,18 +172,6 @@ class CNNTask:
             ``[num_instances]`` losses on the whole training set.
         """
         return self.loss(params, None)
-
-    def test_metrics(self, params: Params) -> dict[str, Tensor]:
-        """Mean cross-entropy and accuracy of each instance over the whole test split.
-
-        Args:
-            params: the parameters.
-        Returns:
-            ``{"test_loss": [n], "test_accuracy": [n]}``; empty without a test split.
-        """
-        if self.x_test is None:
-            return {}
-        return held_out_classification(lambda x: self.logits(params, x), self.x_test, self.y_test)
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> CNNTask:
         """The same instances with their data on ``device`` / in ``dtype``.

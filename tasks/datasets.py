@@ -274,3 +274,20 @@ def held_out_classification(logits: Callable[[Tensor], Tensor], x: Tensor, y: Te
             loss_sum = part_loss if loss_sum is None else loss_sum + part_loss
             correct = part_correct if correct is None else correct + part_correct
     return {"test_loss": loss_sum / len(y), "test_accuracy": correct.to(loss_sum.dtype) / len(y)}
+
+
+class HeldOutClassifier:
+    """``test_metrics`` for a classifier task with ``logits(params, x)`` and an optional test split
+    (``x_test``, ``y_test``; None: none)."""
+
+    def test_metrics(self, params: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Mean cross-entropy and accuracy of each instance over the whole test split.
+
+        Args:
+            params: the parameters.
+        Returns:
+            ``{"test_loss": [n], "test_accuracy": [n]}``; empty without a test split.
+        """
+        if self.x_test is None:
+            return {}
+        return held_out_classification(lambda x: self.logits(params, x), self.x_test, self.y_test)

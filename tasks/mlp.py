@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from learnopt.task import Params, Task, generator_device
-from tasks.datasets import cross_entropy_per_instance, held_out_classification, load_dataset, sample_minibatches
+from tasks.datasets import HeldOutClassifier, cross_entropy_per_instance, load_dataset, sample_minibatches
 
 __all__ = ["ACTIVATIONS", "MLPFamily", "MLPTask", "load_dataset"]
 
@@ -32,7 +32,7 @@ ACTIVATIONS = {"sigmoid": torch.sigmoid, "relu": torch.relu, "tanh": torch.tanh,
 
 
 @dataclass
-class MLPTask:
+class MLPTask(HeldOutClassifier):
     """``num_instances`` MLPs of one architecture. Parameters ``w{i}``: [n, fan_in, fan_out],
     ``b{i}``: [n, fan_out]; ``loss`` is the mean cross-entropy of each instance on its batch.
 
@@ -144,18 +144,6 @@ class MLPTask:
             ``[num_instances]`` losses on the whole training set.
         """
         return cross_entropy_per_instance(self.logits(params, self.x), self.y)
-
-    def test_metrics(self, params: Params) -> dict[str, Tensor]:
-        """Mean cross-entropy and accuracy of each instance over the whole test split.
-
-        Args:
-            params: the parameters.
-        Returns:
-            ``{"test_loss": [n], "test_accuracy": [n]}``; empty without a test split.
-        """
-        if self.x_test is None:
-            return {}
-        return held_out_classification(lambda x: self.logits(params, x), self.x_test, self.y_test)
 
     def _test_to(self, x: Tensor) -> dict[str, Tensor | None]:
         """The test split on ``x``'s device and (inputs) dtype, as keyword arguments."""
