@@ -49,6 +49,8 @@ class CappedRule(CompactNormalizedOptimizer):
 
     def updates_from(self, out, rows, count, num_steps, batch_dims):
         updates = super().updates_from(out, rows, count, num_steps, batch_dims)
+        if self.cap == float("inf"):  # the shipped rule (inf · 0 would be NaN where Adam's direction is 0)
+            return updates
         return {k: u * torch.clamp(self.cap * self._adam_rms[k], max=1.0) for k, u in updates.items()}
 
 
