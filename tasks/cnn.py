@@ -183,10 +183,8 @@ class CNNTask(HeldOutClassifier):
             A ``CNNTask`` with the same instances.
         """
         x = self.x.to(device=device, dtype=dtype)
-        x_test = None if self.x_test is None else self.x_test.to(device=x.device, dtype=x.dtype)
-        y_test = None if self.y_test is None else self.y_test.to(x.device)
         return CNNTask(self.channels, self.kernel_size, self.stride, self.activation, self.num_classes, x,
-                       self.y.to(x.device), self.batch_size, self.n, x_test, y_test)
+                       self.y.to(x.device), self.batch_size, self.n, **self._test_to(x))
 
 
 class CNNFamily:

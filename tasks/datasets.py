@@ -291,3 +291,9 @@ class HeldOutClassifier:
         if self.x_test is None:
             return {}
         return held_out_classification(lambda x: self.logits(params, x), self.x_test, self.y_test)
+
+    def _test_to(self, x: Tensor) -> dict[str, Tensor | None]:
+        """The test split on ``x``'s device and (inputs) dtype, as keyword arguments."""
+        if self.x_test is None:
+            return {"x_test": None, "y_test": None}
+        return {"x_test": self.x_test.to(device=x.device, dtype=x.dtype), "y_test": self.y_test.to(x.device)}

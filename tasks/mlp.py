@@ -145,12 +145,6 @@ class MLPTask(HeldOutClassifier):
         """
         return cross_entropy_per_instance(self.logits(params, self.x), self.y)
 
-    def _test_to(self, x: Tensor) -> dict[str, Tensor | None]:
-        """The test split on ``x``'s device and (inputs) dtype, as keyword arguments."""
-        if self.x_test is None:
-            return {"x_test": None, "y_test": None}
-        return {"x_test": self.x_test.to(device=x.device, dtype=x.dtype), "y_test": self.y_test.to(x.device)}
-
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> MLPTask:
         """The same instances with their data on ``device`` / in ``dtype``.
 
