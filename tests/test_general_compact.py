@@ -266,3 +266,19 @@ def test_lstm_variants_load_as_drop_ins_equal_to_their_joint_update(make, tmp_pa
         params = {k: params[k] + updates[k] for k in params}
     for k, p in model.named_parameters():
         torch.testing.assert_close(p.detach(), params[k], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: CompactNormalizedOptimizer(adam_decay=None, nominal=0.0),
+    lambda: CompactNormalizedOptimizer(normalize=False),
+    lambda: CompactLSTMOptimizer(hidden_size=3),
+], ids=["no_features", "no_normalization", "lstm"])
+def test_compile_on_a_rule_without_the_fast_update_keeps_the_finite_guard(make):
+    model = torch.nn.Linear(3, 2)
+    opt = make().as_torch_optimizer(model.named_parameters(), num_steps=10, compile=True)
+    model.weight.grad = torch.full_like(model.weight, float("nan"))
+    model.bias.grad = torch.zeros_like(model.bias)
+    before = model.weight.detach().clone()
+    with pytest.raises(FloatingPointError, match="weight"):
+        opt.step()
+    assert torch.equal(model.weight, before)

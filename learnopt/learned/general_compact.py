@@ -464,12 +464,14 @@ class CompactNormalizedOptimizer(LearnedOptimizer):
         batch_dims = self.batch_dims if batch_dims is None else int(batch_dims)
         if fast and batch_dims != 0:
             raise ValueError(f"{type(self).__name__}: the fast update has no instance dimension (batch_dims=0)")
-        # update_fast is written for the shipped rule; the ablations (no Adam feature, no
-        # normalization) take the reference path.
-        fast = fast and self.has_fast_path and self.adam_decay is not None and self.normalize
+        fast = fast and self._has_fast_update()
         update = (partial(self.update_fast, num_steps=num_steps, compiled=compiled) if fast
                   else partial(self.update, batch_dims=batch_dims, num_steps=num_steps))
         return GradientTransformation(partial(self.init, batch_dims=batch_dims), update)
+
+    def _has_fast_update(self) -> bool:
+        """update_fast is written for the shipped rule; the ablations (no Adam feature, no normalization) lack one."""
+        return self.has_fast_path and self.adam_decay is not None and self.normalize
 
     def as_torch_optimizer(self, params, batch_dims: int = 0, num_steps: int | None = None,
                            compile: bool = False, orthogonalize: bool = False, **options: Any) -> TransformOptimizer:
@@ -493,6 +495,6 @@ class CompactNormalizedOptimizer(LearnedOptimizer):
             raise ValueError(f"{type(self).__name__}: compile=True is for the rule alone, not orthogonalize=True")
         tx = (orthogonalized_learned_optimizer(self, batch_dims=batch_dims, num_steps=num_steps, fast=batch_dims == 0)
               if orthogonalize else self.transform(batch_dims, num_steps, fast=batch_dims == 0, compiled=compile))
-        if compile and batch_dims == 0:
+        if compile and batch_dims == 0 and self._has_fast_update():
             options.setdefault("check_finite", False)  # update_fast checks in its first loop
         return TransformOptimizer(tx, params, **options)
