@@ -67,6 +67,10 @@ class LearnedOptimizer(nn.Module):
         """
         return GradientTransformation(self.init, self.update)
 
+    # The drop-in runs the transform one parameter tensor at a time (``TransformOptimizer``'s
+    # ``separable``): for rules that treat each tensor on its own but keep state spanning all of them.
+    separable = False
+
     def as_torch_optimizer(self, params, **options: Any) -> TransformOptimizer:
         """A drop-in ``torch.optim.Optimizer`` running this learned optimizer on ``params``.
 
@@ -76,7 +80,19 @@ class LearnedOptimizer(nn.Module):
         Returns:
             A ``TransformOptimizer``; its param groups' ``lr`` multiplies this optimizer's update.
         """
-        return TransformOptimizer(self.transform(), params, **options)
+        return self.drop_in(self.transform(), params, options)
+
+    def drop_in(self, tx: GradientTransformation, params, options: dict[str, Any]) -> TransformOptimizer:
+        """``TransformOptimizer(tx, params, **options)``, ``separable`` by default as the class says.
+
+        Args:
+            tx: the transformation the drop-in runs.
+            params: tensors, ``(name, tensor)`` pairs or param group dicts.
+            options: ``TransformOptimizer``'s keyword options.
+        Returns:
+            A ``TransformOptimizer``.
+        """
+        return TransformOptimizer(tx, params, **{"separable": self.separable, **options})
 
     @property
     def device(self) -> torch.device:

@@ -410,7 +410,7 @@ class NormalizedMLPOptimizer(LearnedOptimizer):
         Returns:
             A ``TransformOptimizer`` of ``transform(batch_dims, num_steps)``.
         """
-        return TransformOptimizer(self.transform(batch_dims, num_steps), params, **options)
+        return self.drop_in(self.transform(batch_dims, num_steps), params, options)
 
 
 def orthogonalize_matching_rms(batch_dims: int = 0, ns_steps: int = 5) -> GradientTransformation:

@@ -497,4 +497,4 @@ class CompactNormalizedOptimizer(LearnedOptimizer):
               if orthogonalize else self.transform(batch_dims, num_steps, fast=batch_dims == 0, compiled=compile))
         if compile and batch_dims == 0 and self._has_fast_update():
             options.setdefault("check_finite", False)  # update_fast checks in its first loop
-        return TransformOptimizer(tx, params, **options)
+        return self.drop_in(tx, params, options)

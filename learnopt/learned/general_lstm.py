@@ -21,7 +21,6 @@ from learnopt.learned.features import FeaturesState
 from learnopt.learned.general import NormalizedMLPOptimizer
 from learnopt.learned.general_compact import CompactNormalizedOptimizer, CompactState
 from learnopt.optim.base import Params
-from learnopt.optim.torch_optimizer import TransformOptimizer
 
 
 def lstm_stack(inputs: int, hidden_size: int, num_layers: int,
@@ -96,6 +95,8 @@ class NormalizedLSTMOptimizer(NormalizedMLPOptimizer):
         **kwargs: the other arguments of ``NormalizedMLPOptimizer`` (not ``hidden_sizes``).
     """
 
+    separable = True  # the LSTM states of all coordinates are one tensor: the drop-in runs a tensor at a time
+
     def __init__(self, hidden_size: int = 20, num_layers: int = 2, **kwargs: Any) -> None:
         if int(hidden_size) < 1 or int(num_layers) < 1:
             raise ValueError(f"NormalizedLSTMOptimizer: hidden_size and num_layers must be >= 1, "
@@ -127,19 +128,6 @@ class NormalizedLSTMOptimizer(NormalizedMLPOptimizer):
         features = super().init(params, batch_dims)
         zeros = zero_states(sum(p.numel() for p in params.values()), self)
         return NormalizedLSTMState(features, zeros, zeros)
-
-    def as_torch_optimizer(self, params, batch_dims: int = 0, num_steps: int | None = None,
-                           **options: Any) -> TransformOptimizer:
-        """As ``NormalizedMLPOptimizer.as_torch_optimizer``, run one tensor at a time (``separable``):
-        the LSTM states of all coordinates are one tensor, so the drop-in cannot split it by parameter.
-
-        Args:
-            params, batch_dims, num_steps, **options: as ``NormalizedMLPOptimizer.as_torch_optimizer``.
-
-        Returns:
-            A ``TransformOptimizer``.
-        """
-        return super().as_torch_optimizer(params, batch_dims, num_steps, **{"separable": True, **options})
 
     def lstm(self, x: Tensor, h: tuple[Tensor, ...], c: tuple[Tensor, ...]) -> tuple[Tensor, tuple, tuple]:
         """One step of the stacked cells on rows ``x [N, F]``: ``(out [N, 2], h, c)``.
@@ -198,6 +186,7 @@ class CompactLSTMOptimizer(CompactNormalizedOptimizer):
     """
 
     has_fast_path = False  # update_fast is the MLP's
+    separable = True  # the LSTM states of all coordinates are one tensor: the drop-in runs a tensor at a time
 
     def __init__(self, hidden_size: int = 20, num_layers: int = 2, **kwargs: Any) -> None:
         if int(num_layers) < 1:
@@ -218,22 +207,6 @@ class CompactLSTMOptimizer(CompactNormalizedOptimizer):
 
     def config(self) -> dict[str, Any]:
         return {**super().config(), "num_layers": self.num_layers}
-
-    def as_torch_optimizer(self, params, batch_dims: int = 0, num_steps: int | None = None,
-                           compile: bool = False, orthogonalize: bool = False, **options: Any) -> TransformOptimizer:
-        """As ``CompactNormalizedOptimizer.as_torch_optimizer`` (the reference update; ``compile`` has
-        nothing to compile), run one tensor at a time (``separable``): the LSTM states of all
-        coordinates are one tensor, so the drop-in cannot split it by parameter.
-
-        Args:
-            params, batch_dims, num_steps, compile, orthogonalize, **options: as
-                ``CompactNormalizedOptimizer.as_torch_optimizer``.
-
-        Returns:
-            A ``TransformOptimizer``.
-        """
-        return super().as_torch_optimizer(params, batch_dims, num_steps, False, orthogonalize,
-                                          **{"separable": True, **options})
 
     def init(self, params: Params, batch_dims: int | None = None) -> CompactLSTMState:
         """Zero moments and zero LSTM states for every coordinate of ``params``.

@@ -186,6 +186,8 @@ class CoordinatewiseLSTM(LearnedOptimizer):
         arXiv 1606.04474.
     """
 
+    separable = True  # coordinate-wise: the drop-in runs it one parameter tensor at a time
+
     def __init__(
         self,
         hidden_size: int = 20,
@@ -437,4 +439,4 @@ class CoordinatewiseLSTM(LearnedOptimizer):
             A ``TransformOptimizer``.
         """
         options.setdefault("inplace_update", self.update_)
-        return TransformOptimizer(self.transform(), params, separable=True, **options)
+        return self.drop_in(self.transform(), params, options)

@@ -293,4 +293,4 @@ class FeatureMLPOptimizer(LearnedOptimizer):
         Returns:
             A ``TransformOptimizer``.
         """
-        return TransformOptimizer(self.transform(batch_dims), params, **options)
+        return self.drop_in(self.transform(batch_dims), params, options)
