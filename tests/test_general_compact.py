@@ -18,7 +18,8 @@ import learnopt
 from learnopt.checkpoint import export_checkpoint
 from learnopt.learned import REGISTRY, CompactLSTMOptimizer, CompactNormalizedOptimizer, general_compact_kernels
 from learnopt.learned.general_lstm import NormalizedLSTMOptimizer
-from learnopt.learned.general_compact import FAST_CHUNK, warmup_cosine
+from learnopt.learned.general_compact import warmup_cosine
+from learnopt.learned.general_compact_fast import FAST_CHUNK
 from conftest import assert_instances_independent
 
 DT = torch.float64
