@@ -93,11 +93,14 @@ def _run(lopt, params, steps, update):
     return out, state
 
 
-def test_fast_path_equals_reference():
+@pytest.mark.parametrize("cap", [None, 3.0])
+def test_fast_path_equals_reference(cap):
     # tensors of one element, of fewer and of more than FAST_CHUNK elements, a scalar-like bias
     params = {"w": torch.randn(FAST_CHUNK + 1000, dtype=DT), "m": torch.randn(7, 5, dtype=DT),
               "b": torch.randn(1, dtype=DT)}
-    lopt = _lopt(num_steps=4)
+    lopt = _lopt(num_steps=4, max_amplification=cap)
+    if cap is not None:
+        lopt.amplification.data.fill_(0.02)  # the learned factor exp(0.2) enters both paths
     ref, ref_state = _run(lopt, params, 5, lopt.update)
     fast, fast_state = _run(lopt, params, 5, lopt.update_fast)
     for a, b in zip(ref, fast):
@@ -109,11 +112,12 @@ def test_fast_path_equals_reference():
 
 
 @pytest.mark.slow
-def test_compiled_path_equals_eager_and_checks_gradients():
+@pytest.mark.parametrize("cap", [None, 3.0])
+def test_compiled_path_equals_eager_and_checks_gradients(cap):
     if general_compact_kernels.compiled_kernels() is None:
         pytest.skip("torch.compile cannot build CPU kernels here")
     params = {"w": torch.randn(80, 70), "b": torch.randn(70)}  # one tensor compiled, one eager
-    lopt = CompactNormalizedOptimizer(num_steps=4, output_init_scale=1.0)
+    lopt = CompactNormalizedOptimizer(num_steps=4, output_init_scale=1.0, max_amplification=cap)
     eager, _ = _run(lopt, params, 4, lopt.update_fast)
     compiled, state = _run(lopt, params, 4, lambda g, s, p: lopt.update_fast(g, s, p, compiled=True))
     for a, b in zip(eager, compiled):
@@ -163,8 +167,50 @@ def test_drop_in_trains_a_model_and_refuses_bad_gradients():
         opt.step()
 
 
+def test_amplification_cap_scales_each_tensor_by_adams_direction_rms():
+    # the capped rule's update is the uncapped rule's (same weights) times min(1, cap · rms(m / sqrt(v̂))) per tensor
+    # and instance, Adam's moments written out here; cap = 2 · exp(10 · 0.05)
+    free = _lopt(num_steps=6, batch_dims=1)
+    capped = _lopt(num_steps=6, batch_dims=1, max_amplification=2.0)
+    capped.load_state_dict({**free.state_dict(), "amplification": torch.tensor(0.05, dtype=DT)})
+    p = {"w": torch.randn(3, 6, 5, dtype=DT), "b": torch.randn(3, 5, dtype=DT)}
+    sf, sc = free.init(p), capped.init(p)
+    m = {k: torch.zeros_like(x) for k, x in p.items()}
+    v = {k: torch.zeros_like(x) for k, x in p.items()}
+    ratios = []
+    for t in range(4):
+        g = _grads(p, 0, scale=100.0)  # one direction: Adam's RMS grows from 0.1 to 0.34, the cap binds, then not
+        uf, sf = free.update(g, sf, p)
+        uc, sc = capped.update(g, sc, p)
+        for k in p:
+            m[k] = 0.9 * m[k] + 0.1 * g[k]
+            v[k] = 0.999 * v[k] + 0.001 * g[k] ** 2
+            a = m[k] / torch.sqrt(v[k] / (1 - 0.999 ** (t + 1)) + 1e-16)
+            rms = a.reshape(3, -1).pow(2).mean(dim=1).sqrt()
+            factor = torch.clamp(2.0 * math.exp(0.5) * rms, max=1.0).view(3, *[1] * (a.dim() - 1))
+            torch.testing.assert_close(uc[k], uf[k] * factor, rtol=1e-10, atol=1e-18)
+            ratios += factor.flatten().tolist()
+    assert min(ratios) < 0.9 and max(ratios) == 1.0  # the cap binds on some steps and not on others
+
+
+def test_amplification_cap_starts_from_a_checkpoint_without_it(tmp_path):
+    from learnopt.train.module import _load_initial_weights
+
+    plain = _lopt(num_steps=5).float()
+    path = export_checkpoint(plain, tmp_path / "plain.pt", {})
+    assert learnopt.load(path).config()["max_amplification"] is None
+    capped = CompactNormalizedOptimizer(num_steps=5, max_amplification=4.0)
+    with pytest.warns(UserWarning, match="weights_from"):
+        _load_initial_weights(capped, str(path))
+    assert float(capped.amplification_cap()) == 4.0
+    assert all(torch.equal(capped.state_dict()[k], v) for k, v in plain.state_dict().items())
+    with pytest.raises(ValueError, match="do not fit"):
+        capped.weights_from(_lopt(num_steps=5, hidden_size=3))
+
+
 def test_checkpoint_round_trip(tmp_path):
-    lopt = _lopt(num_steps=30, batch_dims=1).float()
+    lopt = _lopt(num_steps=30, batch_dims=1, max_amplification=4.0).float()
+    lopt.amplification.data.fill_(-0.1)
     path = export_checkpoint(lopt, tmp_path / "compact.pt", {"note": "test"})
     loaded = learnopt.load(path)
     assert REGISTRY["CompactNormalizedOptimizer"] is CompactNormalizedOptimizer
@@ -181,6 +227,9 @@ def test_checkpoint_round_trip(tmp_path):
     ({"adam_decay": None}, "nominal"),
     ({"warmup": 1.0}, "warmup"),
     ({"hidden_size": 0}, "hidden_size"),
+    ({"max_amplification": 0.0}, "max_amplification"),
+    ({"max_amplification": float("inf")}, "max_amplification"),
+    ({"max_amplification": 2.0, "adam_decay": None, "nominal": 0.0}, "max_amplification"),
 ])
 def test_bad_configuration_is_refused(kw, match):
     with pytest.raises(ValueError, match=match):

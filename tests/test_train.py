@@ -157,3 +157,29 @@ def test_every_config_builds_its_meta_train_module(config, monkeypatch):
     assert module.estimator.task_family is module.task_family and module.estimator.seed == module.hparams.seed
     spec = module.estimator.spec()
     assert spec["class_path"].startswith("learnopt.meta.") and json.loads(json.dumps(spec)) == spec
+
+
+def test_validation_draws_several_architectures():
+    # val_draws samples val_tasks instances that many times from one "val" generator (each draw its own width
+    # here) and scores the mean; val_draws=1 is the single draw of before
+    from learnopt.learned import CompactNormalizedOptimizer
+    from learnopt.meta import TruncatedBPTT
+    from learnopt.meta.unroll import log10_losses, rollout
+    from learnopt.task import seeded_generator
+    from learnopt.train.module import MetaTrainModule
+    from tasks.mlp import MLPFamily
+
+    family = MLPFamily(dataset="synthetic", hidden_sizes=[4], batch_size=16, width_choices=[2, 4, 8, 16])
+    lopt = CompactNormalizedOptimizer(batch_dims=1, num_steps=6)
+    scores = {draws: MetaTrainModule(lopt, family, TruncatedBPTT(num_tasks=2, horizon=6, unroll_length=3),
+                                     val_tasks=2, val_draws=draws).validation_log10_final_loss() for draws in (1, 4)}
+    generator, by_hand, widths = seeded_generator("val", 0), [], set()
+    for _ in range(4):
+        task = family.sample(2, generator)
+        widths.add(tuple(task.sizes))
+        by_hand.append(float(log10_losses(rollout(lopt.transform(), task, 6, generator=generator)[-1]).mean()))
+    assert len(widths) > 1  # the draws are different architectures
+    assert scores[1] == pytest.approx(by_hand[0], rel=1e-6)
+    assert scores[4] == pytest.approx(sum(by_hand) / 4, rel=1e-6)
+    with pytest.raises(ValueError, match="val_draws"):
+        MetaTrainModule(lopt, family, TruncatedBPTT(num_tasks=2, horizon=6, unroll_length=3), val_draws=0)

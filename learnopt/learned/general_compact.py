@@ -15,7 +15,12 @@ on a good schedule. For every tensor (``batch_dims`` leading instance dimensions
     h     = relu(W₁ [x, c] + b₁),   (d, μ) = W₂ h + b₂
     d     = d + nominal · x_adam,   d = d / sqrt(mean_tensor(d²) + eps)
     step  = step_mult · schedule(t, T) · exp(magnitude_range · tanh(mean_tensor(μ)))
+    step  = step · min(1, cap · rms_tensor(x_adam before its normalization))     with max_amplification
     θ_{t+1} = θ_t − step · d
+
+With ``max_amplification``, the normalization may scale the step up by at most ``cap`` over Adam's own direction
+m / sqrt(v̂) (whose RMS falls well below 1 once the gradients are mostly noise); ``cap = max_amplification ·
+exp(AMPLIFICATION_GAIN · a)`` with ``a`` a meta-learned weight that starts at 0.
 
 ``schedule`` is 1 without a run length T, else a linear warm-up over the first ``warmup`` of the run and a cosine
 decay to ``final_ratio`` at T (held after T). ``update_fast`` is the same arithmetic for a caller that needs no
@@ -44,10 +49,14 @@ from learnopt.optim.torch_optimizer import TransformOptimizer
 # Peak step (per-coordinate RMS of the update): the best of 5e-3 … 1e-1 for the untrained rule on the
 # meta-training distribution's validation instances (docs/general.md); Celo2's 1e-3 is for a rule without a schedule.
 COMPACT_STEP_MULT = 1e-2
+# The cap's log moves AMPLIFICATION_GAIN times as fast as the weight ``a``: Adam, the meta-optimizer, moves every
+# weight by about meta_lr (3e-4) per meta-step, and the cap's log needs moves of order 1 within a few hundred.
+AMPLIFICATION_GAIN = 10.0
 
 
 CONFIG_KEYS = tuple("hidden_size momentum_decays adam_decay second_moment_decay step_timescales num_steps step_mult "
-                    "warmup final_ratio magnitude_range nominal output_init_scale batch_dims normalize".split())
+                    "warmup final_ratio magnitude_range nominal output_init_scale batch_dims normalize "
+                    "max_amplification".split())
 
 
 def warmup_cosine(count: float, num_steps: int | None, warmup: float, final_ratio: float) -> float:
@@ -83,6 +92,8 @@ class CompactNormalizedOptimizer(CompactFastUpdate, LearnedOptimizer):
         step_mult: the peak step; ``warmup``, ``final_ratio``: the schedule's (``warmup_cosine``).
         magnitude_range, nominal: bound of the learned log step factor, weight of ``x_adam`` in ``d``.
         batch_dims: default leading instance dimensions; ``normalize``: scale the direction to unit RMS per tensor.
+        max_amplification: the initial ``cap`` on the step over Adam's direction's RMS (None: no cap; module
+            docstring); the cap is then meta-learned (the weight ``amplification``).
     """
 
     takes_batch_dims = True  # as_torch_optimizer / load_optimizer accept batch_dims=
@@ -104,6 +115,7 @@ class CompactNormalizedOptimizer(CompactFastUpdate, LearnedOptimizer):
         output_init_scale: float = 0.01,
         batch_dims: int = 0,
         normalize: bool = True,
+        max_amplification: float | None = None,
     ) -> None:
         super().__init__()
         self.hidden_size = int(hidden_size)
@@ -120,6 +132,7 @@ class CompactNormalizedOptimizer(CompactFastUpdate, LearnedOptimizer):
         self.output_init_scale = float(output_init_scale)
         self.batch_dims = int(batch_dims)
         self.normalize = bool(normalize)
+        self.max_amplification = None if max_amplification is None else float(max_amplification)
         self._validate()
         moments = [f"momentum_{b:g}" for b in self.momentum_decays]
         adam = ["adam"] if self.adam_decay is not None else []
@@ -133,6 +146,8 @@ class CompactNormalizedOptimizer(CompactFastUpdate, LearnedOptimizer):
         with torch.no_grad():  # start near the nominal term alone: per-tensor-normalized Adam
             self.layers[-1].weight.mul_(self.output_init_scale)
             self.layers[-1].bias.zero_()
+        if self.max_amplification is not None:
+            self.amplification = nn.Parameter(torch.zeros(()))
 
     def _validate(self) -> None:
         name = type(self).__name__
@@ -156,6 +171,10 @@ class CompactNormalizedOptimizer(CompactFastUpdate, LearnedOptimizer):
             raise ValueError(f"{name}: step_mult must be > 0, magnitude_range >= 0, all finite; got {values}")
         if self.batch_dims < 0:
             raise ValueError(f"{name}: batch_dims must be >= 0, got {self.batch_dims}")
+        cap = self.max_amplification
+        if cap is not None and not (math.isfinite(cap) and cap > 0 and self.adam_decay is not None):
+            raise ValueError(f"{name}: max_amplification must be finite and > 0 and needs the Adam direction "
+                             f"(adam_decay); got {cap} with adam_decay {self.adam_decay}")
 
     def config(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v := getattr(self, k), list) else v for k in CONFIG_KEYS}
@@ -219,6 +238,46 @@ class CompactNormalizedOptimizer(CompactFastUpdate, LearnedOptimizer):
         """
         return self.step_mult * warmup_cosine(count, num_steps or self.num_steps, self.warmup, self.final_ratio)
 
+    def amplification_cap(self) -> Tensor | None:
+        """``cap = max_amplification · exp(AMPLIFICATION_GAIN · a)`` (None without ``max_amplification``)."""
+        if self.max_amplification is None:
+            return None
+        return self.max_amplification * torch.exp(AMPLIFICATION_GAIN * self.amplification)
+
+    def adam_rms(self, momenta: Params, second: Params, count: float, batch_dims: int) -> Params | None:
+        """Per tensor, the RMS of Adam's direction ``x_adam = m · r`` before the features' normalization
+        (None without ``max_amplification``).
+
+        Args:
+            momenta, second: the updated momenta and second moments (``feature_rows``).
+            count, batch_dims: the step ``t`` and the instance dimensions.
+
+        Returns:
+            ``{name: RMS}`` with the instance dimensions kept, or None.
+        """
+        if self.max_amplification is None:
+            return None
+        correction = 1.0 - self.second_moment_decay ** (count + 1.0)
+        out = {}
+        for k, v in second.items():
+            a = momenta[k][self._adam_row] * torch.rsqrt(v / correction + ADAM_EPS**2)
+            out[k] = (a * a).mean(dim=tuple(range(batch_dims, a.dim())), keepdim=True).sqrt()
+        return out
+
+    def weights_from(self, source: CompactNormalizedOptimizer) -> dict[str, Tensor]:
+        """The weights of ``source``, a rule without ``max_amplification``, for this rule with it (``init_from``):
+        the cap starts at ``max_amplification`` (the weight ``amplification`` at 0).
+
+        Raises:
+            ValueError: ``source`` has other weights than this rule's without the cap.
+        """
+        mine = self.state_dict()
+        theirs = {**source.state_dict(), **({"amplification": mine["amplification"]}
+                                             if "amplification" in mine else {})}
+        if set(theirs) != set(mine) or any(theirs[k].shape != mine[k].shape for k in mine):
+            raise ValueError(f"{type(self).__name__}: weights {sorted(theirs)} do not fit {sorted(mine)}")
+        return theirs
+
     def _first_layer(self, count: float, num_steps: int | None) -> tuple[Tensor, Tensor]:
         """The first layer's weight on the features and its bias with the progress folded in."""
         layer = self.layers[0]
@@ -252,7 +311,8 @@ class CompactNormalizedOptimizer(CompactFastUpdate, LearnedOptimizer):
         rows, momenta, second = self.feature_rows(grads, state, batch_dims)
         t = float(state.count)
         out = self.network(torch.cat([x.reshape(-1, self.num_features) for x in rows.values()]), t, num_steps)
-        return self.updates_from(out, rows, t, num_steps, batch_dims), CompactState(state.count + 1, momenta, second)
+        updates = self.updates_from(out, rows, t, num_steps, batch_dims, self.adam_rms(momenta, second, t, batch_dims))
+        return updates, CompactState(state.count + 1, momenta, second)
 
     def feature_rows(self, grads: Params, state: CompactState, batch_dims: int) -> tuple[Params, Params, Params]:
         """Per tensor, the normalized features and the new momenta and second moments.
@@ -294,17 +354,19 @@ class CompactNormalizedOptimizer(CompactFastUpdate, LearnedOptimizer):
         return self.layers[1](torch.relu(functional.linear(x, w1, b1)))
 
     def updates_from(self, out: Tensor, rows: Params, count: float, num_steps: int | None,
-                     batch_dims: int) -> Params:
+                     batch_dims: int, adam_rms: Params | None = None) -> Params:
         """The updates ``−step · d`` from the network's output ``[N, 2]`` (rows in ``rows`` order).
 
         Args:
             out, rows: the network's output and the feature rows per tensor (``feature_rows``).
             count, num_steps, batch_dims: the step ``t``, the run length T and the instance dimensions.
+            adam_rms: ``adam_rms``'s, for the cap on the amplification (None: no cap).
 
         Returns:
             The updates, ``{name: tensor}``.
         """
         base_step = self.step_size(count, num_steps)
+        cap = self.amplification_cap() if adam_rms is not None else None
         updates, offset = {}, 0
         for k, x in rows.items():
             shape = x.shape[:-1]
@@ -315,7 +377,10 @@ class CompactNormalizedOptimizer(CompactFastUpdate, LearnedOptimizer):
             if self.normalize:
                 d = d * torch.rsqrt((d * d).mean(dim=dims, keepdim=True) + DIRECTION_EPS)
             log_mag = self.magnitude_range * torch.tanh(o[..., 1].mean(dim=dims, keepdim=True))
-            updates[k] = -(base_step * torch.exp(log_mag)) * d
+            step = base_step * torch.exp(log_mag)
+            if cap is not None:
+                step = step * torch.clamp(cap * adam_rms[k], max=1.0)
+            updates[k] = -step * d
         return updates
 
     def transform(self, batch_dims: int | None = None, num_steps: int | None = None,

@@ -76,6 +76,8 @@ class CompactFastUpdate:
         w1, b1 = self._first_layer(count, num_steps)
         w2, b2_out = self.layers[1].weight, self.layers[1].bias
         base_step = self.step_size(count, num_steps)
+        cap = self.amplification_cap()
+        cap = None if cap is None else float(cap) * math.sqrt(1.0 - b2 ** (count + 1.0))  # sqrt(bias2): as above
         k_m, f = len(self.momentum_decays), self.num_features
         decay_weight = torch.tensor([1.0 - b for b in self.momentum_decays], dtype=dtype, device=device)
         kernels = compiled_kernels() if compiled else None
@@ -108,6 +110,8 @@ class CompactFastUpdate:
                 sums = [float(w2[1] @ hidden_sum), float(torch.dot(d, d))]
             mu = sums[0] / n + float(b2_out[1])
             scale = base_step * math.exp(self.magnitude_range * math.tanh(mu))
+            if cap is not None:  # min(1, cap · RMS of x_adam), its RMS 1 / inv[-1] here
+                scale *= min(1.0, cap / float(inv[-1]))
             updates[k] = d.mul_(-scale / math.sqrt(sums[1] / n + DIRECTION_EPS)).view(grad.shape)
         return updates, CompactState(state.count + 1, state.momenta, state.second_moment)
 

@@ -245,6 +245,6 @@ class CompactLSTMOptimizer(CompactNormalizedOptimizer):
         progress = torch.tensor(self.progress(t, num_steps), dtype=self.dtype, device=self.device)
         x = torch.cat([flat, progress.expand(flat.shape[0], -1)], dim=-1)
         out, h, c = run_stack(self.cells, self.readout, x, state.h, state.c)
-        updates = self.updates_from(out, rows, t, num_steps, batch_dims)
+        updates = self.updates_from(out, rows, t, num_steps, batch_dims, self.adam_rms(momenta, second, t, batch_dims))
         moments = CompactState(state.moments.count + 1, momenta, second)
         return updates, CompactLSTMState(moments, h, c)

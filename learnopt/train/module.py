@@ -143,6 +143,8 @@ class MetaTrainModule(pl.LightningModule):
         grad_clip: the global-norm clip of the meta-gradient.
         seed: the run's seed: the validation tasks', and the estimator's unless it has its own.
         val_tasks: held-out task instances scored at each validation.
+        val_draws: how many times validation samples ``val_tasks`` instances (a family that draws one architecture
+            per ``sample``, ``MLPFamily`` with ``width_choices``, then validates on ``val_draws`` architectures).
         init_from: an exported checkpoint whose weights start meta-training.
         max_nonfinite: consecutive non-finite truncations that stop meta-training.
 
@@ -161,12 +163,14 @@ class MetaTrainModule(pl.LightningModule):
         grad_clip: float = 1.0,
         seed: int = 0,
         val_tasks: int = 256,
+        val_draws: int = 1,
         init_from: str | None = None,
         max_nonfinite: int = 50,
     ) -> None:
         super().__init__()
         check_count("MetaTrainModule", "val_tasks", val_tasks,
                     "validation on val_tasks instances chooses the exported learned optimizer")
+        check_count("MetaTrainModule", "val_draws", val_draws, "validation samples val_tasks instances that often")
         check_count("MetaTrainModule", "max_nonfinite", max_nonfinite,
                     "it is how many consecutive non-finite truncations stop meta-training")
         if estimator is None:
@@ -323,16 +327,20 @@ class MetaTrainModule(pl.LightningModule):
         (a diverged instance counts as +30).
 
         Returns:
-            The mean over ``val_tasks`` instances after an inner run of the estimator's horizon.
+            The mean over ``val_draws`` × ``val_tasks`` instances after an inner run of the estimator's horizon.
         """
         hp = self.hparams
         generator = seeded_generator("val", hp.seed)
-        task = self.task_family.sample(hp.val_tasks, generator)
-        if hasattr(task, "to"):
-            task = task.to(self.device)
-        with torch.inference_mode(False), torch.enable_grad():
-            losses = rollout(self.learned_optimizer.transform(), task, self.estimator.horizon, generator=generator)
-        return float(log10_losses(losses[-1]).mean())
+        scores = []
+        for _ in range(hp.get("val_draws", 1)):  # hparams of runs saved before val_draws lack it
+            task = self.task_family.sample(hp.val_tasks, generator)
+            if hasattr(task, "to"):
+                task = task.to(self.device)
+            with torch.inference_mode(False), torch.enable_grad():
+                losses = rollout(self.learned_optimizer.transform(), task, self.estimator.horizon,
+                                 generator=generator)
+            scores.append(log10_losses(losses[-1]).mean())
+        return float(torch.stack(scores).mean())
 
     # -- resuming: the carried unroll is part of the Lightning checkpoint -----------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
