@@ -96,6 +96,7 @@ def plot_suite(result: dict, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run-dir", default="runs/general", help="default_root_dir of the meta-training run")
+    parser.add_argument("--source", default=None, help="the run's exported checkpoint (default: RUN_DIR/general.pt)")
     parser.add_argument("--wandb-dir", default="runs/wandb")
     parser.add_argument("--run-name", default="general/meta-train", help="the W&B run's name in the config")
     parser.add_argument("--out", default="checkpoints/general.pt")
@@ -105,7 +106,7 @@ def main() -> None:
     parser.add_argument("--plot", default="docs/general/meta_training.png", help="the meta-training curves' plot")
     parser.add_argument("--skip-suite", action="store_true")
     args = parser.parse_args()
-    src, dst = ROOT / args.run_dir / "general.pt", ROOT / args.out
+    src, dst = ROOT / (args.source or Path(args.run_dir) / "general.pt"), ROOT / args.out
     load(src)  # validates the file before it is shipped
     shutil.copyfile(src, dst)
     run = meta_training_run(ROOT / args.wandb_dir, args.run_name)
