@@ -5,7 +5,11 @@ m̂/sqrt(v̂) in that tensor (so normalization may scale a noisy direction up by
 suite problems ("test" seed 0, 4 instances) and the validation score of the meta-training
 distribution (``configs/general.yaml``'s 16 validation instances, 500 steps).
 
-    OMP_NUM_THREADS=1 .venv/bin/python scripts/general_cap_probe.py --caps 1 2 4
+    git show 5efc3d3:checkpoints/general.pt > /tmp/uncapped.pt
+    OMP_NUM_THREADS=1 .venv/bin/python scripts/general_cap_probe.py --caps 1 2 4 --checkpoint /tmp/uncapped.pt
+
+It probes a rule without a cap of its own: the docs' figures are of the uncapped file shipped until
+2026-12-06 19:30 UTC (commit 5efc3d3); the rule shipped since has the cap built in (``max_amplification``).
 """
 
 from __future__ import annotations
@@ -47,8 +51,8 @@ class CappedRule(CompactNormalizedOptimizer):
             self._adam_rms[k] = a.pow(2).mean(dim=tuple(range(batch_dims, a.dim())), keepdim=True).sqrt()
         return rows, momenta, second
 
-    def updates_from(self, out, rows, count, num_steps, batch_dims):
-        updates = super().updates_from(out, rows, count, num_steps, batch_dims)
+    def updates_from(self, out, rows, count, num_steps, batch_dims, adam_rms=None):
+        updates = super().updates_from(out, rows, count, num_steps, batch_dims, adam_rms)
         if self.cap == float("inf"):  # the shipped rule (inf · 0 would be NaN where Adam's direction is 0)
             return updates
         return {k: u * torch.clamp(self.cap * self._adam_rms[k], max=1.0) for k, u in updates.items()}
@@ -56,6 +60,9 @@ class CappedRule(CompactNormalizedOptimizer):
 
 def capped(cap: float, checkpoint: Path) -> CappedRule:
     shipped = load(checkpoint)
+    if shipped.config().get("max_amplification") is not None:
+        raise SystemExit(f"{checkpoint}: this rule has its own cap (max_amplification); the probe is of an "
+                         "uncapped rule, e.g. git show 5efc3d3:checkpoints/general.pt")
     rule = CappedRule(**shipped.config())
     rule.load_state_dict(shipped.state_dict())
     rule.cap = cap
@@ -65,7 +72,7 @@ def capped(cap: float, checkpoint: Path) -> CappedRule:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--caps", type=float, nargs="+", default=[1.0, 2.0, 4.0, float("inf")])
-    parser.add_argument("--checkpoint", default="checkpoints/general.pt")
+    parser.add_argument("--checkpoint", required=True, help="an uncapped CompactNormalizedOptimizer checkpoint")
     args = parser.parse_args()
     torch.set_num_threads(1)
     suite = ROOT / "configs" / "evaluate_general_suite.yaml"

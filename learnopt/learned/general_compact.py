@@ -239,7 +239,11 @@ class CompactNormalizedOptimizer(CompactFastUpdate, LearnedOptimizer):
         return self.step_mult * warmup_cosine(count, num_steps or self.num_steps, self.warmup, self.final_ratio)
 
     def amplification_cap(self) -> Tensor | None:
-        """``cap = max_amplification · exp(AMPLIFICATION_GAIN · a)`` (None without ``max_amplification``)."""
+        """The cap on the amplification of the step over Adam's direction.
+
+        Returns:
+            ``max_amplification · exp(AMPLIFICATION_GAIN · a)`` (a 0-d tensor), or None without ``max_amplification``.
+        """
         if self.max_amplification is None:
             return None
         return self.max_amplification * torch.exp(AMPLIFICATION_GAIN * self.amplification)
@@ -267,6 +271,12 @@ class CompactNormalizedOptimizer(CompactFastUpdate, LearnedOptimizer):
     def weights_from(self, source: CompactNormalizedOptimizer) -> dict[str, Tensor]:
         """The weights of ``source``, a rule without ``max_amplification``, for this rule with it (``init_from``):
         the cap starts at ``max_amplification`` (the weight ``amplification`` at 0).
+
+        Args:
+            source: the checkpoint's rule.
+
+        Returns:
+            A state dict for this rule.
 
         Raises:
             ValueError: ``source`` has other weights than this rule's without the cap.
