@@ -6,7 +6,8 @@ The timed call is ``opt.step()`` alone on fixed gradients; the rules are untrain
 do not change the time). Contenders:
 
 - ``adam``: ``torch.optim.Adam(foreach=True)``, the reference of the ``× Adam`` column;
-- ``compact``: ``CompactNormalizedOptimizer``'s drop-in (``update_fast``), the shipped rule;
+- ``compact``: ``CompactNormalizedOptimizer``'s drop-in (``update_fast``), the shipped rule (with its cap,
+  ``max_amplification``);
 - ``compact, compiled``: the same with ``compile=True`` (two ``torch.compile``d loops per tensor;
   compiled before the timing, in the warm-up step);
 - ``compact, reference path``: the same rule through its functional ``update``;
@@ -43,6 +44,7 @@ from learnopt.optim import as_torch_optimizer  # noqa: E402
 from learnopt.optim.torch_optimizer import TransformOptimizer  # noqa: E402
 
 STEPS = 1000  # the run length the rules are told
+SHIPPED = {"num_steps": STEPS, "max_amplification": 4.0}  # the shipped rule's configuration (its cap)
 
 
 def contenders(width: int, slow: bool) -> tuple[int, dict]:
@@ -61,24 +63,24 @@ def contenders(width: int, slow: bool) -> tuple[int, dict]:
     count = sum(p.numel() for p in m.parameters())
     steps["adam"] = torch.optim.Adam(m.parameters(), lr=1e-3, foreach=True).step
     m = model()
-    steps["compact"] = CompactNormalizedOptimizer(num_steps=STEPS).as_torch_optimizer(
+    steps["compact"] = CompactNormalizedOptimizer(**SHIPPED).as_torch_optimizer(
         m.named_parameters(), num_steps=STEPS).step
     m = model()
-    steps["compact, compiled"] = CompactNormalizedOptimizer(num_steps=STEPS).as_torch_optimizer(
+    steps["compact, compiled"] = CompactNormalizedOptimizer(**SHIPPED).as_torch_optimizer(
         m.named_parameters(), num_steps=STEPS, compile=True).step
     m = model()
     steps["compact, reference path"] = TransformOptimizer(
-        CompactNormalizedOptimizer(num_steps=STEPS).transform(0, STEPS, fast=False), m.named_parameters()).step
+        CompactNormalizedOptimizer(**SHIPPED).transform(0, STEPS, fast=False), m.named_parameters()).step
     m = model()
     matrices = [p for p in m.parameters() if p.dim() == 2]
     muon = torch.optim.Muon(matrices, lr=0.02)
     vectors = torch.optim.Adam([p for p in m.parameters() if p.dim() < 2], lr=1e-3, foreach=True)
     steps["muon"] = lambda: (muon.step(), vectors.step())
     m = model()
-    tx = orthogonalized_learned_optimizer(CompactNormalizedOptimizer(num_steps=STEPS))
+    tx = orthogonalized_learned_optimizer(CompactNormalizedOptimizer(**SHIPPED))
     steps["compact+ns, reference path"] = as_torch_optimizer(tx, m.named_parameters()).step
     m = model()
-    steps["compact+ns"] = CompactNormalizedOptimizer(num_steps=STEPS).as_torch_optimizer(
+    steps["compact+ns"] = CompactNormalizedOptimizer(**SHIPPED).as_torch_optimizer(
         m.named_parameters(), num_steps=STEPS, orthogonalize=True).step
     if slow:
         m = model()
