@@ -119,3 +119,19 @@ def test_a_non_finite_gradient_never_reaches_the_weights():
         opt.step()
     for p, q in zip(model.parameters(), before):
         assert torch.equal(p, q)
+
+
+def test_a_wide_relu_net_does_not_collapse():
+    # The failure the shipped rule's cap (max_amplification) was built to remove: its uncapped predecessor
+    # (commit 5efc3d3) sent every run of this 128-128 ReLU MLP on mnist1d to the uniform prediction within 500
+    # steps (loss ln 10 = 2.303 here too, docs/general.md); the capped rule ends at 0.75 and 0.65
+    from learnopt.meta.unroll import rollout
+    from learnopt.task import seeded_generator
+    from tasks.mlp import MLPFamily
+
+    lopt = learnopt.load(CHECKPOINT)
+    assert lopt.config()["max_amplification"] is not None
+    generator = seeded_generator("test", 0)
+    task = MLPFamily(dataset="mnist1d", hidden_sizes=[128, 128], activation="relu").sample(2, generator)
+    losses = rollout(lopt.transform(batch_dims=1, num_steps=500), task, 500, generator=generator)
+    assert bool(torch.isfinite(losses).all()) and float(losses[-1].max()) < 1.5, losses[-1]
