@@ -1,9 +1,9 @@
 """Probe for the general optimizer's instability (issue 23, docs/general.md): the shipped rule with
 its per-tensor normalized step capped at ``cap`` times the RMS of Adam's own direction
-m̂/sqrt(v̂) in that tensor (so normalization may scale a noisy direction up by at most ``cap``;
-``cap`` → ∞ is the shipped rule, the weights unchanged). Prints the mean log10 training loss of
-suite problems ("test" seed 0, 4 instances) and the validation score of the meta-training
-distribution (``configs/general.yaml``'s 16 validation instances, 500 steps).
+m/sqrt(v̂) in that tensor (``CompactNormalizedOptimizer(max_amplification=cap)``, the cap's weight at 0: the
+normalization may scale a noisy direction up by at most ``cap``; ``cap`` → ∞ is the rule as it is).
+Prints the mean log10 training loss of suite problems ("test" seed 0, 4 instances) and the validation score
+of the meta-training distribution (``configs/general.yaml``'s 16 validation instances, 500 steps).
 
     git show 5efc3d3:checkpoints/general.pt > /tmp/uncapped.pt
     OMP_NUM_THREADS=1 .venv/bin/python scripts/general_cap_probe.py --caps 1 2 4 --checkpoint /tmp/uncapped.pt
@@ -37,35 +37,17 @@ PROBLEMS = (("mlp_digits_relu_64x3", 5000), ("mlp_mnist1d_relu_128x128", 500), (
             ("cnn_mnist1d_8x16", 500))
 
 
-class CappedRule(CompactNormalizedOptimizer):
-    """The compact rule, each tensor's step multiplied by ``min(1, cap · rms(m̂ / sqrt(v̂)))`` (reference path)."""
-
-    cap = float("inf")
-
-    def feature_rows(self, grads, state, batch_dims):
-        rows, momenta, second = super().feature_rows(grads, state, batch_dims)
-        correction = 1.0 - self.second_moment_decay ** (float(state.count) + 1.0)
-        self._adam_rms = {}
-        for k in grads:
-            a = momenta[k][self._adam_row] * torch.rsqrt(second[k] / correction + 1e-16)
-            self._adam_rms[k] = a.pow(2).mean(dim=tuple(range(batch_dims, a.dim())), keepdim=True).sqrt()
-        return rows, momenta, second
-
-    def updates_from(self, out, rows, count, num_steps, batch_dims, adam_rms=None):
-        updates = super().updates_from(out, rows, count, num_steps, batch_dims, adam_rms)
-        if self.cap == float("inf"):  # the shipped rule (inf · 0 would be NaN where Adam's direction is 0)
-            return updates
-        return {k: u * torch.clamp(self.cap * self._adam_rms[k], max=1.0) for k, u in updates.items()}
-
-
-def capped(cap: float, checkpoint: Path) -> CappedRule:
+def capped(cap: float, checkpoint: Path) -> CompactNormalizedOptimizer:
+    """The uncapped rule of ``checkpoint`` with the cap ``cap`` (``max_amplification``, its weight at 0), the
+    rule itself for ``cap`` = ∞."""
     shipped = load(checkpoint)
     if shipped.config().get("max_amplification") is not None:
         raise SystemExit(f"{checkpoint}: this rule has its own cap (max_amplification); the probe is of an "
                          "uncapped rule, e.g. git show 5efc3d3:checkpoints/general.pt")
-    rule = CappedRule(**shipped.config())
-    rule.load_state_dict(shipped.state_dict())
-    rule.cap = cap
+    if cap == float("inf"):
+        return shipped
+    rule = CompactNormalizedOptimizer(**{**shipped.config(), "max_amplification": cap})
+    rule.load_state_dict(rule.weights_from(shipped))
     return rule
 
 

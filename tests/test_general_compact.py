@@ -248,7 +248,7 @@ def test_lstm_variant_matches_lstm_cells_run_by_hand():
     for t in range(3):
         g = _grads(p, t)
         u, state = lopt.update(g, state, p)
-        rows, _, _ = reference.feature_rows(g, ref_state, 0)
+        rows = reference.feature_rows(g, ref_state, 0)[0]
         _, ref_state = reference.update(g, ref_state, p)
         x = torch.cat([r.reshape(-1, reference.num_features) for r in rows.values()])
         x = torch.cat([x, torch.tensor(reference.progress(t, None), dtype=DT).expand(8, -1)], dim=-1)

@@ -248,26 +248,6 @@ class CompactNormalizedOptimizer(CompactFastUpdate, LearnedOptimizer):
             return None
         return self.max_amplification * torch.exp(AMPLIFICATION_GAIN * self.amplification)
 
-    def adam_rms(self, momenta: Params, second: Params, count: float, batch_dims: int) -> Params | None:
-        """Per tensor, the RMS of Adam's direction ``x_adam = m · r`` before the features' normalization
-        (None without ``max_amplification``).
-
-        Args:
-            momenta, second: the updated momenta and second moments (``feature_rows``).
-            count, batch_dims: the step ``t`` and the instance dimensions.
-
-        Returns:
-            ``{name: RMS}`` with the instance dimensions kept, or None.
-        """
-        if self.max_amplification is None:
-            return None
-        correction = 1.0 - self.second_moment_decay ** (count + 1.0)
-        out = {}
-        for k, v in second.items():
-            a = momenta[k][self._adam_row] * torch.rsqrt(v / correction + ADAM_EPS**2)
-            out[k] = (a * a).mean(dim=tuple(range(batch_dims, a.dim())), keepdim=True).sqrt()
-        return out
-
     def weights_from(self, source: CompactNormalizedOptimizer) -> dict[str, Tensor]:
         """The weights of ``source``, a rule without ``max_amplification``, for this rule with it (``init_from``):
         the cap starts at ``max_amplification`` (the weight ``amplification`` at 0).
@@ -318,26 +298,30 @@ class CompactNormalizedOptimizer(CompactFastUpdate, LearnedOptimizer):
             The updates and the new state.
         """
         batch_dims = self.batch_dims if batch_dims is None else batch_dims
-        rows, momenta, second = self.feature_rows(grads, state, batch_dims)
+        rows, momenta, second, adam_rms = self.feature_rows(grads, state, batch_dims)
         t = float(state.count)
         out = self.network(torch.cat([x.reshape(-1, self.num_features) for x in rows.values()]), t, num_steps)
-        updates = self.updates_from(out, rows, t, num_steps, batch_dims, self.adam_rms(momenta, second, t, batch_dims))
+        updates = self.updates_from(out, rows, t, num_steps, batch_dims, adam_rms)
         return updates, CompactState(state.count + 1, momenta, second)
 
-    def feature_rows(self, grads: Params, state: CompactState, batch_dims: int) -> tuple[Params, Params, Params]:
-        """Per tensor, the normalized features and the new momenta and second moments.
+    def feature_rows(self, grads: Params, state: CompactState,
+                     batch_dims: int) -> tuple[Params, Params, Params, Params | None]:
+        """Per tensor, the normalized features, the new momenta and second moments and, with
+        ``max_amplification``, the RMS of Adam's direction ``x_adam`` before its normalization (for the cap).
 
         Args:
             grads, state: the gradients (checked with ``check_parameter``) and the ``CompactState``.
             batch_dims: leading instance dimensions.
 
         Returns:
-            ``(rows, momenta, second_moments)``, each ``{name: tensor}``; rows ``[*shape, num_features]``.
+            ``(rows, momenta, second_moments, adam_rms)``, each ``{name: tensor}`` (``adam_rms`` None without
+            ``max_amplification``, else with the instance dimensions kept); rows ``[*shape, num_features]``.
         """
         self._check(grads, state, batch_dims)
         t = float(state.count)
         b2 = self.second_moment_decay
         rows, momenta, second = {}, {}, {}
+        adam_rms = None if self.max_amplification is None else {}
         for k, g in grads.items():
             g = g.to(self.dtype)
             decays = torch.tensor(self.momentum_decays, dtype=self.dtype, device=g.device)
@@ -349,7 +333,9 @@ class CompactNormalizedOptimizer(CompactFastUpdate, LearnedOptimizer):
             x = torch.stack([g, *m.unbind(0), r, *adam], dim=-1)
             rows[k] = second_moment_normalize(x, batch_dims, eps=FEATURE_EPS)
             momenta[k], second[k] = m, v
-        return rows, momenta, second
+            if adam_rms is not None:
+                adam_rms[k] = adam[0].square().mean(dim=tuple(range(batch_dims, g.dim())), keepdim=True).sqrt()
+        return rows, momenta, second, adam_rms
 
     def network(self, x: Tensor, count: float, num_steps: int | None) -> Tensor:
         """``[N, num_features] -> [N, 2]`` (direction, log-magnitude) at step ``count``.
@@ -370,7 +356,7 @@ class CompactNormalizedOptimizer(CompactFastUpdate, LearnedOptimizer):
         Args:
             out, rows: the network's output and the feature rows per tensor (``feature_rows``).
             count, num_steps, batch_dims: the step ``t``, the run length T and the instance dimensions.
-            adam_rms: ``adam_rms``'s, for the cap on the amplification (None: no cap).
+            adam_rms: ``feature_rows``'s, for the cap on the amplification (None: no cap).
 
         Returns:
             The updates, ``{name: tensor}``.

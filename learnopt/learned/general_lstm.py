@@ -236,7 +236,7 @@ class CompactLSTMOptimizer(CompactNormalizedOptimizer):
             The updates and the new ``CompactLSTMState``.
         """
         batch_dims = self.batch_dims if batch_dims is None else batch_dims
-        rows, momenta, second = self.feature_rows(grads, state.moments, batch_dims)
+        rows, momenta, second, adam_rms = self.feature_rows(grads, state.moments, batch_dims)
         t = float(state.moments.count)
         flat = torch.cat([r.reshape(-1, self.num_features) for r in rows.values()])
         if flat.shape[0] != state.h[0].shape[0]:
@@ -245,6 +245,6 @@ class CompactLSTMOptimizer(CompactNormalizedOptimizer):
         progress = torch.tensor(self.progress(t, num_steps), dtype=self.dtype, device=self.device)
         x = torch.cat([flat, progress.expand(flat.shape[0], -1)], dim=-1)
         out, h, c = run_stack(self.cells, self.readout, x, state.h, state.c)
-        updates = self.updates_from(out, rows, t, num_steps, batch_dims, self.adam_rms(momenta, second, t, batch_dims))
+        updates = self.updates_from(out, rows, t, num_steps, batch_dims, adam_rms)
         moments = CompactState(state.moments.count + 1, momenta, second)
         return updates, CompactLSTMState(moments, h, c)
